@@ -1,0 +1,3 @@
+"""wstunnel: a multiplexing TCP-over-WebSocket tunnel."""
+
+__version__ = "0.1.0"
