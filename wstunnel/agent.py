@@ -1,0 +1,201 @@
+"""The agent: local listeners whose connections ride one session to the relay.
+
+Theory of operation: the listeners live for the whole run; the session comes
+and goes. ``_maintain_session`` connects, serves the session until it ends,
+then reconnects with exponential backoff and jitter. A local connection waits
+up to ``connect_wait_timeout`` for a session, opens a channel on it (its first
+bytes travel right behind the OPEN) and is spliced until both sides finish.
+When the session drops, its channels break and their local sockets are
+closed, never left hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Any
+
+import trio
+
+from . import mux, ws
+from .config import AgentConfig, Forward
+from .errors import ChannelRefused, HandshakeError, SessionClosed
+from .net.connect import RelayAddress, open_websocket, parse_relay_url, tune_socket
+from .net.splice import splice
+from .net.transport import TunnelTransport
+from .protocol import TunnelProtocol
+
+__all__ = ["run_agent", "Agent"]
+
+log = logging.getLogger("wstunnel.agent")
+
+
+class Agent:
+    """Session management and local connection handling for one agent."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.relay: RelayAddress = parse_relay_url(config.relay)
+        self.session: TunnelTransport | None = None
+        self.stopping = False
+        self.reconnects = 0
+        self._session_up = trio.Event()
+        self._channels = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    # -- the session ----------------------------------------------------------
+
+    async def maintain_session(self) -> None:
+        """Keep one session up until cancelled, reconnecting with backoff."""
+        failures = 0
+        while not self.stopping:
+            try:
+                transport = await self._connect()
+            except (OSError, HandshakeError, trio.TooSlowError) as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                log.warning("cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
+                            self.relay.url, failures, _reason(exc), delay)
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            reason = await self._serve(transport)
+            if self.stopping:
+                return
+            self.reconnects += 1
+            log.warning("session to %s down: %s; reconnecting", self.relay.url, reason)
+            await trio.sleep(self._backoff(1))
+
+    def _backoff(self, failures: int) -> float:
+        config = self.config
+        delay = min(config.reconnect_max_interval,
+                    config.reconnect_min_interval * 2 ** (failures - 1))
+        return delay * random.uniform(0.8, 1.0)
+
+    async def _connect(self) -> TunnelTransport:
+        config = self.config
+        with trio.fail_after(config.handshake_timeout):
+            stream, trailing = await open_websocket(self.relay)
+        protocol = TunnelProtocol(
+            mux.Role.AGENT,
+            trailing_data=trailing,
+            initial_window=config.initial_window,
+            max_chunk_size=config.max_chunk_size,
+        )
+        return TunnelTransport(stream, protocol, name=self.relay.url,
+                               ping_interval=config.ping_interval,
+                               ping_timeout=config.ping_timeout)
+
+    async def _serve(self, transport: TunnelTransport) -> str:
+        self.session = transport
+        self._session_up.set()
+        log.info("session up to %s", self.relay.url)
+        try:
+            return await transport.run()
+        finally:
+            self.session = None
+            self._session_up = trio.Event()
+            await trio.aclose_forcefully(transport.stream)
+
+    async def wait_session(self, timeout: float) -> TunnelTransport | None:
+        """The current session, waiting up to ``timeout`` for one to come up."""
+        with trio.move_on_after(timeout):
+            while True:
+                session = self.session
+                if session is not None and session.is_open and not session.goaway_received:
+                    return session
+                await self._session_up.wait()
+                await trio.sleep(0)
+        return None
+
+    # -- local connections ---------------------------------------------------
+
+    async def handle_local(self, forward: Forward, tcp: trio.SocketStream) -> None:
+        """One accepted local connection, carried as one channel."""
+        self._channels += 1
+        self._idle = trio.Event()
+        try:
+            tune_socket(tcp, notsent_lowat=False)
+            await self._carry(forward, tcp)
+        finally:
+            await trio.aclose_forcefully(tcp)
+            self._channels -= 1
+            if self._channels == 0:
+                self._idle.set()
+
+    async def _carry(self, forward: Forward, tcp: trio.SocketStream) -> None:
+        target = f"{forward.target_host}:{forward.target_port}"
+        session = await self.wait_session(self.config.connect_wait_timeout)
+        if session is None:
+            log.warning("no session to the relay within %g s; closed the connection for %s",
+                        self.config.connect_wait_timeout, target)
+            return
+        try:
+            channel = session.open_channel(forward.target_host, forward.target_port)
+        except SessionClosed as exc:
+            log.warning("cannot open a channel to %s: %s", target, exc)
+            return
+        await splice(tcp, channel)
+        error = channel.error
+        if isinstance(error, ChannelRefused):
+            log.warning("relay could not connect to %s: %s", target, error)
+        elif error is not None:
+            log.info("channel to %s ended: %s", target, error)
+
+    async def drain(self, timeout: float) -> None:
+        """GOAWAY, let open channels finish up to ``timeout``, close the session."""
+        self.stopping = True
+        session = self.session
+        if session is not None:
+            session.go_away("the agent is shutting down")
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        if self.session is not None:
+            await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "no answer to the upgrade within the handshake timeout"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+async def run_agent(config: AgentConfig, *, shutdown: trio.Event,
+                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the forwards until ``shutdown`` is set, then drain and return.
+
+    ``task_status.started`` receives one list of bound (host, port) per forward.
+    """
+    agent = Agent(config)
+    bound_all: list[list[tuple[str, int]]] = []
+    listener_sets = []
+    for forward in config.forwards:
+        listeners = await trio.open_tcp_listeners(forward.listen_port, host=forward.listen_host)
+        listener_sets.append((forward, listeners))
+        bound_all.append([ls.socket.getsockname()[:2] for ls in listeners])
+    async with trio.open_nursery() as outer:
+        outer.start_soon(agent.maintain_session)
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                for forward, listeners in listener_sets:
+                    serve = partial(trio.serve_listeners, handler_nursery=connections)
+                    await accepting.start(serve, partial(agent.handle_local, forward), listeners)
+                for forward, bound in zip(config.forwards, bound_all):
+                    log.info("forwarding %s -> %s:%d via %s", _addrs(bound), forward.target_host,
+                             forward.target_port, agent.relay.url)
+                task_status.started(bound_all)
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            log.info("agent stopping: %d open connections may finish (up to %g s)",
+                     agent._channels, config.drain_timeout)
+            await agent.drain(config.drain_timeout)
+            connections.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+def _addrs(bound: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{h}:{p}" for h, p in bound)

@@ -1,0 +1,257 @@
+"""One tunnel session over a trio stream: a reader, a writer and a pinger.
+
+Theory of operation: the reader task feeds bytes to the sans-IO
+``TunnelProtocol`` and dispatches the events it yields to ``ChannelStream``
+objects; every state change wakes the single writer task, which pulls
+``data_to_send`` (control first, then fairly scheduled DATA chunks) and writes
+it. Since the writer pulls at most one write's worth at a time and the kernel's
+unsent bytes are capped by TCP_NOTSENT_LOWAT, queued bulk data waits in our
+scheduler, where an interactive channel can overtake it.
+
+``run()`` returns a one-line reason when the session is over; every channel
+still open is then broken with ``SessionClosed`` so its users see
+``BrokenResourceError`` rather than hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from .. import mux, ws
+from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionClosed
+from ..protocol import TunnelProtocol
+from .channel_stream import ChannelStream
+
+__all__ = ["TunnelTransport", "OpenHandler"]
+
+log = logging.getLogger("wstunnel.session")
+
+RECEIVE_SIZE = 256 * 1024
+
+OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
+
+
+class TunnelTransport:
+    """Runs ``protocol`` over ``stream`` until either side ends the session."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        protocol: TunnelProtocol,
+        *,
+        name: str,
+        on_open: OpenHandler | None = None,
+        ping_interval: float = 20.0,
+        ping_timeout: float = 10.0,
+    ) -> None:
+        self.stream = stream
+        self.protocol = protocol
+        self.name = name
+        self.channels: dict[int, ChannelStream] = {}
+        self.opened_total = 0
+        self.goaway_received = False
+        self._on_open = on_open
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._last_received = 0.0
+        self._end_reason: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._done = trio.Event()
+
+    # -- public API -------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> str:
+        """Serve the session; return why it ended."""
+        self._last_received = trio.current_time()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                if self._ping_interval > 0:
+                    nursery.start_soon(self._keepalive)
+                task_status.started()
+        finally:
+            self._nursery = None
+            self._break_all(self._end_reason or "session ended")
+            self._done.set()
+        return self._end_reason or "session ended"
+
+    @property
+    def is_open(self) -> bool:
+        return self._end_reason is None and not self.protocol.closed
+
+    def open_channel(self, host: str, port: int) -> ChannelStream:
+        """Open a channel to host:port; DATA may follow at once (early data)."""
+        if not self.is_open or self.goaway_received:
+            raise SessionClosed("the session to the relay is not usable for new channels")
+        try:
+            channel_id = self.protocol.open_channel(host, port)
+        except LocalProtocolError as exc:
+            raise SessionClosed(str(exc)) from exc
+        channel = ChannelStream(self, channel_id, host, port)
+        self._add(channel)
+        self.wake_writer()
+        return channel
+
+    def wake_writer(self) -> None:
+        self._wake.set()
+
+    def go_away(self, text: str = "shutting down") -> None:
+        """No new channels either way; those open may finish."""
+        if self.is_open:
+            self.protocol.go_away(0, text)
+            self.wake_writer()
+
+    async def wait_idle(self) -> None:
+        """Wait until no channel is open."""
+        await self._idle.wait()
+
+    async def close(self, code: int = ws.CloseCode.NORMAL, reason: str = "", timeout: float = 2.0) -> None:
+        """Close the WebSocket politely, then drop the transport."""
+        if self.is_open:
+            self.protocol.close(code, reason)
+            self.wake_writer()
+            with trio.move_on_after(timeout):
+                await self._done.wait()
+        self._end(reason or "closed by us")
+
+    # -- tasks ------------------------------------------------------------------
+
+    async def _reader(self) -> None:
+        protocol = self.protocol
+        receive_some = self.stream.receive_some
+        while True:
+            try:
+                data = await receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                cause = exc.__cause__ or exc
+                self._end(f"connection lost: {cause}")
+                return
+            self._last_received = trio.current_time()
+            if data:
+                protocol.receive_data(data)
+            else:
+                protocol.receive_eof()
+            self._dispatch(protocol.events_received())
+            self._wake.set()
+            if not data:
+                self._end(self._closed_reason("the peer closed the connection"))
+                return
+            if protocol.closed:
+                return  # the writer flushes our close reply, then ends the session
+
+    async def _writer(self) -> None:
+        protocol = self.protocol
+        send_all = self.stream.send_all
+        try:
+            while True:
+                self._wake = trio.Event()
+                data = protocol.data_to_send()
+                if data:
+                    await send_all(data)
+                    continue
+                if protocol.should_close_transport:
+                    self._end(self._closed_reason("session closed"))
+                    return
+                await self._wake.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._end(f"connection lost while sending: {exc.__cause__ or exc}")
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self._ping_interval)
+            sent_at = trio.current_time()
+            self.protocol.ping(b"wstunnel")
+            self.wake_writer()
+            await trio.sleep(self._ping_timeout)
+            if self._last_received < sent_at:
+                self._end(f"no answer to ping within {self._ping_timeout:g} s")
+                return
+
+    # -- event dispatch -------------------------------------------------------------
+
+    def _dispatch(self, events: list[Any]) -> None:
+        channels = self.channels
+        for event in events:
+            kind = type(event)
+            if kind is mux.DataReceived:
+                channel = channels.get(event.channel_id)
+                if channel is not None:
+                    channel._deliver(event.data)
+            elif kind is mux.WindowUpdated:
+                channel = channels.get(event.channel_id)
+                if channel is not None:
+                    channel._wake_writable()
+            else:
+                self._dispatch_other(event)
+
+    def _dispatch_other(self, event: Any) -> None:
+        channel = self.channels.get(getattr(event, "channel_id", -1))
+        if isinstance(event, mux.EndOfStream) and channel is not None:
+            channel._deliver_eof()
+        elif isinstance(event, mux.ChannelOpened) and channel is not None:
+            channel._mark_opened()
+        elif isinstance(event, mux.ChannelOpenFailed) and channel is not None:
+            text = event.text or event.reason.name.lower().replace("_", " ")
+            channel._break(ChannelRefused(text, int(event.reason)))
+        elif isinstance(event, mux.ChannelReset) and channel is not None:
+            channel._break(ChannelReset(event.text or "the channel was reset by the peer"))
+        elif isinstance(event, mux.ChannelClosed):
+            self._remove(event.channel_id)
+        elif isinstance(event, mux.ChannelOpenRequested):
+            self._incoming(event)
+        elif isinstance(event, mux.GoAwayReceived):
+            self.goaway_received = True
+            log.info("%s: the peer is going away (%s); no new channels", self.name, event.text or "no reason")
+        elif isinstance(event, mux.SessionFailed):
+            log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
+
+    def _incoming(self, event: mux.ChannelOpenRequested) -> None:
+        if self._on_open is None or self._nursery is None:
+            self.protocol.refuse_channel(event.channel_id, mux.OpenFailure.FORBIDDEN, "not accepted here")
+            return
+        channel = ChannelStream(self, event.channel_id, event.host, event.port)
+        self._add(channel)
+        self._nursery.start_soon(self._on_open, self, channel)
+
+    def _add(self, channel: ChannelStream) -> None:
+        self.channels[channel.channel_id] = channel
+        self.opened_total += 1
+        self._idle = trio.Event()
+
+    def _remove(self, channel_id: int) -> None:
+        channel = self.channels.pop(channel_id, None)
+        if channel is not None:
+            channel._forget()
+        if not self.channels:
+            self._idle.set()
+
+    # -- ending -----------------------------------------------------------------------
+
+    def _closed_reason(self, default: str) -> str:
+        code = self.protocol.close_code
+        if code is None:
+            return default
+        reason = self.protocol.close_reason
+        return f"closed with code {code}" + (f" ({reason})" if reason else "")
+
+    def _end(self, reason: str) -> None:
+        if self._end_reason is None:
+            self._end_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _break_all(self, reason: str) -> None:
+        error = SessionClosed(f"the session ended: {reason}")
+        for channel in list(self.channels.values()):
+            channel._break(error)
+        self.channels.clear()
+        self._idle.set()

@@ -1,0 +1,182 @@
+"""One tunnel session after the HTTP upgrade: WebSocket framing + multiplexer.
+
+Theory of operation: the agent is the WebSocket client, the relay the server.
+Every multiplexer record travels as one binary WebSocket message. Input bytes
+go through the WebSocket connection; each complete binary message is handed to
+the mux session. Output is pulled: ``data_to_send`` first takes what the
+WebSocket layer already queued (pongs, close frames), then pulls records from
+the session's scheduler and frames them until ``max_size`` is reached, so the
+I/O layer never holds more than one write's worth of bytes.
+
+A multiplexer protocol error from the peer closes the WebSocket with 1002; a
+text message (not part of wstunnel.v1) closes it with 1003.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Final
+
+from . import mux, ws
+from .errors import LocalProtocolError
+
+__all__ = ["TunnelProtocol", "DEFAULT_WRITE_SIZE", "Event"]
+
+DEFAULT_WRITE_SIZE: Final = 256 * 1024
+
+Event = Any  # a mux event, or ws.PongReceived / ws.ConnectionClosed
+
+
+class TunnelProtocol:
+    """ws + mux for one session; the same sans-IO contract as its parts."""
+
+    def __init__(
+        self,
+        role: mux.Role,
+        *,
+        trailing_data: bytes = b"",
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        max_message_size: int = ws.DEFAULT_MAX_MESSAGE_SIZE,
+        **session_options: Any,
+    ) -> None:
+        ws_role = ws.Role.CLIENT if role is mux.Role.AGENT else ws.Role.SERVER
+        self.role = role
+        self.session = mux.Session(role, **session_options)
+        self._ws = ws.WebSocketConnection(
+            ws_role, max_message_size=max_message_size, random_bytes=random_bytes
+        )
+        self._events: list[Event] = []
+        self._terminal = False
+        if trailing_data:
+            self.receive_data(trailing_data)
+
+    # -- input -------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes read from the transport; then drain events and output."""
+        self._ws.receive_data(data)
+        self._process_ws_events()
+
+    def receive_eof(self) -> None:
+        """The transport reached EOF; a terminal event follows."""
+        self._ws.receive_eof()
+        self._process_ws_events()
+
+    def _process_ws_events(self) -> None:
+        session = self.session
+        for event in self._ws.events_received():
+            if isinstance(event, ws.BytesMessage):
+                if not session.closed:
+                    session.receive_record(event.data)
+                    self._events.extend(session.events_received())
+                    if session.failure is not None:
+                        self._close_ws(ws.CloseCode.PROTOCOL_ERROR, "multiplexer protocol error")
+            elif isinstance(event, ws.TextMessage):
+                self._close_ws(ws.CloseCode.UNSUPPORTED_DATA, "wstunnel.v1 carries binary only")
+            elif isinstance(event, ws.ConnectionClosed):
+                self._terminal = True
+                self._events.append(event)
+            elif isinstance(event, (ws.PongReceived, ws.CloseReceived)):
+                self._events.append(event)
+
+    def _close_ws(self, code: int, reason: str) -> None:
+        if self._ws.state is ws.ConnectionState.OPEN:
+            self._ws.close(code, reason)
+
+    # -- output ------------------------------------------------------------
+
+    def events_received(self) -> list[Event]:
+        """Return and forget the events produced since the last call."""
+        self._events.extend(self.session.events_received())
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self, max_size: int = DEFAULT_WRITE_SIZE) -> bytes:
+        """Bytes to write now: WebSocket control output, then scheduled records.
+
+        Returns b"" when nothing is ready; call again after any local action
+        or received data.
+        """
+        wsconn = self._ws
+        if wsconn.state is ws.ConnectionState.OPEN:
+            size = 0
+            next_record = self.session.next_record
+            send_bytes = wsconn.send_bytes
+            while size < max_size:
+                record = next_record()
+                if record is None:
+                    break
+                send_bytes(record)
+                size += len(record) + 14
+        return wsconn.data_to_send()
+
+    def wants_to_send(self) -> bool:
+        """True when ``data_to_send`` would return bytes (cheap check)."""
+        return self._ws.state is ws.ConnectionState.OPEN and self.session.wants_to_send()
+
+    # -- session-level actions ---------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once the WebSocket is finished; drop the transport."""
+        return self._terminal
+
+    @property
+    def should_close_transport(self) -> bool:
+        return self._ws.should_close_transport
+
+    @property
+    def close_code(self) -> int | None:
+        return self._ws.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._ws.close_reason
+
+    @property
+    def failure(self) -> Exception | None:
+        return self._ws.failure or self.session.failure
+
+    def ping(self, payload: bytes = b"") -> None:
+        self._ws.ping(payload)
+
+    def close(self, code: int = ws.CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the WebSocket close handshake (idempotent)."""
+        self._close_ws(code, reason)
+
+    # -- channels (thin pass-throughs kept explicit for type checking) -------
+
+    def open_channel(self, host: str, port: int, *, early_data: bytes = b"") -> int:
+        self._check_open()
+        return self.session.open_channel(host, port, early_data=early_data)
+
+    def accept_channel(self, channel_id: int) -> None:
+        self.session.accept_channel(channel_id)
+
+    def refuse_channel(self, channel_id: int, reason: mux.OpenFailure, text: str = "") -> None:
+        self.session.refuse_channel(channel_id, reason, text)
+
+    def send_capacity(self, channel_id: int) -> int:
+        return self.session.send_capacity(channel_id)
+
+    def send_data(self, channel_id: int, data: bytes) -> None:
+        self.session.send_data(channel_id, data)
+
+    def send_eof(self, channel_id: int) -> None:
+        self.session.send_eof(channel_id)
+
+    def reset_channel(
+        self, channel_id: int, code: mux.ResetCode = mux.ResetCode.CANCELLED, text: str = ""
+    ) -> None:
+        self.session.reset_channel(channel_id, code, text)
+
+    def acknowledge(self, channel_id: int, size: int) -> None:
+        self.session.acknowledge(channel_id, size)
+
+    def go_away(self, code: int = 0, text: str = "") -> None:
+        self.session.go_away(code, text)
+
+    def _check_open(self) -> None:
+        if self._terminal or self._ws.state is not ws.ConnectionState.OPEN:
+            raise LocalProtocolError("the session is closing; no new channels")
