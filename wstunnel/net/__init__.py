@@ -1,0 +1,1 @@
+"""trio I/O: the session transport, channel streams, splicing and dialling."""
