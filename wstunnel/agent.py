@@ -19,9 +19,9 @@ from typing import Any
 import trio
 
 from . import mux, ws
-from .config import AgentConfig, Forward
+from .config import AgentConfig, Forward, RelayURL
 from .errors import ChannelRefused, HandshakeError, SessionClosed
-from .net.connect import RelayAddress, open_websocket, parse_relay_url, tune_socket
+from .net.connect import open_websocket, tune_socket
 from .net.splice import splice
 from .net.transport import TunnelTransport
 from .protocol import TunnelProtocol
@@ -36,7 +36,7 @@ class Agent:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.relay: RelayAddress = parse_relay_url(config.relay)
+        self.relay: RelayURL = config.relay_url
         self.session: TunnelTransport | None = None
         self.stopping = False
         self.reconnects = 0

@@ -14,6 +14,7 @@ import logging
 import os
 import statistics
 import sys
+from functools import partial
 from typing import Any, TextIO
 
 import trio
@@ -48,7 +49,7 @@ async def _sink_target(stream: trio.SocketStream) -> None:
 
 
 async def _serve(handler: Any, nursery: trio.Nursery) -> int:
-    listeners = await nursery.start(trio.serve_tcp, handler, 0, host="127.0.0.1")
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
     return int(listeners[0].socket.getsockname()[1])
 
 
@@ -172,9 +173,8 @@ def _report(out: TextIO, size: int, elapsed: float, intact: bool,
     out.write("  channels used   3 over one WebSocket (idle echo, echo under load, upload)\n")
 
 
-def run_demo(size: int = 64 * 2**20, out: TextIO | None = None) -> int:
+async def run_demo(size: int = 64 * 2**20, out: TextIO | None = None) -> int:
     """Run the demo; return the process exit code (0 when the bytes arrived intact)."""
-    stream = out if out is not None else sys.stdout
     logging.getLogger("wstunnel").setLevel(max(logging.WARNING, logging.getLogger().level))
-    intact = trio.run(_demo, size, stream)
+    intact = await _demo(size, out if out is not None else sys.stdout)
     return 0 if intact else 1

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import socket
 import ssl
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import trio
 
 from .. import ws
+from ..config import RelayURL
 from ..errors import AuthenticationError, HandshakeError
 
 __all__ = [
-    "RelayAddress",
-    "parse_relay_url",
     "tune_socket",
     "open_websocket",
     "read_request",
@@ -28,43 +25,6 @@ __all__ = [
 READ_SIZE = 65536
 NOTSENT_LOWAT = 32 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-
-
-@dataclass(frozen=True, slots=True)
-class RelayAddress:
-    """Where and how to reach the relay, from a ws:// or wss:// URL."""
-
-    secure: bool
-    host: str
-    port: int
-    path: str
-
-    @property
-    def url(self) -> str:
-        scheme = "wss" if self.secure else "ws"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{self.port}{self.path}"
-
-    @property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.secure else 80
-        return host if self.port == default else f"{host}:{self.port}"
-
-
-def parse_relay_url(url: str) -> RelayAddress:
-    """Split a relay URL; ValueError says what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"expected a ws:// or wss:// URL, got {url!r}")
-    if not parts.hostname:
-        raise ValueError(f"the URL {url!r} has no host")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    return RelayAddress(secure, parts.hostname, port, path)
 
 
 def tune_socket(stream: trio.abc.Stream, *, notsent_lowat: bool) -> None:
@@ -84,7 +44,7 @@ def tune_socket(stream: trio.abc.Stream, *, notsent_lowat: bool) -> None:
 
 
 async def open_websocket(
-    relay: RelayAddress,
+    relay: RelayURL,
     *,
     headers: list[tuple[str, str]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
@@ -114,7 +74,7 @@ async def open_websocket(
     return stream, trailing
 
 
-async def _upgrade(stream: trio.abc.Stream, relay: RelayAddress,
+async def _upgrade(stream: trio.abc.Stream, relay: RelayURL,
                    headers: list[tuple[str, str]]) -> bytes:
     handshake = ws.ClientHandshake(relay.host_header, relay.path, extra_headers=headers)
     await stream.send_all(handshake.data_to_send())
@@ -131,7 +91,7 @@ async def _upgrade(stream: trio.abc.Stream, relay: RelayAddress,
             handshake.receive_eof()
 
 
-def _rejection(relay: RelayAddress, event: ws.HandshakeRejected) -> HandshakeError:
+def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
     where = f"{relay.url}"
     if event.status in (401, 403):
         return AuthenticationError(f"{where} {event.message}", event.status)

@@ -1,0 +1,216 @@
+"""End to end on loopback: agent and relay in-process, real TCP sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import pytest
+import trio
+
+from wstunnel.config import HostPort
+
+from .tunnel_helpers import (
+    LOOPBACK,
+    agent_config,
+    digest_handler,
+    echo_handler,
+    pattern_block,
+    receive_all,
+    relay_config,
+    send_pattern,
+    serve_target,
+    start_agent,
+    start_relay,
+    tunnel,
+)
+
+MiB = 1 << 20
+
+
+async def _upload_and_download(port: int, up: int, down: int) -> None:
+    """Send `up` bytes and half-close; expect `down` bytes + the hash of ours."""
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        received = hashlib.sha256()
+        got = bytearray()
+
+        async def reader() -> None:
+            async for data in stream:
+                got.extend(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            sent_hash = await send_pattern(stream, up, b"up")
+            await stream.send_eof()
+        assert len(got) == down + 32
+        received.update(got[:down])
+        assert received.hexdigest() == hashlib.sha256(_pattern(down, b"down")).hexdigest()
+        assert got[down:].hex() == sent_hash
+
+
+def _pattern(size: int, seed: bytes) -> bytes:
+    block = pattern_block(seed)
+    return (block * (size // len(block) + 1))[:size]
+
+
+async def test_64_mib_each_way_arrives_intact() -> None:
+    """64 MiB up and 64 MiB down through one forward keep their sha256."""
+    with trio.fail_after(60):
+        async with tunnel([digest_handler(64 * MiB, b"down")]) as (ports, _relay, _agent):
+            await _upload_and_download(ports[0], 64 * MiB, 64 * MiB)
+
+
+async def test_200_channels_at_once_all_intact() -> None:
+    """200 concurrent connections through one session each get their own bytes back."""
+    with trio.fail_after(60):
+        async with tunnel([echo_handler]) as (ports, _relay, _agent):
+            async def one(index: int) -> None:
+                payload = os.urandom(20_000 + index)
+                async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as stream:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(stream.send_all, payload)
+                        echoed = bytearray()
+                        while len(echoed) < len(payload):
+                            echoed += await stream.receive_some()
+                    assert bytes(echoed) == payload
+
+            async with trio.open_nursery() as nursery:
+                for index in range(200):
+                    nursery.start_soon(one, index)
+
+
+async def test_half_close_reaches_target_and_answer_comes_back() -> None:
+    """The client's shutdown(SHUT_WR) reaches the target as EOF; its answer still arrives."""
+
+    async def answer_after_eof(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = await receive_all(stream)
+            await stream.send_all(b"got " + str(len(request)).encode())
+
+    with trio.fail_after(10):
+        async with tunnel([answer_after_eof]) as (ports, _relay, _agent):
+            async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as stream:
+                await stream.send_all(b"x" * 1000)
+                await stream.send_eof()
+                assert await receive_all(stream) == b"got 1000"
+
+
+async def test_refused_target_closes_local_connection_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused destination closes the local connection within 1 s and says why."""
+    caplog.set_level(logging.INFO)
+    closed_port = await _unused_port()
+    async with trio.open_nursery() as nursery:
+        relay = await start_relay(nursery, relay_config())
+        agent = await start_agent(nursery, agent_config(relay.ports[0], [closed_port]))
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                await stream.send_all(b"hello")
+                with trio.fail_after(1):
+                    assert await receive_all(stream) == b""
+        nursery.cancel_scope.cancel()
+    expected = f"relay could not connect to {LOOPBACK}:{closed_port}: connection refused"
+    assert any(expected in record.getMessage() for record in caplog.records), caplog.text
+
+
+async def test_forbidden_destination_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    """A destination outside the allow rules is refused and the agent logs it."""
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        target = await serve_target(nursery, echo_handler)
+        relay = await start_relay(nursery, relay_config(allow=()))
+        agent = await start_agent(nursery, agent_config(relay.ports[0], [target]))
+        with trio.fail_after(5):
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                await stream.send_all(b"hello")
+                assert await receive_all(stream) == b""
+        nursery.cancel_scope.cancel()
+    assert any("not allowed" in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_relay_restart_agent_reconnects_and_old_connections_close() -> None:
+    """After the relay dies, open connections close (not hang) and the agent reconnects."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            port = relay.ports[0]
+            agent = await start_agent(nursery, agent_config(port, [target]))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as old:
+                await old.send_all(b"ping")
+                assert await old.receive_some() == b"ping"
+                relay.kill()
+                await relay.finished.wait()
+                with trio.fail_after(3):
+                    assert await receive_all(old) == b""
+            await start_relay(nursery, relay_config(listen=HostPort(LOOPBACK, port)))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as new:
+                await new.send_all(b"again")
+                assert await new.receive_some() == b"again"
+            nursery.cancel_scope.cancel()
+
+
+async def test_black_holed_relay_is_detected_by_ping_timeout() -> None:
+    """A relay that stops answering without closing is dropped after the ping timeout."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            hole = _BlackHole(relay.ports[0])
+            hole_port = await nursery.start(hole.serve)
+            agent = await start_agent(nursery, agent_config(
+                hole_port, [target], ping_interval=0.2, ping_timeout=0.3))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as first:
+                await first.send_all(b"one")
+                assert await first.receive_some() == b"one"
+                assert hole.connections == 1
+                hole.freeze()
+                with trio.fail_after(3):
+                    assert await receive_all(first) == b""
+            await hole.second_connection.wait()
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as second:
+                await second.send_all(b"two")
+                assert await second.receive_some() == b"two"
+            nursery.cancel_scope.cancel()
+
+
+class _BlackHole:
+    """A TCP forwarder whose existing connections can be frozen (bytes dropped, no close)."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.connections = 0
+        self.frozen = False
+        self.second_connection = trio.Event()
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    async def serve(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        async def handler(client: trio.SocketStream) -> None:
+            self.connections += 1
+            frozen_here = self.connections == 1
+            if self.connections == 2:
+                self.second_connection.set()
+            async with client, await trio.open_tcp_stream(LOOPBACK, self.upstream) as server:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._copy, client, server, frozen_here)
+                    nursery.start_soon(self._copy, server, client, frozen_here)
+
+        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(handler, listeners)
+
+    async def _copy(self, source: trio.SocketStream, sink: trio.SocketStream, freezable: bool) -> None:
+        async for data in source:
+            if freezable and self.frozen:
+                continue
+            await sink.send_all(data)
+
+
+async def _unused_port() -> int:
+    sock = trio.socket.socket()
+    await sock.bind((LOOPBACK, 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port

@@ -1,0 +1,145 @@
+"""In-process relay + agent + targets on 127.0.0.1 port 0, for end-to-end tests."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+
+from wstunnel.agent import run_agent
+from wstunnel.config import AgentConfig, Forward, HostPort, RelayConfig
+from wstunnel.policy import AllowRule
+from wstunnel.relay import run_relay
+
+LOOPBACK = "127.0.0.1"
+
+
+def relay_config(**overrides: Any) -> RelayConfig:
+    base = RelayConfig(listen=HostPort(LOOPBACK, 0), allow=(AllowRule.parse(LOOPBACK),),
+                       drain_timeout=2.0)
+    return replace(base, **overrides)
+
+
+def agent_config(relay_port: int, targets: list[int], **overrides: Any) -> AgentConfig:
+    forwards = tuple(Forward(LOOPBACK, 0, LOOPBACK, port)
+                     for port in targets)
+    base = AgentConfig(relay=f"ws://{LOOPBACK}:{relay_port}/tunnel", forwards=forwards,
+                       reconnect_min_interval=0.05, reconnect_max_interval=0.2,
+                       connect_wait_timeout=5.0, drain_timeout=2.0)
+    return replace(base, **overrides)
+
+
+@dataclass
+class Running:
+    """A started role: its bound ports and how to stop it."""
+
+    ports: list[int]
+    stop: trio.Event
+    scope: trio.CancelScope
+    finished: trio.Event = field(default_factory=trio.Event)
+
+    def kill(self) -> None:
+        """Vanish without a goodbye (connections dropped by cancellation)."""
+        self.scope.cancel()
+
+
+async def start_relay(nursery: trio.Nursery, config: RelayConfig) -> Running:
+    return await _start(nursery, run_relay, config, lambda bound: [bound[0][1]])
+
+
+async def start_agent(nursery: trio.Nursery, config: AgentConfig) -> Running:
+    return await _start(nursery, run_agent, config, lambda bound: [b[0][1] for b in bound])
+
+
+async def _start(nursery: trio.Nursery, runner: Callable[..., Awaitable[None]], config: Any,
+                 ports_of: Callable[[Any], list[int]]) -> Running:
+    stop = trio.Event()
+    scope = trio.CancelScope()
+    finished = trio.Event()
+
+    async def body(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with scope:
+                await runner(config, shutdown=stop, task_status=task_status)
+        finally:
+            finished.set()
+
+    bound = await nursery.start(body)
+    return Running(ports_of(bound), stop, scope, finished)
+
+
+async def serve_target(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+                       ) -> int:
+    listeners = await nursery.start(trio.serve_tcp, handler, 0, LOOPBACK)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def echo_handler(stream: trio.SocketStream) -> None:
+    """Echo until EOF, then half-close back."""
+    async with stream:
+        try:
+            async for data in stream:
+                await stream.send_all(data)
+            await stream.send_eof()
+        except trio.BrokenResourceError:
+            pass
+
+
+def digest_handler(reply_size: int, seed: bytes = b"x") -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """Hash everything until EOF, then send `reply_size` bytes and the hash of what came in."""
+
+    async def handler(stream: trio.SocketStream) -> None:
+        async with stream:
+            digest = hashlib.sha256()
+            async for data in stream:
+                digest.update(data)
+            await send_pattern(stream, reply_size, seed)
+            await stream.send_all(digest.digest())
+
+    return handler
+
+
+def pattern_block(seed: bytes, size: int = 1 << 20) -> bytes:
+    block = hashlib.sha256(seed).digest() * (size // 32 + 1)
+    return block[:size]
+
+
+async def send_pattern(stream: trio.abc.SendStream, size: int, seed: bytes) -> str:
+    """Send `size` pseudo-random bytes; return their sha256 hex."""
+    digest = hashlib.sha256()
+    block = pattern_block(seed)
+    sent = 0
+    while sent < size:
+        piece = block[: min(len(block), size - sent)]
+        await stream.send_all(piece)
+        digest.update(piece)
+        sent += len(piece)
+    return digest.hexdigest()
+
+
+async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
+    chunks = []
+    async for data in stream:
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+@asynccontextmanager
+async def tunnel(targets: list[Callable[[trio.SocketStream], Awaitable[None]]],
+                 relay_overrides: dict[str, Any] | None = None,
+                 agent_overrides: dict[str, Any] | None = None,
+                 ) -> AsyncIterator[tuple[list[int], Running, Running]]:
+    """Targets, a relay and an agent; yields (agent local ports, relay, agent)."""
+    async with trio.open_nursery() as nursery:
+        target_ports = [await serve_target(nursery, handler) for handler in targets]
+        relay = await start_relay(nursery, relay_config(**(relay_overrides or {})))
+        agent = await start_agent(
+            nursery, agent_config(relay.ports[0], target_ports, **(agent_overrides or {})))
+        try:
+            yield agent.ports, relay, agent
+        finally:
+            nursery.cancel_scope.cancel()

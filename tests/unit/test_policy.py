@@ -1,0 +1,228 @@
+"""Destination policy: rule syntax, matching, and the dangerous-address guard."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wstunnel.policy import (
+    AllowRule,
+    IPNetwork,
+    Policy,
+    RuleKind,
+    is_hostname,
+    special_block,
+)
+
+ip = ipaddress.ip_address
+
+
+def test_empty_policy_allows_nothing() -> None:
+    """Default deny: a policy without rules refuses every destination."""
+    policy = Policy([])
+    assert not policy.allows("example.com", 443)
+    assert not policy.allows("93.184.216.34", 80)
+    assert not policy.allows("example.com", 443, ip("93.184.216.34"))
+    assert "no allow rule" in (policy.refusal("example.com", 443) or "")
+
+
+@pytest.mark.parametrize("host", ["db.internal", "DB.Internal", "db.internal.", "DB.INTERNAL."])
+def test_name_rule_is_case_insensitive_and_ignores_trailing_dot(host: str) -> None:
+    """Name rules compare host names case-insensitively, ignoring one trailing dot."""
+    assert Policy(["db.internal."]).allows(host, 5432, ip("10.1.2.3"))
+
+
+@pytest.mark.parametrize("host", ["x.db.internal", "db.internal.evil.com", "xdb.internal"])
+def test_name_rule_matches_only_that_name(host: str) -> None:
+    """A name rule does not extend to subdomains or look-alikes."""
+    assert not Policy(["db.internal"]).allows(host, 5432, ip("10.1.2.3"))
+
+
+@pytest.mark.parametrize(("host", "allowed"), [
+    ("a.example.com", True),
+    ("a.b.example.com", True),
+    ("A.Example.COM.", True),
+    ("example.com", False),
+    ("evilexample.com", False),
+    ("example.com.evil.net", False),
+])
+def test_pattern_matches_names_below_the_suffix(host: str, allowed: bool) -> None:
+    """``*.example.com`` covers names below example.com at any depth, not the apex."""
+    assert Policy(["*.example.com"]).allows(host, 443, ip("93.184.216.34")) is allowed
+
+
+@pytest.mark.parametrize(("rule", "port", "allowed"), [
+    ("db.internal", 1, True),
+    ("db.internal", 65535, True),
+    ("db.internal:5432", 5432, True),
+    ("db.internal:5432", 5433, False),
+    ("db.internal:8000-8010", 8000, True),
+    ("db.internal:8000-8010", 8010, True),
+    ("db.internal:8000-8010", 7999, False),
+    ("db.internal:8000-8010", 8011, False),
+])
+def test_ports_and_port_ranges(rule: str, port: int, allowed: bool) -> None:
+    """No port means any port; ``:p`` one port; ``:lo-hi`` an inclusive range."""
+    assert Policy([rule]).allows("db.internal", port, ip("10.0.0.1")) is allowed
+
+
+def test_network_rules_match_the_address_connected_to() -> None:
+    """IP/CIDR rules judge the resolved address, whatever name was requested."""
+    policy = Policy(["10.0.0.0/8:22"])
+    assert policy.allows("build.internal", 22, ip("10.9.8.7"))
+    assert not policy.allows("build.internal", 22, ip("192.168.1.1"))
+    assert not policy.allows("build.internal", 22)  # unresolved: cannot match yet
+    assert policy.allows("10.1.1.1", 22)  # a literal IP is its own address
+
+
+def test_name_rules_do_not_match_literal_ips() -> None:
+    """Asking for an IP literal is judged by IP rules only, never by name rules."""
+    assert not Policy(["db.internal"]).allows("10.0.0.5", 80)
+
+
+def test_ipv6_rules() -> None:
+    """IPv6 addresses and networks work bare (no port) and in brackets (with a port)."""
+    policy = Policy(["[2001:db8::/32]:443", "2001:db9::1"])
+    assert policy.allows("2001:db8::5", 443)
+    assert policy.allows("[2001:db8::5]", 443)
+    assert not policy.allows("2001:db8::5", 80)
+    assert policy.allows("v6.example", 22, ip("2001:db9::1"))
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.8.9.10", "::1", "0.0.0.0", "::",
+                                     "169.254.1.1", "fe80::1", "169.254.169.254",
+                                     "fd00:ec2::254", "::ffff:127.0.0.1"])
+def test_broad_rules_do_not_reach_dangerous_addresses(address: str) -> None:
+    """Loopback, unspecified, link-local and metadata addresses need an explicit rule."""
+    policy = Policy(["0.0.0.0/0", "::/0", "*.example.com", "evil.example.net"])
+    assert not policy.allows("evil.example.net", 80, ip(address))
+    assert not policy.allows("x.example.com", 80, ip(address))
+    assert not policy.allows(address, 80)
+    assert "explicitly" in (policy.refusal(address, 80) or "")
+
+
+@pytest.mark.parametrize(("rule", "address", "allowed"), [
+    ("127.0.0.1", "127.0.0.1", True),
+    ("127.0.0.0/8", "127.0.0.2", True),
+    ("126.0.0.0/7", "127.0.0.2", False),  # wider than loopback: not explicit
+    ("::1", "::1", True),
+    ("fe80::/64", "fe80::1", True),
+    ("169.254.0.0/16", "169.254.1.1", True),
+    ("169.254.0.0/16", "169.254.169.254", False),  # metadata needs its own rule
+    ("169.254.169.254", "169.254.169.254", True),
+    ("fd00::/8", "fd00:ec2::254", False),
+    ("fd00:ec2::254", "fd00:ec2::254", True),
+    ("fd00::/8", "fd00::5", True),  # ordinary unique-local address
+])
+def test_explicit_network_rules_unlock_dangerous_addresses(
+        rule: str, address: str, allowed: bool) -> None:
+    """Only a rule lying inside an address's dangerous block unlocks it."""
+    assert Policy([rule]).allows("target.example", 80, ip(address)) is allowed
+
+
+def test_localhost_name_rule_unlocks_loopback_only() -> None:
+    """``localhost`` is an explicit loopback rule; it never unlocks metadata."""
+    policy = Policy(["localhost:8080", "db.localhost"])
+    assert policy.allows("localhost", 8080, ip("127.0.0.1"))
+    assert policy.allows("LOCALHOST.", 8080, ip("::1"))
+    assert policy.allows("db.localhost", 5432, ip("127.0.0.1"))
+    assert not policy.allows("localhost", 8080, ip("169.254.169.254"))
+    assert not policy.allows("localhost", 8081, ip("127.0.0.1"))
+
+
+def test_name_resolving_to_loopback_is_refused() -> None:
+    """A permitted name that resolves to a loopback address is still refused."""
+    policy = Policy(["evil.example.com"])
+    assert policy.allows("evil.example.com", 80, ip("93.184.216.34"))
+    assert not policy.allows("evil.example.com", 80, ip("127.0.0.1"))
+
+
+@pytest.mark.parametrize(("text", "kind", "canonical"), [
+    ("db.internal", RuleKind.NAME, "db.internal"),
+    ("DB.Internal.:5432", RuleKind.NAME, "db.internal:5432"),
+    ("*.Example.com:1-1024", RuleKind.PATTERN, "*.example.com:1-1024"),
+    ("10.0.0.0/8", RuleKind.NETWORK, "10.0.0.0/8"),
+    ("10.0.0.5:22", RuleKind.NETWORK, "10.0.0.5/32:22"),
+    ("[fd00::/8]:22", RuleKind.NETWORK, "[fd00::/8]:22"),
+    ("::1", RuleKind.NETWORK, "::1/128"),
+    ("[::ffff:127.0.0.1]:80", RuleKind.NETWORK, "127.0.0.1/32:80"),
+    ("  host_name-1.lan  ", RuleKind.NAME, "host_name-1.lan"),
+])
+def test_rule_parsing(text: str, kind: RuleKind, canonical: str) -> None:
+    """Rules parse into their kind and print canonically (and re-parse to themselves)."""
+    rule = AllowRule.parse(text)
+    assert rule.kind is kind
+    assert str(rule) == canonical
+    assert AllowRule.parse(str(rule)) == rule
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ("", "empty"),
+    ("*", "'*'"),
+    ("db.*.internal", "'*'"),
+    ("*.", "pattern"),
+    ("10.0.0.1/8", "did you mean 10.0.0.0/8"),
+    ("10.0.0.300", "host name"),
+    ("host:0", "outside"),
+    ("host:65536", "outside"),
+    ("host:http", "port number"),
+    ("host:90-80", "backwards"),
+    ("[db.internal]:80", "brackets"),
+    ("[::1", "expected"),
+    ("[::1]x", "expected"),
+    ("bad host", "host name"),
+    ("-bad.example", "host name"),
+])
+def test_bad_rules_are_rejected_with_a_reason(text: str, fragment: str) -> None:
+    """Malformed rules raise ValueError saying what is wrong."""
+    with pytest.raises(ValueError) as info:
+        AllowRule.parse(text)
+    assert fragment in str(info.value)
+
+
+def test_policy_accepts_rule_text_and_objects() -> None:
+    """``Policy`` takes parsed rules or their text, in any mix."""
+    policy = Policy([AllowRule.parse("a.example"), "b.example"])
+    assert [str(rule) for rule in policy.rules] == ["a.example", "b.example"]
+
+
+def test_hostname_syntax() -> None:
+    """Host names: labels of letters, digits, '-' and '_', not an all-digit last label."""
+    assert is_hostname("db.internal") and is_hostname("x_y.example.") and is_hostname("a" * 63)
+    assert not is_hostname("a" * 64)
+    assert not is_hostname("1.2.3.4") and not is_hostname("") and not is_hostname("a..b")
+    assert not is_hostname("a-.b") and not is_hostname(("a." * 127) + "bc")
+
+
+def test_special_block_labels() -> None:
+    """Every dangerous address reports the block and kind it belongs to."""
+    assert special_block(ip("169.254.169.254")) == (
+        ipaddress.ip_network("169.254.169.254/32"), "cloud metadata")
+    assert special_block(ip("::ffff:127.0.0.1")) == (
+        ipaddress.ip_network("127.0.0.0/8"), "loopback")
+    assert special_block(ip("93.184.216.34")) is None
+
+
+_networks = st.one_of(
+    st.ip_addresses(v=4).flatmap(lambda a: st.integers(8, 32).map(
+        lambda n: ipaddress.ip_network(f"{a}/{n}", strict=False))),
+    st.ip_addresses(v=6).flatmap(lambda a: st.integers(16, 128).map(
+        lambda n: ipaddress.ip_network(f"{a}/{n}", strict=False))),
+)
+_ports = st.integers(1, 65535).flatmap(lambda lo: st.tuples(st.just(lo), st.integers(lo, 65535)))
+
+
+@given(_networks, _ports)
+def test_network_rule_text_round_trips(network: IPNetwork, ports: tuple[int, int]) -> None:
+    """Printing a network rule and parsing it back gives the same rule and matches."""
+    low, high = ports
+    host = f"[{network}]" if ":" in str(network) else str(network)
+    rule = AllowRule.parse(f"{host}:{low}-{high}")
+    assert AllowRule.parse(str(rule)) == rule
+    assert rule.network is not None
+    first = rule.network.network_address
+    assert rule.matches(None, low, first) and rule.matches(None, high, first)
+    assert high == 65535 or not rule.matches(None, high + 1, first)

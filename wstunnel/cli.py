@@ -1,0 +1,329 @@
+"""The ``wstunnel`` command: ``relay``, ``agent``, ``check`` and ``demo``.
+
+Theory of operation
+-------------------
+Each subcommand is a short function: build the config (a YAML file with
+``-c``, flags on top of it, or flags alone), set up logging, then run the role
+under ``trio.run``. This is the only module that calls ``trio.run``, sets up
+logging or handles signals: SIGINT/SIGTERM set a ``shutdown`` event that the
+role watches (stop accepting, GOAWAY, drain); a second signal aborts at once.
+
+Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
+Expected failures (a port already in use, a refused handshake) are logged as
+one line saying what failed and what to do next; only bugs get a traceback.
+The roles and the demo are imported inside their subcommands, so ``check``
+works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import functools
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NoReturn, TypeVar
+
+from wstunnel import __version__
+
+from .config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AgentConfig,
+    RelayConfig,
+    load_agent_config,
+    load_config,
+    load_relay_config,
+    parse_forward,
+    parse_host_port,
+    parse_relay_url,
+    parse_size,
+    parse_url_path,
+)
+from .errors import ConfigError, TunnelError
+from .logs import setup_logging
+from .policy import AllowRule
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+log = logging.getLogger("wstunnel.cli")
+T = TypeVar("T")
+Config = AgentConfig | RelayConfig
+Runner = Callable[..., Awaitable[None]]
+
+_LISTEN_ERRORS: Final = {
+    errno.EADDRINUSE: ("address already in use", "pick another {flag}"),
+    errno.EACCES: ("permission denied", "ports below 1024 need privileges; pick a higher one"),
+    errno.EADDRNOTAVAIL: ("no such address on this machine",
+                          "use one of its addresses, e.g. 127.0.0.1"),
+}
+
+
+class _ForcedExit(Exception):
+    """A second SIGINT/SIGTERM arrived while draining."""
+
+
+# ------------------------------------------------------------------ parsing
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; global options work before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="log verbosity (default: the config's log_level, else info)")
+    common.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
+                        help="text lines or one JSON object per line")
+    parser = argparse.ArgumentParser(
+        prog="wstunnel", parents=[common],
+        description="Multiplexing TCP-over-WebSocket tunnel.")
+    parser.add_argument("--version", action="version", version=f"wstunnel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_relay(commands.add_parser("relay", parents=[common], help="run the relay"))
+    _add_agent(commands.add_parser("agent", parents=[common], help="run the agent"))
+    check = commands.add_parser("check", parents=[common], help="validate a config file")
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.set_defaults(handler=_cmd_check)
+    demo = commands.add_parser("demo", parents=[common], help="relay+agent+target demo")
+    demo.add_argument("--size", type=_size_arg, metavar="SIZE",
+                      help="bulk transfer size, e.g. 64MiB")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def _add_relay(relay: argparse.ArgumentParser) -> None:
+    relay.add_argument("-c", "--config", metavar="FILE", help="relay YAML file")
+    relay.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    relay.add_argument("--allow", action="append", metavar="RULE",
+                       help="allowed destination: host, *.pattern, IP or CIDR, "
+                            "optional :port or :lo-hi (repeatable; default: nothing)")
+    relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
+    relay.set_defaults(handler=_cmd_relay)
+
+
+def _add_agent(agent: argparse.ArgumentParser) -> None:
+    agent.add_argument("-c", "--config", metavar="FILE", help="agent YAML file")
+    agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
+    agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
+                       help="forward a local port to HOST:PORT via the relay (repeatable)")
+    agent.set_defaults(handler=_cmd_agent)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _flag(parse: Callable[[str], T], text: str, flag: str) -> T:
+    """Parse a flag's value, turning ValueError into a ConfigError naming the flag."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key_path=flag) from exc
+
+
+def _log_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("log_level", "log_format")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
+    """The relay config: ``-c FILE`` if given, with flags replacing its values."""
+    changes = _log_overrides(args)
+    if args.listen is not None:
+        changes["listen"] = _flag(functools.partial(parse_host_port, allow_zero=True),
+                                  args.listen, "--listen")
+    if args.allow is not None:
+        changes["allow"] = tuple(_flag(AllowRule.parse, rule, "--allow") for rule in args.allow)
+    if args.path is not None:
+        changes["path"] = _flag(parse_url_path, args.path, "--path")
+    if args.config is not None:
+        return dataclasses.replace(load_relay_config(args.config), **changes)
+    if "listen" not in changes:
+        raise ConfigError("give --listen HOST:PORT or -c relay.yaml")
+    return RelayConfig(**changes)
+
+
+def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The agent config: ``-c FILE`` if given, with flags replacing its values."""
+    changes = _log_overrides(args)
+    if args.relay is not None:
+        _flag(parse_relay_url, args.relay, "--relay")
+        changes["relay"] = args.relay.strip()
+    if args.forwards is not None:
+        changes["forwards"] = tuple(_flag(parse_forward, text, "-L") for text in args.forwards)
+    if args.config is not None:
+        return dataclasses.replace(load_agent_config(args.config), **changes)
+    if "relay" not in changes:
+        raise ConfigError("give --relay ws://HOST:PORT/tunnel or -c agent.yaml")
+    if "forwards" not in changes:
+        raise ConfigError("give at least one -L [bind:]port:host:port, or -c agent.yaml")
+    return AgentConfig(**changes)
+
+
+# ------------------------------------------------------------- subcommands
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{config.source}: OK \N{EM DASH} {_summary(config)}")
+    return EXIT_OK
+
+
+def _summary(config: Config) -> str:
+    if isinstance(config, AgentConfig):
+        count = len(config.forwards)
+        return f"agent, {count} forward{'s' * (count != 1)} to {config.relay}"
+    rules = len(config.allow)
+    refused = " (every destination refused)" if not rules else ""
+    return (f"relay on {config.listen} path {config.path}, "
+            f"{rules} allow rule{'s' * (rules != 1)}{refused}")
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    config = relay_config_from_args(args)
+    setup_logging(config.log_level, config.log_format)
+    from .relay import run_relay  # it warns when there are no allow rules
+
+    return _run_role(run_relay, config)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    config = agent_config_from_args(args)
+    setup_logging(config.log_level, config.log_format)
+    from .agent import run_agent
+
+    return _run_role(run_agent, config)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
+    import trio
+
+    from .demo import run_demo
+
+    options = {"size": args.size} if args.size is not None else {}
+    return _guarded(lambda: trio.run(functools.partial(run_demo, **options)), None)
+
+
+# ----------------------------------------------------------------- running
+
+def _run_role(runner: Runner, config: Config) -> int:
+    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
+    import trio
+
+    def run() -> int:
+        trio.run(_supervise, runner, config)
+        return EXIT_OK
+
+    return _guarded(run, config)
+
+
+async def _supervise(runner: Runner, config: Config) -> None:
+    import trio
+
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, shutdown)
+        await runner(config, shutdown=shutdown)
+        nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(shutdown: Any, *, task_status: Any) -> NoReturn:
+    """First SIGINT/SIGTERM: set ``shutdown``; second: raise ``_ForcedExit``."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if shutdown.is_set():
+                raise _ForcedExit(name)
+            log.info("%s received: draining open channels (send it again to exit now)", name)
+            shutdown.set()
+    raise AssertionError("signal receiver ended")  # pragma: no cover
+
+
+def _guarded(call: Callable[[], int], config: Config | None) -> int:
+    """Call ``call``; expected failures become one log line and an exit code."""
+    try:
+        return call()
+    except BaseException as exc:  # the task root: every failure is reported here
+        return _report(exc, config)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and all(isinstance(e, BaseException) for e in inner):
+        return [leaf for e in inner for leaf in _leaves(e)]
+    return [exc]
+
+
+def _report(exc: BaseException, config: Config | None) -> int:
+    leaves = _leaves(exc)
+    if any(isinstance(e, _ForcedExit) for e in leaves):
+        log.error("second signal received: exiting without waiting for channels to drain")
+        return EXIT_FAILURE
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        log.error("interrupted")
+        return EXIT_FAILURE
+    expected = [e for e in leaves if isinstance(e, (OSError, TunnelError))]
+    if expected and len(expected) == len(leaves):
+        log.error("%s", _explain(expected[0], config))
+        return EXIT_USAGE if isinstance(expected[0], ConfigError) else EXIT_FAILURE
+    log.critical("unexpected error (a bug; please report it with this traceback)",
+                 exc_info=exc)
+    return EXIT_FAILURE
+
+
+def _explain(exc: BaseException, config: Config | None) -> str:
+    """One line: what failed and, where we know it, what to do next."""
+    if isinstance(exc, OSError) and exc.errno in _LISTEN_ERRORS:
+        reason, advice = _LISTEN_ERRORS[exc.errno]
+        where, flag = _listen_target(exc, config)
+        return f"cannot listen on {where}: {reason} \N{EM DASH} {advice.format(flag=flag)}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
+
+
+def _listen_target(exc: OSError, config: Config | None) -> tuple[str, str]:
+    if isinstance(config, RelayConfig):
+        return str(config.listen), "--listen port"
+    if isinstance(config, AgentConfig):
+        where = " or ".join(str(forward.listen) for forward in config.forwards)
+        return (str(exc.filename) if exc.filename else where), "-L port"
+    return (str(exc.filename) if exc.filename else "the address"), "port"
+
+
+# ------------------------------------------------------------- entry points
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage/config).
+
+    Args:
+        argv: arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        result: int = args.handler(args)
+    except ConfigError as exc:
+        print(f"wstunnel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return result
+
+
+def main_entry() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(main())
