@@ -11,6 +11,7 @@ bytes held per channel follow the windows, not the traffic.
 
 from __future__ import annotations
 
+import operator
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -73,6 +74,9 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     # -- called by the transport ---------------------------------------------
 
     def _deliver(self, data: bytes) -> None:
+        if self._closed:
+            self._reset("data arrived after the channel was closed")
+            return
         self._inbound.append(data)
         self._readable.set()
 
@@ -168,11 +172,13 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_busy:
             await self.send_capacity()
+            await trio.sleep(0)
 
     async def send_eof(self) -> None:
         with self._send_busy:
             self._raise_if_closed()
             if self._eof_sent:
+                await trio.sleep(0)
                 return
             self._raise_if_broken()
             self._eof_sent = True
@@ -185,8 +191,10 @@ class ChannelStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         with self._receive_busy:
-            if max_bytes is not None and max_bytes < 1:
-                raise ValueError("max_bytes must be >= 1")
+            if max_bytes is not None:
+                max_bytes = operator.index(max_bytes)
+                if max_bytes < 1:
+                    raise ValueError("max_bytes must be >= 1")
             while True:
                 self._raise_if_closed()
                 if self._inbound:
@@ -215,23 +223,34 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     # -- closing -----------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close both directions: FIN if the peer already finished, else RESET."""
+        """Close gracefully, as TCP's close() does.
+
+        Queued data and a FIN still go out. Unread inbound data, or data that
+        arrives later, resets the channel, so the peer's sender learns that
+        nobody reads any more.
+        """
         if not self._closed:
             self._closed = True
-            if self._mux_alive and self._error is None:
-                protocol = self._transport.protocol
-                if self._eof_received and not self._inbound:
-                    if not self._eof_sent:
-                        protocol.send_eof(self.channel_id)
-                else:
-                    protocol.reset_channel(self.channel_id)
+            if self._inbound:
+                self._reset("closed with unread data")
+            elif self._mux_alive and self._error is None and not self._eof_sent:
+                self._eof_sent = True
+                self._transport.protocol.send_eof(self.channel_id)
                 self._transport.wake_writer()
-            self._inbound.clear()
             self._readable.set()
             self._writable.set()
         await trio.sleep(0)
 
+    def abort(self, text: str = "the local connection failed") -> None:
+        """Reset the channel now; queued data is dropped."""
+        self._closed = True
+        self._reset(text)
+        self._readable.set()
+        self._writable.set()
 
-def reset_error(text: str) -> ChannelReset:
-    """The error a channel carries once the peer reset it."""
-    return ChannelReset(text or "the channel was reset by the peer")
+    def _reset(self, text: str) -> None:
+        self._inbound.clear()
+        if self._mux_alive and self._error is None:
+            self._transport.protocol.reset_channel(self.channel_id, text=text)
+            self._transport.wake_writer()
+            self._mux_alive = False

@@ -30,7 +30,10 @@ async def splice(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> b
         nursery.start_soon(_pump, _outbound, tcp, channel, scope, finished)
         nursery.start_soon(_pump, _inbound, tcp, channel, scope, finished)
     clean = finished == [True, True]
-    await channel.aclose()
+    if clean:
+        await channel.aclose()
+    else:
+        channel.abort()
     return clean
 
 

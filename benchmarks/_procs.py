@@ -1,0 +1,257 @@
+"""Processes for the tunnel benchmark: targets, our own sshd + ssh -L, wstunnel.
+
+Theory of operation: every process the benchmark needs is started here and
+registered on one ``contextlib.ExitStack``, so leaving the ``with`` block (by
+success, error or Ctrl-C) stops them in reverse order: the ssh client before
+its sshd, the agent before its relay, the targets last. A process gets
+SIGTERM, then SIGKILL if it has not exited within a few seconds.
+
+Each way to reach the targets is a ``Route``: the local ports for the echo,
+sink and source targets, and the processes whose CPU time that route costs
+(agent + relay, or ssh + sshd with all its per-connection children).
+
+Only 127.0.0.1 is used. sshd is our own: a high loopback port, its own host
+key, authorized key and config in a temporary directory; the system sshd is
+never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Final
+
+TARGETS_SCRIPT: Final = Path(__file__).with_name("_targets.py")
+SSHD: Final = "/usr/sbin/sshd"
+SSH_CIPHER: Final = "aes128-gcm@openssh.com"
+TARGET_KINDS: Final = ("echo", "sink", "source")
+STARTUP_TIMEOUT: Final = 20.0
+STOP_TIMEOUT: Final = 5.0
+_CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(RuntimeError):
+    """A workload or a process misbehaved; the message says how."""
+
+
+@dataclass
+class Route:
+    """One way from the load generator to the targets."""
+
+    name: str
+    ports: dict[str, int]
+    pids: list[int] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (ssh -L and -L need numbers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(roots: Sequence[int]) -> float:
+    """CPU (user + system) used so far by ``roots`` and all their descendants.
+
+    Reaped children are already in their parent's cutime/cstime and live ones
+    in nobody's, so summing all four fields over the live tree counts each
+    CPU second once. Children that exit unreaped in between are lost, which
+    is why this is sampled around each run rather than once at the end.
+    """
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = Path(f"/proc/{entry}/stat").read_text()
+                fields = text.rsplit(")", 1)[1].split()
+                ticks = sum(int(x) for x in fields[11:15])
+                stats[int(entry)] = (int(fields[1]), ticks / _CLOCK_TICKS)
+    tree = set(roots) & stats.keys()
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return sum(stats[pid][1] for pid in tree)
+
+
+def echo_check(port: int, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Wait until a short echo makes it through ``port`` and back."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2.0) as sock:
+                sock.sendall(b"ready?\n")
+                if sock.recv(16) == b"ready?\n":
+                    return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise BenchError(f"nothing echoes through 127.0.0.1:{port} after {timeout:.0f} s: {last!r}")
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with status {proc.returncode} while starting")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1.0):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{what} is not listening on 127.0.0.1:{port}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+
+
+def spawn(stack: contextlib.ExitStack, argv: Sequence[str], log: Path | None,
+          *, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """Start ``argv``; it is stopped when ``stack`` closes. Output goes to ``log``."""
+    out: IO[bytes] | int = subprocess.PIPE
+    if log is not None:
+        out = stack.enter_context(log.open("wb"))
+    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=out,
+                            stderr=subprocess.STDOUT if log is not None else None)
+    stack.callback(_stop, proc)
+    return proc
+
+
+def _close_then_stop(proc: subprocess.Popen[bytes]) -> None:
+    """Close stdin (the polite way to stop a helper), then make sure it is gone."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT)
+    _stop(proc)
+
+
+def start_targets(stack: contextlib.ExitStack, tmp: Path) -> Route:
+    """The echo/sink/source process; the "direct" route talks to it straight."""
+    log = stack.enter_context((tmp / "targets.log").open("wb"))
+    proc = subprocess.Popen([sys.executable, str(TARGETS_SCRIPT), "serve"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    stack.callback(_close_then_stop, proc)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise BenchError("the target process exited before announcing its ports")
+    ports = {kind: int(port) for kind, port in json.loads(line).items()}
+    return Route("direct", ports, [proc.pid], [tmp / "targets.log"])
+
+
+def ensure_sshd() -> str | None:
+    """Make sure /usr/sbin/sshd exists; return why ssh is skipped, or None."""
+    if os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen"):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "OpenSSH server not installed (and not root with apt-get to install it)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "openssh-server", "openssh-client"]
+    print("installing openssh-server with apt-get ...", file=sys.stderr, flush=True)
+    for step in (install, ["apt-get", "update"], install):
+        done = subprocess.run(step, env=env, capture_output=True, timeout=900, check=False)
+        if done.returncode == 0 and os.path.exists(SSHD):
+            return None
+    return "apt-get install openssh-server failed"
+
+
+def _sshd_config(tmp: Path, port: int) -> Path:
+    config = tmp / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", "AddressFamily inet",
+        f"HostKey {tmp / 'host_key'}", f"PidFile {tmp / 'sshd.pid'}",
+        f"AuthorizedKeysFile {tmp / 'authorized_keys'}",
+        "UsePAM no", "StrictModes no", "PubkeyAuthentication yes",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "AllowTcpForwarding yes",
+        f"Ciphers {SSH_CIPHER}", "Compression no", "UseDNS no", "LogLevel ERROR",
+        "MaxSessions 1000", "MaxStartups 1000",
+    ]) + "\n")
+    return config
+
+
+def start_ssh(stack: contextlib.ExitStack, tmp: Path, targets: Route) -> Route:
+    """Our own sshd on a high loopback port, and ``ssh -N -L`` to every target."""
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)],
+                       check=True, timeout=30)
+    shutil.copy(tmp / "client_key.pub", tmp / "authorized_keys")
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+    sshd_port = free_port()
+    config = _sshd_config(tmp, sshd_port)
+    sshd = spawn(stack, [SSHD, "-D", "-e", "-f", str(config)], tmp / "sshd.log")
+    _wait_listening(sshd_port, sshd, "sshd")
+    ports = {kind: free_port() for kind in TARGET_KINDS}
+    forwards = [arg for kind in TARGET_KINDS for arg in
+                ("-L", f"127.0.0.1:{ports[kind]}:127.0.0.1:{targets.ports[kind]}")]
+    user = pwd.getpwuid(os.getuid()).pw_name
+    ssh = spawn(stack, [
+        "ssh", "-N", "-F", "/dev/null", "-c", SSH_CIPHER, "-p", str(sshd_port),
+        "-i", str(tmp / "client_key"), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+        "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp / 'known_hosts'}",
+        "-o", "ExitOnForwardFailure=yes", "-o", "Compression=no", "-o", "LogLevel=ERROR",
+        *forwards, f"{user}@127.0.0.1",
+    ], tmp / "ssh.log")
+    route = Route("ssh -L", ports, [ssh.pid, sshd.pid], [tmp / "sshd.log", tmp / "ssh.log"])
+    _check_route(route, ssh)
+    return route
+
+
+def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
+                   command: Sequence[str], relay_args: Sequence[str],
+                   agent_args: Sequence[str]) -> Route:
+    """``wstunnel relay`` and ``wstunnel agent`` from the CLI, one forward per target."""
+    relay_port = free_port()
+    relay = spawn(stack, [*command, "relay", "--listen", f"127.0.0.1:{relay_port}",
+                          "--allow", "127.0.0.1", *relay_args], tmp / "relay.log")
+    _wait_listening(relay_port, relay, "wstunnel relay")
+    ports = {kind: free_port() for kind in TARGET_KINDS}
+    forwards = [arg for kind in TARGET_KINDS for arg in
+                ("-L", f"127.0.0.1:{ports[kind]}:127.0.0.1:{targets.ports[kind]}")]
+    agent = spawn(stack, [*command, "agent", "--relay", f"ws://127.0.0.1:{relay_port}/tunnel",
+                          *forwards, *agent_args], tmp / "agent.log")
+    route = Route("wstunnel ws://", ports, [agent.pid, relay.pid],
+                  [tmp / "relay.log", tmp / "agent.log"])
+    _check_route(route, agent)
+    return route
+
+
+def _check_route(route: Route, client: subprocess.Popen[bytes]) -> None:
+    try:
+        echo_check(route.ports["echo"])
+    except BenchError:
+        if client.poll() is not None:
+            raise BenchError(f"{route.name}: client exited with status "
+                             f"{client.returncode}; see {route.logs}") from None
+        raise
+
+
+def log_tail(route: Route, lines: int = 5) -> str:
+    """The last lines of a route's logs, for an error message."""
+    parts = []
+    for log in route.logs:
+        with contextlib.suppress(OSError):
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            if tail:
+                parts.append(f"--- {log.name}\n" + "\n".join(tail))
+    return "\n".join(parts)

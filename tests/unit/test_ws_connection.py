@@ -1,0 +1,309 @@
+"""WebSocketConnection: messages, control frames, closing, failures (RFC 6455 5-7)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import counting_random_bytes, feed_bytewise, pump, ws_pair
+from wstunnel.errors import LocalProtocolError, PayloadTooBig
+from wstunnel.ws import (
+    BytesMessage,
+    CloseReceived,
+    ConnectionClosed,
+    ConnectionState,
+    FrameDecoder,
+    Opcode,
+    PingReceived,
+    PongReceived,
+    Role,
+    TextMessage,
+    WebSocketConnection,
+    encode_frame,
+)
+
+KEY = b"\x01\x02\x03\x04"
+
+
+def server() -> WebSocketConnection:
+    return WebSocketConnection(Role.SERVER, max_message_size=1000)
+
+
+def client_frames(*frames: tuple[int, bytes, bool]) -> bytes:
+    """Masked frames as a client would send them."""
+    return b"".join(encode_frame(op, p, fin=fin, mask_key=KEY) for op, p, fin in frames)
+
+
+def sent_frames(data: bytes, *, by_client: bool) -> list[tuple[int, bytes]]:
+    decoder = FrameDecoder(client=not by_client)
+    decoder.receive_data(data)
+    out = []
+    while (frame := decoder.next_frame()) is not None:
+        out.append((int(frame.opcode), frame.payload))
+    return out
+
+
+def test_messages_flow_both_ways() -> None:
+    """Bytes and text sent by one side arrive as whole messages on the other."""
+    client, srv = ws_pair()
+    client.send_bytes(b"\x00\x01")
+    client.send_text("héllo")
+    srv.send_bytes(bytearray(b"back"))
+    pump(client, srv)
+    assert srv.events_received() == [BytesMessage(b"\x00\x01"), TextMessage("héllo")]
+    assert client.events_received() == [BytesMessage(b"back")]
+
+
+def test_client_frames_are_masked_with_fresh_keys() -> None:
+    """RFC 6455 5.3: every client frame is masked, each with a new key."""
+    keys: list[int] = []
+    base = counting_random_bytes()
+
+    def recording(size: int) -> bytes:
+        keys.append(size)
+        return base(size)
+
+    client = WebSocketConnection(Role.CLIENT, random_bytes=recording)
+    client.send_bytes(b"a")
+    client.send_bytes(b"a")
+    data = client.data_to_send()
+    assert keys == [4, 4]
+    assert data[1] & 0x80 and data[8] & 0x80
+    assert data[2:6] != data[9:13]
+    srv = WebSocketConnection(Role.SERVER)
+    srv.send_bytes(b"a")
+    assert srv.data_to_send() == b"\x82\x01a"
+
+
+def test_fragments_reassembled_with_control_frames_between() -> None:
+    """Continuations are joined; a ping in the middle is answered and reported."""
+    srv = server()
+    srv.receive_data(
+        client_frames(
+            (Opcode.TEXT, "h€".encode()[:2], False),
+            (Opcode.PING, b"p", True),
+            (Opcode.CONTINUATION, "h€".encode()[2:], False),
+            (Opcode.CONTINUATION, b"!", True),
+            (Opcode.BINARY, b"a", False),
+            (Opcode.CONTINUATION, b"b", True),
+        )
+    )
+    assert srv.events_received() == [
+        PingReceived(b"p"),
+        TextMessage("h€!"),
+        BytesMessage(b"ab"),
+    ]
+    assert sent_frames(srv.data_to_send(), by_client=False) == [(Opcode.PONG, b"p")]
+
+
+def test_same_events_bytewise() -> None:
+    """Any split of the input, down to single bytes, gives the same events."""
+    data = client_frames(
+        (Opcode.TEXT, "ü".encode()[:1], False),
+        (Opcode.CONTINUATION, "ü".encode()[1:], True),
+        (Opcode.PING, b"", True),
+        (Opcode.CLOSE, b"\x03\xe8bye", True),
+    )
+    whole, split = server(), server()
+    whole.receive_data(data)
+    feed_bytewise(split, data)
+    assert whole.events_received() == split.events_received()
+    assert whole.data_to_send() == split.data_to_send()
+
+
+def test_peer_close_is_echoed_and_terminal() -> None:
+    """The peer's close gets our echo, then CloseReceived and ConnectionClosed."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.CLOSE, b"\x0b\xb8done", True)))
+    assert srv.events_received() == [CloseReceived(3000, "done"), ConnectionClosed(3000, "done")]
+    assert sent_frames(srv.data_to_send(), by_client=False) == [(Opcode.CLOSE, b"\x0b\xb8")]
+    assert srv.state is ConnectionState.CLOSED
+    assert srv.should_close_transport
+    assert (srv.close_code, srv.close_reason) == (3000, "done")
+
+
+def test_empty_close_reports_1005_and_replies_empty() -> None:
+    """A close without payload means 1005; the reply carries no code either."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.CLOSE, b"", True)))
+    assert srv.events_received()[0] == CloseReceived(1005, "")
+    assert sent_frames(srv.data_to_send(), by_client=False) == [(Opcode.CLOSE, b"")]
+
+
+def test_we_close_first() -> None:
+    """close() moves to CLOSING; the peer's echo completes it (CLOSED)."""
+    client, srv = ws_pair()
+    client.close(1001, "going")
+    assert client.state is ConnectionState.CLOSING
+    assert not client.should_close_transport
+    with pytest.raises(LocalProtocolError):
+        client.send_bytes(b"late")
+    client.close()  # idempotent
+    pump(client, srv)
+    assert srv.events_received() == [CloseReceived(1001, "going"), ConnectionClosed(1001, "going")]
+    assert client.events_received() == [CloseReceived(1001, ""), ConnectionClosed(1001, "")]
+    assert client.state.value == "closed"
+    assert client.should_close_transport
+
+
+def test_messages_still_delivered_while_closing_but_no_pong() -> None:
+    """While CLOSING we deliver data and pings but send nothing after our close."""
+    srv = server()
+    srv.close()
+    srv.data_to_send()
+    srv.receive_data(client_frames((Opcode.BINARY, b"x", True), (Opcode.PING, b"p", True)))
+    assert srv.events_received() == [BytesMessage(b"x"), PingReceived(b"p")]
+    assert srv.data_to_send() == b""
+
+
+def test_ping_and_pong() -> None:
+    """ping() is answered automatically; pong() sends an unsolicited pong."""
+    client, srv = ws_pair()
+    client.ping(b"123")
+    client.pong(b"u")
+    pump(client, srv)
+    assert srv.events_received() == [PingReceived(b"123"), PongReceived(b"u")]
+    assert client.events_received() == [PongReceived(b"123")]
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"\x03", 1002),  # one-byte payload
+        (b"\x03\xe7", 1002),  # 999
+        (b"\x03\xec", 1002),  # 1004
+        (b"\x03\xed", 1002),  # 1005
+        (b"\x03\xee", 1002),  # 1006
+        (b"\x03\xf7", 1002),  # 1015
+        (b"\x03\xf8", 1002),  # 1016
+        (b"\x0b\xb7", 1002),  # 2999
+        (b"\x13\x88", 1002),  # 5000
+        (b"\x03\xe8\xff", 1007),  # reason not UTF-8
+    ],
+)
+def test_invalid_close_frames(payload: bytes, code: int) -> None:
+    """RFC 6455 7.4: invalid codes fail with 1002; a non-UTF-8 reason with 1007."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.CLOSE, payload, True)))
+    assert srv.events_received() == [ConnectionClosed(code, str(srv.failure))]
+    assert srv.failure is not None and srv.failure.code == code
+    assert sent_frames(srv.data_to_send(), by_client=False) == [
+        (Opcode.CLOSE, code.to_bytes(2, "big"))
+    ]
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1007, 1011, 1012, 1013, 1014, 3000, 4999])
+def test_valid_close_codes_accepted(code: int) -> None:
+    """Registered codes and 3000-4999 are accepted and echoed."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.CLOSE, code.to_bytes(2, "big"), True)))
+    assert srv.events_received()[0] == CloseReceived(code, "")
+    assert srv.failure is None
+
+
+def test_invalid_utf8_text_fails_1007_on_first_fragment() -> None:
+    """Text is validated incrementally: a bad first fragment fails before the rest."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.TEXT, b"ok\xff", False)))
+    assert srv.events_received() == [ConnectionClosed(1007, str(srv.failure))]
+    assert srv.should_close_transport
+
+
+def test_invalid_utf8_whole_text_fails_1007() -> None:
+    """An unfragmented text message that is not UTF-8 fails with 1007."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.TEXT, b"\xed\xa0\x80", True)))
+    assert srv.close_code == 1007
+
+
+def test_text_split_inside_a_character_is_fine() -> None:
+    """A multi-byte character split across fragments is valid text."""
+    srv = server()
+    euro = "€".encode()
+    srv.receive_data(
+        client_frames((Opcode.TEXT, euro[:1], False), (Opcode.CONTINUATION, euro[1:], True))
+    )
+    assert srv.events_received() == [TextMessage("€")]
+
+
+def test_truncated_text_at_end_of_message_fails() -> None:
+    """A text message ending inside a character fails with 1007."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.TEXT, b"a\xe2\x82", True)))
+    assert srv.close_code == 1007
+
+
+def test_too_big_message_fails_1009() -> None:
+    """Messages over max_message_size close with 1009 (PayloadTooBig)."""
+    srv = server()
+    srv.receive_data(client_frames((Opcode.BINARY, b"x" * 1001, True)))
+    assert isinstance(srv.failure, PayloadTooBig)
+    assert sent_frames(srv.data_to_send(), by_client=False) == [(Opcode.CLOSE, b"\x03\xf1")]
+
+
+def test_protocol_error_ignores_further_input() -> None:
+    """After a failure nothing more is parsed or reported."""
+    srv = server()
+    srv.receive_data(encode_frame(Opcode.BINARY, b"unmasked"))
+    events = srv.events_received()
+    assert events == [ConnectionClosed(1002, str(srv.failure))]
+    srv.receive_data(client_frames((Opcode.BINARY, b"x", True)))
+    srv.receive_eof()
+    assert srv.events_received() == []
+
+
+def test_failure_after_our_close_sends_no_second_close() -> None:
+    """If we already sent close, a protocol error does not queue another."""
+    srv = server()
+    srv.close()
+    srv.data_to_send()
+    srv.receive_data(b"\x82\x01x")  # unmasked
+    assert srv.data_to_send() == b""
+    assert srv.state is ConnectionState.CLOSED
+
+
+def test_eof_without_close_is_1006() -> None:
+    """receive_eof() without a close handshake ends the connection with 1006; idempotent."""
+    client, _ = ws_pair()
+    client.receive_eof()
+    client.receive_eof()
+    events = client.events_received()
+    assert len(events) == 1
+    assert isinstance(events[0], ConnectionClosed) and events[0].code == 1006
+    with pytest.raises(LocalProtocolError):
+        client.ping()
+
+
+def test_trailing_data_is_processed_at_construction() -> None:
+    """Bytes that followed the handshake are parsed at once."""
+    trailing = client_frames((Opcode.BINARY, b"hi", True))
+    srv = WebSocketConnection(Role.SERVER, trailing_data=trailing)
+    assert srv.events_received() == [BytesMessage(b"hi")]
+
+
+def test_local_misuse_raises() -> None:
+    """Our own misuse raises LocalProtocolError at once."""
+    client, _ = ws_pair()
+    with pytest.raises(LocalProtocolError):
+        client.ping(b"x" * 126)
+    with pytest.raises(LocalProtocolError):
+        client.close(1006)
+    with pytest.raises(LocalProtocolError):
+        client.close(1000, "x" * 124)
+    with pytest.raises(LocalProtocolError):
+        client.close(1005, "reason")
+    assert client.state is ConnectionState.OPEN
+
+
+def test_close_1005_sends_empty_close() -> None:
+    """close(1005) sends a close frame without a status code."""
+    srv = server()
+    srv.close(1005)
+    assert srv.data_to_send() == b"\x88\x00"
+
+
+def test_data_to_send_drains() -> None:
+    """data_to_send() returns each byte once."""
+    srv = server()
+    srv.send_bytes(b"abc")
+    assert srv.data_to_send() == b"\x82\x03abc"
+    assert srv.data_to_send() == b""

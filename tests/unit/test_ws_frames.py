@@ -1,0 +1,194 @@
+"""Frame encoding and decoding (RFC 6455 section 5)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from tests.helpers import feed_bytewise
+from wstunnel.errors import PayloadTooBig, RemoteProtocolError
+from wstunnel.ws import Frame, FrameDecoder, Opcode, encode_frame, mask
+
+KEY = b"\x37\xfa\x21\x3d"
+
+
+def decode_all(data: bytes, *, client: bool, bytewise: bool = False, **limits: int) -> list[Frame]:
+    decoder = FrameDecoder(client=client, **limits)
+    frames: list[Frame] = []
+    if bytewise:
+        for i in range(len(data)):
+            decoder.receive_data(data[i : i + 1])
+            while (frame := decoder.next_frame()) is not None:
+                frames.append(frame)
+    else:
+        decoder.receive_data(data)
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    return frames
+
+
+def rejection(data: bytes, *, client: bool, **limits: int) -> RemoteProtocolError:
+    decoder = FrameDecoder(client=client, **limits)
+    decoder.receive_data(data)
+    with pytest.raises(RemoteProtocolError) as info:
+        while decoder.next_frame() is not None:
+            pass
+    return info.value
+
+
+def test_rfc_examples_encode() -> None:
+    """Encoding matches the examples of RFC 6455 5.7."""
+    assert encode_frame(Opcode.TEXT, b"Hello") == b"\x81\x05Hello"
+    masked = encode_frame(Opcode.TEXT, b"Hello", mask_key=b"\x37\xfa\x21\x3d")
+    assert masked == b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"
+    assert encode_frame(Opcode.TEXT, b"Hel", fin=False) == b"\x01\x03Hel"
+    assert encode_frame(Opcode.CONTINUATION, b"lo") == b"\x80\x02lo"
+    assert encode_frame(Opcode.PING, b"Hello") == b"\x89\x05Hello"
+    assert encode_frame(Opcode.BINARY, b"\0" * 256)[:4] == b"\x82\x7e\x01\x00"
+    assert encode_frame(Opcode.BINARY, b"\0" * 65536)[:10] == b"\x82\x7f" + struct.pack("!Q", 65536)
+
+
+def test_rfc_example_masked_decodes() -> None:
+    """The masked 'Hello' of RFC 6455 5.7 decodes on the server side."""
+    frames = decode_all(b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58", client=False)
+    assert frames == [Frame(Opcode.TEXT, b"Hello")]
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 125, 126, 511, 512, 513, 65535, 65536, 70001])
+@pytest.mark.parametrize("masked", [False, True])
+def test_round_trip_every_length_class(size: int, masked: bool) -> None:
+    """Each length encoding (7, 16, 64 bit) and both mask paths round-trip."""
+    payload = bytes(i * 7 % 256 for i in range(size))
+    data = encode_frame(Opcode.BINARY, payload, mask_key=KEY if masked else None)
+    assert decode_all(data, client=not masked) == [Frame(Opcode.BINARY, payload)]
+
+
+def test_bytewise_input_gives_same_frames() -> None:
+    """Feeding one byte at a time yields the same frames as one chunk."""
+    data = b"".join(
+        encode_frame(op, p, fin=fin, mask_key=KEY)
+        for op, p, fin in [
+            (Opcode.TEXT, b"ab", False),
+            (Opcode.PING, b"p", True),
+            (Opcode.CONTINUATION, b"c" * 300, True),
+            (Opcode.BINARY, b"", True),
+        ]
+    )
+    whole = decode_all(data, client=False)
+    assert len(whole) == 4
+    assert decode_all(data, client=False, bytewise=True) == whole
+
+
+def test_mask_is_its_own_inverse_at_every_size() -> None:
+    """mask(mask(x)) == x, and mask agrees with a byte-by-byte XOR."""
+    for size in (0, 1, 2, 3, 4, 5, 100, 511, 512, 513, 4097):
+        payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        masked = mask(payload, KEY)
+        assert masked == bytes(b ^ KEY[i % 4] for i, b in enumerate(payload))
+        assert mask(masked, KEY) == payload
+
+
+def test_mask_rejects_bad_key() -> None:
+    """A masking key must be exactly four bytes."""
+    with pytest.raises(ValueError):
+        mask(b"abc", b"123")
+    with pytest.raises(ValueError):
+        encode_frame(Opcode.TEXT, b"x", mask_key=b"12345")
+
+
+@pytest.mark.parametrize("rsv", [1, 2, 4, 7])
+def test_rsv_bits_without_extension_fail_1002(rsv: int) -> None:
+    """RFC 6455 5.2: non-zero RSV without a negotiated extension is a protocol error."""
+    data = encode_frame(Opcode.BINARY, b"x", rsv=rsv)
+    assert rejection(data, client=True).code == 1002
+
+
+@pytest.mark.parametrize("opcode", [3, 4, 5, 6, 7, 11, 12, 13, 14, 15])
+def test_reserved_opcodes_fail_1002(opcode: int) -> None:
+    """RFC 6455 5.2: reserved opcodes fail the connection."""
+    assert rejection(encode_frame(opcode, b""), client=True).code == 1002
+
+
+def test_server_rejects_unmasked_and_client_rejects_masked() -> None:
+    """RFC 6455 5.1: masking direction is mandatory both ways."""
+    assert rejection(encode_frame(Opcode.BINARY, b"x"), client=False).code == 1002
+    assert rejection(encode_frame(Opcode.BINARY, b"x", mask_key=KEY), client=True).code == 1002
+
+
+def test_control_frame_rules() -> None:
+    """RFC 6455 5.5: control frames are at most 125 bytes and never fragmented."""
+    assert decode_all(encode_frame(Opcode.PING, b"x" * 125), client=True)[0].payload == b"x" * 125
+    assert rejection(encode_frame(Opcode.PING, b"x" * 126), client=True).code == 1002
+    assert rejection(encode_frame(Opcode.PONG, b"", fin=False), client=True).code == 1002
+    assert rejection(encode_frame(Opcode.CLOSE, b"\x03\xe8" * 63), client=True).code == 1002
+
+
+def test_non_minimal_lengths_fail_1002() -> None:
+    """RFC 6455 5.2: the minimal number of bytes MUST be used to encode the length."""
+    assert rejection(b"\x82\x7e\x00\x7d" + b"x" * 125, client=True).code == 1002
+    assert rejection(b"\x82\x7f" + struct.pack("!Q", 65535), client=True).code == 1002
+    # 16-bit form for exactly 126 and 64-bit form for exactly 65536 are fine.
+    assert len(decode_all(b"\x82\x7e\x00\x7e" + b"x" * 126, client=True)) == 1
+
+
+def test_64bit_length_msb_must_be_zero() -> None:
+    """RFC 6455 5.2: the most significant bit of a 64-bit length MUST be 0."""
+    error = rejection(b"\x82\x7f" + struct.pack("!Q", 1 << 63), client=True)
+    assert error.code == 1002
+
+
+def test_continuation_sequencing() -> None:
+    """A continuation needs a message in progress; a new message may not interrupt one."""
+    assert rejection(encode_frame(Opcode.CONTINUATION, b"x"), client=True).code == 1002
+    interrupted = encode_frame(Opcode.TEXT, b"a", fin=False) + encode_frame(Opcode.BINARY, b"b")
+    assert rejection(interrupted, client=True).code == 1002
+    fine = (
+        encode_frame(Opcode.TEXT, b"a", fin=False)
+        + encode_frame(Opcode.PING, b"")
+        + encode_frame(Opcode.CONTINUATION, b"b")
+        + encode_frame(Opcode.BINARY, b"c")
+    )
+    assert [f.opcode for f in decode_all(fine, client=True)] == [
+        Opcode.TEXT, Opcode.PING, Opcode.CONTINUATION, Opcode.BINARY,
+    ]
+
+
+def test_oversized_frame_rejected_from_header_alone() -> None:
+    """A frame over the limit fails with 1009 as soon as its header is known."""
+    header_only = b"\x82\x7f" + struct.pack("!Q", 1 << 40)
+    error = rejection(header_only, client=True, max_frame_size=1000)
+    assert isinstance(error, PayloadTooBig)
+    assert error.code == 1009
+
+
+def test_message_limit_counts_all_fragments() -> None:
+    """Fragments adding up past max_message_size fail with 1009 before buffering."""
+    data = encode_frame(Opcode.BINARY, b"x" * 600, fin=False) + b"\x80\x7e\x02\x58"
+    error = rejection(data, client=True, max_frame_size=1000, max_message_size=1000)
+    assert error.code == 1009
+    ok = encode_frame(Opcode.BINARY, b"x" * 500, fin=False) + encode_frame(0, b"y" * 500)
+    assert len(decode_all(ok, client=True, max_frame_size=1000, max_message_size=1000)) == 2
+
+
+def test_decoder_stays_failed() -> None:
+    """After a violation every later call raises the same error."""
+    decoder = FrameDecoder(client=True)
+    decoder.receive_data(b"\x83\x00" + encode_frame(Opcode.BINARY, b"ok"))
+    with pytest.raises(RemoteProtocolError) as first:
+        decoder.next_frame()
+    with pytest.raises(RemoteProtocolError) as second:
+        decoder.next_frame()
+    assert first.value is second.value
+
+
+def test_partial_frame_returns_none_and_counts_buffered() -> None:
+    """An incomplete frame gives None; buffered_size reports what is held."""
+    data = encode_frame(Opcode.BINARY, b"abcdef")
+    decoder = FrameDecoder(client=True)
+    feed_bytewise(decoder, data[:5])
+    assert decoder.next_frame() is None
+    assert decoder.buffered_size == 5
+    decoder.receive_data(data[5:])
+    assert decoder.next_frame() == Frame(Opcode.BINARY, b"abcdef")
+    assert decoder.buffered_size == 0

@@ -1,0 +1,351 @@
+"""One WebSocket connection after the handshake (RFC 6455 sections 5-7), sans-IO.
+
+Theory of operation: bytes from the transport go into ``receive_data``; the
+``FrameDecoder`` turns them into frames and judges everything a header can
+tell; this module judges payloads (UTF-8 of text, close frames), reassembles
+fragmented messages, answers pings and runs the closing handshake.  Output
+frames are appended to a list and joined once per ``data_to_send`` call.
+
+States: OPEN -> CLOSING (we sent a close) -> CLOSED, or OPEN -> CLOSED when
+the peer closes first (we queue the echo at once), on a protocol error, or
+at EOF.  CLOSED is terminal: ``ConnectionClosed`` has been emitted exactly
+once, further input is ignored and sending raises ``LocalProtocolError``.
+
+A protocol error never escapes ``receive_data``: we queue our close frame
+(unless we already sent one), keep the error in ``failure`` and set
+``should_close_transport`` at once.  After a framing error the stream can no
+longer be parsed, so waiting for the peer's close would only wait for a
+timeout (RFC 6455 7.1.7: "_Fail the WebSocket Connection_").
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import os
+from collections.abc import Callable
+from typing import Final
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from .events import (
+    BytesMessage,
+    CloseReceived,
+    ConnectionClosed,
+    Event,
+    PingReceived,
+    PongReceived,
+    TextMessage,
+)
+from .frames import (
+    MAX_CONTROL_PAYLOAD,
+    Frame,
+    FrameDecoder,
+    Opcode,
+    encode_frame_parts,
+)
+
+__all__ = [
+    "Role",
+    "ConnectionState",
+    "WebSocketConnection",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "is_valid_close_code",
+]
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 1 << 20
+_NO_STATUS: Final = 1005
+_ABNORMAL: Final = 1006
+
+
+class Role(enum.Enum):
+    """Which end of the WebSocket we are; decides the masking direction."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class ConnectionState(enum.Enum):
+    """OPEN; CLOSING (we sent close, awaiting the peer's); CLOSED (terminal)."""
+
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+def is_valid_close_code(code: int) -> bool:
+    """True for codes a peer may put in a close frame (RFC 6455 7.4, IANA registry).
+
+    1004-1006 and 1015 are reserved or local-only; 1016-2999 are reserved for
+    future RFCs; 3000-4999 are for libraries and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def _parse_close(payload: bytes) -> tuple[int, str]:
+    """Decode a close frame's payload (RFC 6455 5.5.1, 7.1.5, 7.1.6).
+
+    Raises:
+        RemoteProtocolError: 1002 for a 1-byte payload or an invalid code,
+            1007 when the reason is not UTF-8.
+    """
+    if not payload:
+        return _NO_STATUS, ""
+    if len(payload) == 1:
+        raise RemoteProtocolError("close frame with a 1-byte payload", 1002)
+    code = int.from_bytes(payload[:2], "big")
+    if not is_valid_close_code(code):
+        raise RemoteProtocolError(f"close frame with invalid code {code}", 1002)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("close reason is not valid UTF-8", 1007) from exc
+    return code, reason
+
+
+def _close_payload(code: int, reason: str) -> bytes:
+    """Encode our close frame; 1005 means "no status" and sends no payload."""
+    if code == _NO_STATUS:
+        if reason:
+            raise LocalProtocolError("a close without a status code cannot carry a reason")
+        return b""
+    if not is_valid_close_code(code):
+        raise LocalProtocolError(f"{code} may not be sent in a close frame")
+    encoded = reason.encode("utf-8")
+    if len(encoded) > MAX_CONTROL_PAYLOAD - 2:
+        raise LocalProtocolError("close reason longer than 123 bytes of UTF-8")
+    return code.to_bytes(2, "big") + encoded
+
+
+class WebSocketConnection:
+    """Sans-IO WebSocket endpoint: feed bytes in, drain events and bytes out.
+
+    Args:
+        role: ``Role.CLIENT`` masks what it sends; ``Role.SERVER`` does not.
+        max_message_size: largest message (and frame) accepted; 1009 beyond.
+        random_bytes: source of masking keys (``os.urandom``; inject for tests).
+        trailing_data: bytes that followed the handshake in the same read;
+            processed at once, so check ``events_received()`` right away.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        trailing_data: bytes = b"",
+    ) -> None:
+        self.role = role
+        self._client = role is Role.CLIENT
+        self._random_bytes = random_bytes
+        self._decoder = FrameDecoder(
+            client=self._client, max_frame_size=max_message_size, max_message_size=max_message_size
+        )
+        self._events: list[Event] = []
+        self._output: list[bytes] = []
+        self.state = ConnectionState.OPEN
+        self.failure: RemoteProtocolError | None = None
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.should_close_transport = False
+        self._fragments: list[bytes] = []
+        self._text_parts: list[str] = []
+        self._utf8: codecs.IncrementalDecoder | None = None  # set while a text message is open
+        if trailing_data:
+            self.receive_data(trailing_data)
+
+    # -- input ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Process bytes from the transport; never raises for peer misbehaviour.
+
+        Afterwards call ``events_received()`` and ``data_to_send()`` (a pong or
+        close may be queued), then check ``should_close_transport``.
+        """
+        if self.state is ConnectionState.CLOSED:
+            return
+        decoder = self._decoder
+        decoder.receive_data(data)
+        try:
+            while not self.should_close_transport:  # i.e. not CLOSED
+                frame = decoder.next_frame()
+                if frame is None:
+                    break
+                self._handle_frame(frame)
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+
+    def receive_eof(self) -> None:
+        """The transport's read side ended; idempotent.
+
+        Without a close handshake this ends the connection with code 1006.
+        """
+        if self.state is not ConnectionState.CLOSED:
+            self._finish(_ABNORMAL, "connection lost without a close frame")
+
+    # -- output --------------------------------------------------------------
+
+    def events_received(self) -> list[Event]:
+        """Return and forget the events produced since the last call."""
+        events = self._events
+        self._events = []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Return and forget the bytes to write to the transport."""
+        output = self._output
+        if not output:
+            return b""
+        self._output = []
+        return output[0] if len(output) == 1 else b"".join(output)
+
+    # -- local actions -------------------------------------------------------
+
+    def send_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue one binary message as a single final frame.
+
+        Raises:
+            LocalProtocolError: we already sent a close or the connection is closed.
+        """
+        self._check_can_send()
+        self._send_frame(Opcode.BINARY, bytes(data))
+
+    def send_text(self, text: str) -> None:
+        """Queue one text message as a single final frame (see ``send_bytes``)."""
+        self._check_can_send()
+        self._send_frame(Opcode.TEXT, text.encode("utf-8"))
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Queue a ping; the answer arrives as ``PongReceived``.
+
+        Raises:
+            LocalProtocolError: payload over 125 bytes, or sending is over.
+        """
+        self._check_can_send()
+        self._send_frame(Opcode.PING, self._control_payload(payload))
+
+    def pong(self, payload: bytes = b"") -> None:
+        """Queue an unsolicited pong (pings are answered automatically)."""
+        self._check_can_send()
+        self._send_frame(Opcode.PONG, self._control_payload(payload))
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; a no-op once closing or closed.
+
+        The state becomes CLOSING until the peer's close arrives.  Flush
+        ``data_to_send()``; drop the transport when ``should_close_transport``
+        turns true, or after a timeout of your choosing.
+
+        Args:
+            code: close code to send; 1005 sends a close frame without a code.
+            reason: UTF-8 text up to 123 bytes.
+
+        Raises:
+            LocalProtocolError: the code may not be sent or the reason is too long.
+        """
+        if self.state is not ConnectionState.OPEN:
+            return
+        self._send_frame(Opcode.CLOSE, _close_payload(code, reason))
+        self.state = ConnectionState.CLOSING
+
+    # -- internals -----------------------------------------------------------
+
+    def _check_can_send(self) -> None:
+        if self.state is not ConnectionState.OPEN:
+            raise LocalProtocolError(f"cannot send: connection is {self.state.value}")
+
+    @staticmethod
+    def _control_payload(payload: bytes) -> bytes:
+        data = bytes(payload)
+        if len(data) > MAX_CONTROL_PAYLOAD:
+            raise LocalProtocolError("control frame payload over 125 bytes")
+        return data
+
+    def _send_frame(self, opcode: Opcode, payload: bytes) -> None:
+        """Frame and queue; clients mask with a fresh key each time (RFC 6455 5.3)."""
+        mask_key = self._random_bytes(4) if self._client else None
+        header, body = encode_frame_parts(opcode, payload, mask_key=mask_key)
+        self._output.append(header)
+        if body:
+            self._output.append(body)
+
+    def _handle_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode <= Opcode.BINARY:
+            self._handle_data(frame)
+        elif opcode is Opcode.PING:
+            self._events.append(PingReceived(frame.payload))
+            if self.state is ConnectionState.OPEN:
+                self._send_frame(Opcode.PONG, frame.payload)  # 5.5.2: MUST answer
+        elif opcode is Opcode.PONG:
+            self._events.append(PongReceived(frame.payload))
+        else:
+            self._handle_close(frame.payload)
+
+    def _handle_data(self, frame: Frame) -> None:
+        """Deliver or reassemble; the decoder has already checked sequencing."""
+        opcode, payload, fin = frame.opcode, frame.payload, frame.fin
+        if fin and opcode is Opcode.BINARY:
+            self._events.append(BytesMessage(payload))
+        elif fin and opcode is Opcode.TEXT:
+            self._events.append(TextMessage(_decode_utf8(payload)))
+        else:
+            self._handle_fragment(opcode, payload, fin)
+
+    def _handle_fragment(self, opcode: Opcode, payload: bytes, fin: bool) -> None:
+        """One fragment of a message; text is validated as it arrives (fail fast)."""
+        if opcode is Opcode.TEXT:
+            self._utf8 = codecs.getincrementaldecoder("utf-8")()
+        elif opcode is Opcode.BINARY:
+            self._utf8 = None
+        if self._utf8 is not None:
+            try:
+                self._text_parts.append(self._utf8.decode(payload, fin))
+            except UnicodeDecodeError as exc:
+                raise RemoteProtocolError("text message is not valid UTF-8", 1007) from exc
+        else:
+            self._fragments.append(payload)
+        if not fin:
+            return
+        if self._utf8 is not None:
+            self._events.append(TextMessage("".join(self._text_parts)))
+            self._text_parts = []
+            self._utf8 = None
+        else:
+            self._events.append(BytesMessage(b"".join(self._fragments)))
+            self._fragments = []
+
+    def _handle_close(self, payload: bytes) -> None:
+        """The peer's close: echo it if we have not closed yet (RFC 6455 5.5.1)."""
+        code, reason = _parse_close(payload)
+        self._events.append(CloseReceived(code, reason))
+        if self.state is ConnectionState.OPEN:
+            echo = b"" if code == _NO_STATUS else code.to_bytes(2, "big")
+            self._send_frame(Opcode.CLOSE, echo)
+        self._finish(code, reason)
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        """_Fail the WebSocket Connection_ (7.1.7): send our close, go terminal."""
+        self.failure = exc
+        if self.state is ConnectionState.OPEN:
+            # The reason stays local: never send exception text to the peer.
+            self._send_frame(Opcode.CLOSE, exc.code.to_bytes(2, "big"))
+        self._finish(exc.code, str(exc))
+
+    def _finish(self, code: int, reason: str) -> None:
+        self.state = ConnectionState.CLOSED
+        self.close_code = code
+        self.close_reason = reason
+        self.should_close_transport = True
+        self._fragments = []
+        self._text_parts = []
+        self._utf8 = None
+        self._events.append(ConnectionClosed(code, reason))
+
+
+def _decode_utf8(payload: bytes) -> str:
+    """Decode a whole text message (RFC 6455 8.1: invalid UTF-8 fails with 1007)."""
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("text message is not valid UTF-8", 1007) from exc
