@@ -11,18 +11,39 @@ PACKAGE = Path(__file__).resolve().parent.parent / "wstunnel"
 
 # Lowest first. A module may import wstunnel modules of its own rank or lower.
 RANKS = {
-    "__init__": 0, "errors": 0, "_buffer": 0,
-    "ws": 1, "mux": 1,
+    "__init__": 0,
+    "errors": 0,
+    "_buffer": 0,
+    "ws": 1,
+    "mux": 1,
     "protocol": 2,
-    "policy": 3, "_yaml": 3, "_textforms": 3, "config": 4, "logs": 3, "tls": 3, "systemd": 3,
+    "policy": 3,
+    "_yaml": 3,
+    "_textforms": 3,
+    "config": 4,
+    "logs": 3,
+    "tls": 3,
+    "systemd": 3,
     "net": 5,
-    "agent": 6, "relay": 6,
+    "agent": 6,
+    "relay": 6,
     "demo": 7,
-    "cli": 8, "__main__": 9,
+    "cli": 8,
+    "__main__": 9,
 }
 SANS_IO = ("errors", "_buffer", "ws", "mux", "protocol")
-FORBIDDEN_IN_SANS_IO = {"trio", "socket", "ssl", "time", "yaml", "random", "asyncio", "select",
-                        "threading", "logging"}
+FORBIDDEN_IN_SANS_IO = {
+    "trio",
+    "socket",
+    "ssl",
+    "time",
+    "yaml",
+    "random",
+    "asyncio",
+    "select",
+    "threading",
+    "logging",
+}
 
 
 def _modules() -> list[Path]:
@@ -73,8 +94,9 @@ def test_imports_point_down(path: Path) -> None:
         assert RANKS[target] <= RANKS[own], f"{path}:{line}: {own} must not import {target}"
 
 
-@pytest.mark.parametrize("path", [p for p in _modules() if _top(p) in SANS_IO],
-                         ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize(
+    "path", [p for p in _modules() if _top(p) in SANS_IO], ids=lambda p: str(p.relative_to(PACKAGE))
+)
 def test_sans_io_core_does_no_io(path: Path) -> None:
     """The protocol core imports no I/O, clock, randomness or logging module."""
     own = _top(path)
@@ -89,20 +111,45 @@ def test_sans_io_core_does_no_io(path: Path) -> None:
             assert root in _STDLIB_OK, f"{path}:{line}: ws imports {name}"
 
 
-_STDLIB_OK = {"base64", "hashlib", "codecs", "collections", "dataclasses", "enum", "os", "struct",
-              "typing", "itertools", "functools", "abc", "sys", "operator", "heapq", "math",
-              "binascii", "re", "string", "types", "__future__",
-              "http"}  # http.HTTPStatus only; http.client would be caught in review
+_STDLIB_OK = {
+    "base64",
+    "hashlib",
+    "codecs",
+    "collections",
+    "dataclasses",
+    "enum",
+    "os",
+    "struct",
+    "typing",
+    "itertools",
+    "functools",
+    "abc",
+    "sys",
+    "operator",
+    "heapq",
+    "math",
+    "binascii",
+    "re",
+    "string",
+    "types",
+    "__future__",
+    "http",
+}  # http.HTTPStatus only; http.client would be caught in review
 
 
 def test_only_cli_calls_trio_run() -> None:
     """Only cli.py starts the event loop; everything else is callable from tests."""
-    offenders = [str(p.relative_to(PACKAGE)) for p in _modules()
-                 if "trio.run(" in p.read_text() and p.name != "cli.py"]
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in _modules()
+        if "trio.run(" in p.read_text() and p.name != "cli.py"
+    ]
     assert offenders == []
 
 
 def test_no_asyncio() -> None:
     """wstunnel is trio-only."""
-    offenders = [str(p) for p in _modules() for name, _ in _imports(p) if name.startswith("asyncio")]
+    offenders = [
+        str(p) for p in _modules() for name, _ in _imports(p) if name.startswith("asyncio")
+    ]
     assert offenders == []

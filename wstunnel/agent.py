@@ -56,8 +56,13 @@ class Agent:
             except (OSError, HandshakeError, trio.TooSlowError) as exc:
                 failures += 1
                 delay = self._backoff(failures)
-                log.warning("cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
-                            self.relay.url, failures, _reason(exc), delay)
+                log.warning(
+                    "cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
+                    self.relay.url,
+                    failures,
+                    _reason(exc),
+                    delay,
+                )
                 await trio.sleep(delay)
                 continue
             failures = 0
@@ -70,9 +75,10 @@ class Agent:
 
     def _backoff(self, failures: int) -> float:
         config = self.config
-        delay = min(config.reconnect_max_interval,
-                    config.reconnect_min_interval * 2 ** (failures - 1))
-        return delay * random.uniform(0.8, 1.0)
+        delay = min(
+            config.reconnect_max_interval, config.reconnect_min_interval * 2 ** (failures - 1)
+        )
+        return float(delay) * random.uniform(0.8, 1.0)
 
     async def _connect(self) -> TunnelTransport:
         config = self.config
@@ -84,9 +90,13 @@ class Agent:
             initial_window=config.initial_window,
             max_chunk_size=config.max_chunk_size,
         )
-        return TunnelTransport(stream, protocol, name=self.relay.url,
-                               ping_interval=config.ping_interval,
-                               ping_timeout=config.ping_timeout)
+        return TunnelTransport(
+            stream,
+            protocol,
+            name=self.relay.url,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+        )
 
     async def _serve(self, transport: TunnelTransport) -> str:
         self.session = transport
@@ -129,8 +139,11 @@ class Agent:
         target = f"{forward.target_host}:{forward.target_port}"
         session = await self.wait_session(self.config.connect_wait_timeout)
         if session is None:
-            log.warning("no session to the relay within %g s; closed the connection for %s",
-                        self.config.connect_wait_timeout, target)
+            log.warning(
+                "no session to the relay within %g s; closed the connection for %s",
+                self.config.connect_wait_timeout,
+                target,
+            )
             return
         try:
             channel = session.open_channel(forward.target_host, forward.target_port)
@@ -164,8 +177,9 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def run_agent(config: AgentConfig, *, shutdown: trio.Event,
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def run_agent(
+    config: AgentConfig, *, shutdown: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve the forwards until ``shutdown`` is set, then drain and return.
 
     ``task_status.started`` receives one list of bound (host, port) per forward.
@@ -184,14 +198,22 @@ async def run_agent(config: AgentConfig, *, shutdown: trio.Event,
                 for forward, listeners in listener_sets:
                     serve = partial(trio.serve_listeners, handler_nursery=connections)
                     await accepting.start(serve, partial(agent.handle_local, forward), listeners)
-                for forward, bound in zip(config.forwards, bound_all):
-                    log.info("forwarding %s -> %s:%d via %s", _addrs(bound), forward.target_host,
-                             forward.target_port, agent.relay.url)
+                for forward, bound in zip(config.forwards, bound_all, strict=True):
+                    log.info(
+                        "forwarding %s -> %s:%d via %s",
+                        _addrs(bound),
+                        forward.target_host,
+                        forward.target_port,
+                        agent.relay.url,
+                    )
                 task_status.started(bound_all)
                 await shutdown.wait()
                 accepting.cancel_scope.cancel()
-            log.info("agent stopping: %d open connections may finish (up to %g s)",
-                     agent._channels, config.drain_timeout)
+            log.info(
+                "agent stopping: %d open connections may finish (up to %g s)",
+                agent._channels,
+                config.drain_timeout,
+            )
             await agent.drain(config.drain_timeout)
             connections.cancel_scope.cancel()
         outer.cancel_scope.cancel()

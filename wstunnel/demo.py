@@ -134,15 +134,19 @@ async def _demo(size: int, out: TextIO) -> bool:
         agent_config: AgentConfig
         relay_config, agent_config = demo_configs(echo_port, sink_port)
         stop = trio.Event()
-        bound = await nursery.start(lambda task_status: run_relay(
-            relay_config, shutdown=stop, task_status=task_status))
+        bound = await nursery.start(
+            lambda task_status: run_relay(relay_config, shutdown=stop, task_status=task_status)
+        )
         relay_port = bound[0][1]
         relay_config, agent_config = demo_configs(echo_port, sink_port, relay_port=relay_port)
-        forwards = await nursery.start(lambda task_status: run_agent(
-            agent_config, shutdown=stop, task_status=task_status))
+        forwards = await nursery.start(
+            lambda task_status: run_agent(agent_config, shutdown=stop, task_status=task_status)
+        )
         echo_local, sink_local = forwards[0][0][1], forwards[1][0][1]
-        out.write(f"relay on 127.0.0.1:{relay_port}, agent forwards 127.0.0.1:{echo_local} -> echo, "
-                  f"127.0.0.1:{sink_local} -> sink\n")
+        out.write(
+            f"relay on 127.0.0.1:{relay_port}, agent forwards 127.0.0.1:{echo_local} -> echo, "
+            f"127.0.0.1:{sink_local} -> sink\n"
+        )
         out.write("measuring idle round trips (200 x 64 B)...\n")
         idle = await _round_trips(echo_local, 200)
         out.write(f"uploading {size / 2**20:.0f} MiB through one channel while another echoes:\n")
@@ -161,15 +165,20 @@ async def _demo(size: int, out: TextIO) -> bool:
     return intact
 
 
-def _report(out: TextIO, size: int, elapsed: float, intact: bool,
-            idle: list[float], loaded: list[float]) -> None:
+def _report(
+    out: TextIO, size: int, elapsed: float, intact: bool, idle: list[float], loaded: list[float]
+) -> None:
     out.write("\n")
-    out.write(f"  throughput      {size / elapsed / 1e6:8.1f} MB/s ({size / 2**20:.0f} MiB in "
-              f"{elapsed:.2f} s), sha256 {'matches' if intact else 'DOES NOT MATCH'}\n")
+    out.write(
+        f"  throughput      {size / elapsed / 1e6:8.1f} MB/s ({size / 2**20:.0f} MiB in "
+        f"{elapsed:.2f} s), sha256 {'matches' if intact else 'DOES NOT MATCH'}\n"
+    )
     out.write(f"  echo idle       p50 {_ms(idle, 0.5):7.2f} ms   p99 {_ms(idle, 0.99):7.2f} ms\n")
     if loaded:
-        out.write(f"  echo under load p50 {_ms(loaded, 0.5):7.2f} ms   p99 {_ms(loaded, 0.99):7.2f} ms"
-                  f"   ({len(loaded)} samples, mean {statistics.fmean(loaded) * 1000:.2f} ms)\n")
+        out.write(
+            f"  echo under load p50 {_ms(loaded, 0.5):7.2f} ms   p99 {_ms(loaded, 0.99):7.2f} ms"
+            f"   ({len(loaded)} samples, mean {statistics.fmean(loaded) * 1000:.2f} ms)\n"
+        )
     out.write("  channels used   3 over one WebSocket (idle echo, echo under load, upload)\n")
 
 

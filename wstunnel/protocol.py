@@ -53,7 +53,7 @@ class TunnelProtocol:
 
     # -- input -------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the transport; then drain events and output."""
         self._ws.receive_data(data)
         self._process_ws_events()

@@ -76,11 +76,14 @@ class Relay:
                 max_chunk_size=config.max_chunk_size,
                 max_channels=config.max_channels,
             )
-        log.info("%s: no complete upgrade request within %g s; dropped", peer, config.handshake_timeout)
+        log.info(
+            "%s: no complete upgrade request within %g s; dropped", peer, config.handshake_timeout
+        )
         return None
 
-    def _route(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
-               peer: str) -> bytes | None:
+    def _route(
+        self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str
+    ) -> bytes | None:
         """The HTTP answer for anything that is not a good upgrade, else None."""
         path = request.target.split("?", 1)[0]
         if path == "/health" and not request.is_upgrade:
@@ -90,18 +93,28 @@ class Relay:
         if self.stopping:
             return handshake.reject(503, "the relay is shutting down")
         if not request.is_upgrade or request.upgrade_problem is not None:
-            log.info("%s: %s", peer, request.upgrade_problem or "plain HTTP request on the tunnel path")
+            log.info(
+                "%s: %s", peer, request.upgrade_problem or "plain HTTP request on the tunnel path"
+            )
             return handshake.default_response()
         if ws.SUBPROTOCOL not in request.subprotocols:
-            return handshake.reject(400, f"this is a wstunnel relay; use subprotocol {ws.SUBPROTOCOL}")
+            return handshake.reject(
+                400, f"this is a wstunnel relay; use subprotocol {ws.SUBPROTOCOL}"
+            )
         return None
 
-    async def _serve_session(self, stream: trio.SocketStream, protocol: TunnelProtocol,
-                             peer: str) -> None:
+    async def _serve_session(
+        self, stream: trio.SocketStream, protocol: TunnelProtocol, peer: str
+    ) -> None:
         config = self.config
-        transport = TunnelTransport(stream, protocol, name=peer, on_open=self._open_channel,
-                                    ping_interval=config.ping_interval,
-                                    ping_timeout=config.ping_timeout)
+        transport = TunnelTransport(
+            stream,
+            protocol,
+            name=peer,
+            on_open=self._open_channel,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+        )
         self.sessions.add(transport)
         self._idle = trio.Event()
         log.info("%s: session up", peer)
@@ -118,8 +131,12 @@ class Relay:
         host, port = channel.host, channel.port
         protocol = transport.protocol
         try:
-            target = await dial(host, port, timeout=self.config.connect_timeout,
-                                allows=lambda address: self.policy.allows(host, port, address))
+            target = await dial(
+                host,
+                port,
+                timeout=self.config.connect_timeout,
+                allows=lambda address: self.policy.allows(host, port, address),
+            )
         except DialError as exc:
             self._refuse(transport, channel, exc.reason, exc.text)
             return
@@ -131,8 +148,9 @@ class Relay:
         finally:
             await trio.aclose_forcefully(target)
 
-    def _refuse(self, transport: TunnelTransport, channel: ChannelStream,
-                reason: mux.OpenFailure, text: str) -> None:
+    def _refuse(
+        self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
+    ) -> None:
         log.warning("%s: refused channel to %s: %s", transport.name, channel.destination, text)
         if transport.is_open and channel.error is None:
             transport.protocol.refuse_channel(channel.channel_id, reason, text)
@@ -163,8 +181,9 @@ def _peer_name(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run_relay(config: RelayConfig, *, shutdown: trio.Event,
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def run_relay(
+    config: RelayConfig, *, shutdown: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve until ``shutdown`` is set, then drain and return.
 
     ``task_status.started`` receives the bound (host, port) pairs.
@@ -182,8 +201,11 @@ async def run_relay(config: RelayConfig, *, shutdown: trio.Event,
             task_status.started(bound)
             await shutdown.wait()
             accepting.cancel_scope.cancel()
-        log.info("relay stopping: draining %d sessions (up to %g s)", len(relay.sessions),
-                 config.drain_timeout)
+        log.info(
+            "relay stopping: draining %d sessions (up to %g s)",
+            len(relay.sessions),
+            config.drain_timeout,
+        )
         await relay.drain(config.drain_timeout)
         connections.cancel_scope.cancel()
 

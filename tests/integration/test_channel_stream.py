@@ -13,7 +13,9 @@ from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
 
 
-async def _session_pair(nursery: trio.Nursery) -> tuple[TunnelTransport, trio.MemoryReceiveChannel[ChannelStream]]:
+async def _session_pair(
+    nursery: trio.Nursery,
+) -> tuple[TunnelTransport, trio.MemoryReceiveChannel[ChannelStream]]:
     """An agent transport and the relay-side channels it opens, over memory streams."""
     agent_end, relay_end = trio.testing.memory_stream_pair()
     send, receive = trio.open_memory_channel[ChannelStream](100)
@@ -23,9 +25,12 @@ async def _session_pair(nursery: trio.Nursery) -> tuple[TunnelTransport, trio.Me
         transport.wake_writer()
         await send.send(channel)
 
-    agent = TunnelTransport(agent_end, TunnelProtocol(mux.Role.AGENT), name="agent", ping_interval=0)
-    relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY), name="relay",
-                            on_open=on_open, ping_interval=0)
+    agent = TunnelTransport(
+        agent_end, TunnelProtocol(mux.Role.AGENT), name="agent", ping_interval=0
+    )
+    relay = TunnelTransport(
+        relay_end, TunnelProtocol(mux.Role.RELAY), name="relay", on_open=on_open, ping_interval=0
+    )
     await nursery.start(agent.run)
     await nursery.start(relay.run)
     return agent, receive
@@ -35,6 +40,7 @@ async def test_channel_stream_passes_trio_half_closeable_stream_checks() -> None
     """send_all/receive_some/send_eof/aclose behave as trio requires (busy, closed, EOF rules)."""
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
+
             async def maker() -> tuple[Any, Any]:
                 agent, incoming = await _session_pair(nursery)
                 local = agent.open_channel("example.net", 80)

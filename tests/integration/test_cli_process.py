@@ -20,7 +20,8 @@ EXAMPLE_LOCAL = 19000
 
 async def _start(*args: str) -> trio.Process:
     return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "wstunnel", *args], stderr=subprocess.PIPE, cwd=ROOT)
+        [sys.executable, "-m", "wstunnel", *args], stderr=subprocess.PIPE, cwd=ROOT
+    )
 
 
 async def _wait_for_line(process: trio.Process, needle: bytes, seen: bytearray) -> None:
@@ -66,12 +67,17 @@ async def test_example_configs_carry_traffic_and_exit_0_on_sigterm() -> None:
 async def test_broken_config_exits_2_with_file_line_and_key(tmp_path: Path) -> None:
     """A bad value names file, line and key path; exit code 2; no traceback."""
     config = tmp_path / "agent.yaml"
-    config.write_text("relay: ws://127.0.0.1:1/tunnel\nforwards:\n"
-                      "  - listen: 127.0.0.1:0\n    target: db.internal\n")
+    config.write_text(
+        "relay: ws://127.0.0.1:1/tunnel\nforwards:\n"
+        "  - listen: 127.0.0.1:0\n    target: db.internal\n"
+    )
     with trio.fail_after(15):
         result = await trio.run_process(
             [sys.executable, "-m", "wstunnel", "agent", "-c", str(config)],
-            capture_stderr=True, check=False, cwd=ROOT)
+            capture_stderr=True,
+            check=False,
+            cwd=ROOT,
+        )
     stderr = result.stderr.decode()
     assert result.returncode == 2
     assert 'agent.yaml:4: forwards[0].target: expected host:port, got "db.internal"' in stderr

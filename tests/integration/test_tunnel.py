@@ -65,6 +65,7 @@ async def test_200_channels_at_once_all_intact() -> None:
     """200 concurrent connections through one session each get their own bytes back."""
     with trio.fail_after(60):
         async with tunnel([echo_handler]) as (ports, _relay, _agent):
+
             async def one(index: int) -> None:
                 payload = os.urandom(20_000 + index)
                 async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as stream:
@@ -96,7 +97,9 @@ async def test_half_close_reaches_target_and_answer_comes_back() -> None:
                 assert await receive_all(stream) == b"got 1000"
 
 
-async def test_refused_target_closes_local_connection_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+async def test_refused_target_closes_local_connection_and_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A refused destination closes the local connection within 1 s and says why."""
     caplog.set_level(logging.INFO)
     closed_port = await _unused_port()
@@ -158,8 +161,9 @@ async def test_black_holed_relay_is_detected_by_ping_timeout() -> None:
             relay = await start_relay(nursery, relay_config())
             hole = _BlackHole(relay.ports[0])
             hole_port = await nursery.start(hole.serve)
-            agent = await start_agent(nursery, agent_config(
-                hole_port, [target], ping_interval=0.2, ping_timeout=0.3))
+            agent = await start_agent(
+                nursery, agent_config(hole_port, [target], ping_interval=0.2, ping_timeout=0.3)
+            )
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as first:
                 await first.send_all(b"one")
                 assert await first.receive_some() == b"one"
@@ -201,7 +205,9 @@ class _BlackHole:
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(handler, listeners)
 
-    async def _copy(self, source: trio.SocketStream, sink: trio.SocketStream, freezable: bool) -> None:
+    async def _copy(
+        self, source: trio.SocketStream, sink: trio.SocketStream, freezable: bool
+    ) -> None:
         async for data in source:
             if freezable and self.frozen:
                 continue

@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -19,17 +20,22 @@ LOOPBACK = "127.0.0.1"
 
 
 def relay_config(**overrides: Any) -> RelayConfig:
-    base = RelayConfig(listen=HostPort(LOOPBACK, 0), allow=(AllowRule.parse(LOOPBACK),),
-                       drain_timeout=2.0)
+    base = RelayConfig(
+        listen=HostPort(LOOPBACK, 0), allow=(AllowRule.parse(LOOPBACK),), drain_timeout=2.0
+    )
     return replace(base, **overrides)
 
 
 def agent_config(relay_port: int, targets: list[int], **overrides: Any) -> AgentConfig:
-    forwards = tuple(Forward(LOOPBACK, 0, LOOPBACK, port)
-                     for port in targets)
-    base = AgentConfig(relay=f"ws://{LOOPBACK}:{relay_port}/tunnel", forwards=forwards,
-                       reconnect_min_interval=0.05, reconnect_max_interval=0.2,
-                       connect_wait_timeout=5.0, drain_timeout=2.0)
+    forwards = tuple(Forward(LOOPBACK, 0, LOOPBACK, port) for port in targets)
+    base = AgentConfig(
+        relay=f"ws://{LOOPBACK}:{relay_port}/tunnel",
+        forwards=forwards,
+        reconnect_min_interval=0.05,
+        reconnect_max_interval=0.2,
+        connect_wait_timeout=5.0,
+        drain_timeout=2.0,
+    )
     return replace(base, **overrides)
 
 
@@ -55,8 +61,12 @@ async def start_agent(nursery: trio.Nursery, config: AgentConfig) -> Running:
     return await _start(nursery, run_agent, config, lambda bound: [b[0][1] for b in bound])
 
 
-async def _start(nursery: trio.Nursery, runner: Callable[..., Awaitable[None]], config: Any,
-                 ports_of: Callable[[Any], list[int]]) -> Running:
+async def _start(
+    nursery: trio.Nursery,
+    runner: Callable[..., Awaitable[None]],
+    config: Any,
+    ports_of: Callable[[Any], list[int]],
+) -> Running:
     stop = trio.Event()
     scope = trio.CancelScope()
     finished = trio.Event()
@@ -72,9 +82,10 @@ async def _start(nursery: trio.Nursery, runner: Callable[..., Awaitable[None]], 
     return Running(ports_of(bound), stop, scope, finished)
 
 
-async def serve_target(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
-                       ) -> int:
-    listeners = await nursery.start(trio.serve_tcp, handler, 0, LOOPBACK)
+async def serve_target(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> int:
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=LOOPBACK))
     return int(listeners[0].socket.getsockname()[1])
 
 
@@ -89,7 +100,9 @@ async def echo_handler(stream: trio.SocketStream) -> None:
             pass
 
 
-def digest_handler(reply_size: int, seed: bytes = b"x") -> Callable[[trio.SocketStream], Awaitable[None]]:
+def digest_handler(
+    reply_size: int, seed: bytes = b"x"
+) -> Callable[[trio.SocketStream], Awaitable[None]]:
     """Hash everything until EOF, then send `reply_size` bytes and the hash of what came in."""
 
     async def handler(stream: trio.SocketStream) -> None:
@@ -129,16 +142,18 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
 
 
 @asynccontextmanager
-async def tunnel(targets: list[Callable[[trio.SocketStream], Awaitable[None]]],
-                 relay_overrides: dict[str, Any] | None = None,
-                 agent_overrides: dict[str, Any] | None = None,
-                 ) -> AsyncIterator[tuple[list[int], Running, Running]]:
+async def tunnel(
+    targets: list[Callable[[trio.SocketStream], Awaitable[None]]],
+    relay_overrides: dict[str, Any] | None = None,
+    agent_overrides: dict[str, Any] | None = None,
+) -> AsyncIterator[tuple[list[int], Running, Running]]:
     """Targets, a relay and an agent; yields (agent local ports, relay, agent)."""
     async with trio.open_nursery() as nursery:
         target_ports = [await serve_target(nursery, handler) for handler in targets]
         relay = await start_relay(nursery, relay_config(**(relay_overrides or {})))
         agent = await start_agent(
-            nursery, agent_config(relay.ports[0], target_ports, **(agent_overrides or {})))
+            nursery, agent_config(relay.ports[0], target_ports, **(agent_overrides or {}))
+        )
         try:
             yield agent.ports, relay, agent
         finally:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import ChannelRefused, ChannelReset, SessionClosed
-
 if TYPE_CHECKING:
     from .transport import TunnelTransport
 
-__all__ = ["ChannelStream"]
+__all__ = ["ChannelStream", "DEFAULT_RECEIVE_SIZE"]
+
+DEFAULT_RECEIVE_SIZE = 256 * 1024
 
 
 class _Busy:
@@ -61,7 +61,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._error: BaseException | None = None
         self._readable = trio.Event()
         self._writable = trio.Event()
-        self._opened = trio.Event()
+        self.opened = False
         self._broken = trio.Event()
         self._send_busy = _Busy("sending on")
         self._receive_busy = _Busy("receiving from")
@@ -85,7 +85,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._readable.set()
 
     def _mark_opened(self) -> None:
-        self._opened.set()
+        self.opened = True
 
     def _wake_writable(self) -> None:
         self._writable.set()
@@ -100,20 +100,11 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         if self._error is None:
             self._error = error
         self._mux_alive = False
-        self._opened.set()
         self._readable.set()
         self._writable.set()
         self._broken.set()
 
     # -- waiting helpers ------------------------------------------------------
-
-    async def wait_opened(self) -> None:
-        """Wait for OPEN_OK; raise ChannelRefused if the relay refused."""
-        await self._opened.wait()
-        if self._error is not None and not isinstance(self._error, SessionClosed):
-            if isinstance(self._error, ChannelRefused):
-                raise self._error
-        self._raise_if_broken()
 
     async def wait_broken(self) -> BaseException:
         """Return the error once the channel is reset, refused or its session ends."""
@@ -159,7 +150,9 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 capacity = await self.send_capacity()
                 sent_any = True
                 size = min(capacity, len(view))
-                piece = data if size == len(data) and isinstance(data, bytes) else bytes(view[:size])
+                piece = (
+                    data if size == len(data) and isinstance(data, bytes) else bytes(view[:size])
+                )
                 self._transport.protocol.send_data(self.channel_id, piece)
                 self.bytes_sent += size
                 self._transport.wake_writer()
@@ -209,10 +202,22 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 await self._readable.wait()
 
     def _take(self, max_bytes: int | None) -> bytes:
-        data = self._inbound.popleft()
-        if max_bytes is not None and len(data) > max_bytes:
-            self._inbound.appendleft(data[max_bytes:])
-            data = data[:max_bytes]
+        """Up to ``max_bytes`` of queued chunks at once, so that the caller
+        makes one socket write per read instead of one per 16 KiB chunk."""
+        inbound = self._inbound
+        limit = max_bytes or DEFAULT_RECEIVE_SIZE
+        data = inbound.popleft()
+        if inbound and len(data) < limit:
+            parts = [data]
+            size = len(data)
+            while inbound and size + len(inbound[0]) <= limit:
+                piece = inbound.popleft()
+                parts.append(piece)
+                size += len(piece)
+            data = b"".join(parts)
+        if len(data) > limit:
+            inbound.appendleft(data[limit:])
+            data = data[:limit]
         size = len(data)
         self.bytes_received += size
         if self._mux_alive and self._error is None:

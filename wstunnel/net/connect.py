@@ -64,8 +64,9 @@ async def open_websocket(
     try:
         if relay.secure:
             context = ssl_context or ssl.create_default_context()
-            stream = trio.SSLStream(tcp, context, server_hostname=server_hostname or relay.host,
-                                    https_compatible=True)
+            stream = trio.SSLStream(
+                tcp, context, server_hostname=server_hostname or relay.host, https_compatible=True
+            )
             await stream.do_handshake()
         trailing = await _upgrade(stream, relay, headers or [])
     except BaseException:
@@ -74,8 +75,9 @@ async def open_websocket(
     return stream, trailing
 
 
-async def _upgrade(stream: trio.abc.Stream, relay: RelayURL,
-                   headers: list[tuple[str, str]]) -> bytes:
+async def _upgrade(
+    stream: trio.abc.Stream, relay: RelayURL, headers: list[tuple[str, str]]
+) -> bytes:
     handshake = ws.ClientHandshake(relay.host_header, relay.path, extra_headers=headers)
     await stream.send_all(handshake.data_to_send())
     while True:
@@ -97,14 +99,14 @@ def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
         return AuthenticationError(f"{where} {event.message}", event.status)
     hint = {
         0: "the connection closed before an HTTP answer: is this the relay's address, "
-           "and does the path pass WebSocket upgrades?",
-        200: "something on the path answered like a web server: it does not pass WebSocket upgrades",
+        "and does the path pass WebSocket upgrades?",
+        200: "something on the path answered like a web server; it does not pass upgrades",
         400: "the relay or a proxy in front of it rejected the upgrade request",
         404: "nothing is served at that path: check the URL's path (the relay's --path)",
         426: "the path to the relay does not pass WebSocket upgrades (Upgrade headers stripped?)",
         502: "a proxy in front of the relay could not reach it: is the relay running?",
         503: "a proxy in front of the relay has no relay available",
-        505: "a proxy on the path speaks HTTP/1.0 to the relay: enable HTTP/1.1 and Upgrade headers",
+        505: "a proxy on the path speaks HTTP/1.0 to the relay: enable HTTP/1.1 and Upgrade",
     }.get(event.status)
     text = f"{where} {event.message}"
     if hint:
@@ -112,8 +114,9 @@ def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
     return HandshakeError(text, event.status)
 
 
-async def read_request(stream: trio.abc.Stream, handshake: ws.ServerHandshake
-                       ) -> ws.RequestReceived | ws.HandshakeFailed | None:
+async def read_request(
+    stream: trio.abc.Stream, handshake: ws.ServerHandshake
+) -> ws.RequestReceived | ws.HandshakeFailed | None:
     """Read until the request is complete; None when the client went away."""
     while True:
         event = handshake.next_event()

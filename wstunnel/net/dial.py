@@ -33,8 +33,9 @@ class DialError(Exception):
         self.text = text
 
 
-async def dial(host: str, port: int, *, allows: Callable[[Address], bool],
-               timeout: float) -> trio.SocketStream:
+async def dial(
+    host: str, port: int, *, allows: Callable[[Address], bool], timeout: float
+) -> trio.SocketStream:
     """Connect to host:port through addresses that ``allows`` accepts.
 
     Raises:
@@ -44,11 +45,15 @@ async def dial(host: str, port: int, *, allows: Callable[[Address], bool],
     permitted = [a for a in addresses if allows(a)]
     if not permitted:
         shown = ", ".join(str(a) for a in addresses[:3])
-        raise DialError(mux.OpenFailure.FORBIDDEN,
-                        f"{host}:{port} is not allowed by the relay's policy (resolves to {shown})")
+        raise DialError(
+            mux.OpenFailure.FORBIDDEN,
+            f"{host}:{port} is not allowed by the relay's policy (resolves to {shown})",
+        )
     with trio.move_on_after(timeout):
         return await _race(_interleave(permitted), port)
-    raise DialError(mux.OpenFailure.TIMEOUT, f"connecting to {host}:{port} timed out after {timeout:g} s")
+    raise DialError(
+        mux.OpenFailure.TIMEOUT, f"connecting to {host}:{port} timed out after {timeout:g} s"
+    )
 
 
 async def _resolve(host: str, port: int) -> list[Address]:
@@ -59,7 +64,9 @@ async def _resolve(host: str, port: int) -> list[Address]:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise DialError(mux.OpenFailure.DNS_FAILURE, f"cannot resolve {host}: {exc.strerror}") from exc
+        raise DialError(
+            mux.OpenFailure.DNS_FAILURE, f"cannot resolve {host}: {exc.strerror}"
+        ) from exc
     seen: dict[Address, None] = {}
     for _family, _type, _proto, _name, sockaddr in infos:
         seen[ipaddress.ip_address(str(sockaddr[0]).split("%")[0])] = None
@@ -80,9 +87,11 @@ async def _race(addresses: list[Address], port: int) -> trio.SocketStream:
     winner: list[trio.SocketStream] = []
     errors: list[OSError] = []
     async with trio.open_nursery() as nursery:
-        for index, address in enumerate(addresses):
+        for address in addresses:
             failed = trio.Event()
-            nursery.start_soon(_attempt, address, port, winner, errors, failed, nursery.cancel_scope)
+            nursery.start_soon(
+                _attempt, address, port, winner, errors, failed, nursery.cancel_scope
+            )
             with trio.move_on_after(ATTEMPT_DELAY):
                 await failed.wait()
             if winner:
@@ -92,8 +101,14 @@ async def _race(addresses: list[Address], port: int) -> trio.SocketStream:
     raise _classify(errors)
 
 
-async def _attempt(address: Address, port: int, winner: list[trio.SocketStream],
-                   errors: list[OSError], failed: trio.Event, scope: trio.CancelScope) -> None:
+async def _attempt(
+    address: Address,
+    port: int,
+    winner: list[trio.SocketStream],
+    errors: list[OSError],
+    failed: trio.Event,
+    scope: trio.CancelScope,
+) -> None:
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:

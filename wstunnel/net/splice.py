@@ -12,7 +12,7 @@ from .channel_stream import ChannelStream
 
 __all__ = ["splice"]
 
-READ_SIZE = 64 * 1024
+READ_SIZE = 256 * 1024
 
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 

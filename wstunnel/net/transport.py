@@ -114,7 +114,9 @@ class TunnelTransport:
         """Wait until no channel is open."""
         await self._idle.wait()
 
-    async def close(self, code: int = ws.CloseCode.NORMAL, reason: str = "", timeout: float = 2.0) -> None:
+    async def close(
+        self, code: int = ws.CloseCode.NORMAL, reason: str = "", timeout: float = 2.0
+    ) -> None:
         """Close the WebSocket politely, then drop the transport."""
         if self.is_open:
             self.protocol.close(code, reason)
@@ -200,7 +202,7 @@ class TunnelTransport:
         elif isinstance(event, mux.ChannelOpened) and channel is not None:
             channel._mark_opened()
         elif isinstance(event, mux.ChannelOpenFailed) and channel is not None:
-            text = event.text or event.reason.name.lower().replace("_", " ")
+            text = event.text or _failure_name(event.reason)
             channel._break(ChannelRefused(text, int(event.reason)))
         elif isinstance(event, mux.ChannelReset) and channel is not None:
             channel._break(ChannelReset(event.text or "the channel was reset by the peer"))
@@ -210,13 +212,19 @@ class TunnelTransport:
             self._incoming(event)
         elif isinstance(event, mux.GoAwayReceived):
             self.goaway_received = True
-            log.info("%s: the peer is going away (%s); no new channels", self.name, event.text or "no reason")
+            log.info(
+                "%s: the peer is going away (%s); no new channels",
+                self.name,
+                event.text or "no reason",
+            )
         elif isinstance(event, mux.SessionFailed):
             log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
 
     def _incoming(self, event: mux.ChannelOpenRequested) -> None:
         if self._on_open is None or self._nursery is None:
-            self.protocol.refuse_channel(event.channel_id, mux.OpenFailure.FORBIDDEN, "not accepted here")
+            self.protocol.refuse_channel(
+                event.channel_id, mux.OpenFailure.FORBIDDEN, "not accepted here"
+            )
             return
         channel = ChannelStream(self, event.channel_id, event.host, event.port)
         self._add(channel)
@@ -255,3 +263,10 @@ class TunnelTransport:
             channel._break(error)
         self.channels.clear()
         self._idle.set()
+
+
+def _failure_name(reason: int) -> str:
+    try:
+        return mux.OpenFailure(reason).name.lower().replace("_", " ")
+    except ValueError:
+        return f"failure code {reason}"

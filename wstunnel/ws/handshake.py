@@ -139,7 +139,7 @@ class ClientHandshake:
         data, self._outgoing = self._outgoing or b"", b""
         return data
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the server, then call ``next_event()``."""
         if self._result is None and data:
             self._conn.receive_data(bytes(data))
@@ -285,7 +285,7 @@ class ServerHandshake:
         self._eof = False
         self.trailing_data = b""
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes from the client, then call ``next_event()``."""
         if data and not self._eof:
             self._conn.receive_data(bytes(data))
