@@ -1,0 +1,176 @@
+"""Benchmark: wstunnel's WebSocket frame codec against wsproto, plus the mux cost.
+
+Why: the codec and multiplexer are the tunnel's hot path, and wsproto is the
+baseline we chose to beat (issue 2). Every figure is encode + decode of one
+binary frame, the median of several timed repetitions, both codecs in the
+same process, their timed rounds interleaved so that load from other
+processes hits both alike; time is this process's CPU time, which a busy
+machine disturbs less than wall time. Masked frames get a fresh random key
+per frame, as a client must send them.
+
+    .venv/bin/python benchmarks/codec.py [--repeat 5] [--check]
+
+``--check`` exits 1 when a target is missed (targets: unmasked >= 5x wsproto,
+masked >= 1.2x wsproto, multiplexer <= 3 us per 16 KiB chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, cast
+
+from wsproto.frame_protocol import FrameProtocol
+
+from wstunnel.ws import FrameDecoder, Opcode, encode_frame
+
+CHUNK_SIZE: Final = 16 * 1024
+SMALL_SIZE: Final = 64
+#: Each timed repetition runs about this long.
+REP_SECONDS: Final = 0.15
+UNMASKED_TARGET: Final = 5.0
+MASKED_TARGET: Final = 1.2
+MUX_TARGET_US: Final = 3.0
+
+#: One round: encode and decode ``n`` frames, return seconds per frame.
+Round = Callable[[int], float]
+
+
+def ours(payload: bytes, masked: bool) -> Round:
+    """Encode+decode with wstunnel.ws (client->server when masked)."""
+    decoder = FrameDecoder(client=not masked, max_frame_size=1 << 20)
+    urandom = os.urandom
+
+    def run(n: int) -> float:
+        start = time.process_time()
+        for _ in range(n):
+            key = urandom(4) if masked else None
+            decoder.receive_data(encode_frame(Opcode.BINARY, payload, mask_key=key))
+            frame = decoder.next_frame()
+        elapsed = time.process_time() - start
+        assert frame is not None and frame.payload == payload
+        return elapsed / n
+
+    return run
+
+
+def wsproto(payload: bytes, masked: bool) -> Round:
+    """Encode+decode with wsproto's frame layer (it masks when ``client``)."""
+    sender = FrameProtocol(client=masked, extensions=[])
+    receiver = FrameProtocol(client=not masked, extensions=[])
+
+    def run(n: int) -> float:
+        frames = []
+        start = time.process_time()
+        for _ in range(n):
+            # wsproto accepts the bytearray it produces; a bytes() copy would be unfair.
+            receiver.receive_bytes(cast(bytes, sender.send_data(payload, fin=True)))
+            frames = list(receiver.received_frames())
+        elapsed = time.process_time() - start
+        assert len(frames) == 1 and frames[0].payload == payload
+        return elapsed / n
+
+    return run
+
+
+def _calibrated(round_: Round) -> int:
+    """Frames per round so that one round takes about REP_SECONDS."""
+    per = min(round_(50) for _ in range(3))
+    return max(50, int(REP_SECONDS / max(per, 1e-9)))
+
+
+def compare(mine: Round, base: Round, repeat: int) -> tuple[float, float, float]:
+    """Median seconds per frame for each codec and the median of paired ratios."""
+    n_mine, n_base = _calibrated(mine), _calibrated(base)
+    pairs = [(mine(n_mine), base(n_base)) for _ in range(repeat)]
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[1] / p[0] for p in pairs))
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    label: str
+    ours: float
+    theirs: float
+    unit: str
+    #: How many times faster we are: the median of paired ratios.
+    ratio: float
+    target: float | None
+
+    @property
+    def meets_target(self) -> bool:
+        return self.target is None or self.ratio >= self.target
+
+
+def measure_codec(repeat: int) -> list[Row]:
+    """Time both codecs on 16 KiB and 64 B frames, masked and unmasked."""
+    rows: list[Row] = []
+    cases = ((CHUNK_SIZE, False, UNMASKED_TARGET), (CHUNK_SIZE, True, MASKED_TARGET),
+             (SMALL_SIZE, False, None), (SMALL_SIZE, True, None))
+    for size, masked, target in cases:
+        payload = os.urandom(size)
+        mine, base, ratio = compare(ours(payload, masked), wsproto(payload, masked), repeat)
+        kind = "masked" if masked else "unmasked"
+        if size == CHUNK_SIZE:
+            rows.append(Row(f"16 KiB {kind}", size / mine / 1e6, size / base / 1e6,
+                            "MB/s", ratio, target))
+        else:
+            rows.append(Row(f"64 B {kind}", mine * 1e6, base * 1e6, "us/frame", ratio, target))
+    return rows
+
+
+def measure_mux() -> float | None:
+    """Microseconds per 16 KiB chunk from ``benchmarks/mux_cost.py``, if present."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        import mux_cost
+    except ImportError:
+        return None
+    result = mux_cost.measure()
+    if isinstance(result, dict):
+        for key in ("us_per_chunk", "per_chunk_us", "us"):
+            if key in result:
+                return float(result[key])
+        raise TypeError(f"mux_cost.measure() returned {result!r}: no us_per_chunk")
+    return float(result)
+
+
+def report(rows: list[Row], mux_us: float | None) -> bool:
+    """Print the table; return whether every target was met."""
+    print(f"{'encode+decode, median':24} {'wstunnel':>10} {'wsproto':>10} {'unit':>9}"
+          f" {'ratio':>7}  target")
+    ok = True
+    for row in rows:
+        target = "" if row.target is None else f">= {row.target:g}x"
+        verdict = "" if row.target is None else ("ok" if row.meets_target else "MISSED")
+        print(f"{row.label:24} {row.ours:10.2f} {row.theirs:10.2f} {row.unit:>9}"
+              f" {row.ratio:6.2f}x  {target} {verdict}".rstrip())
+        ok = ok and row.meets_target
+    if mux_us is None:
+        print("mux: not available yet")
+    else:
+        mux_ok = mux_us <= MUX_TARGET_US
+        print(f"mux: {mux_us:.2f} us per 16 KiB chunk  target <= {MUX_TARGET_US:g} us "
+              f"{'ok' if mux_ok else 'MISSED'}")
+        ok = ok and mux_ok
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; with ``--check`` exit 1 when a target is missed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    ok = report(measure_codec(args.repeat), measure_mux())
+    return 0 if ok or not args.check else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Autobahn conformance peers and runner for wstunnel.ws (test tools, not product)."""
