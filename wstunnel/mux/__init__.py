@@ -1,0 +1,70 @@
+"""The channel multiplexer, sans-IO: many channels over one record stream.
+
+One record is one binary WebSocket message; the wire format is specified in
+docs/PROTOCOL.md.  This package imports only the stdlib and wstunnel.errors.
+"""
+
+from __future__ import annotations
+
+from .channel import ReceiveState, SendState
+from .events import (
+    ChannelClosed,
+    ChannelOpened,
+    ChannelOpenFailed,
+    ChannelOpenRequested,
+    ChannelReset,
+    DataReceived,
+    EndOfStream,
+    Event,
+    GoAwayReceived,
+    SessionFailed,
+    SettingsReceived,
+    WindowUpdated,
+)
+from .session import DEFAULT_MAX_CHANNELS, Role, Session
+from .wire import (
+    DEFAULT_INITIAL_WINDOW,
+    DEFAULT_MAX_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_WINDOW,
+    MIN_CHUNK_SIZE,
+    MIN_WINDOW,
+    VERSION,
+    ChannelKind,
+    ErrorCode,
+    OpenFailure,
+    RecordType,
+    ResetCode,
+)
+
+__all__ = [
+    "DEFAULT_INITIAL_WINDOW",
+    "DEFAULT_MAX_CHANNELS",
+    "DEFAULT_MAX_CHUNK_SIZE",
+    "MAX_CHUNK_SIZE",
+    "MAX_WINDOW",
+    "MIN_CHUNK_SIZE",
+    "MIN_WINDOW",
+    "VERSION",
+    "ChannelClosed",
+    "ChannelKind",
+    "ChannelOpenFailed",
+    "ChannelOpenRequested",
+    "ChannelOpened",
+    "ChannelReset",
+    "DataReceived",
+    "EndOfStream",
+    "ErrorCode",
+    "Event",
+    "GoAwayReceived",
+    "OpenFailure",
+    "ReceiveState",
+    "RecordType",
+    "ResetCode",
+    "Role",
+    "SendState",
+    "Session",
+    "SessionFailed",
+    "SettingsReceived",
+    "WindowUpdated",
+]

@@ -1,0 +1,172 @@
+"""Deficit round robin over the channels that can send DATA now.
+
+Theory of operation
+-------------------
+A channel is *ready* when it has queued data and send credit.  Ready channels
+wait in a FIFO; the one at the head owns the current *turn*, whose budget (the
+deficit counter) starts at ``quantum`` bytes.  Each DATA chunk the session
+cuts for the head is charged against the budget; when the budget is spent the
+head goes to the back with a fresh budget, and when it stops being ready (no
+data or no credit left) it leaves the FIFO and forgets its budget.
+
+Classic DRR carries unspent deficit across turns because packets have sizes
+fixed in advance.  Here the session cuts chunks itself and never cuts one
+larger than ``budget``, so a turn always ends with exactly zero deficit:
+nothing needs carrying, and each backlogged channel gets ``quantum`` bytes per
+round -- byte-exact fairness at O(1) per chunk.  With ``quantum`` equal to the
+maximum chunk size every turn is one chunk, which is what bounds the latency
+of a small write behind a bulk transfer to one chunk per busy channel.
+
+Membership is a set beside the FIFO, so :meth:`add` is O(1) and idempotent.
+A key leaves the FIFO from the head in O(1) when it stops being ready, which
+is the common case; :meth:`discard` (a channel reset or closed while still
+ready) is O(ready keys), which is rare and bounded by the channel limit.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from wstunnel.errors import LocalProtocolError
+
+from .channel import Channel, SendState
+
+__all__ = ["DeficitRoundRobin", "Outbox"]
+
+K = TypeVar("K")
+
+
+class DeficitRoundRobin(Generic[K]):
+    """A FIFO of ready keys served in turns of at most ``quantum`` bytes."""
+
+    __slots__ = ("quantum", "budget", "_queue", "_members")
+
+    def __init__(self, quantum: int) -> None:
+        if quantum <= 0:
+            raise LocalProtocolError(f"quantum must be positive, got {quantum}")
+        self.quantum = quantum
+        #: Bytes the head key may still send in its current turn.
+        self.budget = quantum
+        self._queue: deque[K] = deque()
+        self._members: set[K] = set()
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._members
+
+    def add(self, key: K) -> None:
+        """Make ``key`` ready (no-op if it already is); it joins at the back."""
+        if key not in self._members:
+            self._members.add(key)
+            self._queue.append(key)
+
+    def discard(self, key: K) -> None:
+        """Make ``key`` not ready, wherever it is in the FIFO."""
+        if key in self._members:
+            self._members.remove(key)
+            if self._queue[0] == key:
+                self._drop_head()
+            else:
+                self._queue.remove(key)
+
+    def set_quantum(self, quantum: int) -> None:
+        """Change the turn size; the current turn restarts with the new budget."""
+        if quantum <= 0:
+            raise LocalProtocolError(f"quantum must be positive, got {quantum}")
+        self.quantum = self.budget = quantum
+
+    def peek(self) -> K | None:
+        """Return the key whose turn it is, or None when nothing is ready."""
+        return self._queue[0] if self._queue else None
+
+    def charge(self, size: int, still_ready: bool) -> None:
+        """Account ``size`` bytes sent by the head key (the one :meth:`peek` gave).
+
+        Args:
+            size: bytes just sent; must not exceed :attr:`budget`.
+            still_ready: whether the head key still has data and credit.
+        """
+        if not 0 <= size <= self.budget:
+            raise LocalProtocolError(f"chunk of {size} exceeds the turn budget {self.budget}")
+        if not still_ready:
+            self._members.remove(self._queue[0])
+            self._drop_head()
+            return
+        self.budget -= size
+        if self.budget == 0:
+            self._queue.rotate(-1)
+            self.budget = self.quantum
+
+    def _drop_head(self) -> None:
+        self._queue.popleft()
+        self.budget = self.quantum
+
+
+_pack_data_header = struct.Struct("!BI").pack
+_DATA = 0x05
+
+
+class Outbox:
+    """Everything a session will send: control records first, then DRR-cut DATA.
+
+    The session appends encoded control records to :attr:`control` and marks
+    channels ready with ``drr.add``; :meth:`next_record` does the rest.  When a
+    channel with a pending FIN drains, ``on_drained(channel)`` lets the session
+    queue the FIN (it must follow the data, never overtake it).
+    """
+
+    __slots__ = ("control", "drr", "chunk_size", "_channels", "_on_drained")
+
+    def __init__(self, channels: dict[int, Channel], *, quantum: int, chunk_size: int,
+                 on_drained: Callable[[Channel], None]) -> None:
+        self.control: deque[bytes] = deque()
+        self.drr = DeficitRoundRobin[int](quantum)
+        self.chunk_size = chunk_size
+        self._channels = channels
+        self._on_drained = on_drained
+
+    def wants_to_send(self) -> bool:
+        return bool(self.control) or self.drr.peek() is not None
+
+    def clear(self) -> None:
+        """Forget all pending output (the session failed)."""
+        self.control.clear()
+        self.drr = DeficitRoundRobin[int](self.drr.quantum)
+
+    def next_record(self) -> bytes | None:
+        """Pop a control record, else cut one DATA chunk for the channel whose turn it is."""
+        if self.control:
+            return self.control.popleft()
+        drr = self.drr
+        channel_id = drr.peek()
+        if channel_id is None:
+            return None
+        ch = self._channels[channel_id]
+        credit = ch.credit
+        budget = drr.budget
+        if budget > self.chunk_size:
+            budget = self.chunk_size
+        if budget > credit.credit:
+            budget = credit.credit
+        head = ch.pieces[0]
+        size = len(head)
+        if size <= budget:  # common case: a whole queued piece, no slicing
+            ch.pieces.popleft()
+            ch.queued_size -= size
+            record = _pack_data_header(_DATA, channel_id) + head
+        else:
+            before = ch.queued_size
+            pieces = ch.take(budget)
+            size = before - ch.queued_size
+            record = b"".join([_pack_data_header(_DATA, channel_id), *pieces])
+        credit.consume(size)
+        queued = ch.queued_size
+        drr.charge(size, queued > 0 and credit.credit > 0)
+        if not queued and ch.send_state is SendState.FIN_QUEUED:
+            self._on_drained(ch)
+        return record

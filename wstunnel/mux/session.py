@@ -1,0 +1,486 @@
+"""The multiplexer for one session (one WebSocket), sans-IO.
+
+Theory of operation
+-------------------
+Input is whole records (one per binary WebSocket message) through
+:meth:`Session.receive_record`; facts come out of :meth:`events_received`.
+Output is pulled one record at a time with :meth:`next_record`, so the I/O
+layer asks for bytes only when it can write them and never holds a backlog:
+what waits is either a small control record or application data still queued
+on its channel, and that is bounded by send credit.
+
+Ordering (enforced by :class:`Outbox`): SETTINGS is queued in the constructor,
+so it is the first record out, and the peer's must be the first record in.
+Control records leave before DATA.  None may overtake its channel's data
+except RESET (which discards that data): a FIN is queued only once the data
+has drained, and an OPEN or OPEN_OK is always queued before any DATA of its
+channel.
+
+Ids (:class:`ChannelTable`): the agent opens odd ids, the relay even ones,
+each strictly increasing.  A record for an id that was used but is no longer
+live is one of the races in docs/PROTOCOL.md and is dropped; a record for an
+id never opened is a protocol error.
+
+Memory: each live channel grants the peer ``initial_window`` bytes and only
+``acknowledge`` returns credit, so received-but-unacknowledged bytes never
+exceed live channels x window.  ``max_buffered_size`` caps that product by
+lowering the channel limit: an OPEN beyond it is refused (LIMIT_REACHED).
+
+Peer violations never raise out of ``receive_record``: the session keeps the
+exception in :attr:`failure`, replaces pending output with a GOAWAY carrying
+the error code (never our message text), emits :class:`SessionFailed` and
+ignores further input.  Every channel the application knew of ends with one
+:class:`ChannelClosed`, except when the session fails.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+from wstunnel.errors import LocalProtocolError, RemoteProtocolError, SessionClosed
+
+from . import wire
+from .channel import Action, Channel, ChannelTable, Input, ReceiveState, SendState
+from .events import (
+    ChannelClosed,
+    ChannelOpened,
+    ChannelOpenFailed,
+    ChannelOpenRequested,
+    ChannelReset,
+    EndOfStream,
+    Event,
+    GoAwayReceived,
+    SessionFailed,
+    SettingsReceived,
+    WindowUpdated,
+    new_data_received,
+)
+from .scheduler import Outbox
+from .wire import (
+    DATA_HEADER_SIZE,
+    DEFAULT_INITIAL_WINDOW,
+    DEFAULT_MAX_CHUNK_SIZE,
+    ChannelKind,
+    ErrorCode,
+    OpenFailure,
+    ResetCode,
+    decode_record,
+    encode_record,
+)
+
+__all__ = ["Role", "Session", "DEFAULT_MAX_CHANNELS"]
+
+DEFAULT_MAX_CHANNELS: Final = 1024
+_DATA: Final = int(wire.RecordType.DATA)
+_WINDOW: Final = int(wire.RecordType.WINDOW)
+_WINDOW_SIZE: Final = 9
+_unpack_id: Final = struct.Struct("!I").unpack_from
+_unpack_window: Final = struct.Struct("!II").unpack_from
+_pack_window: Final = struct.Struct("!BII").pack
+_KINDS: Final = frozenset(int(kind) for kind in ChannelKind)
+_ERROR_CODES: Final = frozenset(int(code) for code in ErrorCode)
+
+
+class Role(enum.Enum):
+    AGENT = "agent"  # opens odd channel ids
+    RELAY = "relay"  # opens even channel ids
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise LocalProtocolError(f"{name} must be in {low}-{high}, got {value}")
+
+
+class Session:
+    """One multiplexed session; see the module docstring for the rules."""
+
+    def __init__(self, role: Role, *, initial_window: int = DEFAULT_INITIAL_WINDOW,
+                 max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
+                 max_channels: int = DEFAULT_MAX_CHANNELS,
+                 max_buffered_size: int | None = None, quantum: int | None = None) -> None:
+        """Create a session; its SETTINGS record is already queued.
+
+        Args:
+            role: AGENT opens odd ids, RELAY even ids.
+            initial_window: receive window we grant per channel
+                (MIN_WINDOW..MAX_WINDOW).
+            max_chunk_size: largest DATA payload we accept, and the largest we
+                cut (also capped by the peer's value); MIN_CHUNK_SIZE..MAX_CHUNK_SIZE.
+                The WebSocket message limit must be at least max_record_size.
+            max_channels: live channels, both directions together.
+            max_buffered_size: bound on received-but-unacknowledged bytes; it
+                lowers the channel limit to max_buffered_size // initial_window.
+            quantum: bytes per scheduler turn; default one chunk.
+
+        Raises:
+            LocalProtocolError: an option is out of range.
+        """
+        _check_range("initial_window", initial_window, wire.MIN_WINDOW, wire.MAX_WINDOW)
+        _check_range("max_chunk_size", max_chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_CHUNK_SIZE)
+        _check_range("max_channels", max_channels, 1, 1 << 30)
+        self.role = role
+        self.initial_window = initial_window
+        self.max_chunk_size = max_chunk_size
+        self.max_buffered_size = max_channels * initial_window
+        if max_buffered_size is not None:
+            _check_range("max_buffered_size", max_buffered_size, initial_window, 1 << 62)
+            self.max_buffered_size = min(max_buffered_size, self.max_buffered_size)
+        self.max_channels = self.max_buffered_size // initial_window
+        self.failure: RemoteProtocolError | None = None
+        self.peer_settings: wire.Settings | None = None
+        self._table = ChannelTable(opens_odd=role is Role.AGENT)
+        self._channels = self._table.live
+        self._events: list[Event] = []
+        chunk_size = wire.MIN_CHUNK_SIZE  # what the peer surely accepts until its SETTINGS
+        self._fixed_quantum = quantum is not None
+        if quantum is not None:
+            _check_range("quantum", quantum, 1, 1 << 30)
+        self._outbox = Outbox(self._channels, quantum=quantum or chunk_size,
+                              chunk_size=chunk_size, on_drained=self._queue_fin)
+        self._control = self._outbox.control
+        self._settings = encode_record(
+            wire.Settings(wire.VERSION, initial_window, max_chunk_size))
+        self._control.append(self._settings)
+        self._running = False  # the peer's SETTINGS arrived and we have not failed
+        self._peer_window = wire.MIN_WINDOW  # assumed until its SETTINGS arrive
+        self._goaway_sent = False
+        self._goaway_received = False
+
+    # -- state and output ------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once terminal: failed, or GOAWAY either way and no live channel.
+
+        Drain :meth:`next_record` (the GOAWAY, final RESETs) before closing.
+        """
+        if self.failure is not None:
+            return True
+        return (self._goaway_sent or self._goaway_received) and not self._channels
+
+    @property
+    def buffered_size(self) -> int:
+        """Received bytes the application has not acknowledged (live channels)."""
+        return sum(ch.window.unacknowledged for ch in self._channels.values())
+
+    @property
+    def max_record_size(self) -> int:
+        """Largest record we accept: size the WebSocket message limit from it."""
+        return self.max_chunk_size + DATA_HEADER_SIZE
+
+    def channel_ids(self) -> list[int]:
+        """Ids of the live channels."""
+        return list(self._channels)
+
+    def events_received(self) -> list[Event]:
+        """Return and clear the events produced so far."""
+        events, self._events = self._events, []
+        return events
+
+    def wants_to_send(self) -> bool:
+        """True when :meth:`next_record` would return a record."""
+        return self._outbox.wants_to_send()
+
+    def next_record(self) -> bytes | None:
+        """Return the next record to send (one binary message), or None.
+
+        Control records come first, then one DATA chunk from the channel whose
+        turn it is.  Call until None, and again after any input or local call.
+        """
+        return self._outbox.next_record()
+
+    # -- input -----------------------------------------------------------------
+
+    def receive_record(self, record: bytes | bytearray | memoryview) -> None:
+        """Process one record from the peer; then drain events and output.
+
+        Never raises for peer garbage: see :attr:`failure` and SessionFailed.
+        """
+        if type(record) is not bytes:
+            record = bytes(record)
+        try:
+            if not self._running:  # before the peer's SETTINGS, or after a failure
+                if self.failure is None:
+                    self._apply_settings(wire.check_peer_settings(decode_record(record)))
+                return
+            length = len(record)
+            if length > DATA_HEADER_SIZE and record[0] == _DATA:
+                # Hot path, inlined: DATA on an open receive half, (OPEN, DATA) in the table.
+                size = length - DATA_HEADER_SIZE
+                channel_id = _unpack_id(record, 1)[0]
+                ch = self._channels.get(channel_id)
+                if (ch is None or size > self.max_chunk_size
+                        or ch.receive_state is not ReceiveState.OPEN):
+                    self._receive_odd_data(ch, channel_id, size)
+                    return
+                ch.window.receive(size)
+                self._events.append(new_data_received(channel_id, record[DATA_HEADER_SIZE:]))
+            elif length == _WINDOW_SIZE and record[0] == _WINDOW:  # the second hottest
+                self._receive_window(*_unpack_window(record, 1))
+            else:
+                self._dispatch(decode_record(record))
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+
+    def _receive_odd_data(self, ch: Channel | None, channel_id: int, size: int) -> None:
+        """DATA that is too big, for a gone channel, or on a half not OPEN."""
+        if size > self.max_chunk_size:
+            raise RemoteProtocolError(f"DATA of {size} bytes exceeds {self.max_chunk_size}",
+                                      code=int(ErrorCode.RECORD_SIZE_ERROR))
+        if ch is None:
+            self._table.check_known(channel_id)  # late DATA after our RESET: dropped
+            return
+        ch.receive(Input.DATA)  # raises: only (OPEN, DATA) is in the table
+
+    def _apply_settings(self, settings: wire.Settings) -> None:
+        """Adopt the peer's limits; top up channels opened on the assumed window."""
+        self.peer_settings = settings
+        self._running = True
+        self._peer_window = settings.initial_window
+        self._outbox.chunk_size = min(self.max_chunk_size, settings.max_chunk_size)
+        if not self._fixed_quantum:
+            self._outbox.drr.set_quantum(self._outbox.chunk_size)
+        self._events.append(SettingsReceived(settings.version, settings.initial_window,
+                                             settings.max_chunk_size))
+        for ch in self._channels.values():  # all ours: the peer could not open any yet
+            if ch.credit.resize(self._peer_window) and ch.send_state is SendState.OPEN:
+                self._events.append(WindowUpdated(ch.channel_id, ch.send_capacity()))
+            if ch.ready():
+                self._outbox.drr.add(ch.channel_id)
+
+    def _dispatch(self, record: wire.Record) -> None:
+        if isinstance(record, wire.Settings):
+            raise RemoteProtocolError("SETTINGS sent twice", code=int(ErrorCode.PROTOCOL_ERROR))
+        if isinstance(record, wire.GoAway):
+            self._goaway_received = True
+            self._events.append(GoAwayReceived(record.code, record.text, record.last_channel_id))
+            return
+        if isinstance(record, wire.Open):
+            self._receive_open(record)
+            return
+        ch = self._channels.get(record.channel_id)
+        if ch is None:
+            self._table.check_known(record.channel_id)  # a documented late-record race
+        elif isinstance(record, wire.Window):
+            self._receive_window(record.channel_id, record.increment)
+        elif isinstance(record, wire.Fin):
+            ch.receive(Input.FIN)
+            self._events.append(EndOfStream(ch.channel_id))
+            if ch.finished:
+                self._forget(ch)
+        elif isinstance(record, wire.Reset):
+            ch.receive(Input.RESET)
+            self._events.append(ChannelReset(ch.channel_id, record.code, record.text))
+            self._forget(ch)
+        elif isinstance(record, wire.OpenOk):
+            ch.receive(Input.OPEN_OK)
+            self._events.append(ChannelOpened(ch.channel_id))
+        elif isinstance(record, wire.OpenFailed):
+            ch.receive(Input.OPEN_FAILED)
+            self._events.append(ChannelOpenFailed(ch.channel_id, record.reason, record.text))
+            self._forget(ch)
+        # Data never gets here: a DATA record too short for the fast path fails to decode
+
+    def _receive_open(self, record: wire.Open) -> None:
+        channel_id = record.channel_id
+        self._table.claim_remote(channel_id)
+        reason = self._open_refusal(record.kind)
+        if reason is not None:  # answered here: the application never hears of it
+            self._control.append(encode_record(wire.OpenFailed(channel_id, reason, reason.name)))
+            return
+        self._channels[channel_id] = Channel(
+            channel_id, opener=False, send_window=self._peer_window,
+            receive_window=self.initial_window)
+        self._events.append(ChannelOpenRequested(channel_id, ChannelKind(record.kind),
+                                                 record.host, record.port))
+
+    def _open_refusal(self, kind: int) -> OpenFailure | None:
+        """Why a peer OPEN is refused without asking the application, if it is."""
+        if self._goaway_sent or self._goaway_received:
+            return OpenFailure.GOING_AWAY
+        if len(self._channels) >= self.max_channels:
+            return OpenFailure.LIMIT_REACHED
+        if kind not in _KINDS:
+            return OpenFailure.UNSUPPORTED_KIND
+        return None
+
+    def _receive_window(self, channel_id: int, increment: int) -> None:
+        if not 1 <= increment <= wire.MAX_WINDOW:
+            raise RemoteProtocolError(f"WINDOW increment {increment} out of range",
+                                      code=int(ErrorCode.FLOW_CONTROL_ERROR))
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            self._table.check_known(channel_id)  # e.g. credit for data sent before our RESET
+            return
+        state = ch.send_state
+        if state is not SendState.OPEN and ch.send(Input.WINDOW) is Action.IGNORE:
+            return  # (OPEN, WINDOW) -> ADD_CREDIT needs no lookup on the hot path
+        ch.credit.grant(increment)
+        if state is SendState.OPEN:
+            self._events.append(WindowUpdated(channel_id, ch.credit.credit - ch.queued_size))
+        if ch.queued_size:
+            self._outbox.drr.add(channel_id)
+
+    def _fail(self, exc: RemoteProtocolError) -> None:
+        """Go terminal: keep SETTINGS if still unsent, then only our GOAWAY goes out."""
+        self.failure = exc
+        self._running = False
+        keep_settings = bool(self._control) and self._control[0] is self._settings
+        self._outbox.clear()
+        if keep_settings:
+            self._control.append(self._settings)
+        code = exc.code if exc.code in _ERROR_CODES else int(ErrorCode.PROTOCOL_ERROR)
+        text = ErrorCode(code).name.lower().replace("_", " ")  # never our exception text
+        self._control.append(encode_record(wire.GoAway(self._table.last_remote_id, code, text)))
+        self._goaway_sent = True
+        self._channels.clear()
+        self._events.append(SessionFailed(code, str(exc)))
+
+    # -- local actions ---------------------------------------------------------
+
+    def _live(self, channel_id: int) -> Channel:
+        ch = self._channels.get(channel_id)
+        if ch is not None:
+            return ch
+        if self.failure is not None:
+            raise SessionClosed("the session failed", code=self.failure.code)
+        state = "closed" if self._table.was_used(channel_id) else "never opened"
+        raise LocalProtocolError(f"channel {channel_id} is {state}")
+
+    def _check_gone(self, channel_id: int) -> None:
+        """Tolerate a late local call on a gone channel, not on a never-opened one."""
+        if self.failure is None and not self._table.was_used(channel_id):
+            raise LocalProtocolError(f"channel {channel_id} was never opened")
+
+    def _forget(self, ch: Channel) -> None:
+        del self._channels[ch.channel_id]
+        self._outbox.drr.discard(ch.channel_id)
+        ch.discard_queue()
+        self._events.append(ChannelClosed(ch.channel_id))
+
+    def _queue_fin(self, ch: Channel) -> None:
+        ch.send(Input.DRAINED)
+        self._control.append(encode_record(wire.Fin(ch.channel_id)))
+        if ch.finished:
+            self._forget(ch)
+
+    def open_channel(self, host: str, port: int, *, kind: ChannelKind = ChannelKind.TCP,
+                     early_data: bytes = b"") -> int:
+        """Open a channel to ``host:port`` at the peer; returns its id.
+
+        ``early_data`` (at most the peer's initial window, or MIN_WINDOW until
+        its SETTINGS arrive) goes right behind the OPEN, saving a round trip.
+        Then drain :meth:`next_record`; expect ChannelOpened or ChannelOpenFailed.
+
+        Raises:
+            SessionClosed: the session failed, or GOAWAY was sent or received.
+            ChannelRefused: the channel limit is reached (reason LIMIT_REACHED).
+            LocalProtocolError: bad host, port or kind, or too much early data.
+        """
+        if self.failure is not None or self._goaway_sent or self._goaway_received:
+            raise SessionClosed("the session accepts no new channels (GOAWAY or failure)")
+        if memoryview(early_data).nbytes > self._peer_window:
+            raise LocalProtocolError("early data exceeds the peer's initial window")
+        channel_id = self._table.next_local_id
+        record = encode_record(wire.Open(channel_id, kind, host, port))  # validates first
+        self._table.claim_local(self.max_channels)
+        self._channels[channel_id] = Channel(channel_id, opener=True,
+                                             send_window=self._peer_window,
+                                             receive_window=self.initial_window)
+        self._control.append(record)
+        if early_data:
+            self.send_data(channel_id, early_data)
+        return channel_id
+
+    def accept_channel(self, channel_id: int) -> None:
+        """Accept a ChannelOpenRequested channel: queues OPEN_OK.
+
+        A no-op if the channel is already gone (the opener reset it while we
+        were connecting: ChannelReset is in the events).
+
+        Raises:
+            LocalProtocolError: not a channel awaiting an answer.
+        """
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            self._check_gone(channel_id)
+            return
+        ch.send(Input.ACCEPT)
+        self._control.append(encode_record(wire.OpenOk(channel_id)))
+
+    def refuse_channel(self, channel_id: int, reason: OpenFailure, text: str = "") -> None:
+        """Refuse a ChannelOpenRequested channel: queues OPEN_FAILED, emits ChannelClosed.
+
+        A no-op if the channel is already gone, like :meth:`accept_channel`.
+        """
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            self._check_gone(channel_id)
+            return
+        ch.send(Input.REFUSE)
+        self._control.append(encode_record(wire.OpenFailed(channel_id, reason, text)))
+        self._forget(ch)
+
+    def send_capacity(self, channel_id: int) -> int:
+        """Bytes :meth:`send_data` may still queue on the channel (0 once gone)."""
+        ch = self._channels.get(channel_id)
+        return 0 if ch is None else ch.send_capacity()
+
+    def send_data(self, channel_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue ``data`` (bytes are not copied); then drain :meth:`next_record`.
+
+        Raises:
+            LocalProtocolError: past :meth:`send_capacity`, after send_eof, or on
+                a channel that is not open.
+            SessionClosed: the session failed.
+        """
+        ch = self._channels.get(channel_id) or self._live(channel_id)
+        ch.queue(data)
+        if ch.queued_size and ch.credit.credit:
+            self._outbox.drr.add(channel_id)
+
+    def send_eof(self, channel_id: int) -> None:
+        """Half-close: FIN goes out after the queued data (idempotent)."""
+        ch = self._live(channel_id)
+        if ch.send(Input.SEND_EOF) is Action.QUEUE_FIN and not ch.queued_size:
+            self._queue_fin(ch)
+
+    def reset_channel(self, channel_id: int, code: ResetCode = ResetCode.CANCELLED,
+                      text: str = "") -> None:
+        """Abort the channel both ways: queued data is dropped, RESET goes out first.
+
+        A no-op for a channel that is already gone (resets race freely).
+
+        Raises:
+            LocalProtocolError: the channel awaits accept/refuse (refuse it instead).
+        """
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            self._check_gone(channel_id)
+            return
+        ch.send(Input.RESET_SENT)
+        self._control.append(encode_record(wire.Reset(channel_id, code, text)))
+        self._forget(ch)
+
+    def acknowledge(self, channel_id: int, size: int) -> None:
+        """The application consumed ``size`` received bytes; may queue a WINDOW.
+
+        A no-op for a channel that is already gone: its data may be read after
+        ChannelClosed.
+        """
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            self._check_gone(channel_id)
+            return
+        increment = ch.acknowledge(size) if size else 0
+        if increment:  # 1 <= increment <= window <= MAX_WINDOW: no need to re-check
+            self._control.append(_pack_window(_WINDOW, channel_id, increment))
+
+    def go_away(self, code: int = 0, text: str = "") -> None:
+        """Announce that no new channels will be accepted; existing ones finish."""
+        if self._goaway_sent:
+            return
+        self._goaway_sent = True
+        self._control.append(encode_record(wire.GoAway(self._table.last_remote_id, code, text)))
