@@ -170,11 +170,25 @@ class Agent:
 
 
 def _reason(exc: BaseException) -> str:
+    """One line saying why connecting failed, and what to check."""
     if isinstance(exc, trio.TooSlowError):
-        return "no answer to the upgrade within the handshake timeout"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
+        return "no answer within the handshake timeout (a firewall dropping packets?)"
+    if isinstance(exc, OSError):
+        cause = _root_os_error(exc)
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: is the relay running and listening there?"
+        if cause.strerror:
+            return cause.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+def _root_os_error(exc: OSError) -> OSError:
+    """trio reports "all attempts failed" with the real errors in ``__cause__``."""
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        errors = [e for e in cause.exceptions if isinstance(e, OSError)]
+        return errors[0] if errors else exc
+    return cause if isinstance(cause, OSError) else exc
 
 
 async def run_agent(

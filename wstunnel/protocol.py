@@ -43,6 +43,8 @@ class TunnelProtocol:
         ws_role = ws.Role.CLIENT if role is mux.Role.AGENT else ws.Role.SERVER
         self.role = role
         self.session = mux.Session(role, **session_options)
+        # A record must always fit in one message, whatever chunk size is configured.
+        max_message_size = max(max_message_size, self.session.max_record_size)
         self._ws = ws.WebSocketConnection(
             ws_role, max_message_size=max_message_size, random_bytes=random_bytes
         )
