@@ -111,3 +111,21 @@ def test_rejections_are_explained_in_one_line(status: int, fragment: str) -> Non
                                  [("server", "nginx/1.22")], b"body\ntext", "answered")
     line = explain_rejection("wss://r:443/t", event)
     assert fragment in line and "\n" not in line and '"body text"' in line
+
+
+def test_cli_flags_for_proxies_headers_and_trusted_proxies(tmp_path: object) -> None:
+    """--proxy/--no-proxy, --header, --host-header and --trusted-proxy reach the configs."""
+    from wstunnel.cli import agent_config_from_args, build_parser, relay_config_from_args
+
+    base = ["agent", "--relay", "wss://r:443/t", "-L", "1:a:2"]
+    args = build_parser().parse_args([*base, "--proxy", "http://u@p:3128", "--header",
+                                      "X-A: 1", "--host-header", "front"])
+    config = agent_config_from_args(args)
+    assert (config.proxy, config.headers, config.host_header) == (
+        "http://u@p:3128", (("X-A", "1"),), "front")
+    assert agent_config_from_args(build_parser().parse_args([*base, "--no-proxy"])).proxy == "none"
+    with pytest.raises(ConfigError, match="--proxy"):
+        agent_config_from_args(build_parser().parse_args([*base, "--proxy", "ftp://x"]))
+    relay = relay_config_from_args(build_parser().parse_args(
+        ["relay", "--listen", "127.0.0.1:1", "--trusted-proxy", "10.0.0.0/8"]))
+    assert relay.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
