@@ -22,6 +22,7 @@ from . import mux, ws
 from .config import AgentConfig, Forward, RelayURL
 from .errors import ChannelRefused, HandshakeError, SessionClosed
 from .net.connect import open_websocket, tune_socket
+from .net.proxy import proxy_dialer, proxy_environment
 from .net.splice import splice
 from .net.transport import TunnelTransport
 from .protocol import TunnelProtocol
@@ -37,6 +38,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.relay: RelayURL = config.relay_url
+        self.dial = proxy_dialer(config, proxy_environment())
         self.session: TunnelTransport | None = None
         self.stopping = False
         self.reconnects = 0
@@ -50,10 +52,12 @@ class Agent:
     async def maintain_session(self) -> None:
         """Keep one session up until cancelled, reconnecting with backoff."""
         failures = 0
+        if self.dial is not None:
+            log.info("reaching the relay through the proxy %s", self.dial)
         while not self.stopping:
             try:
                 transport = await self._connect()
-            except (OSError, HandshakeError, trio.TooSlowError) as exc:
+            except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 failures += 1
                 delay = self._backoff(failures)
                 log.warning(
@@ -83,7 +87,9 @@ class Agent:
     async def _connect(self) -> TunnelTransport:
         config = self.config
         with trio.fail_after(config.handshake_timeout):
-            stream, trailing = await open_websocket(self.relay)
+            stream, trailing = await open_websocket(
+                self.relay, dial=self.dial, headers=list(config.headers),
+                host_header=config.host_header)
         protocol = TunnelProtocol(
             mux.Role.AGENT,
             trailing_data=trailing,
@@ -179,6 +185,10 @@ def _reason(exc: BaseException) -> str:
             return "connection refused: is the relay running and listening there?"
         if cause.strerror:
             return cause.strerror.lower()
+    if isinstance(exc, trio.BrokenResourceError):
+        broke = exc.__cause__
+        detail = f": {broke}" if broke is not None and str(broke) else ""
+        return f"the connection broke during the TLS handshake or the upgrade{detail}"
     return str(exc) or type(exc).__name__
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Any, Final, NoReturn, TypeVar
 
 from wstunnel import __version__
 
+from ._headers import parse_header_line, parse_host_header
 from .config import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -44,8 +46,10 @@ from .config import (
     parse_url_path,
 )
 from .errors import ConfigError, TunnelError
+from .forwarded import parse_trusted_proxy
 from .logs import setup_logging
 from .policy import AllowRule
+from .proxy_url import NO_PROXY, parse_proxy_url
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
 
@@ -103,6 +107,9 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
                        help="allowed destination: host, *.pattern, IP or CIDR, "
                             "optional :port or :lo-hi (repeatable; default: nothing)")
     relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
+    relay.add_argument("--trusted-proxy", "--trusted-proxies", dest="trusted_proxies",
+                       action="append", metavar="CIDR",
+                       help="reverse proxy whose X-Forwarded-For is believed (repeatable)")
     relay.set_defaults(handler=_cmd_relay)
 
 
@@ -111,6 +118,17 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
     agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
                        help="forward a local port to HOST:PORT via the relay (repeatable)")
+    proxy = agent.add_mutually_exclusive_group()
+    proxy.add_argument("--proxy", metavar="URL",
+                       help="HTTP proxy http://[USER@]HOST:PORT (default: HTTPS_PROXY/HTTP_PROXY)")
+    proxy.add_argument("--no-proxy", dest="proxy", action="store_const", const=NO_PROXY,
+                       help="connect directly, ignoring HTTPS_PROXY/HTTP_PROXY")
+    agent.add_argument("--proxy-password-file", metavar="FILE",
+                       help="file holding the proxy password (keeps it off the command line)")
+    agent.add_argument("--header", "--headers", dest="headers", action="append",
+                       metavar="'NAME: VALUE'", help="extra upgrade header (repeatable)")
+    agent.add_argument("--host-header", metavar="HOST[:PORT]",
+                       help="Host header to send instead of the relay URL's host")
     agent.set_defaults(handler=_cmd_agent)
 
 
@@ -144,6 +162,9 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
         changes["allow"] = tuple(_flag(AllowRule.parse, rule, "--allow") for rule in args.allow)
     if args.path is not None:
         changes["path"] = _flag(parse_url_path, args.path, "--path")
+    if args.trusted_proxies is not None:
+        changes["trusted_proxies"] = tuple(_flag(parse_trusted_proxy, text, "--trusted-proxy")
+                                           for text in args.trusted_proxies)
     if args.config is not None:
         return dataclasses.replace(load_relay_config(args.config), **changes)
     if "listen" not in changes:
@@ -159,6 +180,7 @@ def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
         changes["relay"] = args.relay.strip()
     if args.forwards is not None:
         changes["forwards"] = tuple(_flag(parse_forward, text, "-L") for text in args.forwards)
+    changes.update(_agent_http_flags(args))
     if args.config is not None:
         return dataclasses.replace(load_agent_config(args.config), **changes)
     if "relay" not in changes:
@@ -166,6 +188,26 @@ def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
     if "forwards" not in changes:
         raise ConfigError("give at least one -L [bind:]port:host:port, or -c agent.yaml")
     return AgentConfig(**changes)
+
+
+def _agent_http_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--proxy/--no-proxy, --proxy-password-file, --header, --host-header."""
+    changes: dict[str, Any] = {}
+    if args.proxy is not None:
+        if args.proxy.strip().lower() != NO_PROXY:
+            _flag(parse_proxy_url, args.proxy, "--proxy")
+        changes["proxy"] = args.proxy.strip()
+    if args.proxy_password_file is not None:
+        if not os.access(args.proxy_password_file, os.R_OK):
+            raise ConfigError(f"cannot read {args.proxy_password_file}: no such file, or no "
+                              "permission", key_path="--proxy-password-file")
+        changes["proxy_password_file"] = args.proxy_password_file
+    if args.headers is not None:
+        changes["headers"] = tuple(_flag(parse_header_line, text, "--header")
+                                   for text in args.headers)
+    if args.host_header is not None:
+        changes["host_header"] = _flag(parse_host_header, args.host_header, "--host-header")
+    return changes
 
 
 # ------------------------------------------------------------- subcommands

@@ -15,12 +15,15 @@ otherwise ``relay:`` means an agent config and ``listen:`` a relay config.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from ._headers import check_header, parse_header_line, parse_host_header
 from ._textforms import (
     DEFAULT_BIND_HOST,
     DEFAULT_PATH,
@@ -38,7 +41,9 @@ from ._textforms import (
     split_fields,
 )
 from ._yaml import Document, join_index, join_key, load_document, parse_document
+from .forwarded import IPNetwork, parse_trusted_proxy
 from .policy import AllowRule, Policy
+from .proxy_url import NO_PROXY, parse_proxy_url
 
 __all__ = [
     "DEFAULT_BIND_HOST",
@@ -97,6 +102,10 @@ class AgentConfig:
     handshake_timeout: float = 10.0
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    proxy: str | None = field(default=None, repr=False)  # None: environment; "none": direct
+    proxy_password_file: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    host_header: str | None = None
     log_level: str = "info"
     log_format: str = "text"
     source: str = field(default="<command line>", compare=False)  # file named in messages
@@ -123,6 +132,7 @@ class RelayConfig:
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
     max_channels: int = DEFAULT_MAX_CHANNELS
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
     source: str = field(default="<command line>", compare=False)  # file named in messages
@@ -247,6 +257,51 @@ def _forward(doc: Document, path: str, value: Any) -> Forward:
     return Forward.of(values["listen"], values["target"])
 
 
+def _proxy(doc: Document, path: str, value: Any) -> str:
+    if value is None:
+        raise doc.error(path, f"expected an http:// proxy URL or {NO_PROXY!r} (connect "
+                              "directly); leave the key out to use HTTPS_PROXY/HTTP_PROXY")
+    if isinstance(value, str) and value.strip().lower() == NO_PROXY:
+        return NO_PROXY
+    _checked(doc, path, parse_proxy_url, value, "an http:// proxy URL")
+    return str(value).strip()
+
+
+def _readable_file(doc: Document, path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(path, f"expected a file name, got {_describe(value)}")
+    if not os.access(value, os.R_OK) or not os.path.isfile(value):
+        raise doc.error(path, f"cannot read {json.dumps(value)}: no such file, or no permission")
+    return value
+
+
+def _headers(doc: Document, path: str, value: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(value, list):
+        return tuple(_checked(doc, join_index(path, i), parse_header_line, line,
+                              "'Name: value'") for i, line in enumerate(value))
+    if not isinstance(value, dict):
+        raise doc.error(path, f"expected a mapping of header names to values, "
+                              f"got {_describe(value)}")
+    pairs = []
+    for name, text in value.items():
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            text = str(text)
+        if not isinstance(text, str):
+            raise doc.error(join_key(path, str(name)), f"expected a header value (text), "
+                                                       f"got {_describe(text)}")
+        pairs.append(_checked(doc, join_key(path, str(name)),
+                              functools.partial(check_header, str(name)), text, "text"))
+    return tuple(pairs)
+
+
+def _host_header(doc: Document, path: str, value: Any) -> str:
+    return _checked(doc, path, parse_host_header, value, "host or host:port")
+
+
+def _trusted_proxy(doc: Document, path: str, value: Any) -> IPNetwork:
+    return _checked(doc, path, parse_trusted_proxy, value, "an IP address or CIDR network")
+
+
 _FORWARD_FIELDS: Final[dict[str, _Parser]] = {"listen": _listen, "target": _target}
 
 _COMMON_FIELDS: Final[dict[str, _Parser]] = {
@@ -266,6 +321,10 @@ _AGENT_FIELDS: Final[dict[str, _Parser]] = {
     "connect_wait_timeout": _duration(0.0),
     "reconnect_min_interval": _duration(0.001),
     "reconnect_max_interval": _duration(0.001),
+    "proxy": _proxy,
+    "proxy_password_file": _readable_file,
+    "headers": _headers,
+    "host_header": _host_header,
     **_COMMON_FIELDS,
 }
 
@@ -276,6 +335,7 @@ _RELAY_FIELDS: Final[dict[str, _Parser]] = {
     "connect_timeout": _duration(0.001),
     "max_channels": _size(1, 65536, "a count"),
     "max_message_size": _size(4 * KiB, 64 * MiB),
+    "trusted_proxies": _list_of(_trusted_proxy),
     **_COMMON_FIELDS,
 }
 
@@ -332,6 +392,10 @@ def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
                             f"listen address {forward.listen} is already used by "
                             f"forwards[{seen[forward.listen]}]")
         seen[forward.listen] = i
+    if (config.proxy_password_file is not None and config.proxy not in (None, NO_PROXY)
+            and parse_proxy_url(config.proxy).username is None):
+        raise doc.error("proxy", "proxy_password_file needs a user name in the proxy URL, "
+                                 "e.g. http://USER@proxy.example.com:3128")
     return config
 
 

@@ -15,6 +15,7 @@ import trio
 
 from . import mux, ws
 from .config import RelayConfig
+from .forwarded import client_address
 from .net.channel_stream import ChannelStream
 from .net.connect import read_request, tune_socket
 from .net.dial import DialError, dial
@@ -44,15 +45,18 @@ class Relay:
         peer = _peer_name(stream)
         try:
             tune_socket(stream, notsent_lowat=True)
-            protocol = await self._handshake(stream, peer)
-            if protocol is not None:
-                await self._serve_session(stream, protocol, peer)
+            accepted = await self._handshake(stream, peer)
+            if accepted is not None:
+                await self._serve_session(stream, *accepted)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("%s: connection lost during the handshake: %s", peer, exc)
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handshake(self, stream: trio.SocketStream, peer: str) -> TunnelProtocol | None:
+    async def _handshake(
+        self, stream: trio.SocketStream, peer: str
+    ) -> tuple[TunnelProtocol, str] | None:
+        """The protocol and the client's name for logs, or None when not upgraded."""
         config = self.config
         handshake = ws.ServerHandshake(max_header_size=16384, max_headers=100)
         with trio.move_on_after(config.handshake_timeout):
@@ -63,12 +67,13 @@ class Relay:
                 log.info("%s: bad HTTP request (%s)", peer, request.message)
                 await stream.send_all(request.response)
                 return None
+            peer = self._client_name(stream, request, peer)
             answer = self._route(handshake, request, peer)
             if answer is not None:
                 await stream.send_all(answer)
                 return None
             await stream.send_all(handshake.accept())
-            return TunnelProtocol(
+            protocol = TunnelProtocol(
                 mux.Role.RELAY,
                 trailing_data=handshake.trailing_data,
                 max_message_size=config.max_message_size,
@@ -76,10 +81,26 @@ class Relay:
                 max_chunk_size=config.max_chunk_size,
                 max_channels=config.max_channels,
             )
+            return protocol, peer
         log.info(
             "%s: no complete upgrade request within %g s; dropped", peer, config.handshake_timeout
         )
         return None
+
+    def _client_name(
+        self, stream: trio.SocketStream, request: ws.RequestReceived, peer: str
+    ) -> str:
+        """``peer``, or ``client via peer`` when trusted proxies vouch for X-Forwarded-For."""
+        forwarded_for = request.header("x-forwarded-for")
+        if forwarded_for is None:
+            return peer
+        host = _peer_host(stream)
+        client = client_address(host, forwarded_for, self.config.trusted_proxies)
+        if client == host:
+            log.debug("%s: X-Forwarded-For %r ignored (peer not in trusted_proxies)",
+                      peer, forwarded_for)
+            return peer
+        return f"{client} via {peer}"
 
     def _route(
         self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str
@@ -171,6 +192,13 @@ class Relay:
 
 def _policy(config: RelayConfig) -> Policy:
     return Policy(list(config.allow))
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return ""
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

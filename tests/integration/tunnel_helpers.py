@@ -35,6 +35,7 @@ def agent_config(relay_port: int, targets: list[int], **overrides: Any) -> Agent
         reconnect_max_interval=0.2,
         connect_wait_timeout=5.0,
         drain_timeout=2.0,
+        proxy="none",  # HTTPS_PROXY in the test environment must not reroute loopback tests
     )
     return replace(base, **overrides)
 

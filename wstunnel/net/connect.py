@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from .. import ws
 from ..config import RelayURL
 from ..errors import AuthenticationError, HandshakeError
+from .explain import explain_rejection
 
 __all__ = [
     "tune_socket",
@@ -25,6 +27,9 @@ __all__ = [
 READ_SIZE = 65536
 NOTSENT_LOWAT = 32 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+#: Opens the TCP byte pipe to (host, port): directly, or through a proxy (net/proxy.py).
+Dialer = Callable[[str, int], Awaitable[trio.SocketStream]]
 
 
 def tune_socket(stream: trio.abc.Stream, *, notsent_lowat: bool) -> None:
@@ -49,16 +54,20 @@ async def open_websocket(
     headers: list[tuple[str, str]] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    dial: Dialer | None = None,
+    host_header: str | None = None,
 ) -> tuple[trio.abc.Stream, bytes]:
     """Connect, wrap in TLS for wss://, upgrade; return (stream, trailing bytes).
 
-    The caller bounds the whole thing with a timeout.
+    The caller bounds the whole thing with a timeout. ``dial`` replaces the
+    direct TCP connection (e.g. a ``ProxyDialer``); ``host_header`` replaces
+    the Host header derived from the URL (for shared front ends and CDNs).
 
     Raises:
         HandshakeError: with a one-line explanation (AuthenticationError on 401/403).
         OSError: the TCP connection itself failed.
     """
-    tcp = await trio.open_tcp_stream(relay.host, relay.port)
+    tcp = await (dial or trio.open_tcp_stream)(relay.host, relay.port)
     tune_socket(tcp, notsent_lowat=True)
     stream: trio.abc.Stream = tcp
     try:
@@ -68,7 +77,7 @@ async def open_websocket(
                 tcp, context, server_hostname=server_hostname or relay.host, https_compatible=True
             )
             await stream.do_handshake()
-        trailing = await _upgrade(stream, relay, headers or [])
+        trailing = await _upgrade(stream, relay, headers or [], host_header)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -76,9 +85,11 @@ async def open_websocket(
 
 
 async def _upgrade(
-    stream: trio.abc.Stream, relay: RelayURL, headers: list[tuple[str, str]]
+    stream: trio.abc.Stream, relay: RelayURL, headers: list[tuple[str, str]],
+    host_header: str | None = None,
 ) -> bytes:
-    handshake = ws.ClientHandshake(relay.host_header, relay.path, extra_headers=headers)
+    host = host_header or relay.host_header
+    handshake = ws.ClientHandshake(host, relay.path, extra_headers=headers)
     await stream.send_all(handshake.data_to_send())
     while True:
         event = handshake.next_event()
@@ -97,21 +108,7 @@ def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
     where = f"{relay.url}"
     if event.status in (401, 403):
         return AuthenticationError(f"{where} {event.message}", event.status)
-    hint = {
-        0: "the connection closed before an HTTP answer: is this the relay's address, "
-        "and does the path pass WebSocket upgrades?",
-        200: "something on the path answered like a web server; it does not pass upgrades",
-        400: "the relay or a proxy in front of it rejected the upgrade request",
-        404: "nothing is served at that path: check the URL's path (the relay's --path)",
-        426: "the path to the relay does not pass WebSocket upgrades (Upgrade headers stripped?)",
-        502: "a proxy in front of the relay could not reach it: is the relay running?",
-        503: "a proxy in front of the relay has no relay available",
-        505: "a proxy on the path speaks HTTP/1.0 to the relay: enable HTTP/1.1 and Upgrade",
-    }.get(event.status)
-    text = f"{where} {event.message}"
-    if hint:
-        text += f" — {hint}"
-    return HandshakeError(text, event.status)
+    return HandshakeError(explain_rejection(where, event), event.status)
 
 
 async def read_request(

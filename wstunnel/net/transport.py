@@ -168,15 +168,27 @@ class TunnelTransport:
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
 
     async def _keepalive(self) -> None:
+        """Ping every ``ping_interval`` (also while a pong is awaited, so proxies that
+        cut idle connections see traffic that often); end the session when nothing
+        at all arrived within ``ping_timeout`` of the oldest unanswered ping."""
+        next_ping = trio.current_time() + self._ping_interval
+        waiting_since: float | None = None  # when the oldest unanswered ping went out
         while True:
-            await trio.sleep(self._ping_interval)
-            sent_at = trio.current_time()
-            self.protocol.ping(b"wstunnel")
-            self.wake_writer()
-            await trio.sleep(self._ping_timeout)
-            if self._last_received < sent_at:
+            deadline = next_ping
+            if waiting_since is not None:
+                deadline = min(deadline, waiting_since + self._ping_timeout)
+            await trio.sleep_until(deadline)
+            now = trio.current_time()
+            if waiting_since is not None and self._last_received >= waiting_since:
+                waiting_since = None
+            if waiting_since is not None and now >= waiting_since + self._ping_timeout:
                 self._end(f"no answer to ping within {self._ping_timeout:g} s")
                 return
+            if now >= next_ping:
+                self.protocol.ping(b"wstunnel")
+                self.wake_writer()
+                waiting_since = now if waiting_since is None else waiting_since
+                next_ping = now + self._ping_interval
 
     # -- event dispatch -------------------------------------------------------------
 
