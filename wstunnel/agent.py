@@ -195,8 +195,9 @@ def _reason(exc: BaseException) -> str:
 def _root_os_error(exc: OSError) -> OSError:
     """trio reports "all attempts failed" with the real errors in ``__cause__``."""
     cause = exc.__cause__
-    if isinstance(cause, BaseExceptionGroup):
-        errors = [e for e in cause.exceptions if isinstance(e, OSError)]
+    grouped = getattr(cause, "exceptions", None)  # an exception group (3.11+ or backport)
+    if grouped is not None:
+        errors = [e for e in grouped if isinstance(e, OSError)]
         return errors[0] if errors else exc
     return cause if isinstance(cause, OSError) else exc
 
