@@ -18,9 +18,10 @@ from typing import Any
 
 import trio
 
-from . import mux, ws
+from . import mux, tls, ws
+from .auth import load_token, token_agent
 from .config import AgentConfig, Forward, RelayURL
-from .errors import ChannelRefused, HandshakeError, SessionClosed
+from .errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from .net.connect import open_websocket, tune_socket
 from .net.splice import splice
 from .net.transport import TunnelTransport
@@ -29,6 +30,8 @@ from .protocol import TunnelProtocol
 __all__ = ["run_agent", "Agent"]
 
 log = logging.getLogger("wstunnel.agent")
+
+REJECTED_RETRY_INTERVAL = 30.0  # a refused token or a 429: never hammer the relay faster
 
 
 class Agent:
@@ -44,6 +47,19 @@ class Agent:
         self._channels = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.token = self._load_token()
+
+    def _load_token(self) -> str | None:
+        config = self.config
+        return load_token(token_file=config.token_file, token_env=config.token_env,
+                          token_credential=config.token_credential)
+
+    def _refresh_token(self) -> None:
+        """Re-read the token before each connect, so a rotated token is picked up."""
+        try:
+            self.token = self._load_token()
+        except ConfigError as exc:
+            log.warning("cannot re-read the token (%s); using the one read before", exc)
 
     # -- the session ----------------------------------------------------------
 
@@ -56,6 +72,9 @@ class Agent:
             except (OSError, HandshakeError, trio.TooSlowError) as exc:
                 failures += 1
                 delay = self._backoff(failures)
+                if _refused(exc):
+                    delay = max(delay, REJECTED_RETRY_INTERVAL)
+                    log.error("%s", self._refusal_message(exc))
                 log.warning(
                     "cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
                     self.relay.url,
@@ -80,10 +99,32 @@ class Agent:
         )
         return float(delay) * random.uniform(0.8, 1.0)
 
+    def _refusal_message(self, exc: BaseException) -> str:
+        name = token_agent(self.token) if self.token else None
+        if isinstance(exc, AuthenticationError) and name is None:
+            return (f"the relay {self.relay.url} requires a token and we have none: set "
+                    f"token_file, token_env or token_credential")
+        if isinstance(exc, AuthenticationError):
+            return (f"the relay rejected the token for agent {name}: check the token file "
+                    f"and the relay's agents entry (wstunnel keygen --token {name} makes a "
+                    f"new pair)")
+        return f"{exc}"
+
     async def _connect(self) -> TunnelTransport:
         config = self.config
+        settings = config.client_tls
+        self._refresh_token()
+        headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
+        context = None
+        if self.relay.secure:
+            context = tls.client_context(settings)
+            if settings.mode is tls.VerifyMode.INSECURE:
+                log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
+                            "anyone on the path can read and change this session")
         with trio.fail_after(config.handshake_timeout):
-            stream, trailing = await open_websocket(self.relay)
+            stream, trailing = await open_websocket(
+                self.relay, headers=headers, ssl_context=context,
+                server_hostname=config.server_name, pin=settings.relay_fingerprint)
         protocol = TunnelProtocol(
             mux.Role.AGENT,
             trailing_data=trailing,
@@ -167,6 +208,12 @@ class Agent:
             await self._idle.wait()
         if self.session is not None:
             await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def _refused(exc: BaseException) -> bool:
+    """The relay turned us away on purpose (401/403/429): retrying soon will not help."""
+    return isinstance(exc, AuthenticationError) or (
+        isinstance(exc, HandshakeError) and exc.status == 429)
 
 
 def _reason(exc: BaseException) -> str:

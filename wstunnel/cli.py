@@ -18,6 +18,7 @@ works without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -34,6 +35,8 @@ from .config import (
     LOG_LEVELS,
     AgentConfig,
     RelayConfig,
+    RelayTLS,
+    agent_problem,
     load_agent_config,
     load_config,
     load_relay_config,
@@ -42,10 +45,12 @@ from .config import (
     parse_relay_url,
     parse_size,
     parse_url_path,
+    relay_problem,
 )
 from .errors import ConfigError, TunnelError
 from .logs import setup_logging
 from .policy import AllowRule
+from .tls import parse_fingerprint
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
 
@@ -93,7 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_size_arg, metavar="SIZE",
                       help="bulk transfer size, e.g. 64MiB")
     demo.set_defaults(handler=_cmd_demo)
+    _add_keygen(commands.add_parser("keygen", parents=[common],
+                                    help="make a relay certificate or an agent token"))
     return parser
+
+
+def _add_keygen(keygen: argparse.ArgumentParser) -> None:
+    what = keygen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", metavar="DIR", help="write relay.key and relay.crt into DIR")
+    what.add_argument("--token", metavar="NAME", help="print a new token for agent NAME")
+    keygen.add_argument("--name", action="append", default=[], metavar="NAME",
+                        help="DNS name or IP address the certificate is for (repeatable)")
+    keygen.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.set_defaults(handler=_cmd_keygen)
 
 
 def _add_relay(relay: argparse.ArgumentParser) -> None:
@@ -103,6 +121,10 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
                        help="allowed destination: host, *.pattern, IP or CIDR, "
                             "optional :port or :lo-hi (repeatable; default: nothing)")
     relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
+    relay.add_argument("--no-auth", action="store_true", default=None,
+                       help="accept agents without a token (tests and loopback only)")
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        relay.add_argument(f"--tls-{key.replace('_', '-')}", dest=f"tls_{key}", metavar="FILE")
     relay.set_defaults(handler=_cmd_relay)
 
 
@@ -111,7 +133,17 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
     agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
                        help="forward a local port to HOST:PORT via the relay (repeatable)")
+    for key, meta in _AGENT_SECURITY_FLAGS.items():
+        agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta)
+    agent.add_argument("--insecure-skip-verify", action="store_true", default=None,
+                       help="do not check the relay's certificate (logs a warning)")
     agent.set_defaults(handler=_cmd_agent)
+
+
+_AGENT_SECURITY_FLAGS: Final = {
+    "token_file": "FILE", "token_env": "VAR", "token_credential": "NAME", "ca_file": "FILE",
+    "relay_fingerprint": "SHA256", "server_name": "HOST", "client_cert_file": "FILE",
+    "client_key_file": "FILE"}
 
 
 def _size_arg(text: str) -> int:
@@ -144,11 +176,35 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
         changes["allow"] = tuple(_flag(AllowRule.parse, rule, "--allow") for rule in args.allow)
     if args.path is not None:
         changes["path"] = _flag(parse_url_path, args.path, "--path")
+    if args.no_auth:
+        changes["no_auth"] = True
     if args.config is not None:
-        return dataclasses.replace(load_relay_config(args.config), **changes)
-    if "listen" not in changes:
+        config = dataclasses.replace(load_relay_config(args.config), **changes)
+    elif "listen" not in changes:
         raise ConfigError("give --listen HOST:PORT or -c relay.yaml")
-    return RelayConfig(**changes)
+    else:
+        config = RelayConfig(**changes)
+    config = _relay_tls_flags(args, config)
+    return _checked(config, relay_problem(config))
+
+
+def _relay_tls_flags(args: argparse.Namespace, config: RelayConfig) -> RelayConfig:
+    given = {k: getattr(args, f"tls_{k}") for k in ("cert_file", "key_file", "client_ca_file")
+             if getattr(args, f"tls_{k}") is not None}
+    if not given:
+        return config
+    current = dataclasses.asdict(config.tls) if config.tls is not None else {}
+    merged = {**current, **given}
+    if "cert_file" not in merged or "key_file" not in merged:
+        raise ConfigError("give both --tls-cert-file and --tls-key-file")
+    return dataclasses.replace(config, tls=RelayTLS(**merged))
+
+
+def _checked(config: T, problem: tuple[str, str] | None) -> T:
+    if problem is not None:
+        key, message = problem
+        raise ConfigError(message, source=getattr(config, "source", None), key_path=key)
+    return config
 
 
 def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -159,13 +215,22 @@ def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
         changes["relay"] = args.relay.strip()
     if args.forwards is not None:
         changes["forwards"] = tuple(_flag(parse_forward, text, "-L") for text in args.forwards)
+    changes.update({k: getattr(args, k) for k in _AGENT_SECURITY_FLAGS
+                    if getattr(args, k) is not None})
+    if args.insecure_skip_verify:
+        changes["insecure_skip_verify"] = True
+    if "relay_fingerprint" in changes:
+        changes["relay_fingerprint"] = _flag(parse_fingerprint, changes["relay_fingerprint"],
+                                             "--relay-fingerprint")
     if args.config is not None:
-        return dataclasses.replace(load_agent_config(args.config), **changes)
-    if "relay" not in changes:
+        config = dataclasses.replace(load_agent_config(args.config), **changes)
+    elif "relay" not in changes:
         raise ConfigError("give --relay ws://HOST:PORT/tunnel or -c agent.yaml")
-    if "forwards" not in changes:
+    elif "forwards" not in changes:
         raise ConfigError("give at least one -L [bind:]port:host:port, or -c agent.yaml")
-    return AgentConfig(**changes)
+    else:
+        config = AgentConfig(**changes)
+    return _checked(config, agent_problem(config))
 
 
 # ------------------------------------------------------------- subcommands
@@ -180,10 +245,16 @@ def _summary(config: Config) -> str:
     if isinstance(config, AgentConfig):
         count = len(config.forwards)
         return f"agent, {count} forward{'s' * (count != 1)} to {config.relay}"
-    rules = len(config.allow)
-    refused = " (every destination refused)" if not rules else ""
-    return (f"relay on {config.listen} path {config.path}, "
-            f"{rules} allow rule{'s' * (rules != 1)}{refused}")
+    scheme = "wss" if config.tls is not None else "ws"
+    if config.no_auth:
+        rules = len(config.allow)
+        refused = " (every destination refused)" if not rules else ""
+        access = f"NO AUTHENTICATION, {rules} allow rule{'s' * (rules != 1)}{refused}"
+    else:
+        count = len(config.agents)
+        access = f"{count} agent{'s' * (count != 1)}" + (" (every agent refused)"
+                                                         if not count else "")
+    return f"relay on {scheme}://{config.listen}{config.path}, {access}"
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
@@ -191,7 +262,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from .relay import run_relay  # it warns when there are no allow rules
 
-    return _run_role(run_relay, config)
+    return _run_role(run_relay, config, reload=True)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -200,6 +271,17 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from .agent import run_agent
 
     return _run_role(run_agent, config)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from .keygen import print_token, write_certificate
+
+    if args.token is not None:
+        print_token(args.token, stdout=sys.stdout)
+    else:
+        write_certificate(args.out, args.name, days=args.days, force=args.force,
+                          stdout=sys.stdout)
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -214,25 +296,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- running
 
-def _run_role(runner: Runner, config: Config) -> int:
-    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
+def _run_role(runner: Runner, config: Config, *, reload: bool = False) -> int:
+    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes.
+
+    With ``reload``, each SIGHUP is passed to the runner through ``reload_requests``.
+    """
     import trio
 
     def run() -> int:
-        trio.run(_supervise, runner, config)
+        trio.run(_supervise, runner, config, reload)
         return EXIT_OK
 
     return _guarded(run, config)
 
 
-async def _supervise(runner: Runner, config: Config) -> None:
+async def _supervise(runner: Runner, config: Config, reload: bool = False) -> None:
     import trio
 
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown)
-        await runner(config, shutdown=shutdown)
+        options: dict[str, Any] = {}
+        if reload:
+            send, options["reload_requests"] = trio.open_memory_channel[object](1)
+            nursery.start_soon(_watch_hangup, send)
+        await runner(config, shutdown=shutdown, **options)
         nursery.cancel_scope.cancel()
+
+
+async def _watch_hangup(send: Any) -> NoReturn:
+    """SIGHUP: ask the relay to re-read its TLS files (extra requests coalesce)."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("SIGHUP received: reloading the TLS certificate and key")
+            with contextlib.suppress(trio.WouldBlock):  # a reload is already queued
+                send.send_nowait(None)
+    raise AssertionError("signal receiver ended")  # pragma: no cover
 
 
 async def _watch_signals(shutdown: Any, *, task_status: Any) -> NoReturn:
