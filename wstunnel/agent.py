@@ -105,10 +105,17 @@ class Agent:
             return (f"the relay {self.relay.url} requires a token and we have none: set "
                     f"token_file, token_env or token_credential")
         if isinstance(exc, AuthenticationError):
-            return (f"the relay rejected the token for agent {name}: check the token file "
-                    f"and the relay's agents entry (wstunnel keygen --token {name} makes a "
-                    f"new pair)")
+            return (f"the relay rejected the token for agent {name}: check the token "
+                    f"({self._token_source()}) against the relay's agents entry for {name} "
+                    f"(wstunnel keygen --token {name} makes a new pair)")
         return f"{exc}"
+
+    def _token_source(self) -> str:
+        config = self.config
+        for key in ("token_file", "token_env", "token_credential"):
+            if getattr(config, key):
+                return f"{key} {getattr(config, key)}"
+        return "no token configured"
 
     async def _connect(self) -> TunnelTransport:
         config = self.config

@@ -588,8 +588,9 @@ def _relay_from(doc: Document) -> RelayConfig:
     values = _config_values(doc, RelayConfig, _RELAY_FIELDS, "relay")
     tls = values.get("tls")
     if tls is not None:
-        values["tls"] = RelayTLS(*(_beside(doc, v) if v is not None else None
-                                   for v in (tls.cert_file, tls.key_file, tls.client_ca_file)))
+        ca = tls.client_ca_file
+        values["tls"] = RelayTLS(_beside(doc, tls.cert_file), _beside(doc, tls.key_file),
+                                 _beside(doc, ca) if ca is not None else None)
     return _check_relay(doc, RelayConfig(**values))
 
 

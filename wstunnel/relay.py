@@ -81,7 +81,7 @@ class Relay:
             log.info("%s: bad HTTP request (%s)", peer, request.message)
             await stream.send_all(request.response)
             return None
-        answer = self._route(handshake, request, peer)
+        answer = self.route(handshake, request, peer)
         if answer is not None:
             await stream.send_all(answer)
             return None
@@ -102,7 +102,7 @@ class Relay:
         )
         return protocol, identity
 
-    def _route(
+    def route(
         self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str
     ) -> bytes | None:
         """The HTTP answer for anything that is not a good upgrade, else None."""

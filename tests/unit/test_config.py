@@ -7,12 +7,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from wstunnel.auth import load_token
 from hypothesis import given
 from hypothesis import strategies as st
 
 from wstunnel._yaml import parse_document
+from wstunnel.auth import load_token
 from wstunnel.config import (
     AgentConfig,
     Forward,
