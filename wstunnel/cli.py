@@ -277,7 +277,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from .keygen import print_token, write_certificate
 
     if args.token is not None:
-        print_token(args.token, stdout=sys.stdout)
+        print_token(args.token, stdout=sys.stdout, stderr=sys.stderr)
     else:
         write_certificate(args.out, args.name, days=args.days, force=args.force,
                           stdout=sys.stdout)

@@ -54,8 +54,11 @@ def write_certificate(out: str, names: Sequence[str], *, days: int, force: bool,
           f"# agent config:  relay_fingerprint: \"{pem_fingerprint(cert_pem)}\"", file=stdout)
 
 
-def print_token(name: str, *, stdout: TextIO) -> None:
-    """Print a new token for agent ``name`` and the relay config lines for it.
+def print_token(name: str, *, stdout: TextIO, stderr: TextIO) -> None:
+    """Print a new token for agent ``name`` (stdout) and its relay config entry (stderr).
+
+    So ``wstunnel keygen --token NAME > NAME.token`` writes exactly the token
+    file and shows the lines for the relay on the terminal.
 
     Raises:
         ConfigError: ``name`` is not a valid agent name.
@@ -65,10 +68,10 @@ def print_token(name: str, *, stdout: TextIO) -> None:
     except ValueError as exc:
         raise ConfigError(str(exc), key_path="--token") from exc
     print(token, file=stdout)
-    print(f"# the line above is agent {name}'s token: store it in a file only the agent can\n"
-          f"# read (token_file), or in an environment variable (token_env) or a systemd\n"
-          f"# credential (token_credential). The relay needs only this entry under agents:\n"
+    print(f"# {name}'s token went to stdout: keep it in a file only the agent can read\n"
+          f"# (token_file), an environment variable (token_env) or a systemd credential\n"
+          f"# (token_credential). The relay needs only this entry under agents:\n"
           f"  - name: {name}\n"
           f"    token_hash: {hash_token(token)}\n"
           f"    allow: []          # destinations this agent may open, e.g. db.internal:5432",
-          file=stdout)
+          file=stderr)

@@ -76,12 +76,13 @@ def test_keygen_writes_private_files_and_prints_the_pin(
 
 def test_keygen_token_prints_a_token_and_only_its_hash_for_the_relay(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """keygen --token: line 1 is the token; the relay lines hold a hash that verifies it."""
+    """keygen --token: stdout is just the token (a ready token file); stderr has the relay
+    entry, whose hash verifies the token and does not contain it."""
     assert main(["keygen", "--token", "ci-runner"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    token = lines[0]
+    captured = capsys.readouterr()
+    (token,) = captured.out.splitlines()
     assert token_agent(token) == "ci-runner"
-    (hash_line,) = [line for line in lines if "token_hash:" in line]
-    assert token not in "\n".join(lines[1:]) and token.split(".")[1] not in "\n".join(lines[1:])
+    (hash_line,) = [line for line in captured.err.splitlines() if "token_hash:" in line]
+    assert token.split(".")[1] not in captured.err
     assert verify_token(token, TokenHash.parse(hash_line.split("token_hash:")[1]))
     assert main(["keygen", "--token", "bad name"]) == 2
