@@ -48,6 +48,8 @@ class Agent:
         self._idle = trio.Event()
         self._idle.set()
         self.token = self._load_token()
+        if self.relay.secure:
+            _check_tls_files(config)
 
     def _load_token(self) -> str | None:
         config = self.config
@@ -215,6 +217,17 @@ class Agent:
             await self._idle.wait()
         if self.session is not None:
             await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def _check_tls_files(config: AgentConfig) -> None:
+    """Fail at start, not at every reconnect, when a CA or client certificate file is bad."""
+    try:
+        tls.client_context(config.client_tls)
+    except (OSError, ValueError) as exc:
+        key = "ca_file" if config.ca_file else "client_cert_file"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot load {getattr(config, key)}: {reason}",
+                          source=config.source, key_path=key) from exc
 
 
 def _refused(exc: BaseException) -> bool:

@@ -41,6 +41,7 @@ from . import ws
 from .auth import ANONYMOUS, RateLimiter, bearer_token, expand_credentials, token_agent
 from .auth import verify_token as _verify_token
 from .config import AgentAccount, RelayConfig
+from .errors import ConfigError
 from .policy import Policy
 from .tls import client_identity, server_context
 
@@ -71,8 +72,14 @@ class Gatekeeper:
         self.ssl_context: ssl.SSLContext | None = None
         self._hashing = trio.CapacityLimiter(_HASH_WORKERS)
         self._anonymous = Identity(ANONYMOUS, config.policy)
+        self._quiet_until: dict[str, float] = {}
         if config.tls is not None:
-            self.ssl_context = self._load_tls()
+            try:
+                self.ssl_context = self._load_tls()
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load the TLS certificate {config.tls.cert_file} and "
+                                  f"key {config.tls.key_file}: {_ssl_reason(exc)}",
+                                  source=config.source, key_path="tls") from exc
 
     # -- TLS ------------------------------------------------------------------
 
@@ -91,7 +98,8 @@ class Gatekeeper:
         try:
             self.ssl_context = self._load_tls()
         except (OSError, ssl.SSLError) as exc:
-            log.error("TLS reload failed, still serving the previous certificate: %s", exc)
+            log.error("TLS reload failed, still serving the previous certificate: %s",
+                      _ssl_reason(exc))
             return False
         log.info("TLS certificate reloaded from %s; new connections use it",
                  self.config.tls.cert_file)
@@ -116,13 +124,17 @@ class Gatekeeper:
         now = trio.current_time()
         wait = self.limiter.retry_after(source, now)
         if wait > 0:
-            log.warning("%s: too many failed logins from %s; refused for %.0f s",
-                        peer, source, wait)
+            if self._quiet_until.get(source, 0.0) <= now:  # one line per source per wait
+                self._quiet_until[source] = now + wait
+                log.warning("%s: too many failed logins from %s; answering 429 for %.0f s",
+                            peer, source, wait)
             return handshake.reject(429, "too many failed attempts; try again later",
                                     (("Retry-After", str(math.ceil(wait))),))
         account, problem = await self._check(request, cert_name)
         if account is None:
             self.limiter.charge(source, trio.current_time())
+            if len(self._quiet_until) > self.limiter.max_keys:
+                self._quiet_until.clear()
             log.warning("%s: authentication failed from %s: %s", peer, source, problem)
             return handshake.reject(401, "authentication failed", _AUTH_HEADERS)
         if self.sessions[account.name] >= self.config.max_sessions_per_agent:
@@ -167,6 +179,14 @@ class Gatekeeper:
         self.sessions[identity.name] -= 1
         if self.sessions[identity.name] <= 0:
             del self.sessions[identity.name]
+
+
+def _ssl_reason(exc: OSError) -> str:
+    """One readable line for a file or OpenSSL error."""
+    if isinstance(exc, ssl.SSLError):
+        return (f"{exc.reason or exc} (is it a PEM certificate chain and the matching "
+                f"unencrypted private key?)")
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
 
 
 class SessionGuard:

@@ -11,6 +11,7 @@ handshake, the upgrade request and the login all run under one
 from __future__ import annotations
 
 import logging
+import ssl
 from functools import partial
 from typing import Any, Final
 
@@ -64,7 +65,11 @@ class Relay:
                 return
             await self._serve_session(stream, *accepted, peer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("%s: connection lost during the handshake: %s", peer, exc.__cause__ or exc)
+            cause = exc.__cause__ or exc
+            if isinstance(cause, ssl.SSLError):
+                log.info("%s: TLS handshake failed: %s", peer, cause)
+            else:
+                log.debug("%s: connection lost during the handshake: %s", peer, cause)
         finally:
             await trio.aclose_forcefully(stream)
 

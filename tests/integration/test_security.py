@@ -178,6 +178,7 @@ async def test_mutual_tls_names_the_agent_by_its_certificate(tmp_path: Path) -> 
             with pytest.raises((HandshakeError, trio.BrokenResourceError)):
                 await _connect(port, ClientTLS(relay_fingerprint=cert.fingerprint),
                                pin=cert.fingerprint)
+            await logs.wait_for("wstunnel.relay", "TLS handshake failed")
             assert len(logs.matching("session up for agent")) == 1
             nursery.cancel_scope.cancel()
 
@@ -212,7 +213,8 @@ async def test_wrong_token_gets_401_and_the_agent_says_why(
 
 
 async def test_every_bad_credential_gets_the_same_401_then_429() -> None:
-    """Missing, unknown-agent and wrong tokens get one identical 401; then the source is limited."""
+    """Missing, unknown-agent and wrong tokens get one identical 401; then the source gets
+    429 (logged once, not once per attempt)."""
     entry, token = account("a1", LOOPBACK)
     with watch_logs() as logs, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -228,11 +230,12 @@ async def test_every_bad_credential_gets_the_same_401_then_429() -> None:
                 answers.append((info.value.status, str(info.value)))
             assert len(set(answers)) == 1 and answers[0][0] == 401
             assert "a1" not in answers[0][1] and "token" not in answers[0][1].split("401")[1]
-            with pytest.raises(HandshakeError) as limited:
-                await open_websocket(url, headers=[("Authorization", f"Bearer {token}")])
-            assert limited.value.status == 429  # even the right token, until the bucket refills
+            for _ in range(2):
+                with pytest.raises(HandshakeError) as limited:
+                    await open_websocket(url, headers=[("Authorization", f"Bearer {token}")])
+                assert limited.value.status == 429  # even the right token, until refilled
             assert len(logs.matching("authentication failed from 127.0.0.1")) == 5
-            assert logs.matching("too many failed logins from 127.0.0.1")
+            assert len(logs.matching("too many failed logins from 127.0.0.1")) == 1  # no flood
             nursery.cancel_scope.cancel()
 
 

@@ -108,3 +108,18 @@ def test_flags_get_the_same_checks(capsys: pytest.CaptureFixture[str]) -> None:
     assert "needs a wss://" in capsys.readouterr().err
     assert main(["relay", "--listen", "127.0.0.1:0", "--tls-cert-file", "c"]) == 2
     assert "--tls-key-file" in capsys.readouterr().err
+
+
+def test_unusable_security_files_stop_the_start_with_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing TLS certificate, CA file or token file is one line naming it, exit 2."""
+    missing = str(tmp_path / "missing")
+    assert main(["relay", "--listen", "127.0.0.1:0", "--tls-cert-file", missing,
+                 "--tls-key-file", missing]) == 2
+    assert f"cannot load the TLS certificate {missing}" in capsys.readouterr().err
+    assert main(["agent", "--relay", "wss://127.0.0.1:1/t", "-L", "0:h:1",
+                 "--ca-file", missing]) == 2
+    assert f"ca_file: cannot load {missing}" in capsys.readouterr().err
+    assert main(["agent", "--relay", "ws://127.0.0.1:1/t", "-L", "0:h:1",
+                 "--token-file", missing]) == 2
+    assert "token_file: cannot read the token" in capsys.readouterr().err
