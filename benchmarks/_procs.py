@@ -223,7 +223,8 @@ def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
     """``wstunnel relay`` and ``wstunnel agent`` from the CLI, one forward per target."""
     relay_port = free_port()
     relay = spawn(stack, [*command, "relay", "--listen", f"127.0.0.1:{relay_port}",
-                          "--allow", "127.0.0.1", *relay_args], tmp / "relay.log")
+                          "--allow", "127.0.0.1", "--no-auth", *relay_args],
+                  tmp / "relay.log")
     _wait_listening(relay_port, relay, "wstunnel relay")
     ports = {kind: free_port() for kind in TARGET_KINDS}
     forwards = [arg for kind in TARGET_KINDS for arg in

@@ -130,8 +130,8 @@ def split_fields(text: str) -> list[str]:
 def _host(text: str) -> str:
     """Validate one host field; brackets are required around (and only around) IPv6."""
     if text.startswith("["):
-        address = parse_ip(text[1:-1])
-        if address is None or address.version != 6:
+        address = parse_ip(text[1:-1])  # (parse_ip turns ::ffff:a.b.c.d into IPv4)
+        if address is None or ":" not in text[1:-1]:
             raise ValueError(f"brackets are only for IPv6 addresses, got {json.dumps(text)}")
         return text[1:-1]
     if parse_ip(text) is not None or is_hostname(text):

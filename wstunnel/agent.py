@@ -18,9 +18,10 @@ from typing import Any
 
 import trio
 
-from . import mux, ws
+from . import mux, tls, ws
+from .auth import load_token, token_agent
 from .config import AgentConfig, Forward, RelayURL
-from .errors import ChannelRefused, HandshakeError, SessionClosed
+from .errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from .net.connect import open_websocket, tune_socket
 from .net.proxy import proxy_dialer, proxy_environment
 from .net.splice import splice
@@ -30,6 +31,8 @@ from .protocol import TunnelProtocol
 __all__ = ["run_agent", "Agent"]
 
 log = logging.getLogger("wstunnel.agent")
+
+REJECTED_RETRY_INTERVAL = 30.0  # a refused token or a 429: never hammer the relay faster
 
 
 class Agent:
@@ -46,6 +49,21 @@ class Agent:
         self._channels = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.token = self._load_token()
+        if self.relay.secure:
+            _check_tls_files(config)
+
+    def _load_token(self) -> str | None:
+        config = self.config
+        return load_token(token_file=config.token_file, token_env=config.token_env,
+                          token_credential=config.token_credential)
+
+    def _refresh_token(self) -> None:
+        """Re-read the token before each connect, so a rotated token is picked up."""
+        try:
+            self.token = self._load_token()
+        except ConfigError as exc:
+            log.warning("cannot re-read the token (%s); using the one read before", exc)
 
     # -- the session ----------------------------------------------------------
 
@@ -60,6 +78,9 @@ class Agent:
             except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 failures += 1
                 delay = self._backoff(failures)
+                if _refused(exc):
+                    delay = max(delay, REJECTED_RETRY_INTERVAL)
+                    log.error("%s", self._refusal_message(exc))
                 log.warning(
                     "cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
                     self.relay.url,
@@ -84,12 +105,40 @@ class Agent:
         )
         return float(delay) * random.uniform(0.8, 1.0)
 
+    def _refusal_message(self, exc: BaseException) -> str:
+        name = token_agent(self.token) if self.token else None
+        if isinstance(exc, AuthenticationError) and name is None:
+            return (f"the relay {self.relay.url} requires a token and we have none: set "
+                    f"token_file, token_env or token_credential")
+        if isinstance(exc, AuthenticationError):
+            return (f"the relay rejected the token for agent {name}: check the token "
+                    f"({self._token_source()}) against the relay's agents entry for {name} "
+                    f"(wstunnel keygen --token {name} makes a new pair)")
+        return f"{exc}"
+
+    def _token_source(self) -> str:
+        config = self.config
+        for key in ("token_file", "token_env", "token_credential"):
+            if getattr(config, key):
+                return f"{key} {getattr(config, key)}"
+        return "no token configured"
+
     async def _connect(self) -> TunnelTransport:
         config = self.config
+        settings = config.client_tls
+        self._refresh_token()
+        headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
+        context = None
+        if self.relay.secure:
+            context = tls.client_context(settings)
+            if settings.mode is tls.VerifyMode.INSECURE:
+                log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
+                            "anyone on the path can read and change this session")
         with trio.fail_after(config.handshake_timeout):
             stream, trailing = await open_websocket(
-                self.relay, dial=self.dial, headers=list(config.headers),
-                host_header=config.host_header)
+                self.relay, dial=self.dial, headers=[*config.headers, *headers],
+                ssl_context=context, server_hostname=config.server_name,
+                host_header=config.host_header, pin=settings.relay_fingerprint)
         protocol = TunnelProtocol(
             mux.Role.AGENT,
             trailing_data=trailing,
@@ -173,6 +222,23 @@ class Agent:
             await self._idle.wait()
         if self.session is not None:
             await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def _check_tls_files(config: AgentConfig) -> None:
+    """Fail at start, not at every reconnect, when a CA or client certificate file is bad."""
+    try:
+        tls.client_context(config.client_tls)
+    except (OSError, ValueError) as exc:
+        key = "ca_file" if config.ca_file else "client_cert_file"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot load {getattr(config, key)}: {reason}",
+                          source=config.source, key_path=key) from exc
+
+
+def _refused(exc: BaseException) -> bool:
+    """The relay turned us away on purpose (401/403/429): retrying soon will not help."""
+    return isinstance(exc, AuthenticationError) or (
+        isinstance(exc, HandshakeError) and exc.status == 429)
 
 
 def _reason(exc: BaseException) -> str:

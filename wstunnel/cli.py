@@ -18,6 +18,7 @@ works without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -36,6 +37,8 @@ from .config import (
     LOG_LEVELS,
     AgentConfig,
     RelayConfig,
+    RelayTLS,
+    agent_problem,
     load_agent_config,
     load_config,
     load_relay_config,
@@ -44,12 +47,14 @@ from .config import (
     parse_relay_url,
     parse_size,
     parse_url_path,
+    relay_problem,
 )
 from .errors import ConfigError, TunnelError
 from .forwarded import parse_trusted_proxy
 from .logs import setup_logging
 from .policy import AllowRule
 from .proxy_url import NO_PROXY, parse_proxy_url
+from .tls import parse_fingerprint
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
 
@@ -97,7 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_size_arg, metavar="SIZE",
                       help="bulk transfer size, e.g. 64MiB")
     demo.set_defaults(handler=_cmd_demo)
+    _add_keygen(commands.add_parser("keygen", parents=[common],
+                                    help="make a relay certificate or an agent token"))
     return parser
+
+
+def _add_keygen(keygen: argparse.ArgumentParser) -> None:
+    what = keygen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--out", metavar="DIR", help="write relay.key and relay.crt into DIR")
+    what.add_argument("--token", metavar="NAME", help="print a new token for agent NAME")
+    keygen.add_argument("--name", action="append", default=[], metavar="NAME",
+                        help="DNS name or IP address the certificate is for (repeatable)")
+    keygen.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.set_defaults(handler=_cmd_keygen)
 
 
 def _add_relay(relay: argparse.ArgumentParser) -> None:
@@ -110,6 +128,10 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
     relay.add_argument("--trusted-proxy", "--trusted-proxies", dest="trusted_proxies",
                        action="append", metavar="CIDR",
                        help="reverse proxy whose X-Forwarded-For is believed (repeatable)")
+    relay.add_argument("--no-auth", action="store_true", default=None,
+                       help="accept agents without a token (tests and loopback only)")
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        relay.add_argument(f"--tls-{key.replace('_', '-')}", dest=f"tls_{key}", metavar="FILE")
     relay.set_defaults(handler=_cmd_relay)
 
 
@@ -129,7 +151,17 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
                        metavar="'NAME: VALUE'", help="extra upgrade header (repeatable)")
     agent.add_argument("--host-header", metavar="HOST[:PORT]",
                        help="Host header to send instead of the relay URL's host")
+    for key, meta in _AGENT_SECURITY_FLAGS.items():
+        agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta)
+    agent.add_argument("--insecure-skip-verify", action="store_true", default=None,
+                       help="do not check the relay's certificate (logs a warning)")
     agent.set_defaults(handler=_cmd_agent)
+
+
+_AGENT_SECURITY_FLAGS: Final = {
+    "token_file": "FILE", "token_env": "VAR", "token_credential": "NAME", "ca_file": "FILE",
+    "relay_fingerprint": "SHA256", "server_name": "HOST", "client_cert_file": "FILE",
+    "client_key_file": "FILE"}
 
 
 def _size_arg(text: str) -> int:
@@ -165,11 +197,35 @@ def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
     if args.trusted_proxies is not None:
         changes["trusted_proxies"] = tuple(_flag(parse_trusted_proxy, text, "--trusted-proxy")
                                            for text in args.trusted_proxies)
+    if args.no_auth:
+        changes["no_auth"] = True
     if args.config is not None:
-        return dataclasses.replace(load_relay_config(args.config), **changes)
-    if "listen" not in changes:
+        config = dataclasses.replace(load_relay_config(args.config), **changes)
+    elif "listen" not in changes:
         raise ConfigError("give --listen HOST:PORT or -c relay.yaml")
-    return RelayConfig(**changes)
+    else:
+        config = RelayConfig(**changes)
+    config = _relay_tls_flags(args, config)
+    return _checked(config, relay_problem(config))
+
+
+def _relay_tls_flags(args: argparse.Namespace, config: RelayConfig) -> RelayConfig:
+    given = {k: getattr(args, f"tls_{k}") for k in ("cert_file", "key_file", "client_ca_file")
+             if getattr(args, f"tls_{k}") is not None}
+    if not given:
+        return config
+    current = dataclasses.asdict(config.tls) if config.tls is not None else {}
+    merged = {**current, **given}
+    if "cert_file" not in merged or "key_file" not in merged:
+        raise ConfigError("give both --tls-cert-file and --tls-key-file")
+    return dataclasses.replace(config, tls=RelayTLS(**merged))
+
+
+def _checked(config: T, problem: tuple[str, str] | None) -> T:
+    if problem is not None:
+        key, message = problem
+        raise ConfigError(message, source=getattr(config, "source", None), key_path=key)
+    return config
 
 
 def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -181,13 +237,22 @@ def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
     if args.forwards is not None:
         changes["forwards"] = tuple(_flag(parse_forward, text, "-L") for text in args.forwards)
     changes.update(_agent_http_flags(args))
+    changes.update({k: getattr(args, k) for k in _AGENT_SECURITY_FLAGS
+                    if getattr(args, k) is not None})
+    if args.insecure_skip_verify:
+        changes["insecure_skip_verify"] = True
+    if "relay_fingerprint" in changes:
+        changes["relay_fingerprint"] = _flag(parse_fingerprint, changes["relay_fingerprint"],
+                                             "--relay-fingerprint")
     if args.config is not None:
-        return dataclasses.replace(load_agent_config(args.config), **changes)
-    if "relay" not in changes:
+        config = dataclasses.replace(load_agent_config(args.config), **changes)
+    elif "relay" not in changes:
         raise ConfigError("give --relay ws://HOST:PORT/tunnel or -c agent.yaml")
-    if "forwards" not in changes:
+    elif "forwards" not in changes:
         raise ConfigError("give at least one -L [bind:]port:host:port, or -c agent.yaml")
-    return AgentConfig(**changes)
+    else:
+        config = AgentConfig(**changes)
+    return _checked(config, agent_problem(config))
 
 
 def _agent_http_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -222,10 +287,16 @@ def _summary(config: Config) -> str:
     if isinstance(config, AgentConfig):
         count = len(config.forwards)
         return f"agent, {count} forward{'s' * (count != 1)} to {config.relay}"
-    rules = len(config.allow)
-    refused = " (every destination refused)" if not rules else ""
-    return (f"relay on {config.listen} path {config.path}, "
-            f"{rules} allow rule{'s' * (rules != 1)}{refused}")
+    scheme = "wss" if config.tls is not None else "ws"
+    if config.no_auth:
+        rules = len(config.allow)
+        refused = " (every destination refused)" if not rules else ""
+        access = f"NO AUTHENTICATION, {rules} allow rule{'s' * (rules != 1)}{refused}"
+    else:
+        count = len(config.agents)
+        access = f"{count} agent{'s' * (count != 1)}" + (" (every agent refused)"
+                                                         if not count else "")
+    return f"relay on {scheme}://{config.listen}{config.path}, {access}"
 
 
 def _cmd_relay(args: argparse.Namespace) -> int:
@@ -233,7 +304,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from .relay import run_relay  # it warns when there are no allow rules
 
-    return _run_role(run_relay, config)
+    return _run_role(run_relay, config, reload=True)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -242,6 +313,17 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from .agent import run_agent
 
     return _run_role(run_agent, config)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from .keygen import print_token, write_certificate
+
+    if args.token is not None:
+        print_token(args.token, stdout=sys.stdout, stderr=sys.stderr)
+    else:
+        write_certificate(args.out, args.name, days=args.days, force=args.force,
+                          stdout=sys.stdout)
+    return EXIT_OK
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -256,25 +338,44 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- running
 
-def _run_role(runner: Runner, config: Config) -> int:
-    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
+def _run_role(runner: Runner, config: Config, *, reload: bool = False) -> int:
+    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes.
+
+    With ``reload``, each SIGHUP is passed to the runner through ``reload_requests``.
+    """
     import trio
 
     def run() -> int:
-        trio.run(_supervise, runner, config)
+        trio.run(_supervise, runner, config, reload)
         return EXIT_OK
 
     return _guarded(run, config)
 
 
-async def _supervise(runner: Runner, config: Config) -> None:
+async def _supervise(runner: Runner, config: Config, reload: bool = False) -> None:
     import trio
 
     shutdown = trio.Event()
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, shutdown)
-        await runner(config, shutdown=shutdown)
+        options: dict[str, Any] = {}
+        if reload:
+            send, options["reload_requests"] = trio.open_memory_channel[object](1)
+            nursery.start_soon(_watch_hangup, send)
+        await runner(config, shutdown=shutdown, **options)
         nursery.cancel_scope.cancel()
+
+
+async def _watch_hangup(send: Any) -> NoReturn:
+    """SIGHUP: ask the relay to re-read its TLS files (extra requests coalesce)."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("SIGHUP received: reloading the TLS certificate and key")
+            with contextlib.suppress(trio.WouldBlock):  # a reload is already queued
+                send.send_nowait(None)
+    raise AssertionError("signal receiver ended")  # pragma: no cover
 
 
 async def _watch_signals(shutdown: Any, *, task_status: Any) -> NoReturn:

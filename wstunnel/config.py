@@ -41,9 +41,11 @@ from ._textforms import (
     split_fields,
 )
 from ._yaml import Document, join_index, join_key, load_document, parse_document
+from .auth import AGENT_NAME, TokenHash
 from .forwarded import IPNetwork, parse_trusted_proxy
 from .policy import AllowRule, Policy
 from .proxy_url import NO_PROXY, parse_proxy_url
+from .tls import ClientTLS, parse_fingerprint
 
 __all__ = [
     "DEFAULT_BIND_HOST",
@@ -54,11 +56,14 @@ __all__ = [
     "DEFAULT_PATH",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "AgentAccount",
     "AgentConfig",
     "Forward",
     "HostPort",
     "RelayConfig",
+    "RelayTLS",
     "RelayURL",
+    "agent_problem",
     "demo_configs",
     "load_agent_config",
     "load_config",
@@ -70,6 +75,7 @@ __all__ = [
     "parse_relay_url",
     "parse_size",
     "parse_url_path",
+    "relay_problem",
 ]
 
 # Same values as the mux layer's defaults; repeated here so config does not
@@ -82,9 +88,14 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _RECORD_OVERHEAD: Final = 64  # room for a mux record header around a chunk
-_RESERVED_KEYS: Final = {"tls": "TLS", "agents": "agent authentication",
-                         "token": "agent authentication",
-                         "relay_fingerprint": "certificate pinning"}
+_RESERVED_KEYS: Final = {
+    "token": "a token is a secret and does not belong in a config file: put it in a file "
+             "(token_file), an environment variable (token_env) or a systemd credential "
+             "(token_credential)",
+}
+DEFAULT_MAX_PENDING_OPENS: Final = 64
+DEFAULT_MAX_BUFFERED_SIZE: Final = 256 * MiB  # = 1024 channels x 256 KiB windows
+DEFAULT_MAX_SESSIONS_PER_AGENT: Final = 8
 
 
 @dataclass(frozen=True)
@@ -108,12 +119,49 @@ class AgentConfig:
     host_header: str | None = None
     log_level: str = "info"
     log_format: str = "text"
+    token_file: str | None = None
+    token_env: str | None = None
+    token_credential: str | None = None
+    ca_file: str | None = None
+    relay_fingerprint: str | None = None
+    insecure_skip_verify: bool = False
+    server_name: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
     source: str = field(default="<command line>", compare=False)  # file named in messages
 
     @property
     def relay_url(self) -> RelayURL:
         """``relay`` split into what the agent dials."""
         return parse_relay_url(self.relay)
+
+    @property
+    def client_tls(self) -> ClientTLS:
+        """How the agent checks the relay's certificate."""
+        return ClientTLS(self.ca_file, self.relay_fingerprint, self.insecure_skip_verify,
+                         self.client_cert_file, self.client_key_file)
+
+
+@dataclass(frozen=True)
+class RelayTLS:
+    """The relay's ``tls:`` section."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentAccount:
+    """One entry of the relay's ``agents:`` list."""
+
+    name: str
+    token_hash: TokenHash | None = None
+    allow: tuple[AllowRule, ...] = ()
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.allow)
 
 
 @dataclass(frozen=True)
@@ -135,6 +183,13 @@ class RelayConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     log_level: str = "info"
     log_format: str = "text"
+    tls: RelayTLS | None = None
+    agents: tuple[AgentAccount, ...] = ()
+    no_auth: bool = False
+    max_pending_opens: int = DEFAULT_MAX_PENDING_OPENS
+    max_buffered_size: int = DEFAULT_MAX_BUFFERED_SIZE
+    max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
+    idle_timeout: float = 0.0
     source: str = field(default="<command line>", compare=False)  # file named in messages
 
     @property
@@ -250,6 +305,49 @@ def _allow_rule(doc: Document, path: str, value: Any) -> AllowRule:
     return _checked(doc, path, AllowRule.parse, value, "a host, pattern, IP or CIDR rule")
 
 
+def _flag(doc: Document, path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise doc.error(path, f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _text(what: str) -> _Parser:
+    def parse(doc: Document, path: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise doc.error(path, f"expected {what}, got {_describe(value)}")
+        return value.strip()
+    return parse
+
+
+_file = _text("a file path")
+
+
+def _fingerprint(doc: Document, path: str, value: Any) -> str:
+    return _checked(doc, path, parse_fingerprint, value, "sha256:<hex> as keygen prints it")
+
+
+def _token_hash(doc: Document, path: str, value: Any) -> TokenHash:
+    return _checked(doc, path, TokenHash.parse, value, "scrypt:... as keygen prints it")
+
+
+def _agent_name(doc: Document, path: str, value: Any) -> str:
+    if not isinstance(value, str) or not AGENT_NAME.fullmatch(value):
+        raise doc.error(path, f"expected an agent name (1-64 letters, digits, '-' or '_'), "
+                              f"got {_describe(value)}")
+    return value
+
+
+def _agent_account(doc: Document, path: str, value: Any) -> AgentAccount:
+    values = _build(doc, path, value, _ACCOUNT_FIELDS, {"token_hash": False, "allow": False},
+                    "an agent entry")
+    return AgentAccount(**values)
+
+
+def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
+    values = _build(doc, path, value, _TLS_FIELDS, {"client_ca_file": False}, "a tls section")
+    return RelayTLS(**values)
+
+
 def _forward(doc: Document, path: str, value: Any) -> Forward:
     if isinstance(value, str):
         return _checked(doc, path, parse_forward, value, "[bind:]port:host:port")
@@ -303,6 +401,10 @@ def _trusted_proxy(doc: Document, path: str, value: Any) -> IPNetwork:
 
 
 _FORWARD_FIELDS: Final[dict[str, _Parser]] = {"listen": _listen, "target": _target}
+_ACCOUNT_FIELDS: Final[dict[str, _Parser]] = {
+    "name": _agent_name, "token_hash": _token_hash, "allow": _list_of(_allow_rule)}
+_TLS_FIELDS: Final[dict[str, _Parser]] = {
+    "cert_file": _file, "key_file": _file, "client_ca_file": _file}
 
 _COMMON_FIELDS: Final[dict[str, _Parser]] = {
     "handshake_timeout": _duration(0.001),
@@ -326,6 +428,15 @@ _AGENT_FIELDS: Final[dict[str, _Parser]] = {
     "headers": _headers,
     "host_header": _host_header,
     **_COMMON_FIELDS,
+    "token_file": _file,
+    "token_env": _text("an environment variable name"),
+    "token_credential": _text("a systemd credential name"),
+    "ca_file": _file,
+    "relay_fingerprint": _fingerprint,
+    "insecure_skip_verify": _flag,
+    "server_name": _text("a host name"),
+    "client_cert_file": _file,
+    "client_key_file": _file,
 }
 
 _RELAY_FIELDS: Final[dict[str, _Parser]] = {
@@ -337,6 +448,13 @@ _RELAY_FIELDS: Final[dict[str, _Parser]] = {
     "max_message_size": _size(4 * KiB, 64 * MiB),
     "trusted_proxies": _list_of(_trusted_proxy),
     **_COMMON_FIELDS,
+    "tls": _relay_tls,
+    "agents": _list_of(_agent_account),
+    "no_auth": _flag,
+    "max_pending_opens": _size(1, 65536, "a count"),
+    "max_buffered_size": _size(16 * KiB, 64 * 1024 * MiB),
+    "max_sessions_per_agent": _size(1, 65536, "a count"),
+    "idle_timeout": _duration(0.0),
 }
 
 
@@ -357,8 +475,7 @@ def _build(doc: Document, path: str, value: Any, table: Mapping[str, _Parser],
 
 def _unknown_key_message(key: str, table: Mapping[str, object]) -> str:
     if key in _RESERVED_KEYS:
-        return (f"{_RESERVED_KEYS[key]} is not supported by this version yet; "
-                f"allowed keys: {', '.join(table)}")
+        return _RESERVED_KEYS[key]
     close = difflib.get_close_matches(key, list(table), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key {key!r}; {hint}allowed keys: {', '.join(table)}"
@@ -396,7 +513,29 @@ def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
             and parse_proxy_url(config.proxy).username is None):
         raise doc.error("proxy", "proxy_password_file needs a user name in the proxy URL, "
                                  "e.g. http://USER@proxy.example.com:3128")
+    problem = agent_problem(config)
+    if problem is not None:
+        raise doc.error(problem[0], problem[1])
     return config
+
+
+def agent_problem(config: AgentConfig) -> tuple[str, str] | None:
+    """(key, message) for a contradiction between the agent's security settings."""
+    sources = [k for k in ("token_file", "token_env", "token_credential") if getattr(config, k)]
+    if len(sources) > 1:
+        return sources[1], f"give one token source, not both {sources[0]} and {sources[1]}"
+    verify = [k for k in ("ca_file", "relay_fingerprint", "insecure_skip_verify")
+              if getattr(config, k)]
+    if len(verify) > 1:
+        return verify[1], (f"{verify[0]} and {verify[1]} are different ways to check the "
+                           f"relay; choose one")
+    tls_keys = [*verify, *(k for k in ("server_name", "client_cert_file", "client_key_file")
+                           if getattr(config, k))]
+    if tls_keys and not config.relay_url.secure:
+        return tls_keys[0], f"{tls_keys[0]} needs a wss:// relay URL, got {config.relay}"
+    if config.client_key_file and not config.client_cert_file:
+        return "client_key_file", "client_key_file needs client_cert_file"
+    return None
 
 
 def _check_relay(doc: Document, config: RelayConfig) -> RelayConfig:
@@ -404,15 +543,40 @@ def _check_relay(doc: Document, config: RelayConfig) -> RelayConfig:
         key = "max_message_size" if "max_message_size" in doc.lines else "max_chunk_size"
         raise doc.error(key, f"max_message_size must exceed max_chunk_size "
                         f"({config.max_chunk_size}) by at least {_RECORD_OVERHEAD} bytes")
+    problem = relay_problem(config)
+    if problem is not None:
+        raise doc.error(problem[0], problem[1])
     return config
+
+
+def relay_problem(config: RelayConfig) -> tuple[str, str] | None:
+    """(key, message) for a contradiction between the relay's security settings."""
+    if config.no_auth and config.agents:
+        return "no_auth", "no_auth accepts every agent anonymously; remove it or the agents list"
+    if config.allow and not config.no_auth:
+        return "allow", ("the global allow list applies only with no_auth; with agent "
+                         "authentication put the rules under agents[].allow")
+    seen: set[str] = set()
+    mutual = config.tls is not None and config.tls.client_ca_file is not None
+    for i, account in enumerate(config.agents):
+        if account.name in seen:
+            return join_index("agents", i), f"agent {account.name!r} is listed twice"
+        seen.add(account.name)
+        if account.token_hash is None and not mutual:
+            return join_index("agents", i), (
+                f"agent {account.name!r} has no token_hash; without tls.client_ca_file "
+                f"(client certificates) it could never log in")
+    return None
 
 
 def demo_configs(echo_port: int, sink_port: int, *,
                  relay_port: int = 0) -> tuple[RelayConfig, AgentConfig]:
     """Loopback configs for ``wstunnel demo``: a relay allowing exactly the two
-    targets, and an agent forwarding a free local port to each of them."""
+    targets (no_auth: nothing but this process can reach it in the demo's few
+    seconds, and it only opens those two loopback ports), and an agent
+    forwarding a free local port to each of them."""
     loopback = DEFAULT_BIND_HOST
-    relay = RelayConfig(listen=HostPort(loopback, relay_port), source="<demo>",
+    relay = RelayConfig(listen=HostPort(loopback, relay_port), source="<demo>", no_auth=True,
                         allow=tuple(AllowRule.parse(f"{loopback}:{port}")
                                     for port in (echo_port, sink_port)))
     forwards = tuple(Forward(loopback, 0, loopback, port) for port in (echo_port, sink_port))
@@ -478,9 +642,27 @@ def _any_from(doc: Document) -> AgentConfig | RelayConfig:
 
 def _agent_from(doc: Document) -> AgentConfig:
     values = _config_values(doc, AgentConfig, _AGENT_FIELDS, "agent")
+    for key in _AGENT_PATH_KEYS:
+        if values.get(key) is not None:
+            values[key] = _beside(doc, values[key])
     return _check_agent(doc, AgentConfig(**values))
 
 
 def _relay_from(doc: Document) -> RelayConfig:
     values = _config_values(doc, RelayConfig, _RELAY_FIELDS, "relay")
+    tls = values.get("tls")
+    if tls is not None:
+        ca = tls.client_ca_file
+        values["tls"] = RelayTLS(_beside(doc, tls.cert_file), _beside(doc, tls.key_file),
+                                 _beside(doc, ca) if ca is not None else None)
     return _check_relay(doc, RelayConfig(**values))
+
+
+_AGENT_PATH_KEYS: Final = ("token_file", "ca_file", "client_cert_file", "client_key_file")
+
+
+def _beside(doc: Document, path: str) -> str:
+    """A relative file path in a config file is relative to that file's directory."""
+    if path.startswith("$") or Path(path).is_absolute() or doc.source.startswith("<"):
+        return path
+    return str(Path(doc.source).parent / path)

@@ -3,19 +3,24 @@
 Each agent connection is served by its own task with its own transport, so one
 agent's bad frame or slow socket ends or slows only that session. Every OPEN is
 checked against the destination policy after DNS resolution (see net/dial.py).
+TLS, authentication and per-session limits live in guard.py: the TLS
+handshake, the upgrade request and the login all run under one
+``handshake_timeout``; each session gets the allow rules of its agent.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 import trio
 
 from . import mux, ws
 from .config import RelayConfig
 from .forwarded import client_address
+from .guard import Gatekeeper, Identity, SessionGuard
 from .net.channel_stream import ChannelStream
 from .net.connect import read_request, tune_socket
 from .net.dial import DialError, dial
@@ -24,9 +29,11 @@ from .net.transport import TunnelTransport
 from .policy import Policy
 from .protocol import TunnelProtocol
 
-__all__ = ["run_relay", "Relay"]
+__all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
 
 log = logging.getLogger("wstunnel.relay")
+
+CLOSE_IDLE: Final = 4000  # private-use close code: the session had no channel for idle_timeout
 
 
 class Relay:
@@ -39,70 +46,87 @@ class Relay:
         self._idle = trio.Event()
         self._idle.set()
         self.stopping = False
+        self.gate = Gatekeeper(config)
 
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
-        """One TCP connection: the upgrade, then the session, then close."""
-        peer = _peer_name(stream)
+    async def handle_connection(self, tcp: trio.SocketStream) -> None:
+        """One TCP connection: TLS, the upgrade and login, then the session, then close."""
+        peer = _peer_name(tcp)
+        stream: trio.abc.Stream = tcp
         try:
-            tune_socket(stream, notsent_lowat=True)
-            accepted = await self._handshake(stream, peer)
-            if accepted is not None:
-                await self._serve_session(stream, *accepted)
+            tune_socket(tcp, notsent_lowat=True)
+            accepted = None
+            with trio.move_on_after(self.config.handshake_timeout):
+                stream, cert_name = await self.gate.secure(tcp)
+                accepted = await self._handshake(stream, peer, _peer_host(tcp), cert_name)
+                if accepted is None:
+                    return
+            if accepted is None:
+                log.info("%s: no complete upgrade request within %g s; dropped",
+                         peer, self.config.handshake_timeout)
+                return
+            await self._serve_session(stream, *accepted)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("%s: connection lost during the handshake: %s", peer, exc)
+            cause = exc.__cause__ or exc
+            if isinstance(cause, ssl.SSLError):
+                log.info("%s: TLS handshake failed: %s", peer, cause)
+            else:
+                log.debug("%s: connection lost during the handshake: %s", peer, cause)
         finally:
             await trio.aclose_forcefully(stream)
 
     async def _handshake(
-        self, stream: trio.SocketStream, peer: str
-    ) -> tuple[TunnelProtocol, str] | None:
-        """The protocol and the client's name for logs, or None when not upgraded."""
+        self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
+    ) -> tuple[TunnelProtocol, Identity, str] | None:
+        """The protocol, the agent and the client's name for logs; None when not upgraded."""
         config = self.config
         handshake = ws.ServerHandshake(max_header_size=16384, max_headers=100)
-        with trio.move_on_after(config.handshake_timeout):
-            request = await read_request(stream, handshake)
-            if request is None:
-                return None
-            if isinstance(request, ws.HandshakeFailed):
-                log.info("%s: bad HTTP request (%s)", peer, request.message)
-                await stream.send_all(request.response)
-                return None
-            peer = self._client_name(stream, request, peer)
-            answer = self._route(handshake, request, peer)
-            if answer is not None:
-                await stream.send_all(answer)
-                return None
-            await stream.send_all(handshake.accept())
-            protocol = TunnelProtocol(
-                mux.Role.RELAY,
-                trailing_data=handshake.trailing_data,
-                max_message_size=config.max_message_size,
-                initial_window=config.initial_window,
-                max_chunk_size=config.max_chunk_size,
-                max_channels=config.max_channels,
-            )
-            return protocol, peer
-        log.info(
-            "%s: no complete upgrade request within %g s; dropped", peer, config.handshake_timeout
+        # (the caller bounds all of this with handshake_timeout)
+        request = await read_request(stream, handshake)
+        if request is None:
+            return None
+        if isinstance(request, ws.HandshakeFailed):
+            log.info("%s: bad HTTP request (%s)", peer, request.message)
+            await stream.send_all(request.response)
+            return None
+        client = self._client(peer_host, request, peer)
+        if client != peer_host:
+            peer = f"{client} via {peer}"
+        answer = self.route(handshake, request, peer)
+        if answer is not None:
+            await stream.send_all(answer)
+            return None
+        identity = await self.gate.authenticate(
+            handshake, request, peer, client, cert_name
         )
-        return None
+        if isinstance(identity, bytes):
+            await stream.send_all(identity)
+            return None
+        await stream.send_all(handshake.accept())
+        protocol = TunnelProtocol(
+            mux.Role.RELAY,
+            trailing_data=handshake.trailing_data,
+            max_message_size=config.max_message_size,
+            initial_window=config.initial_window,
+            max_chunk_size=config.max_chunk_size,
+            max_channels=config.max_channels + 1,  # SessionGuard refuses first, and logs
+        )
+        return protocol, identity, peer
 
-    def _client_name(
-        self, stream: trio.SocketStream, request: ws.RequestReceived, peer: str
-    ) -> str:
-        """``peer``, or ``client via peer`` when trusted proxies vouch for X-Forwarded-For."""
+    def _client(self, peer_host: str, request: ws.RequestReceived, peer: str) -> str:
+        """The client's address: from X-Forwarded-For only when trusted proxies vouch for it.
+
+        It names the client in logs and is what failed logins are counted by.
+        """
         forwarded_for = request.header("x-forwarded-for")
         if forwarded_for is None:
-            return peer
-        host = _peer_host(stream)
-        client = client_address(host, forwarded_for, self.config.trusted_proxies)
-        if client == host:
+            return peer_host
+        client = client_address(peer_host, forwarded_for, self.config.trusted_proxies)
+        if client == peer_host:
             log.debug("%s: X-Forwarded-For %r ignored (peer not in trusted_proxies)",
                       peer, forwarded_for)
-            return peer
-        return f"{client} via {peer}"
+        return client
 
-    def _route(
+    def route(
         self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str
     ) -> bytes | None:
         """The HTTP answer for anything that is not a good upgrade, else None."""
@@ -125,42 +149,80 @@ class Relay:
         return None
 
     async def _serve_session(
-        self, stream: trio.SocketStream, protocol: TunnelProtocol, peer: str
+        self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str
     ) -> None:
         config = self.config
+        guard = SessionGuard(identity, config)
         transport = TunnelTransport(
             stream,
             protocol,
-            name=peer,
-            on_open=self._open_channel,
+            name=f"{peer} (agent {identity.name})",
+            on_open=partial(self._open_channel, guard),
+            admit=partial(self._admit, guard),
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
         )
         self.sessions.add(transport)
+        self.gate.session_started(identity)
         self._idle = trio.Event()
-        log.info("%s: session up", peer)
+        log.info("%s: session up for agent %s", peer, identity.name)
         try:
-            reason = await transport.run()
+            async with trio.open_nursery() as nursery:
+                if config.idle_timeout > 0:
+                    nursery.start_soon(self._close_when_idle, transport)
+                reason = await transport.run()
+                nursery.cancel_scope.cancel()
         finally:
+            self.gate.session_ended(identity)
             self.sessions.discard(transport)
             if not self.sessions:
                 self._idle.set()
-        log.info("%s: session down: %s (%d channels served)", peer, reason, transport.opened_total)
+        log.info("%s: session down: %s (%d channels served)", transport.name, reason,
+                 transport.opened_total)
 
-    async def _open_channel(self, transport: TunnelTransport, channel: ChannelStream) -> None:
+    def _admit(
+        self, guard: SessionGuard, transport: TunnelTransport, event: mux.ChannelOpenRequested
+    ) -> tuple[mux.OpenFailure, str] | None:
+        refusal = guard.admit(len(transport.channels))
+        if refusal is not None:
+            log.warning("%s: refused channel to %s:%d: %s",
+                        transport.name, event.host, event.port, refusal)
+            return mux.OpenFailure.LIMIT_REACHED, refusal
+        guard.pending += 1
+        return None
+
+    async def _close_when_idle(self, transport: TunnelTransport) -> None:
+        """Close the session once it has had no channel for ``idle_timeout`` (code 4000)."""
+        timeout = self.config.idle_timeout
+        seen = -1
+        while True:
+            await trio.sleep(timeout)
+            if not transport.channels and transport.opened_total == seen:
+                log.info("%s: no channel for %g s; closing the idle session",
+                         transport.name, timeout)
+                await transport.close(CLOSE_IDLE, "idle timeout")
+                return
+            seen = transport.opened_total
+
+    async def _open_channel(
+        self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
+    ) -> None:
         """Dial the destination; splice on success, OPEN_FAILED otherwise."""
         host, port = channel.host, channel.port
         protocol = transport.protocol
+        policy = guard.identity.policy
         try:
             target = await dial(
                 host,
                 port,
                 timeout=self.config.connect_timeout,
-                allows=lambda address: self.policy.allows(host, port, address),
+                allows=lambda address: policy.allows(host, port, address),
             )
         except DialError as exc:
             self._refuse(transport, channel, exc.reason, exc.text)
             return
+        finally:
+            guard.pending -= 1
         try:
             tune_socket(target, notsent_lowat=False)
             protocol.accept_channel(channel.channel_id)
@@ -210,22 +272,30 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 
 async def run_relay(
-    config: RelayConfig, *, shutdown: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+    config: RelayConfig,
+    *,
+    shutdown: trio.Event,
+    reload_requests: trio.MemoryReceiveChannel[object] | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown`` is set, then drain and return.
 
-    ``task_status.started`` receives the bound (host, port) pairs.
+    Each item from ``reload_requests`` (SIGHUP) re-reads the TLS certificate
+    and key. ``task_status.started`` receives the bound (host, port) pairs.
     """
     relay = Relay(config)
     listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
-    if not config.allow:
-        log.warning("no 'allow' rules: every channel will be refused (add --allow HOST[:PORT])")
+    _warn_about_access(config)
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             serve = partial(trio.serve_listeners, handler_nursery=connections)
             await accepting.start(serve, relay.handle_connection, listeners)
-            log.info("relay listening on %s, tunnel path %s", _addrs(bound), config.path)
+            if reload_requests is not None:
+                accepting.start_soon(_reload_on_request, relay, reload_requests)
+            scheme = "wss" if config.tls is not None else "ws"
+            log.info("relay listening on %s, tunnel path %s (%s://)", _addrs(bound), config.path,
+                     scheme)
             task_status.started(bound)
             await shutdown.wait()
             accepting.cancel_scope.cancel()
@@ -236,6 +306,23 @@ async def run_relay(
         )
         await relay.drain(config.drain_timeout)
         connections.cancel_scope.cancel()
+
+
+def _warn_about_access(config: RelayConfig) -> None:
+    if config.no_auth:
+        log.warning("no_auth: ANY client that reaches this port may open channels (allow "
+                    "rules still apply); use it for tests and loopback only")
+        if not config.allow:
+            log.warning("no 'allow' rules: every channel will be refused "
+                        "(add --allow HOST[:PORT])")
+    elif not config.agents:
+        log.warning("no agents configured: every agent will be refused with 401; add "
+                    "agents (wstunnel keygen --token NAME) or, for tests, --no-auth")
+
+
+async def _reload_on_request(relay: Relay, requests: trio.MemoryReceiveChannel[object]) -> None:
+    async for _ in requests:
+        relay.gate.reload_tls()
 
 
 def _addrs(bound: list[tuple[str, int]]) -> str:

@@ -21,7 +21,10 @@ LOOPBACK = "127.0.0.1"
 
 def relay_config(**overrides: Any) -> RelayConfig:
     base = RelayConfig(
-        listen=HostPort(LOOPBACK, 0), allow=(AllowRule.parse(LOOPBACK),), drain_timeout=2.0
+        listen=HostPort(LOOPBACK, 0),
+        allow=(AllowRule.parse(LOOPBACK),),
+        drain_timeout=2.0,
+        no_auth=True,
     )
     return replace(base, **overrides)
 

@@ -45,7 +45,7 @@ def fake_role(monkeypatch: pytest.MonkeyPatch, role: str,
     """Install a fake ``wstunnel.<role>`` whose runner records its config, then runs ``body``."""
     seen: list[Any] = []
 
-    async def run(config: Any, *, shutdown: Any) -> None:
+    async def run(config: Any, *, shutdown: Any, **_options: Any) -> None:
         seen.append(config)
         if body is not None:
             await body(config, shutdown)
@@ -122,7 +122,7 @@ def test_relay_from_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     """relay --listen/--allow/--path build the config without a file."""
     seen = fake_role(monkeypatch, "relay")
     argv = ["relay", "--listen", "127.0.0.1:0", "--allow", "127.0.0.1:22",
-            "--allow", "*.corp.example", "--path", "/t"]
+            "--allow", "*.corp.example", "--path", "/t", "--no-auth"]
     assert main(argv) == 0
     (config,) = seen
     assert (str(config.listen), config.path) == ("127.0.0.1:0", "/t")
@@ -133,11 +133,11 @@ def test_flags_override_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """Flags given with -c replace the file's values; the rest comes from the file."""
     seen = fake_role(monkeypatch, "relay")
     argv = ["relay", "-c", str(CONFIGS / "relay.yaml"), "--listen", "127.0.0.1:0",
-            "--allow", "10.0.0.0/8", "--log-level", "warning"]
+            "--path", "/tunnel", "--log-level", "warning"]
     assert main(argv) == 0
     (config,) = seen
     assert str(config.listen) == "127.0.0.1:0" and config.path == "/tunnel"
-    assert [str(rule) for rule in config.allow] == ["10.0.0.0/8"]
+    assert config.log_level == "warning" and [a.name for a in config.agents] == ["example"]
     assert config.log_level == "warning"
 
 
@@ -226,7 +226,7 @@ def test_sigterm_drains_and_exits_0(monkeypatch: pytest.MonkeyPatch) -> None:
         await shutdown.wait()
 
     fake_role(monkeypatch, "relay", wait_for_signal)
-    assert main(["relay", "--listen", "127.0.0.1:0", "--allow", "10.0.0.0/8"]) == 0
+    assert main(["relay", "--listen", "127.0.0.1:0", "--allow", "10.0.0.0/8", "--no-auth"]) == 0
 
 
 def test_second_signal_exits_1_at_once(monkeypatch: pytest.MonkeyPatch,

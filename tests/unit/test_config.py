@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wstunnel._yaml import parse_document
+from wstunnel.auth import load_token
 from wstunnel.config import (
     AgentConfig,
     Forward,
@@ -70,9 +71,13 @@ def test_example_configs_work_together() -> None:
     relay = load_relay_config(CONFIGS / "relay.yaml")
     url = agent.relay_url
     assert (url.host, url.port, url.path) == (relay.listen.host, relay.listen.port, relay.path)
+    (account,) = relay.agents
+    assert agent.token_file is not None
+    assert load_token(token_file=agent.token_file).startswith(account.name + ".")
     for forward in agent.forwards:
         target = forward.target
-        assert relay.policy.allows(target.host, target.port, ipaddress.ip_address(target.host))
+        assert account.policy.allows(target.host, target.port,
+                                     ipaddress.ip_address(target.host))
 
 
 def test_demo_configs_allow_exactly_the_demo_targets() -> None:
@@ -106,6 +111,7 @@ def test_values_are_typed(tmp_path: Path) -> None:
     relay = load_relay_config(write(tmp_path, """\
         role: relay
         listen: "[::1]:0"
+        no_auth: true
         allow: [db.internal, "10.0.0.0/8:22", "*.corp.example:443"]
         initial_window: 1MiB
         max_chunk_size: 65536
@@ -162,10 +168,10 @@ def test_unknown_key_inside_a_forward(tmp_path: Path) -> None:
     assert "did you mean 'target'" in str(error)
 
 
-def test_reserved_sections_say_they_are_not_supported_yet(tmp_path: Path) -> None:
-    """Sections planned for later (tls, agents) get a specific message, not a guess."""
-    error = relay_error(tmp_path, RELAY_MIN + "tls: {}\n")
-    assert "TLS is not supported by this version yet" in str(error)
+def test_an_inline_token_is_refused_with_where_to_put_it(tmp_path: Path) -> None:
+    """`token:` in an agent file is an error that names the three places a token may live."""
+    error = agent_error(tmp_path, AGENT_MIN + "token: x.y\n")
+    assert error.key_path == "token" and "token_file" in str(error)
 
 
 def test_duplicate_keys_are_errors(tmp_path: Path) -> None:

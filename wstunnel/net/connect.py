@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from .. import ws
+from .. import tls, ws
 from ..config import RelayURL
 from ..errors import AuthenticationError, HandshakeError
 from .explain import explain_rejection
@@ -56,32 +56,56 @@ async def open_websocket(
     server_hostname: str | None = None,
     dial: Dialer | None = None,
     host_header: str | None = None,
+    pin: str | None = None,
 ) -> tuple[trio.abc.Stream, bytes]:
     """Connect, wrap in TLS for wss://, upgrade; return (stream, trailing bytes).
 
-    The caller bounds the whole thing with a timeout. ``dial`` replaces the
-    direct TCP connection (e.g. a ``ProxyDialer``); ``host_header`` replaces
-    the Host header derived from the URL (for shared front ends and CDNs).
+    ``dial`` replaces the direct TCP connection (e.g. a ``ProxyDialer``).
+    ``server_hostname`` replaces the URL's host in SNI, certificate checks and
+    the Host header; ``host_header`` replaces only the Host header (shared
+    front ends, CDNs); ``pin`` is a ``sha256:`` fingerprint the relay's
+    certificate must have (checked before any HTTP is sent). The caller bounds
+    the whole thing with a timeout.
 
     Raises:
-        HandshakeError: with a one-line explanation (AuthenticationError on 401/403).
+        HandshakeError: with a one-line explanation (AuthenticationError on 401/403,
+            tls.CertificateMismatch for a wrong pin).
         OSError: the TCP connection itself failed.
     """
     tcp = await (dial or trio.open_tcp_stream)(relay.host, relay.port)
     tune_socket(tcp, notsent_lowat=True)
     stream: trio.abc.Stream = tcp
+    if server_hostname is not None:
+        relay = relay._replace(host=server_hostname)  # what SNI and Host carry
     try:
         if relay.secure:
-            context = ssl_context or ssl.create_default_context()
-            stream = trio.SSLStream(
-                tcp, context, server_hostname=server_hostname or relay.host, https_compatible=True
-            )
-            await stream.do_handshake()
+            stream = await _start_tls(tcp, relay, ssl_context, pin)
         trailing = await _upgrade(stream, relay, headers or [], host_header)
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
     return stream, trailing
+
+
+async def _start_tls(
+    tcp: trio.SocketStream, relay: RelayURL, context: ssl.SSLContext | None, pin: str | None
+) -> trio.SSLStream[trio.SocketStream]:
+    context = context or tls.client_context(tls.ClientTLS())
+    stream = trio.SSLStream(tcp, context, server_hostname=relay.host, https_compatible=True)
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise HandshakeError(
+                f"{relay.url}: {tls.describe_verify_error(cause, relay.host)}"
+            ) from exc
+        if isinstance(cause, ssl.SSLError):
+            raise HandshakeError(f"{relay.url}: TLS handshake failed: {cause}") from exc
+        raise
+    if pin is not None:
+        tls.check_pin(stream.getpeercert(binary_form=True), pin, relay.url)
+    return stream
 
 
 async def _upgrade(

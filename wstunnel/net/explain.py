@@ -36,6 +36,8 @@ _PATH_BREAKS: Final = {
 }
 
 _OTHER: Final = {
+    429: "the relay refuses this agent for now: too many failed logins from this address, "
+         "or too many sessions for this agent (max_sessions_per_agent)",
     404: "nothing is served at that path: check the URL's path (the relay's --path, and any "
          "prefix a front end adds)",
     502: "a proxy in front of the relay could not reach it: is the relay running?",

@@ -26,13 +26,17 @@ from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionCl
 from ..protocol import TunnelProtocol
 from .channel_stream import ChannelStream
 
-__all__ = ["TunnelTransport", "OpenHandler"]
+__all__ = ["TunnelTransport", "OpenHandler", "AdmitHandler"]
 
 log = logging.getLogger("wstunnel.session")
 
 RECEIVE_SIZE = 256 * 1024
 
 OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
+# Called synchronously for each peer OPEN before a task starts: None admits it,
+# (reason, text) refuses it with OPEN_FAILED.
+AdmitHandler = Callable[["TunnelTransport", mux.ChannelOpenRequested],
+                        "tuple[mux.OpenFailure, str] | None"]
 
 
 class TunnelTransport:
@@ -45,6 +49,7 @@ class TunnelTransport:
         *,
         name: str,
         on_open: OpenHandler | None = None,
+        admit: AdmitHandler | None = None,
         ping_interval: float = 20.0,
         ping_timeout: float = 10.0,
     ) -> None:
@@ -55,6 +60,7 @@ class TunnelTransport:
         self.opened_total = 0
         self.goaway_received = False
         self._on_open = on_open
+        self._admit = admit
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._wake = trio.Event()
@@ -237,6 +243,10 @@ class TunnelTransport:
             self.protocol.refuse_channel(
                 event.channel_id, mux.OpenFailure.FORBIDDEN, "not accepted here"
             )
+            return
+        refusal = self._admit(self, event) if self._admit is not None else None
+        if refusal is not None:
+            self.protocol.refuse_channel(event.channel_id, refusal[0], refusal[1])
             return
         channel = ChannelStream(self, event.channel_id, event.host, event.port)
         self._add(channel)

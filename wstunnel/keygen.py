@@ -1,0 +1,77 @@
+"""``wstunnel keygen``: a relay key + self-signed certificate, or an agent token.
+
+Files are created with mode 0600 and never overwritten unless asked, and a
+token is printed once, next to the only thing the relay needs: its hash.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, TextIO
+
+from .auth import hash_token, new_token
+from .errors import ConfigError
+from .tls import pem_fingerprint, self_signed_certificate
+
+__all__ = ["KEY_NAME", "CERT_NAME", "write_certificate", "print_token"]
+
+KEY_NAME: Final = "relay.key"
+CERT_NAME: Final = "relay.crt"
+
+
+def _write_private(path: Path, data: bytes, force: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(f"{path} already exists; use --force to replace it") from exc
+    with os.fdopen(fd, "wb") as file:
+        os.fchmod(file.fileno(), 0o600)
+        file.write(data)
+
+
+def write_certificate(out: str, names: Sequence[str], *, days: int, force: bool,
+                      stdout: TextIO) -> None:
+    """Write ``relay.key`` and ``relay.crt`` into ``out`` and print how to use them.
+
+    Raises:
+        ConfigError: no names, or a file exists (without ``force``).
+    """
+    if not names:
+        raise ConfigError("give at least one --name (the relay's DNS name or IP address)")
+    directory = Path(out)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_pem, cert_pem = self_signed_certificate(names, days=days)
+    _write_private(directory / KEY_NAME, key_pem, force)
+    _write_private(directory / CERT_NAME, cert_pem, force)
+    print(pem_fingerprint(cert_pem), file=stdout)
+    print(f"# wrote {directory / KEY_NAME} and {directory / CERT_NAME} (mode 0600), valid "
+          f"{days} days for: {', '.join(names)}\n"
+          f"# relay config:  tls: {{cert_file: {directory / CERT_NAME}, "
+          f"key_file: {directory / KEY_NAME}}}\n"
+          f"# agent config:  relay_fingerprint: \"{pem_fingerprint(cert_pem)}\"", file=stdout)
+
+
+def print_token(name: str, *, stdout: TextIO, stderr: TextIO) -> None:
+    """Print a new token for agent ``name`` (stdout) and its relay config entry (stderr).
+
+    So ``wstunnel keygen --token NAME > NAME.token`` writes exactly the token
+    file and shows the lines for the relay on the terminal.
+
+    Raises:
+        ConfigError: ``name`` is not a valid agent name.
+    """
+    try:
+        token = new_token(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key_path="--token") from exc
+    print(token, file=stdout)
+    print(f"# {name}'s token went to stdout: keep it in a file only the agent can read\n"
+          f"# (token_file), an environment variable (token_env) or a systemd credential\n"
+          f"# (token_credential). The relay needs only this entry under agents:\n"
+          f"  - name: {name}\n"
+          f"    token_hash: {hash_token(token)}\n"
+          f"    allow: []          # destinations this agent may open, e.g. db.internal:5432",
+          file=stderr)
