@@ -18,6 +18,7 @@ works without them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", parents=[common], help="validate a config file")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     check.set_defaults(handler=_cmd_check)
+    _add_status(commands.add_parser("status", parents=[common],
+                                    help="show sessions and channels of a running agent/relay"))
     demo = commands.add_parser("demo", parents=[common], help="relay+agent+target demo")
     demo.add_argument("--size", type=_size_arg, metavar="SIZE",
                       help="bulk transfer size, e.g. 64MiB")
@@ -103,6 +106,7 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
                        help="allowed destination: host, *.pattern, IP or CIDR, "
                             "optional :port or :lo-hi (repeatable; default: nothing)")
     relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
+    _add_service_flags(relay)
     relay.set_defaults(handler=_cmd_relay)
 
 
@@ -111,7 +115,23 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
     agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
                        help="forward a local port to HOST:PORT via the relay (repeatable)")
+    _add_service_flags(agent)
     agent.set_defaults(handler=_cmd_agent)
+
+
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics")
+    parser.add_argument("--admin-socket", metavar="PATH",
+                        help="unix socket (mode 0600) for `wstunnel status`")
+
+
+def _add_status(status: argparse.ArgumentParser) -> None:
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE", help="read admin_socket from this config")
+    where.add_argument("--socket", metavar="PATH", help="the admin socket to ask")
+    status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status.set_defaults(handler=_cmd_status)
 
 
 def _size_arg(text: str) -> int:
@@ -131,7 +151,13 @@ def _flag(parse: Callable[[str], T], text: str, flag: str) -> T:
 
 def _log_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("log_level", "log_format")
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    changes = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if getattr(args, "metrics", None) is not None:
+        changes["metrics"] = _flag(functools.partial(parse_host_port, allow_zero=True),
+                                   args.metrics, "--metrics")
+    if getattr(args, "admin_socket", None) is not None:
+        changes["admin_socket"] = args.admin_socket
+    return changes
 
 
 def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
@@ -191,7 +217,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from .relay import run_relay  # it warns when there are no allow rules
 
-    return _run_role(run_relay, config)
+    return _run_role(run_relay, config, functools.partial(relay_config_from_args, args))
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -199,7 +225,19 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from .agent import run_agent
 
-    return _run_role(run_agent, config)
+    return _run_role(run_agent, config, functools.partial(agent_config_from_args, args))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .admin import show_status
+
+    path = args.socket
+    if path is None:
+        path = load_config(args.config).admin_socket
+        if path is None:
+            raise ConfigError(f"{args.config}: no admin_socket is configured; add "
+                              "`admin_socket: /run/wstunnel/admin.sock` and restart")
+    return show_status(path, watch=args.watch)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -214,35 +252,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- running
 
-def _run_role(runner: Runner, config: Config) -> int:
+def _run_role(runner: Runner, config: Config, reread: Callable[[], Config]) -> int:
     """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
     import trio
 
     def run() -> int:
-        trio.run(_supervise, runner, config)
+        trio.run(_supervise, runner, config, reread)
         return EXIT_OK
 
     return _guarded(run, config)
 
 
-async def _supervise(runner: Runner, config: Config) -> None:
+async def _supervise(runner: Runner, config: Config, reread: Callable[[], Config]) -> None:
     import trio
 
+    from .service import run_service
+    from .systemd import listen_sockets
+
     shutdown = trio.Event()
+    hangup_send, hangups = trio.open_memory_channel[None](1)
+    sockets = listen_sockets() if isinstance(config, RelayConfig) else None
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, shutdown)
-        await runner(config, shutdown=shutdown)
+        await nursery.start(_watch_signals, shutdown, hangup_send)
+        await run_service(runner, config, shutdown=shutdown, hangups=hangups,
+                          load_config=reread, on_reload=_relog, sockets=sockets)
         nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(shutdown: Any, *, task_status: Any) -> NoReturn:
-    """First SIGINT/SIGTERM: set ``shutdown``; second: raise ``_ForcedExit``."""
+def _relog(config: Config) -> None:
+    setup_logging(config.log_level, config.log_format)
+
+
+async def _watch_signals(shutdown: Any, hangups: Any, *, task_status: Any) -> NoReturn:
+    """SIGHUP: ask for a reload. First SIGINT/SIGTERM: set ``shutdown``; second:
+    raise ``_ForcedExit``."""
     import trio
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: reloading the configuration")
+                with contextlib.suppress(trio.WouldBlock):  # one is already pending
+                    hangups.send_nowait(None)
+                continue
             if shutdown.is_set():
                 raise _ForcedExit(name)
             log.info("%s received: draining open channels (send it again to exit now)", name)

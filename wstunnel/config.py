@@ -77,6 +77,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _RECORD_OVERHEAD: Final = 64  # room for a mux record header around a chunk
+_MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes with the terminating NUL
 _RESERVED_KEYS: Final = {"tls": "TLS", "agents": "agent authentication",
                          "token": "agent authentication",
                          "relay_fingerprint": "certificate pinning"}
@@ -99,6 +100,8 @@ class AgentConfig:
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
     log_level: str = "info"
     log_format: str = "text"
+    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    admin_socket: str | None = None  # unix socket for `wstunnel status`
     source: str = field(default="<command line>", compare=False)  # file named in messages
 
     @property
@@ -125,6 +128,8 @@ class RelayConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     log_level: str = "info"
     log_format: str = "text"
+    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    admin_socket: str | None = None  # unix socket for `wstunnel status`
     source: str = field(default="<command line>", compare=False)  # file named in messages
 
     @property
@@ -215,6 +220,21 @@ def _split_or_none(text: str) -> list[str]:
         return []
 
 
+def _optional(parse: _Parser) -> _Parser:
+    def parse_or_none(doc: Document, path: str, value: Any) -> Any:
+        return None if value is None else parse(doc, path, value)
+    return parse_or_none
+
+
+def _socket_path(doc: Document, path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(path, f"expected a file path, got {_describe(value)}")
+    if len(value.encode()) > _MAX_SOCKET_PATH:
+        raise doc.error(path, f"a unix socket path may have at most {_MAX_SOCKET_PATH} bytes, "
+                              f"got {len(value.encode())}; pick a shorter one")
+    return value
+
+
 def _url(doc: Document, path: str, value: Any) -> str:
     _checked(doc, path, parse_relay_url, value, "a ws:// or wss:// URL")
     return str(value).strip()
@@ -258,6 +278,8 @@ _COMMON_FIELDS: Final[dict[str, _Parser]] = {
     "max_chunk_size": _size(1 * KiB, 1 * MiB),
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
+    "metrics": _optional(_host_port),
+    "admin_socket": _optional(_socket_path),
 }
 
 _AGENT_FIELDS: Final[dict[str, _Parser]] = {

@@ -7,7 +7,9 @@ checked against the destination policy after DNS resolution (see net/dial.py).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 from functools import partial
 from typing import Any
 
@@ -15,6 +17,7 @@ import trio
 
 from . import mux, ws
 from .config import RelayConfig
+from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
 from .net.connect import read_request, tune_socket
 from .net.dial import DialError, dial
@@ -22,6 +25,7 @@ from .net.splice import splice
 from .net.transport import TunnelTransport
 from .policy import Policy
 from .protocol import TunnelProtocol
+from .reload import ReloadRequest
 
 __all__ = ["run_relay", "Relay"]
 
@@ -31,8 +35,9 @@ log = logging.getLogger("wstunnel.relay")
 class Relay:
     """State shared by all sessions of one relay process."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, stats: TunnelStats | None = None) -> None:
         self.config = config
+        self.stats = stats or TunnelStats("relay")
         self.policy = _policy(config)
         self.sessions: set[TunnelTransport] = set()
         self._idle = trio.Event()
@@ -64,6 +69,8 @@ class Relay:
                 await stream.send_all(request.response)
                 return None
             answer = self._route(handshake, request, peer)
+            if answer is not None and answer.startswith((b"HTTP/1.1 401", b"HTTP/1.1 403")):
+                self.stats.auth_failures += 1
             if answer is not None:
                 await stream.send_all(answer)
                 return None
@@ -114,13 +121,16 @@ class Relay:
             on_open=self._open_channel,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
+            stats=self.stats,
         )
         self.sessions.add(transport)
+        self.stats.session_started(transport)
         self._idle = trio.Event()
         log.info("%s: session up", peer)
         try:
             reason = await transport.run()
         finally:
+            self.stats.session_ended(transport)
             self.sessions.discard(transport)
             if not self.sessions:
                 self._idle.set()
@@ -152,6 +162,7 @@ class Relay:
         self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
     ) -> None:
         log.warning("%s: refused channel to %s: %s", transport.name, channel.destination, text)
+        self.stats.open_failed(reason)
         if transport.is_open and channel.error is None:
             transport.protocol.refuse_channel(channel.channel_id, reason, text)
             transport.wake_writer()
@@ -182,14 +193,22 @@ def _peer_name(stream: trio.SocketStream) -> str:
 
 
 async def run_relay(
-    config: RelayConfig, *, shutdown: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+    config: RelayConfig,
+    *,
+    shutdown: trio.Event,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    stats: TunnelStats | None = None,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> None:
     """Serve until ``shutdown`` is set, then drain and return.
 
-    ``task_status.started`` receives the bound (host, port) pairs.
+    ``task_status.started`` receives the bound (host, port) pairs. ``sockets``
+    (systemd socket activation) replace binding ``config.listen``. Each
+    ``ReloadRequest`` from ``reloads`` applies to channels opened after it.
     """
-    relay = Relay(config)
-    listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    relay = Relay(config, stats)
+    listeners = await _listeners(config, sockets)
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
     if not config.allow:
         log.warning("no 'allow' rules: every channel will be refused (add --allow HOST[:PORT])")
@@ -198,16 +217,42 @@ async def run_relay(
             serve = partial(trio.serve_listeners, handler_nursery=connections)
             await accepting.start(serve, relay.handle_connection, listeners)
             log.info("relay listening on %s, tunnel path %s", _addrs(bound), config.path)
+            if reloads is not None:
+                accepting.start_soon(_apply_reloads, relay, reloads)
             task_status.started(bound)
             await shutdown.wait()
             accepting.cancel_scope.cancel()
         log.info(
             "relay stopping: draining %d sessions (up to %g s)",
             len(relay.sessions),
-            config.drain_timeout,
+            relay.config.drain_timeout,
         )
-        await relay.drain(config.drain_timeout)
+        await relay.drain(relay.config.drain_timeout)
         connections.cancel_scope.cancel()
+
+
+async def _listeners(
+    config: RelayConfig, sockets: list[socket.socket] | None
+) -> list[trio.SocketListener]:
+    if not sockets:
+        return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    log.info("using %d socket(s) from systemd; 'listen' is ignored", len(sockets))
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+
+
+async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
+    """New policy, path and limits for new sessions and channels; open ones keep theirs.
+
+    ``listen`` keeps its old value: the listeners stay bound (the service layer
+    logs that the change needs a restart).
+    """
+    async for request in reloads:
+        new: RelayConfig = request.config
+        relay.config = dataclasses.replace(new, listen=relay.config.listen)
+        relay.policy = _policy(new)
+        if not new.allow:
+            log.warning("no 'allow' rules after the reload: every new channel will be refused")
+        request.finish()
 
 
 def _addrs(bound: list[tuple[str, int]]) -> str:
