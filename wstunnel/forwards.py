@@ -13,7 +13,8 @@ raised and nothing has changed. Only then are removed slots cancelled and
 new ones started. A forward that keeps its listen address but changes its
 target keeps its socket (no window where connections are refused); new
 connections go to the new target, open ones keep theirs. Port 0 listeners
-are matched by the whole forward, since their address is not known up front.
+are matched by the whole forward (and which repeat of it it is), since
+their address is not known up front.
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ class _Slot:
         self.scope = trio.CancelScope()
 
 
-def _key(forward: Forward) -> object:
-    return forward.listen if forward.listen_port != 0 else forward
+def _keys(forwards: Sequence[Forward]) -> list[object]:
+    """Slot keys: the listen address, or for port 0 the forward and its repeat count."""
+    seen: dict[Forward, int] = {}
+    keys: list[object] = []
+    for forward in forwards:
+        if forward.listen_port != 0:
+            keys.append(forward.listen)
+        else:
+            seen[forward] = seen.get(forward, 0) + 1
+            keys.append((forward, seen[forward]))
+    return keys
 
 
 class ForwardSet:
@@ -74,8 +84,8 @@ class ForwardSet:
         Raises:
             OSError: a new address could not be bound; nothing was changed.
         """
-        wanted = {_key(forward): forward for forward in forwards}
-        fresh = await self._bind_new([f for k, f in wanted.items() if k not in self._slots])
+        wanted = dict(zip(_keys(forwards), forwards, strict=True))
+        fresh = await self._bind_new({k: f for k, f in wanted.items() if k not in self._slots})
         for key in [k for k in self._slots if k not in wanted]:
             slot = self._slots.pop(key)
             slot.scope.cancel()
@@ -104,13 +114,13 @@ class ForwardSet:
         if self._accepting is not None:
             self._accepting.cancel_scope.cancel()
 
-    async def _bind_new(self, forwards: list[Forward]) -> dict[object, _Slot]:
+    async def _bind_new(self, forwards: dict[object, Forward]) -> dict[object, _Slot]:
         fresh: dict[object, _Slot] = {}
         try:
-            for forward in forwards:
+            for key, forward in forwards.items():
                 listeners = await trio.open_tcp_listeners(forward.listen_port,
                                                           host=forward.listen_host)
-                fresh[_key(forward)] = _Slot(forward, listeners)
+                fresh[key] = _Slot(forward, listeners)
         except BaseException:
             for slot in fresh.values():
                 for listener in slot.listeners:

@@ -84,7 +84,7 @@ async def run_service(
         if hangups is not None and load_config is not None:
             reloader = _Reloader(role, load_config, on_reload, notifier, stats, status)
             nursery.start_soon(reloader.serve, hangups, reload_send)
-        await shutdown.wait()
+        await _first(shutdown.wait, role.done.wait)  # the role may also end by itself
         notifier.stopping(f"stopping: draining up to {role.config.drain_timeout:g} s")
         await role.done.wait()
         nursery.cancel_scope.cancel()
@@ -103,6 +103,18 @@ class _Role:
             await self.runner(self.config, task_status=task_status, **self.options)
         finally:
             self.done.set()
+
+
+async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as one of ``waits`` returns."""
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+            nursery.start_soon(_cancel_after, wait, nursery.cancel_scope)
+
+
+async def _cancel_after(wait: Callable[[], Awaitable[Any]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def _start_observers(nursery: trio.Nursery, stats: TunnelStats, config: Config) -> None:
