@@ -231,14 +231,15 @@ async def test_metrics_count_sessions_channels_bytes_and_refusals() -> None:
                 async with await trio.open_tcp_stream(LOOPBACK, agent[1][0][1]) as refused:
                     await refused.send_all(b"x")
                     assert await refused.receive_some() == b""
+                await _echo_once(stream, b"x" * 1000)  # the relay has processed the refusal
                 status, body = await _http_get(metrics[0][1], "/metrics")
             text = body.decode()
             assert status == 200 and "# TYPE wstunnel_bytes_total counter" in text
             assert _value(text, "wstunnel_sessions") == 1
             assert _value(text, "wstunnel_channels_total") == 2
             assert _value(text, "wstunnel_channels_open") == 1
-            assert _value(text, 'wstunnel_bytes_total{direction="outbound"}') == 1000
-            assert _value(text, 'wstunnel_bytes_total{direction="inbound"}') == 1000
+            assert _value(text, 'wstunnel_bytes_total{direction="outbound"}') == 2000
+            assert _value(text, 'wstunnel_bytes_total{direction="inbound"}') == 2000
             assert _value(text, 'wstunnel_channel_open_failures_total{reason="forbidden"}') == 1
             for name in ("wstunnel_auth_failures_total", "wstunnel_scheduler_queue_depth",
                          'wstunnel_buffered_bytes{direction="inbound"}'):
