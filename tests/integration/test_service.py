@@ -135,11 +135,13 @@ class Notes:
 
     watchdog_interval: float | None = None
     sent: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # the STATUS= texts
     changed: trio.Event = field(default_factory=trio.Event)
 
     def __getattr__(self, name: str) -> Callable[..., bool]:
         def note(*args: Any) -> bool:
             self.sent.append(name)
+            self.texts.extend(arg for arg in args if isinstance(arg, str))
             self.changed.set()
             return True
         return note
@@ -269,4 +271,25 @@ async def test_status_lists_channels_over_a_0600_admin_socket(tmp_path: Path) ->
             assert channel["bytes_sent"] == channel["bytes_received"] == 5000
             text = format_status(status)
             assert f"{LOOPBACK}:{echo}" in text and "4.9 KiB" in text
+            nursery.cancel_scope.cancel()
+
+
+async def test_agent_status_follows_the_session() -> None:
+    """The agent's READY=1 carries a STATUS=, and STATUS= changes to "session up" when
+    the session comes up and to "no session ... (reconnecting)" when it drops."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config())
+            notes = Notes()
+            config = agent_config(relay.ports[0], [9], reconnect_min_interval=5.0,
+                                  reconnect_max_interval=5.0)
+            await nursery.start(partial(run_service, run_agent, config, shutdown=trio.Event(),
+                                        notifier=notes))
+            assert notes.sent[0] == "ready" and "1 forward" in notes.texts[0]
+            while not any(t.startswith("session up to ws://") for t in notes.texts):
+                await notes.wait_for("status", notes.sent.count("status") + 1)
+            relay.kill()
+            while not notes.texts[-1].startswith("no session to ws://"):
+                await notes.wait_for("status", notes.sent.count("status") + 1)
+            assert notes.texts[-1].endswith("(reconnecting); 1 forward")
             nursery.cancel_scope.cancel()
