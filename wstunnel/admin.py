@@ -251,7 +251,8 @@ def format_status(status: dict[str, Any]) -> str:
     if failures:
         lines.append("refused opens: " + ", ".join(f"{k} {v}" for k, v in sorted(failures.items())))
     if not sessions:
-        lines.append("no session" + (" (reconnecting)" if status["role"] == "agent" else ""))
+        lines.append("no session to the relay (reconnecting)" if status["role"] == "agent"
+                     else "no agent connected")
     for session in sessions:
         lines.append("")
         lines.append(f"session {session['name']}  up {_duration(session['age'])}  "
