@@ -49,6 +49,7 @@ class Notifier:
         self.address = _notify_address(env.get("NOTIFY_SOCKET", ""))
         self.watchdog_interval = _watchdog_interval(env)
         self._socket: socket.socket | None = None
+        self._failed = False
 
     @property
     def enabled(self) -> bool:
@@ -66,8 +67,10 @@ class Notifier:
                 self._socket = socket.socket(socket.AF_UNIX, kind)
                 self._socket.setblocking(False)
             self._socket.sendto(message, self.address)
-        except OSError as exc:
-            log.warning("cannot notify systemd at %s: %s", self.address_text, exc)
+        except OSError as exc:  # warn once: the watchdog would repeat it every few seconds
+            level = logging.DEBUG if self._failed else logging.WARNING
+            log.log(level, "cannot notify systemd at %s: %s", self.address_text, exc)
+            self._failed = True
             return False
         return True
 
