@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import random
-from functools import partial
 from typing import Any
 
 import trio
@@ -22,11 +21,14 @@ from . import mux, tls, ws
 from .auth import load_token, token_agent
 from .config import AgentConfig, Forward, RelayURL
 from .errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
+from .forwards import ForwardSet
+from .metrics import TunnelStats
 from .net.connect import open_websocket, tune_socket
 from .net.proxy import proxy_dialer, proxy_environment
 from .net.splice import splice
 from .net.transport import TunnelTransport
 from .protocol import TunnelProtocol
+from .reload import ReloadRequest
 
 __all__ = ["run_agent", "Agent"]
 
@@ -38,8 +40,9 @@ REJECTED_RETRY_INTERVAL = 30.0  # a refused token or a 429: never hammer the rel
 class Agent:
     """Session management and local connection handling for one agent."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, stats: TunnelStats | None = None) -> None:
         self.config = config
+        self.stats = stats or TunnelStats("agent")
         self.relay: RelayURL = config.relay_url
         self.dial = proxy_dialer(config, proxy_environment())
         self.session: TunnelTransport | None = None
@@ -77,6 +80,8 @@ class Agent:
                 transport = await self._connect()
             except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
                 failures += 1
+                if getattr(exc, "status", None) in (401, 403):
+                    self.stats.auth_failures += 1
                 delay = self._backoff(failures)
                 if _refused(exc):
                     delay = max(delay, REJECTED_RETRY_INTERVAL)
@@ -95,6 +100,7 @@ class Agent:
             if self.stopping:
                 return
             self.reconnects += 1
+            self.stats.reconnects += 1
             log.warning("session to %s down: %s; reconnecting", self.relay.url, reason)
             await trio.sleep(self._backoff(1))
 
@@ -151,15 +157,18 @@ class Agent:
             name=self.relay.url,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
+            stats=self.stats,
         )
 
     async def _serve(self, transport: TunnelTransport) -> str:
         self.session = transport
         self._session_up.set()
+        self.stats.session_started(transport)
         log.info("session up to %s", self.relay.url)
         try:
             return await transport.run()
         finally:
+            self.stats.session_ended(transport)
             self.session = None
             self._session_up = trio.Event()
             await trio.aclose_forcefully(transport.stream)
@@ -269,46 +278,56 @@ def _root_os_error(exc: OSError) -> OSError:
 
 
 async def run_agent(
-    config: AgentConfig, *, shutdown: trio.Event, task_status: Any = trio.TASK_STATUS_IGNORED
+    config: AgentConfig,
+    *,
+    shutdown: trio.Event,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    stats: TunnelStats | None = None,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
 ) -> None:
     """Serve the forwards until ``shutdown`` is set, then drain and return.
 
     ``task_status.started`` receives one list of bound (host, port) per forward.
+    Each ``ReloadRequest`` from ``reloads`` is applied without touching the
+    session or the connections already open (see forwards.py).
     """
-    agent = Agent(config)
-    bound_all: list[list[tuple[str, int]]] = []
-    listener_sets = []
-    for forward in config.forwards:
-        listeners = await trio.open_tcp_listeners(forward.listen_port, host=forward.listen_host)
-        listener_sets.append((forward, listeners))
-        bound_all.append([ls.socket.getsockname()[:2] for ls in listeners])
+    agent = Agent(config, stats)
     async with trio.open_nursery() as outer:
         outer.start_soon(agent.maintain_session)
         async with trio.open_nursery() as connections:
+            forwards = ForwardSet(agent.handle_local, connections)
             async with trio.open_nursery() as accepting:
-                for forward, listeners in listener_sets:
-                    serve = partial(trio.serve_listeners, handler_nursery=connections)
-                    await accepting.start(serve, partial(agent.handle_local, forward), listeners)
-                for forward, bound in zip(config.forwards, bound_all, strict=True):
-                    log.info(
-                        "forwarding %s -> %s:%d via %s",
-                        _addrs(bound),
-                        forward.target_host,
-                        forward.target_port,
-                        agent.relay.url,
-                    )
+                bound_all = await accepting.start(forwards.serve, config.forwards)
+                log.info("%d forwards via %s", len(bound_all), agent.relay.url)
+                if reloads is not None:
+                    accepting.start_soon(_apply_reloads, agent, forwards, reloads)
                 task_status.started(bound_all)
                 await shutdown.wait()
                 accepting.cancel_scope.cancel()
             log.info(
                 "agent stopping: %d open connections may finish (up to %g s)",
                 agent._channels,
-                config.drain_timeout,
+                agent.config.drain_timeout,
             )
-            await agent.drain(config.drain_timeout)
+            await agent.drain(agent.config.drain_timeout)
             connections.cancel_scope.cancel()
         outer.cancel_scope.cancel()
 
 
-def _addrs(bound: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{h}:{p}" for h, p in bound)
+async def _apply_reloads(
+    agent: Agent, forwards: ForwardSet, reloads: trio.MemoryReceiveChannel[ReloadRequest]
+) -> None:
+    async for request in reloads:
+        new: AgentConfig = request.config
+        try:
+            bound = await forwards.apply(new.forwards)
+        except OSError as exc:
+            request.finish(f"cannot listen: {exc.strerror or exc}; kept the old forwards")
+            continue
+        if new.relay_url != agent.relay:
+            log.warning("relay is now %s: used from the next reconnect; the current "
+                        "session stays up", new.relay_url.url)
+        agent.config, agent.relay = new, new.relay_url
+        agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect
+        request.finish(result=bound)
+

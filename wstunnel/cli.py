@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", parents=[common], help="validate a config file")
     check.add_argument("-c", "--config", required=True, metavar="FILE")
     check.set_defaults(handler=_cmd_check)
+    _add_status(commands.add_parser("status", parents=[common],
+                                    help="show sessions and channels of a running agent/relay"))
     demo = commands.add_parser("demo", parents=[common], help="relay+agent+target demo")
     demo.add_argument("--size", type=_size_arg, metavar="SIZE",
                       help="bulk transfer size, e.g. 64MiB")
@@ -132,6 +134,7 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
                        help="accept agents without a token (tests and loopback only)")
     for key in ("cert_file", "key_file", "client_ca_file"):
         relay.add_argument(f"--tls-{key.replace('_', '-')}", dest=f"tls_{key}", metavar="FILE")
+    _add_service_flags(relay)
     relay.set_defaults(handler=_cmd_relay)
 
 
@@ -155,6 +158,7 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
         agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta)
     agent.add_argument("--insecure-skip-verify", action="store_true", default=None,
                        help="do not check the relay's certificate (logs a warning)")
+    _add_service_flags(agent)
     agent.set_defaults(handler=_cmd_agent)
 
 
@@ -162,6 +166,21 @@ _AGENT_SECURITY_FLAGS: Final = {
     "token_file": "FILE", "token_env": "VAR", "token_credential": "NAME", "ca_file": "FILE",
     "relay_fingerprint": "SHA256", "server_name": "HOST", "client_cert_file": "FILE",
     "client_key_file": "FILE"}
+
+
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics")
+    parser.add_argument("--admin-socket", metavar="PATH",
+                        help="unix socket (mode 0600) for `wstunnel status`")
+
+
+def _add_status(status: argparse.ArgumentParser) -> None:
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE", help="read admin_socket from this config")
+    where.add_argument("--socket", metavar="PATH", help="the admin socket to ask")
+    status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status.set_defaults(handler=_cmd_status)
 
 
 def _size_arg(text: str) -> int:
@@ -181,7 +200,13 @@ def _flag(parse: Callable[[str], T], text: str, flag: str) -> T:
 
 def _log_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("log_level", "log_format")
-    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+    changes = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if getattr(args, "metrics", None) is not None:
+        changes["metrics"] = _flag(functools.partial(parse_host_port, allow_zero=True),
+                                   args.metrics, "--metrics")
+    if getattr(args, "admin_socket", None) is not None:
+        changes["admin_socket"] = args.admin_socket
+    return changes
 
 
 def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
@@ -304,7 +329,7 @@ def _cmd_relay(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from .relay import run_relay  # it warns when there are no allow rules
 
-    return _run_role(run_relay, config, reload=True)
+    return _run_role(run_relay, config, functools.partial(relay_config_from_args, args))
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -312,7 +337,19 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from .agent import run_agent
 
-    return _run_role(run_agent, config)
+    return _run_role(run_agent, config, functools.partial(agent_config_from_args, args))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .admin import show_status
+
+    path = args.socket
+    if path is None:
+        path = load_config(args.config).admin_socket
+        if path is None:
+            raise ConfigError(f"{args.config}: no admin_socket is configured; add "
+                              "`admin_socket: /run/wstunnel/admin.sock` and restart")
+    return show_status(path, watch=args.watch)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -338,54 +375,51 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------- running
 
-def _run_role(runner: Runner, config: Config, *, reload: bool = False) -> int:
-    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes.
-
-    With ``reload``, each SIGHUP is passed to the runner through ``reload_requests``.
-    """
+def _run_role(runner: Runner, config: Config, reread: Callable[[], Config]) -> int:
+    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
     import trio
 
     def run() -> int:
-        trio.run(_supervise, runner, config, reload)
+        trio.run(_supervise, runner, config, reread)
         return EXIT_OK
 
     return _guarded(run, config)
 
 
-async def _supervise(runner: Runner, config: Config, reload: bool = False) -> None:
+async def _supervise(runner: Runner, config: Config, reread: Callable[[], Config]) -> None:
     import trio
 
+    from .service import run_service
+    from .systemd import listen_sockets
+
     shutdown = trio.Event()
+    hangup_send, hangups = trio.open_memory_channel[None](1)
+    sockets = listen_sockets() if isinstance(config, RelayConfig) else None
     async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, shutdown)
-        options: dict[str, Any] = {}
-        if reload:
-            send, options["reload_requests"] = trio.open_memory_channel[object](1)
-            nursery.start_soon(_watch_hangup, send)
-        await runner(config, shutdown=shutdown, **options)
+        await nursery.start(_watch_signals, shutdown, hangup_send)
+        await run_service(runner, config, shutdown=shutdown, hangups=hangups,
+                          load_config=reread, on_reload=_relog, sockets=sockets)
         nursery.cancel_scope.cancel()
 
 
-async def _watch_hangup(send: Any) -> NoReturn:
-    """SIGHUP: ask the relay to re-read its TLS files (extra requests coalesce)."""
+def _relog(config: Config) -> None:
+    setup_logging(config.log_level, config.log_format)
+
+
+async def _watch_signals(shutdown: Any, hangups: Any, *, task_status: Any) -> NoReturn:
+    """SIGHUP: ask for a reload. First SIGINT/SIGTERM: set ``shutdown``; second:
+    raise ``_ForcedExit``."""
     import trio
 
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            log.info("SIGHUP received: reloading the TLS certificate and key")
-            with contextlib.suppress(trio.WouldBlock):  # a reload is already queued
-                send.send_nowait(None)
-    raise AssertionError("signal receiver ended")  # pragma: no cover
-
-
-async def _watch_signals(shutdown: Any, *, task_status: Any) -> NoReturn:
-    """First SIGINT/SIGTERM: set ``shutdown``; second: raise ``_ForcedExit``."""
-    import trio
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: reloading the configuration")
+                with contextlib.suppress(trio.WouldBlock):  # one is already pending
+                    hangups.send_nowait(None)
+                continue
             if shutdown.is_set():
                 raise _ForcedExit(name)
             log.info("%s received: draining open channels (send it again to exit now)", name)

@@ -88,6 +88,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _RECORD_OVERHEAD: Final = 64  # room for a mux record header around a chunk
+_MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes with the terminating NUL
 _RESERVED_KEYS: Final = {
     "token": "a token is a secret and does not belong in a config file: put it in a file "
              "(token_file), an environment variable (token_env) or a systemd credential "
@@ -128,6 +129,8 @@ class AgentConfig:
     server_name: str | None = None
     client_cert_file: str | None = None
     client_key_file: str | None = None
+    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    admin_socket: str | None = None  # unix socket for `wstunnel status`
     source: str = field(default="<command line>", compare=False)  # file named in messages
 
     @property
@@ -190,6 +193,8 @@ class RelayConfig:
     max_buffered_size: int = DEFAULT_MAX_BUFFERED_SIZE
     max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
     idle_timeout: float = 0.0
+    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    admin_socket: str | None = None  # unix socket for `wstunnel status`
     source: str = field(default="<command line>", compare=False)  # file named in messages
 
     @property
@@ -278,6 +283,21 @@ def _split_or_none(text: str) -> list[str]:
         return split_fields(text.strip())
     except ValueError:
         return []
+
+
+def _optional(parse: _Parser) -> _Parser:
+    def parse_or_none(doc: Document, path: str, value: Any) -> Any:
+        return None if value is None else parse(doc, path, value)
+    return parse_or_none
+
+
+def _socket_path(doc: Document, path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(path, f"expected a file path, got {_describe(value)}")
+    if len(value.encode()) > _MAX_SOCKET_PATH:
+        raise doc.error(path, f"a unix socket path may have at most {_MAX_SOCKET_PATH} bytes, "
+                              f"got {len(value.encode())}; pick a shorter one")
+    return value
 
 
 def _url(doc: Document, path: str, value: Any) -> str:
@@ -415,6 +435,8 @@ _COMMON_FIELDS: Final[dict[str, _Parser]] = {
     "max_chunk_size": _size(1 * KiB, 1 * MiB),
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
+    "metrics": _optional(_host_port),
+    "admin_socket": _optional(_socket_path),
 }
 
 _AGENT_FIELDS: Final[dict[str, _Parser]] = {

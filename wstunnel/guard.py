@@ -105,6 +105,33 @@ class Gatekeeper:
                  self.config.tls.cert_file)
         return True
 
+    def current_policy(self, identity: Identity) -> Policy | None:
+        """The agent's policy in the config as it is now (a reload may have changed it).
+
+        None when the agent is no longer configured: its session may finish
+        what is open, but opens nothing new.
+        """
+        if identity.name == ANONYMOUS:
+            return self._anonymous.policy
+        account = self.accounts.get(identity.name)
+        return None if account is None else account.policy
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """A reloaded config: agents, tokens, policies and certificate for new logins.
+
+        Sessions already up keep what they logged in with; failed-login counts
+        and per-agent session counts carry over.
+        """
+        had_tls = self.config.tls is not None
+        self.config = config
+        self.accounts = {account.name: account for account in config.agents}
+        self._anonymous = Identity(ANONYMOUS, config.policy)
+        if config.tls is not None:
+            self.reload_tls()
+        elif had_tls:
+            log.warning("the reloaded config has no tls section: new connections are plain ws://")
+            self.ssl_context = None
+
     async def secure(self, tcp: trio.SocketStream) -> tuple[trio.abc.Stream, str | None]:
         """The stream to speak HTTP on, and the client certificate's name (mutual TLS)."""
         context = self.ssl_context

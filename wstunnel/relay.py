@@ -10,7 +10,9 @@ handshake, the upgrade request and the login all run under one
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 import ssl
 from functools import partial
 from typing import Any, Final
@@ -21,13 +23,14 @@ from . import mux, ws
 from .config import RelayConfig
 from .forwarded import client_address
 from .guard import Gatekeeper, Identity, SessionGuard
+from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
 from .net.connect import read_request, tune_socket
 from .net.dial import DialError, dial
 from .net.splice import splice
 from .net.transport import TunnelTransport
-from .policy import Policy
 from .protocol import TunnelProtocol
+from .reload import ReloadRequest
 
 __all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
 
@@ -39,9 +42,9 @@ CLOSE_IDLE: Final = 4000  # private-use close code: the session had no channel f
 class Relay:
     """State shared by all sessions of one relay process."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, stats: TunnelStats | None = None) -> None:
         self.config = config
-        self.policy = _policy(config)
+        self.stats = stats or TunnelStats("relay")
         self.sessions: set[TunnelTransport] = set()
         self._idle = trio.Event()
         self._idle.set()
@@ -99,6 +102,8 @@ class Relay:
             handshake, request, peer, client, cert_name
         )
         if isinstance(identity, bytes):
+            if identity.startswith((b"HTTP/1.1 401", b"HTTP/1.1 403")):
+                self.stats.auth_failures += 1
             await stream.send_all(identity)
             return None
         await stream.send_all(handshake.accept())
@@ -161,9 +166,11 @@ class Relay:
             admit=partial(self._admit, guard),
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
+            stats=self.stats,
         )
         self.sessions.add(transport)
         self.gate.session_started(identity)
+        self.stats.session_started(transport)
         self._idle = trio.Event()
         log.info("%s: session up for agent %s", peer, identity.name)
         try:
@@ -174,6 +181,7 @@ class Relay:
                 nursery.cancel_scope.cancel()
         finally:
             self.gate.session_ended(identity)
+            self.stats.session_ended(transport)
             self.sessions.discard(transport)
             if not self.sessions:
                 self._idle.set()
@@ -210,7 +218,12 @@ class Relay:
         """Dial the destination; splice on success, OPEN_FAILED otherwise."""
         host, port = channel.host, channel.port
         protocol = transport.protocol
-        policy = guard.identity.policy
+        policy = self.gate.current_policy(guard.identity)
+        if policy is None:
+            guard.pending -= 1
+            self._refuse(transport, channel, mux.OpenFailure.FORBIDDEN,
+                         f"agent {guard.identity.name} is no longer configured on this relay")
+            return
         try:
             target = await dial(
                 host,
@@ -235,6 +248,7 @@ class Relay:
         self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
     ) -> None:
         log.warning("%s: refused channel to %s: %s", transport.name, channel.destination, text)
+        self.stats.open_failed(reason)
         if transport.is_open and channel.error is None:
             transport.protocol.refuse_channel(channel.channel_id, reason, text)
             transport.wake_writer()
@@ -250,10 +264,6 @@ class Relay:
         async with trio.open_nursery() as nursery:
             for transport in list(self.sessions):
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
-
-
-def _policy(config: RelayConfig) -> Policy:
-    return Policy(list(config.allow))
 
 
 def _peer_host(stream: trio.SocketStream) -> str:
@@ -275,36 +285,39 @@ async def run_relay(
     config: RelayConfig,
     *,
     shutdown: trio.Event,
-    reload_requests: trio.MemoryReceiveChannel[object] | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
+    stats: TunnelStats | None = None,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> None:
     """Serve until ``shutdown`` is set, then drain and return.
 
-    Each item from ``reload_requests`` (SIGHUP) re-reads the TLS certificate
-    and key. ``task_status.started`` receives the bound (host, port) pairs.
+    ``task_status.started`` receives the bound (host, port) pairs. ``sockets``
+    (systemd socket activation) replace binding ``config.listen``. Each
+    ``ReloadRequest`` from ``reloads`` applies to channels opened after it.
     """
-    relay = Relay(config)
-    listeners = await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    relay = Relay(config, stats)
+    listeners = await _listeners(config, sockets)
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
     _warn_about_access(config)
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             serve = partial(trio.serve_listeners, handler_nursery=connections)
             await accepting.start(serve, relay.handle_connection, listeners)
-            if reload_requests is not None:
-                accepting.start_soon(_reload_on_request, relay, reload_requests)
             scheme = "wss" if config.tls is not None else "ws"
             log.info("relay listening on %s, tunnel path %s (%s://)", _addrs(bound), config.path,
                      scheme)
+            if reloads is not None:
+                accepting.start_soon(_apply_reloads, relay, reloads)
             task_status.started(bound)
             await shutdown.wait()
             accepting.cancel_scope.cancel()
         log.info(
             "relay stopping: draining %d sessions (up to %g s)",
             len(relay.sessions),
-            config.drain_timeout,
+            relay.config.drain_timeout,
         )
-        await relay.drain(config.drain_timeout)
+        await relay.drain(relay.config.drain_timeout)
         connections.cancel_scope.cancel()
 
 
@@ -320,9 +333,28 @@ def _warn_about_access(config: RelayConfig) -> None:
                     "agents (wstunnel keygen --token NAME) or, for tests, --no-auth")
 
 
-async def _reload_on_request(relay: Relay, requests: trio.MemoryReceiveChannel[object]) -> None:
-    async for _ in requests:
-        relay.gate.reload_tls()
+async def _listeners(
+    config: RelayConfig, sockets: list[socket.socket] | None
+) -> list[trio.SocketListener]:
+    if not sockets:
+        return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    log.info("using %d socket(s) from systemd; 'listen' is ignored", len(sockets))
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+
+
+async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
+    """New policy, path and limits for new sessions and channels; open ones keep theirs.
+
+    ``listen`` keeps its old value: the listeners stay bound (the service layer
+    logs that the change needs a restart).
+    """
+    async for request in reloads:
+        new: RelayConfig = request.config
+        relay.config = dataclasses.replace(new, listen=relay.config.listen)
+        relay.gate.reconfigure(relay.config)
+        if not new.allow:
+            log.warning("no 'allow' rules after the reload: every new channel will be refused")
+        request.finish()
 
 
 def _addrs(bound: list[tuple[str, int]]) -> str:

@@ -14,6 +14,7 @@ from wstunnel.config import RelayTLS, parse_relay_url
 from wstunnel.errors import AuthenticationError, HandshakeError
 from wstunnel.net.connect import open_websocket
 from wstunnel.relay import run_relay
+from wstunnel.reload import ReloadRequest
 from wstunnel.tls import CertificateMismatch, ClientTLS, client_context
 
 from .security_helpers import (
@@ -131,21 +132,21 @@ async def test_sighup_reload_serves_the_new_certificate_and_keeps_sessions(
         tmp_path: Path) -> None:
     """After a reload request new connections get the new certificate; a live session lives on."""
     first = write_self_signed(tmp_path, "relay", NAMES)
-    send, receive = trio.open_memory_channel[object](1)
+    send, receive = trio.open_memory_channel[ReloadRequest](1)
     with watch_logs() as logs, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             target = await serve_target(nursery, echo_handler)
             stop = trio.Event()
+            config = relay_config(tls=first.relay_tls)
             bound = await nursery.start(partial(
-                run_relay, relay_config(tls=first.relay_tls), shutdown=stop,
-                reload_requests=receive))
+                run_relay, config, shutdown=stop, reloads=receive))
             port = bound[0][1]
             agent = await start_agent(nursery, agent_config(
                 port, [target], relay=f"wss://127.0.0.1:{port}/tunnel",
                 relay_fingerprint=first.fingerprint))
             assert await _echo_once(agent.ports[0]) == b"ping through the tunnel"
             second = write_self_signed(tmp_path, "relay", NAMES)  # same paths, new contents
-            await send.send(None)
+            await send.send(ReloadRequest(config))  # what SIGHUP sends: the re-read config
             await logs.wait_for("TLS certificate reloaded")
             await _connect(port, ClientTLS(relay_fingerprint=second.fingerprint),
                            pin=second.fingerprint)

@@ -45,8 +45,9 @@ def fake_role(monkeypatch: pytest.MonkeyPatch, role: str,
     """Install a fake ``wstunnel.<role>`` whose runner records its config, then runs ``body``."""
     seen: list[Any] = []
 
-    async def run(config: Any, *, shutdown: Any, **_options: Any) -> None:
+    async def run(config: Any, *, shutdown: Any, task_status: Any, **service: Any) -> None:
         seen.append(config)
+        task_status.started([])
         if body is not None:
             await body(config, shutdown)
 

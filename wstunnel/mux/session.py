@@ -166,6 +166,16 @@ class Session:
         return sum(ch.window.unacknowledged for ch in self._channels.values())
 
     @property
+    def queued_size(self) -> int:
+        """Bytes given to :meth:`send_data` and not yet cut into records."""
+        return sum(ch.queued_size for ch in self._channels.values())
+
+    @property
+    def ready_count(self) -> int:
+        """Channels waiting for a scheduler turn (the scheduler's queue depth)."""
+        return len(self._outbox.drr)
+
+    @property
     def max_record_size(self) -> int:
         """Largest record we accept: size the WebSocket message limit from it."""
         return self.max_chunk_size + DATA_HEADER_SIZE

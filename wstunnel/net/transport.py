@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,6 +25,9 @@ from .. import mux, ws
 from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionClosed
 from ..protocol import TunnelProtocol
 from .channel_stream import ChannelStream
+
+if TYPE_CHECKING:
+    from ..metrics import TunnelStats
 
 __all__ = ["TunnelTransport", "OpenHandler", "AdmitHandler"]
 
@@ -52,8 +55,10 @@ class TunnelTransport:
         admit: AdmitHandler | None = None,
         ping_interval: float = 20.0,
         ping_timeout: float = 10.0,
+        stats: TunnelStats | None = None,
     ) -> None:
         self.stream = stream
+        self.stats = stats
         self.protocol = protocol
         self.name = name
         self.channels: dict[int, ChannelStream] = {}
@@ -221,6 +226,8 @@ class TunnelTransport:
             channel._mark_opened()
         elif isinstance(event, mux.ChannelOpenFailed) and channel is not None:
             text = event.text or _failure_name(event.reason)
+            if self.stats is not None:
+                self.stats.open_failed(event.reason)
             channel._break(ChannelRefused(text, int(event.reason)))
         elif isinstance(event, mux.ChannelReset) and channel is not None:
             channel._break(ChannelReset(event.text or "the channel was reset by the peer"))
@@ -256,11 +263,15 @@ class TunnelTransport:
         self.channels[channel.channel_id] = channel
         self.opened_total += 1
         self._idle = trio.Event()
+        if self.stats is not None:
+            self.stats.channel_opened(channel)
 
     def _remove(self, channel_id: int) -> None:
         channel = self.channels.pop(channel_id, None)
         if channel is not None:
             channel._forget()
+            if self.stats is not None:
+                self.stats.channel_closed(channel)
         if not self.channels:
             self._idle.set()
 
@@ -283,6 +294,8 @@ class TunnelTransport:
         error = SessionClosed(f"the session ended: {reason}")
         for channel in list(self.channels.values()):
             channel._break(error)
+            if self.stats is not None:
+                self.stats.channel_closed(channel)
         self.channels.clear()
         self._idle.set()
 

@@ -1,0 +1,147 @@
+"""The agent's set of local listeners, changeable while connections run.
+
+Theory of operation
+-------------------
+Each forward is a slot: its listeners, a cancel scope around their accept
+loop, and the forward it currently serves. Accepted connections run in the
+caller's ``connections`` nursery, *outside* the slot's scope, so stopping a
+listener never touches connections it already accepted.
+
+``apply(new_forwards)`` is all or nothing: it first binds every new listen
+address; if any bind fails, the ones just bound are closed, the error is
+raised and nothing has changed. Only then are removed slots cancelled and
+new ones started. A forward that keeps its listen address but changes its
+target keeps its socket (no window where connections are refused); new
+connections go to the new target, open ones keep theirs. Port 0 listeners
+are matched by the whole forward (and which repeat of it it is), since
+their address is not known up front.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from .config import Forward
+
+__all__ = ["ForwardSet"]
+
+log = logging.getLogger("wstunnel.agent")
+
+Bound = list[tuple[str, int]]
+Handler = Callable[[Forward, trio.SocketStream], Awaitable[None]]
+
+
+class _Slot:
+    def __init__(self, forward: Forward, listeners: list[trio.SocketListener]) -> None:
+        self.forward = forward
+        self.listeners = listeners
+        self.bound: Bound = [ls.socket.getsockname()[:2] for ls in listeners]
+        self.scope = trio.CancelScope()
+
+
+def _keys(forwards: Sequence[Forward]) -> list[object]:
+    """Slot keys: the listen address, or for port 0 the forward and its repeat count."""
+    seen: dict[Forward, int] = {}
+    keys: list[object] = []
+    for forward in forwards:
+        if forward.listen_port != 0:
+            keys.append(forward.listen)
+        else:
+            seen[forward] = seen.get(forward, 0) + 1
+            keys.append((forward, seen[forward]))
+    return keys
+
+
+class ForwardSet:
+    """Listeners for the agent's forwards; see the module docstring.
+
+    Args:
+        handler: called with (forward, accepted stream) for each connection.
+        connections: the nursery accepted connections run in.
+    """
+
+    def __init__(self, handler: Handler, connections: trio.Nursery) -> None:
+        self._handler = handler
+        self._connections = connections
+        self._slots: dict[object, _Slot] = {}
+        self._accepting: trio.Nursery | None = None
+
+    @property
+    def forwards(self) -> list[Forward]:
+        return [slot.forward for slot in self._slots.values()]
+
+    def bound(self) -> list[Bound]:
+        """Bound (host, port) pairs per forward, in order."""
+        return [slot.bound for slot in self._slots.values()]
+
+    async def apply(self, forwards: Sequence[Forward]) -> list[Bound]:
+        """Make the listeners match ``forwards``; return :meth:`bound` in that order.
+
+        Raises:
+            OSError: a new address could not be bound; nothing was changed.
+        """
+        wanted = dict(zip(_keys(forwards), forwards, strict=True))
+        fresh = await self._bind_new({k: f for k, f in wanted.items() if k not in self._slots})
+        for key in [k for k in self._slots if k not in wanted]:
+            slot = self._slots.pop(key)
+            slot.scope.cancel()
+            log.info("stopped listening on %s (its open connections continue)", _addrs(slot.bound))
+        for key, forward in wanted.items():
+            slot = self._slots.get(key) or fresh[key]
+            if slot.forward != forward:
+                log.info("%s now forwards to %s (open connections keep %s)",
+                         _addrs(slot.bound), forward.target, slot.forward.target)
+                slot.forward = forward
+        for slot in fresh.values():
+            await self._start(slot)
+        self._slots = {key: self._slots.get(key) or fresh[key] for key in wanted}
+        return self.bound()
+
+    async def serve(self, forwards: Sequence[Forward], *, task_status: Any) -> None:
+        """Bind and serve ``forwards`` until :meth:`close` or cancellation."""
+        async with trio.open_nursery() as accepting:
+            self._accepting = accepting
+            bound = await self.apply(forwards)
+            task_status.started(bound)
+            await trio.sleep_forever()
+
+    def close(self) -> None:
+        """Stop accepting on every listener (connections continue)."""
+        if self._accepting is not None:
+            self._accepting.cancel_scope.cancel()
+
+    async def _bind_new(self, forwards: dict[object, Forward]) -> dict[object, _Slot]:
+        fresh: dict[object, _Slot] = {}
+        try:
+            for key, forward in forwards.items():
+                listeners = await trio.open_tcp_listeners(forward.listen_port,
+                                                          host=forward.listen_host)
+                fresh[key] = _Slot(forward, listeners)
+        except BaseException:
+            for slot in fresh.values():
+                for listener in slot.listeners:
+                    await trio.aclose_forcefully(listener)
+            raise
+        return fresh
+
+    async def _start(self, slot: _Slot) -> None:
+        assert self._accepting is not None, "serve() starts the listeners"
+        await self._accepting.start(self._serve_slot, slot)
+        log.info("forwarding %s -> %s", _addrs(slot.bound), slot.forward.target)
+
+    async def _serve_slot(self, slot: _Slot, *, task_status: Any) -> None:
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._handler(slot.forward, stream)
+
+        with slot.scope:
+            await trio.serve_listeners(handle, slot.listeners,
+                                       handler_nursery=self._connections,
+                                       task_status=task_status)
+
+
+def _addrs(bound: Bound) -> str:
+    return ", ".join(f"{h}:{p}" for h, p in bound)
