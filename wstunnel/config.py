@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from . import mux, ws
 from ._headers import check_header, parse_header_line, parse_host_header
 from ._textforms import (
     DEFAULT_BIND_HOST,
@@ -78,12 +79,11 @@ __all__ = [
     "relay_problem",
 ]
 
-# Same values as the mux layer's defaults; repeated here so config does not
-# depend on the protocol core.
-DEFAULT_INITIAL_WINDOW: Final = 256 * KiB
-DEFAULT_MAX_CHUNK_SIZE: Final = 16 * KiB
-DEFAULT_MAX_CHANNELS: Final = 1024
-DEFAULT_MAX_MESSAGE_SIZE: Final = 1 * MiB
+# The protocol core's limits are the config's limits: one source of truth.
+DEFAULT_INITIAL_WINDOW: Final = mux.DEFAULT_INITIAL_WINDOW
+DEFAULT_MAX_CHUNK_SIZE: Final = mux.DEFAULT_MAX_CHUNK_SIZE
+DEFAULT_MAX_CHANNELS: Final = mux.DEFAULT_MAX_CHANNELS
+DEFAULT_MAX_MESSAGE_SIZE: Final = ws.DEFAULT_MAX_MESSAGE_SIZE
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
@@ -431,8 +431,8 @@ _COMMON_FIELDS: Final[dict[str, _Parser]] = {
     "ping_interval": _duration(0.001),
     "ping_timeout": _duration(0.001),
     "drain_timeout": _duration(0.0),
-    "initial_window": _size(16 * KiB, 16 * MiB),
-    "max_chunk_size": _size(1 * KiB, 1 * MiB),
+    "initial_window": _size(mux.MIN_WINDOW, mux.MAX_WINDOW),
+    "max_chunk_size": _size(mux.MIN_CHUNK_SIZE, mux.MAX_CHUNK_SIZE),
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
     "metrics": _optional(_host_port),
