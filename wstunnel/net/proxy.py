@@ -28,6 +28,7 @@ import trio
 
 from wstunnel import __version__
 
+from ..auth import expand_credentials
 from ..config import AgentConfig
 from ..errors import ConfigError, HandshakeError
 from ..proxy_url import NO_PROXY, ProxyURL, parse_proxy_url, proxy_from_environment
@@ -133,7 +134,9 @@ class ProxyDialer:
         password = proxy.password or ""
         if self.password_file is not None:
             try:
-                password = read_password_file(self.password_file)
+                password = read_password_file(expand_credentials(self.password_file))
+            except ConfigError as exc:  # $CREDENTIALS_DIRECTORY used outside systemd
+                raise self._error(f"needs a password, but {exc}") from exc
             except OSError as exc:
                 raise self._error(f"needs a password, but proxy_password_file "
                                   f"{self.password_file} cannot be read: "
