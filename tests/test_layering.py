@@ -23,6 +23,7 @@ RANKS = {
     "_headers": 3,
     "forwarded": 3,
     "proxy_url": 3,
+    "_config_values": 4,
     "config": 4,
     "logs": 3,
     "tls": 3,
