@@ -24,8 +24,8 @@ from wstunnel.errors import (
 from wstunnel.mux import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
     MAX_WINDOW,
+    MIN_CHUNK_SIZE,
     MIN_WINDOW,
     ChannelClosed,
     ChannelOpened,
@@ -708,3 +708,18 @@ def test_a_small_write_overtakes_100_mib_of_bulk_within_two_chunks() -> None:
         transfer(relay, agent)
         sent_chunks += 1
     assert queued == total and probes > 50
+
+
+def test_a_write_size_below_the_chunk_size_cuts_small_chunks_and_ends_turns() -> None:
+    """next_record(max_size) caps DATA at max_size and hands the turn on after each chunk."""
+    agent, relay = connected_pair(quantum=4 * DEFAULT_MAX_CHUNK_SIZE)
+    first = open_accepted(agent, relay)
+    second = open_accepted(agent, relay)
+    agent.send_data(first, bytes(10 * KIB))
+    agent.send_data(second, bytes(10 * KIB))
+    cut = [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
+           for r in iter(lambda: agent.next_record(4 * KIB), None)]
+    assert cut == [(first, 4 * KIB), (second, 4 * KIB)] * 2 + [(first, 2 * KIB),
+                                                               (second, 2 * KIB)]
+    agent.send_data(first, bytes(40 * KIB))
+    assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 8 * KIB]

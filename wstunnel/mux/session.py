@@ -204,13 +204,15 @@ class Session:
         """True when :meth:`next_record` would return a record."""
         return self._outbox.wants_to_send()
 
-    def next_record(self) -> bytes | None:
+    def next_record(self, max_size: int | None = None) -> bytes | None:
         """Return the next record to send (one binary message), or None.
 
         Control records come first, then one DATA chunk from the channel whose
         turn it is.  Call until None, and again after any input or local call.
+        ``max_size`` caps the DATA payload below the chunk size and ends that
+        channel's turn (for slow links; see Outbox.next_record).
         """
-        return self._outbox.next_record()
+        return self._outbox.next_record(max_size)
 
     # -- input -----------------------------------------------------------------
 
