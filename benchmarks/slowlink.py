@@ -305,6 +305,19 @@ def round_trips(host: str, port: int, seconds: float) -> list[float]:
     return samples
 
 
+def settle(sink: Sink, quiet: float = 0.5, timeout: float = 30.0) -> None:
+    """Wait until the sink stops receiving: data of finished uploads still
+    queued in socket buffers and tunnels must not count for the next workload."""
+    deadline = time.monotonic() + timeout
+    last = sum(sink.totals().values())
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = sum(sink.totals().values())
+        if now == last:
+            return
+        last = now
+
+
 def pct(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -328,6 +341,7 @@ def measure(route: str, host: str, ports: tuple[int, int], sink: Sink,
     out["  p99 minus idle p50 [ms]"] = out["echo under 1 bulk upload p99 [ms]"] - \
         out["echo idle p50 [ms]"]
     out["bulk share of the link [%]"] = 100 * rate / LINK_BYTES_PER_S
+    settle(sink)
     tags = [f"{route}/four{i}" for i in range(4)]
     with uploads(host, sink_port, tags):
         time.sleep(1.5)
@@ -341,6 +355,7 @@ def measure(route: str, host: str, ports: tuple[int, int], sink: Sink,
         LINK_BYTES_PER_S
     out["4 bulk uploads: smallest share [%]"] = min(shares)
     out["4 bulk uploads: largest share [%]"] = max(shares)
+    settle(sink)
     return out
 
 

@@ -83,6 +83,8 @@ DEFAULT_MAX_AUTO_WINDOW: Final = 4 * 1024 * 1024
 _DATA: Final = int(wire.RecordType.DATA)
 _WINDOW: Final = int(wire.RecordType.WINDOW)
 _WINDOW_SIZE: Final = 9
+#: DATA payloads from this size on are delivered as memoryviews of the record.
+_VIEW_MIN_SIZE: Final = 4096
 _unpack_id: Final = struct.Struct("!I").unpack_from
 _unpack_window: Final = struct.Struct("!II").unpack_from
 _pack_window: Final = struct.Struct("!BII").pack
@@ -219,14 +221,14 @@ class Session:
     def receive_record(self, record: bytes | bytearray | memoryview) -> None:
         """Process one record from the peer; then drain events and output.
 
+        The record is kept, not copied: DataReceived.data may be a read-only
+        view of it, so the caller must not modify ``record`` afterwards.
         Never raises for peer garbage: see :attr:`failure` and SessionFailed.
         """
-        if type(record) is not bytes:
-            record = bytes(record)
         try:
             if not self._running:  # before the peer's SETTINGS, or after a failure
                 if self.failure is None:
-                    self._apply_settings(wire.check_peer_settings(decode_record(record)))
+                    self._apply_settings(wire.check_peer_settings(decode_record(bytes(record))))
                 return
             length = len(record)
             if length > DATA_HEADER_SIZE and record[0] == _DATA:
@@ -239,11 +241,18 @@ class Session:
                     self._receive_odd_data(ch, channel_id, size)
                     return
                 ch.window.receive(size)
-                self._events.append(new_data_received(channel_id, record[DATA_HEADER_SIZE:]))
+                # A large payload is a view, not a copy. Small ones are copied
+                # so that they never pin a large receive buffer in memory.
+                payload: bytes | memoryview
+                if size >= _VIEW_MIN_SIZE:
+                    payload = memoryview(record).toreadonly()[DATA_HEADER_SIZE:]
+                else:
+                    payload = bytes(record[DATA_HEADER_SIZE:])
+                self._events.append(new_data_received(channel_id, payload))
             elif length == _WINDOW_SIZE and record[0] == _WINDOW:  # the second hottest
                 self._receive_window(*_unpack_window(record, 1))
             else:
-                self._dispatch(decode_record(record))
+                self._dispatch(decode_record(bytes(record)))
         except RemoteProtocolError as exc:
             self._fail(exc)
 
