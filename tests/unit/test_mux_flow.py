@@ -134,3 +134,11 @@ def test_bad_window_parameters_are_refused(size: int, threshold: int | None) -> 
     """Windows must be positive and the batch threshold within 1..size."""
     with pytest.raises(LocalProtocolError):
         ReceiveWindow(size, threshold)
+
+
+def test_negative_room_shrinks_by_keeping_back_consumed_credit() -> None:
+    """A shrinking window returns less than was consumed, never below zero, and stays consistent."""
+    window = ReceiveWindow(400)
+    window.receive(400)
+    assert window.acknowledge(400, room=-300) == 100
+    assert (window.size, window.available, window.threshold) == (100, 100, 25)

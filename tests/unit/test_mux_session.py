@@ -723,3 +723,16 @@ def test_a_write_size_below_the_chunk_size_cuts_small_chunks_and_ends_turns() ->
                                                                (second, 2 * KIB)]
     agent.send_data(first, bytes(40 * KIB))
     assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 8 * KIB]
+
+
+def test_grown_windows_shrink_back_once_another_channel_is_live() -> None:
+    """Only a channel alone grows its window; in company it returns to initial_window."""
+    agent, relay = connected_pair()
+    bulk = open_accepted(agent, relay)
+    _stream(agent, relay, bulk, 40 * DEFAULT_INITIAL_WINDOW)
+    assert relay.window_growth > 0
+    open_accepted(agent, relay)
+    _stream(agent, relay, bulk, 40 * DEFAULT_INITIAL_WINDOW)
+    assert relay.window_growth == 0
+    assert agent.send_capacity(bulk) == DEFAULT_INITIAL_WINDOW
+    assert agent.failure is None and relay.failure is None

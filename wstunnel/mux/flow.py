@@ -124,7 +124,9 @@ class ReceiveWindow:
 
         Args:
             size: bytes consumed.
-            room: how many bytes the window may grow by now (0: never).
+            room: how many bytes the window may grow by now (0: never);
+                negative: shrink by that much, by keeping back consumed
+                credit instead of returning it (never below what is in use).
 
         Returns:
             The increment to send in a WINDOW record now, or 0 to keep batching.
@@ -146,7 +148,11 @@ class ReceiveWindow:
             growth = min(room, self.size)
             self.size += growth
             pending += growth
-            if self._scaled:
-                self.threshold = self.size // 4
+        elif room < 0:  # shrink back by withholding consumed credit
+            cut = min(-room, pending)
+            self.size -= cut
+            pending -= cut
+        if self._scaled:
+            self.threshold = max(1, self.size // 4)
         self.available += pending
         return pending
