@@ -32,6 +32,7 @@ Run as root from the repository root (creates and deletes namespaces
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import json
@@ -50,6 +51,7 @@ from typing import IO, Final
 
 NS_AGENT: Final = "wsbench-a"
 NS_RELAY: Final = "wsbench-r"
+NS_MID: Final = "wsbench-m"
 ADDR_AGENT: Final = "10.233.0.1"
 ADDR_RELAY: Final = "10.233.0.2"
 RATE_MBIT: Final = 20
@@ -123,28 +125,89 @@ def in_ns(ns: str, argv: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def slow_link() -> Iterator[None]:
-    """Create the two namespaces, the veth pair and tbf on both ends; always delete."""
+def slow_link(delay_ms: float) -> Iterator[None]:
+    """Create the namespaces, the veth pair(s) and tbf on both ends; always delete.
+
+    With a delay, a third namespace sits in the middle: two veth pairs and
+    our own frame mover (``delay`` below), which holds every Ethernet frame
+    ``delay_ms`` in each direction. Agent and relay still share one subnet.
+    """
+    namespaces = [NS_AGENT, NS_RELAY] + ([NS_MID] if delay_ms else [])
+    if delay_ms and not shutil.which("ethtool"):
+        raise BenchError("--delay-ms needs ethtool (apt-get install ethtool) to turn off "
+                         "checksum offload on the veth ends")
     try:
-        run("ip", "netns", "add", NS_AGENT)
-        run("ip", "netns", "add", NS_RELAY)
-        run("ip", "link", "add", "wsb0", "netns", NS_AGENT, "type", "veth",
-            "peer", "name", "wsb1", "netns", NS_RELAY)
+        for ns in namespaces:
+            run("ip", "netns", "add", ns)
+        if delay_ms:
+            run("ip", "link", "add", "wsb0", "netns", NS_AGENT, "type", "veth",
+                "peer", "name", "wsm0", "netns", NS_MID)
+            run("ip", "link", "add", "wsb1", "netns", NS_RELAY, "type", "veth",
+                "peer", "name", "wsm1", "netns", NS_MID)
+            for dev in ("wsm0", "wsm1"):
+                run("ip", "-n", NS_MID, "link", "set", dev, "promisc", "on", "up")
+        else:
+            run("ip", "link", "add", "wsb0", "netns", NS_AGENT, "type", "veth",
+                "peer", "name", "wsb1", "netns", NS_RELAY)
         for ns, dev, addr in ((NS_AGENT, "wsb0", ADDR_AGENT), (NS_RELAY, "wsb1", ADDR_RELAY)):
             run("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
             run("ip", "-n", ns, "link", "set", dev, "up")
             run("ip", "-n", ns, "link", "set", "lo", "up")
             run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
                 *TBF.split())
+            if delay_ms:  # frames read by the mover must carry real checksums
+                run("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tx", "off")
         yield
     finally:
-        for ns in (NS_AGENT, NS_RELAY):
+        for ns in namespaces:
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
                                   text=True, check=False).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), 15)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+
+
+def serve_delay(left: str, right: str, delay: float) -> int:
+    """Move Ethernet frames between two interfaces, holding each ``delay`` s.
+
+    The propagation delay netem would add: frames keep their order, TCP sees
+    the longer round trip end to end (nothing terminates the connection).
+    """
+    socks = {}
+    for dev in (left, right):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+        sock.bind((dev, 0))
+        socks[dev] = sock
+
+    def move(source: str, target: str) -> None:
+        queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        ready = threading.Condition()
+
+        def sender() -> None:
+            while True:
+                with ready:
+                    while not queue:
+                        ready.wait()
+                    due, frame = queue.popleft()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                with contextlib.suppress(OSError):
+                    socks[target].send(frame)
+
+        threading.Thread(target=sender, daemon=True).start()
+        while True:
+            frame, address = socks[source].recvfrom(65536)
+            if address[2] == socket.PACKET_OUTGOING:
+                continue  # our own transmission on this interface
+            with ready:
+                queue.append((time.monotonic() + delay, frame))
+                ready.notify()
+
+    threading.Thread(target=move, args=(right, left), daemon=True).start()
+    move(left, right)
+    return 0
 
 
 def spawn(stack: contextlib.ExitStack, argv: Sequence[str], log: Path,
@@ -375,7 +438,10 @@ def table(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="bench", choices=["bench", "targets"])
+    parser.add_argument("command", nargs="?", default="bench",
+                        choices=["bench", "targets", "delay"])
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="one-way delay added in a middle namespace (e.g. 20)")
     parser.add_argument("--seconds", type=float, default=8.0, help="timed part of each workload")
     parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel")
     parser.add_argument("--tunnel-arg", action="append", default=None,
@@ -385,14 +451,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "targets":
         return serve_targets()
+    if args.command == "delay":
+        return serve_delay("wsm0", "wsm1", args.delay_ms / 1000)
     if os.geteuid() != 0:
         print("slowlink.py needs root (network namespaces and tc)", file=sys.stderr)
         return 2
     extra = args.tunnel_arg if args.tunnel_arg is not None else ["--log-level=warning"]
     results: dict[str, dict[str, float]] = {}
-    with slow_link(), contextlib.ExitStack() as stack, \
+    with slow_link(args.delay_ms), contextlib.ExitStack() as stack, \
             tempfile.TemporaryDirectory(prefix="slowlink-") as tmpname:
         tmp = Path(tmpname)
+        if args.delay_ms:
+            spawn(stack, in_ns(NS_MID, [sys.executable, __file__, "delay",
+                                        "--delay-ms", str(args.delay_ms)]), tmp / "delay.log")
         sink = Sink(start_targets(stack, tmp))
         start_wstunnel(stack, tmp, shlex.split(args.wstunnel), extra)
         routes = {"direct": (ADDR_RELAY, (ECHO_PORT, SINK_PORT)),
@@ -409,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ctypes.CDLL(None).setns(home, CLONE_NEWNET)
             os.close(home)
-    print(f"link: veth, {TBF} on both ends, no added delay; {args.seconds:g} s per timed part")
+    delay = f"{args.delay_ms:g} ms delay each way" if args.delay_ms else "no added delay"
+    print(f"link: veth, {TBF} on both ends, {delay}; {args.seconds:g} s per timed part")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
