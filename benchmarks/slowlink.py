@@ -18,14 +18,18 @@ link, counted by the sink, i.e. bytes that crossed); four bulk uploads at
 once and each one's share. Link share = received bytes/s over the link's
 20 Mbit/s (payload only, so TCP/IP headers cap it near 96 %).
 
-There is no added propagation delay: netem is missing on this kernel and we
-have no packet-delaying program yet, so the idle round trip is ~1 ms and all
-queueing delay comes from buffers (tbf's 10 ms, TCP's, the tunnel's).
+``--delay-ms 20`` adds the propagation delay netem would (netem is missing
+on this kernel): a third namespace in the middle, two veth pairs, and our own
+frame mover holding every Ethernet frame that long in each direction, so TCP
+still runs end to end and sees the real round trip. Without it the idle
+round trip is ~0.1 ms and all delay under load comes from buffers.
 
 Run as root from the repository root (creates and deletes namespaces
-``wsbench-a``/``wsbench-r``, addresses 10.233.0.1-2 exist only inside them):
+``wsbench-a``/``wsbench-r`` (and ``wsbench-m``), addresses 10.233.0.1-2 exist
+only inside them):
 
-    .venv/bin/python benchmarks/slowlink.py              # about 90 s
+    .venv/bin/python benchmarks/slowlink.py --delay-ms 20   # the issue's link, about 100 s
+    .venv/bin/python benchmarks/slowlink.py                 # no added delay
     .venv/bin/python benchmarks/slowlink.py --seconds 4  # quicker, noisier
 """
 
