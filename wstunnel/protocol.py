@@ -106,7 +106,7 @@ class TunnelProtocol:
             next_record = self.session.next_record
             send_bytes = wsconn.send_bytes
             while size < max_size:
-                record = next_record()
+                record = next_record(max_size)
                 if record is None:
                     break
                 send_bytes(record)

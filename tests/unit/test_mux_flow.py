@@ -6,6 +6,7 @@ import pytest
 
 from wstunnel.errors import FlowControlError, LocalProtocolError
 from wstunnel.mux.flow import ReceiveWindow, SendCredit
+from wstunnel.mux.wire import MAX_WINDOW
 
 
 def test_send_credit_is_spent_and_refilled() -> None:
@@ -27,13 +28,52 @@ def test_send_credit_cannot_go_negative() -> None:
     assert credit.credit == 10
 
 
-@pytest.mark.parametrize("increment", [0, -5, 1])
-def test_grant_beyond_the_window_is_a_flow_control_error(increment: int) -> None:
-    """A WINDOW that is not positive or lifts credit above the window is the peer's bug."""
+@pytest.mark.parametrize("increment", [0, -5, MAX_WINDOW - 9])
+def test_grant_beyond_max_window_is_a_flow_control_error(increment: int) -> None:
+    """A WINDOW that is not positive or lifts credit above MAX_WINDOW is the peer's bug."""
     credit = SendCredit(10)
     with pytest.raises(FlowControlError):
         credit.grant(increment)
     assert credit.credit == 10
+
+
+def test_grant_beyond_the_window_grows_it() -> None:
+    """Credit beyond what we sent is the peer growing its window: the limit follows."""
+    credit = SendCredit(10)
+    credit.grant(30)
+    assert (credit.credit, credit.limit) == (40, 40)
+    credit.consume(40)
+    credit.grant(40)
+    assert (credit.credit, credit.limit) == (40, 40)
+
+
+def _drain_and_read(window: ReceiveWindow, room: int) -> int:
+    """The peer spends the whole window; the reader consumes it all at once."""
+    window.receive(window.available)
+    return window.acknowledge(window.unacknowledged, room)
+
+
+def test_window_doubles_when_the_peer_starves_and_the_reader_keeps_up() -> None:
+    """A window the peer exhausts while the reader keeps up doubles, growth in the WINDOW."""
+    window = ReceiveWindow(100)
+    assert _drain_and_read(window, room=1000) == 200
+    assert (window.size, window.available, window.threshold) == (200, 200, 50)
+    assert _drain_and_read(window, room=50) == 250  # limited by the room
+    assert window.size == 250
+
+
+def test_window_does_not_grow_without_room_or_for_a_slow_reader() -> None:
+    """No room, or the reader leaving data unread, or the peer still holding credit: no growth."""
+    window = ReceiveWindow(100)
+    assert _drain_and_read(window, room=0) == 100
+    window.receive(100)
+    assert window.acknowledge(25, room=1000) == 25  # 75 still unread: the reader is the limit
+    assert window.size == 100
+    window.acknowledge(75, room=1000)
+    fresh = ReceiveWindow(100)
+    fresh.receive(30)
+    assert fresh.acknowledge(30, room=1000) == 30  # the peer still holds 70 of credit
+    assert fresh.size == 100
 
 
 def test_resize_adds_the_difference_and_never_shrinks() -> None:
@@ -94,3 +134,11 @@ def test_bad_window_parameters_are_refused(size: int, threshold: int | None) -> 
     """Windows must be positive and the batch threshold within 1..size."""
     with pytest.raises(LocalProtocolError):
         ReceiveWindow(size, threshold)
+
+
+def test_negative_room_shrinks_by_keeping_back_consumed_credit() -> None:
+    """A shrinking window returns less than was consumed, never below zero, and stays consistent."""
+    window = ReceiveWindow(400)
+    window.receive(400)
+    assert window.acknowledge(400, room=-300) == 100
+    assert (window.size, window.available, window.threshold) == (100, 100, 25)

@@ -24,6 +24,7 @@ from wstunnel.errors import (
 from wstunnel.mux import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,
+    MAX_WINDOW,
     MIN_CHUNK_SIZE,
     MIN_WINDOW,
     ChannelClosed,
@@ -185,7 +186,8 @@ def test_early_data_is_limited_to_the_minimum_window_before_settings() -> None:
 def test_windows_below_the_default_work_from_the_first_byte() -> None:
     """A peer with the smallest window and chunk gets nothing it did not allow, early or late."""
     agent = Session(Role.AGENT)
-    relay = Session(Role.RELAY, initial_window=MIN_WINDOW, max_chunk_size=MIN_CHUNK_SIZE)
+    relay = Session(Role.RELAY, initial_window=MIN_WINDOW, max_chunk_size=MIN_CHUNK_SIZE,
+                    max_window=MIN_WINDOW)
     channel_id = agent.open_channel("h", 1, early_data=bytes(MIN_WINDOW))
     pump(agent, relay)
     assert relay.failure is None and relay.buffered_size == MIN_WINDOW
@@ -363,7 +365,7 @@ def test_local_calls_on_a_gone_channel() -> None:
 
 def test_credit_returns_only_when_the_application_acknowledges() -> None:
     """Without acknowledge the sender stalls at the window; acknowledging reopens it."""
-    agent, relay = connected_pair()
+    agent, relay = connected_pair(max_window=DEFAULT_INITIAL_WINDOW)  # no auto-tuning
     channel_id = open_accepted(agent, relay)
     agent.send_data(channel_id, bytes(DEFAULT_INITIAL_WINDOW))
     assert agent.send_capacity(channel_id) == 0
@@ -416,12 +418,45 @@ def test_receiving_past_the_window_fails_the_session() -> None:
     assert failed(relay).code == ErrorCode.FLOW_CONTROL_ERROR
 
 
-def test_window_beyond_what_was_sent_fails_the_session() -> None:
-    """A WINDOW returning credit for bytes never sent is a flow-control error."""
+def test_window_beyond_max_window_fails_the_session() -> None:
+    """A WINDOW lifting the credit above MAX_WINDOW is a flow-control error."""
     agent, relay = connected_pair()
     channel_id = open_accepted(agent, relay)
-    agent.receive_record(encode_record(Window(channel_id, 1)))
+    agent.receive_record(encode_record(Window(channel_id, MAX_WINDOW)))
     assert failed(agent).code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def _stream(agent: Session, relay: Session, channel_id: int, size: int) -> None:
+    """Send ``size`` bytes as fast as credit allows; the relay reads everything at once."""
+    while size:
+        chunk = min(size, agent.send_capacity(channel_id))
+        agent.send_data(channel_id, bytes(chunk))
+        size -= chunk
+        transfer(agent, relay)
+        relay.acknowledge(channel_id, relay.buffered_size)
+        transfer(relay, agent)
+
+
+def test_window_grows_when_it_limits_the_channel_up_to_max_window() -> None:
+    """A sender starved of credit while the reader keeps up gets a doubled window, to max_window."""
+    agent, relay = connected_pair(max_window=4 * DEFAULT_INITIAL_WINDOW)
+    channel_id = open_accepted(agent, relay)
+    _stream(agent, relay, channel_id, 20 * DEFAULT_INITIAL_WINDOW)
+    assert agent.failure is None and relay.failure is None
+    assert agent.send_capacity(channel_id) == 4 * DEFAULT_INITIAL_WINDOW
+    assert relay.window_growth == 3 * DEFAULT_INITIAL_WINDOW
+
+
+def test_window_growth_stays_within_an_eighth_of_max_buffered_size() -> None:
+    """All growth together is bounded by max_buffered_size // 8, and freed with the channel."""
+    budget = 8 * DEFAULT_INITIAL_WINDOW
+    agent, relay = connected_pair(max_buffered_size=8 * budget, max_window=MAX_WINDOW)
+    channel_id = open_accepted(agent, relay)
+    _stream(agent, relay, channel_id, 40 * DEFAULT_INITIAL_WINDOW)
+    assert relay.window_growth == budget
+    assert agent.send_capacity(channel_id) == DEFAULT_INITIAL_WINDOW + budget
+    relay.reset_channel(channel_id)
+    assert relay.window_growth == 0
 
 
 def test_oversized_data_fails_the_session() -> None:
@@ -673,3 +708,31 @@ def test_a_small_write_overtakes_100_mib_of_bulk_within_two_chunks() -> None:
         transfer(relay, agent)
         sent_chunks += 1
     assert queued == total and probes > 50
+
+
+def test_a_write_size_below_the_chunk_size_cuts_small_chunks_and_ends_turns() -> None:
+    """next_record(max_size) caps DATA at max_size and hands the turn on after each chunk."""
+    agent, relay = connected_pair(quantum=4 * DEFAULT_MAX_CHUNK_SIZE)
+    first = open_accepted(agent, relay)
+    second = open_accepted(agent, relay)
+    agent.send_data(first, bytes(10 * KIB))
+    agent.send_data(second, bytes(10 * KIB))
+    cut = [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
+           for r in iter(lambda: agent.next_record(4 * KIB), None)]
+    assert cut == [(first, 4 * KIB), (second, 4 * KIB)] * 2 + [(first, 2 * KIB),
+                                                               (second, 2 * KIB)]
+    agent.send_data(first, bytes(40 * KIB))
+    assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 8 * KIB]
+
+
+def test_grown_windows_shrink_back_once_another_channel_is_live() -> None:
+    """Only a channel alone grows its window; in company it returns to initial_window."""
+    agent, relay = connected_pair()
+    bulk = open_accepted(agent, relay)
+    _stream(agent, relay, bulk, 40 * DEFAULT_INITIAL_WINDOW)
+    assert relay.window_growth > 0
+    open_accepted(agent, relay)
+    _stream(agent, relay, bulk, 40 * DEFAULT_INITIAL_WINDOW)
+    assert relay.window_growth == 0
+    assert agent.send_capacity(bulk) == DEFAULT_INITIAL_WINDOW
+    assert agent.failure is None and relay.failure is None

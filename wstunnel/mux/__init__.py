@@ -21,7 +21,7 @@ from .events import (
     SettingsReceived,
     WindowUpdated,
 )
-from .session import DEFAULT_MAX_CHANNELS, Role, Session
+from .session import DEFAULT_MAX_AUTO_WINDOW, DEFAULT_MAX_CHANNELS, Role, Session
 from .wire import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,
@@ -40,6 +40,7 @@ from .wire import (
 __all__ = [
     "DEFAULT_INITIAL_WINDOW",
     "DEFAULT_MAX_CHANNELS",
+    "DEFAULT_MAX_AUTO_WINDOW",
     "DEFAULT_MAX_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "MAX_WINDOW",

@@ -231,10 +231,13 @@ class Channel:
             self.pieces.append(data)
             self.queued_size += size
 
-    def acknowledge(self, size: int) -> int:
-        """The application consumed ``size`` bytes; return the WINDOW increment due, or 0."""
+    def acknowledge(self, size: int, room: int = 0) -> int:
+        """The application consumed ``size`` bytes; return the WINDOW increment due, or 0.
+
+        ``room``: how far the receive window may grow (see ReceiveWindow.acknowledge).
+        """
         if self.receive_state is ReceiveState.OPEN:  # (OPEN, ACKNOWLEDGE) -> RETURN_CREDIT
-            return self.window.acknowledge(size)
+            return self.window.acknowledge(size, room)
         self.receive(Input.ACKNOWLEDGE)  # raises while PENDING
         self.window.acknowledge(size)  # CLOSED: the peer sends no more, so keep the credit
         return 0

@@ -3,9 +3,10 @@
 Two small pure classes, one per end of a direction:
 
 * :class:`SendCredit` -- what the peer has allowed us to send.  ``credit`` never
-  goes negative (sending past it is *our* bug) and never exceeds ``limit``, the
-  peer's window (a WINDOW that would push it past is the *peer's* bug: it
-  returned credit for bytes it never received).
+  goes negative (sending past it is *our* bug) and never exceeds MAX_WINDOW (a
+  WINDOW that would push it past is the *peer's* bug).  A WINDOW may return
+  more than we sent: the receiver grows its window (auto-tuning), and
+  ``limit``, the peer's window as far as we know, follows the largest credit.
 * :class:`ReceiveWindow` -- what we granted the peer.  The invariant
   ``available + unacknowledged + pending == size`` holds after every update:
   bytes are *available* to the peer, or received and not yet consumed by the
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from wstunnel.errors import FlowControlError, LocalProtocolError
 
-from .wire import ErrorCode
+from .wire import MAX_WINDOW, ErrorCode
 
 __all__ = ["SendCredit", "ReceiveWindow"]
 
@@ -48,15 +49,21 @@ class SendCredit:
     def grant(self, increment: int) -> None:
         """Add credit from a peer WINDOW record.
 
+        An increment beyond the bytes we sent grows the window (the peer's
+        auto-tuning); ``limit`` follows it.
+
         Raises:
-            FlowControlError: the increment is not positive or would exceed the
-                peer's window (it returned bytes it was never sent).
+            FlowControlError: the increment is not positive or would lift the
+                credit above MAX_WINDOW.
         """
-        if increment <= 0 or self.credit + increment > self.limit:
+        credit = self.credit + increment
+        if increment <= 0 or credit > MAX_WINDOW:
             raise FlowControlError(
-                f"WINDOW of {increment} on top of {self.credit} exceeds window {self.limit}",
+                f"WINDOW of {increment} on top of {self.credit} exceeds {MAX_WINDOW}",
                 code=int(ErrorCode.FLOW_CONTROL_ERROR))
-        self.credit += increment
+        self.credit = credit
+        if credit > self.limit:
+            self.limit = credit
 
     def resize(self, limit: int) -> int:
         """Raise the window to ``limit`` (the peer's SETTINGS beat our assumption).
@@ -79,7 +86,7 @@ class SendCredit:
 class ReceiveWindow:
     """The window we granted the peer on one channel, and the credit to return."""
 
-    __slots__ = ("size", "available", "unacknowledged", "pending", "threshold")
+    __slots__ = ("size", "available", "unacknowledged", "pending", "threshold", "_scaled")
 
     def __init__(self, size: int, threshold: int | None = None) -> None:
         if size <= 0:
@@ -88,6 +95,7 @@ class ReceiveWindow:
         self.available = size
         self.unacknowledged = 0
         self.pending = 0
+        self._scaled = threshold is None  # the threshold follows the size as it grows
         self.threshold = max(1, size // 4) if threshold is None else threshold
         if not 1 <= self.threshold <= size:
             raise LocalProtocolError(f"threshold {self.threshold} out of range 1-{size}")
@@ -105,8 +113,20 @@ class ReceiveWindow:
         self.available -= size
         self.unacknowledged += size
 
-    def acknowledge(self, size: int) -> int:
+    def acknowledge(self, size: int, room: int = 0) -> int:
         """The application consumed ``size`` bytes.
+
+        Auto-tuning: when a batch of credit is due while the peer holds less
+        than a quarter of the window and the application has read nearly
+        everything, the window, not the reader, is what limits the channel
+        (its bandwidth-delay product is larger).  The window then doubles, by
+        at most ``room`` bytes, and the growth rides in the same WINDOW.
+
+        Args:
+            size: bytes consumed.
+            room: how many bytes the window may grow by now (0: never);
+                negative: shrink by that much, by keeping back consumed
+                credit instead of returning it (never below what is in use).
 
         Returns:
             The increment to send in a WINDOW record now, or 0 to keep batching.
@@ -119,9 +139,20 @@ class ReceiveWindow:
                 f"acknowledged {size} bytes but only {self.unacknowledged} are unacknowledged")
         self.unacknowledged -= size
         pending = self.pending + size
-        if pending < self.threshold:
+        threshold = self.threshold
+        if pending < threshold:
             self.pending = pending
             return 0
         self.pending = 0
+        if room > 0 and self.available < threshold and self.unacknowledged < threshold:
+            growth = min(room, self.size)
+            self.size += growth
+            pending += growth
+        elif room < 0:  # shrink back by withholding consumed credit
+            cut = min(-room, pending)
+            self.size -= cut
+            pending -= cut
+        if self._scaled:
+            self.threshold = max(1, self.size // 4)
         self.available += pending
         return pending

@@ -102,6 +102,12 @@ class DeficitRoundRobin(Generic[K]):
             self._queue.rotate(-1)
             self.budget = self.quantum
 
+    def end_turn(self) -> None:
+        """Send the head key to the back with a fresh budget (its turn ends early)."""
+        if self._queue:
+            self._queue.rotate(-1)
+            self.budget = self.quantum
+
     def _drop_head(self) -> None:
         self._queue.popleft()
         self.budget = self.quantum
@@ -138,8 +144,13 @@ class Outbox:
         self.control.clear()
         self.drr = DeficitRoundRobin[int](self.drr.quantum)
 
-    def next_record(self) -> bytes | None:
-        """Pop a control record, else cut one DATA chunk for the channel whose turn it is."""
+    def next_record(self, max_size: int | None = None) -> bytes | None:
+        """Pop a control record, else cut one DATA chunk for the channel whose turn it is.
+
+        ``max_size`` (the I/O layer's write size on a slow link) caps the
+        chunk and then ends the turn, so interactive channels wait behind one
+        small chunk per busy channel, not a whole quantum.
+        """
         if self.control:
             return self.control.popleft()
         drr = self.drr
@@ -151,6 +162,10 @@ class Outbox:
         budget = drr.budget
         if budget > self.chunk_size:
             budget = self.chunk_size
+        short_turn = False
+        if max_size is not None and max_size < budget:
+            short_turn = True
+            budget = max(1, max_size)
         if budget > credit.credit:
             budget = credit.credit
         head = ch.pieces[0]
@@ -166,7 +181,10 @@ class Outbox:
             record = b"".join([_pack_data_header(_DATA, channel_id), *pieces])
         credit.consume(size)
         queued = ch.queued_size
-        drr.charge(size, queued > 0 and credit.credit > 0)
+        still_ready = queued > 0 and credit.credit > 0
+        drr.charge(size, still_ready)
+        if short_turn and still_ready:
+            drr.end_turn()
         if not queued and ch.send_state is SendState.FIN_QUEUED:
             self._on_drained(ch)
         return record

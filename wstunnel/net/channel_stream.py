@@ -53,7 +53,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self.port = port
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._inbound: deque[bytes] = deque()
+        self._inbound: deque[bytes | memoryview] = deque()
         self._eof_received = False
         self._eof_sent = False
         self._closed = False
@@ -73,7 +73,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
 
     # -- called by the transport ---------------------------------------------
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: bytes | memoryview) -> None:
         if self._closed:
             self._reset("data arrived after the channel was closed")
             return
@@ -218,6 +218,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         if len(data) > limit:
             inbound.appendleft(data[limit:])
             data = data[:limit]
+        if type(data) is not bytes:
+            data = bytes(data)  # one piece, a view of the received record
         size = len(data)
         self.bytes_received += size
         if self._mux_alive and self._error is None:

@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 READ_SIZE = 65536
-NOTSENT_LOWAT = 32 * 1024
+NOTSENT_LOWAT = 16 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 #: Opens the TCP byte pipe to (host, port): directly, or through a proxy (net/proxy.py).

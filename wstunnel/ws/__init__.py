@@ -27,6 +27,7 @@ from .frames import (
     Opcode,
     encode_frame,
     encode_frame_parts,
+    encode_masked_frame,
     mask,
 )
 from .handshake import (
@@ -72,6 +73,7 @@ __all__ = [
     "WebSocketConnection",
     "encode_frame",
     "encode_frame_parts",
+    "encode_masked_frame",
     "is_valid_close_code",
     "mask",
 ]

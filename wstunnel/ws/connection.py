@@ -42,7 +42,9 @@ from .frames import (
     FrameDecoder,
     Opcode,
     encode_frame_parts,
+    encode_masked_frame,
 )
+from .masking import INT_MASK_LIMIT
 
 __all__ = [
     "Role",
@@ -142,13 +144,13 @@ class WebSocketConnection:
             client=self._client, max_frame_size=max_message_size, max_message_size=max_message_size
         )
         self._events: list[Event] = []
-        self._output: list[bytes] = []
+        self._output: list[bytes | bytearray] = []
         self.state = ConnectionState.OPEN
         self.failure: RemoteProtocolError | None = None
         self.close_code: int | None = None
         self.close_reason = ""
         self.should_close_transport = False
-        self._fragments: list[bytes] = []
+        self._fragments: list[bytes | bytearray] = []
         self._text_parts: list[str] = []
         self._utf8: codecs.IncrementalDecoder | None = None  # set while a text message is open
         if trailing_data:
@@ -197,7 +199,10 @@ class WebSocketConnection:
         if not output:
             return b""
         self._output = []
-        return output[0] if len(output) == 1 else b"".join(output)
+        if len(output) > 1:
+            return b"".join(output)
+        first = output[0]
+        return first if type(first) is bytes else bytes(first)  # a client's masked bytearray
 
     # -- local actions -------------------------------------------------------
 
@@ -263,7 +268,16 @@ class WebSocketConnection:
 
     def _send_frame(self, opcode: Opcode, payload: bytes) -> None:
         """Frame and queue; clients mask with a fresh key each time (RFC 6455 5.3)."""
-        mask_key = self._random_bytes(4) if self._client else None
+        if not self._client:
+            header, body = encode_frame_parts(opcode, payload)
+            self._output.append(header)
+            if body:
+                self._output.append(body)
+            return
+        mask_key = self._random_bytes(4)
+        if len(payload) > INT_MASK_LIMIT:
+            self._output.append(encode_masked_frame(opcode, payload, mask_key))
+            return
         header, body = encode_frame_parts(opcode, payload, mask_key=mask_key)
         self._output.append(header)
         if body:
@@ -273,14 +287,16 @@ class WebSocketConnection:
         opcode = frame.opcode
         if opcode <= Opcode.BINARY:
             self._handle_data(frame)
-        elif opcode is Opcode.PING:
-            self._events.append(PingReceived(frame.payload))
+            return
+        payload = bytes(frame.payload)  # control payloads are short bytes already: no copy
+        if opcode is Opcode.PING:
+            self._events.append(PingReceived(payload))
             if self.state is ConnectionState.OPEN:
-                self._send_frame(Opcode.PONG, frame.payload)  # 5.5.2: MUST answer
+                self._send_frame(Opcode.PONG, payload)  # 5.5.2: MUST answer
         elif opcode is Opcode.PONG:
-            self._events.append(PongReceived(frame.payload))
+            self._events.append(PongReceived(payload))
         else:
-            self._handle_close(frame.payload)
+            self._handle_close(payload)
 
     def _handle_data(self, frame: Frame) -> None:
         """Deliver or reassemble; the decoder has already checked sequencing."""
@@ -292,7 +308,7 @@ class WebSocketConnection:
         else:
             self._handle_fragment(opcode, payload, fin)
 
-    def _handle_fragment(self, opcode: Opcode, payload: bytes, fin: bool) -> None:
+    def _handle_fragment(self, opcode: Opcode, payload: bytes | bytearray, fin: bool) -> None:
         """One fragment of a message; text is validated as it arrives (fail fast)."""
         if opcode is Opcode.TEXT:
             self._utf8 = codecs.getincrementaldecoder("utf-8")()
@@ -343,7 +359,7 @@ class WebSocketConnection:
         self._events.append(ConnectionClosed(code, reason))
 
 
-def _decode_utf8(payload: bytes) -> str:
+def _decode_utf8(payload: bytes | bytearray) -> str:
     """Decode a whole text message (RFC 6455 8.1: invalid UTF-8 fails with 1007)."""
     try:
         return payload.decode("utf-8")

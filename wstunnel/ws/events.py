@@ -18,9 +18,12 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class BytesMessage:
-    """A complete binary message (fragments already reassembled)."""
+    """A complete binary message (fragments already reassembled).
 
-    data: bytes
+    ``data`` may be a ``bytearray`` (see ``Frame``); treat it as read-only.
+    """
+
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ __all__ = [
     "FrameDecoder",
     "encode_frame",
     "encode_frame_parts",
+    "encode_masked_frame",
     "mask",
     "DEFAULT_MAX_FRAME_SIZE",
     "MAX_CONTROL_PAYLOAD",
@@ -71,10 +72,14 @@ class CloseCode(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """One frame as it appeared on the wire, payload already unmasked."""
+    """One frame as it appeared on the wire, payload already unmasked.
+
+    A long masked payload is the ``bytearray`` it was unmasked in (one copy
+    fewer); nothing else refers to it, so treat it as read-only.
+    """
 
     opcode: Opcode
-    payload: bytes
+    payload: bytes | bytearray
     fin: bool = True
     rsv: int = 0
 
@@ -134,6 +139,19 @@ def encode_frame_parts(
     if mask_key is None or not payload:
         return header, payload
     return header, mask(payload, mask_key)
+
+
+def encode_masked_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytearray:
+    """One final, masked frame built and masked in a single buffer (client hot path).
+
+    Saves the copy ``encode_frame`` makes to return ``bytes``; the caller
+    owns the buffer and must not change it after queueing it.
+    """
+    buf = bytearray(_encode_header(opcode, len(payload), True, 0, mask_key))
+    start = len(buf)
+    buf += payload
+    mask_lanes(buf, start, mask_key)
+    return buf
 
 
 def encode_frame(
@@ -364,13 +382,19 @@ def _extended_length(storage: bytes | bytearray, offset: int, header_size: int) 
     return int(size)
 
 
-def _unmask_slice(storage: bytes | bytearray, start: int, end: int, mask_key: bytes) -> bytes:
-    """Copy ``storage[start:end]`` out unmasked, choosing the faster method by size."""
+def _unmask_slice(
+    storage: bytes | bytearray, start: int, end: int, mask_key: bytes
+) -> bytes | bytearray:
+    """Copy ``storage[start:end]`` out unmasked, choosing the faster method by size.
+
+    A long payload comes back as the ``bytearray`` it was unmasked in (one
+    copy fewer); nothing else holds a reference to it, so it is never mutated.
+    """
     if end - start <= INT_MASK_LIMIT:
         return mask_int(memoryview(storage)[start:end], mask_key) if end > start else b""
     raw = bytearray(memoryview(storage)[start:end])
     mask_lanes(raw, 0, mask_key)
-    return bytes(raw)
+    return raw
 
 
 def _protocol_error(message: str) -> RemoteProtocolError:
