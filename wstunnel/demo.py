@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import trio
 
 from .agent import run_agent
-from .config import AgentConfig, RelayConfig, demo_configs
+from .config import demo_configs
 from .relay import run_relay
 
 __all__ = ["run_demo"]
@@ -127,41 +127,48 @@ def _ms(samples: list[float], q: float) -> float:
 
 
 async def _demo(size: int, out: TextIO) -> bool:
-    async with trio.open_nursery() as nursery:
-        echo_port = await _serve(_echo_target, nursery)
-        sink_port = await _serve(_sink_target, nursery)
-        relay_config: RelayConfig
-        agent_config: AgentConfig
-        relay_config, agent_config = demo_configs(echo_port, sink_port)
-        stop = trio.Event()
-        bound = await nursery.start(
-            lambda task_status: run_relay(relay_config, shutdown=stop, task_status=task_status)
-        )
-        relay_port = bound[0][1]
-        relay_config, agent_config = demo_configs(echo_port, sink_port, relay_port=relay_port)
-        forwards = await nursery.start(
-            lambda task_status: run_agent(agent_config, shutdown=stop, task_status=task_status)
-        )
-        echo_local, sink_local = forwards[0][0][1], forwards[1][0][1]
-        out.write(
-            f"relay on 127.0.0.1:{relay_port}, agent forwards 127.0.0.1:{echo_local} -> echo, "
-            f"127.0.0.1:{sink_local} -> sink\n"
-        )
-        out.write("measuring idle round trips (200 x 64 B)...\n")
-        idle = await _round_trips(echo_local, 200)
-        out.write(f"uploading {size / 2**20:.0f} MiB through one channel while another echoes:\n")
-        loaded: list[float] = []
-        done = trio.Event()
+    async with trio.open_nursery() as targets:
+        echo_port = await _serve(_echo_target, targets)
+        sink_port = await _serve(_sink_target, targets)
+        async with trio.open_nursery() as roles:  # returns once relay and agent have drained
+            stop = trio.Event()
+            intact = await _run_roles(roles, stop, echo_port, sink_port, size, out)
+            stop.set()
+        targets.cancel_scope.cancel()
+    return intact
 
-        async def echo_under_load() -> None:
-            loaded.extend(await _round_trips(echo_local, 100000, stop=done))
 
-        async with trio.open_nursery() as load:
-            load.start_soon(echo_under_load)
-            elapsed, intact = await _upload(sink_local, size, _Progress(size, out))
-            done.set()
-        _report(out, size, elapsed, intact, idle, loaded)
-        stop.set()
+async def _run_roles(nursery: trio.Nursery, stop: trio.Event, echo_port: int, sink_port: int,
+                     size: int, out: TextIO) -> bool:
+    """Start relay and agent, push the traffic, print the report."""
+    relay_config, _ = demo_configs(echo_port, sink_port)
+    bound = await nursery.start(
+        lambda task_status: run_relay(relay_config, shutdown=stop, task_status=task_status)
+    )
+    relay_port = bound[0][1]
+    _, agent_config = demo_configs(echo_port, sink_port, relay_port=relay_port)
+    forwards = await nursery.start(
+        lambda task_status: run_agent(agent_config, shutdown=stop, task_status=task_status)
+    )
+    echo_local, sink_local = forwards[0][0][1], forwards[1][0][1]
+    out.write(
+        f"relay on 127.0.0.1:{relay_port}, agent forwards 127.0.0.1:{echo_local} -> echo, "
+        f"127.0.0.1:{sink_local} -> sink\n"
+    )
+    out.write("measuring idle round trips (200 x 64 B)...\n")
+    idle = await _round_trips(echo_local, 200)
+    out.write(f"uploading {size / 2**20:.0f} MiB through one channel while another echoes:\n")
+    loaded: list[float] = []
+    done = trio.Event()
+
+    async def echo_under_load() -> None:
+        loaded.extend(await _round_trips(echo_local, 100000, stop=done))
+
+    async with trio.open_nursery() as load:
+        load.start_soon(echo_under_load)
+        elapsed, intact = await _upload(sink_local, size, _Progress(size, out))
+        done.set()
+    _report(out, size, elapsed, intact, idle, loaded)
     return intact
 
 
