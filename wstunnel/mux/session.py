@@ -643,7 +643,10 @@ class Session:
         else:  # in company: back to the initial window (see the module docstring)
             room = self.initial_window - window.size
         before = window.size
-        increment = ch.acknowledge(size, room)
+        if ch.receive_state is _RECEIVE_OPEN:  # Channel.acknowledge's own first branch
+            increment = window.acknowledge(size, room)
+        else:
+            increment = ch.acknowledge(size, room)
         self.window_growth += window.size - before
         if increment:  # 1 <= increment <= window <= MAX_WINDOW: no need to re-check
             self._control.append(_pack_window(_WINDOW, channel_id, increment))
