@@ -133,6 +133,10 @@ class Outbox:
     channels ready with ``drr.add``; :meth:`next_record` does the rest.  When a
     channel with a pending FIN drains, ``on_drained(channel)`` lets the session
     queue the FIN (it must follow the data, never overtake it).
+
+    Session.next_record inlines the common case (a whole queued piece within
+    the turn, the chunk size and the credit) and calls :meth:`next_record`
+    for the rest; a change to the rules here must be made there too.
     """
 
     __slots__ = ("control", "drr", "chunk_size", "_channels", "_on_drained")
