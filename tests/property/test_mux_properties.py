@@ -195,6 +195,7 @@ def apply(op: tuple[Any, ...], me: Peer, other: Peer) -> None:
             me.finished.add(channel_id)
         elif name == "reset" and op[2] % 5 == 0:  # resets are rarer than the rest
             me.session.reset_channel(channel_id)
+            me.reset.add(channel_id)  # our own reset aborts the stream both ways too
         elif name == "ack":
             me.ack(channel_id, op[3])
     me.handle(me.session.events_received())

@@ -139,6 +139,18 @@ def new_data_received(channel_id: int, data: bytes | memoryview) -> DataReceived
     return event
 
 
+_set_window_channel_id = WindowUpdated.__dict__["channel_id"].__set__
+_set_send_capacity = WindowUpdated.__dict__["send_capacity"].__set__
+
+
+def new_window_updated(channel_id: int, send_capacity: int) -> WindowUpdated:
+    """Build a WindowUpdated like :func:`new_data_received` (one per WINDOW record)."""
+    event = _new(WindowUpdated)
+    _set_window_channel_id(event, channel_id)
+    _set_send_capacity(event, send_capacity)
+    return event
+
+
 Event = (SettingsReceived | ChannelOpenRequested | ChannelOpened | ChannelOpenFailed
          | DataReceived | EndOfStream | ChannelReset | WindowUpdated | ChannelClosed
          | GoAwayReceived | SessionFailed)

@@ -42,7 +42,7 @@ K = TypeVar("K")
 class DeficitRoundRobin(Generic[K]):
     """A FIFO of ready keys served in turns of at most ``quantum`` bytes."""
 
-    __slots__ = ("quantum", "budget", "_queue", "_members")
+    __slots__ = ("quantum", "budget", "queue", "members")
 
     def __init__(self, quantum: int) -> None:
         if quantum <= 0:
@@ -50,29 +50,38 @@ class DeficitRoundRobin(Generic[K]):
         self.quantum = quantum
         #: Bytes the head key may still send in its current turn.
         self.budget = quantum
-        self._queue: deque[K] = deque()
-        self._members: set[K] = set()
+        #: Ready keys in turn order (head first) and the same keys as a set.
+        #: Read-only outside this class, except Session's per-chunk fast paths,
+        #: which inline :meth:`add` and :meth:`charge` on them.
+        self.queue: deque[K] = deque()
+        self.members: set[K] = set()
 
     def __len__(self) -> int:
-        return len(self._members)
+        return len(self.members)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._members
+        return key in self.members
 
     def add(self, key: K) -> None:
         """Make ``key`` ready (no-op if it already is); it joins at the back."""
-        if key not in self._members:
-            self._members.add(key)
-            self._queue.append(key)
+        if key not in self.members:
+            self.members.add(key)
+            self.queue.append(key)
 
     def discard(self, key: K) -> None:
         """Make ``key`` not ready, wherever it is in the FIFO."""
-        if key in self._members:
-            self._members.remove(key)
-            if self._queue[0] == key:
+        if key in self.members:
+            self.members.remove(key)
+            if self.queue[0] == key:
                 self._drop_head()
             else:
-                self._queue.remove(key)
+                self.queue.remove(key)
+
+    def clear(self) -> None:
+        """Forget every ready key (in place: fast paths hold the containers)."""
+        self.queue.clear()
+        self.members.clear()
+        self.budget = self.quantum
 
     def set_quantum(self, quantum: int) -> None:
         """Change the turn size; the current turn restarts with the new budget."""
@@ -82,7 +91,7 @@ class DeficitRoundRobin(Generic[K]):
 
     def peek(self) -> K | None:
         """Return the key whose turn it is, or None when nothing is ready."""
-        return self._queue[0] if self._queue else None
+        return self.queue[0] if self.queue else None
 
     def charge(self, size: int, still_ready: bool) -> None:
         """Account ``size`` bytes sent by the head key (the one :meth:`peek` gave).
@@ -94,22 +103,22 @@ class DeficitRoundRobin(Generic[K]):
         if not 0 <= size <= self.budget:
             raise LocalProtocolError(f"chunk of {size} exceeds the turn budget {self.budget}")
         if not still_ready:
-            self._members.remove(self._queue[0])
+            self.members.remove(self.queue[0])
             self._drop_head()
             return
         self.budget -= size
         if self.budget == 0:
-            self._queue.rotate(-1)
+            self.queue.rotate(-1)
             self.budget = self.quantum
 
     def end_turn(self) -> None:
         """Send the head key to the back with a fresh budget (its turn ends early)."""
-        if self._queue:
-            self._queue.rotate(-1)
+        if self.queue:
+            self.queue.rotate(-1)
             self.budget = self.quantum
 
     def _drop_head(self) -> None:
-        self._queue.popleft()
+        self.queue.popleft()
         self.budget = self.quantum
 
 
@@ -124,6 +133,10 @@ class Outbox:
     channels ready with ``drr.add``; :meth:`next_record` does the rest.  When a
     channel with a pending FIN drains, ``on_drained(channel)`` lets the session
     queue the FIN (it must follow the data, never overtake it).
+
+    Session.next_record inlines the common case (a whole queued piece within
+    the turn, the chunk size and the credit) and calls :meth:`next_record`
+    for the rest; a change to the rules here must be made there too.
     """
 
     __slots__ = ("control", "drr", "chunk_size", "_channels", "_on_drained")
@@ -142,7 +155,7 @@ class Outbox:
     def clear(self) -> None:
         """Forget all pending output (the session failed)."""
         self.control.clear()
-        self.drr = DeficitRoundRobin[int](self.drr.quantum)
+        self.drr.clear()
 
     def next_record(self, max_size: int | None = None) -> bytes | None:
         """Pop a control record, else cut one DATA chunk for the channel whose turn it is.

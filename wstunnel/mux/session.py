@@ -58,13 +58,17 @@ from .events import (
     ChannelOpenFailed,
     ChannelOpenRequested,
     ChannelReset,
+    DataReceived,
     EndOfStream,
     Event,
     GoAwayReceived,
     SessionFailed,
     SettingsReceived,
     WindowUpdated,
-    new_data_received,
+    _new,
+    _set_channel_id,
+    _set_data,
+    new_window_updated,
 )
 from .scheduler import Outbox
 from .wire import (
@@ -93,6 +97,13 @@ _VIEW_MIN_SIZE: Final = 4096
 _unpack_id: Final = struct.Struct("!I").unpack_from
 _unpack_window: Final = struct.Struct("!II").unpack_from
 _pack_window: Final = struct.Struct("!BII").pack
+_pack_data_header: Final = struct.Struct("!BI").pack
+# Enum members as module constants: ``SendState.OPEN`` is a class attribute
+# lookup through the enum metaclass (~65 ns on CPython 3.11), paid several
+# times per chunk; a global is a dict hit.
+_SEND_OPEN: Final = SendState.OPEN
+_FIN_QUEUED: Final = SendState.FIN_QUEUED
+_RECEIVE_OPEN: Final = ReceiveState.OPEN
 _KINDS: Final = frozenset(int(kind) for kind in ChannelKind)
 _ERROR_CODES: Final = frozenset(int(code) for code in ErrorCode)
 
@@ -168,6 +179,11 @@ class Session:
         self._outbox = Outbox(self._channels, quantum=quantum or chunk_size,
                               chunk_size=chunk_size, on_drained=self._queue_fin)
         self._control = self._outbox.control
+        # The scheduler's containers, for the per-chunk fast paths (they are
+        # cleared in place, never replaced).
+        self._drr = self._outbox.drr
+        self._ready = self._drr.queue
+        self._ready_set = self._drr.members
         self._settings = encode_record(
             wire.Settings(wire.VERSION, initial_window, max_chunk_size))
         self._control.append(self._settings)
@@ -229,6 +245,46 @@ class Session:
         ``max_size`` caps the DATA payload below the chunk size and ends that
         channel's turn (for slow links; see Outbox.next_record).
         """
+        control = self._control
+        if control:
+            return control.popleft()
+        ready = self._ready
+        if not ready:
+            return None
+        if max_size is None:
+            # Fast path, once per chunk: the head channel's first queued piece
+            # fits its turn, the chunk size and its credit, so it goes out
+            # whole.  Inlines Outbox.next_record with SendCredit.consume and
+            # DeficitRoundRobin.charge (three calls); their bounds checks are
+            # the test below (0 <= credit - size, size <= budget; pieces are
+            # never empty).  Any other case takes Outbox.next_record.
+            channel_id = ready[0]
+            ch = self._channels[channel_id]
+            head = ch.pieces[0]
+            size = len(head)
+            credit = ch.credit
+            drr = self._drr
+            left = credit.credit - size
+            if left >= 0 and size <= drr.budget and size <= self._outbox.chunk_size:
+                ch.pieces.popleft()
+                credit.credit = left
+                queued = ch.queued_size = ch.queued_size - size
+                if queued and left:  # still ready: charge the turn
+                    budget = drr.budget - size
+                    if budget:
+                        drr.budget = budget
+                    else:
+                        ready.rotate(-1)
+                        drr.budget = drr.quantum
+                else:  # no longer ready: leaves the round robin
+                    self._ready_set.remove(channel_id)
+                    ready.popleft()
+                    drr.budget = drr.quantum
+                    if not queued and ch.send_state is _FIN_QUEUED:
+                        record = _pack_data_header(_DATA, channel_id) + head
+                        self._queue_fin(ch)  # the FIN follows this DATA
+                        return record
+                return _pack_data_header(_DATA, channel_id) + head
         return self._outbox.next_record(max_size)
 
     # -- input -----------------------------------------------------------------
@@ -252,20 +308,50 @@ class Session:
                 channel_id = _unpack_id(record, 1)[0]
                 ch = self._channels.get(channel_id)
                 if (ch is None or size > self.max_chunk_size
-                        or ch.receive_state is not ReceiveState.OPEN):
+                        or ch.receive_state is not _RECEIVE_OPEN):
                     self._receive_odd_data(ch, channel_id, size)
                     return
-                ch.window.receive(size)
+                window = ch.window  # ReceiveWindow.receive inlined, with its check:
+                available = window.available - size
+                if available < 0:
+                    window.receive(size)  # raises FlowControlError
+                window.available = available
+                window.unacknowledged += size
                 # A large payload is a view, not a copy. Small ones are copied
                 # so that they never pin a large receive buffer in memory.
                 payload: bytes | memoryview
                 if size >= _VIEW_MIN_SIZE:
-                    payload = memoryview(record).toreadonly()[DATA_HEADER_SIZE:]
+                    view = memoryview(record)
+                    if type(record) is not bytes:  # a view of bytes is read-only already
+                        view = view.toreadonly()
+                    payload = view[DATA_HEADER_SIZE:]
                 else:
                     payload = bytes(record[DATA_HEADER_SIZE:])
-                self._events.append(new_data_received(channel_id, payload))
+                event = _new(DataReceived)  # events.new_data_received, inlined
+                _set_channel_id(event, channel_id)
+                _set_data(event, payload)
+                self._events.append(event)
             elif length == _WINDOW_SIZE and record[0] == _WINDOW:  # the second hottest
-                self._receive_window(*_unpack_window(record, 1))
+                channel_id, increment = _unpack_window(record, 1)
+                ch = self._channels.get(channel_id)
+                # Fast path: credit for an OPEN send half.  Inlines _receive_window
+                # and SendCredit.grant with their bounds (1 <= increment, credit
+                # stays <= MAX_WINDOW); anything else, errors included, goes the
+                # long way.
+                if ch is not None and ch.send_state is _SEND_OPEN and increment > 0:
+                    credit = ch.credit
+                    total = credit.credit + increment
+                    if total <= wire.MAX_WINDOW:
+                        credit.credit = total
+                        if total > credit.limit:
+                            credit.limit = total
+                        queued = ch.queued_size
+                        self._events.append(new_window_updated(channel_id, total - queued))
+                        if queued and channel_id not in self._ready_set:  # DRR.add
+                            self._ready_set.add(channel_id)
+                            self._ready.append(channel_id)
+                        return
+                self._receive_window(channel_id, increment)
             else:
                 self._dispatch(decode_record(bytes(record)))
         except RemoteProtocolError as exc:
@@ -288,14 +374,14 @@ class Session:
         self._peer_window = settings.initial_window
         self._outbox.chunk_size = min(self.max_chunk_size, settings.max_chunk_size)
         if not self._fixed_quantum:
-            self._outbox.drr.set_quantum(self._outbox.chunk_size)
+            self._drr.set_quantum(self._outbox.chunk_size)
         self._events.append(SettingsReceived(settings.version, settings.initial_window,
                                              settings.max_chunk_size))
         for ch in self._channels.values():  # all ours: the peer could not open any yet
             if ch.credit.resize(self._peer_window) and ch.send_state is SendState.OPEN:
                 self._events.append(WindowUpdated(ch.channel_id, ch.send_capacity()))
             if ch.ready():
-                self._outbox.drr.add(ch.channel_id)
+                self._drr.add(ch.channel_id)
 
     def _dispatch(self, record: wire.Record) -> None:
         if isinstance(record, wire.Settings):
@@ -368,7 +454,7 @@ class Session:
         if state is SendState.OPEN:
             self._events.append(WindowUpdated(channel_id, ch.credit.credit - ch.queued_size))
         if ch.queued_size:
-            self._outbox.drr.add(channel_id)
+            self._drr.add(channel_id)
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         """Go terminal: keep SETTINGS if still unsent, then only our GOAWAY goes out."""
@@ -405,7 +491,7 @@ class Session:
     def _forget(self, ch: Channel) -> None:
         del self._channels[ch.channel_id]
         self.window_growth -= ch.window.size - self.initial_window
-        self._outbox.drr.discard(ch.channel_id)
+        self._drr.discard(ch.channel_id)
         ch.discard_queue()
         self._events.append(ChannelClosed(ch.channel_id))
 
@@ -485,10 +571,26 @@ class Session:
                 a channel that is not open.
             SessionClosed: the session failed.
         """
-        ch = self._channels.get(channel_id) or self._live(channel_id)
+        ch = self._channels.get(channel_id)
+        if ch is not None and ch.send_state is _SEND_OPEN and type(data) is bytes:
+            # Fast path, once per chunk: Channel.queue and DeficitRoundRobin.add
+            # inlined for bytes (kept without a copy) on an OPEN send half, with
+            # the capacity check; past capacity, Channel.queue raises.
+            size = len(data)
+            queued = ch.queued_size
+            credit = ch.credit.credit
+            if size <= credit - queued:
+                if size:
+                    ch.pieces.append(data)
+                    ch.queued_size = queued + size
+                    if credit and channel_id not in self._ready_set:
+                        self._ready_set.add(channel_id)
+                        self._ready.append(channel_id)
+                return
+        ch = ch or self._live(channel_id)
         ch.queue(data)
         if ch.queued_size and ch.credit.credit:
-            self._outbox.drr.add(channel_id)
+            self._drr.add(channel_id)
 
     def send_eof(self, channel_id: int) -> None:
         """Half-close: FIN goes out after the queued data (idempotent)."""
@@ -520,6 +622,16 @@ class Session:
         ChannelClosed.
         """
         ch = self._channels.get(channel_id)
+        if ch is not None and ch.receive_state is _RECEIVE_OPEN:
+            # Fast path, once per chunk: the credit is still batched (no WINDOW
+            # due).  Inlines Channel.acknowledge and ReceiveWindow.acknowledge
+            # with the same bounds check (0 < size <= unacknowledged).
+            window = ch.window
+            pending = window.pending + size
+            if 0 < size <= window.unacknowledged and pending < window.threshold:
+                window.unacknowledged -= size
+                window.pending = pending
+                return
         if ch is None:
             self._check_gone(channel_id)
             return
@@ -531,7 +643,10 @@ class Session:
         else:  # in company: back to the initial window (see the module docstring)
             room = self.initial_window - window.size
         before = window.size
-        increment = ch.acknowledge(size, room)
+        if ch.receive_state is _RECEIVE_OPEN:  # Channel.acknowledge's own first branch
+            increment = window.acknowledge(size, room)
+        else:
+            increment = ch.acknowledge(size, room)
         self.window_growth += window.size - before
         if increment:  # 1 <= increment <= window <= MAX_WINDOW: no need to re-check
             self._control.append(_pack_window(_WINDOW, channel_id, increment))
