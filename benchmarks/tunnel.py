@@ -322,7 +322,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"load average before: {info['loadavg']}, after: {info['loadavg_after']}",
           file=sys.stderr)
     print(table(results, routes))
-    print("ratio = wstunnel (ws:// or wss://) / ssh -L. MiB/s and conn/s: higher is better; ms and CPU: lower. "
+    print("ratio = wstunnel (ws:// or wss://) / ssh -L. "
+          "MiB/s and conn/s: higher is better; ms and CPU: lower. "
           f"Medians of {s.repeat} run(s); bulk size {s.size / MIB:g} MiB.")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "settings": vars(s),
