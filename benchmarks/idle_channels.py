@@ -137,13 +137,13 @@ def _echo_all(socks: Sequence[socket.socket], timeout: float) -> tuple[int, floa
     try:
         while waiting and (left := deadline - time.perf_counter()) > 0:
             for key, _ in selector.select(min(left, 1.0)):
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
                 try:
-                    data = sock.recv(16)
+                    data = ready.recv(16)
                 except OSError:
                     data = b""
-                selector.unregister(sock)
+                selector.unregister(ready)
                 if data == b"x":
                     waiting -= 1
                 else:  # EOF or reset: that channel is gone; it stays "missing"
@@ -183,6 +183,11 @@ def _relay_config(tmp: Path, channels: int, extra: Sequence[str]) -> Path:
     return config
 
 
+def _close_all(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
+
+
 def one_run(args: argparse.Namespace, scheme: str, tmp: Path) -> Run:
     """Fresh echo server, relay and agent; open, idle, measure, check."""
     command = shlex.split(args.wstunnel)
@@ -201,7 +206,7 @@ def one_run(args: argparse.Namespace, scheme: str, tmp: Path) -> Run:
         route = _procs.start_wstunnel(stack, tmp, targets, command,
                                       ["--log-level=warning", *limits],
                                       ["--log-level=warning"], tls=scheme == "wss")
-        stack.callback(lambda: [s.close() for s in socks])
+        stack.callback(_close_all, socks)
         agent_pid, relay_pid = route.pids
         port = route.ports["echo"]
         time.sleep(0.5)  # let both settle after start-up before the "before" figure
