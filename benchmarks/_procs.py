@@ -217,22 +217,45 @@ def start_ssh(stack: contextlib.ExitStack, tmp: Path, targets: Route) -> Route:
     return route
 
 
+def relay_tls(command: Sequence[str], tmp: Path) -> tuple[list[str], list[str]]:
+    """A throwaway certificate for 127.0.0.1: (relay arguments, agent arguments).
+
+    ``wstunnel keygen`` writes relay.crt/relay.key and prints the pin the agent
+    checks (``--relay-fingerprint``), as a user would set up a wss:// relay.
+    """
+    keys = tmp / "tls"
+    done = subprocess.run([*command, "keygen", "--out", str(keys), "--name", "127.0.0.1",
+                           "--force"], capture_output=True, text=True, timeout=60, check=False)
+    pins = [line for line in done.stdout.splitlines() if line.startswith("sha256:")]
+    if done.returncode != 0 or not pins:
+        raise BenchError(f"wstunnel keygen failed ({done.returncode}): {done.stderr.strip()}")
+    return (["--tls-cert-file", str(keys / "relay.crt"), "--tls-key-file", str(keys / "relay.key")],
+            ["--relay-fingerprint", pins[0]])
+
+
 def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
                    command: Sequence[str], relay_args: Sequence[str],
-                   agent_args: Sequence[str]) -> Route:
-    """``wstunnel relay`` and ``wstunnel agent`` from the CLI, one forward per target."""
+                   agent_args: Sequence[str], *, tls: bool = False) -> Route:
+    """``wstunnel relay`` and ``wstunnel agent`` from the CLI, one forward per target.
+
+    With ``tls`` the relay serves wss:// with a fresh self-signed certificate
+    and the agent pins it; the route is then named "wstunnel wss://".
+    """
+    scheme = "wss" if tls else "ws"
+    relay_tls_args, agent_tls_args = relay_tls(command, tmp) if tls else ([], [])
     relay_port = free_port()
+    relay_log, agent_log = tmp / f"relay-{scheme}.log", tmp / f"agent-{scheme}.log"
     relay = spawn(stack, [*command, "relay", "--listen", f"127.0.0.1:{relay_port}",
-                          "--allow", "127.0.0.1", "--no-auth", *relay_args],
-                  tmp / "relay.log")
-    _wait_listening(relay_port, relay, "wstunnel relay")
+                          "--allow", "127.0.0.1", "--no-auth", *relay_tls_args, *relay_args],
+                  relay_log)
+    _wait_listening(relay_port, relay, f"wstunnel relay ({scheme}://)")
     ports = {kind: free_port() for kind in TARGET_KINDS}
     forwards = [arg for kind in TARGET_KINDS for arg in
                 ("-L", f"127.0.0.1:{ports[kind]}:127.0.0.1:{targets.ports[kind]}")]
-    agent = spawn(stack, [*command, "agent", "--relay", f"ws://127.0.0.1:{relay_port}/tunnel",
-                          *forwards, *agent_args], tmp / "agent.log")
-    route = Route("wstunnel ws://", ports, [agent.pid, relay.pid],
-                  [tmp / "relay.log", tmp / "agent.log"])
+    agent = spawn(stack, [*command, "agent", "--relay",
+                          f"{scheme}://127.0.0.1:{relay_port}/tunnel",
+                          *forwards, *agent_tls_args, *agent_args], agent_log)
+    route = Route(f"wstunnel {scheme}://", ports, [agent.pid, relay.pid], [relay_log, agent_log])
     _check_route(route, agent)
     return route
 

@@ -10,7 +10,10 @@ the kernel spreads them over the cores):
     targets      benchmarks/_targets.py serve: echo, sink, source
     load         this process (blocking sockets, threads), plus one extra
                  uploader process for the round trips under load
-    wstunnel     ``wstunnel relay`` and ``wstunnel agent``, via the CLI
+    wstunnel     ``wstunnel relay`` and ``wstunnel agent``, via the CLI, twice:
+                 over plain ws:// (as behind a TLS-terminating proxy) and over
+                 wss:// (TLS with a pinned self-signed certificate, as ssh
+                 encrypts); the issue's targets are for wss://
     ssh          our own sshd on a high loopback port, ``ssh -N -L``
                  (cipher aes128-gcm@openssh.com); skipped without OpenSSH
 
@@ -185,15 +188,19 @@ def _fmt(value: float | None) -> str:
 
 
 def table(results: Results, routes: list[Route]) -> str:
-    """The pipe table: workload | each route | wstunnel/ssh."""
+    """The pipe table: workload | each route | each wstunnel route / ssh."""
     names = [route.name for route in routes]
-    header = ["workload", *names, "wstunnel/ssh"]
+    ours = [name for name in names if name.startswith("wstunnel")]
+    header = ["workload", *names, *(f"{name.split()[1].rstrip(':/')}/ssh" for name in ours)]
     lines = [header, ["---"] * len(header)]
     for label in results.rows:
         cells = [_fmt(results.median(label, name)) for name in names]
-        ours, ssh = results.median(label, "wstunnel ws://"), results.median(label, "ssh -L")
-        ratio = f"{ours / ssh:.2f}x" if ours is not None and ssh else "-"
-        lines.append([label, *cells, ratio])
+        ssh = results.median(label, "ssh -L")
+        ratios = []
+        for name in ours:
+            value = results.median(label, name)
+            ratios.append(f"{value / ssh:.2f}x" if value is not None and ssh else "-")
+        lines.append([label, *cells, *ratios])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |"
            for line in lines]
@@ -235,6 +242,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated workloads from: {', '.join(WORKLOADS)}")
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -L baseline")
     parser.add_argument("--no-wstunnel", action="store_true", help="baselines only")
+    parser.add_argument("--schemes", default="ws,wss",
+                        help="wstunnel routes to measure: ws (plain), wss (TLS) or both "
+                        "(default ws,wss)")
     parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel",
                         help="command running the wstunnel CLI (default: this python -m wstunnel)")
     parser.add_argument("--tunnel-arg", action="append", default=None,
@@ -248,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep process logs (and the throwaway ssh keys) in DIR")
     args = parser.parse_args(argv)
+    if not set(args.schemes.split(",")) <= {"ws", "wss"}:
+        parser.error(f"--schemes takes ws, wss or ws,wss, not {args.schemes!r}")
     unknown = set(args.only.split(",")) - WORKLOADS.keys()
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
@@ -272,8 +284,10 @@ def start_routes(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespac
     if not args.no_wstunnel:
         command = shlex.split(args.wstunnel)
         extra = args.tunnel_arg if args.tunnel_arg is not None else ["--log-level=warning"]
-        routes.append(_procs.start_wstunnel(stack, tmp, direct, command,
-                                            [*extra, *args.relay_arg], [*extra, *args.agent_arg]))
+        for scheme in args.schemes.split(","):
+            routes.append(_procs.start_wstunnel(
+                stack, tmp, direct, command, [*extra, *args.relay_arg],
+                [*extra, *args.agent_arg], tls=scheme == "wss"))
     return routes
 
 
@@ -308,7 +322,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"load average before: {info['loadavg']}, after: {info['loadavg_after']}",
           file=sys.stderr)
     print(table(results, routes))
-    print("ratio = wstunnel / ssh -L. MiB/s and conn/s: higher is better; ms and CPU: lower. "
+    print("ratio = wstunnel (ws:// or wss://) / ssh -L. "
+          "MiB/s and conn/s: higher is better; ms and CPU: lower. "
           f"Medians of {s.repeat} run(s); bulk size {s.size / MIB:g} MiB.")
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "settings": vars(s),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -29,6 +29,12 @@ from .net.splice import splice
 from .net.transport import TunnelTransport
 from .protocol import TunnelProtocol
 from .reload import ReloadRequest
+
+#: Channels one agent session may hold. The relay's ``max_channels`` is the
+#: limit that matters (it refuses, and logs, past it); the agent only caps the
+#: same id range the relay's setting allows, instead of the sans-IO default of
+#: 1024, which is below what a busy relay may be configured to carry.
+MAX_CHANNELS: Final = 65536
 
 __all__ = ["run_agent", "Agent"]
 
@@ -150,6 +156,7 @@ class Agent:
             trailing_data=trailing,
             initial_window=config.initial_window,
             max_chunk_size=config.max_chunk_size,
+            max_channels=MAX_CHANNELS,
         )
         return TunnelTransport(
             stream,
@@ -211,7 +218,7 @@ class Agent:
             return
         try:
             channel = session.open_channel(forward.target_host, forward.target_port)
-        except SessionClosed as exc:
+        except (SessionClosed, ChannelRefused) as exc:
             log.warning("cannot open a channel to %s: %s", target, exc)
             return
         await splice(tcp, channel)

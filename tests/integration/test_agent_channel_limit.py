@@ -1,0 +1,63 @@
+"""The agent's own channel cap: past it, only the extra connection is refused."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import trio
+
+from wstunnel import agent as agent_module
+
+from .security_helpers import watch_logs
+from .tunnel_helpers import (
+    LOOPBACK,
+    agent_config,
+    echo_handler,
+    relay_config,
+    serve_target,
+    start_agent,
+    start_relay,
+)
+
+
+async def _echo(stream: trio.SocketStream, payload: bytes) -> bytes:
+    await stream.send_all(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = await stream.receive_some()
+        assert data, "closed early"
+        got += data
+    return got
+
+
+def test_agent_allows_as_many_channels_as_a_relay_may() -> None:
+    """The agent's session cap is not below the largest relay max_channels (65536):
+    a relay configured for 10,000 channels must not be held to the sans-IO default 1024."""
+    assert agent_module.MAX_CHANNELS >= 65536
+
+
+async def test_connection_past_the_agent_cap_is_closed_and_the_agent_keeps_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local connection the agent's session cannot carry is closed with a warning;
+    the agent does not exit and the channels already open keep echoing."""
+    monkeypatch.setattr(agent_module, "MAX_CHANNELS", 2)
+    with watch_logs() as logs, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            agent = await start_agent(nursery, agent_config(relay.ports[0], [target]))
+            port = agent.ports[0]
+            first = await trio.open_tcp_stream(LOOPBACK, port)
+            second = await trio.open_tcp_stream(LOOPBACK, port)
+            assert await _echo(first, b"one") == b"one"
+            assert await _echo(second, b"two") == b"two"
+            async with await trio.open_tcp_stream(LOOPBACK, port) as third:
+                await third.send_all(b"three")
+                with contextlib.suppress(trio.BrokenResourceError):  # closed, maybe reset
+                    assert await third.receive_some() == b""
+            await logs.wait_for("wstunnel.agent", "cannot open a channel", "too many channels")
+            assert await _echo(first, b"still one") == b"still one"
+            await second.aclose()
+            await first.aclose()
+            nursery.cancel_scope.cancel()
