@@ -6,7 +6,7 @@ alike, report the same messages, control payloads and close codes.
 
 Intentional differences, filtered out below:
 - Close code 1014 (Bad Gateway, IANA-registered after RFC 6455) is valid for
-  us and rejected by wsproto.
+  us and rejected by wsproto (so it is generated with UTF-8 reasons only).
 - wsproto hands out partial frames, so it can judge UTF-8 in a frame that
   has not fully arrived; we judge complete frames.  Only complete streams
   are generated here (truncation is covered by the garbage tests).
@@ -80,11 +80,14 @@ def _payloads(opcode: int) -> st.SearchStrategy[bytes]:
     if opcode == 8:
         codes = st.sampled_from([0, 999, 1000, 1001, 1002, 1004, 1005, 1006, 1007, 1011,
                                  1012, 1013, 1014, 1015, 1016, 2000, 2999, 3000, 4999, 5000])
+        # 1014 only with UTF-8 reasons: wsproto rejects the code before it looks at
+        # the reason, so a bad reason would fail with 1002 there and 1007 here.
+        not_1014 = codes.filter(lambda code: code != 1014)
         return st.one_of(
             st.just(b""),
             st.binary(min_size=1, max_size=1),
             st.builds(_close_payload, codes, st.text(max_size=20).map(str.encode)),
-            st.builds(_close_payload, codes, st.binary(max_size=10)),
+            st.builds(_close_payload, not_1014, st.binary(max_size=10)),
         )
     text = st.text(max_size=30).map(str.encode)
     return st.one_of(text, st.binary(max_size=200), st.binary(min_size=126, max_size=300))
