@@ -13,22 +13,13 @@ from .security_helpers import watch_logs
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
+    echo_exact,
     echo_handler,
     relay_config,
     serve_target,
     start_agent,
     start_relay,
 )
-
-
-async def _echo(stream: trio.SocketStream, payload: bytes) -> bytes:
-    await stream.send_all(payload)
-    got = b""
-    while len(got) < len(payload):
-        data = await stream.receive_some()
-        assert data, "closed early"
-        got += data
-    return got
 
 
 def test_agent_allows_as_many_channels_as_a_relay_may() -> None:
@@ -50,14 +41,14 @@ async def test_connection_past_the_agent_cap_is_closed_and_the_agent_keeps_runni
             port = agent.ports[0]
             first = await trio.open_tcp_stream(LOOPBACK, port)
             second = await trio.open_tcp_stream(LOOPBACK, port)
-            assert await _echo(first, b"one") == b"one"
-            assert await _echo(second, b"two") == b"two"
+            assert await echo_exact(first, b"one") == b"one"
+            assert await echo_exact(second, b"two") == b"two"
             async with await trio.open_tcp_stream(LOOPBACK, port) as third:
                 await third.send_all(b"three")
                 with contextlib.suppress(trio.BrokenResourceError):  # closed, maybe reset
                     assert await third.receive_some() == b""
             await logs.wait_for("wstunnel.agent", "cannot open a channel", "too many channels")
-            assert await _echo(first, b"still one") == b"still one"
+            assert await echo_exact(first, b"still one") == b"still one"
             await second.aclose()
             await first.aclose()
             nursery.cancel_scope.cancel()

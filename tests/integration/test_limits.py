@@ -17,6 +17,7 @@ from .security_helpers import FakeResolver, account, install_resolver, watch_log
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
+    echo_exact,
     echo_handler,
     relay_config,
     serve_target,
@@ -32,16 +33,6 @@ async def _closed_without_data(port: int) -> bool:
             return await stream.receive_some() == b""
         except trio.BrokenResourceError:
             return True
-
-
-async def _echo(stream: trio.SocketStream, payload: bytes) -> bytes:
-    await stream.send_all(payload)
-    got = b""
-    while len(got) < len(payload):
-        data = await stream.receive_some()
-        assert data, "closed early"
-        got += data
-    return got
 
 
 async def test_per_agent_rules_checked_after_dns(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,7 +59,7 @@ async def test_per_agent_rules_checked_after_dns(monkeypatch: pytest.MonkeyPatch
                     relay.ports[0], [], forwards=forwards, token_env="A1_TOKEN"))
                 allowed, sneaky, metadata, outside = agent.ports
                 async with await trio.open_tcp_stream(LOOPBACK, allowed) as stream:
-                    assert await _echo(stream, b"allowed") == b"allowed"
+                    assert await echo_exact(stream, b"allowed") == b"allowed"
                 for port, destination in ((sneaky, f"sneaky.example:{hidden}"),
                                           (metadata, "169.254.169.254:80"),
                                           (outside, "10.1.2.3:22")):
@@ -119,7 +110,7 @@ async def test_oversized_header_and_frame_close_only_their_connection() -> None:
             port = relay.ports[0]
             agent = await start_agent(nursery, agent_config(port, [target]))
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as bystander:
-                assert await _echo(bystander, b"before") == b"before"
+                assert await echo_exact(bystander, b"before") == b"before"
                 async with await trio.open_tcp_stream(LOOPBACK, port) as raw:
                     await raw.send_all(b"GET /tunnel HTTP/1.1\r\nHost: x\r\nX-Big: "
                                        + b"a" * 20000 + b"\r\n\r\n")
@@ -136,7 +127,7 @@ async def test_oversized_header_and_frame_close_only_their_connection() -> None:
                     client.events_received()
                 assert client.close_code == ws.CloseCode.MESSAGE_TOO_BIG
                 await stream.aclose()
-                assert await _echo(bystander, b"after") == b"after"
+                assert await echo_exact(bystander, b"after") == b"after"
             assert logs.matching("session down", "1009")
             nursery.cancel_scope.cancel()
 
@@ -158,19 +149,20 @@ async def test_channel_and_open_limits_refuse_only_the_extra_channel() -> None:
                     relay.ports[0], [], forwards=forwards))
                 echo_port, slow_port = agent.ports
                 first = await trio.open_tcp_stream(LOOPBACK, echo_port)
-                assert await _echo(first, b"one") == b"one"
+                assert await echo_exact(first, b"one") == b"one"
                 hanging = await trio.open_tcp_stream(LOOPBACK, slow_port)  # dial blocks in DNS
                 second = await trio.open_tcp_stream(LOOPBACK, slow_port)
                 await second.send_all(b"x")
                 (line,) = await logs.wait_for("refused channel to slow.example",
                                               "opens in flight")
                 resolver.release.set()
-                assert await _echo(hanging, b"released") == b"released"
+                assert await echo_exact(hanging, b"released") == b"released"
                 third = await trio.open_tcp_stream(LOOPBACK, echo_port)
-                assert await _echo(third, b"three") == b"three"  # 3 open: first, hanging, third
+                # 3 open now: first, hanging, third
+                assert await echo_exact(third, b"three") == b"three"
                 assert await _closed_without_data(echo_port)
                 await logs.wait_for("refused channel to 127.0.0.1", "max_channels")
-                assert await _echo(first, b"still fine") == b"still fine"
+                assert await echo_exact(first, b"still fine") == b"still fine"
                 for stream in (first, hanging, second, third):
                     await stream.aclose()
                 nursery.cancel_scope.cancel()
@@ -189,5 +181,5 @@ async def test_idle_session_is_closed_with_its_own_code() -> None:
             await logs.wait_for("closing the idle session")
             await logs.wait_for("wstunnel.agent", f"closed with code {CLOSE_IDLE}")
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                assert await _echo(stream, b"after idle") == b"after idle"
+                assert await echo_exact(stream, b"after idle") == b"after idle"
             nursery.cancel_scope.cancel()

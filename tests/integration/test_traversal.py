@@ -8,7 +8,6 @@ snippets shipped in configs/) with ports chosen at test time, and stopped in
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 from collections.abc import Iterator
@@ -25,12 +24,11 @@ from .tunnel_helpers import (
     agent_config,
     digest_handler,
     echo_handler,
-    pattern_block,
     relay_config,
-    send_pattern,
     serve_target,
     start_agent,
     start_relay,
+    upload_and_download,
 )
 
 MiB = 1 << 20
@@ -93,26 +91,6 @@ def password_file(tmp_path: Path) -> Path:
     return path
 
 
-async def upload_and_download(port: int, size: int) -> None:
-    """``size`` bytes each way through a digest target keep their sha256."""
-    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        got = bytearray()
-
-        async def reader() -> None:
-            async for data in stream:
-                got.extend(data)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            sent_hash = await send_pattern(stream, size, b"up")
-            await stream.send_eof()
-    block = pattern_block(b"down")
-    expected = (block * (size // len(block) + 1))[:size]
-    assert len(got) == size + 32
-    assert hashlib.sha256(got[:size]).digest() == hashlib.sha256(expected).digest()
-    assert got[size:].hex() == sent_hash
-
-
 async def echo_once(port: int, payload: bytes = b"ping through the path") -> None:
     async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
         await stream.send_all(payload)
@@ -146,7 +124,7 @@ async def test_64_mib_each_way_through_connect_proxy_and_tls_front(
                         proxy=f"http://{USER}@{LOOPBACK}:{proxy_port}",
                         proxy_password_file=str(password_file))
                     agent = await start_agent(nursery, config)
-                    await upload_and_download(agent.ports[0], 64 * MiB)
+                    await upload_and_download(agent.ports[0], 64 * MiB, 64 * MiB)
                     nursery.cancel_scope.cancel()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 
@@ -16,49 +15,23 @@ from .tunnel_helpers import (
     agent_config,
     digest_handler,
     echo_handler,
-    pattern_block,
     receive_all,
     relay_config,
-    send_pattern,
     serve_target,
     start_agent,
     start_relay,
     tunnel,
+    upload_and_download,
 )
 
 MiB = 1 << 20
-
-
-async def _upload_and_download(port: int, up: int, down: int) -> None:
-    """Send `up` bytes and half-close; expect `down` bytes + the hash of ours."""
-    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        received = hashlib.sha256()
-        got = bytearray()
-
-        async def reader() -> None:
-            async for data in stream:
-                got.extend(data)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            sent_hash = await send_pattern(stream, up, b"up")
-            await stream.send_eof()
-        assert len(got) == down + 32
-        received.update(got[:down])
-        assert received.hexdigest() == hashlib.sha256(_pattern(down, b"down")).hexdigest()
-        assert got[down:].hex() == sent_hash
-
-
-def _pattern(size: int, seed: bytes) -> bytes:
-    block = pattern_block(seed)
-    return (block * (size // len(block) + 1))[:size]
 
 
 async def test_64_mib_each_way_arrives_intact() -> None:
     """64 MiB up and 64 MiB down through one forward keep their sha256."""
     with trio.fail_after(60):
         async with tunnel([digest_handler(64 * MiB, b"down")]) as (ports, _relay, _agent):
-            await _upload_and_download(ports[0], 64 * MiB, 64 * MiB)
+            await upload_and_download(ports[0], 64 * MiB, 64 * MiB)
 
 
 async def test_200_channels_at_once_all_intact() -> None:

@@ -162,3 +162,37 @@ async def tunnel(
             yield agent.ports, relay, agent
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def upload_and_download(port: int, up: int, down: int) -> None:
+    """Send ``up`` bytes and half-close; expect ``down`` bytes + the sha256 of ours.
+
+    Pairs with ``digest_handler(down, b"down")`` as the target.
+    """
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        got = bytearray()
+
+        async def reader() -> None:
+            async for data in stream:
+                got.extend(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            sent_hash = await send_pattern(stream, up, b"up")
+            await stream.send_eof()
+    block = pattern_block(b"down")
+    expected = (block * (down // len(block) + 1))[:down]
+    assert len(got) == down + 32
+    assert hashlib.sha256(got[:down]).digest() == hashlib.sha256(expected).digest()
+    assert got[down:].hex() == sent_hash
+
+
+async def echo_exact(stream: trio.abc.Stream, payload: bytes) -> bytes:
+    """Send ``payload`` and read back as many bytes; fail if the stream closes first."""
+    await stream.send_all(payload)
+    got = b""
+    while len(got) < len(payload):
+        data = await stream.receive_some()
+        assert data, "closed early"
+        got += data
+    return got
