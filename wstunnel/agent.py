@@ -187,6 +187,8 @@ class Agent:
                 session = self.session
                 if session is not None and session.is_open and not session.goaway_received:
                     return session
+                if session is not None:  # draining after GOAWAY: wait for its end
+                    await session.wait_ended()
                 await self._session_up.wait()
                 await trio.sleep(0)
         return None

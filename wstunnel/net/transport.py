@@ -147,6 +147,10 @@ class TunnelTransport:
             self.protocol.go_away(0, text)
             self.wake_writer()
 
+    async def wait_ended(self) -> None:
+        """Wait until ``run()`` has finished."""
+        await self._done.wait()
+
     async def wait_idle(self) -> None:
         """Wait until no channel is open."""
         await self._idle.wait()
