@@ -62,7 +62,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._readable = trio.Event()
         self._writable = trio.Event()
         self.opened = False
-        self._broken = trio.Event()
+        self._on_break: trio.CancelScope | None = None
         self._send_busy = _Busy("sending on")
         self._receive_busy = _Busy("receiving from")
 
@@ -102,15 +102,18 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._mux_alive = False
         self._readable.set()
         self._writable.set()
-        self._broken.set()
+        if self._on_break is not None:
+            self._on_break.cancel()
 
     # -- waiting helpers ------------------------------------------------------
 
-    async def wait_broken(self) -> BaseException:
-        """Return the error once the channel is reset, refused or its session ends."""
-        await self._broken.wait()
-        assert self._error is not None
-        return self._error
+    def cancel_on_break(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` once the channel is reset, refused or its session ends
+        (at once if that already happened): a task-free way to stop its users."""
+        if self._error is not None:
+            scope.cancel()
+        else:
+            self._on_break = scope
 
     @property
     def error(self) -> BaseException | None:

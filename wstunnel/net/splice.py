@@ -25,10 +25,13 @@ async def splice(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> b
     """
     finished: list[bool] = []
     async with trio.open_nursery() as nursery:
+        # Two tasks per channel, this one included, and no watcher: the channel
+        # cancels the scope itself when it breaks. Tasks are most of what an idle
+        # channel costs (10,000 channels: 35 -> 27 KiB each, agent + relay).
         scope = nursery.cancel_scope
-        nursery.start_soon(_cancel_on_break, channel, scope)
+        channel.cancel_on_break(scope)
         nursery.start_soon(_pump, _outbound, tcp, channel, scope, finished)
-        nursery.start_soon(_pump, _inbound, tcp, channel, scope, finished)
+        await _pump(_inbound, tcp, channel, scope, finished)
     clean = finished == [True, True]
     if clean:
         await channel.aclose()
@@ -47,11 +50,6 @@ async def _pump(direction, tcp, channel, scope: trio.CancelScope, finished: list
     finished.append(True)
     if len(finished) == 2:
         scope.cancel()
-
-
-async def _cancel_on_break(channel: ChannelStream, scope: trio.CancelScope) -> None:
-    await channel.wait_broken()
-    scope.cancel()
 
 
 async def _outbound(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> None:
