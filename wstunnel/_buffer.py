@@ -89,21 +89,6 @@ class ReceiveBuffer:
         self._maybe_reset()
         return chunk
 
-    def take_mutable(self, size: int) -> bytearray:
-        """Consume the next ``size`` bytes as a fresh ``bytearray`` (one copy).
-
-        For callers that transform the bytes in place, such as unmasking.
-        """
-        start = self.offset
-        chunk = bytearray(memoryview(self.storage)[start : start + size])
-        self.offset = start + size
-        self._maybe_reset()
-        return chunk
-
-    def take_all(self) -> bytes:
-        """Consume and return everything buffered."""
-        return self.take(len(self))
-
     def _maybe_reset(self) -> None:
         """Drop storage once fully consumed so old chunks are freed early."""
         if self.offset >= len(self.storage):

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_PATH",
     "Forward",
     "HostPort",
+    "join_host_port",
     "RelayURL",
     "parse_forward",
     "parse_host_port",
@@ -47,8 +48,7 @@ class HostPort(NamedTuple):
     port: int
 
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
 
 class RelayURL(NamedTuple):
@@ -74,6 +74,11 @@ class RelayURL(NamedTuple):
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``host:port`` as written in URLs and messages: an IPv6 address in brackets."""
+    return f"{_bracketed(host)}:{port}"
 
 
 @dataclass(frozen=True, slots=True)

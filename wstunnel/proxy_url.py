@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote, urlsplit
 
+from ._textforms import join_host_port
 from .policy import is_hostname, normalize_hostname, parse_ip
 
 __all__ = [
@@ -52,8 +53,7 @@ class ProxyURL:
     @property
     def address(self) -> str:
         """``host:port`` (IPv6 in brackets), as named in messages."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     def __str__(self) -> str:
         user = ""

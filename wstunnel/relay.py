@@ -20,6 +20,7 @@ from typing import Any, Final
 import trio
 
 from . import mux, ws
+from ._textforms import join_host_port
 from .config import RelayConfig
 from .forwarded import client_address
 from .guard import Gatekeeper, Identity, SessionGuard
@@ -278,7 +279,7 @@ def _peer_name(stream: trio.SocketStream) -> str:
         host, port = stream.socket.getpeername()[:2]
     except OSError:
         return "unknown peer"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host, port)
 
 
 async def run_relay(

@@ -16,7 +16,7 @@ def test_take_returns_bytes_in_order_across_appends() -> None:
     assert len(buf) == 9
     assert buf.take(2) == b"ab"
     assert buf.take(5) == b"cdefg"
-    assert buf.take_all() == b"hi"
+    assert buf.take(2) == b"hi"
     assert len(buf) == 0
     assert not buf
 
@@ -31,25 +31,13 @@ def test_take_returns_immutable_bytes() -> None:
     assert chunk == b"xyz"
 
 
-def test_take_mutable_is_a_private_copy() -> None:
-    """take_mutable() returns a bytearray the caller may change freely."""
-    buf = ReceiveBuffer()
-    source = b"hello world"
-    buf.append(source)
-    part = buf.take_mutable(5)
-    part[0] = ord("J")
-    assert part == b"Jello"
-    assert buf.take_all() == b" world"
-    assert source == b"hello world"
-
-
 def test_caller_bytearray_is_copied() -> None:
     """A bytearray the caller reuses after append() does not change buffered data."""
     buf = ReceiveBuffer()
     scratch = bytearray(b"abcd")
     buf.append(scratch)
     scratch[:] = b"zzzz"
-    assert buf.take_all() == b"abcd"
+    assert buf.take(len(buf)) == b"abcd"
 
 
 def test_peek_and_unpack_do_not_consume() -> None:
@@ -72,7 +60,7 @@ def test_large_streams_compact_without_losing_data() -> None:
         buf.append(data[start : start + 1000])
         if len(buf) > 1500:
             out += buf.take(1500)
-    out += buf.take_all()
+    out += buf.take(len(buf))
     assert out == data
 
 
@@ -82,4 +70,4 @@ def test_empty_append_is_ignored() -> None:
     buf.append(b"")
     buf.append(b"a")
     buf.append(b"")
-    assert buf.take_all() == b"a"
+    assert buf.take(len(buf)) == b"a"

@@ -327,7 +327,7 @@ class Session:
                     payload = view[DATA_HEADER_SIZE:]
                 else:
                     payload = bytes(record[DATA_HEADER_SIZE:])
-                event = _new(DataReceived)  # events.new_data_received, inlined
+                event = _new(DataReceived)  # built as events.new_window_updated builds its event
                 _set_channel_id(event, channel_id)
                 _set_data(event, payload)
                 self._events.append(event)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .._textforms import join_host_port
+
 if TYPE_CHECKING:
     from .transport import TunnelTransport
 
@@ -61,15 +63,13 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._error: BaseException | None = None
         self._readable = trio.Event()
         self._writable = trio.Event()
-        self.opened = False
         self._on_break: trio.CancelScope | None = None
         self._send_busy = _Busy("sending on")
         self._receive_busy = _Busy("receiving from")
 
     @property
     def destination(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
 
     # -- called by the transport ---------------------------------------------
 
@@ -83,9 +83,6 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     def _deliver_eof(self) -> None:
         self._eof_received = True
         self._readable.set()
-
-    def _mark_opened(self) -> None:
-        self.opened = True
 
     def _wake_writable(self) -> None:
         self._writable.set()

@@ -28,6 +28,7 @@ import trio
 
 from wstunnel import __version__
 
+from .._textforms import join_host_port
 from ..auth import expand_credentials
 from ..config import AgentConfig
 from ..errors import ConfigError, HandshakeError
@@ -103,7 +104,7 @@ class ProxyDialer:
         Raises:
             ProxyError: with one line saying what the proxy did and what to do.
         """
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        target = join_host_port(host, port)
         headers = self._headers(target)
         deadline = trio.current_effective_deadline()
         with trio.move_on_at(deadline - _DEADLINE_MARGIN if math.isfinite(deadline) else deadline):

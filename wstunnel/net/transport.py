@@ -260,11 +260,11 @@ class TunnelTransport:
                 self._dispatch_other(event)
 
     def _dispatch_other(self, event: Any) -> None:
+        """Everything but DATA and WINDOW. ChannelOpened needs nothing: a channel is
+        usable from open_channel on (early data), and a refusal arrives as its own event."""
         channel = self.channels.get(getattr(event, "channel_id", -1))
         if isinstance(event, mux.EndOfStream) and channel is not None:
             channel._deliver_eof()
-        elif isinstance(event, mux.ChannelOpened) and channel is not None:
-            channel._mark_opened()
         elif isinstance(event, mux.ChannelOpenFailed) and channel is not None:
             text = event.text or _failure_name(event.reason)
             if self.stats is not None:
