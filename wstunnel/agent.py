@@ -53,7 +53,6 @@ class Agent:
         self.dial = proxy_dialer(config, proxy_environment())
         self.session: TunnelTransport | None = None
         self.stopping = False
-        self.reconnects = 0
         self._session_up = trio.Event()
         self._channels = 0
         self._idle = trio.Event()
@@ -105,7 +104,6 @@ class Agent:
             reason = await self._serve(transport)
             if self.stopping:
                 return
-            self.reconnects += 1
             self.stats.reconnects += 1
             log.warning("session to %s down: %s; reconnecting", self.relay.url, reason)
             await trio.sleep(self._backoff(1))
@@ -194,6 +192,11 @@ class Agent:
         return None
 
     # -- local connections ---------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        """Local connections being carried (or waiting for a session) now."""
+        return self._channels
 
     async def handle_local(self, forward: Forward, tcp: trio.SocketStream) -> None:
         """One accepted local connection, carried as one channel."""
@@ -315,7 +318,7 @@ async def run_agent(
                 accepting.cancel_scope.cancel()
             log.info(
                 "agent stopping: %d open connections may finish (up to %g s)",
-                agent._channels,
+                agent.open_connections,
                 agent.config.drain_timeout,
             )
             await agent.drain(agent.config.drain_timeout)

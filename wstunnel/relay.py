@@ -47,8 +47,6 @@ class Relay:
         self.config = config
         self.stats = stats or TunnelStats("relay")
         self.sessions: set[TunnelTransport] = set()
-        self._idle = trio.Event()
-        self._idle.set()
         self.stopping = False
         self.gate = Gatekeeper(config)
 
@@ -172,7 +170,6 @@ class Relay:
         self.sessions.add(transport)
         self.gate.session_started(identity)
         self.stats.session_started(transport)
-        self._idle = trio.Event()
         log.info("%s: session up for agent %s", peer, identity.name)
         try:
             async with trio.open_nursery() as nursery:
@@ -184,8 +181,6 @@ class Relay:
             self.gate.session_ended(identity)
             self.stats.session_ended(transport)
             self.sessions.discard(transport)
-            if not self.sessions:
-                self._idle.set()
         log.info("%s: session down: %s (%d channels served)", transport.name, reason,
                  transport.opened_total)
 
