@@ -53,13 +53,14 @@ class Relay:
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """One TCP connection: TLS, the upgrade and login, then the session, then close."""
         peer = _peer_name(tcp)
+        peer_host = _peer_host(tcp)  # (TLS takes the socket over)
         stream: trio.abc.Stream = tcp
         try:
             tune_socket(tcp, notsent_lowat=True)
             accepted = None
             with trio.move_on_after(self.config.handshake_timeout):
                 stream, cert_name = await self.gate.secure(tcp)
-                accepted = await self._handshake(stream, peer, _peer_host(tcp), cert_name)
+                accepted = await self._handshake(stream, peer, peer_host, cert_name)
                 if accepted is None:
                     return
             if accepted is None:

@@ -109,6 +109,8 @@ def parse_fingerprint(text: str) -> str:
 def _base_context(purpose: int) -> ssl.SSLContext:
     context = ssl.SSLContext(purpose)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # TLS 1.2 renegotiation would make a write wait for a read (net/tls_stream.py)
+    context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols([ALPN])
     return context
 

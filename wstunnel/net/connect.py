@@ -17,6 +17,7 @@ from .. import tls, ws
 from ..config import RelayURL
 from ..errors import AuthenticationError, HandshakeError
 from .explain import explain_rejection
+from .tls_stream import TLSSocketStream, start_tls
 
 __all__ = [
     "tune_socket",
@@ -89,11 +90,10 @@ async def open_websocket(
 
 async def _start_tls(
     tcp: trio.SocketStream, relay: RelayURL, context: ssl.SSLContext | None, pin: str | None
-) -> trio.SSLStream[trio.SocketStream]:
+) -> TLSSocketStream:
     context = context or tls.client_context(tls.ClientTLS())
-    stream = trio.SSLStream(tcp, context, server_hostname=relay.host, https_compatible=True)
     try:
-        await stream.do_handshake()
+        stream = await start_tls(tcp, context, server_hostname=relay.host)
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -104,7 +104,11 @@ async def _start_tls(
             raise HandshakeError(f"{relay.url}: TLS handshake failed: {cause}") from exc
         raise
     if pin is not None:
-        tls.check_pin(stream.getpeercert(binary_form=True), pin, relay.url)
+        try:
+            tls.check_pin(stream.getpeercert(binary_form=True), pin, relay.url)
+        except BaseException:
+            stream.close()
+            raise
     return stream
 
 

@@ -1,0 +1,55 @@
+"""The C masking module and the pure-Python route give the same bytes.
+
+Users get one route or the other depending on whether a C compiler was at hand
+at install time; frames must not depend on which.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from wstunnel.ws import masking
+
+pytestmark = pytest.mark.skipif(
+    not masking.ACCELERATED, reason="the C masking module was not built (no C compiler)"
+)
+
+KEYS = st.binary(min_size=4, max_size=4)
+
+
+def xor(payload: bytes, key: bytes) -> bytes:
+    return bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+@given(payload=st.binary(max_size=2100), key=KEYS)
+def test_copying_mask_matches_the_definition(payload: bytes, key: bytes) -> None:
+    expected = xor(payload, key)
+    assert masking.mask(payload, key) == masking.py_mask(payload, key) == expected
+    assert masking.mask(memoryview(payload), key) == expected
+    assert masking.mask(bytearray(payload), key) == expected
+
+
+@given(prefix=st.binary(max_size=20), payload=st.binary(max_size=2100), key=KEYS)
+def test_in_place_mask_starts_the_key_at_start(prefix: bytes, payload: bytes, key: bytes) -> None:
+    c_route, py_route = bytearray(prefix + payload), bytearray(prefix + payload)
+    masking.mask_lanes(c_route, len(prefix), key)
+    masking.py_mask_lanes(py_route, len(prefix), key)
+    assert c_route == py_route == prefix + xor(payload, key)
+
+
+def test_one_byte_results_are_fresh_objects() -> None:
+    """CPython shares one object per single-byte value; masking must never write into it."""
+    for value in (0, 65, 255):
+        assert masking.mask(bytes([value]), b"\x01\x02\x03\x04") == bytes([value ^ 1])
+        assert bytes([value]) == bytes((value,)) and bytes([value])[0] == value
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="4 bytes"):
+        masking.mask(b"abc", b"123")
+    with pytest.raises(ValueError, match="outside"):
+        masking.mask_lanes(bytearray(4), 5, b"1234")
+    with pytest.raises(TypeError):
+        masking.mask_lanes(b"read-only", 0, b"1234")  # type: ignore[arg-type]
