@@ -31,6 +31,7 @@ RANKS = {
     "keygen": 5,
     "guard": 6,
     "systemd": 3,
+    "malloc_tuning": 3,
     "net": 5,
     "metrics": 5,
     "reload": 5,

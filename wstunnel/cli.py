@@ -368,7 +368,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import trio
 
     from .demo import run_demo
+    from .malloc_tuning import keep_buffers_in_heap
 
+    keep_buffers_in_heap()
     options = {"size": args.size} if args.size is not None else {}
     return _guarded(lambda: trio.run(functools.partial(run_demo, **options)), None)
 
@@ -379,7 +381,10 @@ def _run_role(runner: Runner, config: Config, reread: Callable[[], Config]) -> i
     """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
     import trio
 
+    from .malloc_tuning import keep_buffers_in_heap
+
     def run() -> int:
+        keep_buffers_in_heap()
         trio.run(_supervise, runner, config, reread)
         return EXIT_OK
 

@@ -337,7 +337,8 @@ def _config_values(doc: Document, cls: type[Any], table: Mapping[str, _Parser],
                                     f"got {_describe(data['role'])}")
         data = {k: v for k, v in data.items() if k != "role"}
     required = {f.name: f.default is MISSING for f in fields(cls)}
-    values = _build(doc, "", data, table, required, f"an {role} config")
+    article = "an" if role == "agent" else "a"
+    values = _build(doc, "", data, table, required, f"{article} {role} config")
     return {"source": doc.source, **values}
 
 

@@ -14,7 +14,6 @@ text message (not part of wstunnel.v1) closes it with 1003.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -36,7 +35,7 @@ class TunnelProtocol:
         role: mux.Role,
         *,
         trailing_data: bytes = b"",
-        random_bytes: Callable[[int], bytes] = os.urandom,
+        random_bytes: Callable[[int], bytes] | None = None,
         max_message_size: int = ws.DEFAULT_MAX_MESSAGE_SIZE,
         **session_options: Any,
     ) -> None:

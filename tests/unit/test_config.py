@@ -221,7 +221,7 @@ def test_bad_relay_urls(tmp_path: Path, relay: str, fragment: str) -> None:
     ("relay: ws://r/t\nforwards: []\n", "forwards", 2, "at least 1"),
     ("relay: ws://r/t\nforwards: {}\n", "forwards", 2, "expected a list"),
     ("relay: ws://r/t\nforwards:\n  - listen: 9000\n", "forwards[0].target", 3, "missing"),
-    ("forwards:\n  - 9000:db:1\n", "relay", 1, "required key is missing"),
+    ("forwards:\n  - 9000:db:1\n", "relay", 1, "required key is missing from an agent config"),
     ("relay: ws://r/t\nforwards:\n  - listen: 70000\n    target: db:1\n",
      "forwards[0].listen", 3, "outside 0..65535"),
     ("relay: ws://r/t\nforwards:\n  - listen: 9000\n    target: 10:22\n",
@@ -248,7 +248,7 @@ def test_structural_errors(tmp_path: Path, text: str, key: str | None, line: int
     ("listen: 'localhost:80'\nallow: db\n", "allow", "expected a list"),
     ("listen: 'localhost:80'\nmax_chunk_size: 1MiB\n", "max_chunk_size", "must exceed"),
     ("listen: 'localhost:80'\nmax_channels: 0\n", "max_channels", "a count from 1"),
-    ("path: /t\n", "listen", "required key is missing"),
+    ("path: /t\n", "listen", "required key is missing from a relay config"),
 ])
 def test_bad_relay_values(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     """Relay-specific keys are checked with the same located messages."""

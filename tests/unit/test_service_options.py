@@ -67,3 +67,12 @@ def test_format_status_shows_each_channel() -> None:
     row = next(line for line in text.splitlines() if "db.internal:5432" in line)
     assert row.split()[:5] == ["1", "db.internal:5432", "5s", "100", "B"]
     assert "1.5 MiB/s" in row and "3.0 MiB" in row
+
+
+def test_buffer_thresholds_are_set_where_libc_is_glibc() -> None:
+    """The agent and relay keep read buffers in the heap (malloc_tuning.py)."""
+    import platform
+
+    from wstunnel.malloc_tuning import keep_buffers_in_heap
+
+    assert keep_buffers_in_heap() is (platform.libc_ver()[0] == "glibc")

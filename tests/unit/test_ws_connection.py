@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.helpers import counting_random_bytes, feed_bytewise, pump, ws_pair
@@ -20,6 +22,7 @@ from wstunnel.ws import (
     WebSocketConnection,
     encode_frame,
 )
+from wstunnel.ws.connection import KeyPool
 
 KEY = b"\x01\x02\x03\x04"
 
@@ -307,3 +310,29 @@ def test_data_to_send_drains() -> None:
     srv.send_bytes(b"abc")
     assert srv.data_to_send() == b"\x82\x03abc"
     assert srv.data_to_send() == b""
+
+
+def test_masking_keys_come_from_the_source_a_pool_at_a_time() -> None:
+    """1024 frames' keys cost one source call; each key is the source's next four bytes."""
+    blocks = [os.urandom(4096), os.urandom(4096)]
+    calls: list[int] = []
+
+    def source(size: int) -> bytes:
+        calls.append(size)
+        return blocks[len(calls) - 1]
+
+    pool = KeyPool(source)
+    keys = [pool(4) for _ in range(1025)]
+    assert calls == [4096, 4096]
+    assert b"".join(keys[:1024]) == blocks[0]
+    assert keys[1024] == blocks[1][:4]
+
+
+def test_a_client_masks_each_frame_with_the_next_pooled_key() -> None:
+    """The default source: every frame on the wire carries a different key."""
+    client = WebSocketConnection(Role.CLIENT)
+    for _ in range(200):
+        client.send_bytes(b"x" * 32)
+    wire = client.data_to_send()
+    keys = {wire[i + 2:i + 6] for i in range(0, len(wire), 38)}
+    assert len(keys) == 200

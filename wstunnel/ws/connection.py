@@ -50,6 +50,7 @@ __all__ = [
     "Role",
     "ConnectionState",
     "WebSocketConnection",
+    "KeyPool",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "is_valid_close_code",
 ]
@@ -118,13 +119,39 @@ def _close_payload(code: int, reason: str) -> bytes:
     return code.to_bytes(2, "big") + encoded
 
 
+class KeyPool:
+    """Masking keys cut from one ``source`` call per 4 KiB.
+
+    The keys are as unpredictable as ``source``'s bytes; drawing them 1024 at
+    a time saves a getrandom system call per frame (one per 16 KiB on upload).
+    """
+
+    __slots__ = ("_source", "_pool", "_used")
+
+    SIZE: Final = 4096
+
+    def __init__(self, source: Callable[[int], bytes]) -> None:
+        self._source = source
+        self._pool = b""
+        self._used = 0
+
+    def __call__(self, size: int) -> bytes:
+        used = self._used
+        if used + size > len(self._pool):
+            self._pool = self._source(max(self.SIZE, size))
+            used = 0
+        self._used = used + size
+        return self._pool[used:used + size]
+
+
 class WebSocketConnection:
     """Sans-IO WebSocket endpoint: feed bytes in, drain events and bytes out.
 
     Args:
         role: ``Role.CLIENT`` masks what it sends; ``Role.SERVER`` does not.
         max_message_size: largest message (and frame) accepted; 1009 beyond.
-        random_bytes: source of masking keys (``os.urandom``; inject for tests).
+        random_bytes: source of masking keys (default: ``os.urandom`` through
+            a ``KeyPool``; inject for tests).
         trailing_data: bytes that followed the handshake in the same read;
             processed at once, so check ``events_received()`` right away.
     """
@@ -134,12 +161,12 @@ class WebSocketConnection:
         role: Role,
         *,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-        random_bytes: Callable[[int], bytes] = os.urandom,
+        random_bytes: Callable[[int], bytes] | None = None,
         trailing_data: bytes = b"",
     ) -> None:
         self.role = role
         self._client = role is Role.CLIENT
-        self._random_bytes = random_bytes
+        self._random_bytes = random_bytes or KeyPool(os.urandom)
         self._decoder = FrameDecoder(
             client=self._client, max_frame_size=max_message_size, max_message_size=max_message_size
         )
