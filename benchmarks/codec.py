@@ -118,9 +118,11 @@ def pure_python_masking() -> Iterator[None]:
     saved = [getattr(frames, name) for name in names]
     for name in names:
         setattr(frames, name, getattr(masking, "py_" + name))
+    frames.ACCELERATED = False  # type: ignore[misc]
     try:
         yield
     finally:
+        frames.ACCELERATED = True  # type: ignore[misc]
         for name, value in zip(names, saved, strict=True):
             setattr(frames, name, value)
 

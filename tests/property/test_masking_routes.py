@@ -53,3 +53,23 @@ def test_bad_arguments_are_refused() -> None:
         masking.mask_lanes(bytearray(4), 5, b"1234")
     with pytest.raises(TypeError):
         masking.mask_lanes(b"read-only", 0, b"1234")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pure", [False, True], ids=["C", "pure Python"])
+def test_frames_round_trip_on_either_route(pure: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encode masked and decode on the server side, around the size switch points."""
+    from wstunnel.ws import FrameDecoder, Opcode, encode_frame, frames
+
+    if pure:
+        monkeypatch.setattr(frames, "ACCELERATED", False)
+        for name in ("mask", "mask_int", "mask_lanes"):
+            monkeypatch.setattr(frames, name, getattr(masking, "py_" + name))
+    decoder = FrameDecoder(client=False, max_frame_size=1 << 20)
+    key = b"\x9a\x01\xff\x42"
+    for size in (0, 1, 3, 125, 126, 511, 512, 513, 4096, 65535, 65536, 70001):
+        payload = bytes(i * 7 % 256 for i in range(size))
+        wire = bytearray(encode_frame(Opcode.BINARY, payload, mask_key=key))
+        assert wire[len(wire) - size:] == xor(payload, key)
+        decoder.receive_data(wire)  # a bytearray: adopted as the buffer
+        frame = decoder.next_frame()
+        assert frame is not None and frame.payload == payload

@@ -25,7 +25,7 @@ from typing import Final
 
 from .._buffer import ReceiveBuffer
 from ..errors import PayloadTooBig, RemoteProtocolError
-from .masking import INT_MASK_LIMIT, mask, mask_int, mask_lanes
+from .masking import ACCELERATED, INT_MASK_LIMIT, mask, mask_int, mask_lanes
 
 __all__ = [
     "Opcode",
@@ -241,9 +241,15 @@ class FrameDecoder:
         return len(self._buffer)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes; call ``next_frame()`` until it returns None."""
+        """Append received bytes; call ``next_frame()`` until it returns None.
+
+        A ``bytearray`` may be kept as the buffer itself: the caller hands it
+        over and must not change it afterwards (transports read into a fresh
+        one each time).
+        """
         buf = self._buffer
-        if type(data) is bytes and buf.offset >= len(buf.storage):
+        kind = type(data)
+        if (kind is bytes or kind is bytearray) and buf.offset >= len(buf.storage):
             buf.storage = data  # fast path of ReceiveBuffer.append: adopt, no copy
             buf.offset = 0
         else:
@@ -392,6 +398,8 @@ def _unmask_slice(
     """
     if end - start <= INT_MASK_LIMIT:
         return mask_int(memoryview(storage)[start:end], mask_key) if end > start else b""
+    if ACCELERATED:
+        return mask(memoryview(storage)[start:end], mask_key)  # copy and XOR in one C pass
     raw = bytearray(memoryview(storage)[start:end])
     mask_lanes(raw, 0, mask_key)
     return raw
