@@ -248,8 +248,7 @@ class FrameDecoder:
         one each time).
         """
         buf = self._buffer
-        kind = type(data)
-        if (kind is bytes or kind is bytearray) and buf.offset >= len(buf.storage):
+        if isinstance(data, (bytes, bytearray)) and buf.offset >= len(buf.storage):
             buf.storage = data  # fast path of ReceiveBuffer.append: adopt, no copy
             buf.offset = 0
         else:
