@@ -23,6 +23,7 @@ from .errors import LocalProtocolError
 __all__ = ["TunnelProtocol", "DEFAULT_WRITE_SIZE", "Event"]
 
 DEFAULT_WRITE_SIZE: Final = 256 * 1024
+_DATA_HEADER_SIZE: Final = mux.wire.DATA_HEADER_SIZE
 
 Event = Any  # a mux event, or ws.PongReceived / ws.ConnectionClosed
 
@@ -41,6 +42,11 @@ class TunnelProtocol:
     ) -> None:
         ws_role = ws.Role.CLIENT if role is mux.Role.AGENT else ws.Role.SERVER
         self.role = role
+        if "solo_chunk_size" not in session_options:
+            # Accept (and send alone) big chunks only as far as the message limit allows.
+            chunk = session_options.get("max_chunk_size", mux.DEFAULT_MAX_CHUNK_SIZE)
+            room = max_message_size - _DATA_HEADER_SIZE
+            session_options["solo_chunk_size"] = max(chunk, min(mux.DEFAULT_SOLO_CHUNK_SIZE, room))
         self.session = mux.Session(role, **session_options)
         # A record must always fit in one message, whatever chunk size is configured.
         max_message_size = max(max_message_size, self.session.max_record_size)

@@ -24,6 +24,7 @@ from wstunnel.errors import (
 from wstunnel.mux import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,
+    DEFAULT_SOLO_CHUNK_SIZE,
     MAX_WINDOW,
     MIN_CHUNK_SIZE,
     MIN_WINDOW,
@@ -85,21 +86,23 @@ def last_goaway(session: Session) -> GoAway:
 
 
 def test_settings_is_the_first_record_out() -> None:
-    """Each side's first record is SETTINGS with its version, window and chunk size."""
+    """Each side's first record is SETTINGS with its version, window and the largest
+    chunk it accepts (the solo chunk size)."""
     session = Session(Role.AGENT, initial_window=1 << 20)
     session.open_channel("h", 1)
     assert decode_record(session.next_record() or b"") == Settings(1, 1 << 20,
-                                                                  DEFAULT_MAX_CHUNK_SIZE)
+                                                                  DEFAULT_SOLO_CHUNK_SIZE)
 
 
 def test_settings_exchange_reports_the_peers_values() -> None:
     """Receiving the peer's SETTINGS yields SettingsReceived with its values."""
     agent = Session(Role.AGENT)
-    relay = Session(Role.RELAY, initial_window=2 << 20, max_chunk_size=64 * KIB)
+    relay = Session(Role.RELAY, initial_window=2 << 20, max_chunk_size=16 * KIB,
+                    solo_chunk_size=64 * KIB)
     pump(agent, relay)
     assert agent.events_received() == [SettingsReceived(1, 2 << 20, 64 * KIB)]
     assert relay.events_received() == [
-        SettingsReceived(1, DEFAULT_INITIAL_WINDOW, DEFAULT_MAX_CHUNK_SIZE)]
+        SettingsReceived(1, DEFAULT_INITIAL_WINDOW, DEFAULT_SOLO_CHUNK_SIZE)]
 
 
 @pytest.mark.parametrize("first, code", [
@@ -298,7 +301,7 @@ def test_half_close_keeps_the_other_direction_open() -> None:
 
 def test_fin_does_not_overtake_queued_data() -> None:
     """A FIN queued behind data waiting for credit leaves only after that data."""
-    agent, relay = connected_pair()
+    agent, relay = connected_pair(solo_chunk_size=DEFAULT_MAX_CHUNK_SIZE)
     channel_id = open_accepted(agent, relay)
     agent.send_data(channel_id, bytes(DEFAULT_INITIAL_WINDOW))
     agent.send_eof(channel_id)
@@ -306,7 +309,7 @@ def test_fin_does_not_overtake_queued_data() -> None:
     events = relay.events_received()
     assert len(received_bytes(events, channel_id)) == DEFAULT_INITIAL_WINDOW
     assert EndOfStream(channel_id) in events  # the data fitted the window exactly
-    agent2, relay2 = connected_pair()
+    agent2, relay2 = connected_pair(solo_chunk_size=DEFAULT_MAX_CHUNK_SIZE)
     channel_id = open_accepted(agent2, relay2)
     agent2.send_data(channel_id, bytes(DEFAULT_INITIAL_WINDOW))
     relay2.receive_record(agent2.next_record() or b"")  # one chunk only
@@ -380,7 +383,7 @@ def test_credit_returns_only_when_the_application_acknowledges() -> None:
 
 def test_window_updates_are_batched() -> None:
     """Acknowledging chunk by chunk sends one WINDOW per quarter window, not one per chunk."""
-    agent, relay = connected_pair()
+    agent, relay = connected_pair(solo_chunk_size=DEFAULT_MAX_CHUNK_SIZE)
     channel_id = open_accepted(agent, relay)
     agent.send_data(channel_id, bytes(DEFAULT_INITIAL_WINDOW))
     windows = 0
@@ -461,16 +464,18 @@ def test_window_growth_stays_within_an_eighth_of_max_buffered_size() -> None:
 
 def test_oversized_data_fails_the_session() -> None:
     """A DATA payload above our announced max chunk size is a record-size error."""
-    agent, relay = connected_pair()
+    agent, relay = connected_pair(initial_window=1 << 20)
     channel_id = open_accepted(agent, relay)
-    relay.receive_record(encode_record(Data(channel_id, bytes(DEFAULT_MAX_CHUNK_SIZE + 1))))
+    relay.receive_record(encode_record(Data(channel_id, bytes(DEFAULT_SOLO_CHUNK_SIZE))))
+    assert relay.failure is None  # the solo size itself is fine
+    relay.receive_record(encode_record(Data(channel_id, bytes(DEFAULT_SOLO_CHUNK_SIZE + 1))))
     assert failed(relay).code == ErrorCode.RECORD_SIZE_ERROR
 
 
 def test_data_is_cut_into_chunks_of_the_smaller_max_chunk_size() -> None:
     """Chunks never exceed the smaller of our and the peer's max chunk size."""
-    agent = Session(Role.AGENT, max_chunk_size=64 * KIB)
-    relay = Session(Role.RELAY, max_chunk_size=32 * KIB)
+    agent = Session(Role.AGENT, max_chunk_size=64 * KIB, solo_chunk_size=64 * KIB)
+    relay = Session(Role.RELAY, max_chunk_size=32 * KIB, solo_chunk_size=32 * KIB)
     pump(agent, relay)
     channel_id = open_accepted(agent, relay)
     agent.send_data(channel_id, bytes(100 * KIB))
@@ -636,7 +641,7 @@ def test_goaway_text_never_carries_our_exception_message() -> None:
 
 def test_control_records_go_before_data() -> None:
     """OPEN, WINDOW, FIN and RESET leave ahead of DATA queued earlier."""
-    agent, relay = connected_pair()
+    agent, relay = connected_pair(solo_chunk_size=DEFAULT_MAX_CHUNK_SIZE)
     bulk = open_accepted(agent, relay)
     agent.send_data(bulk, bytes(64 * KIB))
     agent.next_record()
@@ -691,7 +696,7 @@ def test_a_small_write_overtakes_100_mib_of_bulk_within_two_chunks() -> None:
         if room:
             agent.send_data(bulk, blob[:room])
             queued += room
-        if sent_chunks % 97 == 5:  # probe at many points of the transfer
+        if sent_chunks % 5 == 3:  # probe at many points of the transfer
             agent.send_data(small, b"p" * 64)
             probes += 1
             kinds = [struct.unpack_from("!I", agent.next_record() or b"", 1)[0]
@@ -722,7 +727,10 @@ def test_a_write_size_below_the_chunk_size_cuts_small_chunks_and_ends_turns() ->
     assert cut == [(first, 4 * KIB), (second, 4 * KIB)] * 2 + [(first, 2 * KIB),
                                                                (second, 2 * KIB)]
     agent.send_data(first, bytes(40 * KIB))
-    assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 8 * KIB]
+    agent.send_data(second, bytes(40 * KIB))
+    # first's 64 KiB turn in chunks, then second alone: one solo chunk
+    assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 8 * KIB,
+                                                                   40 * KIB]
 
 
 def test_grown_windows_shrink_back_once_another_channel_is_live() -> None:
@@ -736,3 +744,50 @@ def test_grown_windows_shrink_back_once_another_channel_is_live() -> None:
     assert relay.window_growth == 0
     assert agent.send_capacity(bulk) == DEFAULT_INITIAL_WINDOW
     assert agent.failure is None and relay.failure is None
+
+
+# -- solo chunks -----------------------------------------------------------------
+
+
+def test_a_channel_alone_sends_one_record_per_write() -> None:
+    """Alone, a channel's chunk is as big as the write (max_size), the peer's limit
+    and its credit allow: one record per write instead of one per 16 KiB."""
+    agent, relay = connected_pair(initial_window=4 << 20)
+    bulk = open_accepted(agent, relay)
+    agent.send_data(bulk, bytes(1 << 20))
+    sizes = [len(r) - 5 for r in iter(lambda: agent.next_record(256 * KIB), None)]
+    assert sizes == [256 * KIB] * 4
+    agent.send_data(bulk, bytes(100 * KIB))
+    assert [len(r) - 5 for r in iter(lambda: agent.next_record(64 * KIB), None)] == \
+        [64 * KIB, 36 * KIB]
+
+
+def test_solo_chunks_stop_as_soon_as_another_channel_is_ready() -> None:
+    """The next cut after a second channel becomes ready is a fair-sized chunk, and the
+    newcomer is served right after it."""
+    agent, relay = connected_pair(initial_window=4 << 20)
+    bulk = open_accepted(agent, relay)
+    small = open_accepted(agent, relay)
+    agent.send_data(bulk, bytes(2 << 20))
+    first = agent.next_record(256 * KIB) or b""
+    assert len(first) - 5 == 256 * KIB
+    agent.send_data(small, b"p" * 64)
+    cut = [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
+           for r in (agent.next_record(256 * KIB) for _ in range(3)) if r]
+    assert cut == [(bulk, DEFAULT_MAX_CHUNK_SIZE), (small, 64), (bulk, 256 * KIB)]
+
+
+def test_solo_chunks_respect_a_peer_that_accepts_less() -> None:
+    """A peer announcing 16 KiB (an older wstunnel) never gets a bigger DATA."""
+    agent = Session(Role.AGENT, initial_window=4 << 20)
+    relay = Session(Role.RELAY, initial_window=4 << 20, solo_chunk_size=DEFAULT_MAX_CHUNK_SIZE)
+    pump(agent, relay)
+    bulk = open_accepted(agent, relay)
+    agent.send_data(bulk, bytes(100 * KIB))
+    sizes = [len(r) - 5 for r in iter(lambda: agent.next_record(256 * KIB), None)]
+    assert max(sizes) == DEFAULT_MAX_CHUNK_SIZE and sum(sizes) == 100 * KIB
+
+
+def test_solo_chunk_size_is_checked() -> None:
+    with pytest.raises(LocalProtocolError, match="solo_chunk_size"):
+        Session(Role.AGENT, max_chunk_size=32 * KIB, solo_chunk_size=16 * KIB)

@@ -125,15 +125,20 @@ class Session:
                  max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
                  max_channels: int = DEFAULT_MAX_CHANNELS,
                  max_buffered_size: int | None = None, quantum: int | None = None,
-                 max_window: int | None = None) -> None:
+                 max_window: int | None = None, solo_chunk_size: int | None = None) -> None:
         """Create a session; its SETTINGS record is already queued.
 
         Args:
             role: AGENT opens odd ids, RELAY even ids.
             initial_window: receive window we grant per channel
                 (MIN_WINDOW..MAX_WINDOW).
-            max_chunk_size: largest DATA payload we accept, and the largest we
-                cut (also capped by the peer's value); MIN_CHUNK_SIZE..MAX_CHUNK_SIZE.
+            max_chunk_size: largest DATA payload we cut while channels compete
+                for the link (also capped by the peer's value); the fairness grain.
+                MIN_CHUNK_SIZE..MAX_CHUNK_SIZE.
+            solo_chunk_size: largest DATA payload we accept (our SETTINGS say
+                so), and the largest we cut for a channel that is the only one
+                with data ready (capped by the peer's value and ``max_size``);
+                default the larger of max_chunk_size and DEFAULT_SOLO_CHUNK_SIZE.
                 The WebSocket message limit must be at least max_record_size.
             max_channels: live channels, both directions together.
             max_buffered_size: bound on received-but-unacknowledged bytes; it
@@ -151,10 +156,15 @@ class Session:
         """
         _check_range("initial_window", initial_window, wire.MIN_WINDOW, wire.MAX_WINDOW)
         _check_range("max_chunk_size", max_chunk_size, wire.MIN_CHUNK_SIZE, wire.MAX_CHUNK_SIZE)
+        if solo_chunk_size is None:
+            solo_chunk_size = max(max_chunk_size, wire.DEFAULT_SOLO_CHUNK_SIZE)
+        _check_range("solo_chunk_size", solo_chunk_size, max_chunk_size, wire.MAX_CHUNK_SIZE)
         _check_range("max_channels", max_channels, 1, 1 << 30)
         self.role = role
         self.initial_window = initial_window
         self.max_chunk_size = max_chunk_size
+        #: Largest DATA payload we accept.
+        self.max_receive_chunk_size = solo_chunk_size
         self.max_buffered_size = max_channels * initial_window
         if max_buffered_size is not None:
             _check_range("max_buffered_size", max_buffered_size, initial_window, 1 << 62)
@@ -185,7 +195,7 @@ class Session:
         self._ready = self._drr.queue
         self._ready_set = self._drr.members
         self._settings = encode_record(
-            wire.Settings(wire.VERSION, initial_window, max_chunk_size))
+            wire.Settings(wire.VERSION, initial_window, solo_chunk_size))
         self._control.append(self._settings)
         self._running = False  # the peer's SETTINGS arrived and we have not failed
         self._peer_window = wire.MIN_WINDOW  # assumed until its SETTINGS arrive
@@ -222,7 +232,7 @@ class Session:
     @property
     def max_record_size(self) -> int:
         """Largest record we accept: size the WebSocket message limit from it."""
-        return self.max_chunk_size + DATA_HEADER_SIZE
+        return self.max_receive_chunk_size + DATA_HEADER_SIZE
 
     def channel_ids(self) -> list[int]:
         """Ids of the live channels."""
@@ -307,7 +317,7 @@ class Session:
                 size = length - DATA_HEADER_SIZE
                 channel_id = _unpack_id(record, 1)[0]
                 ch = self._channels.get(channel_id)
-                if (ch is None or size > self.max_chunk_size
+                if (ch is None or size > self.max_receive_chunk_size
                         or ch.receive_state is not _RECEIVE_OPEN):
                     self._receive_odd_data(ch, channel_id, size)
                     return
@@ -359,8 +369,9 @@ class Session:
 
     def _receive_odd_data(self, ch: Channel | None, channel_id: int, size: int) -> None:
         """DATA that is too big, for a gone channel, or on a half not OPEN."""
-        if size > self.max_chunk_size:
-            raise RemoteProtocolError(f"DATA of {size} bytes exceeds {self.max_chunk_size}",
+        if size > self.max_receive_chunk_size:
+            raise RemoteProtocolError(f"DATA of {size} bytes exceeds "
+                                      f"{self.max_receive_chunk_size}",
                                       code=int(ErrorCode.RECORD_SIZE_ERROR))
         if ch is None:
             self._table.check_known(channel_id)  # late DATA after our RESET: dropped
@@ -373,6 +384,7 @@ class Session:
         self._running = True
         self._peer_window = settings.initial_window
         self._outbox.chunk_size = min(self.max_chunk_size, settings.max_chunk_size)
+        self._outbox.solo_chunk_size = min(self.max_receive_chunk_size, settings.max_chunk_size)
         if not self._fixed_quantum:
             self._drr.set_quantum(self._outbox.chunk_size)
         self._events.append(SettingsReceived(settings.version, settings.initial_window,

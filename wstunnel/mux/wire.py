@@ -27,6 +27,7 @@ __all__ = [
     "MIN_WINDOW",
     "MAX_WINDOW",
     "DEFAULT_MAX_CHUNK_SIZE",
+    "DEFAULT_SOLO_CHUNK_SIZE",
     "MIN_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "MAX_CHANNEL_ID",
@@ -64,6 +65,10 @@ MIN_WINDOW: Final = 16 * 1024
 MAX_WINDOW: Final = 16 * 1024 * 1024
 #: Largest DATA payload a side accepts (and cuts), announced in SETTINGS.
 DEFAULT_MAX_CHUNK_SIZE: Final = 16 * 1024
+#: Largest DATA a channel cuts while no other channel has data ready (when the
+#: peer accepts it, and within the I/O layer's write size): on a fast link one
+#: record per write instead of sixteen (docs/PERFORMANCE.md).
+DEFAULT_SOLO_CHUNK_SIZE: Final = 256 * 1024
 #: The smallest chunk limit anyone may announce: what a sender assumes before
 #: the peer's SETTINGS arrive.
 MIN_CHUNK_SIZE: Final = 1024
