@@ -285,3 +285,32 @@ async def test_idle_channels_hold_no_task() -> None:
                 assert await far.receive_some() == payload
                 await far.send_all(payload)
                 assert await ours.receive_some() == payload
+
+
+async def test_a_bug_serving_one_socket_resets_only_its_channel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected exception while serving one socket is logged and resets that
+    channel; the session and its other channels carry on."""
+    with trio.fail_after(10):
+        async with session_pair(relay_attaches=False) as pair:
+            _channel, ours, done = await pair.attached_channel()
+            remote, _ = await pair.incoming.receive()
+            _other, other_ours, _ = await pair.attached_channel()
+            other_remote, _ = await pair.incoming.receive()
+            write = pump._PumpedSocket.write
+
+            def broken_write(self: pump._PumpedSocket) -> None:
+                if self.channel_id == remote.channel_id:
+                    raise RuntimeError("bug")
+                write(self)
+
+            monkeypatch.setattr(pump._PumpedSocket, "write", broken_write)
+            await remote.send_all(b"boom")
+            await done.wait()
+            with pytest.raises(trio.BrokenResourceError):
+                await remote.receive_some()
+            assert await receive_all(ours) == b""
+            await other_remote.send_all(b"still fine")
+            assert await other_ours.receive_some() == b"still fine"
+    assert "resetting it" in caplog.text

@@ -320,7 +320,9 @@ class ChannelStream(trio.abc.HalfCloseableStream):
 
     def _reset(self, text: str) -> None:
         self._inbound = None
-        if self._mux_alive and self._error is None:
-            self._transport.protocol.reset_channel(self.channel_id, text=text)
+        protocol = self._transport.protocol
+        # (a failed session has forgotten its channels; it breaks them as it ends)
+        if self._mux_alive and self._error is None and protocol.failure is None:
+            protocol.reset_channel(self.channel_id, text=text)
             self._transport.wake_writer()
             self._mux_alive = False

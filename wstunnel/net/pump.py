@@ -34,6 +34,7 @@ WINDOW, the transport's reader task, between two of its checkpoints.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 from collections.abc import Callable
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from .transport import TunnelTransport
 
 __all__ = ["SocketPump", "AVAILABLE", "READ_SIZE"]
+
+log = logging.getLogger("wstunnel.session")
 
 #: Where select.epoll is missing, agent and relay splice with two tasks per channel.
 AVAILABLE: Final = hasattr(select, "epoll")
@@ -90,7 +93,7 @@ class SocketPump:
         if dirty:
             self._dirty = []
             for pumped in dirty:
-                pumped.write()
+                _guarded(pumped.write, pumped)
 
     async def run(self) -> NoReturn:
         """Serve ready sockets until cancelled (with the session)."""
@@ -102,7 +105,7 @@ class SocketPump:
             for fd, events in epoll.poll(0, MAX_EVENTS):
                 pumped = sockets.get(fd)
                 if pumped is not None:
-                    pumped.ready(events)
+                    _guarded(pumped.ready, pumped, events)
             wake_writer()
 
     def close(self) -> None:
@@ -110,6 +113,16 @@ class SocketPump:
         for pumped in list(self._sockets.values()):
             pumped.finish()
         self._epoll.close()
+
+
+def _guarded(method: Callable[..., None], pumped: _PumpedSocket, *args: int) -> None:
+    """Each socket is a task root of its own: a bug in serving one channel resets
+    that channel, not the session and its thousands of others."""
+    try:
+        method(*args)
+    except Exception:
+        log.error("carrying channel %d failed; resetting it", pumped.channel_id, exc_info=True)
+        pumped.fail("internal error")
 
 
 class _PumpedSocket:
@@ -179,7 +192,7 @@ class _PumpedSocket:
         except BlockingIOError:
             sent = 0
         except OSError:
-            self._fail("the local connection failed while we wrote to it")
+            self.fail("the local connection failed while we wrote to it")
             return
         if sent:
             self._consumed(pending, sent)
@@ -229,7 +242,7 @@ class _PumpedSocket:
         except BlockingIOError:
             return
         except OSError:
-            self._fail("the local connection failed")
+            self.fail("the local connection failed")
             return
         if data:
             protocol.send_data(channel.channel_id, data)
@@ -266,7 +279,7 @@ class _PumpedSocket:
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
-            self._fail("the local connection failed")
+            self.fail("the local connection failed")
             return
         self._finish_if_both_done()
 
@@ -275,6 +288,10 @@ class _PumpedSocket:
             self._channel._closed = True  # as after ChannelStream.aclose()
             self.finish()
 
-    def _fail(self, text: str) -> None:
+    @property
+    def channel_id(self) -> int:
+        return self._channel.channel_id
+
+    def fail(self, text: str) -> None:
         self._channel.abort(text)
         self.finish()
