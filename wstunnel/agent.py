@@ -4,7 +4,9 @@ Theory of operation: the listeners live for the whole run; the session comes
 and goes. ``_maintain_session`` connects, serves the session until it ends,
 then reconnects with exponential backoff and jitter. A local connection waits
 up to ``connect_wait_timeout`` for a session, opens a channel on it (its first
-bytes travel right behind the OPEN) and is spliced until both sides finish.
+bytes travel right behind the OPEN) and is handed to the session's socket pump
+(net/pump.py; no task per connection from then on), or spliced until both
+sides finish where there is no pump.
 When the session drops, its channels break and their local sockets are
 closed, never left hanging.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 from typing import Any, Final
 
 import trio
@@ -23,6 +26,7 @@ from .config import AgentConfig, Forward, RelayURL
 from .errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from .forwards import ForwardSet
 from .metrics import TunnelStats
+from .net.channel_stream import ChannelStream
 from .net.connect import open_websocket, tune_socket
 from .net.proxy import proxy_dialer, proxy_environment
 from .net.splice import splice
@@ -202,16 +206,23 @@ class Agent:
         """One accepted local connection, carried as one channel."""
         self._channels += 1
         self._idle = trio.Event()
+        handed_over = False
         try:
             tune_socket(tcp, notsent_lowat=False)
-            await self._carry(forward, tcp)
+            handed_over = await self._carry(forward, tcp)
         finally:
-            await trio.aclose_forcefully(tcp)
-            self._channels -= 1
-            if self._channels == 0:
-                self._idle.set()
+            if not handed_over:
+                await trio.aclose_forcefully(tcp)
+                self._connection_closed()
 
-    async def _carry(self, forward: Forward, tcp: trio.SocketStream) -> None:
+    def _connection_closed(self) -> None:
+        self._channels -= 1
+        if self._channels == 0:
+            self._idle.set()
+
+    async def _carry(self, forward: Forward, tcp: trio.SocketStream) -> bool:
+        """Carry ``tcp``; True when the session's socket pump took it over (and will
+        close it), False when it is finished here and the caller closes it."""
         target = f"{forward.target_host}:{forward.target_port}"
         session = await self.wait_session(self.config.connect_wait_timeout)
         if session is None:
@@ -220,18 +231,29 @@ class Agent:
                 self.config.connect_wait_timeout,
                 target,
             )
-            return
+            return False
         try:
             channel = session.open_channel(forward.target_host, forward.target_port)
         except (SessionClosed, ChannelRefused) as exc:
             log.warning("cannot open a channel to %s: %s", target, exc)
-            return
+            return False
+        finished = partial(self._channel_finished, target, channel)
+        if session.attach(tcp, channel, finished):
+            return True
         await splice(tcp, channel)
+        self._channel_finished(target, channel, closed=False)
+        return False
+
+    def _channel_finished(
+        self, target: str, channel: ChannelStream, *, closed: bool = True
+    ) -> None:
         error = channel.error
         if isinstance(error, ChannelRefused):
             log.warning("relay could not connect to %s: %s", target, error)
         elif error is not None:
             log.info("channel to %s ended: %s", target, error)
+        if closed:
+            self._connection_closed()
 
     async def drain(self, timeout: float) -> None:
         """GOAWAY, let open channels finish up to ``timeout``, close the session."""

@@ -212,7 +212,7 @@ class Relay:
     async def _open_channel(
         self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
     ) -> None:
-        """Dial the destination; splice on success, OPEN_FAILED otherwise."""
+        """Dial the destination; carry the channel on success, OPEN_FAILED otherwise."""
         host, port = channel.host, channel.port
         protocol = transport.protocol
         policy = self.gate.current_policy(guard.identity)
@@ -233,13 +233,18 @@ class Relay:
             return
         finally:
             guard.pending -= 1
+        handed_over = False
         try:
             tune_socket(target, notsent_lowat=False)
             protocol.accept_channel(channel.channel_id)
             transport.wake_writer()
-            await splice(target, channel)
+            # The session's socket pump carries it from here, with no task of its own.
+            handed_over = transport.attach(target, channel)
+            if not handed_over:
+                await splice(target, channel)
         finally:
-            await trio.aclose_forcefully(target)
+            if not handed_over:
+                await trio.aclose_forcefully(target)
 
     def _refuse(
         self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str

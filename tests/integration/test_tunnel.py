@@ -9,6 +9,8 @@ import pytest
 import trio
 
 from wstunnel.config import HostPort
+from wstunnel.net import pump
+from wstunnel.net.transport import TunnelTransport
 
 from .tunnel_helpers import (
     LOOPBACK,
@@ -25,6 +27,16 @@ from .tunnel_helpers import (
 )
 
 MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True, params=["pump", "splice"])
+def carrier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs twice: local sockets carried by the session's socket
+    pump, and by splice (two tasks per channel), the fallback without epoll."""
+    if request.param == "pump" and not pump.AVAILABLE:
+        pytest.skip("no select.epoll here")
+    monkeypatch.setattr(TunnelTransport, "use_pump", request.param == "pump")
+    return str(request.param)
 
 
 async def test_64_mib_each_way_arrives_intact() -> None:

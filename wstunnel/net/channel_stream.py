@@ -7,13 +7,18 @@ and credit goes back to the peer only when ``receive_some`` hands them over, so
 a slow reader stops its sender and nothing else. ``send_all`` queues no more
 than the peer's window allows and waits for WINDOW credit otherwise, so the
 bytes held per channel follow the windows, not the traffic.
+
+A channel carried by the session's socket pump (net/pump.py) is *attached*:
+the dispatch hooks hand everything to its ``ChannelSink`` instead, and the
+stream methods are not used any more. Per-channel memory matters (10,000 idle
+channels): slots, and the deque and the Events exist only once needed.
 """
 
 from __future__ import annotations
 
 import operator
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -22,31 +27,26 @@ from .._textforms import join_host_port
 if TYPE_CHECKING:
     from .transport import TunnelTransport
 
-__all__ = ["ChannelStream", "DEFAULT_RECEIVE_SIZE"]
+__all__ = ["ChannelStream", "ChannelSink", "DEFAULT_RECEIVE_SIZE"]
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
 
-class _Busy:
-    """Detects two tasks using the same direction at once (trio's rule)."""
+class ChannelSink(Protocol):
+    """Takes over an attached channel's dispatch hooks (see net/pump.py)."""
 
-    __slots__ = ("_held", "_what")
-
-    def __init__(self, what: str) -> None:
-        self._held = False
-        self._what = what
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(f"another task is already {self._what} this channel")
-        self._held = True
-
-    def __exit__(self, *exc: object) -> None:
-        self._held = False
+    def deliver(self, data: bytes | memoryview) -> None: ...
+    def deliver_eof(self) -> None: ...
+    def credit_granted(self) -> None: ...
+    def broken(self) -> None: ...
 
 
 class ChannelStream(trio.abc.HalfCloseableStream):
     """One tunnelled TCP connection; see the module docstring."""
+
+    __slots__ = ("_transport", "channel_id", "host", "port", "bytes_sent", "bytes_received",
+                 "_inbound", "_eof_received", "_eof_sent", "_closed", "_mux_alive", "_error",
+                 "_readable", "_writable", "_on_break", "_sending", "_receiving", "_sink")
 
     def __init__(self, transport: TunnelTransport, channel_id: int, host: str, port: int) -> None:
         self._transport = transport
@@ -55,17 +55,18 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self.port = port
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._inbound: deque[bytes | memoryview] = deque()
+        self._inbound: deque[bytes | memoryview] | None = None
         self._eof_received = False
         self._eof_sent = False
         self._closed = False
         self._mux_alive = True
         self._error: BaseException | None = None
-        self._readable = trio.Event()
-        self._writable = trio.Event()
+        self._readable: trio.Event | None = None  # made by the waiter, set by the dispatcher
+        self._writable: trio.Event | None = None
         self._on_break: trio.CancelScope | None = None
-        self._send_busy = _Busy("sending on")
-        self._receive_busy = _Busy("receiving from")
+        self._sending = False
+        self._receiving = False
+        self._sink: ChannelSink | None = None
 
     @property
     def destination(self) -> str:
@@ -74,33 +75,71 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     # -- called by the transport ---------------------------------------------
 
     def _deliver(self, data: bytes | memoryview) -> None:
+        if self._sink is not None:
+            self._sink.deliver(data)
+            return
         if self._closed:
             self._reset("data arrived after the channel was closed")
             return
+        if self._inbound is None:
+            self._inbound = deque()
         self._inbound.append(data)
-        self._readable.set()
+        self._wake_readable()
 
     def _deliver_eof(self) -> None:
         self._eof_received = True
-        self._readable.set()
+        if self._sink is not None:
+            self._sink.deliver_eof()
+        self._wake_readable()
 
     def _wake_writable(self) -> None:
-        self._writable.set()
+        if self._sink is not None:
+            self._sink.credit_granted()
+        elif self._writable is not None:
+            self._writable.set()
+
+    def _wake_readable(self) -> None:
+        if self._readable is not None:
+            self._readable.set()
 
     def _forget(self) -> None:
         """The mux finished this channel; no more credit or frames for it."""
         self._mux_alive = False
-        self._writable.set()
-        self._readable.set()
+        self._wake_all()
 
     def _break(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
         self._mux_alive = False
-        self._readable.set()
-        self._writable.set()
+        self._wake_readable()
+        if self._writable is not None:
+            self._writable.set()
         if self._on_break is not None:
             self._on_break.cancel()
+        if self._sink is not None:
+            self._sink.broken()
+
+    # -- attaching to the socket pump ------------------------------------------
+
+    def _attach(self, sink: ChannelSink) -> None:
+        """From now on ``sink`` gets the dispatch hooks; what was queued for the
+        reader (data that arrived before the local socket was ready) goes first."""
+        self._sink = sink
+        if self._error is not None:
+            sink.broken()
+            return
+        inbound, self._inbound = self._inbound, None
+        for data in inbound or ():
+            sink.deliver(data)
+        if self._eof_received:
+            sink.deliver_eof()
+
+    def _acknowledge(self, size: int) -> None:
+        """``size`` received bytes were consumed: count them, return the credit."""
+        self.bytes_received += size
+        if self._mux_alive and self._error is None:
+            self._transport.protocol.acknowledge(self.channel_id, size)
+            self._transport.wake_writer()
 
     # -- waiting helpers ------------------------------------------------------
 
@@ -124,6 +163,18 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             raise trio.ClosedResourceError("this channel was closed")
 
+    def _claim(self, sending: bool) -> None:
+        """trio's rule: one task per direction at a time."""
+        if sending:
+            if self._sending:
+                raise trio.BusyResourceError("another task is already sending on this channel")
+            self._sending = True
+        else:
+            if self._receiving:
+                raise trio.BusyResourceError(
+                    "another task is already receiving from this channel")
+            self._receiving = True
+
     # -- sending ---------------------------------------------------------------
 
     async def send_capacity(self) -> int:
@@ -136,75 +187,88 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             capacity = self._transport.protocol.send_capacity(self.channel_id)
             if capacity > 0:
                 return capacity
-            self._writable = trio.Event()
-            await self._writable.wait()
+            self._writable = writable = trio.Event()
+            await writable.wait()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_busy:
-            if self._eof_sent:
-                self._raise_if_closed()
-                raise trio.ClosedResourceError("send_eof() was already called")
-            view = memoryview(data)
-            sent_any = False
-            while len(view):
-                capacity = await self.send_capacity()
-                sent_any = True
-                size = min(capacity, len(view))
-                piece = (
-                    data if size == len(data) and isinstance(data, bytes) else bytes(view[:size])
-                )
-                self._transport.protocol.send_data(self.channel_id, piece)
-                self.bytes_sent += size
-                self._transport.wake_writer()
-                view = view[size:]
-            if not sent_any:
-                self._raise_if_closed()
-                self._raise_if_broken()
-            await trio.sleep(0)
+        self._claim(True)
+        try:
+            await self._send_all(data)
+        finally:
+            self._sending = False
+
+    async def _send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_sent:
+            self._raise_if_closed()
+            raise trio.ClosedResourceError("send_eof() was already called")
+        view = memoryview(data)
+        sent_any = False
+        while len(view):
+            capacity = await self.send_capacity()
+            sent_any = True
+            size = min(capacity, len(view))
+            piece = data if size == len(data) and isinstance(data, bytes) else bytes(view[:size])
+            self._transport.protocol.send_data(self.channel_id, piece)
+            self.bytes_sent += size
+            self._transport.wake_writer()
+            view = view[size:]
+        if not sent_any:
+            self._raise_if_closed()
+            self._raise_if_broken()
+        await trio.sleep(0)
 
     async def wait_send_all_might_not_block(self) -> None:
-        with self._send_busy:
+        self._claim(True)
+        try:
             await self.send_capacity()
             await trio.sleep(0)
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
-        with self._send_busy:
+        self._claim(True)
+        try:
             self._raise_if_closed()
-            if self._eof_sent:
-                await trio.sleep(0)
-                return
-            self._raise_if_broken()
-            self._eof_sent = True
-            if self._mux_alive:
-                self._transport.protocol.send_eof(self.channel_id)
-                self._transport.wake_writer()
+            if not self._eof_sent:
+                self._raise_if_broken()
+                self._eof_sent = True
+                if self._mux_alive:
+                    self._transport.protocol.send_eof(self.channel_id)
+                    self._transport.wake_writer()
             await trio.sleep(0)
+        finally:
+            self._sending = False
 
     # -- receiving -------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        with self._receive_busy:
+        self._claim(False)
+        try:
             if max_bytes is not None:
                 max_bytes = operator.index(max_bytes)
                 if max_bytes < 1:
                     raise ValueError("max_bytes must be >= 1")
-            while True:
-                self._raise_if_closed()
-                if self._inbound:
-                    data = self._take(max_bytes)
-                    await trio.sleep(0)
-                    return data
-                self._raise_if_broken()
-                if self._eof_received:
-                    await trio.sleep(0)
-                    return b""
-                self._readable = trio.Event()
-                await self._readable.wait()
+            return await self._receive_some(max_bytes)
+        finally:
+            self._receiving = False
 
-    def _take(self, max_bytes: int | None) -> bytes:
+    async def _receive_some(self, max_bytes: int | None) -> bytes:
+        while True:
+            self._raise_if_closed()
+            if self._inbound:
+                data = self._take(self._inbound, max_bytes)
+                await trio.sleep(0)
+                return data
+            self._raise_if_broken()
+            if self._eof_received:
+                await trio.sleep(0)
+                return b""
+            self._readable = readable = trio.Event()
+            await readable.wait()
+
+    def _take(self, inbound: deque[bytes | memoryview], max_bytes: int | None) -> bytes:
         """Up to ``max_bytes`` of queued chunks at once, so that the caller
         makes one socket write per read instead of one per 16 KiB chunk."""
-        inbound = self._inbound
         limit = max_bytes or DEFAULT_RECEIVE_SIZE
         data = inbound.popleft()
         if inbound and len(data) < limit:
@@ -220,11 +284,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             data = data[:limit]
         if type(data) is not bytes:
             data = bytes(data)  # one piece, a view of the received record
-        size = len(data)
-        self.bytes_received += size
-        if self._mux_alive and self._error is None:
-            self._transport.protocol.acknowledge(self.channel_id, size)
-            self._transport.wake_writer()
+        self._acknowledge(len(data))
         return data
 
     # -- closing -----------------------------------------------------------------
@@ -244,20 +304,25 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 self._eof_sent = True
                 self._transport.protocol.send_eof(self.channel_id)
                 self._transport.wake_writer()
-            self._readable.set()
-            self._writable.set()
+            self._wake_all()
         await trio.sleep(0)
 
     def abort(self, text: str = "the local connection failed") -> None:
         """Reset the channel now; queued data is dropped."""
         self._closed = True
         self._reset(text)
-        self._readable.set()
-        self._writable.set()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._wake_readable()
+        if self._writable is not None:
+            self._writable.set()
 
     def _reset(self, text: str) -> None:
-        self._inbound.clear()
-        if self._mux_alive and self._error is None:
-            self._transport.protocol.reset_channel(self.channel_id, text=text)
+        self._inbound = None
+        protocol = self._transport.protocol
+        # (a failed session has forgotten its channels; it breaks them as it ends)
+        if self._mux_alive and self._error is None and protocol.failure is None:
+            protocol.reset_channel(self.channel_id, text=text)
             self._transport.wake_writer()
             self._mux_alive = False

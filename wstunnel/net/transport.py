@@ -11,6 +11,11 @@ adapts to the link (``next_write_size``): 256 KiB on loopback, where large
 writes save system calls, down to one chunk on a slow link, where a 256 KiB
 write would hold an interactive record back for 100 ms at 20 Mbit/s.
 
+Local TCP connections are carried by the session's ``SocketPump`` (net/pump.py)
+once handed over with ``attach``: no task per channel; the reader calls the
+pump's ``flush`` after each read's events, so DATA for one socket that arrived
+in one read leaves in one system call.
+
 ``run()`` returns a one-line reason when the session is over; every channel
 still open is then broken with ``SessionClosed`` so its users see
 ``BrokenResourceError`` rather than hanging.
@@ -19,6 +24,7 @@ still open is then broken with ``SessionClosed`` so its users see
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +33,7 @@ import trio
 from .. import mux, ws
 from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionClosed
 from ..protocol import TunnelProtocol
+from . import pump
 from .channel_stream import ChannelStream
 
 if TYPE_CHECKING:
@@ -71,6 +78,10 @@ AdmitHandler = Callable[["TunnelTransport", mux.ChannelOpenRequested],
 class TunnelTransport:
     """Runs ``protocol`` over ``stream`` until either side ends the session."""
 
+    #: Carry attached TCP connections with the socket pump where it is available
+    #: (tests turn it off to cover splice, the fallback).
+    use_pump = True
+
     def __init__(
         self,
         stream: trio.abc.Stream,
@@ -101,6 +112,7 @@ class TunnelTransport:
         self._end_reason: str | None = None
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
+        self._pump: pump.SocketPump | None = None
 
     # -- public API -------------------------------------------------------------
 
@@ -110,6 +122,9 @@ class TunnelTransport:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if pump.AVAILABLE and self.use_pump:
+                    self._pump = pump.SocketPump(self)
+                    nursery.start_soon(self._pump.run)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
                 if self._ping_interval > 0:
@@ -118,6 +133,9 @@ class TunnelTransport:
         finally:
             self._nursery = None
             self._break_all(self._end_reason or "session ended")
+            socket_pump, self._pump = self._pump, None
+            if socket_pump is not None:
+                socket_pump.close()
             self._done.set()
         return self._end_reason or "session ended"
 
@@ -137,6 +155,25 @@ class TunnelTransport:
         self._add(channel)
         self.wake_writer()
         return channel
+
+    def attach(
+        self, stream: trio.abc.Stream, channel: ChannelStream,
+        on_finished: Callable[[], None] = lambda: None,
+    ) -> bool:
+        """Hand a local TCP connection to the session's socket pump, which carries
+        ``channel`` over it from now on with no task of its own (net/pump.py).
+
+        Returns False, and changes nothing, where there is no pump (no
+        ``select.epoll``, the session is not running, or ``stream`` is not a
+        ``trio.SocketStream``): carry it with ``splice`` instead. On True the pump
+        owns the socket: the caller must not use or close ``stream`` any more;
+        ``on_finished`` is called once the pump has closed it.
+        """
+        if self._pump is None or not isinstance(stream, trio.SocketStream):
+            return False
+        sock = socket.socket(fileno=stream.socket.detach())
+        self._pump.attach(sock, channel, on_finished)
+        return True
 
     def wake_writer(self) -> None:
         self._wake.set()
@@ -184,6 +221,8 @@ class TunnelTransport:
             else:
                 protocol.receive_eof()
             self._dispatch(protocol.events_received())
+            if self._pump is not None:
+                self._pump.flush()
             self._wake.set()
             if not data:
                 self._end(self._closed_reason("the peer closed the connection"))
