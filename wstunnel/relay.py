@@ -10,10 +10,12 @@ handshake, the upgrade request and the login all run under one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, Final
 
@@ -27,7 +29,7 @@ from .guard import Gatekeeper, Identity, SessionGuard
 from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
 from .net.connect import read_request, tune_socket
-from .net.dial import DialError, dial
+from .net.dial import DialError, dial, finish_connect, literal_address, start_connect
 from .net.splice import splice
 from .net.transport import TunnelTransport
 from .protocol import TunnelProtocol
@@ -162,7 +164,7 @@ class Relay:
             stream,
             protocol,
             name=f"{peer} (agent {identity.name})",
-            on_open=partial(self._open_channel, guard),
+            open_now=partial(self._open_now, guard),
             admit=partial(self._admit, guard),
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
@@ -208,6 +210,57 @@ class Relay:
                 await transport.close(CLOSE_IDLE, "idle timeout")
                 return
             seen = transport.opened_total
+
+    def _open_now(
+        self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
+    ) -> Callable[[], Awaitable[None]] | None:
+        """An admitted OPEN, handled where it was read when that needs no waiting:
+        an IP literal is checked and connected without a task (net/dial.py), so
+        the OPEN_OK, and the early data to the destination, leave at once.
+        Returns the rest as a task when there is waiting to do (DNS, a connect
+        still in progress, no socket pump)."""
+        host, port = channel.host, channel.port
+        policy = self.gate.current_policy(guard.identity)
+        address = literal_address(host)
+        if policy is None or address is None or not transport.pumping:
+            return partial(self._open_channel, guard, transport, channel)
+        try:
+            sock, connected = start_connect(
+                host, address, port, allows=lambda address: policy.allows(host, port, address))
+        except DialError as exc:
+            guard.pending -= 1
+            self._refuse(transport, channel, exc.reason, exc.text)
+            return None
+        if not connected:
+            return partial(self._finish_open, guard, transport, channel, sock)
+        guard.pending -= 1
+        self._carry(transport, channel, sock)
+        return None
+
+    async def _finish_open(self, guard: SessionGuard, transport: TunnelTransport,
+                           channel: ChannelStream, sock: socket.socket) -> None:
+        """The task for a connect that ``_open_now`` left in progress."""
+        try:
+            sock = await finish_connect(sock, channel.host, channel.port,
+                                        timeout=self.config.connect_timeout)
+        except DialError as exc:
+            self._refuse(transport, channel, exc.reason, exc.text)
+            return
+        finally:
+            guard.pending -= 1
+        self._carry(transport, channel, sock)
+
+    def _carry(self, transport: TunnelTransport, channel: ChannelStream,
+               sock: socket.socket) -> None:
+        """Accept the channel and hand the connected ``sock`` to the socket pump."""
+        if not transport.is_open or channel.error is not None:
+            sock.close()  # the session ended or the agent reset the channel meanwhile
+            return
+        _set_nodelay(sock)
+        transport.protocol.accept_channel(channel.channel_id)
+        transport.wake_writer()
+        if not transport.attach_socket(sock, channel):
+            sock.close()  # (the session just ended: the pump is gone)
 
     async def _open_channel(
         self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
@@ -266,6 +319,12 @@ class Relay:
         async with trio.open_nursery() as nursery:
             for transport in list(self.sessions):
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
+
+
+def _set_nodelay(sock: socket.socket) -> None:
+    """What ``tune_socket`` does for the destination's socket, on a plain socket."""
+    with contextlib.suppress(OSError):  # a tuning, not a requirement
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

@@ -4,12 +4,20 @@ The destination check runs after DNS, against each address we would connect
 to, and only checked addresses are dialled (no second lookup that a DNS
 rebinding could answer differently). Addresses are raced happy-eyeballs style
 (RFC 8305: a new attempt every 250 ms, first success wins).
+
+An IP literal needs neither DNS nor a race, so it has a task-free path for
+the relay to run right where the OPEN is read (``start_connect``): the
+policy check and a non-blocking ``connect``; on loopback and on a LAN the
+connection is usually complete (or refused) by the time we look, and
+``finish_connect`` waits in a task only when it is not.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import os
+import select
 import socket
 from collections.abc import Callable
 
@@ -17,7 +25,7 @@ import trio
 
 from .. import mux
 
-__all__ = ["DialError", "dial"]
+__all__ = ["DialError", "dial", "literal_address", "start_connect", "finish_connect"]
 
 ATTEMPT_DELAY = 0.25
 
@@ -42,6 +50,15 @@ async def dial(
         DialError: forbidden, DNS failure, refused, unreachable or timeout.
     """
     addresses = await _resolve(host, port)
+    permitted = _permitted(host, port, addresses, allows)
+    with trio.move_on_after(timeout):
+        return await _race(_interleave(permitted), port)
+    raise _timed_out(host, port, timeout)
+
+
+def _permitted(
+    host: str, port: int, addresses: list[Address], allows: Callable[[Address], bool]
+) -> list[Address]:
     permitted = [a for a in addresses if allows(a)]
     if not permitted:
         shown = ", ".join(str(a) for a in addresses[:3])
@@ -49,18 +66,86 @@ async def dial(
             mux.OpenFailure.FORBIDDEN,
             f"{host}:{port} is not allowed by the relay's policy (resolves to {shown})",
         )
-    with trio.move_on_after(timeout):
-        return await _race(_interleave(permitted), port)
-    raise DialError(
+    return permitted
+
+
+def _timed_out(host: str, port: int, timeout: float) -> DialError:
+    return DialError(
         mux.OpenFailure.TIMEOUT, f"connecting to {host}:{port} timed out after {timeout:g} s"
     )
 
 
-async def _resolve(host: str, port: int) -> list[Address]:
+def literal_address(host: str) -> Address | None:
+    """``host`` as an address when it is an IP literal (no DNS needed), else None."""
     try:
-        return [ipaddress.ip_address(host)]
+        return ipaddress.ip_address(host)
     except ValueError:
-        pass
+        return None
+
+
+def start_connect(
+    host: str, address: Address, port: int, *, allows: Callable[[Address], bool]
+) -> tuple[socket.socket, bool]:
+    """Check ``address`` (the literal ``host``) against the policy and start a
+    non-blocking connect, without a task: (socket, True) when it is already
+    connected, (socket, False) while in progress (pass it to ``finish_connect``).
+
+    Raises:
+        DialError: forbidden, or the connect failed at once (e.g. refused).
+    """
+    _permitted(host, port, [address], allows)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        code = sock.connect_ex((str(address), port))
+        if code == errno.EINPROGRESS:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(0):
+                return sock, False
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, _strerror(code))
+    except OSError as exc:
+        sock.close()
+        raise _classify([exc]) from exc
+    return sock, True
+
+
+async def finish_connect(
+    sock: socket.socket, host: str, port: int, *, timeout: float
+) -> socket.socket:
+    """Wait for a connect that ``start_connect`` left in progress; ``sock`` is
+    closed unless this returns it.
+
+    Raises:
+        DialError: refused, unreachable or timeout.
+    """
+    try:
+        with trio.move_on_after(timeout):
+            await trio.socket.from_stdlib_socket(sock).wait_writable()
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                raise _classify([OSError(code, _strerror(code))])
+            return sock
+        raise _timed_out(host, port, timeout)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _strerror(code: int) -> str:
+    try:
+        return os.strerror(code)
+    except ValueError:
+        return f"error {code}"
+
+
+async def _resolve(host: str, port: int) -> list[Address]:
+    address = literal_address(host)
+    if address is not None:
+        return [address]
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

@@ -73,17 +73,21 @@ class SocketPump:
         self._dirty: list[_PumpedSocket] = []
 
     def attach(self, sock: socket.socket, channel: ChannelStream,
-               on_finished: Callable[[], None]) -> None:
+               on_finished: Callable[[], None], *, read_now: bool = False) -> None:
         """Carry ``channel`` over ``sock`` (non-blocking; now owned by the pump).
 
         ``on_finished`` is called once the socket is closed (possibly at once,
-        if the channel is already broken).
+        if the channel is already broken). ``read_now``: read what the socket
+        already holds now rather than on the pump's next turn (the caller
+        wakes the transport's writer).
         """
         sock.setblocking(False)
         pumped = _PumpedSocket(self, sock, channel, on_finished)
         self._sockets[pumped.fd] = pumped
         pumped.watch(_IN)
         channel._attach(pumped)
+        if read_now and not pumped._done:
+            _guarded(pumped.ready, pumped, _IN)
         self.flush()
 
     def flush(self) -> None:

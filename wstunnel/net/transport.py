@@ -39,7 +39,7 @@ from .channel_stream import ChannelStream
 if TYPE_CHECKING:
     from ..metrics import TunnelStats
 
-__all__ = ["TunnelTransport", "OpenHandler", "AdmitHandler"]
+__all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler"]
 
 log = logging.getLogger("wstunnel.session")
 
@@ -69,6 +69,11 @@ def next_write_size(size: int, written: int, elapsed: float) -> int:
     return size
 
 OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
+# Called synchronously for each admitted peer OPEN, instead of starting
+# ``on_open`` in a task: None when it has dealt with the channel at once (accepted
+# and attached it, or refused it), else an async function to finish it in a task.
+OpenNowHandler = Callable[["TunnelTransport", ChannelStream],
+                          "Callable[[], Awaitable[None]] | None"]
 # Called synchronously for each peer OPEN before a task starts: None admits it,
 # (reason, text) refuses it with OPEN_FAILED.
 AdmitHandler = Callable[["TunnelTransport", mux.ChannelOpenRequested],
@@ -89,6 +94,7 @@ class TunnelTransport:
         *,
         name: str,
         on_open: OpenHandler | None = None,
+        open_now: OpenNowHandler | None = None,
         admit: AdmitHandler | None = None,
         ping_interval: float = 20.0,
         ping_timeout: float = 10.0,
@@ -102,6 +108,7 @@ class TunnelTransport:
         self.opened_total = 0
         self.goaway_received = False
         self._on_open = on_open
+        self._open_now = open_now
         self._admit = admit
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -158,7 +165,7 @@ class TunnelTransport:
 
     def attach(
         self, stream: trio.abc.Stream, channel: ChannelStream,
-        on_finished: Callable[[], None] = lambda: None,
+        on_finished: Callable[[], None] = lambda: None, *, read_now: bool = False,
     ) -> bool:
         """Hand a local TCP connection to the session's socket pump, which carries
         ``channel`` over it from now on with no task of its own (net/pump.py).
@@ -167,13 +174,31 @@ class TunnelTransport:
         ``select.epoll``, the session is not running, or ``stream`` is not a
         ``trio.SocketStream``): carry it with ``splice`` instead. On True the pump
         owns the socket: the caller must not use or close ``stream`` any more;
-        ``on_finished`` is called once the pump has closed it.
+        ``on_finished`` is called once the pump has closed it. ``read_now``: bytes
+        the socket already holds are queued at once (the agent's first bytes then
+        leave in the same write as the OPEN) instead of on the pump's next turn.
         """
         if self._pump is None or not isinstance(stream, trio.SocketStream):
             return False
         sock = socket.socket(fileno=stream.socket.detach())
+        self._pump.attach(sock, channel, on_finished, read_now=read_now)
+        return True
+
+    def attach_socket(
+        self, sock: socket.socket, channel: ChannelStream,
+        on_finished: Callable[[], None] = lambda: None,
+    ) -> bool:
+        """``attach`` for a connected standard-library socket (the relay's task-free
+        dial); on False the caller still owns ``sock``."""
+        if self._pump is None:
+            return False
         self._pump.attach(sock, channel, on_finished)
         return True
+
+    @property
+    def pumping(self) -> bool:
+        """True while ``attach`` would hand sockets to the socket pump."""
+        return self._pump is not None
 
     def wake_writer(self) -> None:
         self._wake.set()
@@ -326,7 +351,7 @@ class TunnelTransport:
             log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
 
     def _incoming(self, event: mux.ChannelOpenRequested) -> None:
-        if self._on_open is None or self._nursery is None:
+        if (self._on_open is None and self._open_now is None) or self._nursery is None:
             self.protocol.refuse_channel(
                 event.channel_id, mux.OpenFailure.FORBIDDEN, "not accepted here"
             )
@@ -337,7 +362,13 @@ class TunnelTransport:
             return
         channel = ChannelStream(self, event.channel_id, event.host, event.port)
         self._add(channel)
-        self._nursery.start_soon(self._on_open, self, channel)
+        if self._open_now is None:
+            assert self._on_open is not None
+            self._nursery.start_soon(self._on_open, self, channel)
+            return
+        rest = self._open_now(self, channel)
+        if rest is not None:
+            self._nursery.start_soon(rest)
 
     def _add(self, channel: ChannelStream) -> None:
         self.channels[channel.channel_id] = channel
