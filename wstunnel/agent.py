@@ -202,10 +202,33 @@ class Agent:
         """Local connections being carried (or waiting for a session) now."""
         return self._channels
 
+    def carry_now(self, forward: Forward, tcp: trio.SocketStream) -> bool:
+        """Hand an accepted connection to the session's socket pump at once, with no
+        task, when the session is up and has a pump; True when done. Its first
+        bytes, if already here, go out in the same write as the OPEN.
+
+        False (nothing changed): no usable session, no pump, or the open failed;
+        ``handle_local`` then deals with it (waits for a session, splices, logs).
+        """
+        session = self.session
+        if (session is None or not session.pumping or not session.is_open
+                or session.goaway_received):
+            return False
+        try:
+            channel = session.open_channel(forward.target_host, forward.target_port)
+        except (SessionClosed, ChannelRefused):
+            return False
+        self._connection_opened()
+        tune_socket(tcp, notsent_lowat=False)
+        target = f"{forward.target_host}:{forward.target_port}"
+        finished = partial(self._channel_finished, target, channel)
+        session.attach(tcp, channel, finished, read_now=True)
+        session.wake_writer()
+        return True
+
     async def handle_local(self, forward: Forward, tcp: trio.SocketStream) -> None:
         """One accepted local connection, carried as one channel."""
-        self._channels += 1
-        self._idle = trio.Event()
+        self._connection_opened()
         handed_over = False
         try:
             tune_socket(tcp, notsent_lowat=False)
@@ -214,6 +237,11 @@ class Agent:
             if not handed_over:
                 await trio.aclose_forcefully(tcp)
                 self._connection_closed()
+
+    def _connection_opened(self) -> None:
+        self._channels += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
 
     def _connection_closed(self) -> None:
         self._channels -= 1
@@ -329,7 +357,7 @@ async def run_agent(
     async with trio.open_nursery() as outer:
         outer.start_soon(agent.maintain_session)
         async with trio.open_nursery() as connections:
-            forwards = ForwardSet(agent.handle_local, connections)
+            forwards = ForwardSet(agent.handle_local, connections, agent.carry_now)
             async with trio.open_nursery() as accepting:
                 bound_all = await accepting.start(forwards.serve, config.forwards)
                 log.info("%d forwards via %s", len(bound_all), agent.relay.url)

@@ -19,9 +19,11 @@ their address is not known up front.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -33,6 +35,15 @@ log = logging.getLogger("wstunnel.agent")
 
 Bound = list[tuple[str, int]]
 Handler = Callable[[Forward, trio.SocketStream], Awaitable[None]]
+#: Tried first for each accepted connection, in the accepting task: True when it
+#: took the connection over at once (no task needed), False to run ``Handler``.
+CarryNow = Callable[[Forward, trio.SocketStream], bool]
+
+#: accept() errors that mean the system is out of something: wait and retry
+#: (as trio.serve_listeners does).
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                                            errno.ENOBUFS})
+_ACCEPT_RETRY_INTERVAL: Final = 0.1
 
 
 class _Slot:
@@ -60,12 +71,17 @@ class ForwardSet:
     """Listeners for the agent's forwards; see the module docstring.
 
     Args:
-        handler: called with (forward, accepted stream) for each connection.
+        handler: called with (forward, accepted stream) for each connection
+            (in a task of its own, in ``connections``); it owns the stream.
         connections: the nursery accepted connections run in.
+        carry_now: tried first, in the accepting task; when it returns True it
+            has taken the connection over and no task is started.
     """
 
-    def __init__(self, handler: Handler, connections: trio.Nursery) -> None:
+    def __init__(self, handler: Handler, connections: trio.Nursery,
+                 carry_now: CarryNow | None = None) -> None:
         self._handler = handler
+        self._carry_now = carry_now
         self._connections = connections
         self._slots: dict[object, _Slot] = {}
         self._accepting: trio.Nursery | None = None
@@ -134,13 +150,31 @@ class ForwardSet:
         log.info("forwarding %s -> %s", _addrs(slot.bound), slot.forward.target)
 
     async def _serve_slot(self, slot: _Slot, *, task_status: Any) -> None:
-        async def handle(stream: trio.SocketStream) -> None:
-            await self._handler(slot.forward, stream)
-
         with slot.scope:
-            await trio.serve_listeners(handle, slot.listeners,
-                                       handler_nursery=self._connections,
-                                       task_status=task_status)
+            async with trio.open_nursery() as nursery:
+                for listener in slot.listeners:
+                    nursery.start_soon(self._accept_loop, slot, listener)
+                task_status.started(slot.listeners)
+
+    async def _accept_loop(self, slot: _Slot, listener: trio.SocketListener) -> None:
+        """trio.serve_listeners for one listener, except that ``carry_now`` may take a
+        connection over right here (a task per connection costs a churn of short
+        connections several scheduler rounds each)."""
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept returned %s (%s); retrying in %s seconds",
+                              errno.errorcode[exc.errno], os.strerror(exc.errno),
+                              _ACCEPT_RETRY_INTERVAL)
+                    await trio.sleep(_ACCEPT_RETRY_INTERVAL)
+                    continue
+                forward = slot.forward
+                if self._carry_now is None or not self._carry_now(forward, stream):
+                    self._connections.start_soon(self._handler, forward, stream)
 
 
 def _addrs(bound: Bound) -> str:
