@@ -122,6 +122,14 @@ class TunnelProtocol:
         """True when ``data_to_send`` would return bytes (cheap check)."""
         return self._ws.state is ws.ConnectionState.OPEN and self.session.wants_to_send()
 
+    def wants_to_write(self) -> bool:
+        """True when the writer has anything to do: bytes for ``data_to_send`` (queued
+        WebSocket frames or records), or the WebSocket is no longer open (a close to
+        send or the transport to drop)."""
+        wsconn = self._ws
+        return (wsconn.has_output or wsconn.state is not ws.ConnectionState.OPEN
+                or self.session.wants_to_send())
+
     # -- session-level actions ---------------------------------------------
 
     @property

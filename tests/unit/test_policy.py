@@ -226,3 +226,17 @@ def test_network_rule_text_round_trips(network: IPNetwork, ports: tuple[int, int
     first = rule.network.network_address
     assert rule.matches(None, low, first) and rule.matches(None, high, first)
     assert high == 65535 or not rule.matches(None, high + 1, first)
+
+
+def test_remembered_verdicts_stay_right_past_the_cache_size() -> None:
+    """Verdicts are remembered, but every answer, first or repeated, and past the
+    number remembered, is the one a fresh policy gives."""
+    rules = ["10.0.0.0/8:22", "db.internal", "127.0.0.1"]
+    policy = Policy(rules)
+    queries = [(f"10.{i % 256}.0.{i % 7}", 20 + i % 5, None) for i in range(3000)]
+    queries += [("db.internal", 5432, ipaddress.ip_address("127.0.0.1")),
+                ("db.internal", 5432, ipaddress.ip_address("10.1.2.3")),
+                ("127.0.0.1", 80, ipaddress.ip_address("127.0.0.1"))]
+    for _ in range(2):
+        for host, port, address in queries:
+            assert policy.refusal(host, port, address) == Policy(rules).refusal(host, port, address)

@@ -15,6 +15,7 @@ connection is usually complete (or refused) by the time we look, and
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import os
 import select
@@ -75,6 +76,7 @@ def _timed_out(host: str, port: int, timeout: float) -> DialError:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def literal_address(host: str) -> Address | None:
     """``host`` as an address when it is an IP literal (no DNS needed), else None."""
     try:

@@ -201,7 +201,11 @@ class TunnelTransport:
         return self._pump is not None
 
     def wake_writer(self) -> None:
-        self._wake.set()
+        """Call after queuing output; wakes the writer only when it has something to
+        do (a writer woken for nothing costs a scheduler round: a short connection
+        would pay several)."""
+        if self.protocol.wants_to_write():
+            self._wake.set()
 
     def go_away(self, text: str = "shutting down") -> None:
         """No new channels either way; those open may finish."""
@@ -248,7 +252,7 @@ class TunnelTransport:
             self._dispatch(protocol.events_received())
             if self._pump is not None:
                 self._pump.flush()
-            self._wake.set()
+            self.wake_writer()
             if not data:
                 self._end(self._closed_reason("the peer closed the connection"))
                 return

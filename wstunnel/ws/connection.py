@@ -220,6 +220,11 @@ class WebSocketConnection:
         self._events = []
         return events
 
+    @property
+    def has_output(self) -> bool:
+        """True when ``data_to_send`` would return bytes."""
+        return bool(self._output)
+
     def data_to_send(self) -> bytes:
         """Return and forget the bytes to write to the transport."""
         output = self._output
