@@ -32,3 +32,12 @@ def test_small_or_middling_writes_change_nothing() -> None:
     """A short write, or one near the target, says nothing new about the link."""
     assert next_write_size(64 * 1024, 100, 0.0) == 64 * 1024
     assert next_write_size(64 * 1024, 64 * 1024, WRITE_TIME_TARGET * 0.75) == 64 * 1024
+
+
+def test_a_slow_small_write_does_not_shrink_the_size() -> None:
+    """A small write that took long says the process was descheduled, not that the
+    link is slow: the size stays (else a fast link would wait for writability before
+    every write from then on, as only full writes grow it back)."""
+    assert next_write_size(MAX_WRITE_SIZE, 100, 0.05) == MAX_WRITE_SIZE
+    assert next_write_size(MAX_WRITE_SIZE, MIN_WRITE_SIZE - 1, 1.0) == MAX_WRITE_SIZE
+    assert next_write_size(MAX_WRITE_SIZE, MIN_WRITE_SIZE, 1.0) == MIN_WRITE_SIZE

@@ -60,8 +60,14 @@ def next_write_size(size: int, written: int, elapsed: float) -> int:
 
     A write slower than the target shrinks the limit to what the link moved
     in that time; a full write well within the target doubles it. Small
-    writes say nothing about the link, so they change nothing.
+    writes say nothing about the link, so they change nothing: a write of
+    less than ``MIN_WRITE_SIZE`` that took long means this process was kept
+    from running (a busy machine), and shrinking on it would leave a fast
+    link paying a wait for writability before every write, since only full
+    writes grow the limit again.
     """
+    if written < MIN_WRITE_SIZE:
+        return size
     if elapsed > WRITE_TIME_TARGET:
         return max(MIN_WRITE_SIZE, min(size, int(written * WRITE_TIME_TARGET / elapsed)))
     if elapsed < WRITE_TIME_TARGET / 2 and written * 2 >= size:
