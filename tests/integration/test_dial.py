@@ -120,3 +120,17 @@ async def test_connect_still_in_progress_finishes_in_a_task(
                 async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as stream:
                     assert await echo_exact(stream, b"hello" * 100) == b"hello" * 100
     assert len(calls) == 3
+
+
+def test_start_connect_without_a_socket_is_a_dial_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No socket to be had (out of file descriptors) refuses the channel; it never
+    raises into the session's reader."""
+
+    def no_socket(*args: object) -> socket.socket:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(socket, "socket", no_socket)
+    with pytest.raises(DialError) as failed:
+        start_connect(LOOPBACK, ADDRESS, 1, allows=_allow_all)
+    assert failed.value.reason is mux.OpenFailure.UNREACHABLE
+    assert failed.value.text == "too many open files"

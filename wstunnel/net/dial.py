@@ -97,7 +97,10 @@ def start_connect(
     """
     _permitted(host, port, [address], allows)
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:  # e.g. out of file descriptors
+        raise _classify([exc]) from exc
     try:
         sock.setblocking(False)
         code = sock.connect_ex((str(address), port))
