@@ -218,8 +218,7 @@ class Agent:
             channel = session.open_channel(forward.target_host, forward.target_port)
         except (SessionClosed, ChannelRefused):
             return False
-        self._connection_opened()
-        tune_socket(tcp, notsent_lowat=False)
+        self._connection_opened()  # (trio's SocketStream has set TCP_NODELAY already)
         target = f"{forward.target_host}:{forward.target_port}"
         finished = partial(self._channel_finished, target, channel)
         session.attach(tcp, channel, finished, read_now=True)

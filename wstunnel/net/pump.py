@@ -81,7 +81,8 @@ class SocketPump:
         already holds now rather than on the pump's next turn (the caller
         wakes the transport's writer).
         """
-        sock.setblocking(False)
+        if sock.getblocking():
+            sock.setblocking(False)
         pumped = _PumpedSocket(self, sock, channel, on_finished)
         self._sockets[pumped.fd] = pumped
         pumped.watch(_IN)
