@@ -186,10 +186,7 @@ class TunnelTransport:
         """
         if self._pump is None or not isinstance(stream, trio.SocketStream):
             return False
-        trio_sock = stream.socket
-        # (family, type and proto given: socket() would otherwise ask the kernel)
-        sock = socket.socket(trio_sock.family, trio_sock.type, trio_sock.proto,
-                             fileno=trio_sock.detach())
+        sock = socket.socket(fileno=stream.socket.detach())
         self._pump.attach(sock, channel, on_finished, read_now=read_now)
         return True
 
