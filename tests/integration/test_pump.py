@@ -314,3 +314,23 @@ async def test_a_bug_serving_one_socket_resets_only_its_channel(
             await other_remote.send_all(b"still fine")
             assert await other_ours.receive_some() == b"still fine"
     assert "resetting it" in caplog.text
+
+
+async def test_channel_finished_by_a_local_eof_is_forgotten_at_once() -> None:
+    """When the relay's local EOF is what finishes a channel (its FIN both ways),
+    the relay forgets the channel right then, not when the next record arrives
+    (an idle session would otherwise hold it until the next ping)."""
+    with trio.fail_after(10):
+        async with session_pair(relay_attaches=True) as pair:
+            _channel, ours, done = await pair.attached_channel()
+            _remote_channel, remote = await pair.incoming.receive()
+            assert remote is not None
+            await ours.send_all(b"request")
+            await ours.send_eof()
+            assert await receive_all(remote) == b"request"
+            await remote.send_all(b"answer")
+            await remote.send_eof()
+            assert await receive_all(ours) == b"answer"
+            await done.wait()
+            await pair.relay.wait_idle()
+            await pair.agent.wait_idle()

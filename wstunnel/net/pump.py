@@ -104,14 +104,17 @@ class SocketPump:
         """Serve ready sockets until cancelled (with the session)."""
         epoll = self._epoll
         sockets = self._sockets
-        wake_writer = self._transport.wake_writer
+        transport = self._transport
         while True:
             await trio.lowlevel.wait_readable(epoll.fileno())
             for fd, events in epoll.poll(0, MAX_EVENTS):
                 pumped = sockets.get(fd)
                 if pumped is not None:
                     _guarded(pumped.ready, pumped, events)
-            wake_writer()
+            # A local EOF may have finished a channel (ChannelClosed): forget it now,
+            # not when the next record happens to arrive.
+            transport.dispatch_local_events()
+            transport.wake_writer()
 
     def close(self) -> None:
         """Close every socket still here (the session is over), then the epoll."""

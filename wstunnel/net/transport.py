@@ -213,6 +213,13 @@ class TunnelTransport:
         if self.protocol.wants_to_write():
             self._wake.set()
 
+    def dispatch_local_events(self) -> None:
+        """Dispatch events our own actions produced (a FIN or RESET that finished
+        a channel yields ChannelClosed); the reader does this after every read."""
+        events = self.protocol.events_received()
+        if events:
+            self._dispatch(events)
+
     def go_away(self, text: str = "shutting down") -> None:
         """No new channels either way; those open may finish."""
         if self.is_open:
