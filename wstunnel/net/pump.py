@@ -26,7 +26,8 @@ Per socket (``_PumpedSocket``), level-triggered:
 * The socket is closed once both directions are done; at once, and the
   channel reset, when the socket fails (e.g. the local side reset it, or
   closed it with our data unread); at once when the channel is reset or
-  refused, or the session ends.
+  refused (after discarding unread input, so a refusal is a FIN, not a
+  reset), or the session ends.
 
 Everything runs in the trio thread: the pump's task and, for DATA, FIN and
 WINDOW, the transport's reader task, between two of its checkpoints.
@@ -42,6 +43,8 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import trio
 
+from ..errors import ChannelRefused
+
 if TYPE_CHECKING:
     from .channel_stream import ChannelStream
     from .transport import TunnelTransport
@@ -55,6 +58,8 @@ AVAILABLE: Final = hasattr(select, "epoll")
 READ_SIZE: Final = 256 * 1024
 #: Ready sockets served per wake-up; the rest stay ready (level-triggered).
 MAX_EVENTS: Final = 256
+#: Reads of READ_SIZE a refused channel's socket is drained with before closing.
+MAX_DISCARD_READS: Final = 16
 #: Pieces per sendmsg (well under IOV_MAX).
 MAX_WRITE_PIECES: Final = 64
 
@@ -177,7 +182,21 @@ class _PumpedSocket:
             self.watch(self._mask | _IN)
 
     def broken(self) -> None:
+        if not self._done and isinstance(self._channel.error, ChannelRefused):
+            self._discard_unread()
         self.finish()
+
+    def _discard_unread(self) -> None:
+        """Drop what the local side sent that we had not read yet, so that closing
+        sends it a FIN rather than a reset: a refused channel ends as a plain close
+        (the relay refuses a loopback destination before we have even read the
+        first bytes the local side sent behind its connect)."""
+        for _ in range(MAX_DISCARD_READS):
+            try:
+                if not self._sock.recv(READ_SIZE):
+                    return
+            except OSError:  # (BlockingIOError: nothing more)
+                return
 
     # -- called by the pump --------------------------------------------------------
 
