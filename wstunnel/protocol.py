@@ -99,7 +99,7 @@ class TunnelProtocol:
         events, self._events = self._events, []
         return events
 
-    def data_to_send(self, max_size: int = DEFAULT_WRITE_SIZE) -> bytes:
+    def data_to_send(self, max_size: int = DEFAULT_WRITE_SIZE) -> bytes | bytearray:
         """Bytes to write now: WebSocket control output, then scheduled records.
 
         Returns b"" when nothing is ready; call again after any local action

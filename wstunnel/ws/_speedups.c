@@ -85,9 +85,34 @@ static PyObject *masked(PyObject *self, PyObject *args)
     return result;
 }
 
+/* masked_frame(header, payload, mask_key) -> bytes: header, then the masked
+ * payload, built in one allocation and one pass over the payload. */
+static PyObject *masked_frame(PyObject *self, PyObject *args)
+{
+    Py_buffer header, payload, key;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "y*y*y*", &header, &payload, &key)) {
+        return NULL;
+    }
+    if (get_key(&key) == 0) {
+        result = PyBytes_FromStringAndSize(NULL, header.len + payload.len);
+        if (result != NULL) {
+            unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+            memcpy(out, header.buf, header.len);
+            xor_key(out + header.len, payload.buf, payload.len, key.buf);
+        }
+    }
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&payload);
+    PyBuffer_Release(&key);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"mask_into", mask_into, METH_VARARGS, "XOR buffer[start:] with the repeated 4-byte key, in place."},
     {"masked", masked, METH_VARARGS, "A copy of payload XORed with the repeated 4-byte key."},
+    {"masked_frame", masked_frame, METH_VARARGS, "header + masked payload, in one pass."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -220,16 +220,16 @@ class WebSocketConnection:
         self._events = []
         return events
 
-    def data_to_send(self) -> bytes:
-        """Return and forget the bytes to write to the transport."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Return and forget the bytes to write to the transport (a new object:
+        the caller may keep it; nothing here changes it afterwards)."""
         output = self._output
         if not output:
             return b""
         self._output = []
         if len(output) > 1:
             return b"".join(output)
-        first = output[0]
-        return first if type(first) is bytes else bytes(first)  # a client's masked bytearray
+        return output[0]
 
     # -- local actions -------------------------------------------------------
 

@@ -25,7 +25,7 @@ from typing import Final
 
 from .._buffer import ReceiveBuffer
 from ..errors import PayloadTooBig, RemoteProtocolError
-from .masking import ACCELERATED, INT_MASK_LIMIT, mask, mask_int, mask_lanes
+from .masking import ACCELERATED, INT_MASK_LIMIT, mask, mask_int, mask_lanes, masked_frame
 
 __all__ = [
     "Opcode",
@@ -141,17 +141,14 @@ def encode_frame_parts(
     return header, mask(payload, mask_key)
 
 
-def encode_masked_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytearray:
+def encode_masked_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytes | bytearray:
     """One final, masked frame built and masked in a single buffer (client hot path).
 
     Saves the copy ``encode_frame`` makes to return ``bytes``; the caller
     owns the buffer and must not change it after queueing it.
     """
-    buf = bytearray(_encode_header(opcode, len(payload), True, 0, mask_key))
-    start = len(buf)
-    buf += payload
-    mask_lanes(buf, start, mask_key)
-    return buf
+    return masked_frame(_encode_header(opcode, len(payload), True, 0, mask_key), payload,
+                        mask_key)
 
 
 def encode_frame(
