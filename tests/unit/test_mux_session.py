@@ -774,7 +774,8 @@ def test_solo_chunks_stop_as_soon_as_another_channel_is_ready() -> None:
     agent.send_data(small, b"p" * 64)
     cut = [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
            for r in (agent.next_record(256 * KIB) for _ in range(3)) if r]
-    assert cut == [(bulk, DEFAULT_MAX_CHUNK_SIZE), (small, 64), (bulk, 256 * KIB)]
+    # a quarter of the write while two compete (FAST_WRITE_SHARES), then solo again
+    assert cut == [(bulk, 64 * KIB), (small, 64), (bulk, 256 * KIB)]
 
 
 def test_solo_chunks_respect_a_peer_that_accepts_less() -> None:
@@ -791,3 +792,23 @@ def test_solo_chunks_respect_a_peer_that_accepts_less() -> None:
 def test_solo_chunk_size_is_checked() -> None:
     with pytest.raises(LocalProtocolError, match="solo_chunk_size"):
         Session(Role.AGENT, max_chunk_size=32 * KIB, solo_chunk_size=16 * KIB)
+
+
+def test_competing_channels_share_a_fast_write_in_quarters_and_a_slow_one_in_chunks() -> None:
+    """Chunks follow the write size: four turns per 256 KiB write on a fast link, the
+    configured chunk (16 KiB) once writes are small; every channel gets the same bytes."""
+    agent, relay = connected_pair(initial_window=4 << 20)
+    channels = [open_accepted(agent, relay) for _ in range(4)]
+    for channel_id in channels:
+        agent.send_data(channel_id, bytes(1 << 20))
+
+    def cut(max_size: int, count: int) -> list[tuple[int, int]]:
+        return [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
+                for r in (agent.next_record(max_size) for _ in range(count)) if r]
+
+    fast = cut(256 * KIB, 8)
+    assert [size for _, size in fast] == [64 * KIB] * 8
+    assert [channel for channel, _ in fast] == channels * 2
+    slow = cut(48 * KIB, 8)
+    assert [size for _, size in slow] == [DEFAULT_MAX_CHUNK_SIZE] * 8
+    assert sorted(channel for channel, _ in slow) == sorted(channels * 2)

@@ -124,6 +124,8 @@ class DeficitRoundRobin(Generic[K]):
 
 _pack_data_header = struct.Struct("!BI").pack
 _DATA = 0x05
+#: On a fast link, competing channels share each write in about this many chunks.
+FAST_WRITE_SHARES = 4
 
 
 class Outbox:
@@ -139,7 +141,8 @@ class Outbox:
     for the rest; a change to the rules here must be made there too.
     """
 
-    __slots__ = ("control", "drr", "chunk_size", "solo_chunk_size", "_channels", "_on_drained")
+    __slots__ = ("control", "drr", "chunk_size", "solo_chunk_size", "adaptive_quantum",
+                 "_channels", "_on_drained")
 
     def __init__(self, channels: dict[int, Channel], *, quantum: int, chunk_size: int,
                  on_drained: Callable[[Channel], None]) -> None:
@@ -148,6 +151,8 @@ class Outbox:
         self.chunk_size = chunk_size
         #: The chunk limit while only one channel is ready (no one to be fair to).
         self.solo_chunk_size = chunk_size
+        #: Whether the turn size follows the chunk size on a fast link (no fixed quantum).
+        self.adaptive_quantum = False
         self._channels = channels
         self._on_drained = on_drained
 
@@ -171,6 +176,11 @@ class Outbox:
         nothing (whoever becomes ready next is served at the next cut, which
         follows this write, as it would behind sixteen small chunks of the
         same write), and the per-record work drops sixteenfold on a fast link.
+
+        On a fast link (``max_size`` at least FAST_WRITE_SHARES chunks) channels
+        that compete get chunks of ``max_size // FAST_WRITE_SHARES`` (up to the
+        solo size), so each write still interleaves that many turns while a
+        round of N busy channels stays about N / FAST_WRITE_SHARES writes long.
         """
         if self.control:
             return self.control.popleft()
@@ -182,9 +192,15 @@ class Outbox:
         credit = ch.credit
         if len(drr.queue) == 1 and self.solo_chunk_size > self.chunk_size:
             return self._solo_record(ch, channel_id, max_size)
+        chunk = self.chunk_size
+        if (max_size is not None and max_size >= FAST_WRITE_SHARES * chunk
+                and self.solo_chunk_size > chunk):
+            chunk = min(self.solo_chunk_size, max_size // FAST_WRITE_SHARES)
+        if self.adaptive_quantum and drr.quantum != chunk:
+            drr.set_quantum(chunk)
         budget = drr.budget
-        if budget > self.chunk_size:
-            budget = self.chunk_size
+        if budget > chunk:
+            budget = chunk
         short_turn = False
         if max_size is not None and max_size < budget:
             short_turn = True

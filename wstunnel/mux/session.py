@@ -188,6 +188,7 @@ class Session:
             _check_range("quantum", quantum, 1, 1 << 30)
         self._outbox = Outbox(self._channels, quantum=quantum or chunk_size,
                               chunk_size=chunk_size, on_drained=self._queue_fin)
+        self._outbox.adaptive_quantum = quantum is None
         self._control = self._outbox.control
         # The scheduler's containers, for the per-chunk fast paths (they are
         # cleared in place, never replaced).
