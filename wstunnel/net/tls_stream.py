@@ -9,7 +9,10 @@ readiness and drains several records per call.
 
 Like ``trio.SSLStream(https_compatible=True)``, closing sends no close_notify
 and a missing one on EOF is not an error: the WebSocket close handshake is what
-says "done" in this protocol.
+says "done" in this protocol. ``trio.lowlevel`` serves for socket readiness
+only (docs/ARCHITECTURE.md). Tried and dropped: OpenSSL on memory BIOs with one
+``send``/``recv`` per 256 KiB (fewer system calls, but no less CPU per GiB in
+the tunnel; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
