@@ -25,6 +25,7 @@ ready) is O(ready keys), which is rare and bounded by the channel limit.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -42,7 +43,7 @@ K = TypeVar("K")
 class DeficitRoundRobin(Generic[K]):
     """A FIFO of ready keys served in turns of at most ``quantum`` bytes."""
 
-    __slots__ = ("quantum", "budget", "queue", "members")
+    __slots__ = ("quantum", "budget", "queue", "members", "fresh")
 
     def __init__(self, quantum: int) -> None:
         if quantum <= 0:
@@ -55,6 +56,9 @@ class DeficitRoundRobin(Generic[K]):
         #: which inline :meth:`add` and :meth:`charge` on them.
         self.queue: deque[K] = deque()
         self.members: set[K] = set()
+        #: How many keys at the front of ``queue`` came in by :meth:`add_first`
+        #: and have not had their turn yet (they form a prefix, in arrival order).
+        self.fresh = 0
 
     def __len__(self) -> int:
         return len(self.members)
@@ -68,6 +72,24 @@ class DeficitRoundRobin(Generic[K]):
             self.members.add(key)
             self.queue.append(key)
 
+    def add_first(self, key: K) -> None:
+        """Make ``key`` ready ahead of everyone (no-op if it already is ready).
+
+        For a channel whose queue was empty: a sparse flow, like an interactive
+        session's keystroke, goes before the backlog of bulk channels (the
+        new-flow rule of FQ-CoDel, RFC 8290 §4.1), so its wait does not grow with
+        the number of busy channels. Fresh keys keep their arrival order among
+        themselves; each gets one chunk ahead, then queues at the back as usual.
+        """
+        if key not in self.members:
+            self.members.add(key)
+            if self.fresh:
+                self.queue.insert(self.fresh, key)
+            else:
+                self.queue.appendleft(key)
+                self.budget = self.quantum
+            self.fresh += 1
+
     def discard(self, key: K) -> None:
         """Make ``key`` not ready, wherever it is in the FIFO."""
         if key in self.members:
@@ -75,6 +97,8 @@ class DeficitRoundRobin(Generic[K]):
             if self.queue[0] == key:
                 self._drop_head()
             else:
+                if self.fresh and key in itertools.islice(self.queue, self.fresh):
+                    self.fresh -= 1
                 self.queue.remove(key)
 
     def clear(self) -> None:
@@ -82,6 +106,7 @@ class DeficitRoundRobin(Generic[K]):
         self.queue.clear()
         self.members.clear()
         self.budget = self.quantum
+        self.fresh = 0
 
     def set_quantum(self, quantum: int) -> None:
         """Change the turn size; the current turn restarts with the new budget."""
@@ -93,12 +118,13 @@ class DeficitRoundRobin(Generic[K]):
         """Return the key whose turn it is, or None when nothing is ready."""
         return self.queue[0] if self.queue else None
 
-    def charge(self, size: int, still_ready: bool) -> None:
+    def charge(self, size: int, still_ready: bool, end_turn: bool = False) -> None:
         """Account ``size`` bytes sent by the head key (the one :meth:`peek` gave).
 
         Args:
             size: bytes just sent; must not exceed :attr:`budget`.
             still_ready: whether the head key still has data and credit.
+            end_turn: the turn ends here even if budget is left (a short turn).
         """
         if not 0 <= size <= self.budget:
             raise LocalProtocolError(f"chunk of {size} exceeds the turn budget {self.budget}")
@@ -107,19 +133,22 @@ class DeficitRoundRobin(Generic[K]):
             self._drop_head()
             return
         self.budget -= size
-        if self.budget == 0:
-            self.queue.rotate(-1)
-            self.budget = self.quantum
+        if end_turn or self.budget == 0 or self.fresh:  # a fresh key's turn is one chunk
+            self.end_turn()
 
     def end_turn(self) -> None:
         """Send the head key to the back with a fresh budget (its turn ends early)."""
         if self.queue:
             self.queue.rotate(-1)
             self.budget = self.quantum
+            if self.fresh:
+                self.fresh -= 1
 
     def _drop_head(self) -> None:
         self.queue.popleft()
         self.budget = self.quantum
+        if self.fresh:
+            self.fresh -= 1
 
 
 _pack_data_header = struct.Struct("!BI").pack
@@ -221,9 +250,7 @@ class Outbox:
         credit.consume(size)
         queued = ch.queued_size
         still_ready = queued > 0 and credit.credit > 0
-        drr.charge(size, still_ready)
-        if short_turn and still_ready:
-            drr.end_turn()
+        drr.charge(size, still_ready, end_turn=short_turn)
         if not queued and ch.send_state is SendState.FIN_QUEUED:
             self._on_drained(ch)
         return record
@@ -251,6 +278,7 @@ class Outbox:
         drr = self.drr
         if ch.queued_size > 0 and credit.credit > 0:
             drr.budget = drr.quantum
+            drr.fresh = 0  # (the only key: its one chunk ahead is spent)
         else:
             drr.discard(channel_id)
             if not ch.queued_size and ch.send_state is SendState.FIN_QUEUED:
