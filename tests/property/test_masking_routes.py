@@ -39,11 +39,15 @@ def test_in_place_mask_starts_the_key_at_start(prefix: bytes, payload: bytes, ke
     assert c_route == py_route == prefix + xor(payload, key)
 
 
-@given(header=st.binary(max_size=14), payload=st.binary(max_size=2100), key=KEYS)
-def test_frame_building_matches_on_both_routes(header: bytes, payload: bytes, key: bytes) -> None:
-    expected = header + xor(payload, key)
-    assert masking.masked_frame(header, payload, key) == expected
-    assert masking.py_masked_frame(header, payload, key) == expected
+@given(header=st.binary(max_size=14), prefix=st.binary(max_size=9),
+       payload=st.binary(max_size=2100), key=KEYS)
+def test_frame_building_matches_on_both_routes(header: bytes, prefix: bytes, payload: bytes,
+                                              key: bytes) -> None:
+    """The key runs on across prefix and payload, as over one frame payload."""
+    expected = header + xor(prefix + payload, key)
+    assert masking.masked_frame(header, prefix, payload, key) == expected
+    assert masking.py_masked_frame(header, prefix, payload, key) == expected
+    assert masking.masked_frame(header, prefix, memoryview(payload), key) == expected
 
 
 def test_one_byte_results_are_fresh_objects() -> None:

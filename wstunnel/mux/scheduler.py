@@ -151,6 +151,9 @@ class DeficitRoundRobin(Generic[K]):
             self.fresh -= 1
 
 
+#: A record as (header, payload): a DATA header and its chunk, or (control record, b"").
+Parts = tuple[bytes, "bytes | memoryview"]
+
 _pack_data_header = struct.Struct("!BI").pack
 _DATA = 0x05
 #: On a fast link, competing channels share each write in about this many chunks.
@@ -194,7 +197,17 @@ class Outbox:
         self.drr.clear()
 
     def next_record(self, max_size: int | None = None) -> bytes | None:
+        """``next_parts`` joined into one record."""
+        parts = self.next_parts(max_size)
+        if parts is None:
+            return None
+        head, payload = parts
+        return head + payload if payload else head
+
+    def next_parts(self, max_size: int | None = None) -> Parts | None:
         """Pop a control record, else cut one DATA chunk for the channel whose turn it is.
+
+        Returns (record header, payload); a control record is (record, b"").
 
         ``max_size`` (the I/O layer's write size on a slow link) caps the
         chunk and then ends the turn, so interactive channels wait behind one
@@ -212,7 +225,7 @@ class Outbox:
         round of N busy channels stays about N / FAST_WRITE_SHARES writes long.
         """
         if self.control:
-            return self.control.popleft()
+            return self.control.popleft(), b""
         drr = self.drr
         channel_id = drr.peek()
         if channel_id is None:
@@ -220,7 +233,7 @@ class Outbox:
         ch = self._channels[channel_id]
         credit = ch.credit
         if len(drr.queue) == 1 and self.solo_chunk_size > self.chunk_size:
-            return self._solo_record(ch, channel_id, max_size)
+            return self._solo_parts(ch, channel_id, max_size)
         chunk = self.chunk_size
         if (max_size is not None and max_size >= FAST_WRITE_SHARES * chunk
                 and self.solo_chunk_size > chunk):
@@ -238,24 +251,25 @@ class Outbox:
             budget = credit.credit
         head = ch.pieces[0]
         size = len(head)
+        payload: bytes | memoryview
         if size <= budget:  # common case: a whole queued piece, no slicing
             ch.pieces.popleft()
             ch.queued_size -= size
-            record = _pack_data_header(_DATA, channel_id) + head
+            payload = head
         else:
             before = ch.queued_size
             pieces = ch.take(budget)
             size = before - ch.queued_size
-            record = b"".join([_pack_data_header(_DATA, channel_id), *pieces])
+            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         credit.consume(size)
         queued = ch.queued_size
         still_ready = queued > 0 and credit.credit > 0
         drr.charge(size, still_ready, end_turn=short_turn)
         if not queued and ch.send_state is SendState.FIN_QUEUED:
             self._on_drained(ch)
-        return record
+        return _pack_data_header(_DATA, channel_id), payload
 
-    def _solo_record(self, ch: Channel, channel_id: int, max_size: int | None) -> bytes:
+    def _solo_parts(self, ch: Channel, channel_id: int, max_size: int | None) -> Parts:
         """One chunk of up to the solo size; the turn restarts (nobody else is waiting)."""
         credit = ch.credit
         limit = self.solo_chunk_size
@@ -264,16 +278,17 @@ class Outbox:
         if limit > credit.credit:
             limit = credit.credit
         head = ch.pieces[0]
+        payload: bytes | memoryview
         if len(head) <= limit and (len(ch.pieces) == 1 or len(head) == limit):
             ch.pieces.popleft()
             ch.queued_size -= len(head)
             size = len(head)
-            record = _pack_data_header(_DATA, channel_id) + head
+            payload = head
         else:
             before = ch.queued_size
             pieces = ch.take(limit)
             size = before - ch.queued_size
-            record = b"".join([_pack_data_header(_DATA, channel_id), *pieces])
+            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         credit.consume(size)
         drr = self.drr
         if ch.queued_size > 0 and credit.credit > 0:
@@ -283,4 +298,4 @@ class Outbox:
             drr.discard(channel_id)
             if not ch.queued_size and ch.send_state is SendState.FIN_QUEUED:
                 self._on_drained(ch)
-        return record
+        return _pack_data_header(_DATA, channel_id), payload

@@ -70,7 +70,7 @@ from .events import (
     _set_data,
     new_window_updated,
 )
-from .scheduler import Outbox
+from .scheduler import Outbox, Parts
 from .wire import (
     DATA_HEADER_SIZE,
     DEFAULT_INITIAL_WINDOW,
@@ -301,6 +301,14 @@ class Session:
                         return record
                 return _pack_data_header(_DATA, channel_id) + head
         return self._outbox.next_record(max_size)
+
+    def next_record_parts(self, max_size: int | None = None) -> Parts | None:
+        """Like :meth:`next_record`, as (record header, payload) not yet joined:
+        the WebSocket layer frames the two without copying a chunk once more."""
+        control = self._control
+        if control:
+            return control.popleft(), b""
+        return self._outbox.next_parts(max_size)
 
     # -- input -----------------------------------------------------------------
 

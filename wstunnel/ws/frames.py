@@ -35,6 +35,7 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
     "encode_masked_frame",
+    "encode_binary_parts",
     "mask",
     "DEFAULT_MAX_FRAME_SIZE",
     "MAX_CONTROL_PAYLOAD",
@@ -147,8 +148,21 @@ def encode_masked_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytes |
     Saves the copy ``encode_frame`` makes to return ``bytes``; the caller
     owns the buffer and must not change it after queueing it.
     """
-    return masked_frame(_encode_header(opcode, len(payload), True, 0, mask_key), payload,
+    return masked_frame(_encode_header(opcode, len(payload), True, 0, mask_key), b"", payload,
                         mask_key)
+
+
+def encode_binary_parts(prefix: bytes, payload: bytes | bytearray | memoryview,
+                        mask_key: bytes | None) -> list[bytes | bytearray | memoryview]:
+    """One final BINARY frame whose payload is ``prefix + payload``, without joining them.
+
+    A server gets ``[header + prefix, payload]`` (the transport joins once per
+    write anyway); a client one buffer, masked in the same pass that copies.
+    """
+    header = _encode_header(Opcode.BINARY, len(prefix) + len(payload), True, 0, mask_key)
+    if mask_key is not None:
+        return [masked_frame(header, prefix, payload, mask_key)]
+    return [header + prefix, payload] if payload else [header + prefix]
 
 
 def encode_frame(

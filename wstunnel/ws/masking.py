@@ -65,11 +65,12 @@ def mask(payload: bytes | bytearray | memoryview, mask_key: bytes) -> bytes:
     return bytes(buf)
 
 
-def masked_frame(header: bytes, payload: bytes | bytearray | memoryview,
+def masked_frame(header: bytes, prefix: bytes, payload: bytes | bytearray | memoryview,
                  mask_key: bytes) -> bytes | bytearray:
-    """``header`` followed by the masked ``payload``, in one new buffer."""
+    """``header`` followed by ``prefix + payload`` masked, in one new buffer."""
     buf = bytearray(header)
     start = len(buf)
+    buf += prefix
     buf += payload
     mask_lanes(buf, start, mask_key)
     return buf
@@ -94,6 +95,7 @@ else:
     def mask_lanes(buf: bytearray, start: int, mask_key: bytes) -> None:  # noqa: F811
         _mask_into(buf, start, mask_key)
 
-    def masked_frame(header: bytes, payload: bytes | bytearray | memoryview,  # noqa: F811
+    def masked_frame(header: bytes, prefix: bytes,  # noqa: F811
+                     payload: bytes | bytearray | memoryview,
                      mask_key: bytes) -> bytes | bytearray:
-        return _masked_frame(header, payload, mask_key)  # one pass, no bytearray
+        return _masked_frame(header, prefix, payload, mask_key)  # one pass, no bytearray
