@@ -17,6 +17,13 @@ round -- byte-exact fairness at O(1) per chunk.  With ``quantum`` equal to the
 maximum chunk size every turn is one chunk, which is what bounds the latency
 of a small write behind a bulk transfer to one chunk per busy channel.
 
+Two refinements (docs/PROTOCOL.md §10). A channel that becomes ready with an
+empty queue before it is *fresh* and goes ahead of the backlog for one chunk
+(FQ-CoDel's new flows), so a keystroke does not wait a whole round of busy
+channels. And the chunk follows the link: a channel alone sends one record per
+write (no one to be fair to), and on a fast link competing channels get a
+quarter of the write each instead of the configured small chunk.
+
 Membership is a set beside the FIFO, so :meth:`add` is O(1) and idempotent.
 A key leaves the FIFO from the head in O(1) when it stops being ready, which
 is the common case; :meth:`discard` (a channel reset or closed while still
