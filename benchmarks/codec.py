@@ -114,7 +114,7 @@ class Row:
 @contextlib.contextmanager
 def pure_python_masking() -> Iterator[None]:
     """The codec with the pure-Python masking route, as without a C compiler."""
-    names = ("mask", "mask_int", "mask_lanes")
+    names = ("mask", "mask_int", "mask_lanes", "masked_frame")
     saved = [getattr(frames, name) for name in names]
     for name in names:
         setattr(frames, name, getattr(masking, "py_" + name))

@@ -245,8 +245,13 @@ def start_targets(stack: contextlib.ExitStack, tmp: Path) -> subprocess.Popen[by
 def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, command: list[str],
                    extra: list[str]) -> None:
     spawn(stack, in_ns(NS_RELAY, [*command, "relay", "--listen", f"{ADDR_RELAY}:{RELAY_PORT}",
-                                  "--allow", "127.0.0.1", *extra]), tmp / "relay.log")
-    wait_listening(NS_RELAY, ADDR_RELAY, RELAY_PORT)
+                                  "--allow", "127.0.0.1", "--no-auth", *extra]),
+          tmp / "relay.log")
+    try:
+        wait_listening(NS_RELAY, ADDR_RELAY, RELAY_PORT)
+    except BenchError as exc:
+        log = (tmp / "relay.log").read_text(errors="replace").strip().splitlines()[-5:]
+        raise BenchError(f"{exc}; the relay's last log lines: {' | '.join(log)}") from None
     echo, sink = FORWARDS["wstunnel ws://"]
     spawn(stack, in_ns(NS_AGENT, [
         *command, "agent", "--relay", f"ws://{ADDR_RELAY}:{RELAY_PORT}/tunnel",

@@ -99,7 +99,7 @@ class TunnelProtocol:
         events, self._events = self._events, []
         return events
 
-    def data_to_send(self, max_size: int = DEFAULT_WRITE_SIZE) -> bytes:
+    def data_to_send(self, max_size: int = DEFAULT_WRITE_SIZE) -> bytes | bytearray:
         """Bytes to write now: WebSocket control output, then scheduled records.
 
         Returns b"" when nothing is ready; call again after any local action
@@ -108,14 +108,15 @@ class TunnelProtocol:
         wsconn = self._ws
         if wsconn.state is ws.ConnectionState.OPEN:
             size = 0
-            next_record = self.session.next_record
-            send_bytes = wsconn.send_bytes
+            next_parts = self.session.next_record_parts
+            send_parts = wsconn.send_binary_parts
             while size < max_size:
-                record = next_record(max_size)
-                if record is None:
+                parts = next_parts(max_size)
+                if parts is None:
                     break
-                send_bytes(record)
-                size += len(record) + 14
+                head, payload = parts
+                send_parts(head, payload)
+                size += len(head) + len(payload) + 14
         return wsconn.data_to_send()
 
     def wants_to_send(self) -> bool:

@@ -34,17 +34,24 @@ def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, 
     return server, client
 
 
-def socket_streams() -> tuple[trio.SocketStream, trio.SocketStream]:
-    a, b = socket.socketpair()
+def socket_streams(tcp: bool = False) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A connected pair: a socketpair, or loopback TCP (where big writes are corked)."""
+    if tcp:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            a = socket.create_connection(listener.getsockname())
+            b, _ = listener.accept()
+    else:
+        a, b = socket.socketpair()
     return (trio.SocketStream(trio.socket.from_stdlib_socket(a)),
             trio.SocketStream(trio.socket.from_stdlib_socket(b)))
 
 
 async def tls_pair(
-    contexts: tuple[ssl.SSLContext, ssl.SSLContext], server_name: str = "relay.test"
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], server_name: str = "relay.test",
+    tcp: bool = False,
 ) -> tuple[TLSSocketStream, TLSSocketStream]:
     server_ctx, client_ctx = contexts
-    raw_client, raw_server = socket_streams()
+    raw_client, raw_server = socket_streams(tcp)
     streams: dict[str, TLSSocketStream] = {}
 
     async def side(name: str, raw: trio.SocketStream, **kwargs: object) -> None:
@@ -68,11 +75,12 @@ async def test_trio_stream_conformance(contexts: tuple[ssl.SSLContext, ssl.SSLCo
         await trio.testing.check_two_way_stream(maker, None)
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["socketpair", "tcp-corked"])
 async def test_bulk_both_ways_at_once_arrives_intact(
-    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], tcp: bool
 ) -> None:
     """8 MiB each way concurrently; reads gather many 16 KiB records into one."""
-    client, server = await tls_pair(contexts)
+    client, server = await tls_pair(contexts, tcp=tcp)
     payloads = {"up": os.urandom(8 << 20), "down": os.urandom(8 << 20)}
     digests: dict[str, str] = {}
     largest: list[int] = []
@@ -101,6 +109,7 @@ async def test_bulk_both_ways_at_once_arrives_intact(
         assert digests == {name: hashlib.sha256(data).hexdigest()
                            for name, data in payloads.items()}
         assert max(largest) > 16 * 1024  # more than one TLS record per read
+        assert client._cork is tcp  # TCP corks big writes; elsewhere it turned itself off
     finally:
         await client.aclose()
         await server.aclose()

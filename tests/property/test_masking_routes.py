@@ -39,6 +39,17 @@ def test_in_place_mask_starts_the_key_at_start(prefix: bytes, payload: bytes, ke
     assert c_route == py_route == prefix + xor(payload, key)
 
 
+@given(header=st.binary(max_size=14), prefix=st.binary(max_size=9),
+       payload=st.binary(max_size=2100), key=KEYS)
+def test_frame_building_matches_on_both_routes(header: bytes, prefix: bytes, payload: bytes,
+                                              key: bytes) -> None:
+    """The key runs on across prefix and payload, as over one frame payload."""
+    expected = header + xor(prefix + payload, key)
+    assert masking.masked_frame(header, prefix, payload, key) == expected
+    assert masking.py_masked_frame(header, prefix, payload, key) == expected
+    assert masking.masked_frame(header, prefix, memoryview(payload), key) == expected
+
+
 def test_one_byte_results_are_fresh_objects() -> None:
     """CPython shares one object per single-byte value; masking must never write into it."""
     for value in (0, 65, 255):
@@ -62,7 +73,7 @@ def test_frames_round_trip_on_either_route(pure: bool, monkeypatch: pytest.Monke
 
     if pure:
         monkeypatch.setattr(frames, "ACCELERATED", False)
-        for name in ("mask", "mask_int", "mask_lanes"):
+        for name in ("mask", "mask_int", "mask_lanes", "masked_frame"):
             monkeypatch.setattr(frames, name, getattr(masking, "py_" + name))
     decoder = FrameDecoder(client=False, max_frame_size=1 << 20)
     key = b"\x9a\x01\xff\x42"

@@ -99,3 +99,31 @@ def test_charging_more_than_the_budget_is_a_bug() -> None:
         drr.charge(11, True)
     with pytest.raises(LocalProtocolError):
         DeficitRoundRobin[str](0)
+
+
+def test_fresh_keys_go_first_in_arrival_order_for_one_chunk_each() -> None:
+    """add_first: ahead of the backlog, first come first served among themselves; after
+    one chunk a fresh key queues at the back like any other."""
+    drr = DeficitRoundRobin[str](10)
+    for key in "ab":
+        drr.add(key)
+    backlog = {"a": 100, "b": 100, "x": 25, "y": 5}
+    assert serve(drr, backlog, chunk=10, turns=1) == [("a", 10)]
+    drr.add_first("x")
+    drr.add_first("y")
+    sent = serve(drr, backlog, chunk=10, turns=6)
+    assert sent == [("x", 10), ("y", 5), ("b", 10), ("a", 10), ("x", 10), ("b", 10)]
+    assert drr.fresh == 0
+
+
+def test_discarding_a_fresh_key_keeps_the_others_first() -> None:
+    drr = DeficitRoundRobin[str](10)
+    drr.add("old")
+    for key in "xyz":
+        drr.add_first(key)
+    drr.discard("y")
+    assert drr.fresh == 2
+    drr.add_first("w")  # after the remaining fresh ones, before "old"
+    assert list(drr.queue) == ["x", "z", "w", "old"]
+    drr.clear()
+    assert drr.fresh == 0 and drr.peek() is None

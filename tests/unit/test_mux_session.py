@@ -699,9 +699,13 @@ def test_a_small_write_overtakes_100_mib_of_bulk_within_two_chunks() -> None:
         if sent_chunks % 5 == 3:  # probe at many points of the transfer
             agent.send_data(small, b"p" * 64)
             probes += 1
-            kinds = [struct.unpack_from("!I", agent.next_record() or b"", 1)[0]
-                     for _ in range(2)]
-            assert small in kinds
+            records = [agent.next_record() or b"" for _ in range(2)]
+            assert small in [struct.unpack_from("!I", record, 1)[0] for record in records]
+            for record in records:
+                relay.receive_record(record)
+            for event in events_of(relay, DataReceived):
+                relay.acknowledge(event.channel_id, len(event.data))
+            transfer(relay, agent)
             sent_chunks += 2
             continue
         record = agent.next_record()
@@ -728,9 +732,10 @@ def test_a_write_size_below_the_chunk_size_cuts_small_chunks_and_ends_turns() ->
                                                                (second, 2 * KIB)]
     agent.send_data(first, bytes(40 * KIB))
     agent.send_data(second, bytes(40 * KIB))
-    # first's 64 KiB turn in chunks, then second alone: one solo chunk
-    assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 8 * KIB,
-                                                                   40 * KIB]
+    # both came in with empty queues: one chunk each first (fresh), then first's
+    # 64 KiB turn takes its remaining 24 KiB, then second alone: one solo chunk
+    assert [len(r) - 5 for r in iter(agent.next_record, None)] == [16 * KIB, 16 * KIB, 16 * KIB,
+                                                                   8 * KIB, 24 * KIB]
 
 
 def test_grown_windows_shrink_back_once_another_channel_is_live() -> None:
@@ -774,7 +779,8 @@ def test_solo_chunks_stop_as_soon_as_another_channel_is_ready() -> None:
     agent.send_data(small, b"p" * 64)
     cut = [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
            for r in (agent.next_record(256 * KIB) for _ in range(3)) if r]
-    assert cut == [(bulk, DEFAULT_MAX_CHUNK_SIZE), (small, 64), (bulk, 256 * KIB)]
+    # the newcomer's queue was empty: it goes first (fresh), then bulk is alone again
+    assert cut == [(small, 64), (bulk, 256 * KIB), (bulk, 256 * KIB)]
 
 
 def test_solo_chunks_respect_a_peer_that_accepts_less() -> None:
@@ -791,3 +797,56 @@ def test_solo_chunks_respect_a_peer_that_accepts_less() -> None:
 def test_solo_chunk_size_is_checked() -> None:
     with pytest.raises(LocalProtocolError, match="solo_chunk_size"):
         Session(Role.AGENT, max_chunk_size=32 * KIB, solo_chunk_size=16 * KIB)
+
+
+def test_competing_channels_share_a_fast_write_in_quarters_and_a_slow_one_in_chunks() -> None:
+    """Chunks follow the write size: four turns per 256 KiB write on a fast link, the
+    configured chunk (16 KiB) once writes are small; every channel gets the same bytes."""
+    agent, relay = connected_pair(initial_window=4 << 20)
+    channels = [open_accepted(agent, relay) for _ in range(4)]
+    for channel_id in channels:
+        agent.send_data(channel_id, bytes(1 << 20))
+
+    def cut(max_size: int, count: int) -> list[tuple[int, int]]:
+        return [(struct.unpack_from("!I", r, 1)[0], len(r) - 5)
+                for r in (agent.next_record(max_size) for _ in range(count)) if r]
+
+    fast = cut(256 * KIB, 8)
+    assert [size for _, size in fast] == [64 * KIB] * 8
+    assert [channel for channel, _ in fast] == channels * 2
+    slow = cut(48 * KIB, 8)
+    assert [size for _, size in slow] == [DEFAULT_MAX_CHUNK_SIZE] * 8
+    assert sorted(channel for channel, _ in slow) == sorted(channels * 2)
+
+
+def test_a_keystroke_goes_next_however_many_channels_are_busy() -> None:
+    """A write on a channel whose queue was empty is the next record out, even with 16
+    bulk channels competing (new-flow priority); its wait does not grow with their number."""
+    agent, relay = connected_pair(initial_window=4 << 20)
+    bulk = [open_accepted(agent, relay) for _ in range(16)]
+    ssh = open_accepted(agent, relay)
+    for channel_id in bulk:
+        agent.send_data(channel_id, bytes(1 << 20))
+    for _ in range(16):  # each bulk channel's own first chunk ahead (they started fresh)
+        agent.next_record(256 * KIB)
+    for probe in range(20):
+        for _ in range(probe % 7):
+            assert agent.next_record(256 * KIB) is not None
+        agent.send_data(ssh, b"k" * 64)
+        record = agent.next_record(256 * KIB) or b""
+        assert struct.unpack_from("!I", record, 1)[0] == ssh and len(record) == 5 + 64
+
+
+def test_more_data_on_a_backlogged_channel_does_not_jump_the_queue() -> None:
+    """Only an empty queue makes a channel fresh: adding to a backlog keeps its place."""
+    agent, relay = connected_pair(initial_window=1 << 20,
+                                  solo_chunk_size=DEFAULT_MAX_CHUNK_SIZE)
+    first = open_accepted(agent, relay)
+    second = open_accepted(agent, relay)
+    agent.send_data(first, bytes(64 * KIB))
+    agent.send_data(second, bytes(64 * KIB))
+    agent.next_record()  # first's fresh chunk; then second's
+    agent.next_record()
+    agent.send_data(second, bytes(64 * KIB))  # second still has 48 KiB queued
+    order = [struct.unpack_from("!I", agent.next_record() or b"", 1)[0] for _ in range(2)]
+    assert order == [first, second]

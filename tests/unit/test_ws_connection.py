@@ -336,3 +336,23 @@ def test_a_client_masks_each_frame_with_the_next_pooled_key() -> None:
     wire = client.data_to_send()
     keys = {wire[i + 2:i + 6] for i in range(0, len(wire), 38)}
     assert len(keys) == 200
+
+
+@pytest.mark.parametrize("role", [Role.CLIENT, Role.SERVER])
+def test_binary_parts_arrive_as_one_message(role: Role) -> None:
+    """send_binary_parts(prefix, payload) is one message prefix + payload, masked across
+    both by a client, for every prefix length (the masking key runs on)."""
+    sender = WebSocketConnection(role)
+    receiver = FrameDecoder(client=role is Role.SERVER, max_frame_size=1 << 20)
+    for prefix_size in range(6):
+        prefix = bytes(range(prefix_size))
+        payload = memoryview(os.urandom(700 + prefix_size))
+        sender.send_binary_parts(prefix, payload)
+        receiver.receive_data(sender.data_to_send())
+        frame = receiver.next_frame()
+        assert frame is not None and frame.opcode is Opcode.BINARY and frame.fin
+        assert frame.payload == prefix + bytes(payload)
+    sender.send_binary_parts(b"\x05head", b"")
+    receiver.receive_data(sender.data_to_send())
+    frame = receiver.next_frame()
+    assert frame is not None and frame.payload == b"\x05head"

@@ -17,6 +17,13 @@ round -- byte-exact fairness at O(1) per chunk.  With ``quantum`` equal to the
 maximum chunk size every turn is one chunk, which is what bounds the latency
 of a small write behind a bulk transfer to one chunk per busy channel.
 
+Two refinements (docs/PROTOCOL.md §10). A channel that becomes ready with an
+empty queue before it is *fresh* and goes ahead of the backlog for one chunk
+(FQ-CoDel's new flows), so a keystroke does not wait a whole round of busy
+channels. And the chunk follows the link: a channel alone sends one record per
+write (no one to be fair to), and on a fast link competing channels get a
+quarter of the write each instead of the configured small chunk.
+
 Membership is a set beside the FIFO, so :meth:`add` is O(1) and idempotent.
 A key leaves the FIFO from the head in O(1) when it stops being ready, which
 is the common case; :meth:`discard` (a channel reset or closed while still
@@ -25,6 +32,7 @@ ready) is O(ready keys), which is rare and bounded by the channel limit.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -42,7 +50,7 @@ K = TypeVar("K")
 class DeficitRoundRobin(Generic[K]):
     """A FIFO of ready keys served in turns of at most ``quantum`` bytes."""
 
-    __slots__ = ("quantum", "budget", "queue", "members")
+    __slots__ = ("quantum", "budget", "queue", "members", "fresh")
 
     def __init__(self, quantum: int) -> None:
         if quantum <= 0:
@@ -55,6 +63,9 @@ class DeficitRoundRobin(Generic[K]):
         #: which inline :meth:`add` and :meth:`charge` on them.
         self.queue: deque[K] = deque()
         self.members: set[K] = set()
+        #: How many keys at the front of ``queue`` came in by :meth:`add_first`
+        #: and have not had their turn yet (they form a prefix, in arrival order).
+        self.fresh = 0
 
     def __len__(self) -> int:
         return len(self.members)
@@ -68,6 +79,24 @@ class DeficitRoundRobin(Generic[K]):
             self.members.add(key)
             self.queue.append(key)
 
+    def add_first(self, key: K) -> None:
+        """Make ``key`` ready ahead of everyone (no-op if it already is ready).
+
+        For a channel whose queue was empty: a sparse flow, like an interactive
+        session's keystroke, goes before the backlog of bulk channels (the
+        new-flow rule of FQ-CoDel, RFC 8290 §4.1), so its wait does not grow with
+        the number of busy channels. Fresh keys keep their arrival order among
+        themselves; each gets one chunk ahead, then queues at the back as usual.
+        """
+        if key not in self.members:
+            self.members.add(key)
+            if self.fresh:
+                self.queue.insert(self.fresh, key)
+            else:
+                self.queue.appendleft(key)
+                self.budget = self.quantum
+            self.fresh += 1
+
     def discard(self, key: K) -> None:
         """Make ``key`` not ready, wherever it is in the FIFO."""
         if key in self.members:
@@ -75,6 +104,8 @@ class DeficitRoundRobin(Generic[K]):
             if self.queue[0] == key:
                 self._drop_head()
             else:
+                if self.fresh and key in itertools.islice(self.queue, self.fresh):
+                    self.fresh -= 1
                 self.queue.remove(key)
 
     def clear(self) -> None:
@@ -82,6 +113,7 @@ class DeficitRoundRobin(Generic[K]):
         self.queue.clear()
         self.members.clear()
         self.budget = self.quantum
+        self.fresh = 0
 
     def set_quantum(self, quantum: int) -> None:
         """Change the turn size; the current turn restarts with the new budget."""
@@ -93,12 +125,13 @@ class DeficitRoundRobin(Generic[K]):
         """Return the key whose turn it is, or None when nothing is ready."""
         return self.queue[0] if self.queue else None
 
-    def charge(self, size: int, still_ready: bool) -> None:
+    def charge(self, size: int, still_ready: bool, end_turn: bool = False) -> None:
         """Account ``size`` bytes sent by the head key (the one :meth:`peek` gave).
 
         Args:
             size: bytes just sent; must not exceed :attr:`budget`.
             still_ready: whether the head key still has data and credit.
+            end_turn: the turn ends here even if budget is left (a short turn).
         """
         if not 0 <= size <= self.budget:
             raise LocalProtocolError(f"chunk of {size} exceeds the turn budget {self.budget}")
@@ -107,23 +140,31 @@ class DeficitRoundRobin(Generic[K]):
             self._drop_head()
             return
         self.budget -= size
-        if self.budget == 0:
-            self.queue.rotate(-1)
-            self.budget = self.quantum
+        if end_turn or self.budget == 0 or self.fresh:  # a fresh key's turn is one chunk
+            self.end_turn()
 
     def end_turn(self) -> None:
         """Send the head key to the back with a fresh budget (its turn ends early)."""
         if self.queue:
             self.queue.rotate(-1)
             self.budget = self.quantum
+            if self.fresh:
+                self.fresh -= 1
 
     def _drop_head(self) -> None:
         self.queue.popleft()
         self.budget = self.quantum
+        if self.fresh:
+            self.fresh -= 1
 
+
+#: A record as (header, payload): a DATA header and its chunk, or (control record, b"").
+Parts = tuple[bytes, "bytes | memoryview"]
 
 _pack_data_header = struct.Struct("!BI").pack
 _DATA = 0x05
+#: On a fast link, competing channels share each write in about this many chunks.
+FAST_WRITE_SHARES = 4
 
 
 class Outbox:
@@ -139,7 +180,8 @@ class Outbox:
     for the rest; a change to the rules here must be made there too.
     """
 
-    __slots__ = ("control", "drr", "chunk_size", "solo_chunk_size", "_channels", "_on_drained")
+    __slots__ = ("control", "drr", "chunk_size", "solo_chunk_size", "adaptive_quantum",
+                 "_channels", "_on_drained")
 
     def __init__(self, channels: dict[int, Channel], *, quantum: int, chunk_size: int,
                  on_drained: Callable[[Channel], None]) -> None:
@@ -148,6 +190,8 @@ class Outbox:
         self.chunk_size = chunk_size
         #: The chunk limit while only one channel is ready (no one to be fair to).
         self.solo_chunk_size = chunk_size
+        #: Whether the turn size follows the chunk size on a fast link (no fixed quantum).
+        self.adaptive_quantum = False
         self._channels = channels
         self._on_drained = on_drained
 
@@ -160,7 +204,17 @@ class Outbox:
         self.drr.clear()
 
     def next_record(self, max_size: int | None = None) -> bytes | None:
+        """``next_parts`` joined into one record."""
+        parts = self.next_parts(max_size)
+        if parts is None:
+            return None
+        head, payload = parts
+        return head + payload if payload else head
+
+    def next_parts(self, max_size: int | None = None) -> Parts | None:
         """Pop a control record, else cut one DATA chunk for the channel whose turn it is.
+
+        Returns (record header, payload); a control record is (record, b"").
 
         ``max_size`` (the I/O layer's write size on a slow link) caps the
         chunk and then ends the turn, so interactive channels wait behind one
@@ -171,9 +225,14 @@ class Outbox:
         nothing (whoever becomes ready next is served at the next cut, which
         follows this write, as it would behind sixteen small chunks of the
         same write), and the per-record work drops sixteenfold on a fast link.
+
+        On a fast link (``max_size`` at least FAST_WRITE_SHARES chunks) channels
+        that compete get chunks of ``max_size // FAST_WRITE_SHARES`` (up to the
+        solo size), so each write still interleaves that many turns while a
+        round of N busy channels stays about N / FAST_WRITE_SHARES writes long.
         """
         if self.control:
-            return self.control.popleft()
+            return self.control.popleft(), b""
         drr = self.drr
         channel_id = drr.peek()
         if channel_id is None:
@@ -181,10 +240,16 @@ class Outbox:
         ch = self._channels[channel_id]
         credit = ch.credit
         if len(drr.queue) == 1 and self.solo_chunk_size > self.chunk_size:
-            return self._solo_record(ch, channel_id, max_size)
+            return self._solo_parts(ch, channel_id, max_size)
+        chunk = self.chunk_size
+        if (max_size is not None and max_size >= FAST_WRITE_SHARES * chunk
+                and self.solo_chunk_size > chunk):
+            chunk = min(self.solo_chunk_size, max_size // FAST_WRITE_SHARES)
+        if self.adaptive_quantum and drr.quantum != chunk:
+            drr.set_quantum(chunk)
         budget = drr.budget
-        if budget > self.chunk_size:
-            budget = self.chunk_size
+        if budget > chunk:
+            budget = chunk
         short_turn = False
         if max_size is not None and max_size < budget:
             short_turn = True
@@ -193,26 +258,25 @@ class Outbox:
             budget = credit.credit
         head = ch.pieces[0]
         size = len(head)
+        payload: bytes | memoryview
         if size <= budget:  # common case: a whole queued piece, no slicing
             ch.pieces.popleft()
             ch.queued_size -= size
-            record = _pack_data_header(_DATA, channel_id) + head
+            payload = head
         else:
             before = ch.queued_size
             pieces = ch.take(budget)
             size = before - ch.queued_size
-            record = b"".join([_pack_data_header(_DATA, channel_id), *pieces])
+            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         credit.consume(size)
         queued = ch.queued_size
         still_ready = queued > 0 and credit.credit > 0
-        drr.charge(size, still_ready)
-        if short_turn and still_ready:
-            drr.end_turn()
+        drr.charge(size, still_ready, end_turn=short_turn)
         if not queued and ch.send_state is SendState.FIN_QUEUED:
             self._on_drained(ch)
-        return record
+        return _pack_data_header(_DATA, channel_id), payload
 
-    def _solo_record(self, ch: Channel, channel_id: int, max_size: int | None) -> bytes:
+    def _solo_parts(self, ch: Channel, channel_id: int, max_size: int | None) -> Parts:
         """One chunk of up to the solo size; the turn restarts (nobody else is waiting)."""
         credit = ch.credit
         limit = self.solo_chunk_size
@@ -221,22 +285,24 @@ class Outbox:
         if limit > credit.credit:
             limit = credit.credit
         head = ch.pieces[0]
+        payload: bytes | memoryview
         if len(head) <= limit and (len(ch.pieces) == 1 or len(head) == limit):
             ch.pieces.popleft()
             ch.queued_size -= len(head)
             size = len(head)
-            record = _pack_data_header(_DATA, channel_id) + head
+            payload = head
         else:
             before = ch.queued_size
             pieces = ch.take(limit)
             size = before - ch.queued_size
-            record = b"".join([_pack_data_header(_DATA, channel_id), *pieces])
+            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         credit.consume(size)
         drr = self.drr
         if ch.queued_size > 0 and credit.credit > 0:
             drr.budget = drr.quantum
+            drr.fresh = 0  # (the only key: its one chunk ahead is spent)
         else:
             drr.discard(channel_id)
             if not ch.queued_size and ch.send_state is SendState.FIN_QUEUED:
                 self._on_drained(ch)
-        return record
+        return _pack_data_header(_DATA, channel_id), payload

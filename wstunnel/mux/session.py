@@ -70,7 +70,7 @@ from .events import (
     _set_data,
     new_window_updated,
 )
-from .scheduler import Outbox
+from .scheduler import Outbox, Parts
 from .wire import (
     DATA_HEADER_SIZE,
     DEFAULT_INITIAL_WINDOW,
@@ -188,6 +188,7 @@ class Session:
             _check_range("quantum", quantum, 1, 1 << 30)
         self._outbox = Outbox(self._channels, quantum=quantum or chunk_size,
                               chunk_size=chunk_size, on_drained=self._queue_fin)
+        self._outbox.adaptive_quantum = quantum is None
         self._control = self._outbox.control
         # The scheduler's containers, for the per-chunk fast paths (they are
         # cleared in place, never replaced).
@@ -281,21 +282,33 @@ class Session:
                 queued = ch.queued_size = ch.queued_size - size
                 if queued and left:  # still ready: charge the turn
                     budget = drr.budget - size
-                    if budget:
+                    if budget and not drr.fresh:
                         drr.budget = budget
-                    else:
+                    else:  # turn over (a fresh key's turn is one chunk)
                         ready.rotate(-1)
                         drr.budget = drr.quantum
+                        if drr.fresh:
+                            drr.fresh -= 1
                 else:  # no longer ready: leaves the round robin
                     self._ready_set.remove(channel_id)
                     ready.popleft()
                     drr.budget = drr.quantum
+                    if drr.fresh:
+                        drr.fresh -= 1
                     if not queued and ch.send_state is _FIN_QUEUED:
                         record = _pack_data_header(_DATA, channel_id) + head
                         self._queue_fin(ch)  # the FIN follows this DATA
                         return record
                 return _pack_data_header(_DATA, channel_id) + head
         return self._outbox.next_record(max_size)
+
+    def next_record_parts(self, max_size: int | None = None) -> Parts | None:
+        """Like :meth:`next_record`, as (record header, payload) not yet joined:
+        the WebSocket layer frames the two without copying a chunk once more."""
+        control = self._control
+        if control:
+            return control.popleft(), b""
+        return self._outbox.next_parts(max_size)
 
     # -- input -----------------------------------------------------------------
 
@@ -596,13 +609,20 @@ class Session:
                     ch.pieces.append(data)
                     ch.queued_size = queued + size
                     if credit and channel_id not in self._ready_set:
-                        self._ready_set.add(channel_id)
-                        self._ready.append(channel_id)
+                        if queued:  # DRR.add
+                            self._ready_set.add(channel_id)
+                            self._ready.append(channel_id)
+                        else:  # the queue was empty: a sparse flow goes first
+                            self._drr.add_first(channel_id)
                 return
         ch = ch or self._live(channel_id)
+        was_empty = not ch.queued_size
         ch.queue(data)
         if ch.queued_size and ch.credit.credit:
-            self._drr.add(channel_id)
+            if was_empty:
+                self._drr.add_first(channel_id)
+            else:
+                self._drr.add(channel_id)
 
     def send_eof(self, channel_id: int) -> None:
         """Half-close: FIN goes out after the queued data (idempotent)."""

@@ -9,14 +9,17 @@ readiness and drains several records per call.
 
 Like ``trio.SSLStream(https_compatible=True)``, closing sends no close_notify
 and a missing one on EOF is not an error: the WebSocket close handshake is what
-says "done" in this protocol.
+says "done" in this protocol. ``trio.lowlevel`` serves for socket readiness
+only (docs/ARCHITECTURE.md). Tried and dropped: OpenSSL on memory BIOs with one
+``send``/``recv`` per 256 KiB (fewer system calls, but no less CPU per GiB in
+the tunnel; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -25,6 +28,9 @@ __all__ = ["TLSSocketStream", "start_tls"]
 #: Rare cases where a read must wait to write or the other way round: the
 #: other direction's task owns that readiness (trio allows one waiter each).
 _POLL = 0.005
+#: Writes at least this big are corked (several TLS records).
+CORK_MIN_SIZE: Final = 32 * 1024
+_TCP_CORK: Final[int | None] = getattr(socket, "TCP_CORK", None)
 
 
 async def start_tls(
@@ -60,6 +66,7 @@ class TLSSocketStream(trio.abc.Stream):
     def __init__(self, sock: ssl.SSLSocket) -> None:
         self._sock = sock
         self._closed = False
+        self._cork = _TCP_CORK is not None
 
     @property
     def ssl_socket(self) -> ssl.SSLSocket:
@@ -124,14 +131,24 @@ class TLSSocketStream(trio.abc.Stream):
         self._check_open()
         sock = self._sock
         view = memoryview(data)
+        # OpenSSL writes each 16 KiB record with its own write(): corked, the
+        # kernel sends them as full segments (loopback: 64 KiB), a quarter of
+        # the transmits; CPU per GiB through a TLS pair -15 % (docs/PERFORMANCE.md).
+        cork = self._cork and len(view) >= CORK_MIN_SIZE
         try:
+            if cork:
+                self._set_cork(True)
             # SSL_write without partial writes: after WANT_WRITE the same
             # buffer goes again, and OpenSSL continues where it stopped.
             while view:
                 try:
                     sent = sock.send(view)
                 except ssl.SSLWantWriteError:
+                    if cork:
+                        self._set_cork(False)  # what is queued goes out while we wait
                     await trio.lowlevel.wait_writable(sock)
+                    if cork:
+                        self._set_cork(True)
                     continue
                 except ssl.SSLWantReadError:
                     # Only a renegotiation does this (our contexts refuse them).
@@ -140,7 +157,17 @@ class TLSSocketStream(trio.abc.Stream):
                 view = view[sent:]
         except (ssl.SSLError, OSError) as exc:
             raise self._broken(exc) from exc
+        finally:
+            if cork and not self._closed:
+                self._set_cork(False)
         await trio.lowlevel.checkpoint()
+
+    def _set_cork(self, on: bool) -> None:
+        try:
+            if _TCP_CORK is not None:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
+        except OSError:
+            self._cork = False  # not TCP, or not Linux: write uncorked from now on
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()

@@ -25,6 +25,7 @@ from .frames import (
     Frame,
     FrameDecoder,
     Opcode,
+    encode_binary_parts,
     encode_frame,
     encode_frame_parts,
     encode_masked_frame,
@@ -74,6 +75,7 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
     "encode_masked_frame",
+    "encode_binary_parts",
     "is_valid_close_code",
     "mask",
 ]

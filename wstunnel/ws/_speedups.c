@@ -85,9 +85,41 @@ static PyObject *masked(PyObject *self, PyObject *args)
     return result;
 }
 
+/* masked_frame(header, prefix, payload, mask_key) -> bytes: header, then
+ * prefix + payload masked as one frame payload, in one allocation and one
+ * pass (the multiplexer's record header is the prefix: no concatenation). */
+static PyObject *masked_frame(PyObject *self, PyObject *args)
+{
+    Py_buffer header, prefix, payload, key;
+    PyObject *result = NULL;
+
+    if (!PyArg_ParseTuple(args, "y*y*y*y*", &header, &prefix, &payload, &key)) {
+        return NULL;
+    }
+    if (get_key(&key) == 0) {
+        result = PyBytes_FromStringAndSize(NULL, header.len + prefix.len + payload.len);
+        if (result != NULL) {
+            const unsigned char *k = key.buf;
+            Py_ssize_t shift = prefix.len & 3;
+            unsigned char rotated[4] = {k[shift & 3], k[(shift + 1) & 3], k[(shift + 2) & 3],
+                                        k[(shift + 3) & 3]};
+            unsigned char *out = (unsigned char *)PyBytes_AS_STRING(result);
+            memcpy(out, header.buf, header.len);
+            xor_key(out + header.len, prefix.buf, prefix.len, k);
+            xor_key(out + header.len + prefix.len, payload.buf, payload.len, rotated);
+        }
+    }
+    PyBuffer_Release(&header);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&payload);
+    PyBuffer_Release(&key);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"mask_into", mask_into, METH_VARARGS, "XOR buffer[start:] with the repeated 4-byte key, in place."},
     {"masked", masked, METH_VARARGS, "A copy of payload XORed with the repeated 4-byte key."},
+    {"masked_frame", masked_frame, METH_VARARGS, "header + masked (prefix + payload), in one pass."},
     {NULL, NULL, 0, NULL},
 };
 

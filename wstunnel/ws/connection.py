@@ -41,6 +41,7 @@ from .frames import (
     Frame,
     FrameDecoder,
     Opcode,
+    encode_binary_parts,
     encode_frame_parts,
     encode_masked_frame,
 )
@@ -171,7 +172,7 @@ class WebSocketConnection:
             client=self._client, max_frame_size=max_message_size, max_message_size=max_message_size
         )
         self._events: list[Event] = []
-        self._output: list[bytes | bytearray] = []
+        self._output: list[bytes | bytearray | memoryview] = []
         self.state = ConnectionState.OPEN
         self.failure: RemoteProtocolError | None = None
         self.close_code: int | None = None
@@ -225,16 +226,17 @@ class WebSocketConnection:
         """True when ``data_to_send`` would return bytes."""
         return bool(self._output)
 
-    def data_to_send(self) -> bytes:
-        """Return and forget the bytes to write to the transport."""
+    def data_to_send(self) -> bytes | bytearray:
+        """Return and forget the bytes to write to the transport (a new object:
+        the caller may keep it; nothing here changes it afterwards)."""
         output = self._output
         if not output:
             return b""
         self._output = []
-        if len(output) > 1:
-            return b"".join(output)
         first = output[0]
-        return first if type(first) is bytes else bytes(first)  # a client's masked bytearray
+        if len(output) > 1 or type(first) is memoryview:
+            return b"".join(output)
+        return first
 
     # -- local actions -------------------------------------------------------
 
@@ -246,6 +248,17 @@ class WebSocketConnection:
         """
         self._check_can_send()
         self._send_frame(Opcode.BINARY, bytes(data))
+
+    def send_binary_parts(self, prefix: bytes, payload: bytes | bytearray | memoryview) -> None:
+        """Queue one binary message ``prefix + payload`` without joining the two
+        (the multiplexer's record header and its DATA payload).
+
+        Raises:
+            LocalProtocolError: we already sent a close or the connection is closed.
+        """
+        self._check_can_send()
+        self._output.extend(encode_binary_parts(
+            prefix, payload, self._random_bytes(4) if self._client else None))
 
     def send_text(self, text: str) -> None:
         """Queue one text message as a single final frame (see ``send_bytes``)."""

@@ -25,7 +25,7 @@ from typing import Final
 
 from .._buffer import ReceiveBuffer
 from ..errors import PayloadTooBig, RemoteProtocolError
-from .masking import ACCELERATED, INT_MASK_LIMIT, mask, mask_int, mask_lanes
+from .masking import ACCELERATED, INT_MASK_LIMIT, mask, mask_int, mask_lanes, masked_frame
 
 __all__ = [
     "Opcode",
@@ -35,6 +35,7 @@ __all__ = [
     "encode_frame",
     "encode_frame_parts",
     "encode_masked_frame",
+    "encode_binary_parts",
     "mask",
     "DEFAULT_MAX_FRAME_SIZE",
     "MAX_CONTROL_PAYLOAD",
@@ -141,17 +142,27 @@ def encode_frame_parts(
     return header, mask(payload, mask_key)
 
 
-def encode_masked_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytearray:
+def encode_masked_frame(opcode: int, payload: bytes, mask_key: bytes) -> bytes | bytearray:
     """One final, masked frame built and masked in a single buffer (client hot path).
 
     Saves the copy ``encode_frame`` makes to return ``bytes``; the caller
     owns the buffer and must not change it after queueing it.
     """
-    buf = bytearray(_encode_header(opcode, len(payload), True, 0, mask_key))
-    start = len(buf)
-    buf += payload
-    mask_lanes(buf, start, mask_key)
-    return buf
+    return masked_frame(_encode_header(opcode, len(payload), True, 0, mask_key), b"", payload,
+                        mask_key)
+
+
+def encode_binary_parts(prefix: bytes, payload: bytes | bytearray | memoryview,
+                        mask_key: bytes | None) -> list[bytes | bytearray | memoryview]:
+    """One final BINARY frame whose payload is ``prefix + payload``, without joining them.
+
+    A server gets ``[header + prefix, payload]`` (the transport joins once per
+    write anyway); a client one buffer, masked in the same pass that copies.
+    """
+    header = _encode_header(Opcode.BINARY, len(prefix) + len(payload), True, 0, mask_key)
+    if mask_key is not None:
+        return [masked_frame(header, prefix, payload, mask_key)]
+    return [header + prefix, payload] if payload else [header + prefix]
 
 
 def encode_frame(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["mask", "mask_int", "mask_lanes", "INT_MASK_LIMIT", "ACCELERATED"]
+__all__ = ["mask", "mask_int", "mask_lanes", "masked_frame", "INT_MASK_LIMIT", "ACCELERATED"]
 
 # Below this size one big-int XOR beats four translate passes (measured).
 INT_MASK_LIMIT: Final = 512
@@ -65,11 +65,23 @@ def mask(payload: bytes | bytearray | memoryview, mask_key: bytes) -> bytes:
     return bytes(buf)
 
 
-py_mask, py_mask_int, py_mask_lanes = mask, mask_int, mask_lanes
+def masked_frame(header: bytes, prefix: bytes, payload: bytes | bytearray | memoryview,
+                 mask_key: bytes) -> bytes | bytearray:
+    """``header`` followed by ``prefix + payload`` masked, in one new buffer."""
+    buf = bytearray(header)
+    start = len(buf)
+    buf += prefix
+    buf += payload
+    mask_lanes(buf, start, mask_key)
+    return buf
+
+
+py_mask, py_mask_int, py_mask_lanes, py_masked_frame = mask, mask_int, mask_lanes, masked_frame
 
 try:
     from ._speedups import mask_into as _mask_into
     from ._speedups import masked as _masked
+    from ._speedups import masked_frame as _masked_frame
 except ImportError:  # built without a C compiler: the pure-Python route above
     ACCELERATED = False
 else:
@@ -82,3 +94,8 @@ else:
 
     def mask_lanes(buf: bytearray, start: int, mask_key: bytes) -> None:  # noqa: F811
         _mask_into(buf, start, mask_key)
+
+    def masked_frame(header: bytes, prefix: bytes,  # noqa: F811
+                     payload: bytes | bytearray | memoryview,
+                     mask_key: bytes) -> bytes | bytearray:
+        return _masked_frame(header, prefix, payload, mask_key)  # one pass, no bytearray
