@@ -68,10 +68,6 @@ class TLSSocketStream(trio.abc.Stream):
         self._closed = False
         self._cork = _TCP_CORK is not None
 
-    @property
-    def ssl_socket(self) -> ssl.SSLSocket:
-        return self._sock
-
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._sock.getpeercert(binary_form)
 
