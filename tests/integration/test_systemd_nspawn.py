@@ -92,7 +92,15 @@ def _boot(log: IO[bytes]) -> Iterator[Callable[..., str]]:
          "--private-network", f"--bind-ro={REPO / 'wstunnel'}:/opt/wstunnel/lib/wstunnel"],
         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        init = _wait(lambda: _child_named(nspawn.pid, "systemd"), 20, "systemd to boot")
+        def booted() -> str | None:
+            if nspawn.poll() is not None:  # e.g. another suite's container holds the root
+                log.seek(0)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise AssertionError(f"systemd-nspawn exited {nspawn.returncode}: "
+                                     + " | ".join(tail))
+            return _child_named(nspawn.pid, "systemd")
+
+        init = _wait(booted, 20, "systemd to boot")
 
         def run(*args: str, check: bool = True) -> str:
             result = subprocess.run(["nsenter", "-t", init, "-a", *args], capture_output=True,
