@@ -1,8 +1,11 @@
 """Cost of the multiplexer per 16 KiB chunk, both sides, no WebSocket framing.
 
 One iteration: send_data -> next_record -> receive_record -> DataReceived ->
-acknowledge (which sometimes queues a WINDOW that flows back).  Run as a
-script to print the figure; ``measure()`` returns it in microseconds.
+acknowledge (which sometimes queues a WINDOW that flows back).  Records are
+pulled with a write size, as the tunnel's writer pulls them (the scheduler's
+full path), and joined into one record (the copy the WebSocket framing makes
+in the tunnel).  Run as a script to print the figure; ``measure()`` returns
+it in microseconds.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import time
 
 from wstunnel.mux import Role, Session
+from wstunnel.protocol import DEFAULT_WRITE_SIZE
 
 CHUNK_SIZE = 16 * 1024
 
@@ -41,7 +45,7 @@ def _run(chunks: int) -> float:
     start = time.perf_counter()
     for i in range(chunks):
         send_data(channel_id, payload)
-        receive(next_record())  # type: ignore[arg-type]  # never None here
+        receive(next_record(DEFAULT_WRITE_SIZE))  # type: ignore[arg-type]  # never None here
         for event in events():
             acknowledge(channel_id, len(event.data))  # type: ignore[union-attr]
         back = back_next()
@@ -71,7 +75,7 @@ def _run_sides(chunks: int) -> tuple[float, float]:
         records = []
         for _ in range(batch):
             sender.send_data(channel_id, payload)
-            records.append(sender.next_record())
+            records.append(sender.next_record(DEFAULT_WRITE_SIZE))
         middle = time.perf_counter()
         for record in records:
             receiver.receive_record(record)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The Session's per-chunk fast paths keep the checks of the code they inline.
 
-send_data, next_record, receive_record (DATA, WINDOW) and acknowledge each
+send_data, receive_record (DATA, WINDOW) and acknowledge each
 inline a few calls for the common case (see their comments); these tests
 drive exactly those cases to their bounds.
 """

@@ -850,3 +850,16 @@ def test_more_data_on_a_backlogged_channel_does_not_jump_the_queue() -> None:
     agent.send_data(second, bytes(64 * KIB))  # second still has 48 KiB queued
     order = [struct.unpack_from("!I", agent.next_record() or b"", 1)[0] for _ in range(2)]
     assert order == [first, second]
+
+
+def test_a_solo_chunk_gathers_several_queued_pieces() -> None:
+    """Pieces queued by several reads leave as one record when the channel is alone,
+    in order, and a FIN queued behind them follows that record."""
+    agent, relay = connected_pair(initial_window=1 << 20)
+    channel_id = open_accepted(agent, relay)
+    pieces = [bytes([i]) * (3000 + i) for i in range(5)]
+    for piece in pieces:
+        agent.send_data(channel_id, piece)
+    agent.send_eof(channel_id)
+    records = [decode_record(r) for r in iter(lambda: agent.next_record(256 * KIB), None)]
+    assert records == [Data(channel_id, b"".join(pieces)), Fin(channel_id)]

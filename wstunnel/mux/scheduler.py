@@ -234,13 +234,14 @@ class Outbox:
         if self.control:
             return self.control.popleft(), b""
         drr = self.drr
-        channel_id = drr.peek()
-        if channel_id is None:
+        ready = drr.queue
+        if not ready:
             return None
+        channel_id = ready[0]
         ch = self._channels[channel_id]
-        credit = ch.credit
-        if len(drr.queue) == 1 and self.solo_chunk_size > self.chunk_size:
+        if len(ready) == 1 and self.solo_chunk_size > self.chunk_size:
             return self._solo_parts(ch, channel_id, max_size)
+        credit = ch.credit
         chunk = self.chunk_size
         if (max_size is not None and max_size >= FAST_WRITE_SHARES * chunk
                 and self.solo_chunk_size > chunk):
@@ -256,19 +257,7 @@ class Outbox:
             budget = max(1, max_size)
         if budget > credit.credit:
             budget = credit.credit
-        head = ch.pieces[0]
-        size = len(head)
-        payload: bytes | memoryview
-        if size <= budget:  # common case: a whole queued piece, no slicing
-            ch.pieces.popleft()
-            ch.queued_size -= size
-            payload = head
-        else:
-            before = ch.queued_size
-            pieces = ch.take(budget)
-            size = before - ch.queued_size
-            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        credit.consume(size)
+        payload, size = _cut(ch, budget, merge=False)
         queued = ch.queued_size
         still_ready = queued > 0 and credit.credit > 0
         drr.charge(size, still_ready, end_turn=short_turn)
@@ -284,20 +273,24 @@ class Outbox:
             limit = max(1, max_size)
         if limit > credit.credit:
             limit = credit.credit
-        head = ch.pieces[0]
-        payload: bytes | memoryview
-        if len(head) <= limit and (len(ch.pieces) == 1 or len(head) == limit):
-            ch.pieces.popleft()
-            ch.queued_size -= len(head)
-            size = len(head)
-            payload = head
-        else:
-            before = ch.queued_size
-            pieces = ch.take(limit)
-            size = before - ch.queued_size
-            payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        credit.consume(size)
         drr = self.drr
+        pieces = ch.pieces
+        head = pieces[0]
+        size = len(head)
+        if size <= limit and len(pieces) == 1:
+            # Once per write on a busy channel: its one queued piece goes whole and
+            # it leaves the round robin, as _cut and DRR.discard would do it.
+            pieces.popleft()
+            ch.queued_size = 0
+            credit.credit -= size  # (size <= limit <= credit)
+            drr.members.remove(channel_id)
+            drr.queue.popleft()
+            drr.budget = drr.quantum
+            drr.fresh = 0
+            if ch.send_state is SendState.FIN_QUEUED:
+                self._on_drained(ch)
+            return _pack_data_header(_DATA, channel_id), head
+        payload, _ = _cut(ch, limit, merge=True)
         if ch.queued_size > 0 and credit.credit > 0:
             drr.budget = drr.quantum
             drr.fresh = 0  # (the only key: its one chunk ahead is spent)
@@ -306,3 +299,26 @@ class Outbox:
             if not ch.queued_size and ch.send_state is SendState.FIN_QUEUED:
                 self._on_drained(ch)
         return _pack_data_header(_DATA, channel_id), payload
+
+
+def _cut(ch: Channel, limit: int, *, merge: bool) -> tuple[bytes | memoryview, int]:
+    """Dequeue up to ``limit`` bytes of ``ch`` as one payload and consume their credit.
+
+    A queued piece that fits goes as it is (no copy, the common case); with
+    ``merge`` the following pieces are joined to it up to ``limit`` (a solo
+    chunk gathers what several reads queued), otherwise it goes alone.
+    """
+    head = ch.pieces[0]
+    size = len(head)
+    payload: bytes | memoryview
+    if size == limit or (size < limit and (not merge or len(ch.pieces) == 1)):
+        ch.pieces.popleft()
+        ch.queued_size -= size
+        payload = head
+    else:
+        before = ch.queued_size
+        pieces = ch.take(limit)
+        size = before - ch.queued_size
+        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    ch.credit.consume(size)
+    return payload, size

@@ -97,12 +97,10 @@ _VIEW_MIN_SIZE: Final = 4096
 _unpack_id: Final = struct.Struct("!I").unpack_from
 _unpack_window: Final = struct.Struct("!II").unpack_from
 _pack_window: Final = struct.Struct("!BII").pack
-_pack_data_header: Final = struct.Struct("!BI").pack
 # Enum members as module constants: ``SendState.OPEN`` is a class attribute
 # lookup through the enum metaclass (~65 ns on CPython 3.11), paid several
 # times per chunk; a global is a dict hit.
 _SEND_OPEN: Final = SendState.OPEN
-_FIN_QUEUED: Final = SendState.FIN_QUEUED
 _RECEIVE_OPEN: Final = ReceiveState.OPEN
 _KINDS: Final = frozenset(int(kind) for kind in ChannelKind)
 _ERROR_CODES: Final = frozenset(int(code) for code in ErrorCode)
@@ -256,58 +254,11 @@ class Session:
         ``max_size`` caps the DATA payload below the chunk size and ends that
         channel's turn (for slow links; see Outbox.next_record).
         """
-        control = self._control
-        if control:
-            return control.popleft()
-        ready = self._ready
-        if not ready:
-            return None
-        if max_size is None:
-            # Fast path, once per chunk: the head channel's first queued piece
-            # fits its turn, the chunk size and its credit, so it goes out
-            # whole.  Inlines Outbox.next_record with SendCredit.consume and
-            # DeficitRoundRobin.charge (three calls); their bounds checks are
-            # the test below (0 <= credit - size, size <= budget; pieces are
-            # never empty).  Any other case takes Outbox.next_record.
-            channel_id = ready[0]
-            ch = self._channels[channel_id]
-            head = ch.pieces[0]
-            size = len(head)
-            credit = ch.credit
-            drr = self._drr
-            left = credit.credit - size
-            if left >= 0 and size <= drr.budget and size <= self._outbox.chunk_size:
-                ch.pieces.popleft()
-                credit.credit = left
-                queued = ch.queued_size = ch.queued_size - size
-                if queued and left:  # still ready: charge the turn
-                    budget = drr.budget - size
-                    if budget and not drr.fresh:
-                        drr.budget = budget
-                    else:  # turn over (a fresh key's turn is one chunk)
-                        ready.rotate(-1)
-                        drr.budget = drr.quantum
-                        if drr.fresh:
-                            drr.fresh -= 1
-                else:  # no longer ready: leaves the round robin
-                    self._ready_set.remove(channel_id)
-                    ready.popleft()
-                    drr.budget = drr.quantum
-                    if drr.fresh:
-                        drr.fresh -= 1
-                    if not queued and ch.send_state is _FIN_QUEUED:
-                        record = _pack_data_header(_DATA, channel_id) + head
-                        self._queue_fin(ch)  # the FIN follows this DATA
-                        return record
-                return _pack_data_header(_DATA, channel_id) + head
         return self._outbox.next_record(max_size)
 
     def next_record_parts(self, max_size: int | None = None) -> Parts | None:
         """Like :meth:`next_record`, as (record header, payload) not yet joined:
         the WebSocket layer frames the two without copying a chunk once more."""
-        control = self._control
-        if control:
-            return control.popleft(), b""
         return self._outbox.next_parts(max_size)
 
     # -- input -----------------------------------------------------------------
