@@ -38,6 +38,11 @@ TARGET_KINDS: Final = ("echo", "sink", "source")
 STARTUP_TIMEOUT: Final = 20.0
 STOP_TIMEOUT: Final = 5.0
 _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+#: The environment of every child. `python -m` puts the working directory
+#: first on sys.path, so an A/B run from a checkout with `--wstunnel "env
+#: PYTHONPATH=OTHER python -m wstunnel"` would import this checkout in both
+#: arms; PYTHONSAFEPATH (Python 3.11) stops that.
+CHILD_ENV: Final = {**os.environ, "PYTHONSAFEPATH": "1"}
 
 
 class BenchError(RuntimeError):
@@ -129,7 +134,7 @@ def spawn(stack: contextlib.ExitStack, argv: Sequence[str], log: Path | None,
     out: IO[bytes] | int = subprocess.PIPE
     if log is not None:
         out = stack.enter_context(log.open("wb"))
-    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=out,
+    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=out, env=CHILD_ENV,
                             stderr=subprocess.STDOUT if log is not None else None)
     stack.callback(_stop, proc)
     return proc
@@ -225,7 +230,8 @@ def relay_tls(command: Sequence[str], tmp: Path) -> tuple[list[str], list[str]]:
     """
     keys = tmp / "tls"
     done = subprocess.run([*command, "keygen", "--out", str(keys), "--name", "127.0.0.1",
-                           "--force"], capture_output=True, text=True, timeout=60, check=False)
+                           "--force"], capture_output=True, text=True, timeout=60, check=False,
+                          env=CHILD_ENV)
     pins = [line for line in done.stdout.splitlines() if line.startswith("sha256:")]
     if done.returncode != 0 or not pins:
         raise BenchError(f"wstunnel keygen failed ({done.returncode}): {done.stderr.strip()}")

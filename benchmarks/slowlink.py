@@ -217,8 +217,9 @@ def serve_delay(left: str, right: str, delay: float) -> int:
 def spawn(stack: contextlib.ExitStack, argv: Sequence[str], log: Path,
           **kwargs: object) -> subprocess.Popen[bytes]:
     out = stack.enter_context(log.open("wb"))
+    # PYTHONSAFEPATH: see _procs.CHILD_ENV (A/B runs must import what --wstunnel says)
     proc = subprocess.Popen(list(argv), stdout=kwargs.pop("stdout", out),  # type: ignore[call-overload]
-                            stderr=out, **kwargs)
+                            stderr=out, env={**os.environ, "PYTHONSAFEPATH": "1"}, **kwargs)
     stack.callback(_stop, proc)
     return proc  # type: ignore[no-any-return]
 

@@ -32,6 +32,7 @@ RANKS = {
     "guard": 6,
     "systemd": 3,
     "malloc_tuning": 3,
+    "openssl_tuning": 3,
     "net": 5,
     "metrics": 5,
     "reload": 5,

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .errors import HandshakeError
+from .openssl_tuning import tune_context
 
 __all__ = [
     "ALPN",
@@ -112,6 +113,7 @@ def _base_context(purpose: int) -> ssl.SSLContext:
     # TLS 1.2 renegotiation would make a write wait for a read (net/tls_stream.py)
     context.options |= ssl.OP_NO_RENEGOTIATION
     context.set_alpn_protocols([ALPN])
+    tune_context(context)  # read-ahead, AES-128-GCM first (openssl_tuning.py)
     return context
 
 

@@ -171,3 +171,25 @@ async def test_failed_handshake_says_why_and_closes_the_socket(
     assert len(failures) == 1
     assert isinstance(failures[0].__cause__, ssl.SSLCertVerificationError)
     assert raw_client.socket.fileno() == -1  # taken over, and closed with the TLS socket
+
+
+async def test_records_read_ahead_reach_the_reader_without_new_socket_data(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """OpenSSL reads ahead (openssl_tuning.py): one read() takes several records off the
+    socket, and the ones it holds must still be delivered though the socket is empty."""
+    client, server = await tls_pair(contexts)
+    try:
+        with trio.fail_after(5):
+            for word in (b"one", b"two", b"three"):
+                await client.send_all(word)  # a TLS record each
+            assert await server.receive_some(3) == b"one"
+            # All three records left the kernel with that first read...
+            with pytest.raises(BlockingIOError):
+                socket.socket.recv(server._sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            # ...and the two held inside OpenSSL arrive without waiting for the socket.
+            assert await server.receive_some(100) == b"twothree"
+        assert client._sock.cipher()[0] == "TLS_AES_128_GCM_SHA256"  # as ssh's aes128-gcm
+    finally:
+        await client.aclose()
+        await server.aclose()
