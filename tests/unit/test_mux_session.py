@@ -799,8 +799,8 @@ def test_solo_chunk_size_is_checked() -> None:
         Session(Role.AGENT, max_chunk_size=32 * KIB, solo_chunk_size=16 * KIB)
 
 
-def test_competing_channels_share_a_fast_write_in_quarters_and_a_slow_one_in_chunks() -> None:
-    """Chunks follow the write size: four turns per 256 KiB write on a fast link, the
+def test_competing_channels_share_a_fast_write_in_halves_and_a_slow_one_in_chunks() -> None:
+    """Chunks follow the write size: two turns per 256 KiB write on a fast link, the
     configured chunk (16 KiB) once writes are small; every channel gets the same bytes."""
     agent, relay = connected_pair(initial_window=4 << 20)
     channels = [open_accepted(agent, relay) for _ in range(4)]
@@ -812,7 +812,7 @@ def test_competing_channels_share_a_fast_write_in_quarters_and_a_slow_one_in_chu
                 for r in (agent.next_record(max_size) for _ in range(count)) if r]
 
     fast = cut(256 * KIB, 8)
-    assert [size for _, size in fast] == [64 * KIB] * 8
+    assert [size for _, size in fast] == [128 * KIB] * 8
     assert [channel for channel, _ in fast] == channels * 2
     slow = cut(48 * KIB, 8)
     assert [size for _, size in slow] == [DEFAULT_MAX_CHUNK_SIZE] * 8

@@ -21,8 +21,8 @@ Two refinements (docs/PROTOCOL.md §10). A channel that becomes ready with an
 empty queue before it is *fresh* and goes ahead of the backlog for one chunk
 (FQ-CoDel's new flows), so a keystroke does not wait a whole round of busy
 channels. And the chunk follows the link: a channel alone sends one record per
-write (no one to be fair to), and on a fast link competing channels get a
-quarter of the write each instead of the configured small chunk.
+write (no one to be fair to), and on a fast link competing channels get
+half the write each instead of the configured small chunk.
 
 Membership is a set beside the FIFO, so :meth:`add` is O(1) and idempotent.
 A key leaves the FIFO from the head in O(1) when it stops being ready, which
@@ -163,8 +163,12 @@ Parts = tuple[bytes, "bytes | memoryview"]
 
 _pack_data_header = struct.Struct("!BI").pack
 _DATA = 0x05
-#: On a fast link, competing channels share each write in about this many chunks.
-FAST_WRITE_SHARES = 4
+#: A write of at least this many configured chunks means a fast link...
+FAST_WRITE_CHUNKS = 4
+#: ...where competing channels share each write in about this many chunks
+#: (2, not 4: 16 channels over ws:// -12 % CPU per GiB, +15 % throughput;
+#: docs/PERFORMANCE.md).
+FAST_WRITE_SHARES = 2
 
 
 class Outbox:
@@ -226,7 +230,7 @@ class Outbox:
         follows this write, as it would behind sixteen small chunks of the
         same write), and the per-record work drops sixteenfold on a fast link.
 
-        On a fast link (``max_size`` at least FAST_WRITE_SHARES chunks) channels
+        On a fast link (``max_size`` at least FAST_WRITE_CHUNKS chunks) channels
         that compete get chunks of ``max_size // FAST_WRITE_SHARES`` (up to the
         solo size), so each write still interleaves that many turns while a
         round of N busy channels stays about N / FAST_WRITE_SHARES writes long.
@@ -243,7 +247,7 @@ class Outbox:
             return self._solo_parts(ch, channel_id, max_size)
         credit = ch.credit
         chunk = self.chunk_size
-        if (max_size is not None and max_size >= FAST_WRITE_SHARES * chunk
+        if (max_size is not None and max_size >= FAST_WRITE_CHUNKS * chunk
                 and self.solo_chunk_size > chunk):
             chunk = min(self.solo_chunk_size, max_size // FAST_WRITE_SHARES)
         if self.adaptive_quantum and drr.quantum != chunk:

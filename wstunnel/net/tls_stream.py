@@ -5,7 +5,9 @@ Python twice (BIO in, plaintext out) and takes a trip through its locks and
 retry loop, which cost wss:// half its throughput against ws:// (agent and
 relay spent ~4.3 s more CPU per GiB, where AES-GCM itself needs ~0.3 s). Here a
 non-blocking ``ssl.SSLSocket`` does the I/O in C; Python only waits for
-readiness and drains several records per call.
+readiness and drains several records per call. OpenSSL reads ahead
+(openssl_tuning.py), so it may hold whole records the socket no longer shows:
+``receive_some`` therefore always tries to read before it waits.
 
 Like ``trio.SSLStream(https_compatible=True)``, closing sends no close_notify
 and a missing one on EOF is not an error: the WebSocket close handshake is what
