@@ -42,6 +42,7 @@ from .auth import ANONYMOUS, RateLimiter, bearer_token, expand_credentials, toke
 from .auth import verify_token as _verify_token
 from .config import AgentAccount, RelayConfig
 from .errors import ConfigError
+from .net.plain_stream import take_over
 from .net.tls_stream import start_tls
 from .policy import Policy
 from .tls import client_identity, server_context
@@ -137,7 +138,7 @@ class Gatekeeper:
         """The stream to speak HTTP on, and the client certificate's name (mutual TLS)."""
         context = self.ssl_context
         if context is None:
-            return tcp, None
+            return take_over(tcp), None
         stream = await start_tls(tcp, context, server_side=True)
         return stream, client_identity(stream.getpeercert())
 

@@ -17,6 +17,7 @@ from .. import tls, ws
 from ..config import RelayURL
 from ..errors import AuthenticationError, HandshakeError
 from .explain import explain_rejection
+from .plain_stream import take_over
 from .tls_stream import TLSSocketStream, start_tls
 
 __all__ = [
@@ -79,8 +80,8 @@ async def open_websocket(
     if server_hostname is not None:
         relay = relay._replace(host=server_hostname)  # what SNI and Host carry
     try:
-        if relay.secure:
-            stream = await _start_tls(tcp, relay, ssl_context, pin)
+        stream = (await _start_tls(tcp, relay, ssl_context, pin) if relay.secure
+                  else take_over(tcp))
         trailing = await _upgrade(stream, relay, headers or [], host_header)
     except BaseException:
         await trio.aclose_forcefully(stream)

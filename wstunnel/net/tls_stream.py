@@ -25,6 +25,8 @@ from typing import Any, Final
 
 import trio
 
+from .plain_stream import PlainSocketStream
+
 __all__ = ["TLSSocketStream", "start_tls"]
 
 #: Rare cases where a read must wait to write or the other way round: the
@@ -62,12 +64,14 @@ async def start_tls(
     return stream
 
 
-class TLSSocketStream(trio.abc.Stream):
-    """A trio Stream over a non-blocking ``ssl.SSLSocket``."""
+class TLSSocketStream(PlainSocketStream):
+    """A trio Stream over a non-blocking ``ssl.SSLSocket`` (closing as the plain one)."""
+
+    _what = "TLS connection"
+    _sock: ssl.SSLSocket
 
     def __init__(self, sock: ssl.SSLSocket) -> None:
-        self._sock = sock
-        self._closed = False
+        super().__init__(sock)
         self._cork = _TCP_CORK is not None
 
     def getpeercert(self, binary_form: bool = False) -> Any:
@@ -166,26 +170,3 @@ class TLSSocketStream(trio.abc.Stream):
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
         except OSError:
             self._cork = False  # not TCP, or not Linux: write uncorked from now on
-
-    async def wait_send_all_might_not_block(self) -> None:
-        self._check_open()
-        await trio.lowlevel.wait_writable(self._sock)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
-            self._sock.close()
-
-    async def aclose(self) -> None:
-        self.close()
-        await trio.lowlevel.checkpoint()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("the TLS stream was closed")
-
-    def _broken(self, exc: BaseException) -> Exception:
-        if self._closed:
-            return trio.ClosedResourceError("the TLS stream was closed")
-        return trio.BrokenResourceError(f"TLS connection failed: {exc}")
