@@ -166,8 +166,8 @@ _DATA = 0x05
 #: A write of at least this many configured chunks means a fast link...
 FAST_WRITE_CHUNKS = 4
 #: ...where competing channels share each write in about this many chunks
-#: (2, not 4: 16 channels over ws:// -12 % CPU per GiB, +15 % throughput;
-#: docs/PERFORMANCE.md).
+#: (2, not 4: fewer records per write; 16 channels over ws:// took 3-16 % less
+#: CPU per GiB in three sets of interleaved runs, docs/PERFORMANCE.md).
 FAST_WRITE_SHARES = 2
 
 
