@@ -716,7 +716,7 @@ def test_a_small_write_overtakes_100_mib_of_bulk_within_two_chunks() -> None:
             relay.acknowledge(event.channel_id, len(event.data))
         transfer(relay, agent)
         sent_chunks += 1
-    assert queued == total and probes > 50
+    assert queued == total and probes > 20  # (1 MiB solo chunks: ~100 of them)
 
 
 def test_a_write_size_below_the_chunk_size_cuts_small_chunks_and_ends_turns() -> None:

@@ -67,8 +67,9 @@ MAX_WINDOW: Final = 16 * 1024 * 1024
 DEFAULT_MAX_CHUNK_SIZE: Final = 16 * 1024
 #: Largest DATA a channel cuts while no other channel has data ready (when the
 #: peer accepts it, and within the I/O layer's write size): on a fast link one
-#: record per write instead of sixteen (docs/PERFORMANCE.md).
-DEFAULT_SOLO_CHUNK_SIZE: Final = 256 * 1024
+#: record per write instead of 64 (docs/PERFORMANCE.md). TunnelProtocol caps
+#: it to what the WebSocket message limit leaves room for (1 MiB by default).
+DEFAULT_SOLO_CHUNK_SIZE: Final = 1024 * 1024
 #: The smallest chunk limit anyone may announce: what a sender assumes before
 #: the peer's SETTINGS arrive.
 MIN_CHUNK_SIZE: Final = 1024

@@ -55,7 +55,7 @@ log = logging.getLogger("wstunnel.session")
 
 #: Where select.epoll is missing, agent and relay splice with two tasks per channel.
 AVAILABLE: Final = hasattr(select, "epoll")
-READ_SIZE: Final = 256 * 1024
+READ_SIZE: Final = 1024 * 1024
 #: Ready sockets served per wake-up; the rest stay ready (level-triggered).
 MAX_EVENTS: Final = 256
 #: Reads of READ_SIZE a refused channel's socket is drained with before closing.

@@ -34,6 +34,10 @@ __all__ = ["TLSSocketStream", "start_tls"]
 _POLL = 0.005
 #: Writes at least this big are corked (several TLS records).
 CORK_MIN_SIZE: Final = 32 * 1024
+#: A read's first buffer. It doubles while reads fill it (up to what the caller
+#: asks for) and halves when they come back under a quarter full, so a 64-byte
+#: message does not pay for zeroing a 1 MiB buffer.
+MIN_RECEIVE_BUFFER: Final = 64 * 1024
 _TCP_CORK: Final[int | None] = getattr(socket, "TCP_CORK", None)
 
 
@@ -73,6 +77,7 @@ class TLSSocketStream(PlainSocketStream):
     def __init__(self, sock: ssl.SSLSocket) -> None:
         super().__init__(sock)
         self._cork = _TCP_CORK is not None
+        self._buffer_size = MIN_RECEIVE_BUFFER
 
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._sock.getpeercert(binary_form)
@@ -93,9 +98,10 @@ class TLSSocketStream(PlainSocketStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         """Up to ``max_bytes``: every record already decryptable, not just one."""
         self._check_open()
-        size = max_bytes if max_bytes is not None else 65536
-        if size < 1:
+        wanted = max_bytes if max_bytes is not None else 65536
+        if wanted < 1:
             raise ValueError("max_bytes must be >= 1")
+        size = min(wanted, self._buffer_size)
         sock = self._sock
         buffer = bytearray(size)
         view = memoryview(buffer)
@@ -124,6 +130,10 @@ class TLSSocketStream(PlainSocketStream):
             raise self._broken(exc) from exc
         finally:
             view.release()
+        if filled == size and size < wanted:
+            self._buffer_size = size * 2
+        elif filled < size // 4 and size > MIN_RECEIVE_BUFFER:
+            self._buffer_size = size // 2
         if not waited:
             await trio.lowlevel.checkpoint()
         del buffer[filled:]

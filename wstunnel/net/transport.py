@@ -7,9 +7,10 @@ objects; every state change wakes the single writer task, which pulls
 it. Since the writer pulls at most one write's worth at a time and the kernel's
 unsent bytes are capped by TCP_NOTSENT_LOWAT, queued bulk data waits in our
 scheduler, where an interactive channel can overtake it. One write's worth
-adapts to the link (``next_write_size``): 256 KiB on loopback, where large
-writes save system calls, down to one chunk on a slow link, where a 256 KiB
-write would hold an interactive record back for 100 ms at 20 Mbit/s.
+adapts to the link (``next_write_size``): 1 MiB on loopback, where large
+writes save system calls and Python's work per byte, down to one chunk on a
+slow link, where a 1 MiB write would hold an interactive record back for
+400 ms at 20 Mbit/s.
 
 Local TCP connections are carried by the session's ``SocketPump`` (net/pump.py)
 once handed over with ``attach``: no task per channel; the reader calls the
@@ -43,11 +44,13 @@ __all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler"]
 
 log = logging.getLogger("wstunnel.session")
 
-RECEIVE_SIZE = 256 * 1024
+#: Largest read (and, below, write): 1 MiB, not 256 KiB, took a quarter off
+#: the CPU per GiB uploading (docs/PERFORMANCE.md).
+RECEIVE_SIZE = 1024 * 1024
 #: Bytes pulled from the scheduler per write: at most MAX_WRITE_SIZE (fewer
 #: system calls on a fast link), at least MIN_WRITE_SIZE; below the chunk
 #: size the scheduler cuts chunks of the write size (1.6 ms at 20 Mbit/s).
-MAX_WRITE_SIZE = 256 * 1024
+MAX_WRITE_SIZE = 1024 * 1024
 MIN_WRITE_SIZE = 4 * 1024
 #: How long one write may hold the writer. A record that becomes ready while
 #: a write is in progress (an interactive channel's chunk, a WINDOW) waits for
