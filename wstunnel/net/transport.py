@@ -52,6 +52,11 @@ RECEIVE_SIZE = 1024 * 1024
 #: size the scheduler cuts chunks of the write size (1.6 ms at 20 Mbit/s).
 MAX_WRITE_SIZE = 1024 * 1024
 MIN_WRITE_SIZE = 4 * 1024
+#: The first write's limit; fast full writes double it up to MAX_WRITE_SIZE.
+#: Below it the link counts as slow (the writer waits for writability before it
+#: chooses what to send). A session's first bulk write on a slow link thus holds
+#: an interactive record back at most as long as 256 KiB takes, not 1 MiB.
+START_WRITE_SIZE = 256 * 1024
 #: How long one write may hold the writer. A record that becomes ready while
 #: a write is in progress (an interactive channel's chunk, a WINDOW) waits for
 #: that write, so on a slow link the write size follows the link's rate.
@@ -280,12 +285,12 @@ class TunnelTransport:
         send_all = self.stream.send_all
         clock = trio.current_time
         wait_writable = self.stream.wait_send_all_might_not_block
-        write_size = MAX_WRITE_SIZE
+        write_size = START_WRITE_SIZE
         try:
             while True:
                 self._wake = trio.Event()
                 started = clock()
-                if write_size < MAX_WRITE_SIZE and protocol.wants_to_send():
+                if write_size < START_WRITE_SIZE and protocol.wants_to_send():
                     # A slow link: choose what to send only once the kernel
                     # takes more, so a record that becomes ready meanwhile
                     # (an interactive chunk) is not stuck behind this write.
