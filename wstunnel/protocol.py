@@ -105,6 +105,16 @@ class TunnelProtocol:
         Returns b"" when nothing is ready; call again after any local action
         or received data.
         """
+        self._frame_records(max_size)
+        return self._ws.data_to_send()
+
+    def parts_to_send(self, max_size: int = DEFAULT_WRITE_SIZE
+                      ) -> list[bytes | bytearray | memoryview]:
+        """``data_to_send`` as pieces to write in order (empty: nothing ready)."""
+        self._frame_records(max_size)
+        return self._ws.data_to_send_parts()
+
+    def _frame_records(self, max_size: int) -> None:
         wsconn = self._ws
         if wsconn.state is ws.ConnectionState.OPEN:
             size = 0
@@ -117,7 +127,6 @@ class TunnelProtocol:
                 head, payload = parts
                 send_parts(head, payload)
                 size += len(head) + len(payload) + 14
-        return wsconn.data_to_send()
 
     def wants_to_send(self) -> bool:
         """True when ``data_to_send`` would return bytes (cheap check)."""

@@ -48,3 +48,21 @@ async def test_take_over_moves_the_socket_and_a_gone_peer_is_a_broken_stream() -
         assert isinstance(caught.value.__cause__, OSError)
     finally:
         await stream.aclose()
+
+
+async def test_parts_arrive_as_if_joined_even_when_the_kernel_takes_them_piecemeal() -> None:
+    """send_parts gathers with sendmsg; partial sends resume mid-part."""
+    sender, receiver = plain_pair()
+    parts = [b"h" * 10, bytes(range(256)) * 8192, b"x", b"y" * 3_000_000]  # > socket buffers
+    expected = b"".join(parts)
+    received = bytearray()
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender.send_parts, parts)
+                while len(received) < len(expected):
+                    received += await receiver.receive_some(1 << 20)
+        assert received == expected
+    finally:
+        await sender.aclose()
+        await receiver.aclose()

@@ -193,3 +193,22 @@ async def test_records_read_ahead_reach_the_reader_without_new_socket_data(
     finally:
         await client.aclose()
         await server.aclose()
+
+
+async def test_parts_arrive_as_if_joined(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """send_parts (the writer's frame headers and payloads, not joined) delivers
+    exactly the concatenation, whatever the mix of small and big parts."""
+    client, server = await tls_pair(contexts, tcp=True)
+    parts = [b"h" * 10, os.urandom(100_000), b"x", b"y" * 20_000, b"z" * 3, os.urandom(40_000)]
+    expected = b"".join(parts)
+    received = bytearray()
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_parts, parts)
+                while len(received) < len(expected):
+                    received += await server.receive_some(1 << 20)
+        assert received == expected
+    finally:
+        await client.aclose()
+        await server.aclose()

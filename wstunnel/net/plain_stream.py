@@ -15,6 +15,8 @@ raises ``BrokenResourceError`` caused by the ``OSError``. The wss:// twin is
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
+from typing import Final
 
 import trio
 
@@ -22,6 +24,10 @@ __all__ = ["PlainSocketStream", "take_over"]
 
 #: receive_some without max_bytes.
 DEFAULT_RECEIVE_SIZE = 65536
+#: Pieces per sendmsg (well under IOV_MAX).
+MAX_PIECES: Final = 64
+
+Buffer = bytes | bytearray | memoryview
 
 
 def take_over(tcp: trio.SocketStream) -> PlainSocketStream:
@@ -75,6 +81,35 @@ class PlainSocketStream(trio.abc.Stream):
                     await trio.lowlevel.wait_writable(sock)
                     continue
                 view = view[sent:]
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        if not waited:
+            await trio.lowlevel.checkpoint()
+
+    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+        """``send_all`` of the parts joined, without joining them (``sendmsg``)."""
+        if len(parts) == 1:
+            await self.send_all(parts[0])
+            return
+        self._check_open()
+        sock = self._sock
+        views = [memoryview(part) for part in parts if len(part)]
+        waited = False
+        try:
+            while views:
+                try:
+                    sent = sock.sendmsg(views[:MAX_PIECES])
+                except BlockingIOError:
+                    waited = True
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                while sent:
+                    size = len(views[0])
+                    if size > sent:
+                        views[0] = views[0][sent:]
+                        break
+                    sent -= size
+                    del views[0]
         except OSError as exc:
             raise self._broken(exc) from exc
         if not waited:

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
 import trio
 
-from .plain_stream import PlainSocketStream
+from .plain_stream import Buffer, PlainSocketStream
 
 __all__ = ["TLSSocketStream", "start_tls"]
 
 #: Rare cases where a read must wait to write or the other way round: the
 #: other direction's task owns that readiness (trio allows one waiter each).
 _POLL = 0.005
+#: The largest TLS record's payload.
+TLS_RECORD_SIZE: Final = 16 * 1024
 #: Writes at least this big are corked (several TLS records).
 CORK_MIN_SIZE: Final = 32 * 1024
 #: A read's first buffer. It doubles while reads fill it (up to what the caller
@@ -140,33 +143,38 @@ class TLSSocketStream(PlainSocketStream):
         return buffer
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_parts((data,))
+
+    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+        """``send_all`` of the parts joined; only what fills one TLS record around
+        a small part (a frame header) is copied (``_records``)."""
         self._check_open()
         sock = self._sock
-        view = memoryview(data)
         # OpenSSL writes each 16 KiB record with its own write(): corked, the
         # kernel sends them as full segments (loopback: 64 KiB), a quarter of
         # the transmits; CPU per GiB through a TLS pair -15 % (docs/PERFORMANCE.md).
-        cork = self._cork and len(view) >= CORK_MIN_SIZE
+        cork = self._cork and sum(map(len, parts)) >= CORK_MIN_SIZE
         try:
             if cork:
                 self._set_cork(True)
-            # SSL_write without partial writes: after WANT_WRITE the same
-            # buffer goes again, and OpenSSL continues where it stopped.
-            while view:
-                try:
-                    sent = sock.send(view)
-                except ssl.SSLWantWriteError:
-                    if cork:
-                        self._set_cork(False)  # what is queued goes out while we wait
-                    await trio.lowlevel.wait_writable(sock)
-                    if cork:
-                        self._set_cork(True)
-                    continue
-                except ssl.SSLWantReadError:
-                    # Only a renegotiation does this (our contexts refuse them).
-                    await trio.sleep(_POLL)
-                    continue
-                view = view[sent:]
+            for view in _records(parts):
+                # SSL_write without partial writes: after WANT_WRITE the same
+                # buffer goes again, and OpenSSL continues where it stopped.
+                while view:
+                    try:
+                        sent = sock.send(view)
+                    except ssl.SSLWantWriteError:
+                        if cork:
+                            self._set_cork(False)  # what is queued goes out while we wait
+                        await trio.lowlevel.wait_writable(sock)
+                        if cork:
+                            self._set_cork(True)
+                        continue
+                    except ssl.SSLWantReadError:
+                        # Only a renegotiation does this (our contexts refuse them).
+                        await trio.sleep(_POLL)
+                        continue
+                    view = view[sent:]
         except (ssl.SSLError, OSError) as exc:
             raise self._broken(exc) from exc
         finally:
@@ -180,3 +188,27 @@ class TLSSocketStream(PlainSocketStream):
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
         except OSError:
             self._cork = False  # not TCP, or not Linux: write uncorked from now on
+
+
+def _records(parts: Sequence[Buffer]) -> Iterator[memoryview]:
+    """The buffers to hand SSL_write for ``parts``: big parts as they are, small
+    ones joined with what follows up to a full record, so no record carries
+    just a frame header and at most one record's worth is copied per part."""
+    small = bytearray()
+    for part in parts:
+        view = memoryview(part)
+        if len(view) < TLS_RECORD_SIZE:
+            small += view
+            if len(small) >= TLS_RECORD_SIZE:
+                yield memoryview(small)
+                small = bytearray()
+            continue
+        if small:
+            cut = TLS_RECORD_SIZE - len(small)
+            small += view[:cut]
+            yield memoryview(small)
+            small = bytearray()
+            view = view[cut:]
+        yield view
+    if small:
+        yield memoryview(small)

@@ -282,7 +282,7 @@ class TunnelTransport:
 
     async def _writer(self) -> None:
         protocol = self.protocol
-        send_all = self.stream.send_all
+        send_parts = getattr(self.stream, "send_parts", None) or self._send_joined
         clock = trio.current_time
         wait_writable = self.stream.wait_send_all_might_not_block
         write_size = START_WRITE_SIZE
@@ -296,10 +296,12 @@ class TunnelTransport:
                     # (an interactive chunk) is not stuck behind this write.
                     # The wait counts as part of the write's time.
                     await wait_writable()
-                data = protocol.data_to_send(write_size)
-                if data:
-                    await send_all(data)
-                    write_size = next_write_size(write_size, len(data), clock() - started)
+                parts = protocol.parts_to_send(write_size)
+                if parts:
+                    # (a frame's header and payload go out without being joined)
+                    await send_parts(parts)
+                    written = sum(map(len, parts))
+                    write_size = next_write_size(write_size, written, clock() - started)
                     continue
                 if protocol.should_close_transport:
                     self._end(self._closed_reason("session closed"))
@@ -307,6 +309,10 @@ class TunnelTransport:
                 await self._wake.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
+
+    async def _send_joined(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """For streams that cannot gather (``send_parts``): one joined write."""
+        await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def _keepalive(self) -> None:
         """Ping every ``ping_interval`` (also while a pong is awaited, so proxies that

@@ -238,6 +238,14 @@ class WebSocketConnection:
             return b"".join(output)
         return first
 
+    def data_to_send_parts(self) -> list[bytes | bytearray | memoryview]:
+        """``data_to_send`` as the pieces queued, in order, not joined: a server's
+        frame is its header and the payload it was given, which a gathering
+        write sends without copying the payload once more."""
+        output = self._output
+        self._output = []
+        return output
+
     # -- local actions -------------------------------------------------------
 
     def send_bytes(self, data: bytes | bytearray | memoryview) -> None:

@@ -156,8 +156,9 @@ def encode_binary_parts(prefix: bytes, payload: bytes | bytearray | memoryview,
                         mask_key: bytes | None) -> list[bytes | bytearray | memoryview]:
     """One final BINARY frame whose payload is ``prefix + payload``, without joining them.
 
-    A server gets ``[header + prefix, payload]`` (the transport joins once per
-    write anyway); a client one buffer, masked in the same pass that copies.
+    A server gets ``[header + prefix, payload]`` (the transport writes the
+    pieces without joining them); a client one buffer, masked in the same
+    pass that copies.
     """
     header = _encode_header(Opcode.BINARY, len(prefix) + len(payload), True, 0, mask_key)
     if mask_key is not None:
