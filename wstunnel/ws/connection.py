@@ -241,7 +241,9 @@ class WebSocketConnection:
     def data_to_send_parts(self) -> list[bytes | bytearray | memoryview]:
         """``data_to_send`` as the pieces queued, in order, not joined: a server's
         frame is its header and the payload it was given, which a gathering
-        write sends without copying the payload once more."""
+        write sends without copying the payload once more. Nothing here changes
+        the pieces afterwards (payloads come from the multiplexer, which copies
+        anything mutable it is given)."""
         output = self._output
         self._output = []
         return output
