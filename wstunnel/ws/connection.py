@@ -242,8 +242,8 @@ class WebSocketConnection:
         """``data_to_send`` as the pieces queued, in order, not joined: a server's
         frame is its header and the payload it was given, which a gathering
         write sends without copying the payload once more. Nothing here changes
-        the pieces afterwards (payloads come from the multiplexer, which copies
-        anything mutable it is given)."""
+        the pieces afterwards (payloads come from the multiplexer, which keeps
+        bytes and read-only views as given and copies anything writable)."""
         output = self._output
         self._output = []
         return output
