@@ -20,7 +20,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["PlainSocketStream", "take_over"]
+__all__ = ["MAX_PIECES", "PlainSocketStream", "drop_sent", "take_over"]
 
 #: receive_some without max_bytes.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -28,6 +28,19 @@ DEFAULT_RECEIVE_SIZE = 65536
 MAX_PIECES: Final = 64
 
 Buffer = bytes | bytearray | memoryview
+
+
+def drop_sent(pieces: list[Buffer], sent: int) -> None:
+    """Remove the first ``sent`` bytes from ``pieces`` (what a gathering send took)."""
+    whole = 0
+    while sent:
+        size = len(pieces[whole])
+        if size > sent:
+            pieces[whole] = memoryview(pieces[whole])[sent:]
+            break
+        sent -= size
+        whole += 1
+    del pieces[:whole]
 
 
 def take_over(tcp: trio.SocketStream) -> PlainSocketStream:
@@ -68,48 +81,23 @@ class PlainSocketStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self._check_open()
-        sock = self._sock
-        view = memoryview(data)
-        waited = False
-        try:
-            while view:
-                try:
-                    sent = sock.send(view)
-                except BlockingIOError:
-                    waited = True
-                    await trio.lowlevel.wait_writable(sock)
-                    continue
-                view = view[sent:]
-        except OSError as exc:
-            raise self._broken(exc) from exc
-        if not waited:
-            await trio.lowlevel.checkpoint()
+        await self.send_parts((data,))
 
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
         """``send_all`` of the parts joined, without joining them (``sendmsg``)."""
-        if len(parts) == 1:
-            await self.send_all(parts[0])
-            return
         self._check_open()
         sock = self._sock
-        views = [memoryview(part) for part in parts if len(part)]
+        pieces: list[Buffer] = [part for part in parts if len(part)]
         waited = False
         try:
-            while views:
+            while pieces:
                 try:
-                    sent = sock.sendmsg(views[:MAX_PIECES])
+                    sent = sock.sendmsg(pieces[:MAX_PIECES])
                 except BlockingIOError:
                     waited = True
                     await trio.lowlevel.wait_writable(sock)
                     continue
-                while sent:
-                    size = len(views[0])
-                    if size > sent:
-                        views[0] = views[0][sent:]
-                        break
-                    sent -= size
-                    del views[0]
+                drop_sent(pieces, sent)
         except OSError as exc:
             raise self._broken(exc) from exc
         if not waited:

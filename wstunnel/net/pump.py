@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import trio
 
 from ..errors import ChannelRefused
+from .plain_stream import MAX_PIECES, Buffer, drop_sent
 
 if TYPE_CHECKING:
     from .channel_stream import ChannelStream
@@ -60,8 +61,6 @@ READ_SIZE: Final = 1024 * 1024
 MAX_EVENTS: Final = 256
 #: Reads of READ_SIZE a refused channel's socket is drained with before closing.
 MAX_DISCARD_READS: Final = 16
-#: Pieces per sendmsg (well under IOV_MAX).
-MAX_WRITE_PIECES: Final = 64
 
 _IN: Final = getattr(select, "EPOLLIN", 1)
 _OUT: Final = getattr(select, "EPOLLOUT", 4)
@@ -155,7 +154,7 @@ class _PumpedSocket:
         self._reading = True  # local -> channel, until the local EOF
         self._writing = True  # channel -> local, until its FIN is passed on
         self._fin_pending = False  # FIN arrived; shutdown once _pending is written
-        self._pending: list[bytes | memoryview] | None = None
+        self._pending: list[Buffer] | None = None
         self._done = False
 
     # -- ChannelSink: called by the transport's reader task ----------------------
@@ -215,7 +214,7 @@ class _PumpedSocket:
             if len(pending) == 1:
                 sent = self._sock.send(pending[0])
             else:
-                sent = self._sock.sendmsg(pending[:MAX_WRITE_PIECES])
+                sent = self._sock.sendmsg(pending[:MAX_PIECES])
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -284,18 +283,9 @@ class _PumpedSocket:
                 protocol.send_eof(channel.channel_id)
         self._finish_if_both_done()
 
-    def _consumed(self, pending: list[bytes | memoryview], sent: int) -> None:
+    def _consumed(self, pending: list[Buffer], sent: int) -> None:
         """Drop ``sent`` bytes from the front of ``pending``; return their credit."""
-        left = sent
-        whole = 0
-        while left:
-            size = len(pending[whole])
-            if size > left:
-                pending[whole] = memoryview(pending[whole])[left:]
-                break
-            left -= size
-            whole += 1
-        del pending[:whole]
+        drop_sent(pending, sent)
         if not pending:
             self._pending = None
         self._channel._acknowledge(sent)

@@ -195,18 +195,17 @@ class TunnelTransport:
         if self._pump is None or not isinstance(stream, trio.SocketStream):
             return False
         sock = socket.socket(fileno=stream.socket.detach())
-        self._pump.attach(sock, channel, on_finished, read_now=read_now)
-        return True
+        return self.attach_socket(sock, channel, on_finished, read_now=read_now)
 
     def attach_socket(
         self, sock: socket.socket, channel: ChannelStream,
-        on_finished: Callable[[], None] = lambda: None,
+        on_finished: Callable[[], None] = lambda: None, *, read_now: bool = False,
     ) -> bool:
         """``attach`` for a connected standard-library socket (the relay's task-free
         dial); on False the caller still owns ``sock``."""
         if self._pump is None:
             return False
-        self._pump.attach(sock, channel, on_finished)
+        self._pump.attach(sock, channel, on_finished, read_now=read_now)
         return True
 
     @property
