@@ -10,6 +10,8 @@ import trio.testing
 
 from wstunnel.net.plain_stream import PlainSocketStream, take_over
 
+from .tunnel_helpers import assert_parts_arrive_joined
+
 
 def plain_pair() -> tuple[PlainSocketStream, PlainSocketStream]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -54,15 +56,8 @@ async def test_parts_arrive_as_if_joined_even_when_the_kernel_takes_them_pieceme
     """send_parts gathers with sendmsg; partial sends resume mid-part."""
     sender, receiver = plain_pair()
     parts = [b"h" * 10, bytes(range(256)) * 8192, b"x", b"y" * 3_000_000]  # > socket buffers
-    expected = b"".join(parts)
-    received = bytearray()
     try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(sender.send_parts, parts)
-                while len(received) < len(expected):
-                    received += await receiver.receive_some(1 << 20)
-        assert received == expected
+        await assert_parts_arrive_joined(sender, receiver, parts)
     finally:
         await sender.aclose()
         await receiver.aclose()

@@ -26,6 +26,7 @@ from wstunnel.service import run_service
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
+    echo_exact,
     echo_handler,
     relay_config,
     serve_target,
@@ -34,13 +35,7 @@ from .tunnel_helpers import (
 
 
 async def _echo_once(stream: trio.abc.Stream, data: bytes) -> None:
-    await stream.send_all(data)
-    got = b""
-    while len(got) < len(data):
-        chunk = await stream.receive_some()
-        assert chunk, "the connection closed"
-        got += chunk
-    assert got == data
+    assert await echo_exact(stream, data) == data
 
 
 async def _reload(reloads: trio.MemorySendChannel[ReloadRequest], config: Any) -> ReloadRequest:

@@ -22,6 +22,8 @@ import trio.testing
 from wstunnel.net.tls_stream import TLSSocketStream, start_tls
 from wstunnel.tls import ClientTLS, client_context, self_signed_certificate, server_context
 
+from .tunnel_helpers import assert_parts_arrive_joined
+
 
 @pytest.fixture(scope="module")
 def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
@@ -200,15 +202,8 @@ async def test_parts_arrive_as_if_joined(contexts: tuple[ssl.SSLContext, ssl.SSL
     exactly the concatenation, whatever the mix of small and big parts."""
     client, server = await tls_pair(contexts, tcp=True)
     parts = [b"h" * 10, os.urandom(100_000), b"x", b"y" * 20_000, b"z" * 3, os.urandom(40_000)]
-    expected = b"".join(parts)
-    received = bytearray()
     try:
-        with trio.fail_after(5):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.send_parts, parts)
-                while len(received) < len(expected):
-                    received += await server.receive_some(1 << 20)
-        assert received == expected
+        await assert_parts_arrive_joined(client, server, parts)
     finally:
         await client.aclose()
         await server.aclose()

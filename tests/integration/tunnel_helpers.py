@@ -187,6 +187,21 @@ async def upload_and_download(port: int, up: int, down: int) -> None:
     assert got[down:].hex() == sent_hash
 
 
+async def assert_parts_arrive_joined(sender: Any, receiver: trio.abc.Stream,
+                                     parts: list[bytes], timeout: float = 10) -> None:
+    """``sender.send_parts(parts)`` delivers exactly their concatenation."""
+    expected = b"".join(parts)
+    received = bytearray()
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender.send_parts, parts)
+            while len(received) < len(expected):
+                data = await receiver.receive_some(1 << 20)
+                assert data, "closed early"
+                received += data
+    assert received == expected
+
+
 async def echo_exact(stream: trio.abc.Stream, payload: bytes) -> bytes:
     """Send ``payload`` and read back as many bytes; fail if the stream closes first."""
     await stream.send_all(payload)
