@@ -65,6 +65,16 @@ class TunnelProtocol:
         self._ws.receive_data(data)
         self._process_ws_events()
 
+    def receive_buffer(self) -> memoryview | None:
+        """Where to read next so a big message needs no copy, or None: read
+        into it, release it, then ``buffer_filled`` (``WebSocketConnection``)."""
+        return self._ws.receive_buffer()
+
+    def buffer_filled(self, size: int) -> None:
+        """``size`` bytes were read into ``receive_buffer()``; drain as after ``receive_data``."""
+        self._ws.buffer_filled(size)
+        self._process_ws_events()
+
     def receive_eof(self) -> None:
         """The transport reached EOF; a terminal event follows."""
         self._ws.receive_eof()

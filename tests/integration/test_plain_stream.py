@@ -10,7 +10,7 @@ import trio.testing
 
 from wstunnel.net.plain_stream import PlainSocketStream, take_over
 
-from .tunnel_helpers import assert_parts_arrive_joined
+from .tunnel_helpers import assert_parts_arrive_joined, assert_receive_into_fills_views
 
 
 def plain_pair() -> tuple[PlainSocketStream, PlainSocketStream]:
@@ -58,6 +58,16 @@ async def test_parts_arrive_as_if_joined_even_when_the_kernel_takes_them_pieceme
     parts = [b"h" * 10, bytes(range(256)) * 8192, b"x", b"y" * 3_000_000]  # > socket buffers
     try:
         await assert_parts_arrive_joined(sender, receiver, parts)
+    finally:
+        await sender.aclose()
+        await receiver.aclose()
+
+
+async def test_receive_into_reads_into_the_given_view() -> None:
+    """The transport reads big payloads straight into their buffer (receive_into)."""
+    sender, receiver = plain_pair()
+    try:
+        await assert_receive_into_fills_views(sender, receiver)
     finally:
         await sender.aclose()
         await receiver.aclose()

@@ -22,7 +22,7 @@ import trio.testing
 from wstunnel.net.tls_stream import TLSSocketStream, start_tls
 from wstunnel.tls import ClientTLS, client_context, self_signed_certificate, server_context
 
-from .tunnel_helpers import assert_parts_arrive_joined
+from .tunnel_helpers import assert_parts_arrive_joined, assert_receive_into_fills_views
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +204,17 @@ async def test_parts_arrive_as_if_joined(contexts: tuple[ssl.SSLContext, ssl.SSL
     parts = [b"h" * 10, os.urandom(100_000), b"x", b"y" * 20_000, b"z" * 3, os.urandom(40_000)]
     try:
         await assert_parts_arrive_joined(client, server, parts)
+    finally:
+        await client.aclose()
+        await server.aclose()
+
+
+async def test_receive_into_reads_into_the_given_view(
+        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """As over ws://: records are decrypted straight into the view, never past it."""
+    client, server = await tls_pair(contexts, tcp=True)
+    try:
+        await assert_receive_into_fills_views(client, server)
     finally:
         await client.aclose()
         await server.aclose()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
+import trio.testing
 
 from wstunnel.agent import run_agent
 from wstunnel.config import AgentConfig, Forward, HostPort, RelayConfig
@@ -200,6 +203,32 @@ async def assert_parts_arrive_joined(sender: Any, receiver: trio.abc.Stream,
                 assert data, "closed early"
                 received += data
     assert received == expected
+
+
+async def assert_receive_into_fills_views(sender: Any, receiver: Any, timeout: float = 10) -> None:
+    """``receiver.receive_into`` waits for data, writes only inside the view it is
+    given, returns the count, and 0 once the sender has closed."""
+    payload = os.urandom(300_000)
+    received = bytearray()
+    buffer = bytearray(b"\xee" * 100_001)
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            async def send_later() -> None:
+                await trio.testing.wait_all_tasks_blocked()  # the reader waits first
+                await sender.send_all(payload)
+                await sender.aclose()
+
+            nursery.start_soon(send_later)
+            with pytest.raises(ValueError):
+                await receiver.receive_into(memoryview(buffer)[:0])
+            while True:
+                with memoryview(buffer) as view:
+                    got = await receiver.receive_into(view[:100_000])
+                assert buffer[100_000] == 0xEE  # nothing past the view
+                if not got:
+                    break
+                received += buffer[:got]
+    assert received == payload
 
 
 async def echo_exact(stream: trio.abc.Stream, payload: bytes) -> bytes:

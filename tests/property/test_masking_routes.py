@@ -84,3 +84,15 @@ def test_frames_round_trip_on_either_route(pure: bool, monkeypatch: pytest.Monke
         decoder.receive_data(wire)  # a bytearray: adopted as the buffer
         frame = decoder.next_frame()
         assert frame is not None and frame.payload == payload
+
+
+@given(size=st.integers(0, 1 << 20))
+def test_unzeroed_buffers_are_ordinary_bytearrays(size: int) -> None:
+    """Receive buffers from the C module behave as bytearray(size), bar the zeroing."""
+    buffer = masking.new_buffer(size)
+    assert type(buffer) is bytearray and len(buffer) == size
+    buffer[: min(size, 3)] = b"abc"[:size]
+    buffer += b"!"
+    assert len(buffer) == size + 1 and buffer[-1:] == b"!"
+    with pytest.raises(ValueError):
+        masking.new_buffer(-1)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import feed_bytewise
 from wstunnel.errors import PayloadTooBig, RemoteProtocolError
 from wstunnel.ws import Frame, FrameDecoder, Opcode, encode_frame, mask
+from wstunnel.ws.frames import DIRECT_MIN_SIZE
 
 KEY = b"\x37\xfa\x21\x3d"
 
@@ -192,3 +195,102 @@ def test_partial_frame_returns_none_and_counts_buffered() -> None:
     decoder.receive_data(data[5:])
     assert decoder.next_frame() == Frame(Opcode.BINARY, b"abcdef")
     assert decoder.buffered_size == 0
+
+
+# -- reading big payloads straight into their own buffer ------------------------
+
+
+def fill_directly(decoder: FrameDecoder, data: bytes, step: int) -> tuple[list[Frame], list[bool]]:
+    """Feed ``data`` as a transport does: into receive_buffer() while it offers one
+    (at most ``step`` bytes a read), otherwise through receive_data. Returns the
+    frames and, per read, whether it went into a frame's own buffer."""
+    frames: list[Frame] = []
+    routes: list[bool] = []
+    offset = 0
+    while offset < len(data):
+        into = decoder.receive_buffer()
+        chunk = data[offset : offset + step]
+        if into is None:
+            decoder.receive_data(chunk)
+            got = len(chunk)
+        else:
+            with into:
+                got = min(len(into), len(chunk))
+                into[:got] = chunk[:got]
+            decoder.buffer_filled(got)
+        routes.append(into is not None)
+        offset += got
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    return frames, routes
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_big_payload_is_read_into_its_own_buffer(masked: bool) -> None:
+    """Once a big frame's header is in, the rest of its payload is read into one
+    buffer, which becomes the frame's payload; the next frames parse as usual."""
+    big = bytes(i * 13 % 251 for i in range(DIRECT_MIN_SIZE * 3 + 5))
+    key = KEY if masked else None
+    data = (encode_frame(Opcode.BINARY, big, mask_key=key)
+            + encode_frame(Opcode.BINARY, b"after", mask_key=key)
+            + encode_frame(Opcode.PING, b"p", mask_key=key))
+    frames, routes = fill_directly(FrameDecoder(client=not masked), data, 40_000)
+    assert frames == [Frame(Opcode.BINARY, big), Frame(Opcode.BINARY, b"after"),
+                      Frame(Opcode.PING, b"p")]
+    assert routes[0] is False and all(routes[1:5])  # the first read found the header
+    assert isinstance(frames[0].payload, bytearray)
+
+
+def test_small_frames_offer_no_buffer() -> None:
+    """Below DIRECT_MIN_SIZE the payload is cut from the reads as before."""
+    data = encode_frame(Opcode.BINARY, b"x" * (DIRECT_MIN_SIZE - 1))
+    decoder = FrameDecoder(client=True)
+    decoder.receive_data(data[:1000])
+    assert decoder.next_frame() is None
+    assert decoder.receive_buffer() is None
+    decoder.receive_data(data[1000:])
+    assert decoder.next_frame() == Frame(Opcode.BINARY, b"x" * (DIRECT_MIN_SIZE - 1))
+
+
+def test_receive_data_finishes_a_payload_being_filled() -> None:
+    """A transport may go back to receive_data mid-payload (a read that was not
+    into the buffer): the bytes complete the payload and the rest is parsed."""
+    big = b"B" * (DIRECT_MIN_SIZE + 10)
+    data = encode_frame(Opcode.BINARY, big) + encode_frame(Opcode.TEXT, b"next")
+    decoder = FrameDecoder(client=True)
+    decoder.receive_data(data[:100])
+    assert decoder.next_frame() is None
+    into = decoder.receive_buffer()
+    assert into is not None and len(into) == len(big) - (100 - 10)  # 10-byte header
+    into[:50] = data[100:150]
+    into.release()
+    decoder.buffer_filled(50)
+    assert decoder.buffered_size == 140
+    assert decoder.next_frame() is None
+    decoder.receive_data(data[150:])
+    assert decoder.next_frame() == Frame(Opcode.BINARY, big)
+    assert decoder.next_frame() == Frame(Opcode.TEXT, b"next")
+    assert decoder.buffered_size == 0
+
+
+def test_oversized_frame_never_gets_a_buffer() -> None:
+    """The size limit is judged from the header before any buffer is allocated."""
+    decoder = FrameDecoder(client=True, max_frame_size=DIRECT_MIN_SIZE * 2)
+    decoder.receive_data(b"\x82\x7f" + struct.pack("!Q", DIRECT_MIN_SIZE * 2 + 1))
+    with pytest.raises(PayloadTooBig):
+        decoder.next_frame()
+    assert decoder.receive_buffer() is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.sampled_from([0, 5, 126, DIRECT_MIN_SIZE - 1, DIRECT_MIN_SIZE,
+                                       DIRECT_MIN_SIZE + 7, 3 * DIRECT_MIN_SIZE]),
+                      min_size=1, max_size=4),
+       step=st.integers(1000, 4 * DIRECT_MIN_SIZE), masked=st.booleans())
+def test_reading_into_payload_buffers_gives_the_same_frames(
+        sizes: list[int], step: int, masked: bool) -> None:
+    """However reads fall, the frames equal those of decoding all bytes at once."""
+    key = KEY if masked else None
+    data = b"".join(encode_frame(Opcode.BINARY, bytes([n % 256]) * n, mask_key=key) for n in sizes)
+    frames, _ = fill_directly(FrameDecoder(client=not masked), data, step)
+    assert frames == decode_all(data, client=not masked)

@@ -15,8 +15,8 @@ raises ``BrokenResourceError`` caused by the ``OSError``. The wss:// twin is
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, TypeVar
 
 import trio
 
@@ -28,6 +28,8 @@ DEFAULT_RECEIVE_SIZE = 65536
 MAX_PIECES: Final = 64
 
 Buffer = bytes | bytearray | memoryview
+_A = TypeVar("_A")
+_R = TypeVar("_R")
 
 
 def drop_sent(pieces: list[Buffer], sent: int) -> None:
@@ -61,15 +63,24 @@ class PlainSocketStream(trio.abc.Stream):
         self._closed = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        self._check_open()
         size = max_bytes if max_bytes is not None else DEFAULT_RECEIVE_SIZE
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
+        return await self._read(self._sock.recv, size)
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Like ``receive_some``, into ``buffer``: bytes read (0 at EOF)."""
+        if not len(buffer):
+            raise ValueError("the buffer is empty")
+        return await self._read(self._sock.recv_into, buffer)
+
+    async def _read(self, read: Callable[[_A], _R], arg: _A) -> _R:
+        self._check_open()
         sock = self._sock
         waited = False
         while True:
             try:
-                data = sock.recv(size)
+                result = read(arg)
                 break
             except BlockingIOError:
                 waited = True  # (the wait was this call's checkpoint)
@@ -78,7 +89,7 @@ class PlainSocketStream(trio.abc.Stream):
                 raise self._broken(exc) from exc
         if not waited:
             await trio.lowlevel.checkpoint()
-        return data
+        return result
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))

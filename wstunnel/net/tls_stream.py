@@ -26,6 +26,7 @@ from typing import Any, Final
 
 import trio
 
+from ..ws.masking import new_buffer
 from .plain_stream import Buffer, PlainSocketStream
 
 __all__ = ["TLSSocketStream", "start_tls"]
@@ -105,9 +106,31 @@ class TLSSocketStream(PlainSocketStream):
         if wanted < 1:
             raise ValueError("max_bytes must be >= 1")
         size = min(wanted, self._buffer_size)
-        sock = self._sock
-        buffer = bytearray(size)
+        buffer = new_buffer(size)  # not zeroed: only the bytes read are kept
         view = memoryview(buffer)
+        try:
+            filled = await self._fill(view)
+        finally:
+            view.release()
+        if filled == size and size < wanted:
+            self._buffer_size = size * 2
+        elif filled < size // 4 and size > MIN_RECEIVE_BUFFER:
+            self._buffer_size = size // 2
+        del buffer[filled:]
+        return buffer
+
+    async def receive_into(self, buffer: memoryview) -> int:
+        """Like ``receive_some``, into ``buffer``: bytes read (0 at EOF)."""
+        self._check_open()
+        if not len(buffer):
+            raise ValueError("the buffer is empty")
+        return await self._fill(buffer)
+
+    async def _fill(self, view: memoryview) -> int:
+        """Decrypt into ``view`` until it is full or no whole record is left;
+        wait only while nothing at all has come."""
+        sock = self._sock
+        size = len(view)
         filled = 0
         waited = False
         try:
@@ -131,16 +154,9 @@ class TLSSocketStream(PlainSocketStream):
                 filled += got
         except (ssl.SSLError, OSError) as exc:
             raise self._broken(exc) from exc
-        finally:
-            view.release()
-        if filled == size and size < wanted:
-            self._buffer_size = size * 2
-        elif filled < size // 4 and size > MIN_RECEIVE_BUFFER:
-            self._buffer_size = size // 2
         if not waited:
             await trio.lowlevel.checkpoint()
-        del buffer[filled:]
-        return buffer
+        return filled
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))

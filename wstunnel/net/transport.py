@@ -257,23 +257,34 @@ class TunnelTransport:
     async def _reader(self) -> None:
         protocol = self.protocol
         receive_some = self.stream.receive_some
+        # A big message's payload is read straight into its own buffer
+        # (protocol.receive_buffer): no copy to join reads and cut it out.
+        receive_into = getattr(self.stream, "receive_into", None)
         while True:
+            into = protocol.receive_buffer() if receive_into is not None else None
             try:
-                data = await receive_some(RECEIVE_SIZE)
+                if into is None or receive_into is None:
+                    data = await receive_some(RECEIVE_SIZE)
+                else:
+                    with into:
+                        got = await receive_into(into)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 cause = exc.__cause__ or exc
                 self._end(f"connection lost: {cause}")
                 return
             self._last_received = trio.current_time()
-            if data:
+            ended = not (data if into is None else got)
+            if ended:
+                protocol.receive_eof()
+            elif into is None:
                 protocol.receive_data(data)
             else:
-                protocol.receive_eof()
+                protocol.buffer_filled(got)
             self._dispatch(protocol.events_received())
             if self._pump is not None:
                 self._pump.flush()
             self.wake_writer()
-            if not data:
+            if ended:
                 self._end(self._closed_reason("the peer closed the connection"))
                 return
             if protocol.closed:

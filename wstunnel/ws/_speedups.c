@@ -116,10 +116,27 @@ static PyObject *masked_frame(PyObject *self, PyObject *args)
     return result;
 }
 
+/* uninitialized(size): a bytearray whose bytes are not zeroed first.
+ * For receive buffers that a read fills at once: bytearray(size) would write
+ * every byte twice. */
+static PyObject *uninitialized(PyObject *self, PyObject *arg)
+{
+    Py_ssize_t size = PyLong_AsSsize_t(arg);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "size must be >= 0");
+        return NULL;
+    }
+    return PyByteArray_FromStringAndSize(NULL, size);
+}
+
 static PyMethodDef methods[] = {
     {"mask_into", mask_into, METH_VARARGS, "XOR buffer[start:] with the repeated 4-byte key, in place."},
     {"masked", masked, METH_VARARGS, "A copy of payload XORed with the repeated 4-byte key."},
     {"masked_frame", masked_frame, METH_VARARGS, "header + masked (prefix + payload), in one pass."},
+    {"uninitialized", uninitialized, METH_O, "A bytearray of size bytes, not zeroed."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -194,8 +194,29 @@ class WebSocketConnection:
         """
         if self.state is ConnectionState.CLOSED:
             return
+        self._decoder.receive_data(data)
+        self._decode()
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where a transport may read next, instead of ``receive_data``, or None.
+
+        A big frame's payload then arrives in a buffer of its own without being
+        copied (``FrameDecoder.receive_buffer``). Release the view, then call
+        ``buffer_filled`` with the count read.
+        """
+        if self.state is ConnectionState.CLOSED:
+            return None
+        return self._decoder.receive_buffer()
+
+    def buffer_filled(self, size: int) -> None:
+        """``size`` bytes were read into ``receive_buffer()``; process as ``receive_data``."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        self._decoder.buffer_filled(size)
+        self._decode()
+
+    def _decode(self) -> None:
         decoder = self._decoder
-        decoder.receive_data(data)
         try:
             while not self.should_close_transport:  # i.e. not CLOSED
                 frame = decoder.next_frame()

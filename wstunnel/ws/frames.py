@@ -25,7 +25,15 @@ from typing import Final
 
 from .._buffer import ReceiveBuffer
 from ..errors import PayloadTooBig, RemoteProtocolError
-from .masking import ACCELERATED, INT_MASK_LIMIT, mask, mask_int, mask_lanes, masked_frame
+from .masking import (
+    ACCELERATED,
+    INT_MASK_LIMIT,
+    mask,
+    mask_int,
+    mask_lanes,
+    masked_frame,
+    new_buffer,
+)
 
 __all__ = [
     "Opcode",
@@ -95,6 +103,9 @@ _set_rsv = vars(Frame)["rsv"].__set__
 
 
 DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
+#: A data frame's payload this big is read into a buffer of its own
+#: (``FrameDecoder.receive_buffer``); smaller ones are cut out of the reads.
+DIRECT_MIN_SIZE: Final = 64 * 1024
 #: RFC 6455 5.5: "All control frames MUST have a payload length of 125 bytes or less".
 MAX_CONTROL_PAYLOAD: Final = 125
 
@@ -241,6 +252,9 @@ class FrameDecoder:
         self._max_message_size = max_frame_size if max_message_size is None else max_message_size
         self._buffer = ReceiveBuffer()
         self._pending: _Header | None = None
+        # A big payload being read into a buffer of its own (receive_buffer).
+        self._direct: bytearray | None = None
+        self._direct_filled = 0
         self._in_message = False  # a non-final TEXT/BINARY frame was seen
         self._message_size = 0
         self._failure: RemoteProtocolError | None = None
@@ -250,7 +264,7 @@ class FrameDecoder:
     @property
     def buffered_size(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buffer)
+        return len(self._buffer) + (self._direct_filled if self._direct is not None else 0)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes; call ``next_frame()`` until it returns None.
@@ -259,12 +273,53 @@ class FrameDecoder:
         over and must not change it afterwards (transports read into a fresh
         one each time).
         """
+        direct = self._direct
+        if direct is not None:  # the front of data finishes a big payload
+            filled = self._direct_filled
+            taken = min(len(direct) - filled, len(data))
+            direct[filled : filled + taken] = memoryview(data)[:taken]
+            self._direct_filled = filled + taken
+            if taken == len(data):
+                return
+            data = memoryview(data)[taken:]
         buf = self._buffer
         if isinstance(data, (bytes, bytearray)) and buf.offset >= len(buf.storage):
             buf.storage = data  # fast path of ReceiveBuffer.append: adopt, no copy
             buf.offset = 0
         else:
             buf.append(data)
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where to read next so a big payload needs no reassembly, or None.
+
+        When the frame at the front is big and incomplete, its payload gets a
+        buffer of its own, and this returns the unfilled rest of it: a
+        transport reads straight into it (then ``buffer_filled``), and the
+        finished payload is that buffer, so its bytes are not copied once to
+        join the reads and again to cut the frame out. Release the view before
+        calling ``next_frame``.
+        """
+        if self._direct is None:
+            header = self._pending
+            if header is None or header[3] < DIRECT_MIN_SIZE:
+                return None
+            self._start_direct(header[2], header[3])
+        return memoryview(self._direct)[self._direct_filled:]  # type: ignore[arg-type]
+
+    def buffer_filled(self, size: int) -> None:
+        """``size`` bytes were written at the front of ``receive_buffer()``'s view."""
+        self._direct_filled += size
+
+    def _start_direct(self, header_size: int, size: int) -> None:
+        buf = self._buffer
+        start = buf.offset + header_size
+        payload = new_buffer(size)
+        have = len(buf.storage) - start  # less than size: the frame is incomplete
+        payload[:have] = memoryview(buf.storage)[start:]
+        buf.storage = b""
+        buf.offset = 0
+        self._direct = payload
+        self._direct_filled = have
 
     def next_frame(self) -> Frame | None:
         """Return the next complete frame, or None if more bytes are needed.
@@ -274,6 +329,8 @@ class FrameDecoder:
                 close code to send (1002, or 1009 via ``PayloadTooBig``).
         """
         header = self._pending
+        if self._direct is not None:
+            return self._finish_direct()
         if header is None:
             if self._failure is not None:
                 raise self._failure
@@ -306,6 +363,25 @@ class FrameDecoder:
         else:
             buf.offset = end
         # Frame(...) without the frozen __init__ (see _new_object above).
+        frame: Frame = _new_object(Frame)
+        _set_opcode(frame, _OPCODE_BY_VALUE[opcode])
+        _set_payload(frame, payload)
+        _set_fin(frame, fin)
+        _set_rsv(frame, 0)
+        return frame
+
+    def _finish_direct(self) -> Frame | None:
+        """The frame whose payload was read into its own buffer, once it is full."""
+        payload = self._direct
+        header = self._pending
+        assert payload is not None and header is not None
+        if self._direct_filled < len(payload):
+            return None
+        self._direct = None
+        self._pending = None
+        opcode, fin, _, _, mask_key = header
+        if mask_key is not None:
+            mask_lanes(payload, 0, mask_key)
         frame: Frame = _new_object(Frame)
         _set_opcode(frame, _OPCODE_BY_VALUE[opcode])
         _set_payload(frame, payload)

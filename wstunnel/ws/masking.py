@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["mask", "mask_int", "mask_lanes", "masked_frame", "INT_MASK_LIMIT", "ACCELERATED"]
+__all__ = ["mask", "mask_int", "mask_lanes", "masked_frame", "new_buffer", "INT_MASK_LIMIT",
+           "ACCELERATED"]
 
 # Below this size one big-int XOR beats four translate passes (measured).
 INT_MASK_LIMIT: Final = 512
@@ -76,16 +77,25 @@ def masked_frame(header: bytes, prefix: bytes, payload: bytes | bytearray | memo
     return buf
 
 
+def new_buffer(size: int) -> bytearray:
+    """A receive buffer of ``size`` bytes (the C module skips the zeroing)."""
+    return bytearray(size)
+
+
 py_mask, py_mask_int, py_mask_lanes, py_masked_frame = mask, mask_int, mask_lanes, masked_frame
 
 try:
     from ._speedups import mask_into as _mask_into
     from ._speedups import masked as _masked
     from ._speedups import masked_frame as _masked_frame
+    from ._speedups import uninitialized as _uninitialized
 except ImportError:  # built without a C compiler: the pure-Python route above
     ACCELERATED = False
 else:
     ACCELERATED = True
+
+    def new_buffer(size: int) -> bytearray:  # noqa: F811 (a read fills it: zeroing is wasted)
+        return _uninitialized(size)
 
     def mask(payload: bytes | bytearray | memoryview, mask_key: bytes) -> bytes:  # noqa: F811
         return _masked(payload, mask_key)
