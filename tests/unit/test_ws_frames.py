@@ -273,6 +273,21 @@ def test_receive_data_finishes_a_payload_being_filled() -> None:
     assert decoder.buffered_size == 0
 
 
+def test_filling_more_than_the_buffer_is_refused() -> None:
+    """buffer_filled counts only what fits the view it was given (or there was none)."""
+    decoder = FrameDecoder(client=True)
+    with pytest.raises(ValueError):
+        decoder.buffer_filled(1)
+    decoder.receive_data(encode_frame(Opcode.BINARY, b"z" * (DIRECT_MIN_SIZE + 1))[:20])
+    assert decoder.next_frame() is None
+    into = decoder.receive_buffer()
+    assert into is not None
+    with pytest.raises(ValueError):
+        decoder.buffer_filled(len(into) + 1)
+    decoder.buffer_filled(len(into))
+    assert decoder.next_frame() is not None
+
+
 def test_oversized_frame_never_gets_a_buffer() -> None:
     """The size limit is judged from the header before any buffer is allocated."""
     decoder = FrameDecoder(client=True, max_frame_size=DIRECT_MIN_SIZE * 2)

@@ -105,6 +105,16 @@ _set_fin = vars(Frame)["fin"].__set__
 _set_rsv = vars(Frame)["rsv"].__set__
 
 
+def _new_frame(opcode: int, payload: bytes | bytearray, fin: bool) -> Frame:
+    """A decoded frame: ``Frame(...)`` without the frozen ``__init__``."""
+    frame: Frame = _new_object(Frame)
+    _set_opcode(frame, _OPCODE_BY_VALUE[opcode])
+    _set_payload(frame, payload)
+    _set_fin(frame, fin)
+    _set_rsv(frame, 0)
+    return frame
+
+
 DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
 #: A data frame's payload this big is read into a buffer of its own
 #: (``FrameDecoder.receive_buffer``); smaller ones are cut out of the reads.
@@ -311,6 +321,9 @@ class FrameDecoder:
 
     def buffer_filled(self, size: int) -> None:
         """``size`` bytes were written at the front of ``receive_buffer()``'s view."""
+        direct = self._direct
+        if direct is None or not 0 <= size <= len(direct) - self._direct_filled:
+            raise ValueError(f"{size} bytes do not fit the buffer receive_buffer() gave")
         self._direct_filled += size
 
     def _start_direct(self, header_size: int, size: int) -> None:
@@ -365,13 +378,7 @@ class FrameDecoder:
             buf.offset = 0
         else:
             buf.offset = end
-        # Frame(...) without the frozen __init__ (see _new_object above).
-        frame: Frame = _new_object(Frame)
-        _set_opcode(frame, _OPCODE_BY_VALUE[opcode])
-        _set_payload(frame, payload)
-        _set_fin(frame, fin)
-        _set_rsv(frame, 0)
-        return frame
+        return _new_frame(opcode, payload, fin)
 
     def _finish_direct(self) -> Frame | None:
         """The frame whose payload was read into its own buffer, once it is full."""
@@ -385,12 +392,7 @@ class FrameDecoder:
         opcode, fin, _, _, mask_key = header
         if mask_key is not None:
             mask_lanes(payload, 0, mask_key)
-        frame: Frame = _new_object(Frame)
-        _set_opcode(frame, _OPCODE_BY_VALUE[opcode])
-        _set_payload(frame, payload)
-        _set_fin(frame, fin)
-        _set_rsv(frame, 0)
-        return frame
+        return _new_frame(opcode, payload, fin)
 
     def _parse_header(self) -> _Header | None:
         """Parse and validate the header at the front, or None if incomplete.
