@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tests.helpers import feed_bytewise
 from wstunnel.errors import PayloadTooBig, RemoteProtocolError
 from wstunnel.ws import Frame, FrameDecoder, Opcode, encode_frame, mask
-from wstunnel.ws.frames import DIRECT_MIN_SIZE
+from wstunnel.ws.frames import DIRECT_MIN_SIZE, MAX_HEADER_SIZE
 
 KEY = b"\x37\xfa\x21\x3d"
 
@@ -241,6 +241,52 @@ def test_big_payload_is_read_into_its_own_buffer(masked: bool) -> None:
     assert isinstance(frames[0].payload, bytearray)
 
 
+def _fill(decoder: FrameDecoder, data: bytes, offset: int) -> tuple[int, int]:
+    """Fill all of receive_buffer()'s view from ``data[offset:]``: (its size, new offset)."""
+    into = decoder.receive_buffer()
+    assert into is not None
+    with into:
+        size = len(into)
+        into[:] = data[offset : offset + size]
+    decoder.buffer_filled(size)
+    return size, offset + size
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_after_a_big_payload_only_the_next_header_is_read(masked: bool) -> None:
+    """A read of any size after a big payload would carry the front of a big one
+    behind it, to be copied into that payload's own buffer; so the decoder offers
+    room for one header only, and the next payload is read (almost) whole into
+    its buffer. Small frames behind a big one go back to ordinary reads."""
+    key = KEY if masked else None
+    big = bytes(i % 251 for i in range(DIRECT_MIN_SIZE * 2))
+    header_size = 14 if masked else 10
+    data = (encode_frame(Opcode.BINARY, big, mask_key=key) * 2
+            + encode_frame(Opcode.BINARY, b"small", mask_key=key) * 3)
+    decoder = FrameDecoder(client=not masked)
+    decoder.receive_data(data[:100])
+    assert decoder.next_frame() is None
+    _, offset = _fill(decoder, data, 100)
+    assert decoder.next_frame() == Frame(Opcode.BINARY, big)
+
+    size, offset = _fill(decoder, data, offset)
+    assert size == MAX_HEADER_SIZE
+    assert decoder.next_frame() is None
+    size, offset = _fill(decoder, data, offset)
+    assert size == len(big) - (MAX_HEADER_SIZE - header_size)  # nothing read ahead but the header
+    assert decoder.next_frame() == Frame(Opcode.BINARY, big)
+
+    size, offset = _fill(decoder, data, offset)
+    assert size == MAX_HEADER_SIZE
+    smalls = list(iter(decoder.next_frame, None))
+    assert smalls[:1] == [Frame(Opcode.BINARY, b"small")]
+    assert decoder.receive_buffer() is None  # small frames: ordinary reads again
+    decoder.receive_data(data[offset:])
+    smalls += iter(decoder.next_frame, None)
+    assert smalls == [Frame(Opcode.BINARY, b"small")] * 3
+    assert decoder.buffered_size == 0
+
+
 def test_small_frames_offer_no_buffer() -> None:
     """Below DIRECT_MIN_SIZE the payload is cut from the reads as before."""
     data = encode_frame(Opcode.BINARY, b"x" * (DIRECT_MIN_SIZE - 1))
@@ -286,6 +332,10 @@ def test_filling_more_than_the_buffer_is_refused() -> None:
         decoder.buffer_filled(len(into) + 1)
     decoder.buffer_filled(len(into))
     assert decoder.next_frame() is not None
+    header_room = decoder.receive_buffer()
+    assert header_room is not None and len(header_room) == MAX_HEADER_SIZE
+    with pytest.raises(ValueError):
+        decoder.buffer_filled(MAX_HEADER_SIZE + 1)
 
 
 def test_oversized_frame_never_gets_a_buffer() -> None:

@@ -119,6 +119,9 @@ DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
 #: A data frame's payload this big is read into a buffer of its own
 #: (``FrameDecoder.receive_buffer``); smaller ones are cut out of the reads.
 DIRECT_MIN_SIZE: Final = 64 * 1024
+#: The longest frame header (2 bytes, a 64-bit length, a mask key): what is
+#: read after a big payload, so that a big one behind it is not read ahead.
+MAX_HEADER_SIZE: Final = 14
 #: RFC 6455 5.5: "All control frames MUST have a payload length of 125 bytes or less".
 MAX_CONTROL_PAYLOAD: Final = 125
 
@@ -268,6 +271,10 @@ class FrameDecoder:
         # A big payload being read into a buffer of its own (receive_buffer).
         self._direct: bytearray | None = None
         self._direct_filled = 0
+        # After a big payload the next read fills only this (receive_buffer).
+        self._header_room = bytearray(MAX_HEADER_SIZE)
+        self._read_header_next = False
+        self._header_read = False  # receive_buffer() returned _header_room
         self._in_message = False  # a non-final TEXT/BINARY frame was seen
         self._message_size = 0
         self._failure: RemoteProtocolError | None = None
@@ -286,6 +293,7 @@ class FrameDecoder:
         over and must not change it afterwards (transports read into a fresh
         one each time).
         """
+        self._header_read = self._read_header_next = False
         direct = self._direct
         if direct is not None:  # the front of data finishes a big payload
             filled = self._direct_filled
@@ -309,18 +317,33 @@ class FrameDecoder:
         buffer of its own, and this returns the unfilled rest of it: a
         transport reads straight into it (then ``buffer_filled``), and the
         finished payload is that buffer, so its bytes are not copied once to
-        join the reads and again to cut the frame out. Release the view before
+        join the reads and again to cut the frame out. Right after such a
+        frame, with nothing buffered, it returns a ``MAX_HEADER_SIZE`` buffer
+        for the next header: a read of any size would take the front of a big
+        payload behind it, to be copied into that payload's buffer (on a bulk
+        upload over wss://, 38 % of the bytes). Release the view before
         calling ``next_frame``.
         """
         if self._direct is None:
             header = self._pending
-            if header is None or header[3] < DIRECT_MIN_SIZE:
+            if header is None:
+                if not self._read_header_next or len(self._buffer):
+                    return None
+                self._header_read = True
+                return memoryview(self._header_room)
+            if header[3] < DIRECT_MIN_SIZE:
                 return None
             self._start_direct(header[2], header[3])
         return memoryview(self._direct)[self._direct_filled:]  # type: ignore[arg-type]
 
     def buffer_filled(self, size: int) -> None:
         """``size`` bytes were written at the front of ``receive_buffer()``'s view."""
+        if self._header_read:
+            if not 0 <= size <= MAX_HEADER_SIZE:
+                raise ValueError(f"{size} bytes do not fit the buffer receive_buffer() gave")
+            # (one header: small frames behind it are read as usual)
+            self.receive_data(bytes(memoryview(self._header_room)[:size]))
+            return
         direct = self._direct
         if direct is None or not 0 <= size <= len(direct) - self._direct_filled:
             raise ValueError(f"{size} bytes do not fit the buffer receive_buffer() gave")
@@ -389,6 +412,7 @@ class FrameDecoder:
             return None
         self._direct = None
         self._pending = None
+        self._read_header_next = True
         opcode, fin, _, _, mask_key = header
         if mask_key is not None:
             mask_lanes(payload, 0, mask_key)
