@@ -10,6 +10,11 @@ Each way to reach the targets is a ``Route``: the local ports for the echo,
 sink and source targets, and the processes whose CPU time that route costs
 (agent + relay, or ssh + sshd with all its per-connection children).
 
+socat over TLS (``--socat``) is a reference, not a competitor: a C program
+whose TLS is the same OpenSSL socket path wss:// uses (one ``SSL_read`` or
+``SSL_write`` per 16 KiB record), with the suite ssh's cipher matches. What
+it costs per GiB is what that TLS path costs without any Python.
+
 Only 127.0.0.1 is used. sshd is our own: a high loopback port, its own host
 key, authorized key and config in a temporary directory; the system sshd is
 never touched.
@@ -26,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
@@ -34,6 +39,10 @@ from typing import IO, Final
 TARGETS_SCRIPT: Final = Path(__file__).with_name("_targets.py")
 SSHD: Final = "/usr/sbin/sshd"
 SSH_CIPHER: Final = "aes128-gcm@openssh.com"
+#: The TLS 1.3 suite that matches SSH_CIPHER (wstunnel offers it first too).
+TLS_SUITE: Final = "TLS_AES_128_GCM_SHA256"
+#: socat's transfer buffer (its default, 8 KiB, would cost it a write per 8 KiB).
+SOCAT_BUFFER: Final = 1024 * 1024
 TARGET_KINDS: Final = ("echo", "sink", "source")
 STARTUP_TIMEOUT: Final = 20.0
 STOP_TIMEOUT: Final = 5.0
@@ -57,6 +66,10 @@ class Route:
     ports: dict[str, int]
     pids: list[int] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    #: How many of ``pids`` (the first ones) are the client side (agent, ssh).
+    clients: int = 1
+    #: Workloads this route is measured on (None: all).
+    workloads: frozenset[str] | None = None
 
 
 def free_port() -> int:
@@ -129,12 +142,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def spawn(stack: contextlib.ExitStack, argv: Sequence[str], log: Path | None,
-          *, stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
-    """Start ``argv``; it is stopped when ``stack`` closes. Output goes to ``log``."""
+          *, stdin: int | None = subprocess.DEVNULL,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv``; it is stopped when ``stack`` closes. Output goes to ``log``
+    (appended: two processes may share one)."""
     out: IO[bytes] | int = subprocess.PIPE
     if log is not None:
-        out = stack.enter_context(log.open("wb"))
-    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=out, env=CHILD_ENV,
+        out = stack.enter_context(log.open("ab"))
+    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=out, env=env or CHILD_ENV,
                             stderr=subprocess.STDOUT if log is not None else None)
     stack.callback(_stop, proc)
     return proc
@@ -167,16 +182,28 @@ def ensure_sshd() -> str | None:
     """Make sure /usr/sbin/sshd exists; return why ssh is skipped, or None."""
     if os.path.exists(SSHD) and shutil.which("ssh") and shutil.which("ssh-keygen"):
         return None
+    return _apt_install(["openssh-server", "openssh-client"], lambda: os.path.exists(SSHD))
+
+
+def ensure_socat() -> str | None:
+    """Make sure socat is installed; return why it is skipped, or None."""
+    if shutil.which("socat"):
+        return None
+    return _apt_install(["socat"], lambda: shutil.which("socat") is not None)
+
+
+def _apt_install(packages: list[str], installed: Callable[[], bool]) -> str | None:
+    what = " ".join(packages)
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return "OpenSSH server not installed (and not root with apt-get to install it)"
+        return f"{what} not installed (and not root with apt-get to install it)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "openssh-server", "openssh-client"]
-    print("installing openssh-server with apt-get ...", file=sys.stderr, flush=True)
+    install = ["apt-get", "install", "-y", *packages]
+    print(f"installing {what} with apt-get ...", file=sys.stderr, flush=True)
     for step in (install, ["apt-get", "update"], install):
         done = subprocess.run(step, env=env, capture_output=True, timeout=900, check=False)
-        if done.returncode == 0 and os.path.exists(SSHD):
+        if done.returncode == 0 and installed():
             return None
-    return "apt-get install openssh-server failed"
+    return f"apt-get install {what} failed"
 
 
 def _sshd_config(tmp: Path, port: int) -> Path:
@@ -222,13 +249,15 @@ def start_ssh(stack: contextlib.ExitStack, tmp: Path, targets: Route) -> Route:
     return route
 
 
-def relay_tls(command: Sequence[str], tmp: Path) -> tuple[list[str], list[str]]:
+def relay_tls(command: Sequence[str], tmp: Path,
+              folder: str = "tls") -> tuple[list[str], list[str]]:
     """A throwaway certificate for 127.0.0.1: (relay arguments, agent arguments).
 
-    ``wstunnel keygen`` writes relay.crt/relay.key and prints the pin the agent
-    checks (``--relay-fingerprint``), as a user would set up a wss:// relay.
+    ``wstunnel keygen`` writes relay.crt/relay.key into ``tmp / folder`` and
+    prints the pin the agent checks (``--relay-fingerprint``), as a user would
+    set up a wss:// relay.
     """
-    keys = tmp / "tls"
+    keys = tmp / folder
     done = subprocess.run([*command, "keygen", "--out", str(keys), "--name", "127.0.0.1",
                            "--force"], capture_output=True, text=True, timeout=60, check=False,
                           env=CHILD_ENV)
@@ -263,6 +292,42 @@ def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
                           *forwards, *agent_tls_args, *agent_args], agent_log)
     route = Route(f"wstunnel {scheme}://", ports, [agent.pid, relay.pid], [relay_log, agent_log])
     _check_route(route, agent)
+    return route
+
+
+def start_socat(stack: contextlib.ExitStack, tmp: Path, targets: Route,
+                command: Sequence[str]) -> Route:
+    """socat over TLS, one client/server pair per target: TCP-LISTEN -> OPENSSL
+    -> OPENSSL-LISTEN -> TCP (module docstring). Bulk workloads only: socat
+    forks a process per connection, which is not what churn should compare."""
+    keys = tmp / "socat-tls"
+    relay_tls(command, tmp, keys.name)
+    conf = tmp / "socat-openssl.cnf"
+    conf.write_text("openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\n"
+                    "system_default = tls\n[tls]\nCiphersuites = " + TLS_SUITE + "\n")
+    env = {**CHILD_ENV, "OPENSSL_CONF": str(conf)}
+    ports = {kind: free_port() for kind in TARGET_KINDS}
+    servers, clients, logs = [], [], []
+    for kind in TARGET_KINDS:
+        server_port = free_port()
+        log = tmp / f"socat-{kind}.log"
+        logs.append(log)
+        server = spawn(stack, [
+            "socat", "-b", str(SOCAT_BUFFER),
+            f"OPENSSL-LISTEN:{server_port},bind=127.0.0.1,reuseaddr,fork,"
+            f"cert={keys / 'relay.crt'},key={keys / 'relay.key'},verify=0",
+            f"TCP:127.0.0.1:{targets.ports[kind]},nodelay"], log, env=env)
+        _wait_listening(server_port, server, f"socat TLS server ({kind})")
+        client = spawn(stack, [
+            "socat", "-b", str(SOCAT_BUFFER),
+            f"TCP-LISTEN:{ports[kind]},bind=127.0.0.1,reuseaddr,fork,nodelay",
+            f"OPENSSL:127.0.0.1:{server_port},verify=0,nodelay"], log, env=env)
+        _wait_listening(ports[kind], client, f"socat TLS client ({kind})")
+        servers.append(server.pid)
+        clients.append(client.pid)
+    route = Route("socat TLS", ports, [*clients, *servers], logs, clients=len(clients),
+                  workloads=frozenset({"upload", "download", "parallel"}))
+    echo_check(route.ports["echo"])
     return route
 
 

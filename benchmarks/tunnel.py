@@ -16,6 +16,9 @@ the kernel spreads them over the cores):
                  encrypts); the issue's targets are for wss://
     ssh          our own sshd on a high loopback port, ``ssh -N -L``
                  (cipher aes128-gcm@openssh.com); skipped without OpenSSH
+    socat        with ``--socat`` only, bulk workloads only: socat over TLS
+                 (OpenSSL, TLS_AES_128_GCM_SHA256), a C program on the TLS
+                 path wss:// uses, so its cost is that path's without Python
 
 Run from the repository root:
 
@@ -149,10 +152,11 @@ class Results:
 
 def _measure(name: str, workload: Workload, route: Route, s: Settings,
              results: Results) -> None:
-    """One run; CPU is sampled for the client side (pids[0]) and the whole route."""
-    client_before, all_before = _procs.cpu_seconds(route.pids[:1]), _procs.cpu_seconds(route.pids)
+    """One run; CPU is sampled for the client side and the whole route."""
+    clients = route.pids[:route.clients]
+    client_before, all_before = _procs.cpu_seconds(clients), _procs.cpu_seconds(route.pids)
     metrics, work = workload(route, s)
-    client = _procs.cpu_seconds(route.pids[:1]) - client_before
+    client = _procs.cpu_seconds(clients) - client_before
     cpu = _procs.cpu_seconds(route.pids) - all_before
     for label, value in metrics.items():
         results.add(label, route.name, value)
@@ -169,7 +173,8 @@ def run_all(routes: list[Route], names: list[str], s: Settings) -> Results:
     for name in names:
         for rep in range(s.repeat):
             for route in routes:
-                if (name, route.name) in results.failures:
+                if (name, route.name) in results.failures or (
+                        route.workloads is not None and name not in route.workloads):
                     continue
                 print(f"  {name:<15} rep {rep + 1}/{s.repeat}  {route.name}", file=sys.stderr,
                       flush=True)
@@ -188,10 +193,10 @@ def _fmt(value: float | None) -> str:
 
 
 def table(results: Results, routes: list[Route]) -> str:
-    """The pipe table: workload | each route | each wstunnel route / ssh."""
+    """The pipe table: workload | each route | each wstunnel (and socat) route / ssh."""
     names = [route.name for route in routes]
-    ours = [name for name in names if name.startswith("wstunnel")]
-    header = ["workload", *names, *(f"{name.split()[1].rstrip(':/')}/ssh" for name in ours)]
+    ours = [name for name in names if name.startswith(("wstunnel", "socat"))]
+    header = ["workload", *names, *(f"{_short(name)}/ssh" for name in ours)]
     lines = [header, ["---"] * len(header)]
     for label in results.rows:
         cells = [_fmt(results.median(label, name)) for name in names]
@@ -207,6 +212,12 @@ def table(results: Results, routes: list[Route]) -> str:
     for (name, route), error in results.failures.items():
         out.append(f"FAILED: {name} over {route}: {error}")
     return "\n".join(out)
+
+
+def _short(route_name: str) -> str:
+    """ "wstunnel wss://" -> "wss", "socat TLS" -> "socat" (ratio column names)."""
+    first, _, rest = route_name.partition(" ")
+    return rest.rstrip(":/") if first == "wstunnel" else first
 
 
 def machine() -> dict[str, str]:
@@ -242,6 +253,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"comma-separated workloads from: {', '.join(WORKLOADS)}")
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -L baseline")
     parser.add_argument("--no-wstunnel", action="store_true", help="baselines only")
+    parser.add_argument("--socat", action="store_true",
+                        help="also measure socat over TLS on upload, download and parallel: "
+                        "what OpenSSL's TLS path costs in a C program (installs socat if missing)")
     parser.add_argument("--schemes", default="ws,wss",
                         help="wstunnel routes to measure: ws (plain), wss (TLS) or both "
                         "(default ws,wss)")
@@ -281,13 +295,19 @@ def start_routes(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespac
         routes.append(_procs.start_ssh(stack, tmp, direct))
     else:
         print(f"ssh -L baseline skipped: {skip}", file=sys.stderr)
+    command = shlex.split(args.wstunnel)
     if not args.no_wstunnel:
-        command = shlex.split(args.wstunnel)
         extra = args.tunnel_arg if args.tunnel_arg is not None else ["--log-level=warning"]
         for scheme in args.schemes.split(","):
             routes.append(_procs.start_wstunnel(
                 stack, tmp, direct, command, [*extra, *args.relay_arg],
                 [*extra, *args.agent_arg], tls=scheme == "wss"))
+    if args.socat:
+        skip = _procs.ensure_socat()
+        if skip is None:
+            routes.append(_procs.start_socat(stack, tmp, direct, command))
+        else:
+            print(f"socat reference skipped: {skip}", file=sys.stderr)
     return routes
 
 
@@ -322,7 +342,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"load average before: {info['loadavg']}, after: {info['loadavg_after']}",
           file=sys.stderr)
     print(table(results, routes))
-    print("ratio = wstunnel (ws:// or wss://) / ssh -L. "
+    print("ratio = wstunnel (ws:// or wss://), or socat, / ssh -L. "
           "MiB/s and conn/s: higher is better; ms and CPU: lower. "
           f"Medians of {s.repeat} run(s); bulk size {s.size / MIB:g} MiB.")
     if args.json:
