@@ -119,9 +119,10 @@ DEFAULT_MAX_FRAME_SIZE: Final = 1 << 20
 #: A data frame's payload this big is read into a buffer of its own
 #: (``FrameDecoder.receive_buffer``); smaller ones are cut out of the reads.
 DIRECT_MIN_SIZE: Final = 64 * 1024
-#: The longest frame header (2 bytes, a 64-bit length, a mask key): what is
-#: read after a big payload, so that a big one behind it is not read ahead.
-MAX_HEADER_SIZE: Final = 14
+#: What is read after a big payload: room for the next header and small frames
+#: (a WINDOW, an interactive chunk), so that a big payload behind them is not
+#: read ahead in a big read, only its first few KiB at most.
+HEADER_ROOM_SIZE: Final = 4 * 1024
 #: RFC 6455 5.5: "All control frames MUST have a payload length of 125 bytes or less".
 MAX_CONTROL_PAYLOAD: Final = 125
 
@@ -272,7 +273,7 @@ class FrameDecoder:
         self._direct: bytearray | None = None
         self._direct_filled = 0
         # After a big payload the next read fills only this (receive_buffer).
-        self._header_room = bytearray(MAX_HEADER_SIZE)
+        self._header_room = bytearray(HEADER_ROOM_SIZE)
         self._read_header_next = False
         self._header_read = False  # receive_buffer() returned _header_room
         self._in_message = False  # a non-final TEXT/BINARY frame was seen
@@ -318,7 +319,7 @@ class FrameDecoder:
         transport reads straight into it (then ``buffer_filled``), and the
         finished payload is that buffer, so its bytes are not copied once to
         join the reads and again to cut the frame out. Right after such a
-        frame, with nothing buffered, it returns a ``MAX_HEADER_SIZE`` buffer
+        frame, with nothing buffered, it returns a ``HEADER_ROOM_SIZE`` buffer
         for the next header: a read of any size would take the front of a big
         payload behind it, to be copied into that payload's buffer (on a bulk
         upload over wss://, 38 % of the bytes). Release the view before
@@ -339,7 +340,7 @@ class FrameDecoder:
     def buffer_filled(self, size: int) -> None:
         """``size`` bytes were written at the front of ``receive_buffer()``'s view."""
         if self._header_read:
-            if not 0 <= size <= MAX_HEADER_SIZE:
+            if not 0 <= size <= HEADER_ROOM_SIZE:
                 raise ValueError(f"{size} bytes do not fit the buffer receive_buffer() gave")
             # (one header: small frames behind it are read as usual)
             self.receive_data(bytes(memoryview(self._header_room)[:size]))
