@@ -168,11 +168,8 @@ class TLSSocketStream(PlainSocketStream):
             await trio.lowlevel.checkpoint()
         return filled
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.send_parts((data,))
-
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
-        """``send_all`` of the parts joined; only what fills one TLS record around
+        """``send_all`` (inherited) of the parts joined; only what fills one TLS record around
         a small part (a frame header) is copied (``_records``)."""
         self._check_open()
         sock = self._sock

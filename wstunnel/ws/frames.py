@@ -342,7 +342,7 @@ class FrameDecoder:
         if self._header_read:
             if not 0 <= size <= HEADER_ROOM_SIZE:
                 raise ValueError(f"{size} bytes do not fit the buffer receive_buffer() gave")
-            # (one header: small frames behind it are read as usual)
+            # (offered once: later reads are ordinary until the next big payload)
             self.receive_data(bytes(memoryview(self._header_room)[:size]))
             return
         direct = self._direct
