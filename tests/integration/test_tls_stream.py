@@ -214,7 +214,10 @@ async def test_receive_into_reads_into_the_given_view(
     """As over ws://: records are decrypted straight into the view, never past it."""
     client, server = await tls_pair(contexts, tcp=True)
     try:
-        await assert_receive_into_fills_views(client, server)
+        # The server sends: the client would close with the server's unread session
+        # tickets in its socket, and the kernel answers that with a reset that
+        # may cut off the end of the data.
+        await assert_receive_into_fills_views(server, client)
     finally:
         await client.aclose()
         await server.aclose()
