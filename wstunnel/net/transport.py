@@ -144,8 +144,13 @@ class TunnelTransport:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 if pump.AVAILABLE and self.use_pump:
-                    self._pump = pump.SocketPump(self)
-                    nursery.start_soon(self._pump.run)
+                    try:
+                        self._pump = pump.SocketPump(self)
+                    except OSError as exc:  # no epoll (out of file descriptors)
+                        log.warning("no socket pump for this session (%s): each "
+                                    "channel runs as two tasks instead", exc)
+                    else:
+                        nursery.start_soon(self._pump.run)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
                 if self._ping_interval > 0:
