@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 from functools import partial
 from typing import Any, Final
 
@@ -202,7 +203,7 @@ class Agent:
         """Local connections being carried (or waiting for a session) now."""
         return self._channels
 
-    def carry_now(self, forward: Forward, tcp: trio.SocketStream) -> bool:
+    def carry_now(self, forward: Forward, sock: socket.socket) -> bool:
         """Hand an accepted connection to the session's socket pump at once, with no
         task, when the session is up and has a pump; True when done. Its first
         bytes, if already here, go out in the same write as the OPEN.
@@ -218,10 +219,10 @@ class Agent:
             channel = session.open_channel(forward.target_host, forward.target_port)
         except (SessionClosed, ChannelRefused):
             return False
-        self._connection_opened()  # (trio's SocketStream has set TCP_NODELAY already)
+        self._connection_opened()  # (the accept loop has set TCP_NODELAY)
         target = f"{forward.target_host}:{forward.target_port}"
         finished = partial(self._channel_finished, target, channel)
-        session.attach(tcp, channel, finished, read_now=True)
+        session.attach_socket(sock, channel, finished, read_now=True)
         session.wake_writer()
         return True
 

@@ -10,7 +10,6 @@ handshake, the upgrade request and the login all run under one
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import socket
@@ -28,7 +27,7 @@ from .forwarded import client_address
 from .guard import Gatekeeper, Identity, SessionGuard
 from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
-from .net.connect import read_request, tune_socket
+from .net.connect import read_request, tune_plain_socket, tune_socket
 from .net.dial import DialError, dial, finish_connect, literal_address, start_connect
 from .net.splice import splice
 from .net.transport import TunnelTransport
@@ -256,7 +255,7 @@ class Relay:
         if not transport.is_open or channel.error is not None:
             sock.close()  # the session ended or the agent reset the channel meanwhile
             return
-        _set_nodelay(sock)
+        tune_plain_socket(sock, notsent_lowat=False)
         transport.protocol.accept_channel(channel.channel_id)
         transport.wake_writer()
         if not transport.attach_socket(sock, channel):
@@ -319,12 +318,6 @@ class Relay:
         async with trio.open_nursery() as nursery:
             for transport in list(self.sessions):
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
-
-
-def _set_nodelay(sock: socket.socket) -> None:
-    """What ``tune_socket`` does for the destination's socket, on a plain socket."""
-    with contextlib.suppress(OSError):  # a tuning, not a requirement
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

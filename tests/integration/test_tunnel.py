@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import resource
+from typing import NoReturn
 
 import pytest
 import trio
@@ -12,10 +15,12 @@ from wstunnel.config import HostPort
 from wstunnel.net import pump
 from wstunnel.net.transport import TunnelTransport
 
+from .security_helpers import watch_logs
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
     digest_handler,
+    echo_exact,
     echo_handler,
     receive_all,
     relay_config,
@@ -80,6 +85,44 @@ async def test_half_close_reaches_target_and_answer_comes_back() -> None:
                 await stream.send_all(b"x" * 1000)
                 await stream.send_eof()
                 assert await receive_all(stream) == b"got 1000"
+
+
+async def test_agent_out_of_file_descriptors_logs_waits_and_then_carries() -> None:
+    """When accept() finds no free descriptor the agent says so, keeps the connection
+    waiting in the backlog and carries it once descriptors are free again."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with trio.fail_after(10), watch_logs() as logs:
+        async with tunnel([echo_handler]) as (ports, _relay, _agent):
+            async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as first:
+                assert await echo_exact(first, b"session up") == b"session up"
+            client = trio.socket.socket()
+            lowest_free = os.open(os.devnull, os.O_RDONLY)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                await client.connect((LOOPBACK, ports[0]))
+                await logs.wait_for("accept returned EMFILE", "retrying in 0.1 seconds")
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            async with trio.SocketStream(client) as stream:
+                assert await echo_exact(stream, b"after the shortage") == b"after the shortage"
+
+
+async def test_session_without_an_epoll_carries_channels_with_tasks(
+    monkeypatch: pytest.MonkeyPatch, carrier: str,
+) -> None:
+    """A session whose socket pump cannot get an epoll (out of descriptors just
+    then) says so and carries its channels with tasks, instead of failing."""
+    def no_epoll() -> NoReturn:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(pump.select, "epoll", no_epoll)
+    with trio.fail_after(10), watch_logs() as logs:
+        async with tunnel([echo_handler]) as (ports, _relay, _agent):
+            async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as stream:
+                assert await echo_exact(stream, b"carried") == b"carried"
+    expected = 2 if carrier == "pump" else 0  # agent and relay
+    assert len(logs.matching("no socket pump for this session", "Too many open files")) == expected
 
 
 async def test_refused_target_closes_local_connection_and_logs(
