@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -251,6 +251,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="smoke run: 32 MiB, 1 repetition, fewer samples (5-10 s)")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads from: {', '.join(WORKLOADS)}")
+    parser.add_argument("--churn-count", type=int, default=None, metavar="N",
+                        help="connections per sequential churn sample (default 500; 100 with "
+                        "--quick); thousands steady the noisiest row, e.g. --only churn "
+                        "--churn-count 4000 --repeat 6")
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -L baseline")
     parser.add_argument("--no-wstunnel", action="store_true", help="baselines only")
     parser.add_argument("--socat", action="store_true",
@@ -274,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not set(args.schemes.split(",")) <= {"ws", "wss"}:
         parser.error(f"--schemes takes ws, wss or ws,wss, not {args.schemes!r}")
+    if args.churn_count is not None and args.churn_count < 1:
+        parser.error("--churn-count must be at least 1")
     unknown = set(args.only.split(",")) - WORKLOADS.keys()
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
@@ -282,8 +288,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings(args: argparse.Namespace) -> Settings:
     if args.quick:
-        return Settings(args.size or 32 * MIB, args.repeat or 1, 300, 3.0, 100, 4, 3.0)
-    return Settings(args.size or 256 * MIB, args.repeat or 3, 2000, 5.0, 500, 20, 5.0)
+        chosen = Settings(args.size or 32 * MIB, args.repeat or 1, 300, 3.0, 100, 4, 3.0)
+    else:
+        chosen = Settings(args.size or 256 * MIB, args.repeat or 3, 2000, 5.0, 500, 20, 5.0)
+    if args.churn_count is not None:
+        # Time enough at 250 connections a second, a fifth of wstunnel's rate here.
+        chosen = replace(chosen, churn_count=args.churn_count,
+                         churn_budget=max(chosen.churn_budget, args.churn_count / 250))
+    return chosen
 
 
 def start_routes(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespace) -> list[Route]:
