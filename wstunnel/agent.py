@@ -28,7 +28,7 @@ from .errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeE
 from .forwards import ForwardSet
 from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
-from .net.connect import open_websocket, tune_socket
+from .net.connect import open_websocket
 from .net.proxy import proxy_dialer, proxy_environment
 from .net.splice import splice
 from .net.transport import TunnelTransport
@@ -230,8 +230,7 @@ class Agent:
         """One accepted local connection, carried as one channel."""
         self._connection_opened()
         handed_over = False
-        try:
-            tune_socket(tcp, notsent_lowat=False)
+        try:  # (the accept loop has tuned the socket)
             handed_over = await self._carry(forward, tcp)
         finally:
             if not handed_over:

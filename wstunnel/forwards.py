@@ -203,6 +203,7 @@ class ForwardSet:
                     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
                     self._connections.start_soon(self._handler, forward, stream)
         finally:
+            trio.lowlevel.notify_closing(listener)
             listener.close()
 
 
