@@ -27,6 +27,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -120,7 +121,8 @@ def echo_check(port: int, timeout: float = STARTUP_TIMEOUT) -> None:
     raise BenchError(f"nothing echoes through 127.0.0.1:{port} after {timeout:.0f} s: {last!r}")
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Wait until ``proc`` accepts connections on 127.0.0.1:``port``."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -141,18 +143,44 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(STOP_TIMEOUT)
 
 
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``proc`` leads (a forking server and its children),
+    after SIGCONT in case it was stopped."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(STOP_TIMEOUT)
+
+
 def spawn(stack: contextlib.ExitStack, argv: Sequence[str], log: Path | None,
           *, stdin: int | None = subprocess.DEVNULL,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          env: dict[str, str] | None = None, group: bool = False) -> subprocess.Popen[bytes]:
     """Start ``argv``; it is stopped when ``stack`` closes. Output goes to ``log``
-    (appended: two processes may share one)."""
+    (appended: two processes may share one). With ``group`` it leads a process
+    group of its own, and the whole group is killed (a forking server's children
+    would outlive their parent)."""
     out: IO[bytes] | int = subprocess.PIPE
     if log is not None:
         out = stack.enter_context(log.open("ab"))
     proc = subprocess.Popen(list(argv), stdin=stdin, stdout=out, env=env or CHILD_ENV,
-                            stderr=subprocess.STDOUT if log is not None else None)
-    stack.callback(_stop, proc)
+                            stderr=subprocess.STDOUT if log is not None else None,
+                            start_new_session=group)
+    stack.callback(_stop_group if group else _stop, proc)
     return proc
+
+
+def vm_rss_kib(pid: int) -> int:
+    """Resident memory of ``pid`` in KiB, from /proc/PID/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors ``pid`` has open, from /proc/PID/fd."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def _close_then_stop(proc: subprocess.Popen[bytes]) -> None:
@@ -232,7 +260,7 @@ def start_ssh(stack: contextlib.ExitStack, tmp: Path, targets: Route) -> Route:
     sshd_port = free_port()
     config = _sshd_config(tmp, sshd_port)
     sshd = spawn(stack, [SSHD, "-D", "-e", "-f", str(config)], tmp / "sshd.log")
-    _wait_listening(sshd_port, sshd, "sshd")
+    wait_listening(sshd_port, sshd, "sshd")
     ports = {kind: free_port() for kind in TARGET_KINDS}
     forwards = [arg for kind in TARGET_KINDS for arg in
                 ("-L", f"127.0.0.1:{ports[kind]}:127.0.0.1:{targets.ports[kind]}")]
@@ -283,7 +311,7 @@ def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
     relay = spawn(stack, [*command, "relay", "--listen", f"127.0.0.1:{relay_port}",
                           "--allow", "127.0.0.1", "--no-auth", *relay_tls_args, *relay_args],
                   relay_log)
-    _wait_listening(relay_port, relay, f"wstunnel relay ({scheme}://)")
+    wait_listening(relay_port, relay, f"wstunnel relay ({scheme}://)")
     ports = {kind: free_port() for kind in TARGET_KINDS}
     forwards = [arg for kind in TARGET_KINDS for arg in
                 ("-L", f"127.0.0.1:{ports[kind]}:127.0.0.1:{targets.ports[kind]}")]
@@ -317,12 +345,12 @@ def start_socat(stack: contextlib.ExitStack, tmp: Path, targets: Route,
             f"OPENSSL-LISTEN:{server_port},bind=127.0.0.1,reuseaddr,fork,"
             f"cert={keys / 'relay.crt'},key={keys / 'relay.key'},verify=0",
             f"TCP:127.0.0.1:{targets.ports[kind]},nodelay"], log, env=env)
-        _wait_listening(server_port, server, f"socat TLS server ({kind})")
+        wait_listening(server_port, server, f"socat TLS server ({kind})")
         client = spawn(stack, [
             "socat", "-b", str(SOCAT_BUFFER),
             f"TCP-LISTEN:{ports[kind]},bind=127.0.0.1,reuseaddr,fork,nodelay",
             f"OPENSSL:127.0.0.1:{server_port},verify=0,nodelay"], log, env=env)
-        _wait_listening(ports[kind], client, f"socat TLS client ({kind})")
+        wait_listening(ports[kind], client, f"socat TLS client ({kind})")
         servers.append(server.pid)
         clients.append(client.pid)
     route = Route("socat TLS", ports, [*clients, *servers], logs, clients=len(clients),

@@ -104,14 +104,6 @@ def serve_echo() -> int:
 # -- measuring ---------------------------------------------------------------
 
 
-def vm_rss_kib(pid: int) -> int:
-    """Resident memory of ``pid`` in KiB, from /proc/PID/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise BenchError(f"no VmRSS for process {pid}")
-
-
 def raise_fd_limit(needed: int) -> int:
     """Raise RLIMIT_NOFILE to ``needed`` (the hard limit too, as root); return the new soft."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -210,7 +202,7 @@ def one_run(args: argparse.Namespace, scheme: str, tmp: Path) -> Run:
         agent_pid, relay_pid = route.pids
         port = route.ports["echo"]
         time.sleep(0.5)  # let both settle after start-up before the "before" figure
-        agent_before, relay_before = vm_rss_kib(agent_pid), vm_rss_kib(relay_pid)
+        agent_before, relay_before = _procs.vm_rss_kib(agent_pid), _procs.vm_rss_kib(relay_pid)
         start = time.perf_counter()
         while len(socks) < args.channels:
             batch = []
@@ -225,7 +217,7 @@ def one_run(args: argparse.Namespace, scheme: str, tmp: Path) -> Run:
                                  f"echo ({len(socks)} opened so far)\n{_procs.log_tail(route)}")
         open_seconds = time.perf_counter() - start
         time.sleep(args.idle_seconds)
-        agent_after, relay_after = vm_rss_kib(agent_pid), vm_rss_kib(relay_pid)
+        agent_after, relay_after = _procs.vm_rss_kib(agent_pid), _procs.vm_rss_kib(relay_pid)
         missing, echo_seconds = _echo_all(socks, args.echo_timeout)
         for proc_pid, what in ((agent_pid, "agent"), (relay_pid, "relay")):
             if not Path(f"/proc/{proc_pid}").exists():

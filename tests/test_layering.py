@@ -35,6 +35,7 @@ RANKS = {
     "openssl_tuning": 3,
     "net": 5,
     "metrics": 5,
+    "refusals": 3,
     "reload": 5,
     "forwards": 6,
     "agent": 6,

@@ -172,7 +172,7 @@ def _fingerprint(doc: Document, path: str, value: Any) -> str:
 
 
 def _token_hash(doc: Document, path: str, value: Any) -> TokenHash:
-    return _checked(doc, path, TokenHash.parse, value, "scrypt:... as keygen prints it")
+    return _checked(doc, path, TokenHash.parse, value, "hmac-sha256:... as keygen prints it")
 
 
 def _agent_name(doc: Document, path: str, value: Any) -> str:

@@ -25,12 +25,13 @@ from . import mux, tls, ws
 from .auth import load_token, token_agent
 from .config import AgentConfig, Forward, RelayURL
 from .errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
-from .forwards import ForwardSet
+from .forwards import ForwardSet, ListenError
 from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
 from .net.connect import open_websocket
+from .net.ending import abort_stream
 from .net.proxy import proxy_dialer, proxy_environment
-from .net.splice import splice
+from .net.splice import close_spliced, splice
 from .net.transport import TunnelTransport
 from .protocol import TunnelProtocol
 from .reload import ReloadRequest
@@ -159,6 +160,8 @@ class Agent:
             trailing_data=trailing,
             initial_window=config.initial_window,
             max_chunk_size=config.max_chunk_size,
+            max_send_window=config.max_send_window,
+            max_queued_size=config.max_queued_size,
             max_channels=MAX_CHANNELS,
         )
         return TunnelTransport(
@@ -233,8 +236,8 @@ class Agent:
         try:  # (the accept loop has tuned the socket)
             handed_over = await self._carry(forward, tcp)
         finally:
-            if not handed_over:
-                await trio.aclose_forcefully(tcp)
+            if not handed_over:  # (closed by now, unless cancelled: that is a failure)
+                await abort_stream(tcp)
                 self._connection_closed()
 
     def _connection_opened(self) -> None:
@@ -249,26 +252,29 @@ class Agent:
 
     async def _carry(self, forward: Forward, tcp: trio.SocketStream) -> bool:
         """Carry ``tcp``; True when the session's socket pump took it over (and will
-        close it), False when it is finished here and the caller closes it."""
+        close it), False when it is finished here and closed."""
         target = f"{forward.target_host}:{forward.target_port}"
         session = await self.wait_session(self.config.connect_wait_timeout)
         if session is None:
             log.warning(
-                "no session to the relay within %g s; closed the connection for %s",
+                "no session to the relay within %g s; reset the connection for %s",
                 self.config.connect_wait_timeout,
                 target,
             )
+            await abort_stream(tcp)
             return False
         try:
             channel = session.open_channel(forward.target_host, forward.target_port)
         except (SessionClosed, ChannelRefused) as exc:
-            log.warning("cannot open a channel to %s: %s", target, exc)
+            log.warning("cannot open a channel to %s: %s; reset the connection", target, exc)
+            await abort_stream(tcp)
             return False
         finished = partial(self._channel_finished, target, channel)
         if session.attach(tcp, channel, finished):
             return True
-        await splice(tcp, channel)
+        clean = await splice(tcp, channel)
         self._channel_finished(target, channel, closed=False)
+        await close_spliced(tcp, channel, clean)
         return False
 
     def _channel_finished(
@@ -313,8 +319,8 @@ def _refused(exc: BaseException) -> bool:
 
 def _reason(exc: BaseException) -> str:
     """One line saying why connecting failed, and what to check."""
-    if isinstance(exc, trio.TooSlowError):
-        return "no answer within the handshake timeout (a firewall dropping packets?)"
+    if isinstance(exc, trio.TooSlowError):  # (open_websocket names the step that stalled)
+        return "not connected within handshake_timeout"
     if isinstance(exc, OSError):
         cause = _root_os_error(exc)
         if isinstance(cause, ConnectionRefusedError):
@@ -349,16 +355,19 @@ async def run_agent(
     """Serve the forwards until ``shutdown`` is set, then drain and return.
 
     ``task_status.started`` receives one list of bound (host, port) per forward.
-    Each ``ReloadRequest`` from ``reloads`` is applied without touching the
-    session or the connections already open (see forwards.py).
+    Every forward is bound before the relay is contacted: one that cannot be
+    is an error (a ``ConfigError`` when the configuration cannot work on this
+    machine) and the agent never connects. Each ``ReloadRequest`` from
+    ``reloads`` is applied without touching the session or the connections
+    already open (see forwards.py).
     """
     agent = Agent(config, stats)
     async with trio.open_nursery() as outer:
-        outer.start_soon(agent.maintain_session)
         async with trio.open_nursery() as connections:
             forwards = ForwardSet(agent.handle_local, connections, agent.carry_now)
             async with trio.open_nursery() as accepting:
-                bound_all = await accepting.start(forwards.serve, config.forwards)
+                bound_all = await _bind_forwards(accepting, forwards, config)
+                outer.start_soon(agent.maintain_session)
                 log.info("%d forwards via %s", len(bound_all), agent.relay.url)
                 if reloads is not None:
                     accepting.start_soon(_apply_reloads, agent, forwards, reloads)
@@ -375,6 +384,19 @@ async def run_agent(
         outer.cancel_scope.cancel()
 
 
+async def _bind_forwards(
+    accepting: trio.Nursery, forwards: ForwardSet, config: AgentConfig
+) -> list[list[tuple[str, int]]]:
+    try:
+        bound: list[list[tuple[str, int]]] = await accepting.start(forwards.serve,
+                                                                   config.forwards)
+    except ListenError as exc:
+        if exc.config_problem:
+            raise ConfigError(exc.detail, source=config.source, key_path=exc.key_path) from exc
+        raise
+    return bound
+
+
 async def _apply_reloads(
     agent: Agent, forwards: ForwardSet, reloads: trio.MemoryReceiveChannel[ReloadRequest]
 ) -> None:
@@ -382,8 +404,8 @@ async def _apply_reloads(
         new: AgentConfig = request.config
         try:
             bound = await forwards.apply(new.forwards)
-        except OSError as exc:
-            request.finish(f"cannot listen: {exc.strerror or exc}; kept the old forwards")
+        except ListenError as exc:  # all or nothing: the running forwards stay
+            request.finish(f"{exc}; kept the old forwards")
             continue
         if new.relay_url != agent.relay:
             log.warning("relay is now %s: used from the next reconnect; the current "

@@ -110,9 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_keygen(keygen: argparse.ArgumentParser) -> None:
-    what = keygen.add_mutually_exclusive_group(required=True)
-    what.add_argument("--out", metavar="DIR", help="write relay.key and relay.crt into DIR")
-    what.add_argument("--token", metavar="NAME", help="print a new token for agent NAME")
+    keygen.add_argument("--out", metavar="PATH",
+                        help="write relay.key and relay.crt into the directory PATH; with "
+                             "--token, write the token to the file PATH (mode 0600)")
+    keygen.add_argument("--token", metavar="NAME",
+                        help="make a new token for agent NAME (printed, or written to --out)")
     keygen.add_argument("--name", action="append", default=[], metavar="NAME",
                         help="DNS name or IP address the certificate is for (repeatable)")
     keygen.add_argument("--days", type=int, default=825, help="validity (default 825)")
@@ -356,7 +358,11 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     from .keygen import print_token, write_certificate
 
     if args.token is not None:
-        print_token(args.token, stdout=sys.stdout, stderr=sys.stderr)
+        print_token(args.token, out=args.out, force=args.force, stdout=sys.stdout,
+                    stderr=sys.stderr)
+    elif args.out is None:
+        raise ConfigError("say what to make: --out DIR (a relay certificate) or --token NAME "
+                          "[--out FILE] (an agent token)")
     else:
         write_certificate(args.out, args.name, days=args.days, force=args.force,
                           stdout=sys.stdout)

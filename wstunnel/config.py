@@ -77,6 +77,8 @@ __all__ = [
     "DEFAULT_MAX_CHANNELS",
     "DEFAULT_MAX_CHUNK_SIZE",
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_QUEUED_SIZE",
+    "DEFAULT_MAX_SEND_WINDOW",
     "DEFAULT_PATH",
     "LOG_FORMATS",
     "LOG_LEVELS",
@@ -106,6 +108,8 @@ __all__ = [
 DEFAULT_INITIAL_WINDOW: Final = mux.DEFAULT_INITIAL_WINDOW
 DEFAULT_MAX_CHUNK_SIZE: Final = mux.DEFAULT_MAX_CHUNK_SIZE
 DEFAULT_MAX_CHANNELS: Final = mux.DEFAULT_MAX_CHANNELS
+DEFAULT_MAX_SEND_WINDOW: Final = mux.DEFAULT_MAX_SEND_WINDOW
+DEFAULT_MAX_QUEUED_SIZE: Final = mux.DEFAULT_MAX_QUEUED_SIZE
 DEFAULT_MAX_MESSAGE_SIZE: Final = ws.DEFAULT_MAX_MESSAGE_SIZE
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
@@ -135,6 +139,8 @@ class AgentConfig:
     handshake_timeout: float = 10.0
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    max_send_window: int = DEFAULT_MAX_SEND_WINDOW  # per channel, whatever the peer grants
+    max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE  # per session, all channels together
     proxy: str | None = field(default=None, repr=False)  # None: environment; "none": direct
     proxy_password_file: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
@@ -202,6 +208,8 @@ class RelayConfig:
     drain_timeout: float = 10.0
     initial_window: int = DEFAULT_INITIAL_WINDOW
     max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    max_send_window: int = DEFAULT_MAX_SEND_WINDOW  # per channel, whatever the peer grants
+    max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE  # per session, all channels together
     max_channels: int = DEFAULT_MAX_CHANNELS
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     trusted_proxies: tuple[IPNetwork, ...] = ()
@@ -257,6 +265,8 @@ _COMMON_FIELDS: Final[dict[str, _Parser]] = {
     "drain_timeout": _duration(0.0),
     "initial_window": _size(mux.MIN_WINDOW, mux.MAX_WINDOW),
     "max_chunk_size": _size(mux.MIN_CHUNK_SIZE, mux.MAX_CHUNK_SIZE),
+    "max_send_window": _size(mux.MIN_WINDOW, mux.MAX_WINDOW),
+    "max_queued_size": _size(mux.MIN_WINDOW, 64 * 1024 * MiB),
     "log_level": _choice(LOG_LEVELS),
     "log_format": _choice(LOG_FORMATS),
     "metrics": _optional(_host_port),

@@ -105,7 +105,11 @@ class ChannelRefused(ChannelError):
 
 
 class ChannelReset(ChannelError):
-    """The channel was aborted by the peer or because its session ended."""
+    """The peer aborted the channel; ``code`` is its RESET code (mux.ResetCode)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class SessionClosed(TunnelError):

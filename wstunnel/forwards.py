@@ -8,10 +8,12 @@ caller's ``connections`` nursery, *outside* the slot's scope, so stopping a
 listener never touches connections it already accepted.
 
 ``apply(new_forwards)`` is all or nothing: it first binds every new listen
-address; if any bind fails, the ones just bound are closed, the error is
-raised and nothing has changed. Only then are removed slots cancelled and
-new ones started. A forward that keeps its listen address but changes its
-target keeps its socket (no window where connections are refused); new
+address; if any bind fails, the ones just bound are closed, a ``ListenError``
+naming that forward, why and what to do is raised, and nothing has changed
+(a reload that cannot bind keeps every running forward and the session).
+Only then are removed slots cancelled and new ones started. A forward that
+keeps its listen address but changes its target keeps its socket (no window
+where connections are refused); new
 connections go to the new target, open ones keep theirs. Port 0 listeners
 are matched by the whole forward (and which repeat of it it is), since
 their address is not known up front.
@@ -29,9 +31,11 @@ from typing import Any, Final
 import trio
 
 from .config import Forward
+from .errors import TunnelError
 from .net.connect import tune_plain_socket
+from .net.ending import set_abortive
 
-__all__ = ["ForwardSet"]
+__all__ = ["ForwardSet", "ListenError"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -55,6 +59,44 @@ _ACCEPT_SKIP_ERRNOS: Final = frozenset(
         "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
     ) if hasattr(errno, name)
 )
+
+
+#: bind() errors: what happened, what to do, and whether the configuration itself
+#: is wrong on this machine (exit code 2) rather than the machine's state (1).
+_BIND_ERRORS: Final = {
+    errno.EADDRINUSE: ("address already in use", "stop the program listening there or pick "
+                       "another port (ss -ltnp 'sport = :{port}' shows which)", False),
+    errno.EACCES: ("permission denied", "ports below 1024 need root or CAP_NET_BIND_SERVICE "
+                   "(systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE); or pick a port above "
+                   "1023", False),
+    errno.EADDRNOTAVAIL: ("no such address on this machine", "use one of its addresses, e.g. "
+                          "127.0.0.1, or 0.0.0.0 for all", True),
+}
+
+
+class ListenError(TunnelError):
+    """A forward's listen address cannot be bound.
+
+    ``str()`` names the forward, why and what to do, e.g. ``forwards[1]: cannot
+    listen on 127.0.0.1:5432 (forward to db:5432): address already in use — …``.
+    ``config_problem``: no run of this configuration can bind it on this machine.
+    """
+
+    def __init__(self, forward: Forward, position: int, exc: OSError) -> None:
+        why, advice, self.config_problem = _bind_error(forward, exc)
+        self.key_path = f"forwards[{position}]"
+        self.detail = (f"cannot listen on {forward.listen} (forward to {forward.target}): "
+                       f"{why} \N{EM DASH} {advice.format(port=forward.listen_port)}")
+        super().__init__(f"{self.key_path}: {self.detail}")
+
+
+def _bind_error(forward: Forward, exc: OSError) -> tuple[str, str, bool]:
+    if isinstance(exc, socket.gaierror):
+        return (f"cannot resolve {forward.listen_host} ({exc.strerror})",
+                "use an address of this machine, e.g. 127.0.0.1", True)
+    if exc.errno in _BIND_ERRORS:
+        return _BIND_ERRORS[exc.errno]
+    return (exc.strerror or str(exc)).lower(), "check the forward's listen address", False
 
 
 class _Slot:
@@ -109,10 +151,39 @@ class ForwardSet:
         """Make the listeners match ``forwards``; return :meth:`bound` in that order.
 
         Raises:
-            OSError: a new address could not be bound; nothing was changed.
+            ListenError: a new address could not be bound; nothing was changed.
         """
+        wanted, fresh = await self._bind_missing(forwards)
+        await self._commit(wanted, fresh)
+        return self.bound()
+
+    async def serve(self, forwards: Sequence[Forward], *, task_status: Any) -> None:
+        """Bind and serve ``forwards`` until :meth:`close` or cancellation.
+
+        Raises:
+            ListenError: a forward could not be bound (raised as is, before
+                anything started, so that the caller can report it plainly).
+        """
+        wanted, fresh = await self._bind_missing(forwards)
+        async with trio.open_nursery() as accepting:
+            self._accepting = accepting
+            await self._commit(wanted, fresh)
+            task_status.started(self.bound())
+            await trio.sleep_forever()
+
+    def close(self) -> None:
+        """Stop accepting on every listener (connections continue)."""
+        if self._accepting is not None:
+            self._accepting.cancel_scope.cancel()
+
+    async def _bind_missing(self, forwards: Sequence[Forward]
+                            ) -> tuple[dict[object, Forward], dict[object, _Slot]]:
+        """The wanted slots by key, and new slots bound for the keys not served yet."""
         wanted = dict(zip(_keys(forwards), forwards, strict=True))
-        fresh = await self._bind_new({k: f for k, f in wanted.items() if k not in self._slots})
+        new = {k: (i, f) for i, (k, f) in enumerate(wanted.items()) if k not in self._slots}
+        return wanted, await self._bind_new(new)
+
+    async def _commit(self, wanted: dict[object, Forward], fresh: dict[object, _Slot]) -> None:
         for key in [k for k in self._slots if k not in wanted]:
             slot = self._slots.pop(key)
             slot.scope.cancel()
@@ -126,27 +197,18 @@ class ForwardSet:
         for slot in fresh.values():
             await self._start(slot)
         self._slots = {key: self._slots.get(key) or fresh[key] for key in wanted}
-        return self.bound()
 
-    async def serve(self, forwards: Sequence[Forward], *, task_status: Any) -> None:
-        """Bind and serve ``forwards`` until :meth:`close` or cancellation."""
-        async with trio.open_nursery() as accepting:
-            self._accepting = accepting
-            bound = await self.apply(forwards)
-            task_status.started(bound)
-            await trio.sleep_forever()
-
-    def close(self) -> None:
-        """Stop accepting on every listener (connections continue)."""
-        if self._accepting is not None:
-            self._accepting.cancel_scope.cancel()
-
-    async def _bind_new(self, forwards: dict[object, Forward]) -> dict[object, _Slot]:
+    async def _bind_new(self, forwards: dict[object, tuple[int, Forward]]
+                        ) -> dict[object, _Slot]:
+        """Bind each (position, forward); on a failure close those bound and raise."""
         fresh: dict[object, _Slot] = {}
         try:
-            for key, forward in forwards.items():
-                listeners = await trio.open_tcp_listeners(forward.listen_port,
-                                                          host=forward.listen_host)
+            for key, (position, forward) in forwards.items():
+                try:
+                    listeners = await trio.open_tcp_listeners(forward.listen_port,
+                                                              host=forward.listen_host)
+                except OSError as exc:
+                    raise ListenError(forward, position, exc) from exc
                 fresh[key] = _Slot(forward, [_stdlib_socket(ls) for ls in listeners])
         except BaseException:
             for slot in fresh.values():
@@ -198,6 +260,7 @@ class ForwardSet:
                     continue
                 sock.setblocking(False)
                 tune_plain_socket(sock, notsent_lowat=True)
+                set_abortive(sock)  # (a clean end clears it: net/ending.py)
                 forward = slot.forward
                 if self._carry_now is None or not self._carry_now(forward, sock):
                     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))

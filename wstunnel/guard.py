@@ -4,15 +4,24 @@ Theory of operation
 -------------------
 ``Gatekeeper`` (one per relay) owns what is shared between connections: the
 current TLS context (swapped on SIGHUP; sessions keep the one they started
-with), the per-source rate limiter for failed logins, and the count of
-sessions per agent. ``authenticate`` turns a good upgrade request into an
-``Identity`` or into the HTTP answer to send instead:
+with), the per-source count of failed logins, the budget for scrypt checks,
+and the count of sessions per agent. ``authenticate`` turns a good upgrade
+request into an ``Identity`` or into the HTTP answer to send instead:
 
-* a source over its failure budget gets 429 with ``Retry-After`` before any
-  hashing happens;
+* every token is checked, whatever else came from the same address: a
+  stranger behind the same NAT (or every client, behind a proxy that is not
+  in ``trusted_proxies``) cannot lock a correct token out;
 * a missing, malformed, unknown or wrong token gets the same 401 (the log
-  line, for the operator, says which); scrypt runs in a worker thread, at
-  most two at a time, so logins never stall the event loop;
+  line, for the operator, says which; a source that keeps failing is logged
+  once per interval, not once per attempt);
+* an ``hmac-sha256`` hash is checked inline (a microsecond), so a flood from
+  any number of addresses costs what its connections cost, and no queue
+  forms for a correct token to wait in;
+* a ``scrypt`` hash (the older keygen form) is checked once per token: a
+  token that passed is remembered (``VerifiedTokens``), so a returning agent
+  costs an HMAC. Unremembered tokens share a fixed budget (``_SlowChecks``:
+  two threads, a short bounded queue, sources that keep failing last);
+  beyond it the answer is 503 with ``Retry-After: 1``, not a longer queue;
 * an agent already holding ``max_sessions_per_agent`` sessions gets 429.
 
 With mutual TLS the certificate's common name names the agent; a token, if
@@ -28,18 +37,28 @@ line.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Final
 
 import trio
 
 from . import ws
-from .auth import ANONYMOUS, RateLimiter, bearer_token, expand_credentials, token_agent
-from .auth import verify_token as _verify_token
+from .auth import (
+    ANONYMOUS,
+    RateLimiter,
+    VerifiedTokens,
+    bearer_token,
+    expand_credentials,
+    token_agent,
+    verify_token,
+)
 from .config import AgentAccount, RelayConfig
 from .errors import ConfigError
 from .net.plain_stream import take_over
@@ -51,7 +70,11 @@ __all__ = ["Gatekeeper", "Identity", "SessionGuard"]
 
 log = logging.getLogger("wstunnel.relay")
 
-_HASH_WORKERS: Final = 2
+_HASH_WORKERS: Final = 2  # scrypt checks at once: ~40 ms of one core each
+_MAX_WAITING: Final = 8  # waiting scrypt checks, relay-wide (~0.15 s of work)
+_PER_SOURCE: Final = 2  # of those, from one source address
+_BUSY: Final = "busy"  # _check's problem when no scrypt check could be queued
+_BUSY_LOG_INTERVAL: Final = 10.0
 _AUTH_HEADERS: Final = (("WWW-Authenticate", 'Bearer realm="wstunnel"'),)
 
 
@@ -72,7 +95,10 @@ class Gatekeeper:
         self.limiter = RateLimiter()
         self.sessions: Counter[str] = Counter()
         self.ssl_context: ssl.SSLContext | None = None
-        self._hashing = trio.CapacityLimiter(_HASH_WORKERS)
+        self._slow = _SlowChecks()
+        self._verified = VerifiedTokens()
+        self._busy_count = 0
+        self._busy_logged_at = -math.inf
         self._anonymous = Identity(ANONYMOUS, config.policy)
         self._quiet_until: dict[str, float] = {}
         if config.tls is not None:
@@ -146,24 +172,19 @@ class Gatekeeper:
 
     async def authenticate(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
                            peer: str, source: str, cert_name: str | None) -> Identity | bytes:
-        """The session's identity, or the HTTP answer (401/429) to send instead."""
+        """The session's identity, or the HTTP answer (401/429/503) to send instead.
+
+        The token is always checked: what others did from ``source`` changes
+        only how loudly a failure is logged and, for scrypt, the queue order.
+        """
         if self.config.no_auth:
             return self._anonymous
-        now = trio.current_time()
-        wait = self.limiter.retry_after(source, now)
-        if wait > 0:
-            if self._quiet_until.get(source, 0.0) <= now:  # one line per source per wait
-                self._quiet_until[source] = now + wait
-                log.warning("%s: too many failed logins from %s; answering 429 for %.0f s",
-                            peer, source, wait)
-            return handshake.reject(429, "too many failed attempts; try again later",
-                                    (("Retry-After", str(math.ceil(wait))),))
-        account, problem = await self._check(request, cert_name)
+        account, problem = await self._check(request, cert_name, source)
+        if account is None and problem is _BUSY:
+            return handshake.reject(503, "the relay is busy checking logins; try again "
+                                         "in a second", (("Retry-After", "1"),))
         if account is None:
-            self.limiter.charge(source, trio.current_time())
-            if len(self._quiet_until) > self.limiter.max_keys:
-                self._quiet_until.clear()
-            log.warning("%s: authentication failed from %s: %s", peer, source, problem)
+            self._log_failure(peer, source, problem)
             return handshake.reject(401, "authentication failed", _AUTH_HEADERS)
         if self.sessions[account.name] >= self.config.max_sessions_per_agent:
             log.warning("%s: agent %s already has %d sessions (max_sessions_per_agent); "
@@ -172,9 +193,24 @@ class Gatekeeper:
                                     (("Retry-After", "30"),))
         return Identity(account.name, account.policy)
 
-    async def _check(self, request: ws.RequestReceived,
-                     cert_name: str | None) -> tuple[AgentAccount | None, str]:
-        """(account, "") on success, else (None, what was wrong: for the log only)."""
+    def _log_failure(self, peer: str, source: str, problem: str) -> None:
+        """One line per failure while ``source`` is within its budget, then one per interval."""
+        now = trio.current_time()
+        limiter = self.limiter
+        if limiter.retry_after(source, now) == 0:
+            log.warning("%s: authentication failed from %s: %s", peer, source, problem)
+        elif self._quiet_until.get(source, 0.0) <= now:
+            self._quiet_until[source] = now + limiter.interval
+            if len(self._quiet_until) > limiter.max_keys:
+                self._quiet_until.clear()
+            log.warning("%s: authentication failed from %s: %s; more failures from %s are "
+                        "logged at most one per %.0f s", peer, source, problem, source,
+                        limiter.interval)
+        limiter.charge(source, now)
+
+    async def _check(self, request: ws.RequestReceived, cert_name: str | None,
+                     source: str) -> tuple[AgentAccount | None, str]:
+        """(account, "") on success, else (None, what was wrong: for the log only, or _BUSY)."""
         header = request.header("authorization")
         token = bearer_token(header)
         if cert_name is not None:
@@ -190,13 +226,43 @@ class Gatekeeper:
         account = self.accounts.get(name) if name is not None else None
         if cert_name is not None and name != cert_name:
             account = None
-        stored = account.token_hash if account is not None else None
-        async with self._hashing:
-            good = await trio.to_thread.run_sync(_verify_token, token, stored)
+        good = await self._verify(token, account, source)
+        if good is None:
+            return None, _BUSY
         if not good:
             return None, (f"wrong token for agent {name!r}" if account is not None
                           else f"token for unknown agent {name!r}")
         return account, ""
+
+    async def _verify(self, token: str, account: AgentAccount | None,
+                      source: str) -> bool | None:
+        """Whether ``token`` is ``account``'s; None when scrypt checks are saturated."""
+        stored = account.token_hash if account is not None else None
+        if account is None or stored is None or not stored.slow:
+            return verify_token(token, stored)  # a microsecond: no queue, no thread
+        if self._verified.known(account.name, stored, token):
+            return True
+        now = trio.current_time()
+        lane = 0 if self.limiter.is_clean(source, now) else 1
+        self.limiter.charge(source, now)  # at once: a flood's next try from here is lane 1
+        good = await self._slow.run(source, lane, partial(verify_token, token, stored))
+        if good is None:
+            self._log_busy(account.name)
+        elif good:
+            self._verified.remember(account.name, stored, token)
+        return good
+
+    def _log_busy(self, name: str) -> None:
+        now = trio.current_time()
+        self._busy_count += 1
+        if now < self._busy_logged_at + _BUSY_LOG_INTERVAL:
+            return
+        log.warning("scrypt token checks are saturated (%d logins answered 503 busy since the "
+                    "last such line; the latest for agent %s): give agents tokens from "
+                    "`wstunnel keygen --token NAME`, whose hmac-sha256 hashes cost nothing",
+                    self._busy_count, name)
+        self._busy_count = 0
+        self._busy_logged_at = now
 
     # -- sessions ---------------------------------------------------------------
 
@@ -207,6 +273,90 @@ class Gatekeeper:
         self.sessions[identity.name] -= 1
         if self.sessions[identity.name] <= 0:
             del self.sessions[identity.name]
+
+
+class _Turn:
+    """One scrypt check waiting for a worker."""
+
+    __slots__ = ("lane", "seq", "source", "woken", "evicted")
+
+    def __init__(self, lane: int, seq: int, source: str) -> None:
+        self.lane, self.seq, self.source = lane, seq, source
+        self.woken = trio.Event()
+        self.evicted = False
+
+    def order(self) -> tuple[int, int]:
+        return self.lane, self.seq
+
+
+class _SlowChecks:
+    """The relay-wide budget for scrypt checks: a fixed cost, whoever floods.
+
+    ``workers`` checks run at once (in threads) and at most ``max_waiting``
+    wait, at most ``per_source`` of them from one source. Lane 0 (sources with
+    nothing on their record) goes before lane 1, first come first served
+    within a lane; when the queue is full, a lane-0 check takes the place of
+    the latest lane-1 one. A check that finds no room is not run at all (the
+    caller answers 503): a flood cannot build a queue, so a check never waits
+    for more than about ``max_waiting / workers + 1`` others.
+    """
+
+    def __init__(self, *, workers: int = _HASH_WORKERS, max_waiting: int = _MAX_WAITING,
+                 per_source: int = _PER_SOURCE) -> None:
+        self._free = workers
+        self._max_waiting = max_waiting
+        self._per_source = per_source
+        self._waiting: list[_Turn] = []  # short (max_waiting): scanning beats a heap
+        self._seq = itertools.count()
+
+    async def run(self, source: str, lane: int, check: Callable[[], bool]) -> bool | None:
+        """``check()`` in a worker thread; None (not run) when there is no room."""
+        if self._free > 0:  # (then nothing waits: a freed worker goes to a waiter first)
+            self._free -= 1
+        else:
+            turn = _Turn(lane, next(self._seq), source)
+            if not self._make_room(source, lane) or not await self._wait_turn(turn):
+                return None
+        try:
+            return await trio.to_thread.run_sync(check)
+        finally:
+            self._hand_on()
+
+    def _make_room(self, source: str, lane: int) -> bool:
+        """Whether a check may wait, evicting a later-lane one when the queue is full."""
+        if sum(turn.source == source for turn in self._waiting) >= self._per_source:
+            return False
+        if len(self._waiting) < self._max_waiting:
+            return True
+        last = max(self._waiting, key=_Turn.order)
+        if last.lane <= lane:
+            return False
+        self._waiting.remove(last)
+        last.evicted = True
+        last.woken.set()
+        return True
+
+    async def _wait_turn(self, turn: _Turn) -> bool:
+        """True once a worker is ours; False if a cleaner source's check took our place."""
+        self._waiting.append(turn)
+        try:
+            await turn.woken.wait()
+        except BaseException:
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+            elif not turn.evicted:
+                self._hand_on()  # cancelled just as its turn came: pass the worker on
+            raise
+        return not turn.evicted
+
+    def _hand_on(self) -> None:
+        """A worker is free: give it to the first waiting check, or keep it."""
+        if self._waiting:
+            turn = min(self._waiting, key=_Turn.order)
+            self._waiting.remove(turn)
+            turn.woken.set()
+        else:
+            self._free += 1
 
 
 def _ssl_reason(exc: OSError) -> str:
@@ -226,12 +376,19 @@ class SessionGuard:
         self.pending = 0
 
     def admit(self, open_channels: int) -> str | None:
-        """None if one more channel may open now, else why not (OPEN_FAILED "limit reached")."""
+        """None if one more channel may open now, else why not (OPEN_FAILED "limit reached").
+
+        The text names the limit and stays the same for every refusal it
+        causes, so the relay's log can count refusals by it.
+        """
         config = self.config
         if open_channels >= config.max_channels:
-            return f"limit reached: {open_channels} channels open (max_channels)"
+            return f"max_channels {config.max_channels} reached"
         if (open_channels + 1) * config.initial_window > config.max_buffered_size:
-            return f"limit reached: {open_channels} channels fill max_buffered_size"
+            fit = config.max_buffered_size // config.initial_window
+            return (f"max_buffered_size {config.max_buffered_size} reached ({fit} channels "
+                    f"x initial_window {config.initial_window})")
         if self.pending >= config.max_pending_opens:
-            return f"limit reached: {self.pending} opens in flight (max_pending_opens)"
+            return (f"max_pending_opens {config.max_pending_opens} reached (opens in flight: "
+                    f"destinations still being dialled)")
         return None

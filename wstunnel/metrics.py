@@ -14,6 +14,14 @@ folded into running totals when the channel is closed.
 ``snapshot`` the per-session, per-channel view that ``wstunnel status`` shows.
 ``sample`` (called about once a second) turns byte counts into rates.
 ``serve_metrics`` is a minimal HTTP/1.1 server (h11) for ``GET /metrics``.
+
+Refused channels are counted by reason, and logged through a ``RefusalLog``
+(refusals.py: the first of a kind at once, then a count at most once a second
+per session and cause; ``sample`` writes the counts that are due). The relay
+reports its own refusals with ``channel_refused``; OPENs the multiplexer
+refuses by itself (after GOAWAY, past its channel limit) are read from each
+session's ``refused_opens``: live sessions when asked, and folded into the
+totals when the session ends.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import trio
 from wstunnel import __version__
 
 from . import mux
+from .policy import Listener, this_host
+from .refusals import RefusalLog
 
 if TYPE_CHECKING:
     from ._textforms import HostPort
@@ -94,6 +104,9 @@ class TunnelStats:
         self.on_change: list[Callable[[], None]] = []  # called when sessions come and go
         self._opened_at: dict[ChannelStream, float] = {}
         self._rates: dict[ChannelStream, _Rate] = {}
+        self.refusals = RefusalLog(logging.getLogger(f"wstunnel.{role}"))
+        # Multiplexer refusals already logged, per session.
+        self._mux_refusals_logged: dict[TunnelTransport, dict[mux.OpenFailure, int]] = {}
 
     # -- events reported by the roles ----------------------------------------------
 
@@ -104,6 +117,11 @@ class TunnelStats:
 
     def session_ended(self, transport: TunnelTransport) -> None:
         if self.sessions.pop(transport, None) is not None:
+            self.log_mux_refusals(transport)
+            for reason, count in transport.protocol.session.refused_opens.items():
+                self.open_failures[_reason_name(reason)] += count
+            self._mux_refusals_logged.pop(transport, None)
+            self.refusals.session_ended(transport)
             self._changed()
 
     def channel_opened(self, channel: ChannelStream) -> None:
@@ -117,11 +135,38 @@ class TunnelStats:
         self._rates.pop(channel, None)
 
     def open_failed(self, reason: int) -> None:
-        try:
-            name = mux.OpenFailure(reason).name.lower()
-        except ValueError:
-            name = "other"
-        self.open_failures[name] += 1
+        self.open_failures[_reason_name(reason)] += 1
+
+    def channel_refused(self, transport: TunnelTransport, reason: mux.OpenFailure, text: str,
+                        destination: str, *, key: str | None = None) -> None:
+        """The relay refused a channel of ``transport``: count it, log it in aggregate.
+
+        ``text`` says why. ``key`` groups the log lines and is what a line for
+        several refusals says about them: a text that is the same for all of
+        them ("max_channels 1024 reached"); by default the reason ("forbidden").
+        """
+        self.open_failed(reason)
+        if key is None:
+            key = _reason_name(reason).replace("_", " ")
+        self.refusals.note(transport, transport.name, key, key, destination, text,
+                           trio.current_time())
+
+    def log_mux_refusals(self, transport: TunnelTransport) -> None:
+        """Log the OPENs the session's multiplexer refused by itself since the last call."""
+        refused = transport.protocol.session.refused_opens
+        if not refused:  # (the relay asks once per OPEN: the usual answer is this cheap)
+            return
+        logged = self._mux_refusals_logged.setdefault(transport, {})
+        if refused == logged:
+            return
+        now = trio.current_time()
+        for reason, count in refused.items():
+            new = count - logged.get(reason, 0)
+            if new:
+                logged[reason] = count
+                summary = _MUX_REFUSALS.get(reason, reason.name.lower())
+                self.refusals.note(transport, transport.name, f"multiplexer {reason.name}",
+                                   summary, None, summary, now, new)
 
     def _changed(self) -> None:
         for callback in list(self.on_change):
@@ -143,8 +188,12 @@ class TunnelStats:
         return sent, received
 
     def sample(self) -> None:
-        """Update per-channel rates from the bytes carried since the last call."""
+        """Update per-channel rates from the bytes carried since the last call; write
+        the refusal counts that are due."""
         now = trio.current_time()
+        for transport in self.sessions:
+            self.log_mux_refusals(transport)
+        self.refusals.tick(now)
         for channel in self.live_channels():
             last = self._rates.get(channel)
             if last is None:
@@ -165,9 +214,9 @@ class TunnelStats:
         outbound, inbound = self.bytes_carried()
         yield "wstunnel_bytes_total", {"direction": "outbound"}, outbound
         yield "wstunnel_bytes_total", {"direction": "inbound"}, inbound
-        for reason in sorted({*_REASONS, *self.open_failures}):
-            yield ("wstunnel_channel_open_failures_total", {"reason": reason},
-                   self.open_failures[reason])
+        failures = self.open_failure_counts()
+        for reason in sorted({*_REASONS, *failures}):
+            yield "wstunnel_channel_open_failures_total", {"reason": reason}, failures[reason]
         yield "wstunnel_auth_failures_total", {}, self.auth_failures
         yield "wstunnel_reconnects_total", {}, self.reconnects
         sessions = [transport.protocol.session for transport in self.sessions]
@@ -178,6 +227,15 @@ class TunnelStats:
         yield "wstunnel_scheduler_queue_depth", {}, sum(s.ready_count for s in sessions)
         for result in sorted(self.reloads):
             yield "wstunnel_reloads_total", {"result": result}, self.reloads[result]
+
+    def open_failure_counts(self) -> Counter[str]:
+        """Refused opens by reason: reported ones, and those the live sessions'
+        multiplexers refused by themselves."""
+        counts = Counter(self.open_failures)
+        for transport in self.sessions:
+            for reason, count in transport.protocol.session.refused_opens.items():
+                counts[_reason_name(reason)] += count
+        return counts
 
     def render_prometheus(self) -> str:
         """The Prometheus text exposition of :meth:`samples`."""
@@ -200,7 +258,7 @@ class TunnelStats:
             "uptime": time.time() - self.started_at,
             "channels_total": self.channels_total, "reconnects": self.reconnects,
             "bytes_sent": outbound, "bytes_received": inbound,
-            "open_failures": dict(self.open_failures),
+            "open_failures": dict(+self.open_failure_counts()),
             "sessions": [self._session_view(t, since, now) for t, since in self.sessions.items()],
         }
 
@@ -218,6 +276,21 @@ class TunnelStats:
             "rate_sent": rate.sent_rate if rate else 0.0,
             "rate_received": rate.received_rate if rate else 0.0,
         }
+
+
+_MUX_REFUSALS: Final = {
+    mux.OpenFailure.GOING_AWAY: "the session is going away (GOAWAY sent or received)",
+    mux.OpenFailure.LIMIT_REACHED: "the session's channel limit (max_channels) reached, "
+    "answered by the multiplexer",
+    mux.OpenFailure.UNSUPPORTED_KIND: "unsupported channel kind",
+}
+
+
+def _reason_name(reason: int) -> str:
+    try:
+        return mux.OpenFailure(reason).name.lower()
+    except ValueError:
+        return "other"
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -247,10 +320,16 @@ async def serve_metrics(
     listeners = await trio.open_tcp_listeners(address.port, host=address.host)
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
     log.info("metrics on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in bound))
-    async with trio.open_nursery() as nursery:
-        handler = _metrics_handler(stats)
-        await nursery.start(trio.serve_listeners, handler, listeners)
-        task_status.started(bound)
+    # A relay must not open channels to its own metrics (policy.py).
+    own = [Listener.bound(host, port, "metrics port") for host, port in bound]
+    this_host.add_listeners(own)
+    try:
+        async with trio.open_nursery() as nursery:
+            handler = _metrics_handler(stats)
+            await nursery.start(trio.serve_listeners, handler, listeners)
+            task_status.started(bound)
+    finally:
+        this_host.remove_listeners(own)
     raise AssertionError("serve_listeners returned")  # pragma: no cover
 
 

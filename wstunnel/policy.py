@@ -27,6 +27,16 @@ counts as explicit is ``localhost`` (and names under ``.localhost``, which
 RFC 6761 reserves for loopback), and it unlocks loopback only. So a rule
 ``evil.example.com`` whose name resolves to ``127.0.0.1`` is still refused.
 
+The relay host's own addresses (those of every interface, which reach its
+services from the inside as loopback does) and the sockets this process
+listens on (the relay's port, its metrics) are dangerous too. What this host
+is comes in as ``HostSelf``: by default the process-wide ``this_host``, which
+the relay fills at start and on reload (net/local_addresses.py enumerates the
+addresses). An own address needs a rule for *exactly* that address
+(``192.0.2.2`` or ``192.0.2.2:22``; no network containing it, however small,
+and no name); an own listener needs a rule for exactly its address *and*
+port (``127.0.0.1:9108``).
+
 Everything here is pure: no DNS, no sockets. The module also holds the small
 address-syntax helpers (host names, IP literals, ports) that ``config.py``
 shares, so both parse addresses the same way.
@@ -37,14 +47,17 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
     "AllowRule",
+    "HostSelf",
     "IPAddress",
     "IPNetwork",
+    "Listener",
     "Policy",
     "RuleKind",
     "is_hostname",
@@ -52,6 +65,7 @@ __all__ = [
     "parse_ip",
     "parse_port",
     "special_block",
+    "this_host",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -246,6 +260,16 @@ class AllowRule:
             and (self.host == "localhost" or self.host.endswith(".localhost"))
         )
 
+    def names_address(self, address: IPAddress, port: int | None = None) -> bool:
+        """True if this rule is for exactly ``address`` (and, given, exactly ``port``)."""
+        network = self.network
+        return (
+            network is not None
+            and network.num_addresses == 1
+            and network.network_address == address
+            and (port is None or self.port_low == self.port_high == port)
+        )
+
 
 def _split_rule(text: str) -> tuple[str, str | None]:
     """Split a rule into host and port text; see ``AllowRule.parse``."""
@@ -295,17 +319,103 @@ def _loose_network(text: str) -> IPNetwork | None:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """A socket this process listens on, as a destination to refuse."""
+
+    address: IPAddress | None  # None: bound to 0.0.0.0 or ::, every address of the host
+    port: int
+    label: str  # what it is, for the refusal ("tunnel port", "metrics")
+
+    @classmethod
+    def bound(cls, host: str, port: int, label: str) -> Listener:
+        """The listener of a socket bound to ``(host, port)`` (``getsockname``)."""
+        address = parse_ip(host.split("%")[0])
+        if address is not None and address.is_unspecified:
+            address = None
+        return cls(address, port, label)
+
+
+@dataclass(frozen=True, slots=True)
+class HostSelf:
+    """The relay host as a destination: its own addresses, and its listeners."""
+
+    addresses: frozenset[IPAddress] = frozenset()
+    listeners: tuple[Listener, ...] = ()
+
+    def owns(self, address: IPAddress) -> bool:
+        """True if a connection to ``address`` stays on this host."""
+        return address in self.addresses or _loops_back(address)
+
+    def is_own_address(self, address: IPAddress) -> bool:
+        """True for an address of this host other than loopback and unspecified
+        (those are dangerous blocks of their own, with their own rule)."""
+        return address in self.addresses and not _loops_back(address)
+
+    def listener_at(self, address: IPAddress, port: int) -> Listener | None:
+        """Our listener that a connection to ``address:port`` would reach, if any."""
+        for listener in self.listeners:
+            if listener.port == port and (
+                listener.address == address
+                or ((listener.address is None or address.is_unspecified) and self.owns(address))
+            ):
+                return listener
+        return None
+
+
+def _loops_back(address: IPAddress) -> bool:
+    block = special_block(address)
+    return block is not None and block[1] in ("loopback", "unspecified")
+
+
+class ThisHost:
+    """The process-wide ``HostSelf`` (``this_host``): the relay sets the addresses at
+    start and on reload; each listener (relay, metrics) adds itself while it serves."""
+
+    def __init__(self) -> None:
+        self.current = HostSelf()
+        self._listeners: Counter[Listener] = Counter()
+
+    def set_addresses(self, addresses: Iterable[IPAddress]) -> None:
+        """This host's interface addresses (loopback may be included; it is refused anyway)."""
+        self.current = HostSelf(frozenset(_unmap(a) for a in addresses), self.current.listeners)
+
+    def add_listeners(self, listeners: Iterable[Listener]) -> None:
+        self._listeners.update(listeners)
+        self._publish()
+
+    def remove_listeners(self, listeners: Iterable[Listener]) -> None:
+        self._listeners.subtract(listeners)
+        self._publish()
+
+    def _publish(self) -> None:
+        live = tuple(listener for listener, count in self._listeners.items() if count > 0)
+        self._listeners = Counter({listener: self._listeners[listener] for listener in live})
+        self.current = HostSelf(self.current.addresses, live)
+
+
+this_host: Final = ThisHost()
+
+
 class Policy:
     """An ordered set of ``AllowRule``; empty means nothing is allowed."""
 
-    def __init__(self, rules: Iterable[AllowRule | str] = ()) -> None:
-        """Args: rules: parsed rules or rule text (parsed with ``AllowRule.parse``)."""
+    def __init__(self, rules: Iterable[AllowRule | str] = (), *,
+                 host: HostSelf | None = None) -> None:
+        """Args:
+        rules: parsed rules or rule text (parsed with ``AllowRule.parse``).
+        host: what this host is (own addresses and listeners); default: ``this_host``
+            as it is at each check.
+        """
         self.rules: tuple[AllowRule, ...] = tuple(
             rule if isinstance(rule, AllowRule) else AllowRule.parse(rule) for rule in rules
         )
+        self._host = host
         # Verdicts of refusal(), which is pure: a relay asks the same few questions
         # for every channel (~20 us each, a noticeable part of a short connection).
+        # They hold for one HostSelf: another one (a reload) clears them.
         self._verdicts: dict[tuple[str, int, IPAddress | None], str | None] = {}
+        self._verdicts_for: HostSelf | None = None
 
     def __repr__(self) -> str:
         return f"Policy({[str(rule) for rule in self.rules]!r})"
@@ -322,17 +432,23 @@ class Policy:
 
     def refusal(self, host: str, port: int, address: IPAddress | None = None) -> str | None:
         """Why ``host:port`` is refused (one line for the relay log), or None if allowed."""
+        facts = self._host or this_host.current
+        if facts is not self._verdicts_for:
+            self._verdicts.clear()
+            self._verdicts_for = facts
         key = (host, port, address)
         verdicts = self._verdicts
         if key in verdicts:
             return verdicts[key]
-        verdict = self._refusal(host, port, address)
+        verdict = self._refusal(host, port, address, facts)
         if len(verdicts) >= _MAX_VERDICTS:
             verdicts.clear()
         verdicts[key] = verdict
         return verdict
 
-    def _refusal(self, host: str, port: int, address: IPAddress | None) -> str | None:
+    def _refusal(
+        self, host: str, port: int, address: IPAddress | None, facts: HostSelf
+    ) -> str | None:
         literal = parse_ip(host.strip("[]"))
         name = None if literal is not None else normalize_hostname(host)
         target = _unmap(address) if address is not None else literal
@@ -340,11 +456,38 @@ class Policy:
         shown = host if target is None or target == literal else f"{host} ({target})"
         if not matching:
             return f"no allow rule matches {shown} port {port}"
-        block = special_block(target) if target is not None else None
-        if block is None or any(rule.names_explicitly(*block) for rule in matching):
+        if target is None:
             return None
-        network, label = block
-        return (
-            f"{shown} is a {label} address; only a rule naming it explicitly "
-            f"(e.g. {target} or a network inside {network}) allows it"
-        )
+        return (_block_refusal(shown, target, matching)
+                or _self_refusal(shown, target, port, matching, facts))
+
+
+def _block_refusal(shown: str, target: IPAddress, matching: list[AllowRule]) -> str | None:
+    block = special_block(target)
+    if block is None or any(rule.names_explicitly(*block) for rule in matching):
+        return None
+    network, label = block
+    return (
+        f"{shown} is a {label} address; only a rule naming it explicitly "
+        f"(e.g. {target} or a network inside {network}) allows it"
+    )
+
+
+def _self_refusal(
+    shown: str, target: IPAddress, port: int, matching: list[AllowRule], facts: HostSelf
+) -> str | None:
+    """Why ``target:port`` is refused as the relay host itself, if it is."""
+    listener = facts.listener_at(target, port)
+    if listener is not None:
+        if any(rule.names_address(target, port) for rule in matching):
+            return None
+        return (f"{shown} port {port} is this relay's own {listener.label}; only a rule for "
+                f"exactly that address and port ({_endpoint(target, port)}) allows it")
+    if not facts.is_own_address(target) or any(rule.names_address(target) for rule in matching):
+        return None
+    return (f"{shown} is an address of the relay host itself; only a rule for exactly that "
+            f"address (e.g. {target} or {_endpoint(target, port)}) allows it")
+
+
+def _endpoint(address: IPAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"

@@ -8,8 +8,9 @@ WebSocket layer already queued (pongs, close frames), then pulls records from
 the session's scheduler and frames them until ``max_size`` is reached, so the
 I/O layer never holds more than one write's worth of bytes.
 
-A multiplexer protocol error from the peer closes the WebSocket with 1002; a
-text message (not part of wstunnel.v1) closes it with 1003.
+A multiplexer protocol error from the peer sends the session's GOAWAY with
+its error code, then closes the WebSocket with 1002; a text message (not part
+of wstunnel.v1) closes it with 1003.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class TunnelProtocol:
                     session.receive_record(event.data)
                     self._events.extend(session.events_received())
                     if session.failure is not None:
-                        self._close_ws(ws.CloseCode.PROTOCOL_ERROR, "multiplexer protocol error")
+                        self._fail_session()
             elif isinstance(event, ws.TextMessage):
                 self._close_ws(ws.CloseCode.UNSUPPORTED_DATA, "wstunnel.v1 carries binary only")
             elif isinstance(event, ws.ConnectionClosed):
@@ -96,6 +97,13 @@ class TunnelProtocol:
                 self._events.append(event)
             elif isinstance(event, (ws.PongReceived, ws.CloseReceived)):
                 self._events.append(event)
+
+    def _fail_session(self) -> None:
+        """The session failed and queued its GOAWAY (behind its SETTINGS, if that
+        was still unsent): frame them before the close frame, since nothing is
+        framed once the WebSocket is closing (PROTOCOL.md §7: GOAWAY, then close)."""
+        self._frame_records(DEFAULT_WRITE_SIZE)
+        self._close_ws(ws.CloseCode.PROTOCOL_ERROR, "multiplexer protocol error")
 
     def _close_ws(self, code: int, reason: str) -> None:
         if self._ws.state is ws.ConnectionState.OPEN:
@@ -108,6 +116,13 @@ class TunnelProtocol:
         self._events.extend(self.session.events_received())
         events, self._events = self._events, []
         return events
+
+    @property
+    def has_events(self) -> bool:
+        """True when :meth:`events_received` has something: a cheap check for the
+        writer, whose cuts may emit events (room in the outbound budget, a channel
+        finished by its FIN)."""
+        return bool(self._events) or self.session.has_events
 
     def data_to_send(self, max_size: int = DEFAULT_WRITE_SIZE) -> bytes | bytearray:
         """Bytes to write now: WebSocket control output, then scheduled records.
@@ -202,9 +217,10 @@ class TunnelProtocol:
         self.session.send_eof(channel_id)
 
     def reset_channel(
-        self, channel_id: int, code: mux.ResetCode = mux.ResetCode.CANCELLED, text: str = ""
+        self, channel_id: int, code: mux.ResetCode = mux.ResetCode.CANCELLED, text: str = "",
+        *, after_data: bool = False,
     ) -> None:
-        self.session.reset_channel(channel_id, code, text)
+        self.session.reset_channel(channel_id, code, text, after_data=after_data)
 
     def acknowledge(self, channel_id: int, size: int) -> None:
         self.session.acknowledge(channel_id, size)

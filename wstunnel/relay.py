@@ -29,8 +29,11 @@ from .metrics import TunnelStats
 from .net.channel_stream import ChannelStream
 from .net.connect import read_request, tune_plain_socket, tune_socket
 from .net.dial import DialError, dial, finish_connect, literal_address, start_connect
-from .net.splice import splice
+from .net.ending import abort_stream, set_abortive
+from .net.local_addresses import local_addresses
+from .net.splice import close_spliced, splice
 from .net.transport import TunnelTransport
+from .policy import Listener, this_host
 from .protocol import TunnelProtocol
 from .reload import ReloadRequest
 
@@ -114,6 +117,8 @@ class Relay:
             max_message_size=config.max_message_size,
             initial_window=config.initial_window,
             max_chunk_size=config.max_chunk_size,
+            max_send_window=config.max_send_window,
+            max_queued_size=config.max_queued_size,
             max_channels=config.max_channels + 1,  # SessionGuard refuses first, and logs
         )
         return protocol, identity, peer
@@ -189,10 +194,12 @@ class Relay:
     def _admit(
         self, guard: SessionGuard, transport: TunnelTransport, event: mux.ChannelOpenRequested
     ) -> tuple[mux.OpenFailure, str] | None:
+        """Refuse an OPEN past the session's limits (counted, and logged in aggregate)."""
+        self.stats.log_mux_refusals(transport)  # OPENs its multiplexer refused, if any
         refusal = guard.admit(len(transport.channels))
         if refusal is not None:
-            log.warning("%s: refused channel to %s:%d: %s",
-                        transport.name, event.host, event.port, refusal)
+            self.stats.channel_refused(transport, mux.OpenFailure.LIMIT_REACHED, refusal,
+                                       join_host_port(event.host, event.port), key=refusal)
             return mux.OpenFailure.LIMIT_REACHED, refusal
         guard.pending += 1
         return None
@@ -225,7 +232,8 @@ class Relay:
             return partial(self._open_channel, guard, transport, channel)
         try:
             sock, connected = start_connect(
-                host, address, port, allows=lambda address: policy.allows(host, port, address))
+                host, address, port, allows=lambda address: policy.allows(host, port, address),
+                explain=lambda address: policy.refusal(host, port, address))
         except DialError as exc:
             guard.pending -= 1
             self._refuse(transport, channel, exc.reason, exc.text)
@@ -253,13 +261,16 @@ class Relay:
                sock: socket.socket) -> None:
         """Accept the channel and hand the connected ``sock`` to the socket pump."""
         if not transport.is_open or channel.error is not None:
-            sock.close()  # the session ended or the agent reset the channel meanwhile
+            set_abortive(sock)  # the session ended or the agent reset the channel meanwhile
+            sock.close()
             return
         tune_plain_socket(sock, notsent_lowat=False)
+        set_abortive(sock)  # (a clean end clears it: net/ending.py)
         transport.protocol.accept_channel(channel.channel_id)
         transport.wake_writer()
         if not transport.attach_socket(sock, channel):
-            sock.close()  # (the session just ended: the pump is gone)
+            set_abortive(sock)  # (the session just ended: the pump is gone)
+            sock.close()
 
     async def _open_channel(
         self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
@@ -279,6 +290,7 @@ class Relay:
                 port,
                 timeout=self.config.connect_timeout,
                 allows=lambda address: policy.allows(host, port, address),
+                explain=lambda address: policy.refusal(host, port, address),
             )
         except DialError as exc:
             self._refuse(transport, channel, exc.reason, exc.text)
@@ -288,21 +300,21 @@ class Relay:
         handed_over = False
         try:
             tune_socket(target, notsent_lowat=False)
+            set_abortive(target.socket)  # (a clean end clears it: net/ending.py)
             protocol.accept_channel(channel.channel_id)
             transport.wake_writer()
             # The session's socket pump carries it from here, with no task of its own.
             handed_over = transport.attach(target, channel)
             if not handed_over:
-                await splice(target, channel)
+                await close_spliced(target, channel, await splice(target, channel))
         finally:
-            if not handed_over:
-                await trio.aclose_forcefully(target)
+            if not handed_over:  # (closed by now, unless cancelled: that is a failure)
+                await abort_stream(target)
 
     def _refuse(
         self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
     ) -> None:
-        log.warning("%s: refused channel to %s: %s", transport.name, channel.destination, text)
-        self.stats.open_failed(reason)
+        self.stats.channel_refused(transport, reason, text, channel.destination)
         if transport.is_open and channel.error is None:
             transport.protocol.refuse_channel(channel.channel_id, reason, text)
             transport.wake_writer()
@@ -355,6 +367,7 @@ async def run_relay(
     bound = [listener.socket.getsockname()[:2] for listener in listeners]
     _warn_about_access(config)
     async with trio.open_nursery() as connections:
+        await connections.start(_known_as_this_host, bound)
         async with trio.open_nursery() as accepting:
             serve = partial(trio.serve_listeners, handler_nursery=connections)
             await accepting.start(serve, relay.handle_connection, listeners)
@@ -373,6 +386,25 @@ async def run_relay(
         )
         await relay.drain(relay.config.drain_timeout)
         connections.cancel_scope.cancel()
+
+
+async def _known_as_this_host(
+    bound: list[tuple[str, int]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """While the relay runs, its listening sockets and this host's addresses are
+    destinations that only a rule naming them exactly unlocks (policy.py)."""
+    listeners = [Listener.bound(host, port, "tunnel port") for host, port in bound]
+    this_host.set_addresses(local_addresses())
+    this_host.add_listeners(listeners)
+    own = sorted(str(a) for a in this_host.current.addresses if not a.is_loopback)
+    log.info("this host's own addresses (%s) and ports (%s) are refused as destinations "
+             "unless an allow rule names them exactly", ", ".join(own) or "none found",
+             ", ".join(sorted({str(listener.port) for listener in this_host.current.listeners})))
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        this_host.remove_listeners(listeners)
 
 
 def _warn_about_access(config: RelayConfig) -> None:
@@ -406,6 +438,7 @@ async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[Reload
         new: RelayConfig = request.config
         relay.config = dataclasses.replace(new, listen=relay.config.listen)
         relay.gate.reconfigure(relay.config)
+        this_host.set_addresses(local_addresses())  # (interfaces may have changed)
         if not new.allow:
             log.warning("no 'allow' rules after the reload: every new channel will be refused")
         request.finish()

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from wstunnel.auth import hash_token, new_token
+from wstunnel.auth import hash_token, new_token, scrypt_hash
 from wstunnel.config import AgentAccount, RelayTLS
 from wstunnel.policy import AllowRule
 from wstunnel.tls import pem_fingerprint, self_signed_certificate
@@ -84,11 +84,13 @@ def write_ca_and_client(directory: Path, agent_name: str) -> tuple[Path, Path, P
     return paths
 
 
-def account(name: str, *rules: str, token: str | None = None) -> tuple[AgentAccount, str]:
-    """An agents: entry and its token (a cheap scrypt cost: tests need speed, not strength)."""
+def account(name: str, *rules: str, token: str | None = None,
+            scrypt_n: int | None = None) -> tuple[AgentAccount, str]:
+    """An agents: entry and its token: the hmac-sha256 hash keygen prints, or with
+    ``scrypt_n`` an older scrypt line of that cost."""
     token = token or new_token(name)
-    return AgentAccount(name, hash_token(token, n=1 << 10),
-                        tuple(AllowRule.parse(r) for r in rules)), token
+    stored = hash_token(token) if scrypt_n is None else scrypt_hash(token, n=scrypt_n)
+    return AgentAccount(name, stored, tuple(AllowRule.parse(r) for r in rules)), token
 
 
 class LogWatcher(logging.Handler):

@@ -3,65 +3,38 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import trio
 
+from .process_helpers import ROOT, wstunnel
 from .tunnel_helpers import LOOPBACK, echo_handler
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 EXAMPLE_TARGET = 18081  # configs/agent.yaml forwards 127.0.0.1:19000 -> 127.0.0.1:18081
 EXAMPLE_LOCAL = 19000
-
-
-async def _start(*args: str) -> trio.Process:
-    return await trio.lowlevel.open_process(
-        [sys.executable, "-m", "wstunnel", *args], stderr=subprocess.PIPE, cwd=ROOT
-    )
-
-
-async def _wait_for_line(process: trio.Process, needle: bytes, seen: bytearray) -> None:
-    """Read the process's stderr until a line contains `needle`."""
-    assert process.stderr is not None
-    while needle not in seen:
-        data = await process.stderr.receive_some()
-        assert data, f"exited before logging {needle!r}: {seen.decode(errors='replace')}"
-        seen.extend(data)
-
-
-async def _stop(process: trio.Process) -> None:
-    if process.returncode is None:
-        process.kill()
-        await process.wait()
 
 
 async def test_example_configs_carry_traffic_and_exit_0_on_sigterm() -> None:
     """configs/relay.yaml + configs/agent.yaml tunnel bytes; SIGTERM drains and exits 0."""
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(trio.serve_tcp, echo_handler, EXAMPLE_TARGET, host=LOOPBACK))
-        relay = await _start("relay", "-c", str(CONFIGS / "relay.yaml"))
-        agent = await _start("agent", "-c", str(CONFIGS / "agent.yaml"))
-        relay_log, agent_log = bytearray(), bytearray()
-        try:
+        async with wstunnel("relay", "-c", str(CONFIGS / "relay.yaml")) as relay, \
+                wstunnel("agent", "-c", str(CONFIGS / "agent.yaml")) as agent:
             with trio.fail_after(15):
-                await _wait_for_line(relay, b"relay listening", relay_log)
-                await _wait_for_line(agent, b"session up", agent_log)
+                await relay.wait_for(rb"relay listening")
+                await agent.wait_for(rb"session up")
                 async with await trio.open_tcp_stream(LOOPBACK, EXAMPLE_LOCAL) as stream:
                     await stream.send_all(b"through the example configs")
                     assert await stream.receive_some() == b"through the example configs"
             with trio.fail_after(10 + 3):  # the configs' drain_timeout, plus start-up slack
-                agent.send_signal(signal.SIGTERM)
-                relay.send_signal(signal.SIGTERM)
-                assert await agent.wait() == 0, agent_log.decode(errors="replace")
-                assert await relay.wait() == 0, relay_log.decode(errors="replace")
-        finally:
-            await _stop(agent)
-            await _stop(relay)
-            nursery.cancel_scope.cancel()
+                agent.process.send_signal(signal.SIGTERM)
+                relay.process.send_signal(signal.SIGTERM)
+                assert await agent.process.wait() == 0, agent.text()
+                assert await relay.process.wait() == 0, relay.text()
+        nursery.cancel_scope.cancel()
 
 
 async def test_broken_config_exits_2_with_file_line_and_key(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import struct
 
 import trio
 
@@ -16,8 +17,9 @@ _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
 async def test_accepted_sockets_are_tuned_and_go_to_carry_now_or_the_handler() -> None:
-    """carry_now gets a non-blocking socket with TCP_NODELAY and the 16 KiB
-    low-water mark (measured to matter for the round trip under load); when it
+    """carry_now gets a non-blocking socket with TCP_NODELAY, the 16 KiB
+    low-water mark (measured to matter for the round trip under load) and an
+    abortive close until it ends cleanly (net/ending.py); when it
     declines, the handler gets the connection as a trio SocketStream."""
     taken: list[socket.socket] = []
     handled: list[trio.SocketStream] = []
@@ -45,6 +47,9 @@ async def test_accepted_sockets_are_tuned_and_go_to_carry_now_or_the_handler() -
                 assert not sock.getblocking()
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 assert sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+                # abortive from the start: even the kernel's close of a killed agent resets
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == \
+                    struct.pack("ii", 1, 0)
                 async with await trio.open_tcp_stream(LOOPBACK, port):
                     await fell_back.wait()
                 assert len(taken) == 2 and isinstance(handled[0], trio.SocketStream)

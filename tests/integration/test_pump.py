@@ -18,12 +18,14 @@ import trio
 import trio.testing
 
 from wstunnel import mux
+from wstunnel.errors import ChannelReset
 from wstunnel.net import pump
 from wstunnel.net.channel_stream import ChannelStream
+from wstunnel.net.ending import abort_stream
 from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
 
-from .tunnel_helpers import LOOPBACK, pattern_block, receive_all
+from .tunnel_helpers import LOOPBACK, pattern_block, receive_all, receive_until_reset
 
 pytestmark = pytest.mark.skipif(not pump.AVAILABLE, reason="no select.epoll here")
 
@@ -194,15 +196,59 @@ async def test_local_close_with_unread_data_resets_the_channel() -> None:
             await done.wait()
 
 
-async def test_far_reset_closes_the_local_socket() -> None:
-    """A RESET from the far end closes the local socket at once."""
+async def test_far_reset_resets_the_local_socket_after_the_data_before_it() -> None:
+    """A RESET from the far end behind DATA: the local application reads that data,
+    then ECONNRESET, never a clean end."""
     with trio.fail_after(10):
         async with session_pair(relay_attaches=False) as pair:
             _channel, ours, done = await pair.attached_channel()
             remote, _ = await pair.incoming.receive()
-            remote.abort("test")
+            data = pattern_block(b"before the reset", 100_000)
+            await remote.send_all(data)
+            remote.abort("the destination reset the connection", after_data=True)
             await done.wait()
-            assert await receive_all(ours) == b""
+            assert await receive_until_reset(ours) == data
+
+
+async def test_far_reset_waits_for_a_slow_local_reader() -> None:
+    """The data before a RESET reaches a local reader that is slow to read it: the
+    socket is reset only once the kernel has sent all of it."""
+    with trio.fail_after(10):
+        async with session_pair(relay_attaches=False) as pair:
+            _channel, ours, done = await pair.attached_channel()
+            remote, _ = await pair.incoming.receive()
+            data = pattern_block(b"more than the socket buffers hold", 6_000_000)
+            async with trio.open_nursery() as nursery:
+                async def send_then_reset() -> None:
+                    await remote.send_all(data)
+                    remote.abort("reset after data", after_data=True)
+                nursery.start_soon(send_then_reset)
+                await trio.testing.wait_all_tasks_blocked()  # buffers full, nobody reads
+                assert not done.is_set()
+                assert await receive_until_reset(ours) == data
+            await done.wait()
+
+
+async def test_local_reset_reaches_the_far_end_after_the_bytes_before_it() -> None:
+    """The local application sends bytes and resets: the far end reads those bytes,
+    then a ChannelReset carrying CONNECTION_RESET."""
+    with trio.fail_after(10):
+        async with session_pair(relay_attaches=False) as pair:
+            _channel, ours, done = await pair.attached_channel()
+            remote, _ = await pair.incoming.receive()
+            data = pattern_block(b"then RST", 200_000)
+            await ours.send_all(data)
+            await abort_stream(ours, after_sent=True)  # (RST would drop what is unsent)
+            received = b""
+            with pytest.raises(trio.BrokenResourceError) as caught:
+                while True:
+                    chunk = await remote.receive_some()
+                    assert chunk, "clean end instead of a reset"
+                    received += chunk
+            assert received == data
+            error = caught.value.__cause__
+            assert isinstance(error, ChannelReset) and error.code == mux.ResetCode.CONNECTION_RESET
+            await done.wait()
 
 
 async def test_data_and_fin_that_came_before_the_attach_go_first() -> None:
@@ -236,20 +282,22 @@ async def test_attaching_a_broken_channel_closes_the_socket_at_once() -> None:
             remote, ours = await pair.incoming.receive()
             assert ours is not None
             assert pair.finished == [remote.channel_id]
-            assert await receive_all(ours) == b""
+            assert await receive_until_reset(ours) == b""
 
 
-async def test_session_end_closes_every_attached_socket() -> None:
-    """When the session ends, attached local sockets are closed, not left hanging."""
+async def test_session_end_resets_every_attached_socket() -> None:
+    """When the session ends, attached local sockets are reset, not left hanging and
+    not closed as if the far end had finished."""
     with trio.fail_after(10):
         async with session_pair(relay_attaches=False) as pair:
             ends = [await pair.attached_channel() for _ in range(5)]
             for _ in ends:
-                await pair.incoming.receive()
+                remote, _ = await pair.incoming.receive()
+                await remote.send_all(b"partial answer")
             await pair.agent.close()
             for _channel, ours, done in ends:
                 await done.wait()
-                assert await receive_all(ours) == b""
+                assert await receive_until_reset(ours) in (b"", b"partial answer")
 
 
 def _task_count() -> int:
@@ -308,9 +356,11 @@ async def test_a_bug_serving_one_socket_resets_only_its_channel(
             monkeypatch.setattr(pump._PumpedSocket, "write", broken_write)
             await remote.send_all(b"boom")
             await done.wait()
-            with pytest.raises(trio.BrokenResourceError):
+            with pytest.raises(trio.BrokenResourceError) as caught:
                 await remote.receive_some()
-            assert await receive_all(ours) == b""
+            error = caught.value.__cause__
+            assert isinstance(error, ChannelReset) and error.code == mux.ResetCode.INTERNAL_ERROR
+            assert await receive_until_reset(ours) == b""
             await other_remote.send_all(b"still fine")
             assert await other_ours.receive_some() == b"still fine"
     assert "resetting it" in caplog.text

@@ -16,6 +16,7 @@ from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
     echo_handler,
+    expect_reset,
     relay_config,
     serve_target,
     start_agent,
@@ -59,6 +60,7 @@ async def test_reload_adds_an_agent_and_retires_another(monkeypatch: pytest.Monk
 
             new = await start_agent(nursery, agent_config(port, [target], token_env="NEW_TOKEN"))
             assert await _echo(new.ports[0], b"new agent") == b"new agent"
-            assert await _echo(old.ports[0], b"old agent again") == b""
+            async with await trio.open_tcp_stream(LOOPBACK, old.ports[0]) as stream:
+                await expect_reset(stream, b"old agent again")
             assert logs.matching("agent old is no longer configured")
             nursery.cancel_scope.cancel()

@@ -213,9 +213,11 @@ async def test_wrong_token_gets_401_and_the_agent_says_why(
             nursery.cancel_scope.cancel()
 
 
-async def test_every_bad_credential_gets_the_same_401_then_429() -> None:
-    """Missing, unknown-agent and wrong tokens get one identical 401; then the source gets
-    429 (logged once, not once per attempt)."""
+async def test_every_bad_credential_gets_the_same_401_and_never_locks_out_the_right_token(
+        ) -> None:
+    """Missing, unknown-agent and wrong tokens get one identical 401, as often as they come;
+    the right token from the same address still gets in. The log names each failure until
+    the source is over its budget, then says so once instead of once per attempt."""
     entry, token = account("a1", LOOPBACK)
     with watch_logs() as logs, trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -225,18 +227,18 @@ async def test_every_bad_credential_gets_the_same_401_then_429() -> None:
             for header in ([], [("Authorization", f"Bearer {new_token('a1')}")],
                            [("Authorization", f"Bearer {new_token('nobody')}")],
                            [("Authorization", "Basic YTpi")],
-                           [("Authorization", f"Bearer {token}x")]):
+                           [("Authorization", f"Bearer {token}x")],
+                           *[[("Authorization", f"Bearer {new_token('a1')}")]] * 3):
                 with pytest.raises(AuthenticationError) as info:
                     await open_websocket(url, headers=header)
                 answers.append((info.value.status, str(info.value)))
             assert len(set(answers)) == 1 and answers[0][0] == 401
             assert "a1" not in answers[0][1] and "token" not in answers[0][1].split("401")[1]
-            for _ in range(2):
-                with pytest.raises(HandshakeError) as limited:
-                    await open_websocket(url, headers=[("Authorization", f"Bearer {token}")])
-                assert limited.value.status == 429  # even the right token, until refilled
-            assert len(logs.matching("authentication failed from 127.0.0.1")) == 5
-            assert len(logs.matching("too many failed logins from 127.0.0.1")) == 1  # no flood
+            stream, _ = await open_websocket(url, headers=[("Authorization", f"Bearer {token}")])
+            await logs.wait_for("session up for agent a1")
+            await stream.aclose()
+            assert len(logs.matching("authentication failed from 127.0.0.1")) == 6
+            assert len(logs.matching("more failures from 127.0.0.1 are logged at most")) == 1
             nursery.cancel_scope.cancel()
 
 

@@ -28,6 +28,7 @@ from .tunnel_helpers import (
     agent_config,
     echo_exact,
     echo_handler,
+    expect_reset,
     relay_config,
     serve_target,
     start_relay,
@@ -115,8 +116,7 @@ async def test_relay_policy_reload_applies_to_new_channels_only() -> None:
             elsewhere = (AllowRule.parse("192.0.2.1"),)
             assert (await _reload(send, replace(config, allow=elsewhere))).error is None
             async with await trio.open_tcp_stream(LOOPBACK, port) as refused:
-                await refused.send_all(b"x")
-                assert await refused.receive_some() == b""  # closed: the relay refused
+                await expect_reset(refused, b"x")  # the relay refused
             await _echo_once(old, b"still allowed")
             await old.aclose()
             nursery.cancel_scope.cancel()
@@ -185,8 +185,7 @@ async def test_invalid_reload_is_refused_and_the_old_config_kept(tmp_path: Path)
             await hangup.send(None)
             await notes.wait_for("ready", 3)
             async with await trio.open_tcp_stream(LOOPBACK, agent[0][0][1]) as stream:
-                await stream.send_all(b"x")
-                assert await stream.receive_some() == b""  # the new policy refuses it
+                await expect_reset(stream, b"x")  # the new policy refuses it
             shutdown.set()
             await notes.wait_for("stopping", 1)
             nursery.cancel_scope.cancel()
@@ -226,8 +225,7 @@ async def test_metrics_count_sessions_channels_bytes_and_refusals() -> None:
             async with await trio.open_tcp_stream(LOOPBACK, agent[0][0][1]) as stream:
                 await _echo_once(stream, b"x" * 1000)
                 async with await trio.open_tcp_stream(LOOPBACK, agent[1][0][1]) as refused:
-                    await refused.send_all(b"x")
-                    assert await refused.receive_some() == b""
+                    await expect_reset(refused, b"x")
                 await _echo_once(stream, b"x" * 1000)  # the relay has processed the refusal
                 status, body = await _http_get(metrics[0][1], "/metrics")
             text = body.decode()

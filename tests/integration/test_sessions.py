@@ -15,7 +15,7 @@ from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
     echo_handler,
-    receive_all,
+    expect_reset,
     relay_config,
     serve_target,
     start_agent,
@@ -52,7 +52,7 @@ async def test_connection_waits_for_the_session_then_is_carried() -> None:
 async def test_connection_without_session_is_closed_after_the_wait(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """With no relay, a local connection is closed after connect_wait_timeout, with a log line."""
+    """With no relay, a local connection is reset after connect_wait_timeout, with a log line."""
     caplog.set_level(logging.INFO)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -60,7 +60,7 @@ async def test_connection_without_session_is_closed_after_the_wait(
                 nursery, agent_config(await _free_port(), [9], connect_wait_timeout=0.3)
             )
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                assert await receive_all(stream) == b""
+                await expect_reset(stream)
             nursery.cancel_scope.cancel()
     assert any("no session to the relay within 0.3 s" in r.getMessage() for r in caplog.records)
 

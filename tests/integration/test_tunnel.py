@@ -13,6 +13,7 @@ import trio
 
 from wstunnel.config import HostPort
 from wstunnel.net import pump
+from wstunnel.net.ending import abort_stream
 from wstunnel.net.transport import TunnelTransport
 
 from .security_helpers import watch_logs
@@ -22,7 +23,10 @@ from .tunnel_helpers import (
     digest_handler,
     echo_exact,
     echo_handler,
+    expect_reset,
+    pattern_block,
     receive_all,
+    receive_until_reset,
     relay_config,
     serve_target,
     start_agent,
@@ -128,7 +132,7 @@ async def test_session_without_an_epoll_carries_channels_with_tasks(
 async def test_refused_target_closes_local_connection_and_logs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A refused destination closes the local connection within 1 s and says why."""
+    """A refused destination resets the local connection within 1 s and says why."""
     caplog.set_level(logging.INFO)
     closed_port = await _unused_port()
     async with trio.open_nursery() as nursery:
@@ -136,12 +140,77 @@ async def test_refused_target_closes_local_connection_and_logs(
         agent = await start_agent(nursery, agent_config(relay.ports[0], [closed_port]))
         with trio.fail_after(5):
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                await stream.send_all(b"hello")
                 with trio.fail_after(1):
-                    assert await receive_all(stream) == b""
+                    await expect_reset(stream, b"hello")
         nursery.cancel_scope.cancel()
     expected = f"relay could not connect to {LOOPBACK}:{closed_port}: connection refused"
     assert any(expected in record.getMessage() for record in caplog.records), caplog.text
+
+
+async def test_a_destination_reset_reaches_the_client_after_its_data() -> None:
+    """The destination sends 100,000 bytes and resets: the client reads exactly those
+    bytes, then ECONNRESET (not a clean, truncated end)."""
+    data = pattern_block(b"then reset", 100_000)
+
+    async def send_then_reset(stream: trio.SocketStream) -> None:
+        await stream.send_all(data)
+        await abort_stream(stream, after_sent=True)
+
+    with trio.fail_after(10):
+        async with tunnel([send_then_reset]) as (ports, _relay, _agent):
+            async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as client:
+                assert await receive_until_reset(client) == data
+
+
+async def test_a_client_reset_reaches_the_destination_after_its_data() -> None:
+    """The client sends 100,000 bytes and resets: the destination reads those bytes,
+    then ECONNRESET."""
+    data = pattern_block(b"client then reset", 100_000)
+    seen: list[bytes] = []
+    done = trio.Event()
+
+    async def read_until_reset(stream: trio.SocketStream) -> None:
+        try:
+            seen.append(await receive_until_reset(stream))
+        finally:
+            done.set()
+
+    with trio.fail_after(10):
+        async with tunnel([read_until_reset]) as (ports, _relay, _agent):
+            client = await trio.open_tcp_stream(LOOPBACK, ports[0])
+            await client.send_all(data)
+            await abort_stream(client, after_sent=True)
+            await done.wait()
+    assert [len(x) for x in seen] == [len(data)]
+    assert seen == [data]
+
+
+async def test_a_relay_shutdown_past_its_drain_time_resets_both_ends() -> None:
+    """A connection still open when the relay's drain time runs out is reset at the
+    client and at the destination, neither told that the other end finished."""
+    destination_end: list[bytes] = []
+    done = trio.Event()
+
+    async def hold(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(b"partial")
+            destination_end.append(await receive_until_reset(stream))
+        finally:
+            done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, hold)
+            relay = await start_relay(nursery, relay_config(drain_timeout=0.2))
+            agent = await start_agent(nursery, agent_config(relay.ports[0], [target]))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as client:
+                await client.send_all(b"request")
+                assert await client.receive_some() == b"partial"
+                relay.stop.set()
+                assert await receive_until_reset(client) == b""
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert destination_end == [b"request"]
 
 
 async def test_forbidden_destination_is_refused(caplog: pytest.LogCaptureFixture) -> None:
@@ -153,14 +222,14 @@ async def test_forbidden_destination_is_refused(caplog: pytest.LogCaptureFixture
         agent = await start_agent(nursery, agent_config(relay.ports[0], [target]))
         with trio.fail_after(5):
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                await stream.send_all(b"hello")
-                assert await receive_all(stream) == b""
+                await expect_reset(stream, b"hello")
         nursery.cancel_scope.cancel()
     assert any("not allowed" in r.getMessage() for r in caplog.records), caplog.text
 
 
 async def test_relay_restart_agent_reconnects_and_old_connections_close() -> None:
-    """After the relay dies, open connections close (not hang) and the agent reconnects."""
+    """After the relay dies, open connections are reset (not left hanging, not closed as
+    if complete) and the agent reconnects."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             target = await serve_target(nursery, echo_handler)
@@ -173,7 +242,7 @@ async def test_relay_restart_agent_reconnects_and_old_connections_close() -> Non
                 relay.kill()
                 await relay.finished.wait()
                 with trio.fail_after(3):
-                    assert await receive_all(old) == b""
+                    await expect_reset(old)
             await start_relay(nursery, relay_config(listen=HostPort(LOOPBACK, port)))
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as new:
                 await new.send_all(b"again")
@@ -198,7 +267,7 @@ async def test_black_holed_relay_is_detected_by_ping_timeout() -> None:
                 assert hole.connections == 1
                 hole.freeze()
                 with trio.fail_after(3):
-                    assert await receive_all(first) == b""
+                    await expect_reset(first)
             await hole.second_connection.wait()
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as second:
                 await second.send_all(b"two")

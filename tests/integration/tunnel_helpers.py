@@ -148,6 +148,31 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     return b"".join(chunks)
 
 
+async def receive_until_reset(stream: trio.SocketStream) -> bytes:
+    """What arrives before the connection is reset; fails if it ends cleanly instead."""
+    chunks = []
+    try:
+        async for data in stream:
+            chunks.append(data)
+    except trio.BrokenResourceError as exc:
+        assert isinstance(exc.__cause__, ConnectionResetError), exc
+        return b"".join(chunks)
+    raise AssertionError(f"clean end of stream after {sum(map(len, chunks))} bytes, not a reset")
+
+
+async def expect_reset(stream: trio.SocketStream, payload: bytes = b"") -> None:
+    """Send ``payload`` (if any) and see the connection reset with nothing received:
+    how a refused or lost channel must end for its application."""
+    try:
+        if payload:
+            await stream.send_all(payload)
+        received = await receive_until_reset(stream)
+    except trio.BrokenResourceError as exc:  # the reset came while sending
+        assert isinstance(exc.__cause__, ConnectionResetError), exc
+        return
+    assert received == b"", received
+
+
 @asynccontextmanager
 async def tunnel(
     targets: list[Callable[[trio.SocketStream], Awaitable[None]]],

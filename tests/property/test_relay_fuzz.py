@@ -5,18 +5,28 @@ HTTP upgrade parser, the relay's request routing, then the relay-side
 ``TunnelProtocol`` (WebSocket + multiplexer) with the relay's limits, the
 relay accepting or refusing each OPEN. "Clean" means: no exception escapes,
 and every stream ends with the protocol terminal (or never past the HTTP
-stage), any failure having queued a close frame with a proper code.
+stage), any failure having queued a close frame with a proper code (and, for
+a multiplexer violation, the GOAWAY with its error code before it).
+
+Each input is also checked for how far it got (``Stage``): an input whose
+first bytes are those of the valid conversation must get at least as far as
+those bytes take it, so a setup that answers everything with an HTTP error
+(a wrong path, say) fails instead of passing on inputs that never reach the
+multiplexer.
 """
 
 from __future__ import annotations
 
+import enum
 import random
+from dataclasses import dataclass
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from wstunnel import mux, ws
 from wstunnel.config import HostPort, RelayConfig
+from wstunnel.mux.wire import GoAway, decode_record
 from wstunnel.protocol import TunnelProtocol
 from wstunnel.relay import Relay
 
@@ -30,14 +40,33 @@ def _fixed(n: int) -> bytes:
     return b"\x01" * n
 
 
-def _valid_stream() -> tuple[bytes, int]:
-    """A well-formed agent conversation: (bytes, where the WebSocket part starts)."""
+class Stage(enum.IntEnum):
+    """How far one input got through the relay."""
+
+    HTTP = 0  # answered over HTTP, or the request never completed
+    HANDSHAKE_ACCEPTED = 1  # 101 sent: the WebSocket session started
+    SESSION_RUNNING = 2  # the agent's SETTINGS reached the multiplexer
+    CHANNEL_OPENED = 3  # an OPEN reached the relay's channel handling
+
+
+@dataclass
+class Served:
+    stage: Stage
+    failed: bool
+    closes: list[int]  # close codes the relay sent
+
+
+def _valid_stream() -> tuple[bytes, dict[Stage, int]]:
+    """A well-formed agent conversation, and for each stage how many of its
+    bytes it takes, intact, to reach it."""
     request = ws.ClientHandshake("relay", "/tunnel", random_bytes=_fixed).data_to_send()
     agent = TunnelProtocol(mux.Role.AGENT, random_bytes=_fixed)
+    settings = agent.data_to_send()
     first = agent.open_channel("127.0.0.1", 22, early_data=b"hello")
+    opening = agent.data_to_send()
     agent.open_channel("db.internal", 5432)
     agent.ping(b"p")
-    body = agent.data_to_send()
+    body = settings + opening + agent.data_to_send()
     agent.send_data(first, b"x" * 3000)
     agent.send_eof(first)
     agent.reset_channel(first + 2)
@@ -45,10 +74,21 @@ def _valid_stream() -> tuple[bytes, int]:
     body += agent.data_to_send()
     agent.close(1000, "done")
     body += agent.data_to_send()
-    return request + body, len(request)
+    needs = {Stage.HTTP: 0, Stage.HANDSHAKE_ACCEPTED: len(request),
+             Stage.SESSION_RUNNING: len(request) + len(settings),
+             Stage.CHANNEL_OPENED: len(request) + len(settings) + len(opening)}
+    return request + body, needs
 
 
-VALID, BODY_START = _valid_stream()
+VALID, NEEDS = _valid_stream()
+BODY_START = NEEDS[Stage.HANDSHAKE_ACCEPTED]
+
+
+def _expected_stage(data: bytes) -> Stage:
+    """The stage ``data`` must reach: the furthest its intact prefix of VALID takes it."""
+    intact = next((i for i, (a, b) in enumerate(zip(data, VALID, strict=False)) if a != b),
+                  min(len(data), len(VALID)))
+    return max(stage for stage, size in NEEDS.items() if intact >= size)
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytes:
@@ -81,7 +121,7 @@ def _chunks(rng: random.Random, data: bytes) -> list[bytes]:
     return out
 
 
-def _serve(chunks: list[bytes], rng: random.Random) -> None:
+def _serve(chunks: list[bytes], rng: random.Random) -> Served:
     """The relay's path for one connection, minus sockets; asserts a clean ending."""
     handshake = ws.ServerHandshake(max_header_size=16384, max_headers=100)
     pending = list(chunks)
@@ -90,63 +130,93 @@ def _serve(chunks: list[bytes], rng: random.Random) -> None:
         handshake.receive_data(pending.pop(0))
         event = handshake.next_event()
     if not isinstance(event, ws.RequestReceived) or RELAY.route(handshake, event, "fuzz"):
-        return  # answered over HTTP (or still incomplete): the relay closes the connection
+        return Served(Stage.HTTP, False, [])  # the relay answers over HTTP and closes
     handshake.accept()
     protocol = TunnelProtocol(mux.Role.RELAY, trailing_data=handshake.trailing_data,
                               max_message_size=CONFIG.max_message_size,
                               max_channels=CONFIG.max_channels + 1)
     sent = bytearray()
+    reached = [Stage.HANDSHAKE_ACCEPTED]
     for chunk in [b"", *pending]:
         if chunk:
             protocol.receive_data(chunk)
-        sent += _react(protocol, rng)
+        sent += _react(protocol, rng, reached)
     protocol.receive_eof()
-    sent += _react(protocol, rng)
+    sent += _react(protocol, rng, reached)
     assert protocol.closed
-    _check_output(bytes(sent), failed=protocol.failure is not None)
+    failed = protocol.failure is not None
+    return Served(max(reached), failed, _check_output(bytes(sent), failed=failed))
 
 
-def _check_output(sent: bytes, *, failed: bool) -> None:
-    """What the relay sent is valid WebSocket; after a failure it ends in a proper close."""
+def _check_output(sent: bytes, *, failed: bool) -> list[int]:
+    """What the relay sent is valid WebSocket; after a failure it ends in a proper close,
+    after a multiplexer violation with the GOAWAY (carrying an error code) right before
+    it. Returns the close codes sent."""
     agent = ws.WebSocketConnection(ws.Role.CLIENT, max_message_size=1 << 24)
     agent.receive_data(sent)
-    closes = [e for e in agent.events_received() if isinstance(e, ws.CloseReceived)]
+    events = agent.events_received()
+    closes = [e for e in events if isinstance(e, ws.CloseReceived)]
     assert agent.failure is None
     if failed:
         assert closes and closes[0].code in CLEAN_CODES
+    if closes and closes[0].reason == "multiplexer protocol error":
+        messages = [e for e in events if isinstance(e, ws.BytesMessage)]
+        last = decode_record(bytes(messages[-1].data))
+        assert isinstance(last, GoAway) and last.code != 0
+    return [close.code for close in closes]
 
 
-def _react(protocol: TunnelProtocol, rng: random.Random) -> bytes:
+def _react(protocol: TunnelProtocol, rng: random.Random, reached: list[Stage]) -> bytes:
+    """Answer the relay's events as the relay does: the first OPEN is accepted, the
+    others at random; notes the stages reached in ``reached``."""
     for event in protocol.events_received():
-        if isinstance(event, mux.ChannelOpenRequested):
-            if rng.random() < 0.5:
+        if isinstance(event, mux.SettingsReceived):
+            reached.append(Stage.SESSION_RUNNING)
+        elif isinstance(event, mux.ChannelOpenRequested):
+            first = Stage.CHANNEL_OPENED not in reached
+            reached.append(Stage.CHANNEL_OPENED)
+            if first or rng.random() < 0.5:
                 protocol.accept_channel(event.channel_id)
             else:
                 protocol.refuse_channel(event.channel_id, mux.OpenFailure.FORBIDDEN, "no")
         elif isinstance(event, mux.DataReceived):
             protocol.acknowledge(event.channel_id, len(event.data))
-    return protocol.data_to_send()
+    return bytes(protocol.data_to_send())
 
 
 def test_the_valid_stream_is_served() -> None:
-    """The unmutated conversation reaches the multiplexer and ends with a normal close."""
+    """The unmutated conversation, whole and byte by byte, reaches the channel stage and
+    ends with a normal close, echoed."""
     rng = random.Random(0)
-    _serve([VALID], rng)
-    _serve([VALID[i:i + 1] for i in range(len(VALID))], rng)
+    for chunks in ([VALID], [VALID[i:i + 1] for i in range(len(VALID))]):
+        served = _serve(chunks, rng)
+        assert served == Served(Stage.CHANNEL_OPENED, False, [1000])
 
 
 def test_ten_thousand_mutated_streams_end_cleanly() -> None:
     """10,000 seeded mutations (bit flips, inserts, cuts, repeats, truncations, random
-    split points) of a real agent conversation, and pure noise, only ever end cleanly."""
+    split points) of a real agent conversation, and pure noise, only ever end cleanly;
+    each gets at least as far as its intact prefix takes it, and every stage is
+    reached by many of them."""
+    reached = dict.fromkeys(Stage, 0)
     for seed in range(10_000):
         rng = random.Random(seed)
         data = rng.randbytes(rng.randint(0, 400)) if seed % 10 == 0 else _mutate(rng, VALID)
         if seed % 10 == 1:
             data = VALID[:BODY_START] + rng.randbytes(rng.randint(0, 600))
-        _serve(_chunks(rng, data), rng)
+        stage = _serve(_chunks(rng, data), rng).stage
+        assert stage >= _expected_stage(data), f"seed {seed}"
+        reached[stage] += 1
+    assert min(reached.values()) >= 100, reached
 
 
-@given(st.binary(max_size=2000), st.randoms(use_true_random=False))
-def test_any_body_after_a_good_request_ends_cleanly(body: bytes, rng: random.Random) -> None:
-    """Arbitrary bytes after a valid upgrade request: a clean close, never an exception."""
-    _serve(_chunks(rng, VALID[:BODY_START] + body), rng)
+@given(st.integers(0, len(VALID) - BODY_START), st.binary(max_size=2000),
+       st.randoms(use_true_random=False))
+def test_any_body_after_a_good_request_ends_cleanly(
+    kept: int, body: bytes, rng: random.Random
+) -> None:
+    """Arbitrary bytes after a valid upgrade request and any intact part of the valid
+    conversation: a clean close, never an exception, and at least the stage that the
+    intact part reaches."""
+    data = VALID[:BODY_START + kept] + body
+    assert _serve(_chunks(rng, data), rng).stage >= _expected_stage(data)

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from wstunnel.auth import hash_token, new_token
+from wstunnel.auth import hash_token, new_token, scrypt_hash
 from wstunnel.cli import main
 from wstunnel.config import load_agent_config, load_relay_config
 from wstunnel.errors import ConfigError
 
-HASH = str(hash_token(new_token("a1"), n=1 << 10))
+HASH = str(hash_token(new_token("a1")))
+OLD_HASH = str(scrypt_hash(new_token("a1"), n=1 << 10))
 AGENT = "relay: wss://relay.example/tunnel\nforwards: ['9000:db:5432']\n"
 RELAY = "listen: 127.0.0.1:8080\n"
 
@@ -23,20 +24,24 @@ def _file(tmp_path: Path, text: str, name: str) -> Path:
 
 
 def test_relay_agents_tls_and_limits_load(tmp_path: Path) -> None:
-    """agents with hashes and rules, a tls section (paths beside the file) and limits."""
+    """agents with hashes (keygen's and the older scrypt form) and rules, a tls section
+    (paths beside the file) and limits."""
     config = load_relay_config(_file(tmp_path, RELAY + f"""\
 agents:
   - name: a1
     token_hash: {HASH}
     allow: [db.internal:5432]
+  - name: a2
+    token_hash: {OLD_HASH}
 tls: {{cert_file: relay.crt, key_file: /etc/k.key}}
 max_pending_opens: 8
 max_buffered_size: 64MiB
 max_sessions_per_agent: 2
 idle_timeout: 600
 """, "relay.yaml"))
-    (entry,) = config.agents
+    entry, older = config.agents
     assert entry.name == "a1" and str(entry.token_hash) == HASH
+    assert str(older.token_hash) == OLD_HASH
     assert [str(r) for r in entry.allow] == ["db.internal:5432"]
     assert config.tls is not None
     assert (config.tls.cert_file, config.tls.key_file) == (str(tmp_path / "relay.crt"),

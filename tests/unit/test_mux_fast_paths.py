@@ -52,7 +52,7 @@ def test_window_records_are_bounds_checked_on_an_open_send_half() -> None:
 
 def test_window_up_to_max_window_is_credit_and_reschedules_queued_data() -> None:
     """The largest legal WINDOW is accepted, reported, and wakes a channel that had run dry."""
-    agent, relay = connected_pair()
+    agent, relay = connected_pair(max_send_window=MAX_WINDOW)
     channel_id = open_accepted(agent, relay)
     agent.send_data(channel_id, bytes(DEFAULT_INITIAL_WINDOW))
     while agent.next_record() is not None:

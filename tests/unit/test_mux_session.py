@@ -335,6 +335,57 @@ def test_reset_discards_queued_data_and_goes_first() -> None:
         agent.reset_channel(1001)  # never opened
 
 
+def test_reset_after_data_delivers_the_queued_bytes_then_the_reset() -> None:
+    """reset_channel(after_data=True): what was queued arrives, then the RESET, no FIN,
+    and the channel takes no more data meanwhile."""
+    agent, relay = connected_pair()
+    channel_id = open_accepted(agent, relay)
+    other = open_accepted(agent, relay)
+    payload = bytes(range(256)) * 400  # several chunks
+    agent.send_data(channel_id, payload)
+    agent.reset_channel(channel_id, ResetCode.CONNECTION_RESET, "reset by the client",
+                        after_data=True)
+    assert agent.send_capacity(channel_id) == 0
+    with pytest.raises(LocalProtocolError):
+        agent.send_data(channel_id, b"more")
+    agent.send_data(other, b"still open")
+    pump(agent, relay)
+    events = relay.events_received()
+    assert received_bytes(events, channel_id) == payload
+    assert not any(isinstance(e, EndOfStream) for e in events)
+    resets = [e for e in events if isinstance(e, ChannelReset)]
+    assert resets == [ChannelReset(channel_id, ResetCode.CONNECTION_RESET, "reset by the client")]
+    last_data = max(i for i, e in enumerate(events)
+                    if isinstance(e, DataReceived) and e.channel_id == channel_id)
+    assert events.index(resets[0]) > last_data
+    assert received_bytes(events, other) == b"still open"
+    assert ChannelClosed(channel_id) in agent.events_received()
+
+
+def test_reset_after_data_with_nothing_queued_is_immediate() -> None:
+    """With no queued data, after_data changes nothing: the RESET goes at once."""
+    agent, relay = connected_pair()
+    channel_id = open_accepted(agent, relay)
+    agent.reset_channel(channel_id, ResetCode.CONNECTION_RESET, after_data=True)
+    assert agent.events_received() == [ChannelClosed(channel_id)]
+    assert decode_record(agent.next_record() or b"") == Reset(channel_id, 2, "")
+
+
+def test_peer_reset_cancels_a_pending_reset_after_data() -> None:
+    """A RESET from the peer while ours waits behind data: the channel ends once, and
+    our late RESET is never sent."""
+    agent, relay = connected_pair()
+    channel_id = open_accepted(agent, relay)
+    agent.send_data(channel_id, b"x" * 1000)
+    agent.reset_channel(channel_id, after_data=True)
+    relay.reset_channel(channel_id, ResetCode.TIMEOUT)
+    transfer(relay, agent)
+    assert agent.events_received() == [ChannelReset(channel_id, ResetCode.TIMEOUT, ""),
+                                       ChannelClosed(channel_id)]
+    records = [decode_record(r) for r in iter(agent.next_record, None)]
+    assert not any(isinstance(r, Reset) for r in records)
+
+
 def test_peer_reset_reports_code_and_text() -> None:
     """A RESET from the peer gives ChannelReset then ChannelClosed."""
     agent, relay = connected_pair()
@@ -822,7 +873,7 @@ def test_competing_channels_share_a_fast_write_in_halves_and_a_slow_one_in_chunk
 def test_a_keystroke_goes_next_however_many_channels_are_busy() -> None:
     """A write on a channel whose queue was empty is the next record out, even with 16
     bulk channels competing (new-flow priority); its wait does not grow with their number."""
-    agent, relay = connected_pair(initial_window=4 << 20)
+    agent, relay = connected_pair(initial_window=4 << 20, max_queued_size=32 << 20)
     bulk = [open_accepted(agent, relay) for _ in range(16)]
     ssh = open_accepted(agent, relay)
     for channel_id in bulk:
@@ -863,3 +914,21 @@ def test_a_solo_chunk_gathers_several_queued_pieces() -> None:
     agent.send_eof(channel_id)
     records = [decode_record(r) for r in iter(lambda: agent.next_record(256 * KIB), None)]
     assert records == [Data(channel_id, b"".join(pieces)), Fin(channel_id)]
+
+
+def test_opens_the_session_refuses_by_itself_are_counted_by_reason() -> None:
+    """OPENs past max_channels and OPENs that crossed our GOAWAY never reach the
+    application; ``refused_opens`` counts them by reason, for the relay's metrics."""
+    relay = Session(Role.RELAY, max_channels=2)
+    agent = Session(Role.AGENT)
+    pump(agent, relay)
+    for _ in range(5):
+        agent.open_channel("db", 5432)
+    pump(agent, relay)
+    assert len(events_of(relay, ChannelOpenRequested)) == 2
+    assert len(events_of(agent, ChannelOpenFailed)) == 3
+    assert relay.refused_opens == {OpenFailure.LIMIT_REACHED: 3}
+    relay.go_away()
+    agent.open_channel("db", 5432)  # crosses the GOAWAY
+    pump(agent, relay)
+    assert relay.refused_opens == {OpenFailure.LIMIT_REACHED: 3, OpenFailure.GOING_AWAY: 1}

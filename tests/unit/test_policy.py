@@ -10,11 +10,15 @@ from hypothesis import strategies as st
 
 from wstunnel.policy import (
     AllowRule,
+    HostSelf,
+    IPAddress,
     IPNetwork,
+    Listener,
     Policy,
     RuleKind,
     is_hostname,
     special_block,
+    this_host,
 )
 
 ip = ipaddress.ip_address
@@ -233,10 +237,124 @@ def test_remembered_verdicts_stay_right_past_the_cache_size() -> None:
     number remembered, is the one a fresh policy gives."""
     rules = ["10.0.0.0/8:22", "db.internal", "127.0.0.1"]
     policy = Policy(rules)
-    queries = [(f"10.{i % 256}.0.{i % 7}", 20 + i % 5, None) for i in range(3000)]
+    queries: list[tuple[str, int, IPAddress | None]] = [
+        (f"10.{i % 256}.0.{i % 7}", 20 + i % 5, None) for i in range(3000)]
     queries += [("db.internal", 5432, ipaddress.ip_address("127.0.0.1")),
                 ("db.internal", 5432, ipaddress.ip_address("10.1.2.3")),
                 ("127.0.0.1", 80, ipaddress.ip_address("127.0.0.1"))]
     for _ in range(2):
         for host, port, address in queries:
             assert policy.refusal(host, port, address) == Policy(rules).refusal(host, port, address)
+
+
+# -- the relay host itself ---------------------------------------------------------
+
+OWN_V4, OWN_V6 = ip("192.0.2.2"), ip("fd00::2")
+HOST = HostSelf(frozenset({ip("127.0.0.1"), OWN_V4, OWN_V6, ip("::1")}),
+                (Listener(None, 8080, "tunnel port"), Listener(ip("127.0.0.1"), 9108,
+                                                               "metrics port")))
+
+
+@pytest.mark.parametrize("rules", [["0.0.0.0/0", "::/0"], ["192.0.2.0/24", "fd00::/64"],
+                                   ["192.0.2.2/31", "fd00::2/127"]])
+@pytest.mark.parametrize("own", [OWN_V4, OWN_V6])
+def test_own_address_is_refused_under_any_network(rules: list[str], own: IPAddress) -> None:
+    """An address of the relay host is refused under broad and narrow networks alike;
+    the refusal says which rule would allow it. Without it in HostSelf, allowed."""
+    why = Policy(rules, host=HOST).refusal(str(own), 22, own)
+    assert why is not None and "address of the relay host itself" in why
+    assert f"only a rule for exactly that address (e.g. {own}" in why
+    assert Policy(rules, host=HostSelf()).allows(str(own), 22, own)
+
+
+def test_own_address_is_refused_under_a_name_that_resolves_to_it() -> None:
+    """A name rule is not a rule for the address: DNS decides where a name goes."""
+    for rules in (["relay.example.com"], ["*.example.com"]):
+        assert not Policy(rules, host=HOST).allows("relay.example.com", 22, OWN_V4)
+        assert Policy(rules, host=HostSelf()).allows("relay.example.com", 22, OWN_V4)
+
+
+@pytest.mark.parametrize("rule", ["192.0.2.2", "192.0.2.2/32", "192.0.2.2:22",
+                                  "192.0.2.2:20-30", "[::ffff:192.0.2.2]:22"])
+def test_an_exact_rule_allows_an_own_address(rule: str) -> None:
+    """A rule for exactly that address (any port, or a port range) allows it."""
+    assert Policy([rule, "0.0.0.0/0"], host=HOST).allows("192.0.2.2", 22, OWN_V4)
+    assert Policy([rule], host=HOST).allows("192.0.2.2", 22, OWN_V4)
+
+
+def test_an_exact_v6_rule_allows_an_own_v6_address() -> None:
+    """The same for IPv6: [fd00::2]:22 allows it, ::/0 does not."""
+    assert Policy(["[fd00::2]:22"], host=HOST).allows("fd00::2", 22, OWN_V6)
+    assert not Policy(["::/0"], host=HOST).allows("fd00::2", 22, OWN_V6)
+
+
+def test_other_addresses_are_not_affected() -> None:
+    """Broad rules keep working for every address that is not the relay host's."""
+    policy = Policy(["0.0.0.0/0"], host=HOST)
+    assert policy.allows("192.0.2.3", 22, ip("192.0.2.3"))
+    assert policy.allows("example.com", 443, ip("93.184.216.34"))
+
+
+def test_loopback_keeps_its_own_rule() -> None:
+    """Loopback is listed among the host's addresses, but a loopback network still
+    unlocks it (only its listeners need an exact address and port)."""
+    assert Policy(["127.0.0.0/8"], host=HOST).allows("127.0.0.1", 5432, ip("127.0.0.1"))
+    assert not Policy(["0.0.0.0/0"], host=HOST).allows("127.0.0.1", 5432, ip("127.0.0.1"))
+
+
+@pytest.mark.parametrize(("rules", "host", "port"), [
+    (["127.0.0.1"], "127.0.0.1", 9108),  # metrics on loopback
+    (["127.0.0.0/8"], "127.0.0.1", 9108),
+    (["127.0.0.1"], "127.0.0.1", 8080),  # the tunnel port on every address
+    (["127.0.0.0/8"], "127.0.0.5", 8080),
+    (["192.0.2.2"], "192.0.2.2", 8080),  # the exact address, but not the port
+    (["[fd00::2]"], "fd00::2", 8080),
+    (["0.0.0.0"], "0.0.0.0", 9108),
+])
+def test_own_listeners_need_a_rule_for_exactly_that_address_and_port(
+    rules: list[str], host: str, port: int
+) -> None:
+    """The relay's own ports (tunnel, metrics) are refused unless a rule names that
+    address and that one port; the refusal says what it is."""
+    why = Policy(rules, host=HOST).refusal(host, port, ip(host))
+    assert why is not None and "this relay's own" in why, why
+
+
+@pytest.mark.parametrize(("rule", "host", "port"), [
+    ("127.0.0.1:9108", "127.0.0.1", 9108), ("192.0.2.2:8080", "192.0.2.2", 8080),
+    ("[fd00::2]:8080", "fd00::2", 8080),
+])
+def test_an_exact_address_and_port_rule_allows_an_own_listener(
+    rule: str, host: str, port: int
+) -> None:
+    """A rule for exactly that address and port is the deliberate opt-in."""
+    assert Policy([rule], host=HOST).allows(host, port, ip(host))
+
+
+def test_a_listener_on_one_address_does_not_cover_others() -> None:
+    """Metrics bound to 127.0.0.1 do not make port 9108 of another address special."""
+    assert Policy(["192.0.2.2"], host=HOST).allows("192.0.2.2", 9108, OWN_V4)
+
+
+def test_this_host_is_the_default_and_changes_apply_at_once() -> None:
+    """Without ``host=``, the policy asks ``this_host`` on every check: an address or
+    listener registered later is refused from then on, and allowed again once
+    removed, even for verdicts remembered before."""
+    policy = Policy(["0.0.0.0/0"])
+    spare = ip("198.51.100.77")
+    saved = this_host.current.addresses
+    listener = Listener.bound("0.0.0.0", 61000, "tunnel port")
+    try:
+        assert policy.allows("198.51.100.77", 22, spare)
+        this_host.set_addresses({*saved, spare})
+        assert not policy.allows("198.51.100.77", 22, spare)
+        this_host.set_addresses(saved)
+        assert policy.allows("198.51.100.77", 61000, spare)
+        this_host.add_listeners([listener])
+        this_host.add_listeners([listener])  # two servers on one port: counted
+        this_host.remove_listeners([listener])
+        assert "tunnel port" in (Policy(["127.0.0.1"]).refusal("127.0.0.1", 61000) or "")
+        this_host.remove_listeners([listener])
+        assert Policy(["127.0.0.1"]).allows("127.0.0.1", 61000)
+    finally:
+        this_host.set_addresses(saved)

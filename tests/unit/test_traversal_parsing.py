@@ -103,7 +103,7 @@ def test_proxy_keys_load() -> None:
 @pytest.mark.parametrize(("status", "fragment"), [
     (426, "does not pass WebSocket upgrades: got 426 Upgrade Required from nginx/1.22 at "),
     (505, "does not pass WebSocket upgrades: got 505"),
-    (404, "nothing is served at that path"),
+    (404, "this is a web server, not a wstunnel relay: check the relay URL's host, port and path"),
 ])
 def test_rejections_are_explained_in_one_line(status: int, fragment: str) -> None:
     """The line says what came back, from which server, and what it means."""

@@ -17,11 +17,19 @@ from .events import (
     EndOfStream,
     Event,
     GoAwayReceived,
+    OutboundBudgetExhausted,
     SessionFailed,
     SettingsReceived,
     WindowUpdated,
 )
-from .session import DEFAULT_MAX_AUTO_WINDOW, DEFAULT_MAX_CHANNELS, Role, Session
+from .session import (
+    DEFAULT_MAX_AUTO_WINDOW,
+    DEFAULT_MAX_CHANNELS,
+    DEFAULT_MAX_QUEUED_SIZE,
+    DEFAULT_MAX_SEND_WINDOW,
+    Role,
+    Session,
+)
 from .wire import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,
@@ -43,6 +51,8 @@ __all__ = [
     "DEFAULT_MAX_CHANNELS",
     "DEFAULT_MAX_AUTO_WINDOW",
     "DEFAULT_MAX_CHUNK_SIZE",
+    "DEFAULT_MAX_QUEUED_SIZE",
+    "DEFAULT_MAX_SEND_WINDOW",
     "DEFAULT_SOLO_CHUNK_SIZE",
     "MAX_CHUNK_SIZE",
     "MAX_WINDOW",
@@ -61,6 +71,7 @@ __all__ = [
     "Event",
     "GoAwayReceived",
     "OpenFailure",
+    "OutboundBudgetExhausted",
     "ReceiveState",
     "RecordType",
     "ResetCode",

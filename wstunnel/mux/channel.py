@@ -47,7 +47,14 @@ __all__ = [
     "transition",
     "Channel",
     "ChannelTable",
+    "PIECE_OVERHEAD_SIZE",
 ]
+
+#: What one queued piece costs beyond its bytes (the bytes object's header, its
+#: slot in the deque, allocator rounding), charged against the session's
+#: outbound budget so that a source that trickles tiny reads cannot hold many
+#: times the budget in bookkeeping.
+PIECE_OVERHEAD_SIZE: Final = 64
 
 
 class SendState(enum.Enum):
@@ -170,11 +177,14 @@ class Channel:
 
     Queued outbound data is a deque of immutable pieces (``bytes`` or read-only
     ``memoryview``), so queueing never copies and a chunk that is a whole
-    piece goes out without a copy either.
+    piece goes out without a copy either.  A chunk cut from the middle of a
+    piece leaves the rest as a view that keeps the whole piece in memory:
+    ``pinned`` counts those sent-but-held bytes until the piece is gone, so
+    :attr:`held_size` is what the queue really holds.
     """
 
     __slots__ = ("channel_id", "send_state", "receive_state", "credit", "window",
-                 "pieces", "queued_size")
+                 "pieces", "queued_size", "pinned", "wake_below")
 
     def __init__(self, channel_id: int, *, opener: bool, send_window: int,
                  receive_window: int) -> None:
@@ -185,6 +195,15 @@ class Channel:
         self.window = ReceiveWindow(receive_window)
         self.pieces: deque[bytes | memoryview] = deque()
         self.queued_size = 0
+        #: Bytes of the first piece already cut but still held by the view of its rest.
+        self.pinned = 0
+        #: The session's per-channel resume mark (0: none): see Session.send_capacity.
+        self.wake_below = 0
+
+    @property
+    def held_size(self) -> int:
+        """Memory the queue holds, as the session's outbound budget counts it."""
+        return self.queued_size + self.pinned + PIECE_OVERHEAD_SIZE * len(self.pieces)
 
     @property
     def finished(self) -> bool:
@@ -192,7 +211,8 @@ class Channel:
         return self.send_state is SendState.CLOSED and self.receive_state is ReceiveState.CLOSED
 
     def send_capacity(self) -> int:
-        """Bytes the application may still queue: credit not already spoken for."""
+        """Credit not already spoken for (Session.send_capacity also applies its
+        ``max_send_window`` and outbound budget)."""
         if self.send_state is not SendState.OPEN:
             return 0
         return self.credit.credit - self.queued_size
@@ -254,11 +274,13 @@ class Channel:
                 out.append(head)
                 budget -= size
                 self.queued_size -= size
+                self.pinned = 0  # (only the first piece is ever cut into)
             else:
                 view = head if isinstance(head, memoryview) else memoryview(head)
                 out.append(view[:budget])
                 pieces[0] = view[budget:]
                 self.queued_size -= budget
+                self.pinned += budget
                 budget = 0
         return out
 
@@ -266,6 +288,7 @@ class Channel:
         """Drop queued outbound data (the channel was reset)."""
         self.pieces.clear()
         self.queued_size = 0
+        self.pinned = 0
 
 
 class ChannelTable:

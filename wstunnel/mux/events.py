@@ -22,6 +22,7 @@ __all__ = [
     "ChannelClosed",
     "GoAwayReceived",
     "SessionFailed",
+    "OutboundBudgetExhausted",
     "Event",
 ]
 
@@ -91,7 +92,9 @@ class ChannelReset:
 
 @dataclass(frozen=True, slots=True)
 class WindowUpdated:
-    """Send credit grew; ``send_capacity`` is what send_data may queue now."""
+    """The channel may queue more: credit arrived, or room in the session's outbound
+    budget (or under ``max_send_window``) came back.  ``send_capacity`` is what the
+    channel's credit allows; Session.send_capacity says what send_data may queue now."""
 
     channel_id: int
     send_capacity: int
@@ -121,6 +124,17 @@ class SessionFailed:
     text: str
 
 
+@dataclass(frozen=True, slots=True)
+class OutboundBudgetExhausted:
+    """What the session's queues hold reached ``max_queued_size``: send_capacity
+    says 0 to channels that still have credit until the peer has taken about
+    half of it (they get WindowUpdated then).  Once per such episode: the peer
+    reads slower than the channels' sources send, or not at all."""
+
+    held_size: int
+    max_queued_size: int
+
+
 _new = object.__new__
 # DataReceived and WindowUpdated are built once per record on the hot path,
 # filling the slots through their descriptors: about twice as fast as the
@@ -143,4 +157,4 @@ def new_window_updated(channel_id: int, send_capacity: int) -> WindowUpdated:
 
 Event = (SettingsReceived | ChannelOpenRequested | ChannelOpened | ChannelOpenFailed
          | DataReceived | EndOfStream | ChannelReset | WindowUpdated | ChannelClosed
-         | GoAwayReceived | SessionFailed)
+         | GoAwayReceived | SessionFailed | OutboundBudgetExhausted)

@@ -40,7 +40,7 @@ from typing import Generic, TypeVar
 
 from wstunnel.errors import LocalProtocolError
 
-from .channel import Channel, SendState
+from .channel import PIECE_OVERHEAD_SIZE, Channel, SendState
 
 __all__ = ["DeficitRoundRobin", "Outbox"]
 
@@ -179,16 +179,21 @@ class Outbox:
     channel with a pending FIN drains, ``on_drained(channel)`` lets the session
     queue the FIN (it must follow the data, never overtake it).
 
-    Session.next_record inlines the common case (a whole queued piece within
-    the turn, the chunk size and the credit) and calls :meth:`next_record`
-    for the rest; a change to the rules here must be made there too.
+    The outbound budget (Session's ``max_queued_size``): :attr:`held_size`
+    is what all queues hold (``Channel.held_size`` summed); the session adds
+    what it queues, each cut here subtracts what it frees. While the session
+    has told channels to wait for room (:attr:`watching` is not 0), each cut
+    calls ``on_room(channel)`` so that it can wake them; otherwise a cut
+    costs one subtraction and one test more.
     """
 
     __slots__ = ("control", "drr", "chunk_size", "solo_chunk_size", "adaptive_quantum",
-                 "_channels", "_on_drained")
+                 "held_size", "watching", "wake_below", "waiters", "exhaustions", "_channels",
+                 "_on_drained", "_on_room")
 
     def __init__(self, channels: dict[int, Channel], *, quantum: int, chunk_size: int,
-                 on_drained: Callable[[Channel], None]) -> None:
+                 on_drained: Callable[[Channel], None],
+                 on_room: Callable[[Channel], None] = lambda ch: None) -> None:
         self.control: deque[bytes] = deque()
         self.drr = DeficitRoundRobin[int](quantum)
         self.chunk_size = chunk_size
@@ -196,16 +201,29 @@ class Outbox:
         self.solo_chunk_size = chunk_size
         #: Whether the turn size follows the chunk size on a fast link (no fixed quantum).
         self.adaptive_quantum = False
+        #: What the channels' queues hold, all together (see the class docstring).
+        self.held_size = 0
+        #: The session's: reasons to call on_room after a cut (channels held back
+        #: by max_send_window, plus 1 while any wait for the budget), the budget's
+        #: wake-up mark, its waiters in order (an ordered set), and how many times
+        #: it ran out.
+        self.watching = 0
+        self.wake_below = 0
+        self.waiters: dict[int, None] = {}
+        self.exhaustions = 0
         self._channels = channels
         self._on_drained = on_drained
+        self._on_room = on_room
 
     def wants_to_send(self) -> bool:
         return bool(self.control) or self.drr.peek() is not None
 
     def clear(self) -> None:
-        """Forget all pending output (the session failed)."""
+        """Forget all pending output (the session failed, its channels with it)."""
         self.control.clear()
         self.drr.clear()
+        self.held_size = self.watching = self.wake_below = 0
+        self.waiters.clear()
 
     def next_record(self, max_size: int | None = None) -> bytes | None:
         """``next_parts`` joined into one record."""
@@ -261,8 +279,11 @@ class Outbox:
             budget = max(1, max_size)
         if budget > credit.credit:
             budget = credit.credit
-        payload, size = _cut(ch, budget, merge=False)
+        payload, size, freed = _cut(ch, budget, merge=False)
         queued = ch.queued_size
+        self.held_size -= freed
+        if self.watching:
+            self._on_room(ch)
         still_ready = queued > 0 and credit.credit > 0
         drr.charge(size, still_ready, end_turn=short_turn)
         if not queued and ch.send_state is SendState.FIN_QUEUED:
@@ -287,6 +308,12 @@ class Outbox:
             pieces.popleft()
             ch.queued_size = 0
             credit.credit -= size  # (size <= limit <= credit)
+            self.held_size -= size + PIECE_OVERHEAD_SIZE
+            if ch.pinned:
+                self.held_size -= ch.pinned
+                ch.pinned = 0
+            if self.watching:
+                self._on_room(ch)
             drr.members.remove(channel_id)
             drr.queue.popleft()
             drr.budget = drr.quantum
@@ -294,7 +321,10 @@ class Outbox:
             if ch.send_state is SendState.FIN_QUEUED:
                 self._on_drained(ch)
             return _pack_data_header(_DATA, channel_id), head
-        payload, _ = _cut(ch, limit, merge=True)
+        payload, _, freed = _cut(ch, limit, merge=True)
+        self.held_size -= freed
+        if self.watching:
+            self._on_room(ch)
         if ch.queued_size > 0 and credit.credit > 0:
             drr.budget = drr.quantum
             drr.fresh = 0  # (the only key: its one chunk ahead is spent)
@@ -305,12 +335,13 @@ class Outbox:
         return _pack_data_header(_DATA, channel_id), payload
 
 
-def _cut(ch: Channel, limit: int, *, merge: bool) -> tuple[bytes | memoryview, int]:
+def _cut(ch: Channel, limit: int, *, merge: bool) -> tuple[bytes | memoryview, int, int]:
     """Dequeue up to ``limit`` bytes of ``ch`` as one payload and consume their credit.
 
     A queued piece that fits goes as it is (no copy, the common case); with
     ``merge`` the following pieces are joined to it up to ``limit`` (a solo
     chunk gathers what several reads queued), otherwise it goes alone.
+    Returns (payload, its size, the bytes of ``ch.held_size`` this freed).
     """
     head = ch.pieces[0]
     size = len(head)
@@ -319,10 +350,16 @@ def _cut(ch: Channel, limit: int, *, merge: bool) -> tuple[bytes | memoryview, i
         ch.pieces.popleft()
         ch.queued_size -= size
         payload = head
+        freed = size + PIECE_OVERHEAD_SIZE
+        if ch.pinned:
+            freed += ch.pinned
+            ch.pinned = 0
     else:
         before = ch.queued_size
+        held = ch.held_size
         pieces = ch.take(limit)
         size = before - ch.queued_size
+        freed = held - ch.held_size
         payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     ch.credit.consume(size)
-    return payload, size
+    return payload, size, freed

@@ -35,6 +35,19 @@ one TCP connection, and what a big window lets into flight queues in kernel
 buffers ahead of the other channels' bytes, where the scheduler cannot
 reorder it (measured: 64-byte round trips under a bulk upload doubled).
 
+The other direction is bounded by us, not by the peer's windows (a peer may
+grant MAX_WINDOW per channel and then not read): a channel queues at most
+``max_send_window`` of its credit, and all queues together hold at most
+``max_queued_size`` (``held_size``: queued bytes, plus PIECE_OVERHEAD_SIZE per
+piece and what a cut piece still pins, see Channel).  :meth:`send_capacity`
+says so, and remembers whom it told to wait; a cut that makes room emits
+WindowUpdated for them (the I/O layer then reads from its sources again).
+Room for the budget's waiters means below half the budget: each wake-up
+then has half the budget to fill, and a read-wake-read cycle per chunk on a
+session at its budget is avoided; the queue never runs dry meanwhile.  A
+channel held back by the cap wakes when its queue is below half the cap.
+Every episode at the budget emits one OutboundBudgetExhausted.
+
 Peer violations never raise out of ``receive_record``: the session keeps the
 exception in :attr:`failure`, replaces pending output with a GOAWAY carrying
 the error code (never our message text), emits :class:`SessionFailed` and
@@ -51,7 +64,15 @@ from typing import Final
 from wstunnel.errors import LocalProtocolError, RemoteProtocolError, SessionClosed
 
 from . import wire
-from .channel import Action, Channel, ChannelTable, Input, ReceiveState, SendState
+from .channel import (
+    PIECE_OVERHEAD_SIZE,
+    Action,
+    Channel,
+    ChannelTable,
+    Input,
+    ReceiveState,
+    SendState,
+)
 from .events import (
     ChannelClosed,
     ChannelOpened,
@@ -62,6 +83,7 @@ from .events import (
     EndOfStream,
     Event,
     GoAwayReceived,
+    OutboundBudgetExhausted,
     SessionFailed,
     SettingsReceived,
     WindowUpdated,
@@ -83,12 +105,20 @@ from .wire import (
     encode_record,
 )
 
-__all__ = ["Role", "Session", "DEFAULT_MAX_CHANNELS", "DEFAULT_MAX_AUTO_WINDOW"]
+__all__ = ["Role", "Session", "DEFAULT_MAX_CHANNELS", "DEFAULT_MAX_AUTO_WINDOW",
+           "DEFAULT_MAX_SEND_WINDOW", "DEFAULT_MAX_QUEUED_SIZE"]
 
 DEFAULT_MAX_CHANNELS: Final = 1024
 #: Ceiling of an auto-tuned receive window: the bandwidth-delay product of
 #: 1 Gbit/s at 30 ms round trip.
 DEFAULT_MAX_AUTO_WINDOW: Final = 4 * 1024 * 1024
+#: The most one channel queues, whatever window the peer grants: a peer of
+#: ours grows a window to DEFAULT_MAX_AUTO_WINDOW at most, so it is never cut.
+DEFAULT_MAX_SEND_WINDOW: Final = DEFAULT_MAX_AUTO_WINDOW
+#: What all channels of a session together queue for the peer: four times
+#: the largest window a peer of ours grants one channel, so a bulk channel
+#: never waits for it; 64 channels' worth at the default window.
+DEFAULT_MAX_QUEUED_SIZE: Final = 16 * 1024 * 1024
 _DATA: Final = int(wire.RecordType.DATA)
 _WINDOW: Final = int(wire.RecordType.WINDOW)
 _WINDOW_SIZE: Final = 9
@@ -123,7 +153,9 @@ class Session:
                  max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
                  max_channels: int = DEFAULT_MAX_CHANNELS,
                  max_buffered_size: int | None = None, quantum: int | None = None,
-                 max_window: int | None = None, solo_chunk_size: int | None = None) -> None:
+                 max_window: int | None = None, solo_chunk_size: int | None = None,
+                 max_send_window: int = DEFAULT_MAX_SEND_WINDOW,
+                 max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE) -> None:
         """Create a session; its SETTINGS record is already queued.
 
         Args:
@@ -148,6 +180,12 @@ class Session:
                 our reader keeps up doubles its window, up to this; all
                 growth together stays within max_buffered_size // 8.
                 ``max_window=initial_window`` turns auto-tuning off.
+            max_send_window: the most one channel queues (MIN_WINDOW..MAX_WINDOW),
+                whatever window the peer grants it; the rest of its credit
+                waits until the queue is below half of this.
+            max_queued_size: what all queues together may hold (MIN_WINDOW..
+                2**62; ``held_size``): our memory bound for the outbound
+                direction, whatever the peer grants and however little it reads.
 
         Raises:
             LocalProtocolError: an option is out of range.
@@ -158,6 +196,10 @@ class Session:
             solo_chunk_size = max(max_chunk_size, wire.DEFAULT_SOLO_CHUNK_SIZE)
         _check_range("solo_chunk_size", solo_chunk_size, max_chunk_size, wire.MAX_CHUNK_SIZE)
         _check_range("max_channels", max_channels, 1, 1 << 30)
+        _check_range("max_send_window", max_send_window, wire.MIN_WINDOW, wire.MAX_WINDOW)
+        _check_range("max_queued_size", max_queued_size, wire.MIN_WINDOW, 1 << 62)
+        self.max_send_window = max_send_window
+        self.max_queued_size = max_queued_size
         self.role = role
         self.initial_window = initial_window
         self.max_chunk_size = max_chunk_size
@@ -185,7 +227,8 @@ class Session:
         if quantum is not None:
             _check_range("quantum", quantum, 1, 1 << 30)
         self._outbox = Outbox(self._channels, quantum=quantum or chunk_size,
-                              chunk_size=chunk_size, on_drained=self._queue_fin)
+                              chunk_size=chunk_size, on_drained=self._queue_fin,
+                              on_room=self._on_room)
         self._outbox.adaptive_quantum = quantum is None
         self._control = self._outbox.control
         # The scheduler's containers, for the per-chunk fast paths (they are
@@ -200,6 +243,13 @@ class Session:
         self._peer_window = wire.MIN_WINDOW  # assumed until its SETTINGS arrive
         self._goaway_sent = False
         self._goaway_received = False
+        #: Peer OPENs refused here without the application hearing of them (after
+        #: GOAWAY, past max_channels, an unknown kind), by reason: for its metrics
+        #: and logs. Only ever grows.
+        self.refused_opens: dict[OpenFailure, int] = {}
+        #: RESET records that wait for their channel's queued data (reset_channel's
+        #: ``after_data``), sent by _queue_fin in place of the FIN.
+        self._resets_after_data: dict[int, bytes] = {}
 
     # -- state and output ------------------------------------------------------
 
@@ -222,6 +272,24 @@ class Session:
     def queued_size(self) -> int:
         """Bytes given to :meth:`send_data` and not yet cut into records."""
         return sum(ch.queued_size for ch in self._channels.values())
+
+    @property
+    def held_size(self) -> int:
+        """What the send queues hold, as ``max_queued_size`` counts it: queued bytes,
+        PIECE_OVERHEAD_SIZE per queued piece, and the sent part of a piece cut
+        into (its rest still keeps it in memory)."""
+        return self._outbox.held_size
+
+    @property
+    def budget_exhaustions(self) -> int:
+        """OutboundBudgetExhausted episodes so far."""
+        return self._outbox.exhaustions
+
+    @property
+    def has_events(self) -> bool:
+        """True when :meth:`events_received` has something (a cheap check for the
+        writer: a cut that makes room emits WindowUpdated)."""
+        return bool(self._events)
 
     @property
     def ready_count(self) -> int:
@@ -320,7 +388,9 @@ class Session:
                         if total > credit.limit:
                             credit.limit = total
                         queued = ch.queued_size
-                        self._events.append(new_window_updated(channel_id, total - queued))
+                        cap = self.max_send_window
+                        self._events.append(new_window_updated(
+                            channel_id, (total if total < cap else cap) - queued))
                         if queued and channel_id not in self._ready_set:  # DRR.add
                             self._ready_set.add(channel_id)
                             self._ready.append(channel_id)
@@ -355,7 +425,7 @@ class Session:
                                              settings.max_chunk_size))
         for ch in self._channels.values():  # all ours: the peer could not open any yet
             if ch.credit.resize(self._peer_window) and ch.send_state is SendState.OPEN:
-                self._events.append(WindowUpdated(ch.channel_id, ch.send_capacity()))
+                self._events.append(WindowUpdated(ch.channel_id, self._own_capacity(ch)))
             if ch.ready():
                 self._drr.add(ch.channel_id)
 
@@ -398,6 +468,7 @@ class Session:
         reason = self._open_refusal(record.kind)
         if reason is not None:  # answered here: the application never hears of it
             self._control.append(encode_record(wire.OpenFailed(channel_id, reason, reason.name)))
+            self.refused_opens[reason] = self.refused_opens.get(reason, 0) + 1
             return
         self._channels[channel_id] = Channel(
             channel_id, opener=False, send_window=self._peer_window,
@@ -428,7 +499,7 @@ class Session:
             return  # (OPEN, WINDOW) -> ADD_CREDIT needs no lookup on the hot path
         ch.credit.grant(increment)
         if state is SendState.OPEN:
-            self._events.append(WindowUpdated(channel_id, ch.credit.credit - ch.queued_size))
+            self._events.append(WindowUpdated(channel_id, self._own_capacity(ch)))
         if ch.queued_size:
             self._drr.add(channel_id)
 
@@ -445,6 +516,7 @@ class Session:
         self._control.append(encode_record(wire.GoAway(self._table.last_remote_id, code, text)))
         self._goaway_sent = True
         self._channels.clear()
+        self._resets_after_data.clear()
         self.window_growth = 0
         self._events.append(SessionFailed(code, str(exc)))
 
@@ -466,12 +538,28 @@ class Session:
 
     def _forget(self, ch: Channel) -> None:
         del self._channels[ch.channel_id]
+        if self._resets_after_data:
+            self._resets_after_data.pop(ch.channel_id, None)
         self.window_growth -= ch.window.size - self.initial_window
         self._drr.discard(ch.channel_id)
-        ch.discard_queue()
+        if ch.wake_below:
+            self._outbox.watching -= 1
+        if ch.queued_size:
+            outbox = self._outbox
+            outbox.held_size -= ch.held_size
+            ch.discard_queue()
+            if outbox.waiters and outbox.held_size < outbox.wake_below:
+                self._wake_budget_waiters()
         self._events.append(ChannelClosed(ch.channel_id))
 
     def _queue_fin(self, ch: Channel) -> None:
+        if self._resets_after_data:
+            reset = self._resets_after_data.pop(ch.channel_id, None)
+            if reset is not None:  # the data went out; the RESET follows it, not a FIN
+                ch.send(Input.RESET_SENT)
+                self._control.append(reset)
+                self._forget(ch)
+                return
         ch.send(Input.DRAINED)
         self._control.append(encode_record(wire.Fin(ch.channel_id)))
         if ch.finished:
@@ -482,7 +570,8 @@ class Session:
         """Open a channel to ``host:port`` at the peer; returns its id.
 
         ``early_data`` (at most the peer's initial window, or MIN_WINDOW until
-        its SETTINGS arrive) goes right behind the OPEN, saving a round trip.
+        its SETTINGS arrive, and what ``max_send_window`` and the outbound
+        budget leave) goes right behind the OPEN, saving a round trip.
         Then drain :meth:`next_record`; expect ChannelOpened or ChannelOpenFailed.
 
         Raises:
@@ -492,8 +581,12 @@ class Session:
         """
         if self.failure is not None or self._goaway_sent or self._goaway_received:
             raise SessionClosed("the session accepts no new channels (GOAWAY or failure)")
-        if memoryview(early_data).nbytes > self._peer_window:
-            raise LocalProtocolError("early data exceeds the peer's initial window")
+        room = min(self._peer_window, self.max_send_window,
+                   self.max_queued_size - self._outbox.held_size - PIECE_OVERHEAD_SIZE)
+        if early_data and memoryview(early_data).nbytes > room:
+            raise LocalProtocolError("early data exceeds what a new channel may queue "
+                                     f"({room} bytes: the peer's initial window, "
+                                     "max_send_window or the outbound budget)")
         channel_id = self._table.next_local_id
         record = encode_record(wire.Open(channel_id, kind, host, port))  # validates first
         self._table.claim_local(self.max_channels)
@@ -535,9 +628,70 @@ class Session:
         self._forget(ch)
 
     def send_capacity(self, channel_id: int) -> int:
-        """Bytes :meth:`send_data` may still queue on the channel (0 once gone)."""
+        """Bytes :meth:`send_data` may still queue on the channel (0 once gone).
+
+        The least of: the channel's credit, ``max_send_window``, and what is
+        left of ``max_queued_size``, less what is queued.  Call it when about
+        to read from the channel's source: a channel told 0 while its credit
+        allows more (the cap or the budget holds it back) gets WindowUpdated
+        once there is room again, as for credit, so wait for that.  The
+        first channel the budget holds back emits OutboundBudgetExhausted.
+        """
         ch = self._channels.get(channel_id)
-        return 0 if ch is None else ch.send_capacity()
+        if ch is None or ch.send_state is not _SEND_OPEN:
+            return 0
+        credit = ch.credit.credit
+        cap = self.max_send_window
+        own = (credit if credit < cap else cap) - ch.queued_size
+        left = self.max_queued_size - self._outbox.held_size - PIECE_OVERHEAD_SIZE
+        if own <= left or own <= 0:
+            if own <= 0 and credit > cap and not ch.wake_below:
+                ch.wake_below = cap // 2 + 1  # the cap holds it back: wake at half the cap
+                self._outbox.watching += 1
+            return own
+        if left > 0:
+            return left
+        self._wait_for_budget(channel_id)
+        return 0
+
+    def _own_capacity(self, ch: Channel) -> int:
+        """send_capacity before the session's budget (for WindowUpdated)."""
+        if ch.send_state is not _SEND_OPEN:
+            return 0
+        credit = ch.credit.credit
+        cap = self.max_send_window
+        return (credit if credit < cap else cap) - ch.queued_size
+
+    def _wait_for_budget(self, channel_id: int) -> None:
+        outbox = self._outbox
+        if not outbox.waiters:  # a new episode
+            outbox.watching += 1
+            outbox.wake_below = self.max_queued_size // 2
+            outbox.exhaustions += 1
+            self._events.append(OutboundBudgetExhausted(outbox.held_size,
+                                                        self.max_queued_size))
+        outbox.waiters[channel_id] = None
+
+    def _on_room(self, ch: Channel) -> None:
+        """A cut while channels wait for room (Outbox's on_room): wake those it is for."""
+        outbox = self._outbox
+        if ch.queued_size < ch.wake_below:
+            ch.wake_below = 0
+            outbox.watching -= 1
+            if ch.send_state is _SEND_OPEN:
+                self._events.append(WindowUpdated(ch.channel_id, self._own_capacity(ch)))
+        if outbox.waiters and outbox.held_size < outbox.wake_below:
+            self._wake_budget_waiters()
+
+    def _wake_budget_waiters(self) -> None:
+        outbox = self._outbox
+        outbox.watching -= 1
+        outbox.wake_below = 0
+        waiters, outbox.waiters = outbox.waiters, {}
+        for channel_id in waiters:
+            ch = self._channels.get(channel_id)
+            if ch is not None and ch.send_state is _SEND_OPEN:
+                self._events.append(WindowUpdated(channel_id, self._own_capacity(ch)))
 
     def send_data(self, channel_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data`` (bytes are not copied); then drain :meth:`next_record`.
@@ -551,16 +705,20 @@ class Session:
         if ch is not None and ch.send_state is _SEND_OPEN and type(data) is bytes:
             # Fast path, once per chunk: Channel.queue and DeficitRoundRobin.add
             # inlined for bytes (kept without a copy) on an OPEN send half, with
-            # the capacity check; past capacity, Channel.queue raises.
+            # the capacity checks (credit, max_send_window, the budget); past
+            # capacity, the slow path raises.
             size = len(data)
-            queued = ch.queued_size
-            credit = ch.credit.credit
-            if size <= credit - queued:
-                if size:
+            queued = ch.queued_size + size
+            outbox = self._outbox
+            held = outbox.held_size + size + PIECE_OVERHEAD_SIZE
+            if (queued <= ch.credit.credit and queued <= self.max_send_window
+                    and held <= self.max_queued_size):
+                if size:  # (so the credit is not 0)
                     ch.pieces.append(data)
-                    ch.queued_size = queued + size
-                    if credit and channel_id not in self._ready_set:
-                        if queued:  # DRR.add
+                    ch.queued_size = queued
+                    outbox.held_size = held
+                    if channel_id not in self._ready_set:
+                        if queued != size:  # the queue was not empty: DRR.add
                             self._ready_set.add(channel_id)
                             self._ready.append(channel_id)
                         else:  # the queue was empty: a sparse flow goes first
@@ -568,7 +726,15 @@ class Session:
                 return
         ch = ch or self._live(channel_id)
         was_empty = not ch.queued_size
+        size = memoryview(data).nbytes
+        if size and ch.send_state is _SEND_OPEN:  # (otherwise Channel.queue raises)
+            capacity = self.send_capacity(channel_id)
+            if size > capacity:
+                raise LocalProtocolError(
+                    f"send_data of {size} bytes exceeds send_capacity {capacity}")
+        held = ch.held_size
         ch.queue(data)
+        self._outbox.held_size += ch.held_size - held
         if ch.queued_size and ch.credit.credit:
             if was_empty:
                 self._drr.add_first(channel_id)
@@ -582,8 +748,15 @@ class Session:
             self._queue_fin(ch)
 
     def reset_channel(self, channel_id: int, code: ResetCode = ResetCode.CANCELLED,
-                      text: str = "") -> None:
+                      text: str = "", *, after_data: bool = False) -> None:
         """Abort the channel both ways: queued data is dropped, RESET goes out first.
+
+        ``after_data``: the data already queued goes out first and the RESET
+        follows it in place of a FIN (the send half accepts nothing more from
+        now on). That is how a local socket that was reset after it sent data
+        reaches the far end: those bytes, then the reset, as TCP delivers them.
+        Queued data never exceeds the credit, so it cannot hold the RESET back
+        for want of WINDOW.
 
         A no-op for a channel that is already gone (resets race freely).
 
@@ -593,6 +766,12 @@ class Session:
         ch = self._channels.get(channel_id)
         if ch is None:
             self._check_gone(channel_id)
+            return
+        if after_data and ch.queued_size and (ch.send_state is _SEND_OPEN
+                                               or ch.send_state is SendState.FIN_QUEUED):
+            self._resets_after_data[channel_id] = encode_record(
+                wire.Reset(channel_id, code, text))
+            ch.send(Input.SEND_EOF)  # (FIN_QUEUED: no more data; nothing else changes)
             return
         ch.send(Input.RESET_SENT)
         self._control.append(encode_record(wire.Reset(channel_id, code, text)))

@@ -16,13 +16,17 @@ channels): slots, and the deque and the Events exist only once needed.
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from .. import mux
 from .._textforms import join_host_port
+from ..errors import ChannelReset
+from ..mux import ResetCode
 
 if TYPE_CHECKING:
     from .transport import TunnelTransport
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 __all__ = ["ChannelStream", "ChannelSink", "DEFAULT_RECEIVE_SIZE"]
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
+
+log = logging.getLogger("wstunnel.session")
 
 
 class ChannelSink(Protocol):
@@ -71,6 +77,12 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     @property
     def destination(self) -> str:
         return join_host_port(self.host, self.port)
+
+    @property
+    def accepted(self) -> bool:
+        """True when the peer opened this channel (we dialled its destination)."""
+        opened_by_agent = bool(self.channel_id & 1)
+        return opened_by_agent is (self._transport.protocol.role is mux.Role.RELAY)
 
     # -- called by the transport ---------------------------------------------
 
@@ -114,7 +126,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._wake_readable()
         if self._writable is not None:
             self._writable.set()
-        if self._on_break is not None:
+        if self._on_break is not None and not self.reading_before_reset:
             self._on_break.cancel()
         if self._sink is not None:
             self._sink.broken()
@@ -154,6 +166,14 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     @property
     def error(self) -> BaseException | None:
         return self._error
+
+    @property
+    def reading_before_reset(self) -> bool:
+        """The peer reset the channel, and what it sent before may not all have been
+        read: the reader gets that data first, then the error, so nobody should be
+        cancelled before it does (``cancel_on_break`` waits for the reader)."""
+        return (isinstance(self._error, ChannelReset) and not self._eof_received
+                and not self._closed)
 
     def _raise_if_broken(self) -> None:
         if self._error is not None:
@@ -307,10 +327,13 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._wake_all()
         await trio.sleep(0)
 
-    def abort(self, text: str = "the local connection failed") -> None:
-        """Reset the channel now; queued data is dropped."""
+    def abort(self, text: str, code: ResetCode = ResetCode.CONNECTION_RESET, *,
+              after_data: bool = False) -> None:
+        """Reset the channel now (the peer's side gets RST): queued data is dropped,
+        or with ``after_data`` sent first, as when a local socket sent bytes and then
+        reset."""
         self._closed = True
-        self._reset(text)
+        self._reset(text, code, after_data=after_data)
         self._wake_all()
 
     def _wake_all(self) -> None:
@@ -318,11 +341,14 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         if self._writable is not None:
             self._writable.set()
 
-    def _reset(self, text: str) -> None:
+    def _reset(self, text: str, code: ResetCode = ResetCode.CANCELLED, *,
+               after_data: bool = False) -> None:
         self._inbound = None
         protocol = self._transport.protocol
         # (a failed session has forgotten its channels; it breaks them as it ends)
         if self._mux_alive and self._error is None and protocol.failure is None:
-            protocol.reset_channel(self.channel_id, text=text)
+            log.info("%s: channel %d to %s reset: %s", self._transport.name, self.channel_id,
+                     self.destination, text)
+            protocol.reset_channel(self.channel_id, code, text, after_data=after_data)
             self._transport.wake_writer()
             self._mux_alive = False

@@ -31,6 +31,8 @@ __all__ = ["DialError", "dial", "literal_address", "start_connect", "finish_conn
 ATTEMPT_DELAY = 0.25
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+#: Why an address is refused (one line), or None: ``Policy.refusal`` for one host:port.
+Explain = Callable[[Address], "str | None"]
 
 
 class DialError(Exception):
@@ -43,29 +45,36 @@ class DialError(Exception):
 
 
 async def dial(
-    host: str, port: int, *, allows: Callable[[Address], bool], timeout: float
+    host: str, port: int, *, allows: Callable[[Address], bool], timeout: float,
+    explain: Explain | None = None,
 ) -> trio.SocketStream:
     """Connect to host:port through addresses that ``allows`` accepts.
+
+    ``explain`` (the policy's ``refusal``) says why an address is refused; the
+    DialError of a forbidden destination then carries that reason.
 
     Raises:
         DialError: forbidden, DNS failure, refused, unreachable or timeout.
     """
     addresses = await _resolve(host, port)
-    permitted = _permitted(host, port, addresses, allows)
+    permitted = _permitted(host, port, addresses, allows, explain)
     with trio.move_on_after(timeout):
         return await _race(_interleave(permitted), port)
     raise _timed_out(host, port, timeout)
 
 
 def _permitted(
-    host: str, port: int, addresses: list[Address], allows: Callable[[Address], bool]
+    host: str, port: int, addresses: list[Address], allows: Callable[[Address], bool],
+    explain: Explain | None = None,
 ) -> list[Address]:
     permitted = [a for a in addresses if allows(a)]
     if not permitted:
         shown = ", ".join(str(a) for a in addresses[:3])
+        why = explain(addresses[0]) if explain is not None and addresses else None
         raise DialError(
             mux.OpenFailure.FORBIDDEN,
-            f"{host}:{port} is not allowed by the relay's policy (resolves to {shown})",
+            f"{host}:{port} is not allowed by the relay's policy (resolves to {shown})"
+            + (f": {why}" if why else ""),
         )
     return permitted
 
@@ -86,16 +95,19 @@ def literal_address(host: str) -> Address | None:
 
 
 def start_connect(
-    host: str, address: Address, port: int, *, allows: Callable[[Address], bool]
+    host: str, address: Address, port: int, *, allows: Callable[[Address], bool],
+    explain: Explain | None = None,
 ) -> tuple[socket.socket, bool]:
     """Check ``address`` (the literal ``host``) against the policy and start a
     non-blocking connect, without a task: (socket, True) when it is already
     connected, (socket, False) while in progress (pass it to ``finish_connect``).
 
+    ``explain``: as for ``dial``.
+
     Raises:
         DialError: forbidden, or the connect failed at once (e.g. refused).
     """
-    _permitted(host, port, [address], allows)
+    _permitted(host, port, [address], allows, explain)
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -7,6 +7,10 @@ strict front end answers 400, a firewall closes the connection. The answer's
 ``Server`` header names what really replied, so the line says who it was:
 ``the path to the relay does not pass WebSocket upgrades: got 426 Upgrade
 Required from nginx/1.22.1 at wss://relay.example.com:443/tunnel — …``.
+
+A 200 or 404 to an upgrade means a web server answered: the relay never
+answers 200 to an upgrade, and its own 404 says where its tunnel is (relay.py
+``route``), which tells "a relay, wrong path" from "not a relay at all".
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from ..ws._http import get_header, one_line
 __all__ = ["explain_rejection"]
 
 _NO_UPGRADE: Final = "the path to the relay does not pass WebSocket upgrades"
+_WEB_SERVER: Final = ("this is a web server, not a wstunnel relay: check the relay URL's host, "
+                      "port and path")
+#: What the relay's own 404 says (relay.py ``route``): a relay, asked at the wrong path.
+_RELAY_404: Final = b"the tunnel is at "
+_WRONG_PATH: Final = ("a wstunnel relay answered, but its tunnel is at another path: check the "
+                      "URL's path (the relay's --path, and any prefix a front end adds)")
 _BODY_EXCERPT: Final = 100
 
 #: Statuses that mean "an upgrade was turned into something else on the way".
@@ -26,8 +36,6 @@ _PATH_BREAKS: Final = {
     0: "a proxy or firewall on the path closed the connection, or this is not the relay's "
        "address",
     101: "something on the path answered the upgrade but not as a WebSocket server",
-    200: "something on the path answered like a web server (a captive portal, a proxy's "
-         "page, another service on that port)",
     400: "a proxy in front of the relay rejected the upgrade request, or forwarded it broken",
     426: "a proxy in front of the relay dropped the Upgrade and Connection headers "
          "(nginx: proxy_set_header Upgrade/Connection; see configs/)",
@@ -38,8 +46,8 @@ _PATH_BREAKS: Final = {
 _OTHER: Final = {
     429: "the relay refuses this agent for now: too many failed logins from this address, "
          "or too many sessions for this agent (max_sessions_per_agent)",
-    404: "nothing is served at that path: check the URL's path (the relay's --path, and any "
-         "prefix a front end adds)",
+    200: _WEB_SERVER,
+    404: _WEB_SERVER,
     502: "a proxy in front of the relay could not reach it: is the relay running?",
     503: "a proxy in front of the relay has no relay available",
     504: "a proxy in front of the relay timed out waiting for it",
@@ -54,6 +62,8 @@ def explain_rejection(url: str, event: ws.HandshakeRejected) -> str:
     if event.status in _PATH_BREAKS:
         return f"{_NO_UPGRADE}: {got} at {url} \N{EM DASH} {_PATH_BREAKS[event.status]}{said}"
     hint = _OTHER.get(event.status, "the upgrade was refused")
+    if event.status == 404 and _RELAY_404 in event.body:
+        hint = _WRONG_PATH
     return f"{url}: {got} \N{EM DASH} {hint}{said}"
 
 

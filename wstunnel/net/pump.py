@@ -23,11 +23,14 @@ Per socket (``_PumpedSocket``), level-triggered:
   peer); the rest waits with EPOLLOUT watched. The peer never has more than
   the window in flight, so what waits here is bounded by the window too. The
   channel's FIN becomes ``shutdown(SHUT_WR)`` once nothing waits.
-* The socket is closed once both directions are done; at once, and the
-  channel reset, when the socket fails (e.g. the local side reset it, or
-  closed it with our data unread); at once when the channel is reset or
-  refused (after discarding unread input, so a refusal is a FIN, not a
-  reset), or the session ends.
+* The socket is closed once both directions are done, and only then with a
+  FIN (net/ending.py). Every other ending is abortive (RST), so the local
+  application sees a failure, never a clean and possibly truncated end: when
+  the socket fails (the local side reset it: its bytes read before the reset
+  still go out, then the channel's RESET), when the channel is refused, when
+  the session ends, and when the peer resets the channel -- that one after
+  the DATA that preceded the RESET has been written and has left the kernel's
+  send queue, as a TCP reset after data would arrive.
 
 Everything runs in the trio thread: the pump's task and, for DATA, FIN and
 WINDOW, the transport's reader task, between two of its checkpoints.
@@ -43,7 +46,9 @@ from typing import TYPE_CHECKING, Final, NoReturn
 
 import trio
 
-from ..errors import ChannelRefused
+from ..errors import ChannelReset
+from ..mux import ResetCode
+from .ending import clear_abortive, set_abortive, unsent_size, watch_all_sent
 from .plain_stream import MAX_PIECES, Buffer, drop_sent
 
 if TYPE_CHECKING:
@@ -59,8 +64,6 @@ AVAILABLE: Final = hasattr(select, "epoll")
 READ_SIZE: Final = 1024 * 1024
 #: Ready sockets served per wake-up; the rest stay ready (level-triggered).
 MAX_EVENTS: Final = 256
-#: Reads of READ_SIZE a refused channel's socket is drained with before closing.
-MAX_DISCARD_READS: Final = 16
 
 _IN: Final = getattr(select, "EPOLLIN", 1)
 _OUT: Final = getattr(select, "EPOLLOUT", 4)
@@ -121,9 +124,9 @@ class SocketPump:
             transport.wake_writer()
 
     def close(self) -> None:
-        """Close every socket still here (the session is over), then the epoll."""
+        """Reset every socket still here (the session is over), then close the epoll."""
         for pumped in list(self._sockets.values()):
-            pumped.finish()
+            pumped.finish(abort=True)
         self._epoll.close()
 
 
@@ -134,14 +137,14 @@ def _guarded(method: Callable[..., None], pumped: _PumpedSocket, *args: int) -> 
         method(*args)
     except Exception:
         log.error("carrying channel %d failed; resetting it", pumped.channel_id, exc_info=True)
-        pumped.fail("internal error")
+        pumped.fail("internal error", ResetCode.INTERNAL_ERROR)
 
 
 class _PumpedSocket:
     """One channel's local socket; a ``ChannelSink`` for its ChannelStream."""
 
     __slots__ = ("_pump", "_sock", "fd", "_channel", "_on_finished", "_mask", "_reading",
-                 "_writing", "_fin_pending", "_pending", "_done")
+                 "_writing", "_fin_pending", "_pending", "_done", "_abort_when_sent")
 
     def __init__(self, pump: SocketPump, sock: socket.socket, channel: ChannelStream,
                  on_finished: Callable[[], None]) -> None:
@@ -156,6 +159,7 @@ class _PumpedSocket:
         self._fin_pending = False  # FIN arrived; shutdown once _pending is written
         self._pending: list[Buffer] | None = None
         self._done = False
+        self._abort_when_sent = False  # the peer reset: RST once pending data has left
 
     # -- ChannelSink: called by the transport's reader task ----------------------
 
@@ -181,29 +185,38 @@ class _PumpedSocket:
             self.watch(self._mask | _IN)
 
     def broken(self) -> None:
-        if not self._done and isinstance(self._channel.error, ChannelRefused):
-            self._discard_unread()
-        self.finish()
+        """The channel is over but not cleanly: RST the socket. A reset by the peer
+        waits for the DATA that came before it (already in ``_pending``, written by
+        the next flush) to leave first; a refusal or a lost session does not."""
+        if self._done:
+            return
+        if not isinstance(self._channel.error, ChannelReset):
+            self.finish(abort=True)
+            return
+        self._reading = self._fin_pending = False
+        self._abort_when_sent = True
+        watch_all_sent(self._sock)  # EPOLLOUT now means: nothing left unsent
+        if self._pending is None:
+            self._abort_if_sent()
+        else:
+            self.watch(_OUT)
 
-    def _discard_unread(self) -> None:
-        """Drop what the local side sent that we had not read yet, so that closing
-        sends it a FIN rather than a reset: a refused channel ends as a plain close
-        (the relay refuses a loopback destination before we have even read the
-        first bytes the local side sent behind its connect)."""
-        for _ in range(MAX_DISCARD_READS):
-            try:
-                if not self._sock.recv(READ_SIZE):
-                    return
-            except OSError:  # (BlockingIOError: nothing more)
-                return
+    def _abort_if_sent(self) -> None:
+        if unsent_size(self._sock):
+            self.watch(_OUT)
+        else:
+            self.finish(abort=True)
 
     # -- called by the pump --------------------------------------------------------
 
     def ready(self, events: int) -> None:
         if events & (_IN | _TROUBLE) and self._mask & _IN:
             self._read()
-        if events & (_OUT | _TROUBLE) and self._pending is not None and not self._done:
-            self.write()
+        if events & (_OUT | _TROUBLE) and not self._done:
+            if self._pending is not None:
+                self.write()
+            elif self._abort_when_sent:
+                self._abort_if_sent()
 
     def write(self) -> None:
         """Hand what is pending to the kernel; watch EPOLLOUT for the rest."""
@@ -217,17 +230,19 @@ class _PumpedSocket:
                 sent = self._sock.sendmsg(pending[:MAX_PIECES])
         except BlockingIOError:
             sent = 0
-        except OSError:
-            self.fail("the local connection failed while we wrote to it")
+        except OSError as exc:
+            self.fail(f"{self._who()} reset the connection while we wrote to it ({exc})")
             return
         if sent:
             self._consumed(pending, sent)
         if self._pending is not None:
             self.watch(self._mask | _OUT)
-            return
-        self.watch(self._mask & ~_OUT)
-        if self._fin_pending:
-            self._shutdown()
+        elif self._abort_when_sent:
+            self._abort_if_sent()
+        else:
+            self.watch(self._mask & ~_OUT)
+            if self._fin_pending:
+                self._shutdown()
 
     def watch(self, mask: int) -> None:
         if mask == self._mask:
@@ -241,8 +256,8 @@ class _PumpedSocket:
             epoll.modify(self.fd, mask)
         self._mask = mask
 
-    def finish(self) -> None:
-        """Close the socket; tell the owner. Idempotent."""
+    def finish(self, *, abort: bool = False) -> None:
+        """Close the socket (with RST if ``abort``); tell the owner. Idempotent."""
         if self._done:
             return
         self._done = True
@@ -251,6 +266,10 @@ class _PumpedSocket:
         del pump._sockets[self.fd]
         if self._mask and not pump._epoll.closed:
             pump._epoll.unregister(self.fd)
+        if abort:
+            set_abortive(self._sock)
+        else:
+            clear_abortive(self._sock)
         self._sock.close()
         self._on_finished()
 
@@ -267,8 +286,10 @@ class _PumpedSocket:
             data = self._sock.recv(min(capacity, READ_SIZE))
         except BlockingIOError:
             return
-        except OSError:
-            self.fail("the local connection failed")
+        except OSError as exc:
+            # What we read before the reset goes out first, then the RESET.
+            self.fail(f"{self._who()} reset the connection ({exc.strerror or exc})",
+                      after_data=True)
             return
         if data:
             protocol.send_data(channel.channel_id, data)
@@ -295,8 +316,8 @@ class _PumpedSocket:
         self._writing = False
         try:
             self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.fail("the local connection failed")
+        except OSError as exc:
+            self.fail(f"{self._who()} reset the connection ({exc.strerror or exc})")
             return
         self._finish_if_both_done()
 
@@ -309,6 +330,12 @@ class _PumpedSocket:
     def channel_id(self) -> int:
         return self._channel.channel_id
 
-    def fail(self, text: str) -> None:
-        self._channel.abort(text)
-        self.finish()
+    def _who(self) -> str:
+        """Who is at the other end of this socket, for the reset's text."""
+        return "the destination" if self._channel.accepted else "the local client"
+
+    def fail(self, text: str, code: ResetCode = ResetCode.CONNECTION_RESET, *,
+             after_data: bool = False) -> None:
+        """The local socket failed: reset the channel, RST the socket."""
+        self._channel.abort(text, code, after_data=after_data)
+        self.finish(abort=True)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import trio
 
+from ..errors import ChannelReset
 from .channel_stream import ChannelStream
+from .ending import abort_stream, clear_abortive
 
-__all__ = ["splice"]
+__all__ = ["splice", "close_spliced"]
 
 READ_SIZE = 256 * 1024
 
@@ -20,8 +22,9 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 async def splice(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> bool:
     """Run until both directions reached EOF (True), or either side broke (False).
 
-    On a break the channel is reset and the copying stops at once, so nothing
-    hangs; the caller closes ``tcp`` in its ``finally``.
+    On a break the copying stops at once, so nothing hangs; a local socket
+    that failed resets the channel (after the bytes read from it). Then call
+    ``close_spliced``.
     """
     finished: list[bool] = []
     async with trio.open_nursery() as nursery:
@@ -32,12 +35,27 @@ async def splice(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> b
         channel.cancel_on_break(scope)
         nursery.start_soon(_pump, _outbound, tcp, channel, scope, finished)
         await _pump(_inbound, tcp, channel, scope, finished)
-    clean = finished == [True, True]
-    if clean:
+    if finished == [True, True]:
         await channel.aclose()
+        return True
+    if channel.error is None:  # the local socket failed
+        who = "the destination" if channel.accepted else "the local client"
+        channel.abort(f"{who} reset the connection", after_data=True)
+    return False
+
+
+async def close_spliced(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream,
+                        clean: bool) -> None:
+    """Close ``tcp`` after ``splice``: normally when it ended cleanly, else with RST (a
+    reset by the peer once the bytes before it were sent), so the application sees
+    the failure."""
+    if clean:
+        sock = getattr(tcp, "socket", None)
+        if sock is not None:
+            clear_abortive(sock)
+        await trio.aclose_forcefully(tcp)
     else:
-        channel.abort()
-    return clean
+        await abort_stream(tcp, after_sent=isinstance(channel.error, ChannelReset))
 
 
 async def _pump(direction, tcp, channel, scope: trio.CancelScope, finished: list[bool]) -> None:  # type: ignore[no-untyped-def]
@@ -45,7 +63,8 @@ async def _pump(direction, tcp, channel, scope: trio.CancelScope, finished: list
         await direction(tcp, channel)
     except _GONE:
         finished.append(False)
-        scope.cancel()
+        if direction is _inbound or not channel.reading_before_reset:
+            scope.cancel()  # (else _inbound delivers the data before the reset first)
         return
     finished.append(True)
     if len(finished) == 2:

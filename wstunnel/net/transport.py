@@ -134,6 +134,8 @@ class TunnelTransport:
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
         self._pump: pump.SocketPump | None = None
+        self._budget_logged_at: float | None = None  # see _budget_exhausted
+        self._budget_hits = 0
 
     # -- public API -------------------------------------------------------------
 
@@ -313,6 +315,10 @@ class TunnelTransport:
                     await wait_writable()
                 parts = protocol.parts_to_send(write_size)
                 if parts:
+                    if protocol.has_events:
+                        # The cuts made room in the outbound budget (WindowUpdated):
+                        # channels read from their sources again while this write runs.
+                        self.dispatch_local_events()
                     # (a frame's header and payload go out without being joined)
                     await send_parts(parts)
                     written = sum(map(len, parts))
@@ -381,7 +387,11 @@ class TunnelTransport:
                 self.stats.open_failed(event.reason)
             channel._break(ChannelRefused(text, int(event.reason)))
         elif isinstance(event, mux.ChannelReset) and channel is not None:
-            channel._break(ChannelReset(event.text or "the channel was reset by the peer"))
+            text = f"reset by the peer ({reset_name(event.code)}" + (
+                f": {event.text})" if event.text else ")")
+            log.info("%s: channel %d to %s %s", self.name, channel.channel_id,
+                     channel.destination, text)
+            channel._break(ChannelReset(text, event.code))
         elif isinstance(event, mux.ChannelClosed):
             self._remove(event.channel_id)
         elif isinstance(event, mux.ChannelOpenRequested):
@@ -393,8 +403,26 @@ class TunnelTransport:
                 self.name,
                 event.text or "no reason",
             )
+        elif isinstance(event, mux.OutboundBudgetExhausted):
+            self._budget_exhausted(event)
         elif isinstance(event, mux.SessionFailed):
             log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
+
+    def _budget_exhausted(self, event: mux.OutboundBudgetExhausted) -> None:
+        """Log the first time, then at most once a minute with a count: a peer on a
+        slow link may fill the budget often, and each time is no news."""
+        self._budget_hits += 1
+        now = trio.current_time()
+        if self._budget_logged_at is not None and now < self._budget_logged_at + 60.0:
+            return
+        times = f" ({self._budget_hits} times since the last report)" if (
+            self._budget_logged_at is not None) else ""
+        self._budget_logged_at = now
+        self._budget_hits = 0
+        log.warning("%s: outbound budget full: %d KiB queued for the peer (max_queued_size); "
+                    "its channels stop reading from their sources until it has taken half "
+                    "-- it reads slower than they send, or not at all%s", self.name,
+                    event.held_size >> 10, times)
 
     def _incoming(self, event: mux.ChannelOpenRequested) -> None:
         if (self._on_open is None and self._open_now is None) or self._nursery is None:
@@ -448,6 +476,9 @@ class TunnelTransport:
             self._nursery.cancel_scope.cancel()
 
     def _break_all(self, reason: str) -> None:
+        if self.channels:
+            log.warning("%s: session lost with %d channels open, all reset: %s", self.name,
+                        len(self.channels), reason)
         error = SessionClosed(f"the session ended: {reason}")
         for channel in list(self.channels.values()):
             channel._break(error)
@@ -455,6 +486,14 @@ class TunnelTransport:
                 self.stats.channel_closed(channel)
         self.channels.clear()
         self._idle.set()
+
+
+def reset_name(code: int) -> str:
+    """A RESET code in words, for logs ("connection reset", "code 77")."""
+    try:
+        return mux.ResetCode(code).name.lower().replace("_", " ")
+    except ValueError:
+        return f"code {code}"
 
 
 def _failure_name(reason: int) -> str:

@@ -1,0 +1,109 @@
+"""TunnelProtocol (ws + mux composed): what goes on the wire when the peer breaks the rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import counting_random_bytes, feed_bytewise
+from wstunnel import mux, ws
+from wstunnel.mux.wire import (
+    Data,
+    GoAway,
+    Open,
+    Record,
+    Settings,
+    Window,
+    decode_record,
+    encode_record,
+)
+from wstunnel.protocol import TunnelProtocol
+
+SETTINGS = encode_record(Settings(1, mux.DEFAULT_INITIAL_WINDOW, mux.DEFAULT_MAX_CHUNK_SIZE))
+OPEN = encode_record(Open(1, mux.ChannelKind.TCP, "db", 5432))
+
+
+def _agent_bytes(*records: bytes) -> bytes:
+    """The records as the agent's masked binary messages."""
+    client = ws.WebSocketConnection(ws.Role.CLIENT, random_bytes=counting_random_bytes())
+    for record in records:
+        client.send_bytes(record)
+    return bytes(client.data_to_send())
+
+
+def _relay_output(relay: TunnelProtocol) -> tuple[list[Record], list[ws.CloseReceived]]:
+    """The relay's output as the agent decodes it: records, and close frames in order."""
+    agent = ws.WebSocketConnection(ws.Role.CLIENT)
+    agent.receive_data(bytes(relay.data_to_send()))
+    records: list[Record] = []
+    closes: list[ws.CloseReceived] = []
+    for event in agent.events_received():
+        if isinstance(event, ws.BytesMessage):
+            assert not closes, "a record after the close frame"
+            records.append(decode_record(bytes(event.data)))
+        elif isinstance(event, ws.CloseReceived):
+            closes.append(event)
+    assert agent.failure is None
+    return records, closes
+
+
+# (the agent's records after its SETTINGS, the error code the relay must send)
+VIOLATIONS = {
+    "second SETTINGS": ([SETTINGS], mux.ErrorCode.PROTOCOL_ERROR),
+    "DATA for a channel never opened": (
+        [encode_record(Data(1, b"x"))], mux.ErrorCode.PROTOCOL_ERROR),
+    "DATA past the window": (  # 17 x 16 KiB > the 256 KiB window
+        [OPEN] + [encode_record(Data(1, b"x" * 16384))] * 17, mux.ErrorCode.FLOW_CONTROL_ERROR),
+    "WINDOW of 0": (
+        [OPEN, bytes([mux.RecordType.WINDOW]) + (1).to_bytes(4, "big") + bytes(4)],
+        mux.ErrorCode.FLOW_CONTROL_ERROR),
+    "DATA too large": (
+        [OPEN, encode_record(Data(1, b"x" * (mux.DEFAULT_SOLO_CHUNK_SIZE + 1)))],
+        mux.ErrorCode.RECORD_SIZE_ERROR),
+}
+
+
+@pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
+@pytest.mark.parametrize("violation", list(VIOLATIONS))
+def test_violation_sends_goaway_with_its_code_then_close(violation: str, bytewise: bool) -> None:
+    """A multiplexer violation puts GOAWAY(error code) on the wire and then the
+    WebSocket close 1002, nothing after it (PROTOCOL.md §7)."""
+    records, code = VIOLATIONS[violation]
+    relay = TunnelProtocol(mux.Role.RELAY, max_message_size=2 << 20)
+    assert isinstance(_relay_output(relay)[0][0], Settings)  # its SETTINGS already left
+    data = _agent_bytes(SETTINGS, *records)
+    if bytewise and len(data) < 4096:
+        feed_bytewise(relay, data)
+    else:
+        relay.receive_data(data)
+    assert any(isinstance(e, mux.SessionFailed) and e.code == code
+               for e in relay.events_received())
+    sent, closes = _relay_output(relay)
+    goaways = [r for r in sent if isinstance(r, GoAway)]
+    assert sent and sent[-1] is goaways[0] and len(goaways) == 1
+    assert goaways[0].code == code
+    assert goaways[0].text == code.name.lower().replace("_", " ")
+    assert [c.code for c in closes] == [ws.CloseCode.PROTOCOL_ERROR]
+
+
+def test_violation_before_our_settings_left_sends_settings_goaway_close() -> None:
+    """When the failure comes before our SETTINGS was written, SETTINGS still goes
+    first (every session starts with it), then GOAWAY, then the close."""
+    relay = TunnelProtocol(mux.Role.RELAY)
+    relay.receive_data(_agent_bytes(encode_record(Window(1, 5))))  # not SETTINGS first
+    sent, closes = _relay_output(relay)
+    assert [type(r) for r in sent] == [Settings, GoAway]
+    assert isinstance(sent[1], GoAway) and sent[1].code == mux.ErrorCode.PROTOCOL_ERROR
+    assert [c.code for c in closes] == [ws.CloseCode.PROTOCOL_ERROR]
+
+
+def test_agent_sees_the_goaway_code_before_the_close() -> None:
+    """The peer's TunnelProtocol reports the GOAWAY (with its code) before the close."""
+    relay = TunnelProtocol(mux.Role.RELAY)
+    agent = TunnelProtocol(mux.Role.AGENT, random_bytes=counting_random_bytes())
+    relay.receive_data(agent.data_to_send())
+    relay.receive_data(_agent_bytes(SETTINGS))
+    agent.receive_data(relay.data_to_send())
+    kinds = [type(e) for e in agent.events_received()]
+    goaways = [i for i, k in enumerate(kinds) if k is mux.GoAwayReceived]
+    closes = [i for i, k in enumerate(kinds) if k is ws.CloseReceived]
+    assert goaways and closes and goaways[0] < closes[0]
