@@ -9,13 +9,12 @@ names what is really there and what to change.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
@@ -28,7 +27,8 @@ from wstunnel.agent import run_agent
 from wstunnel.config import Forward, RelayTLS
 from wstunnel.reload import ReloadRequest
 
-from .real_peers import Pki, foreground, free_port, make_pki, nginx, peer_dir
+from .log_watch import LogWatch
+from .real_peers import Pki, foreground, free_port, nginx, peer_dir
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
@@ -43,44 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 20
 WEB_SERVER = "this is a web server, not a wstunnel relay: check the relay URL's host, port and path"
 STALLED = "is it overloaded or stopped? a firewall or proxy may also be holding the request"
-
-
-class LogWatch(logging.Handler):
-    """wstunnel's log lines; ``wait_for`` blocks until one contains a text."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self._changed = trio.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-        self._changed.set()
-
-    async def wait_for(self, text: str) -> str:
-        while not any(text in line for line in self.lines):
-            self._changed = trio.Event()
-            await self._changed.wait()
-        return next(line for line in self.lines if text in line)
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    logger = logging.getLogger("wstunnel")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(watch)
-    try:
-        yield watch
-    finally:
-        logger.removeHandler(watch)
-        logger.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 async def first_failure(relay_url: str, logs: LogWatch, **overrides: object) -> str:

@@ -28,7 +28,17 @@ from wstunnel.net import pump
 from wstunnel.net.transport import TunnelTransport
 
 from .process_helpers import agent_process, relay_process
-from .tunnel_helpers import LOOPBACK, pattern_block, send_pattern, serve_target, tunnel
+from .tunnel_helpers import (
+    LOOPBACK,
+    agent_config,
+    pattern_block,
+    relay_config,
+    send_pattern,
+    serve_target,
+    start_agent,
+    start_relay,
+    tunnel,
+)
 
 MiB = 1 << 20
 TRANSFER_SIZE = 64 * MiB  # more than any transfer moves before the kill
@@ -60,12 +70,14 @@ def _ending(exc: trio.BrokenResourceError) -> str:
     return RESET if isinstance(cause, ConnectionResetError) else f"error {cause!r}"
 
 
-async def read_to_end(stream: trio.SocketStream) -> tuple[bytes, str]:
-    """Everything that arrives, and how the stream ended (CLEAN_EOF, RESET, ...)."""
+async def read_to_end(stream: trio.SocketStream, *, pause: float = 0.0) -> tuple[bytes, str]:
+    """Everything that arrives, and how the stream ended (CLEAN_EOF, RESET, ...).
+    With ``pause``, a slow reader: 4 KiB at a time, ``pause`` seconds apart."""
     chunks = []
     try:
-        async for data in stream:
+        while data := await stream.receive_some(4096 if pause else None):
             chunks.append(data)
+            await trio.sleep(pause)
     except trio.BrokenResourceError as exc:
         return b"".join(chunks), _ending(exc)
     return b"".join(chunks), CLEAN_EOF
@@ -244,17 +256,27 @@ async def test_destination_reset_reaches_the_client_after_its_bytes() -> None:
     assert got == (pattern_block(b"before the reset", BEFORE_RESET_SIZE), RESET)
 
 
+async def open_small_window(port: int) -> trio.SocketStream:
+    """A connection whose receive buffer holds a few KiB: what a reader does not take
+    stays with the sender."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: the window
+    await sock.connect((LOOPBACK, port))
+    return trio.SocketStream(sock)
+
+
 @pytest.mark.usefixtures("carrier")
 async def test_destination_reset_reaches_a_client_that_reads_late() -> None:
-    """The same when the client starts reading only after the destination has reset
-    and the tunnel has handled it: the bytes still come first, then ECONNRESET."""
+    """The same for a slow client whose socket holds only a few KiB and which starts
+    reading only after the destination has reset and the tunnel has handled it: the
+    agent holds the rest, and all of it still comes first, then ECONNRESET."""
     reset = trio.Event()
     with trio.fail_after(10):
         async with tunnel([destination_resetting(BEFORE_RESET_SIZE, reset)]) as (ports, _, _):
-            async with await trio.open_tcp_stream(LOOPBACK, ports[0]) as stream:
+            async with await open_small_window(ports[0]) as stream:
                 await reset.wait()
                 await trio.testing.wait_all_tasks_blocked()
-                got = await read_to_end(stream)
+                got = await read_to_end(stream, pause=0.002)
     assert got == (pattern_block(b"before the reset", BEFORE_RESET_SIZE), RESET)
 
 
@@ -275,6 +297,37 @@ async def test_client_reset_reaches_the_destination_after_its_bytes() -> None:
             await send_pattern(stream, BEFORE_RESET_SIZE, b"then a reset")
             await reset_when_sent(stream)
             await done.wait()
+    assert seen == [(pattern_block(b"then a reset", BEFORE_RESET_SIZE), RESET)]
+
+
+@pytest.mark.usefixtures("carrier")
+async def test_client_reset_reaches_a_destination_that_reads_late() -> None:
+    """The same for a slow destination whose socket holds only a few KiB and which
+    starts reading only after the client has reset and the tunnel has handled it:
+    the relay holds the rest, and all of it still comes first, then ECONNRESET."""
+    seen: list[tuple[bytes, str]] = []
+    client_reset, done = trio.Event(), trio.Event()
+
+    async def destination(stream: trio.SocketStream) -> None:
+        await client_reset.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        seen.append(await read_to_end(stream, pause=0.002))
+        done.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+            listeners[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await nursery.start(trio.serve_listeners, destination, listeners)
+            relay = await start_relay(nursery, relay_config())
+            target = listeners[0].socket.getsockname()[1]
+            agent = await start_agent(nursery, agent_config(relay.ports[0], [target]))
+            stream = await trio.open_tcp_stream(LOOPBACK, agent.ports[0])
+            await send_pattern(stream, BEFORE_RESET_SIZE, b"then a reset")
+            await reset_when_sent(stream)
+            client_reset.set()
+            await done.wait()
+            nursery.cancel_scope.cancel()
     assert seen == [(pattern_block(b"then a reset", BEFORE_RESET_SIZE), RESET)]
 
 

@@ -9,8 +9,6 @@ snippets shipped in configs/) with ports chosen at test time, and stopped in
 from __future__ import annotations
 
 import ipaddress
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,8 @@ import trio
 from wstunnel.net.proxy import ProxyDialer, ProxyError
 from wstunnel.proxy_url import ProxyURL
 
-from .real_peers import LOOPBACK, Pki, haproxy, make_pki, nginx, squid, tinyproxy
+from .log_watch import LogWatch
+from .real_peers import LOOPBACK, Pki, haproxy, nginx, squid, tinyproxy
 from .tunnel_helpers import (
     agent_config,
     digest_handler,
@@ -34,48 +33,6 @@ from .tunnel_helpers import (
 MiB = 1 << 20
 USER, PASSWORD = "agent", "s3cret"
 TIMEOUT = 60
-
-
-class LogWatch(logging.Handler):
-    """Collects wstunnel's log lines; ``wait_for`` blocks until one contains a text."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self._waiters: list[tuple[str, trio.Event]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = record.getMessage()
-        self.lines.append(line)
-        for text, event in self._waiters:
-            if text in line:
-                event.set()
-
-    async def wait_for(self, text: str) -> str:
-        event = trio.Event()
-        self._waiters.append((text, event))
-        if not any(text in line for line in self.lines):
-            await event.wait()
-        return next(line for line in self.lines if text in line)
-
-
-@pytest.fixture
-def logs() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    logger = logging.getLogger("wstunnel")
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(watch)
-    try:
-        yield watch
-    finally:
-        logger.removeHandler(watch)
-        logger.setLevel(level)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
