@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make ``tests.conformance`` imp
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.conformance.wsio import Peer, echo, open_client  # noqa: E402
-from wstunnel.ws import TextMessage  # noqa: E402
+from wstunnel.ws import TextMessage
 
 __all__ = ["CLIENT_MAX_MESSAGE_SIZE", "run_all", "main"]
 

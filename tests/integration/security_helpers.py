@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from wstunnel.auth import hash_token, new_token, scrypt_hash
 from wstunnel.config import AgentAccount, RelayTLS
-from wstunnel.policy import AllowRule
-from wstunnel.tls import pem_fingerprint, self_signed_certificate
+from wstunnel.security.auth import hash_token, new_token, scrypt_hash
+from wstunnel.security.policy import AllowRule
+from wstunnel.security.tls import pem_fingerprint, self_signed_certificate
 
 UTC = datetime.timezone.utc
 

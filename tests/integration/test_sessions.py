@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from wstunnel import ws
-from wstunnel.config import HostPort
+from wstunnel.addresses import HostPort
 
 from .tunnel_helpers import (
     LOOPBACK,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from wstunnel.net.proxy import ProxyDialer, ProxyError
-from wstunnel.proxy_url import ProxyURL
+from wstunnel.agent.proxy import ProxyDialer, ProxyError
+from wstunnel.config.proxy_url import ProxyURL
 
 from .log_watch import LogWatch
 from .real_peers import LOOPBACK, Pki, haproxy, nginx, squid, tinyproxy
@@ -259,7 +259,7 @@ async def test_haproxy_moves_the_session_to_the_other_relay(
 
 
 def _allow(port: int) -> dict[str, object]:
-    from wstunnel.policy import AllowRule
+    from wstunnel.security.policy import AllowRule
 
     return {"allow": (AllowRule.parse(f"{LOOPBACK}:{port}"),)}
 

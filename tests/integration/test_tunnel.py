@@ -11,7 +11,7 @@ from typing import NoReturn
 import pytest
 import trio
 
-from wstunnel.config import HostPort
+from wstunnel.addresses import HostPort
 from wstunnel.net import pump
 from wstunnel.net.ending import abort_stream
 from wstunnel.net.transport import TunnelTransport

@@ -14,10 +14,11 @@ import pytest
 import trio
 import trio.testing
 
+from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
-from wstunnel.config import AgentConfig, Forward, HostPort, RelayConfig
-from wstunnel.policy import AllowRule
+from wstunnel.config import AgentConfig, Forward, RelayConfig
 from wstunnel.relay import run_relay
+from wstunnel.security.policy import AllowRule
 
 LOOPBACK = "127.0.0.1"
 

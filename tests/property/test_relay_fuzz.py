@@ -25,7 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wstunnel import mux, ws
-from wstunnel.config import HostPort, RelayConfig
+from wstunnel.addresses import HostPort
+from wstunnel.config import RelayConfig
 from wstunnel.mux.wire import GoAway, decode_record
 from wstunnel.protocol import TunnelProtocol
 from wstunnel.relay import Relay

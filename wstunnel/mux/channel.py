@@ -29,8 +29,7 @@ import enum
 from collections import deque
 from typing import Final
 
-from wstunnel.errors import ChannelRefused, LocalProtocolError, RemoteProtocolError
-
+from ..errors import ChannelRefused, LocalProtocolError, RemoteProtocolError
 from .flow import ReceiveWindow, SendCredit
 from .wire import MAX_CHANNEL_ID, ErrorCode, OpenFailure
 

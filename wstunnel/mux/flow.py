@@ -18,8 +18,7 @@ Two small pure classes, one per end of a direction:
 
 from __future__ import annotations
 
-from wstunnel.errors import FlowControlError, LocalProtocolError
-
+from ..errors import FlowControlError, LocalProtocolError
 from .wire import MAX_WINDOW, ErrorCode
 
 __all__ = ["SendCredit", "ReceiveWindow"]

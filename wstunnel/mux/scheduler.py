@@ -38,8 +38,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from wstunnel.errors import LocalProtocolError
-
+from ..errors import LocalProtocolError
 from .channel import PIECE_OVERHEAD_SIZE, Channel, SendState
 
 __all__ = ["DeficitRoundRobin", "Outbox"]

@@ -61,8 +61,7 @@ import enum
 import struct
 from typing import Final
 
-from wstunnel.errors import LocalProtocolError, RemoteProtocolError, SessionClosed
-
+from ..errors import LocalProtocolError, RemoteProtocolError, SessionClosed
 from . import wire
 from .channel import (
     PIECE_OVERHEAD_SIZE,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from .. import mux
-from .._textforms import join_host_port
+from ..addresses import join_host_port
 from ..errors import ChannelReset
 from ..mux import ResetCode
 

@@ -31,7 +31,7 @@ import sys
 from collections.abc import Callable
 from typing import Final
 
-from ..policy import IPAddress, parse_ip
+from ..addresses import IPAddress, parse_ip
 
 __all__ = ["local_addresses", "parse_fib_trie", "parse_if_inet6"]
 

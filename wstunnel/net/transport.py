@@ -38,7 +38,7 @@ from . import pump
 from .channel_stream import ChannelStream
 
 if TYPE_CHECKING:
-    from ..metrics import TunnelStats
+    from ..service.metrics import TunnelStats
 
 __all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler"]
 

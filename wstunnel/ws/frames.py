@@ -26,8 +26,8 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .._buffer import ReceiveBuffer
 from ..errors import PayloadTooBig, RemoteProtocolError
+from ._buffer import ReceiveBuffer
 from .masking import (
     ACCELERATED,
     INT_MASK_LIMIT,

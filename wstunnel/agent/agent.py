@@ -1,0 +1,417 @@
+"""The agent: local listeners whose connections ride one session to the relay.
+
+Theory of operation: the listeners live for the whole run; the session comes
+and goes. ``_maintain_session`` connects, serves the session until it ends,
+then reconnects with exponential backoff and jitter. A local connection waits
+up to ``connect_wait_timeout`` for a session, opens a channel on it (its first
+bytes travel right behind the OPEN) and is handed to the session's socket pump
+(net/pump.py; no task per connection from then on), or spliced until both
+sides finish where there is no pump.
+When the session drops, its channels break and their local sockets are
+closed, never left hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+from functools import partial
+from typing import Any, Final
+
+import trio
+
+from .. import mux, ws
+from ..config import AgentConfig, Forward, RelayURL
+from ..errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
+from ..net.channel_stream import ChannelStream
+from ..net.ending import abort_stream
+from ..net.splice import close_spliced, splice
+from ..net.transport import TunnelTransport
+from ..protocol import TunnelProtocol
+from ..security import tls
+from ..security.auth import load_token, token_agent
+from ..service.metrics import TunnelStats
+from ..service.reload import ReloadRequest
+from .connect import open_websocket
+from .forwards import ForwardSet, ListenError
+from .proxy import proxy_dialer, proxy_environment
+
+#: Channels one agent session may hold. The relay's ``max_channels`` is the
+#: limit that matters (it refuses, and logs, past it); the agent only caps the
+#: same id range the relay's setting allows, instead of the sans-IO default of
+#: 1024, which is below what a busy relay may be configured to carry.
+MAX_CHANNELS: Final = 65536
+
+__all__ = ["run_agent", "Agent"]
+
+log = logging.getLogger("wstunnel.agent")
+
+REJECTED_RETRY_INTERVAL = 30.0  # a refused token or a 429: never hammer the relay faster
+
+
+class Agent:
+    """Session management and local connection handling for one agent."""
+
+    def __init__(self, config: AgentConfig, stats: TunnelStats | None = None) -> None:
+        self.config = config
+        self.stats = stats or TunnelStats("agent")
+        self.relay: RelayURL = config.relay_url
+        self.dial = proxy_dialer(config, proxy_environment())
+        self.session: TunnelTransport | None = None
+        self.stopping = False
+        self._session_up = trio.Event()
+        self._channels = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self.token = self._load_token()
+        if self.relay.secure:
+            _check_tls_files(config)
+
+    def _load_token(self) -> str | None:
+        config = self.config
+        return load_token(token_file=config.token_file, token_env=config.token_env,
+                          token_credential=config.token_credential)
+
+    def _refresh_token(self) -> None:
+        """Re-read the token before each connect, so a rotated token is picked up."""
+        try:
+            self.token = self._load_token()
+        except ConfigError as exc:
+            log.warning("cannot re-read the token (%s); using the one read before", exc)
+
+    # -- the session ----------------------------------------------------------
+
+    async def maintain_session(self) -> None:
+        """Keep one session up until cancelled, reconnecting with backoff."""
+        failures = 0
+        if self.dial is not None:
+            log.info("reaching the relay through the proxy %s", self.dial)
+        while not self.stopping:
+            try:
+                transport = await self._connect()
+            except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                failures += 1
+                if getattr(exc, "status", None) in (401, 403):
+                    self.stats.auth_failures += 1
+                delay = self._backoff(failures)
+                if _refused(exc):
+                    delay = max(delay, REJECTED_RETRY_INTERVAL)
+                    log.error("%s", self._refusal_message(exc))
+                log.warning(
+                    "cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
+                    self.relay.url,
+                    failures,
+                    _reason(exc),
+                    delay,
+                )
+                await trio.sleep(delay)
+                continue
+            failures = 0
+            reason = await self._serve(transport)
+            if self.stopping:
+                return
+            self.stats.reconnects += 1
+            log.warning("session to %s down: %s; reconnecting", self.relay.url, reason)
+            await trio.sleep(self._backoff(1))
+
+    def _backoff(self, failures: int) -> float:
+        config = self.config
+        delay = min(
+            config.reconnect_max_interval, config.reconnect_min_interval * 2 ** (failures - 1)
+        )
+        return float(delay) * random.uniform(0.8, 1.0)
+
+    def _refusal_message(self, exc: BaseException) -> str:
+        name = token_agent(self.token) if self.token else None
+        if isinstance(exc, AuthenticationError) and name is None:
+            return (f"the relay {self.relay.url} requires a token and we have none: set "
+                    f"token_file, token_env or token_credential")
+        if isinstance(exc, AuthenticationError):
+            return (f"the relay rejected the token for agent {name}: check the token "
+                    f"({self._token_source()}) against the relay's agents entry for {name} "
+                    f"(wstunnel keygen --token {name} makes a new pair)")
+        return f"{exc}"
+
+    def _token_source(self) -> str:
+        config = self.config
+        for key in ("token_file", "token_env", "token_credential"):
+            if getattr(config, key):
+                return f"{key} {getattr(config, key)}"
+        return "no token configured"
+
+    async def _connect(self) -> TunnelTransport:
+        config = self.config
+        settings = config.client_tls
+        self._refresh_token()
+        headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
+        context = None
+        if self.relay.secure:
+            context = tls.client_context(settings)
+            if settings.mode is tls.VerifyMode.INSECURE:
+                log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
+                            "anyone on the path can read and change this session")
+        with trio.fail_after(config.handshake_timeout):
+            stream, trailing = await open_websocket(
+                self.relay, dial=self.dial, headers=[*config.headers, *headers],
+                ssl_context=context, server_hostname=config.server_name,
+                host_header=config.host_header, pin=settings.relay_fingerprint)
+        protocol = TunnelProtocol(
+            mux.Role.AGENT,
+            trailing_data=trailing,
+            initial_window=config.initial_window,
+            max_chunk_size=config.max_chunk_size,
+            max_send_window=config.max_send_window,
+            max_queued_size=config.max_queued_size,
+            max_channels=MAX_CHANNELS,
+        )
+        return TunnelTransport(
+            stream,
+            protocol,
+            name=self.relay.url,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            stats=self.stats,
+        )
+
+    async def _serve(self, transport: TunnelTransport) -> str:
+        self.session = transport
+        self._session_up.set()
+        self.stats.session_started(transport)
+        log.info("session up to %s", self.relay.url)
+        try:
+            return await transport.run()
+        finally:
+            self.stats.session_ended(transport)
+            self.session = None
+            self._session_up = trio.Event()
+            await trio.aclose_forcefully(transport.stream)
+
+    async def wait_session(self, timeout: float) -> TunnelTransport | None:
+        """The current session, waiting up to ``timeout`` for one to come up."""
+        with trio.move_on_after(timeout):
+            while True:
+                session = self.session
+                if session is not None and session.is_open and not session.goaway_received:
+                    return session
+                if session is not None:  # draining after GOAWAY: wait for its end
+                    await session.wait_ended()
+                await self._session_up.wait()
+                await trio.sleep(0)
+        return None
+
+    # -- local connections ---------------------------------------------------
+
+    @property
+    def open_connections(self) -> int:
+        """Local connections being carried (or waiting for a session) now."""
+        return self._channels
+
+    def carry_now(self, forward: Forward, sock: socket.socket) -> bool:
+        """Hand an accepted connection to the session's socket pump at once, with no
+        task, when the session is up and has a pump; True when done. Its first
+        bytes, if already here, go out in the same write as the OPEN.
+
+        False (nothing changed): no usable session, no pump, or the open failed;
+        ``handle_local`` then deals with it (waits for a session, splices, logs).
+        """
+        session = self.session
+        if (session is None or not session.pumping or not session.is_open
+                or session.goaway_received):
+            return False
+        try:
+            channel = session.open_channel(forward.target_host, forward.target_port)
+        except (SessionClosed, ChannelRefused):
+            return False
+        self._connection_opened()  # (the accept loop has set TCP_NODELAY)
+        target = f"{forward.target_host}:{forward.target_port}"
+        finished = partial(self._channel_finished, target, channel)
+        session.attach_socket(sock, channel, finished, read_now=True)
+        session.wake_writer()
+        return True
+
+    async def handle_local(self, forward: Forward, tcp: trio.SocketStream) -> None:
+        """One accepted local connection, carried as one channel."""
+        self._connection_opened()
+        handed_over = False
+        try:  # (the accept loop has tuned the socket)
+            handed_over = await self._carry(forward, tcp)
+        finally:
+            if not handed_over:  # (closed by now, unless cancelled: that is a failure)
+                await abort_stream(tcp)
+                self._connection_closed()
+
+    def _connection_opened(self) -> None:
+        self._channels += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+
+    def _connection_closed(self) -> None:
+        self._channels -= 1
+        if self._channels == 0:
+            self._idle.set()
+
+    async def _carry(self, forward: Forward, tcp: trio.SocketStream) -> bool:
+        """Carry ``tcp``; True when the session's socket pump took it over (and will
+        close it), False when it is finished here and closed."""
+        target = f"{forward.target_host}:{forward.target_port}"
+        session = await self.wait_session(self.config.connect_wait_timeout)
+        if session is None:
+            log.warning(
+                "no session to the relay within %g s; reset the connection for %s",
+                self.config.connect_wait_timeout,
+                target,
+            )
+            await abort_stream(tcp)
+            return False
+        try:
+            channel = session.open_channel(forward.target_host, forward.target_port)
+        except (SessionClosed, ChannelRefused) as exc:
+            log.warning("cannot open a channel to %s: %s; reset the connection", target, exc)
+            await abort_stream(tcp)
+            return False
+        finished = partial(self._channel_finished, target, channel)
+        if session.attach(tcp, channel, finished):
+            return True
+        clean = await splice(tcp, channel)
+        self._channel_finished(target, channel, closed=False)
+        await close_spliced(tcp, channel, clean)
+        return False
+
+    def _channel_finished(
+        self, target: str, channel: ChannelStream, *, closed: bool = True
+    ) -> None:
+        error = channel.error
+        if isinstance(error, ChannelRefused):
+            log.warning("relay could not connect to %s: %s", target, error)
+        elif error is not None:
+            log.info("channel to %s ended: %s", target, error)
+        if closed:
+            self._connection_closed()
+
+    async def drain(self, timeout: float) -> None:
+        """GOAWAY, let open channels finish up to ``timeout``, close the session."""
+        self.stopping = True
+        session = self.session
+        if session is not None:
+            session.go_away("the agent is shutting down")
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        if self.session is not None:
+            await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def _check_tls_files(config: AgentConfig) -> None:
+    """Fail at start, not at every reconnect, when a CA or client certificate file is bad."""
+    try:
+        tls.client_context(config.client_tls)
+    except (OSError, ValueError) as exc:
+        key = "ca_file" if config.ca_file else "client_cert_file"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot load {getattr(config, key)}: {reason}",
+                          source=config.source, key_path=key) from exc
+
+
+def _refused(exc: BaseException) -> bool:
+    """The relay turned us away on purpose (401/403/429): retrying soon will not help."""
+    return isinstance(exc, AuthenticationError) or (
+        isinstance(exc, HandshakeError) and exc.status == 429)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why connecting failed, and what to check."""
+    if isinstance(exc, trio.TooSlowError):  # (open_websocket names the step that stalled)
+        return "not connected within handshake_timeout"
+    if isinstance(exc, OSError):
+        cause = _root_os_error(exc)
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: is the relay running and listening there?"
+        if cause.strerror:
+            return cause.strerror.lower()
+    if isinstance(exc, trio.BrokenResourceError):
+        broke = exc.__cause__
+        detail = f": {broke}" if broke is not None and str(broke) else ""
+        return f"the connection broke during the TLS handshake or the upgrade{detail}"
+    return str(exc) or type(exc).__name__
+
+
+def _root_os_error(exc: OSError) -> OSError:
+    """trio reports "all attempts failed" with the real errors in ``__cause__``."""
+    cause = exc.__cause__
+    grouped = getattr(cause, "exceptions", None)  # an exception group (3.11+ or backport)
+    if grouped is not None:
+        errors = [e for e in grouped if isinstance(e, OSError)]
+        return errors[0] if errors else exc
+    return cause if isinstance(cause, OSError) else exc
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    shutdown: trio.Event,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    stats: TunnelStats | None = None,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
+) -> None:
+    """Serve the forwards until ``shutdown`` is set, then drain and return.
+
+    ``task_status.started`` receives one list of bound (host, port) per forward.
+    Every forward is bound before the relay is contacted: one that cannot be
+    is an error (a ``ConfigError`` when the configuration cannot work on this
+    machine) and the agent never connects. Each ``ReloadRequest`` from
+    ``reloads`` is applied without touching the session or the connections
+    already open (see forwards.py).
+    """
+    agent = Agent(config, stats)
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as connections:
+            forwards = ForwardSet(agent.handle_local, connections, agent.carry_now)
+            async with trio.open_nursery() as accepting:
+                bound_all = await _bind_forwards(accepting, forwards, config)
+                outer.start_soon(agent.maintain_session)
+                log.info("%d forwards via %s", len(bound_all), agent.relay.url)
+                if reloads is not None:
+                    accepting.start_soon(_apply_reloads, agent, forwards, reloads)
+                task_status.started(bound_all)
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            log.info(
+                "agent stopping: %d open connections may finish (up to %g s)",
+                agent.open_connections,
+                agent.config.drain_timeout,
+            )
+            await agent.drain(agent.config.drain_timeout)
+            connections.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+async def _bind_forwards(
+    accepting: trio.Nursery, forwards: ForwardSet, config: AgentConfig
+) -> list[list[tuple[str, int]]]:
+    try:
+        bound: list[list[tuple[str, int]]] = await accepting.start(forwards.serve,
+                                                                   config.forwards)
+    except ListenError as exc:
+        if exc.config_problem:
+            raise ConfigError(exc.detail, source=config.source, key_path=exc.key_path) from exc
+        raise
+    return bound
+
+
+async def _apply_reloads(
+    agent: Agent, forwards: ForwardSet, reloads: trio.MemoryReceiveChannel[ReloadRequest]
+) -> None:
+    async for request in reloads:
+        new: AgentConfig = request.config
+        try:
+            bound = await forwards.apply(new.forwards)
+        except ListenError as exc:  # all or nothing: the running forwards stay
+            request.finish(f"{exc}; kept the old forwards")
+            continue
+        if new.relay_url != agent.relay:
+            log.warning("relay is now %s: used from the next reconnect; the current "
+                        "session stays up", new.relay_url.url)
+        agent.config, agent.relay = new, new.relay_url
+        agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect
+        request.finish(result=bound)
+

@@ -1,0 +1,238 @@
+"""Opening the WebSocket to the relay, and reading an upgrade on the relay.
+
+Every failure here becomes a ``HandshakeError`` (or ``SessionClosed``) whose
+text says, in one line, what came back and what it means, because this is the
+step that fails when a proxy or firewall sits in the way.
+
+Each step (TCP connect, TLS, upgrade) ends a little before the caller's
+deadline, as the proxy's CONNECT does (net/proxy.py), so a timeout says which
+step stalled: no TCP connection (a wrong address, a firewall dropping
+packets, a full accept queue) is not a relay that accepted and never answered
+(stopped, overloaded, or a proxy holding the request). A scheme that does not
+match the port is named as such: a ws:// upgrade that got no HTTP answer is
+retried as a TLS hello on a second connection, and a TLS hello answered with
+plain bytes means the relay serves ws:// there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import ssl
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final
+
+import trio
+
+from .. import ws
+from ..addresses import join_host_port
+from ..config import RelayURL
+from ..errors import AuthenticationError, HandshakeError
+from ..net.plain_stream import take_over
+from ..net.sockopts import tune_socket
+from ..net.tls_stream import TLSSocketStream, start_tls
+from ..security import tls
+from .explain import explain_rejection
+
+__all__ = [
+    "HandshakeTimeout",
+    "open_websocket",
+]
+
+READ_SIZE = 65536
+
+_DEADLINE_MARGIN: Final = 0.05  # seconds kept back so a step's timeout message wins
+_TLS_PROBE_TIMEOUT: Final = 2.0
+_NO_TCP: Final = ("no TCP connection to {where} within {seconds} s: is the address right? a "
+                  "firewall may be dropping packets, or the relay's accept queue is full")
+_NO_ANSWER: Final = ("connected, but the relay did not answer {step} within {seconds} s: is it "
+                     "overloaded or stopped? a firewall or proxy may also be holding the request")
+#: OpenSSL's reasons for a first answer that is not a TLS record at all.
+_NOT_TLS_REASONS: Final = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG",
+                                     "UNKNOWN_PROTOCOL"})
+#: What TLS servers say to plain HTTP (nginx: "The plain HTTP request was sent to
+#: HTTPS port"; Go: "Client sent an HTTP request to an HTTPS server").
+_PLAIN_TO_TLS_PORT: Final = re.compile(rb"HTTP request (was )?sent to (an )?HTTPS", re.IGNORECASE)
+_TLS_RECORD_TYPES: Final = (0x15, 0x16)  # alert, handshake: a TLS server's first answer
+
+
+class HandshakeTimeout(HandshakeError):
+    """One step of opening the WebSocket outlasted the caller's deadline; says which."""
+
+#: Opens the TCP byte pipe to (host, port): directly, or through a proxy (net/proxy.py).
+Dialer = Callable[[str, int], Awaitable[trio.SocketStream]]
+
+
+async def open_websocket(
+    relay: RelayURL,
+    *,
+    headers: list[tuple[str, str]] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    dial: Dialer | None = None,
+    host_header: str | None = None,
+    pin: str | None = None,
+) -> tuple[trio.abc.Stream, bytes]:
+    """Connect, wrap in TLS for wss://, upgrade; return (stream, trailing bytes).
+
+    ``dial`` replaces the direct TCP connection (e.g. a ``ProxyDialer``).
+    ``server_hostname`` replaces the URL's host in SNI, certificate checks and
+    the Host header; ``host_header`` replaces only the Host header (shared
+    front ends, CDNs); ``pin`` is a ``sha256:`` fingerprint the relay's
+    certificate must have (checked before any HTTP is sent). The caller bounds
+    the whole thing with a timeout; each step ends just before it.
+
+    Raises:
+        HandshakeError: with a one-line explanation (AuthenticationError on 401/403,
+            tls.CertificateMismatch for a wrong pin, HandshakeTimeout naming the
+            step that outlasted the caller's deadline).
+        OSError: the TCP connection itself failed.
+    """
+    dial = dial or trio.open_tcp_stream
+    deadline = trio.current_effective_deadline()
+    late = _Late(relay.url, deadline)
+    with late.step(_NO_TCP, where=join_host_port(relay.host, relay.port)):
+        tcp = await dial(relay.host, relay.port)
+    tune_socket(tcp, notsent_lowat=True)
+    stream: trio.abc.Stream = tcp
+    named = relay if server_hostname is None else relay._replace(host=server_hostname)
+    try:  # (named: what SNI and Host carry)
+        if relay.secure:
+            with late.step(_NO_ANSWER, step="the TLS handshake"):
+                stream = await _start_tls(tcp, named, ssl_context, pin, relay)
+        else:
+            stream = take_over(tcp)
+        with late.step(_NO_ANSWER, step="the upgrade"):
+            trailing = await _upgrade(stream, named, headers or [], host_header)
+    except BaseException as exc:
+        await trio.aclose_forcefully(stream)
+        if _no_http_answer(exc, relay) and await _speaks_tls(dial, relay, deadline):
+            raise _use_tls(relay, "it closed the plain-HTTP upgrade, and answers a TLS "
+                                  "hello", 0) from exc
+        raise
+    return stream, trailing
+
+
+class _Late:
+    """Bounds each step of ``open_websocket`` a little before the caller's deadline,
+    so the error names the step that stalled (the caller's own timeout would not)."""
+
+    def __init__(self, url: str, deadline: float) -> None:
+        self._url = url
+        self._deadline = deadline
+        self._seconds = f"{deadline - trio.current_time():.3g}"
+
+    @contextlib.contextmanager
+    def step(self, template: str, **names: str) -> Iterator[None]:
+        with trio.move_on_at(self._deadline - _DEADLINE_MARGIN) as scope:
+            yield
+        if scope.cancelled_caught:
+            text = template.format(seconds=self._seconds, **names)
+            raise HandshakeTimeout(f"{self._url}: {text}")
+
+
+def _use_tls(relay: RelayURL, why: str, status: int) -> HandshakeError:
+    wss = relay._replace(secure=True).url
+    return HandshakeError(f"{relay.url}: this port speaks TLS ({why}): use {wss}", status)
+
+
+def _no_http_answer(exc: BaseException, relay: RelayURL) -> bool:
+    """A ws:// upgrade that got no HTTP at all (closed, or bytes that are not HTTP)."""
+    return not relay.secure and type(exc) is HandshakeError and exc.status == 0
+
+
+async def _speaks_tls(dial: Dialer, relay: RelayURL, deadline: float) -> bool:
+    """Whether ``relay``'s address answers a TLS hello with a TLS record (a handshake
+    or an alert), on a connection of its own; False when unsure."""
+    hello = _client_hello(relay.host)
+    deadline = min(deadline - _DEADLINE_MARGIN, trio.current_time() + _TLS_PROBE_TIMEOUT)
+    with trio.move_on_at(deadline):
+        try:
+            async with await dial(relay.host, relay.port) as probe:
+                await probe.send_all(hello)
+                first = await _receive_exactly(probe, 2)
+        except (OSError, trio.BrokenResourceError, HandshakeError):
+            return False
+        return len(first) == 2 and first[0] in _TLS_RECORD_TYPES and first[1] == 3
+    return False
+
+
+def _client_hello(server_hostname: str) -> bytes:
+    """The first bytes a TLS client sends, made by OpenSSL in memory."""
+    context = tls.client_context(tls.ClientTLS())
+    outgoing = ssl.MemoryBIO()
+    client = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def _start_tls(
+    tcp: trio.SocketStream, relay: RelayURL, context: ssl.SSLContext | None, pin: str | None,
+    dialled: RelayURL,
+) -> TLSSocketStream:
+    context = context or tls.client_context(tls.ClientTLS())
+    try:
+        stream = await start_tls(tcp, context, server_hostname=relay.host)
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise HandshakeError(
+                f"{relay.url}: {tls.describe_verify_error(cause, relay.host)}"
+            ) from exc
+        if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS_REASONS:
+            raise HandshakeError(
+                f"{relay.url}: the relay does not speak TLS at "
+                f"{join_host_port(dialled.host, dialled.port)} (it answered the TLS hello with "
+                f"plain bytes): use {dialled._replace(secure=False).url}, or the port where "
+                f"it serves TLS") from exc
+        if isinstance(cause, ssl.SSLError):
+            raise HandshakeError(f"{relay.url}: TLS handshake failed: {cause}") from exc
+        raise
+    if pin is not None:
+        try:
+            tls.check_pin(stream.getpeercert(binary_form=True), pin, relay.url)
+        except BaseException:
+            stream.close()
+            raise
+    return stream
+
+
+async def _upgrade(
+    stream: trio.abc.Stream, relay: RelayURL, headers: list[tuple[str, str]],
+    host_header: str | None = None,
+) -> bytes:
+    host = host_header or relay.host_header
+    handshake = ws.ClientHandshake(host, relay.path, extra_headers=headers)
+    await stream.send_all(handshake.data_to_send())
+    while True:
+        event = handshake.next_event()
+        if isinstance(event, ws.HandshakeAccepted):
+            return event.trailing_data
+        if isinstance(event, ws.HandshakeRejected):
+            raise _rejection(relay, event)
+        data = await stream.receive_some(READ_SIZE)
+        if data:
+            handshake.receive_data(data)
+        else:
+            handshake.receive_eof()
+
+
+def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
+    where = f"{relay.url}"
+    if event.status in (401, 403):
+        return AuthenticationError(f"{where} {event.message}", event.status)
+    if not relay.secure and event.status == 400 and _PLAIN_TO_TLS_PORT.search(event.body):
+        return _use_tls(relay, "it answered 400: a plain HTTP request sent to a TLS port",
+                        event.status)
+    return HandshakeError(explain_rejection(where, event), event.status)

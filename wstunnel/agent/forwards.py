@@ -1,0 +1,282 @@
+"""The agent's set of local listeners, changeable while connections run.
+
+Theory of operation
+-------------------
+Each forward is a slot: its listeners, a cancel scope around their accept
+loop, and the forward it currently serves. Accepted connections run in the
+caller's ``connections`` nursery, *outside* the slot's scope, so stopping a
+listener never touches connections it already accepted.
+
+``apply(new_forwards)`` is all or nothing: it first binds every new listen
+address; if any bind fails, the ones just bound are closed, a ``ListenError``
+naming that forward, why and what to do is raised, and nothing has changed
+(a reload that cannot bind keeps every running forward and the session).
+Only then are removed slots cancelled and new ones started. A forward that
+keeps its listen address but changes its target keeps its socket (no window
+where connections are refused); new
+connections go to the new target, open ones keep theirs. Port 0 listeners
+are matched by the whole forward (and which repeat of it it is), since
+their address is not known up front.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import trio
+
+from ..config import Forward
+from ..errors import TunnelError
+from ..net.ending import set_abortive
+from ..net.sockopts import tune_plain_socket
+
+__all__ = ["ForwardSet", "ListenError"]
+
+log = logging.getLogger("wstunnel.agent")
+
+Bound = list[tuple[str, int]]
+Handler = Callable[[Forward, trio.SocketStream], Awaitable[None]]
+#: Tried first for each accepted connection, in the accepting task: True when it
+#: took the connection over at once (no task needed), False to run ``Handler``.
+CarryNow = Callable[[Forward, socket.socket], bool]
+
+#: accept() errors that mean the system is out of something: wait and retry
+#: (as trio.serve_listeners does).
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM,
+                                            errno.ENOBUFS})
+_ACCEPT_RETRY_INTERVAL: Final = 0.1
+#: accept() errors about one connection only (it died in the backlog, a firewall
+#: refused it, or a network error pending on it, which Linux reports here, see
+#: accept(2)): skip it, as trio.SocketListener does.
+_ACCEPT_SKIP_ERRNOS: Final = frozenset(
+    getattr(errno, name) for name in (
+        "EPERM", "ECONNABORTED", "ECONNRESET", "ETIMEDOUT", "EPROTO", "ENETDOWN",
+        "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
+    ) if hasattr(errno, name)
+)
+
+
+#: bind() errors: what happened, what to do, and whether the configuration itself
+#: is wrong on this machine (exit code 2) rather than the machine's state (1).
+_BIND_ERRORS: Final = {
+    errno.EADDRINUSE: ("address already in use", "stop the program listening there or pick "
+                       "another port (ss -ltnp 'sport = :{port}' shows which)", False),
+    errno.EACCES: ("permission denied", "ports below 1024 need root or CAP_NET_BIND_SERVICE "
+                   "(systemd: AmbientCapabilities=CAP_NET_BIND_SERVICE); or pick a port above "
+                   "1023", False),
+    errno.EADDRNOTAVAIL: ("no such address on this machine", "use one of its addresses, e.g. "
+                          "127.0.0.1, or 0.0.0.0 for all", True),
+}
+
+
+class ListenError(TunnelError):
+    """A forward's listen address cannot be bound.
+
+    ``str()`` names the forward, why and what to do, e.g. ``forwards[1]: cannot
+    listen on 127.0.0.1:5432 (forward to db:5432): address already in use — …``.
+    ``config_problem``: no run of this configuration can bind it on this machine.
+    """
+
+    def __init__(self, forward: Forward, position: int, exc: OSError) -> None:
+        why, advice, self.config_problem = _bind_error(forward, exc)
+        self.key_path = f"forwards[{position}]"
+        self.detail = (f"cannot listen on {forward.listen} (forward to {forward.target}): "
+                       f"{why} \N{EM DASH} {advice.format(port=forward.listen_port)}")
+        super().__init__(f"{self.key_path}: {self.detail}")
+
+
+def _bind_error(forward: Forward, exc: OSError) -> tuple[str, str, bool]:
+    if isinstance(exc, socket.gaierror):
+        return (f"cannot resolve {forward.listen_host} ({exc.strerror})",
+                "use an address of this machine, e.g. 127.0.0.1", True)
+    if exc.errno in _BIND_ERRORS:
+        return _BIND_ERRORS[exc.errno]
+    return (exc.strerror or str(exc)).lower(), "check the forward's listen address", False
+
+
+class _Slot:
+    def __init__(self, forward: Forward, listeners: list[socket.socket]) -> None:
+        self.forward = forward
+        self.listeners = listeners
+        self.bound: Bound = [ls.getsockname()[:2] for ls in listeners]
+        self.scope = trio.CancelScope()
+
+
+def _keys(forwards: Sequence[Forward]) -> list[object]:
+    """Slot keys: the listen address, or for port 0 the forward and its repeat count."""
+    seen: dict[Forward, int] = {}
+    keys: list[object] = []
+    for forward in forwards:
+        if forward.listen_port != 0:
+            keys.append(forward.listen)
+        else:
+            seen[forward] = seen.get(forward, 0) + 1
+            keys.append((forward, seen[forward]))
+    return keys
+
+
+class ForwardSet:
+    """Listeners for the agent's forwards; see the module docstring.
+
+    Args:
+        handler: called with (forward, accepted stream) for each connection
+            (in a task of its own, in ``connections``); it owns the stream.
+        connections: the nursery accepted connections run in.
+        carry_now: tried first, in the accepting task; when it returns True it
+            has taken the connection over and no task is started.
+    """
+
+    def __init__(self, handler: Handler, connections: trio.Nursery,
+                 carry_now: CarryNow | None = None) -> None:
+        self._handler = handler
+        self._carry_now = carry_now
+        self._connections = connections
+        self._slots: dict[object, _Slot] = {}
+        self._accepting: trio.Nursery | None = None
+
+    @property
+    def forwards(self) -> list[Forward]:
+        return [slot.forward for slot in self._slots.values()]
+
+    def bound(self) -> list[Bound]:
+        """Bound (host, port) pairs per forward, in order."""
+        return [slot.bound for slot in self._slots.values()]
+
+    async def apply(self, forwards: Sequence[Forward]) -> list[Bound]:
+        """Make the listeners match ``forwards``; return :meth:`bound` in that order.
+
+        Raises:
+            ListenError: a new address could not be bound; nothing was changed.
+        """
+        wanted, fresh = await self._bind_missing(forwards)
+        await self._commit(wanted, fresh)
+        return self.bound()
+
+    async def serve(self, forwards: Sequence[Forward], *, task_status: Any) -> None:
+        """Bind and serve ``forwards`` until :meth:`close` or cancellation.
+
+        Raises:
+            ListenError: a forward could not be bound (raised as is, before
+                anything started, so that the caller can report it plainly).
+        """
+        wanted, fresh = await self._bind_missing(forwards)
+        async with trio.open_nursery() as accepting:
+            self._accepting = accepting
+            await self._commit(wanted, fresh)
+            task_status.started(self.bound())
+            await trio.sleep_forever()
+
+    def close(self) -> None:
+        """Stop accepting on every listener (connections continue)."""
+        if self._accepting is not None:
+            self._accepting.cancel_scope.cancel()
+
+    async def _bind_missing(self, forwards: Sequence[Forward]
+                            ) -> tuple[dict[object, Forward], dict[object, _Slot]]:
+        """The wanted slots by key, and new slots bound for the keys not served yet."""
+        wanted = dict(zip(_keys(forwards), forwards, strict=True))
+        new = {k: (i, f) for i, (k, f) in enumerate(wanted.items()) if k not in self._slots}
+        return wanted, await self._bind_new(new)
+
+    async def _commit(self, wanted: dict[object, Forward], fresh: dict[object, _Slot]) -> None:
+        for key in [k for k in self._slots if k not in wanted]:
+            slot = self._slots.pop(key)
+            slot.scope.cancel()
+            log.info("stopped listening on %s (its open connections continue)", _addrs(slot.bound))
+        for key, forward in wanted.items():
+            slot = self._slots.get(key) or fresh[key]
+            if slot.forward != forward:
+                log.info("%s now forwards to %s (open connections keep %s)",
+                         _addrs(slot.bound), forward.target, slot.forward.target)
+                slot.forward = forward
+        for slot in fresh.values():
+            await self._start(slot)
+        self._slots = {key: self._slots.get(key) or fresh[key] for key in wanted}
+
+    async def _bind_new(self, forwards: dict[object, tuple[int, Forward]]
+                        ) -> dict[object, _Slot]:
+        """Bind each (position, forward); on a failure close those bound and raise."""
+        fresh: dict[object, _Slot] = {}
+        try:
+            for key, (position, forward) in forwards.items():
+                try:
+                    listeners = await trio.open_tcp_listeners(forward.listen_port,
+                                                              host=forward.listen_host)
+                except OSError as exc:
+                    raise ListenError(forward, position, exc) from exc
+                fresh[key] = _Slot(forward, [_stdlib_socket(ls) for ls in listeners])
+        except BaseException:
+            for slot in fresh.values():
+                for listener in slot.listeners:
+                    listener.close()
+            raise
+        return fresh
+
+    async def _start(self, slot: _Slot) -> None:
+        assert self._accepting is not None, "serve() starts the listeners"
+        await self._accepting.start(self._serve_slot, slot)
+        log.info("forwarding %s -> %s", _addrs(slot.bound), slot.forward.target)
+
+    async def _serve_slot(self, slot: _Slot, *, task_status: Any) -> None:
+        with slot.scope:
+            async with trio.open_nursery() as nursery:
+                for listener in slot.listeners:
+                    nursery.start_soon(self._accept_loop, slot, listener)
+                task_status.started(slot.listeners)
+
+    async def _accept_loop(self, slot: _Slot, listener: socket.socket) -> None:
+        """trio.serve_listeners for one listener, except that ``carry_now`` may take a
+        connection over right here (a task per connection costs a churn of short
+        connections several scheduler rounds each).
+
+        Accepts on the standard-library socket: ``trio.SocketListener.accept``
+        wraps each connection in a trio socket and a ``SocketStream`` that the
+        pump unwraps again, and after each accept yields and tries once more
+        before it waits. Waiting first and accepting once per wake-up (the
+        epoll registration is level-triggered, so a backlog wakes it at once)
+        cut agent+relay CPU per short connection by about 10 % (docs/PERFORMANCE.md).
+        """
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(listener)
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    continue  # a spurious wake-up, or another process took it
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                        continue
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept returned %s (%s); retrying in %s seconds",
+                              errno.errorcode[exc.errno], os.strerror(exc.errno),
+                              _ACCEPT_RETRY_INTERVAL)
+                    await trio.sleep(_ACCEPT_RETRY_INTERVAL)
+                    continue
+                sock.setblocking(False)
+                tune_plain_socket(sock, notsent_lowat=True)
+                set_abortive(sock)  # (a clean end clears it: net/ending.py)
+                forward = slot.forward
+                if self._carry_now is None or not self._carry_now(forward, sock):
+                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                    self._connections.start_soon(self._handler, forward, stream)
+        finally:
+            trio.lowlevel.notify_closing(listener)
+            listener.close()
+
+
+def _stdlib_socket(listener: trio.SocketListener) -> socket.socket:
+    """The listening socket trio bound (its address families, options and backlog),
+    as a non-blocking standard-library socket for ``_accept_loop``."""
+    sock = socket.socket(fileno=listener.socket.detach())
+    sock.setblocking(False)
+    return sock
+
+
+def _addrs(bound: Bound) -> str:
+    return ", ".join(f"{h}:{p}" for h, p in bound)

@@ -1,0 +1,5 @@
+"""The command line: ``wstunnel relay|agent|check|status|keygen|demo``."""
+
+from .main import main, main_entry
+
+__all__ = ["main", "main_entry"]

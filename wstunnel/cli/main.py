@@ -1,0 +1,516 @@
+"""The ``wstunnel`` command: ``relay``, ``agent``, ``check`` and ``demo``.
+
+Theory of operation
+-------------------
+Each subcommand is a short function: build the config (a YAML file with
+``-c``, flags on top of it, or flags alone), set up logging, then run the role
+under ``trio.run``. This is the only module that calls ``trio.run``, sets up
+logging or handles signals: SIGINT/SIGTERM set a ``shutdown`` event that the
+role watches (stop accepting, GOAWAY, drain); a second signal aborts at once.
+
+Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
+Expected failures (a port already in use, a refused handshake) are logged as
+one line saying what failed and what to do next; only bugs get a traceback.
+The roles and the demo are imported inside their subcommands, so ``check``
+works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NoReturn, TypeVar
+
+from .. import __version__
+from ..config import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AgentConfig,
+    RelayConfig,
+    RelayTLS,
+    agent_problem,
+    load_agent_config,
+    load_config,
+    load_relay_config,
+    parse_forward,
+    parse_host_port,
+    parse_relay_url,
+    parse_size,
+    parse_url_path,
+    relay_problem,
+)
+from ..config.headers import parse_header_line, parse_host_header
+from ..config.proxy_url import NO_PROXY, parse_proxy_url
+from ..errors import ConfigError, TunnelError
+from ..security.forwarded import parse_trusted_proxy
+from ..security.policy import AllowRule
+from ..security.tls import parse_fingerprint
+from ..service.logs import setup_logging
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
+
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_USAGE: Final = 2
+
+log = logging.getLogger("wstunnel.cli")
+T = TypeVar("T")
+Config = AgentConfig | RelayConfig
+Runner = Callable[..., Awaitable[None]]
+
+_LISTEN_ERRORS: Final = {
+    errno.EADDRINUSE: ("address already in use", "pick another {flag}"),
+    errno.EACCES: ("permission denied", "ports below 1024 need privileges; pick a higher one"),
+    errno.EADDRNOTAVAIL: ("no such address on this machine",
+                          "use one of its addresses, e.g. 127.0.0.1"),
+}
+
+
+class _ForcedExit(Exception):
+    """A second SIGINT/SIGTERM arrived while draining."""
+
+
+# ------------------------------------------------------------------ parsing
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; global options work before or after the subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                        help="log verbosity (default: the config's log_level, else info)")
+    common.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
+                        help="text lines or one JSON object per line")
+    parser = argparse.ArgumentParser(
+        prog="wstunnel", parents=[common],
+        description="Multiplexing TCP-over-WebSocket tunnel.")
+    parser.add_argument("--version", action="version", version=f"wstunnel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_relay(commands.add_parser("relay", parents=[common], help="run the relay"))
+    _add_agent(commands.add_parser("agent", parents=[common], help="run the agent"))
+    check = commands.add_parser("check", parents=[common], help="validate a config file")
+    check.add_argument("-c", "--config", required=True, metavar="FILE")
+    check.set_defaults(handler=_cmd_check)
+    _add_status(commands.add_parser("status", parents=[common],
+                                    help="show sessions and channels of a running agent/relay"))
+    demo = commands.add_parser("demo", parents=[common], help="relay+agent+target demo")
+    demo.add_argument("--size", type=_size_arg, metavar="SIZE",
+                      help="bulk transfer size, e.g. 64MiB")
+    demo.set_defaults(handler=_cmd_demo)
+    _add_keygen(commands.add_parser("keygen", parents=[common],
+                                    help="make a relay certificate or an agent token"))
+    return parser
+
+
+def _add_keygen(keygen: argparse.ArgumentParser) -> None:
+    keygen.add_argument("--out", metavar="PATH",
+                        help="write relay.key and relay.crt into the directory PATH; with "
+                             "--token, write the token to the file PATH (mode 0600)")
+    keygen.add_argument("--token", metavar="NAME",
+                        help="make a new token for agent NAME (printed, or written to --out)")
+    keygen.add_argument("--name", action="append", default=[], metavar="NAME",
+                        help="DNS name or IP address the certificate is for (repeatable)")
+    keygen.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.set_defaults(handler=_cmd_keygen)
+
+
+def _add_relay(relay: argparse.ArgumentParser) -> None:
+    relay.add_argument("-c", "--config", metavar="FILE", help="relay YAML file")
+    relay.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    relay.add_argument("--allow", action="append", metavar="RULE",
+                       help="allowed destination: host, *.pattern, IP or CIDR, "
+                            "optional :port or :lo-hi (repeatable; default: nothing)")
+    relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
+    relay.add_argument("--trusted-proxy", "--trusted-proxies", dest="trusted_proxies",
+                       action="append", metavar="CIDR",
+                       help="reverse proxy whose X-Forwarded-For is believed (repeatable)")
+    relay.add_argument("--no-auth", action="store_true", default=None,
+                       help="accept agents without a token (tests and loopback only)")
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        relay.add_argument(f"--tls-{key.replace('_', '-')}", dest=f"tls_{key}", metavar="FILE")
+    _add_service_flags(relay)
+    relay.set_defaults(handler=_cmd_relay)
+
+
+def _add_agent(agent: argparse.ArgumentParser) -> None:
+    agent.add_argument("-c", "--config", metavar="FILE", help="agent YAML file")
+    agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
+    agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
+                       help="forward a local port to HOST:PORT via the relay (repeatable)")
+    proxy = agent.add_mutually_exclusive_group()
+    proxy.add_argument("--proxy", metavar="URL",
+                       help="HTTP proxy http://[USER@]HOST:PORT (default: HTTPS_PROXY/HTTP_PROXY)")
+    proxy.add_argument("--no-proxy", dest="proxy", action="store_const", const=NO_PROXY,
+                       help="connect directly, ignoring HTTPS_PROXY/HTTP_PROXY")
+    agent.add_argument("--proxy-password-file", metavar="FILE",
+                       help="file holding the proxy password (keeps it off the command line)")
+    agent.add_argument("--header", "--headers", dest="headers", action="append",
+                       metavar="'NAME: VALUE'", help="extra upgrade header (repeatable)")
+    agent.add_argument("--host-header", metavar="HOST[:PORT]",
+                       help="Host header to send instead of the relay URL's host")
+    for key, meta in _AGENT_SECURITY_FLAGS.items():
+        agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta)
+    agent.add_argument("--insecure-skip-verify", action="store_true", default=None,
+                       help="do not check the relay's certificate (logs a warning)")
+    _add_service_flags(agent)
+    agent.set_defaults(handler=_cmd_agent)
+
+
+_AGENT_SECURITY_FLAGS: Final = {
+    "token_file": "FILE", "token_env": "VAR", "token_credential": "NAME", "ca_file": "FILE",
+    "relay_fingerprint": "SHA256", "server_name": "HOST", "client_cert_file": "FILE",
+    "client_key_file": "FILE"}
+
+
+def _add_service_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics")
+    parser.add_argument("--admin-socket", metavar="PATH",
+                        help="unix socket (mode 0600) for `wstunnel status`")
+
+
+def _add_status(status: argparse.ArgumentParser) -> None:
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", metavar="FILE", help="read admin_socket from this config")
+    where.add_argument("--socket", metavar="PATH", help="the admin socket to ask")
+    status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status.set_defaults(handler=_cmd_status)
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _flag(parse: Callable[[str], T], text: str, flag: str) -> T:
+    """Parse a flag's value, turning ValueError into a ConfigError naming the flag."""
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key_path=flag) from exc
+
+
+def _log_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("log_level", "log_format")
+    changes = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if getattr(args, "metrics", None) is not None:
+        changes["metrics"] = _flag(functools.partial(parse_host_port, allow_zero=True),
+                                   args.metrics, "--metrics")
+    if getattr(args, "admin_socket", None) is not None:
+        changes["admin_socket"] = args.admin_socket
+    return changes
+
+
+def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
+    """The relay config: ``-c FILE`` if given, with flags replacing its values."""
+    changes = _log_overrides(args)
+    if args.listen is not None:
+        changes["listen"] = _flag(functools.partial(parse_host_port, allow_zero=True),
+                                  args.listen, "--listen")
+    if args.allow is not None:
+        changes["allow"] = tuple(_flag(AllowRule.parse, rule, "--allow") for rule in args.allow)
+    if args.path is not None:
+        changes["path"] = _flag(parse_url_path, args.path, "--path")
+    if args.trusted_proxies is not None:
+        changes["trusted_proxies"] = tuple(_flag(parse_trusted_proxy, text, "--trusted-proxy")
+                                           for text in args.trusted_proxies)
+    if args.no_auth:
+        changes["no_auth"] = True
+    if args.config is not None:
+        config = dataclasses.replace(load_relay_config(args.config), **changes)
+    elif "listen" not in changes:
+        raise ConfigError("give --listen HOST:PORT or -c relay.yaml")
+    else:
+        config = RelayConfig(**changes)
+    config = _relay_tls_flags(args, config)
+    return _checked(config, relay_problem(config))
+
+
+def _relay_tls_flags(args: argparse.Namespace, config: RelayConfig) -> RelayConfig:
+    given = {k: getattr(args, f"tls_{k}") for k in ("cert_file", "key_file", "client_ca_file")
+             if getattr(args, f"tls_{k}") is not None}
+    if not given:
+        return config
+    current = dataclasses.asdict(config.tls) if config.tls is not None else {}
+    merged = {**current, **given}
+    if "cert_file" not in merged or "key_file" not in merged:
+        raise ConfigError("give both --tls-cert-file and --tls-key-file")
+    return dataclasses.replace(config, tls=RelayTLS(**merged))
+
+
+def _checked(config: T, problem: tuple[str, str] | None) -> T:
+    if problem is not None:
+        key, message = problem
+        raise ConfigError(message, source=getattr(config, "source", None), key_path=key)
+    return config
+
+
+def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """The agent config: ``-c FILE`` if given, with flags replacing its values."""
+    changes = _log_overrides(args)
+    if args.relay is not None:
+        _flag(parse_relay_url, args.relay, "--relay")
+        changes["relay"] = args.relay.strip()
+    if args.forwards is not None:
+        changes["forwards"] = tuple(_flag(parse_forward, text, "-L") for text in args.forwards)
+    changes.update(_agent_http_flags(args))
+    changes.update({k: getattr(args, k) for k in _AGENT_SECURITY_FLAGS
+                    if getattr(args, k) is not None})
+    if args.insecure_skip_verify:
+        changes["insecure_skip_verify"] = True
+    if "relay_fingerprint" in changes:
+        changes["relay_fingerprint"] = _flag(parse_fingerprint, changes["relay_fingerprint"],
+                                             "--relay-fingerprint")
+    if args.config is not None:
+        config = dataclasses.replace(load_agent_config(args.config), **changes)
+    elif "relay" not in changes:
+        raise ConfigError("give --relay ws://HOST:PORT/tunnel or -c agent.yaml")
+    elif "forwards" not in changes:
+        raise ConfigError("give at least one -L [bind:]port:host:port, or -c agent.yaml")
+    else:
+        config = AgentConfig(**changes)
+    return _checked(config, agent_problem(config))
+
+
+def _agent_http_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--proxy/--no-proxy, --proxy-password-file, --header, --host-header."""
+    changes: dict[str, Any] = {}
+    if args.proxy is not None:
+        if args.proxy.strip().lower() != NO_PROXY:
+            _flag(parse_proxy_url, args.proxy, "--proxy")
+        changes["proxy"] = args.proxy.strip()
+    if args.proxy_password_file is not None:
+        if not os.access(args.proxy_password_file, os.R_OK):
+            raise ConfigError(f"cannot read {args.proxy_password_file}: no such file, or no "
+                              "permission", key_path="--proxy-password-file")
+        changes["proxy_password_file"] = args.proxy_password_file
+    if args.headers is not None:
+        changes["headers"] = tuple(_flag(parse_header_line, text, "--header")
+                                   for text in args.headers)
+    if args.host_header is not None:
+        changes["host_header"] = _flag(parse_host_header, args.host_header, "--host-header")
+    return changes
+
+
+# ------------------------------------------------------------- subcommands
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{config.source}: OK \N{EM DASH} {_summary(config)}")
+    return EXIT_OK
+
+
+def _summary(config: Config) -> str:
+    if isinstance(config, AgentConfig):
+        count = len(config.forwards)
+        return f"agent, {count} forward{'s' * (count != 1)} to {config.relay}"
+    scheme = "wss" if config.tls is not None else "ws"
+    if config.no_auth:
+        rules = len(config.allow)
+        refused = " (every destination refused)" if not rules else ""
+        access = f"NO AUTHENTICATION, {rules} allow rule{'s' * (rules != 1)}{refused}"
+    else:
+        count = len(config.agents)
+        access = f"{count} agent{'s' * (count != 1)}" + (" (every agent refused)"
+                                                         if not count else "")
+    return f"relay on {scheme}://{config.listen}{config.path}, {access}"
+
+
+def _cmd_relay(args: argparse.Namespace) -> int:
+    config = relay_config_from_args(args)
+    setup_logging(config.log_level, config.log_format)
+    from ..relay import run_relay
+
+    return _run_role(run_relay, config, functools.partial(relay_config_from_args, args))
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    config = agent_config_from_args(args)
+    setup_logging(config.log_level, config.log_format)
+    from ..agent import run_agent
+
+    return _run_role(run_agent, config, functools.partial(agent_config_from_args, args))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ..service.admin import show_status
+
+    path = args.socket
+    if path is None:
+        path = load_config(args.config).admin_socket
+        if path is None:
+            raise ConfigError(f"{args.config}: no admin_socket is configured; add "
+                              "`admin_socket: /run/wstunnel/admin.sock` and restart")
+    return show_status(path, watch=args.watch)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from .keygen import print_token, write_certificate
+
+    if args.token is not None:
+        print_token(args.token, out=args.out, force=args.force, stdout=sys.stdout,
+                    stderr=sys.stderr)
+    elif args.out is None:
+        raise ConfigError("say what to make: --out DIR (a relay certificate) or --token NAME "
+                          "[--out FILE] (an agent token)")
+    else:
+        write_certificate(args.out, args.name, days=args.days, force=args.force,
+                          stdout=sys.stdout)
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    setup_logging(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
+    import trio
+
+    from ..service.malloc_tuning import keep_buffers_in_heap
+    from .demo import run_demo
+
+    keep_buffers_in_heap()
+    options = {"size": args.size} if args.size is not None else {}
+    return _guarded(lambda: trio.run(functools.partial(run_demo, **options)), None)
+
+
+# ----------------------------------------------------------------- running
+
+def _run_role(runner: Runner, config: Config, reread: Callable[[], Config]) -> int:
+    """Run ``runner(config, shutdown=...)`` until it returns; map failures to exit codes."""
+    import trio
+
+    from ..service.malloc_tuning import keep_buffers_in_heap
+
+    def run() -> int:
+        keep_buffers_in_heap()
+        trio.run(_supervise, runner, config, reread)
+        return EXIT_OK
+
+    return _guarded(run, config)
+
+
+async def _supervise(runner: Runner, config: Config, reread: Callable[[], Config]) -> None:
+    import trio
+
+    from ..service.runner import run_service
+    from ..service.systemd import listen_sockets
+
+    shutdown = trio.Event()
+    hangup_send, hangups = trio.open_memory_channel[None](1)
+    sockets = listen_sockets() if isinstance(config, RelayConfig) else None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_watch_signals, shutdown, hangup_send)
+        await run_service(runner, config, shutdown=shutdown, hangups=hangups,
+                          load_config=reread, on_reload=_relog, sockets=sockets)
+        nursery.cancel_scope.cancel()
+
+
+def _relog(config: Config) -> None:
+    setup_logging(config.log_level, config.log_format)
+
+
+async def _watch_signals(shutdown: Any, hangups: Any, *, task_status: Any) -> NoReturn:
+    """SIGHUP: ask for a reload. First SIGINT/SIGTERM: set ``shutdown``; second:
+    raise ``_ForcedExit``."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP received: reloading the configuration")
+                with contextlib.suppress(trio.WouldBlock):  # one is already pending
+                    hangups.send_nowait(None)
+                continue
+            if shutdown.is_set():
+                raise _ForcedExit(name)
+            log.info("%s received: draining open channels (send it again to exit now)", name)
+            shutdown.set()
+    raise AssertionError("signal receiver ended")  # pragma: no cover
+
+
+def _guarded(call: Callable[[], int], config: Config | None) -> int:
+    """Call ``call``; expected failures become one log line and an exit code."""
+    try:
+        return call()
+    except BaseException as exc:  # the task root: every failure is reported here
+        return _report(exc, config)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (possibly nested) exception groups."""
+    inner = getattr(exc, "exceptions", None)
+    if isinstance(inner, tuple) and all(isinstance(e, BaseException) for e in inner):
+        return [leaf for e in inner for leaf in _leaves(e)]
+    return [exc]
+
+
+def _report(exc: BaseException, config: Config | None) -> int:
+    leaves = _leaves(exc)
+    if any(isinstance(e, _ForcedExit) for e in leaves):
+        log.error("second signal received: exiting without waiting for channels to drain")
+        return EXIT_FAILURE
+    if any(isinstance(e, KeyboardInterrupt) for e in leaves):
+        log.error("interrupted")
+        return EXIT_FAILURE
+    expected = [e for e in leaves if isinstance(e, (OSError, TunnelError))]
+    if expected and len(expected) == len(leaves):
+        log.error("%s", _explain(expected[0], config))
+        return EXIT_USAGE if isinstance(expected[0], ConfigError) else EXIT_FAILURE
+    log.critical("unexpected error (a bug; please report it with this traceback)",
+                 exc_info=exc)
+    return EXIT_FAILURE
+
+
+def _explain(exc: BaseException, config: Config | None) -> str:
+    """One line: what failed and, where we know it, what to do next."""
+    if isinstance(exc, OSError) and exc.errno in _LISTEN_ERRORS:
+        reason, advice = _LISTEN_ERRORS[exc.errno]
+        where, flag = _listen_target(exc, config)
+        return f"cannot listen on {where}: {reason} \N{EM DASH} {advice.format(flag=flag)}"
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)
+
+
+def _listen_target(exc: OSError, config: Config | None) -> tuple[str, str]:
+    if isinstance(config, RelayConfig):
+        return str(config.listen), "--listen port"
+    if isinstance(config, AgentConfig):
+        where = " or ".join(str(forward.listen) for forward in config.forwards)
+        return (str(exc.filename) if exc.filename else where), "-L port"
+    return (str(exc.filename) if exc.filename else "the address"), "port"
+
+
+# ------------------------------------------------------------- entry points
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage/config).
+
+    Args:
+        argv: arguments without the program name; ``sys.argv[1:]`` when None.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        result: int = args.handler(args)
+    except ConfigError as exc:
+        print(f"wstunnel: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return result
+
+
+def main_entry() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(main())

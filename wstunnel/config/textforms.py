@@ -1,0 +1,191 @@
+"""Text forms shared by YAML files and the command line.
+
+Addresses (``host:port``, ``[bind:]port``, IPv6 always in brackets when a
+port follows), ``-L`` forwards, relay URLs and sizes. Parsers here raise
+``ValueError`` with a message saying what was expected; ``config.py`` adds
+file, line and key path, ``cli.py`` adds the flag name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+from urllib.parse import urlsplit
+
+from ..addresses import HostPort, bracketed, is_hostname, parse_ip, parse_port, split_fields
+
+__all__ = [
+    "DEFAULT_BIND_HOST",
+    "DEFAULT_PATH",
+    "Forward",
+    "RelayURL",
+    "parse_forward",
+    "parse_host_port",
+    "parse_listen",
+    "parse_relay_url",
+    "parse_size",
+    "parse_url_path",
+]
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+DEFAULT_PATH: Final = "/tunnel"
+DEFAULT_BIND_HOST: Final = "127.0.0.1"
+_SIZE_UNITS: Final = {"": 1, "b": 1, "k": KiB, "kib": KiB, "kb": 1000, "m": MiB, "mib": MiB,
+                      "mb": 1000**2, "g": 1024 * MiB, "gib": 1024 * MiB, "gb": 1000**3}
+_SIZE_RE: Final = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+class RelayURL(NamedTuple):
+    """The parts of an agent's ``relay`` URL that the agent dials."""
+
+    secure: bool  # wss://
+    host: str
+    port: int
+    path: str  # path plus ?query, as sent in the request line
+
+    @property
+    def url(self) -> str:
+        """The URL as shown in log lines, with the port always written."""
+        return f"{'wss' if self.secure else 'ws'}://{bracketed(self.host)}:{self.port}{self.path}"
+
+    @property
+    def host_header(self) -> str:
+        """The HTTP Host header value (RFC 9110 §7.2: the port only if not the default)."""
+        default = 443 if self.secure else 80
+        host = bracketed(self.host)
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One agent listener and the destination its connections are tunnelled to."""
+
+    listen_host: str
+    listen_port: int  # 0: any free port
+    target_host: str
+    target_port: int
+
+    @classmethod
+    def of(cls, listen: HostPort, target: HostPort) -> Forward:
+        """Build from two ``HostPort`` values."""
+        return cls(listen.host, listen.port, target.host, target.port)
+
+    @property
+    def listen(self) -> HostPort:
+        """Where the agent listens."""
+        return HostPort(self.listen_host, self.listen_port)
+
+    @property
+    def target(self) -> HostPort:
+        """Where the relay connects."""
+        return HostPort(self.target_host, self.target_port)
+
+    def __str__(self) -> str:
+        return f"{self.listen} -> {self.target}"
+
+
+def _host(text: str) -> str:
+    """Validate one host field; brackets are required around (and only around) IPv6."""
+    if text.startswith("["):
+        address = parse_ip(text[1:-1])  # (parse_ip turns ::ffff:a.b.c.d into IPv4)
+        if address is None or ":" not in text[1:-1]:
+            raise ValueError(f"brackets are only for IPv6 addresses, got {json.dumps(text)}")
+        return text[1:-1]
+    if parse_ip(text) is not None or is_hostname(text):
+        return text
+    raise ValueError(f"expected a host name or IP address, got {json.dumps(text)}")
+
+
+def parse_host_port(text: str, *, allow_zero: bool = False) -> HostPort:
+    """Parse ``host:port`` (``[v6]:port``).
+
+    Raises:
+        ValueError: with what was expected.
+    """
+    parts = split_fields(text.strip())
+    if len(parts) != 2:
+        raise ValueError(f"expected host:port (IPv6 in brackets), got {json.dumps(text)}")
+    return HostPort(_host(parts[0]), parse_port(parts[1], allow_zero=allow_zero))
+
+
+def parse_listen(text: str, *, default_host: str = DEFAULT_BIND_HOST) -> HostPort:
+    """Parse a listen address ``[bind:]port``; port 0 means any free port.
+
+    Raises:
+        ValueError: with what was expected.
+    """
+    parts = split_fields(text.strip())
+    if len(parts) == 1:
+        return HostPort(default_host, parse_port(parts[0], allow_zero=True))
+    if len(parts) != 2:
+        raise ValueError(f"expected [bind:]port (IPv6 in brackets), got {json.dumps(text)}")
+    return parse_host_port(text, allow_zero=True)
+
+
+def parse_forward(text: str, *, default_host: str = DEFAULT_BIND_HOST) -> Forward:
+    """Parse the CLI form ``[bind:]port:host:port`` (``-L``); bind defaults to 127.0.0.1.
+
+    Raises:
+        ValueError: with what was expected.
+    """
+    parts = split_fields(text.strip())
+    if len(parts) not in (3, 4):
+        raise ValueError(
+            f"expected [bind:]port:host:port (IPv6 in brackets), got {json.dumps(text)}")
+    bind = _host(parts[0]) if len(parts) == 4 else default_host
+    listen = HostPort(bind, parse_port(parts[-3], allow_zero=True))
+    return Forward.of(listen, HostPort(_host(parts[-2]), parse_port(parts[-1])))
+
+
+def parse_relay_url(text: str) -> RelayURL:
+    """Check and split a ``ws://`` or ``wss://`` relay URL.
+
+    Raises:
+        ValueError: wrong scheme, no host, bad port, credentials, fragment or no path.
+    """
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"expected a ws:// or wss:// URL, got {json.dumps(text)}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("the URL must not carry a user or password")
+    if not parts.hostname:
+        raise ValueError(f"the URL has no host: {json.dumps(text)}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"the URL has a bad port: {json.dumps(text)}") from exc
+    if parts.fragment:
+        raise ValueError("the URL must not have a #fragment (RFC 6455 §3)")
+    if not parts.path.startswith("/"):
+        raise ValueError(f"the URL has no path; the relay's default is {DEFAULT_PATH}, "
+                         f"e.g. {parts.scheme}://{parts.netloc}{DEFAULT_PATH}")
+    secure = parts.scheme == "wss"
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return RelayURL(secure, parts.hostname, port or (443 if secure else 80), path)
+
+
+def parse_url_path(text: str) -> str:
+    """Check a URL path the relay serves, such as ``/tunnel``.
+
+    Raises:
+        ValueError: not starting with '/', or containing spaces, '?' or '#'.
+    """
+    if not text.startswith("/") or re.search(r"[\s?#]", text):
+        raise ValueError(f"expected a URL path such as {DEFAULT_PATH}, got {json.dumps(text)}")
+    return text
+
+
+def parse_size(text: str) -> int:
+    """Parse ``65536``, ``64KiB``, ``1.5 MiB``, ``10MB``; K/M/G alone are binary.
+
+    Raises:
+        ValueError: not a size.
+    """
+    match = _SIZE_RE.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 65536, 256KiB or 64MiB, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

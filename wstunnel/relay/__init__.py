@@ -1,0 +1,5 @@
+"""The relay: accepts agents' sessions and opens the real connections for them."""
+
+from .relay import Relay, run_relay
+
+__all__ = ["Relay", "run_relay"]

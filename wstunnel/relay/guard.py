@@ -1,0 +1,394 @@
+"""The relay's door: TLS, who an agent is, and the limits each session lives under.
+
+Theory of operation
+-------------------
+``Gatekeeper`` (one per relay) owns what is shared between connections: the
+current TLS context (swapped on SIGHUP; sessions keep the one they started
+with), the per-source count of failed logins, the budget for scrypt checks,
+and the count of sessions per agent. ``authenticate`` turns a good upgrade
+request into an ``Identity`` or into the HTTP answer to send instead:
+
+* every token is checked, whatever else came from the same address: a
+  stranger behind the same NAT (or every client, behind a proxy that is not
+  in ``trusted_proxies``) cannot lock a correct token out;
+* a missing, malformed, unknown or wrong token gets the same 401 (the log
+  line, for the operator, says which; a source that keeps failing is logged
+  once per interval, not once per attempt);
+* an ``hmac-sha256`` hash is checked inline (a microsecond), so a flood from
+  any number of addresses costs what its connections cost, and no queue
+  forms for a correct token to wait in;
+* a ``scrypt`` hash (the older keygen form) is checked once per token: a
+  token that passed is remembered (``VerifiedTokens``), so a returning agent
+  costs an HMAC. Unremembered tokens share a fixed budget (``_SlowChecks``:
+  two threads, a short bounded queue, sources that keep failing last);
+  beyond it the answer is 503 with ``Retry-After: 1``, not a longer queue;
+* an agent already holding ``max_sessions_per_agent`` sessions gets 429.
+
+With mutual TLS the certificate's common name names the agent; a token, if
+sent, must belong to the same agent (and is required when the agent's entry
+has a ``token_hash``).
+
+``SessionGuard`` (one per session) answers, synchronously and before any
+task is started, whether an OPEN may proceed: channel count, opens still
+dialling, and bytes the session may have to buffer (live channels x window).
+A refusal is OPEN_FAILED "limit reached" for that channel only, plus a log
+line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Final
+
+import trio
+
+from .. import ws
+from ..config import AgentAccount, RelayConfig
+from ..errors import ConfigError
+from ..net.plain_stream import take_over
+from ..net.tls_stream import start_tls
+from ..security.auth import (
+    ANONYMOUS,
+    RateLimiter,
+    VerifiedTokens,
+    bearer_token,
+    expand_credentials,
+    token_agent,
+    verify_token,
+)
+from ..security.policy import Policy
+from ..security.tls import client_identity, server_context
+
+__all__ = ["Gatekeeper", "Identity", "SessionGuard"]
+
+log = logging.getLogger("wstunnel.relay")
+
+_HASH_WORKERS: Final = 2  # scrypt checks at once: ~40 ms of one core each
+_MAX_WAITING: Final = 8  # waiting scrypt checks, relay-wide (~0.15 s of work)
+_PER_SOURCE: Final = 2  # of those, from one source address
+_BUSY: Final = "busy"  # _check's problem when no scrypt check could be queued
+_BUSY_LOG_INTERVAL: Final = 10.0
+_AUTH_HEADERS: Final = (("WWW-Authenticate", 'Bearer realm="wstunnel"'),)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a session belongs to, and where it may connect."""
+
+    name: str
+    policy: Policy
+
+
+class Gatekeeper:
+    """TLS context, authentication and per-agent session counts for one relay."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.accounts = {account.name: account for account in config.agents}
+        self.limiter = RateLimiter()
+        self.sessions: Counter[str] = Counter()
+        self.ssl_context: ssl.SSLContext | None = None
+        self._slow = _SlowChecks()
+        self._verified = VerifiedTokens()
+        self._busy_count = 0
+        self._busy_logged_at = -math.inf
+        self._anonymous = Identity(ANONYMOUS, config.policy)
+        self._quiet_until: dict[str, float] = {}
+        if config.tls is not None:
+            try:
+                self.ssl_context = self._load_tls()
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"cannot load the TLS certificate {config.tls.cert_file} and "
+                                  f"key {config.tls.key_file}: {_ssl_reason(exc)}",
+                                  source=config.source, key_path="tls") from exc
+
+    # -- TLS ------------------------------------------------------------------
+
+    def _load_tls(self) -> ssl.SSLContext:
+        tls = self.config.tls
+        assert tls is not None
+        client_ca = expand_credentials(tls.client_ca_file) if tls.client_ca_file else None
+        return server_context(expand_credentials(tls.cert_file),
+                              expand_credentials(tls.key_file), client_ca)
+
+    def reload_tls(self) -> bool:
+        """Re-read the certificate and key for new connections; keep the old ones on error."""
+        if self.config.tls is None:
+            log.info("reload requested, but the relay serves plain ws:// (no tls section)")
+            return False
+        try:
+            self.ssl_context = self._load_tls()
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS reload failed, still serving the previous certificate: %s",
+                      _ssl_reason(exc))
+            return False
+        log.info("TLS certificate reloaded from %s; new connections use it",
+                 self.config.tls.cert_file)
+        return True
+
+    def current_policy(self, identity: Identity) -> Policy | None:
+        """The agent's policy in the config as it is now (a reload may have changed it).
+
+        None when the agent is no longer configured: its session may finish
+        what is open, but opens nothing new.
+        """
+        if identity.name == ANONYMOUS:
+            return self._anonymous.policy
+        account = self.accounts.get(identity.name)
+        return None if account is None else account.policy
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """A reloaded config: agents, tokens, policies and certificate for new logins.
+
+        Sessions already up keep what they logged in with; failed-login counts
+        and per-agent session counts carry over.
+        """
+        had_tls = self.config.tls is not None
+        self.config = config
+        self.accounts = {account.name: account for account in config.agents}
+        self._anonymous = Identity(ANONYMOUS, config.policy)
+        if config.tls is not None:
+            self.reload_tls()
+        elif had_tls:
+            log.warning("the reloaded config has no tls section: new connections are plain ws://")
+            self.ssl_context = None
+
+    async def secure(self, tcp: trio.SocketStream) -> tuple[trio.abc.Stream, str | None]:
+        """The stream to speak HTTP on, and the client certificate's name (mutual TLS)."""
+        context = self.ssl_context
+        if context is None:
+            return take_over(tcp), None
+        stream = await start_tls(tcp, context, server_side=True)
+        return stream, client_identity(stream.getpeercert())
+
+    # -- authentication ---------------------------------------------------------
+
+    async def authenticate(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
+                           peer: str, source: str, cert_name: str | None) -> Identity | bytes:
+        """The session's identity, or the HTTP answer (401/429/503) to send instead.
+
+        The token is always checked: what others did from ``source`` changes
+        only how loudly a failure is logged and, for scrypt, the queue order.
+        """
+        if self.config.no_auth:
+            return self._anonymous
+        account, problem = await self._check(request, cert_name, source)
+        if account is None and problem is _BUSY:
+            return handshake.reject(503, "the relay is busy checking logins; try again "
+                                         "in a second", (("Retry-After", "1"),))
+        if account is None:
+            self._log_failure(peer, source, problem)
+            return handshake.reject(401, "authentication failed", _AUTH_HEADERS)
+        if self.sessions[account.name] >= self.config.max_sessions_per_agent:
+            log.warning("%s: agent %s already has %d sessions (max_sessions_per_agent); "
+                        "refused", peer, account.name, self.sessions[account.name])
+            return handshake.reject(429, f"agent {account.name} has too many sessions",
+                                    (("Retry-After", "30"),))
+        return Identity(account.name, account.policy)
+
+    def _log_failure(self, peer: str, source: str, problem: str) -> None:
+        """One line per failure while ``source`` is within its budget, then one per interval."""
+        now = trio.current_time()
+        limiter = self.limiter
+        if limiter.retry_after(source, now) == 0:
+            log.warning("%s: authentication failed from %s: %s", peer, source, problem)
+        elif self._quiet_until.get(source, 0.0) <= now:
+            self._quiet_until[source] = now + limiter.interval
+            if len(self._quiet_until) > limiter.max_keys:
+                self._quiet_until.clear()
+            log.warning("%s: authentication failed from %s: %s; more failures from %s are "
+                        "logged at most one per %.0f s", peer, source, problem, source,
+                        limiter.interval)
+        limiter.charge(source, now)
+
+    async def _check(self, request: ws.RequestReceived, cert_name: str | None,
+                     source: str) -> tuple[AgentAccount | None, str]:
+        """(account, "") on success, else (None, what was wrong: for the log only, or _BUSY)."""
+        header = request.header("authorization")
+        token = bearer_token(header)
+        if cert_name is not None:
+            account = self.accounts.get(cert_name)
+            if account is None:
+                return None, f"client certificate for unknown agent {cert_name!r}"
+            if token is None and account.token_hash is None:
+                return account, ""
+        if token is None:
+            what = "no Authorization header" if header is None else "not a Bearer token"
+            return None, what
+        name = token_agent(token)
+        account = self.accounts.get(name) if name is not None else None
+        if cert_name is not None and name != cert_name:
+            account = None
+        good = await self._verify(token, account, source)
+        if good is None:
+            return None, _BUSY
+        if not good:
+            return None, (f"wrong token for agent {name!r}" if account is not None
+                          else f"token for unknown agent {name!r}")
+        return account, ""
+
+    async def _verify(self, token: str, account: AgentAccount | None,
+                      source: str) -> bool | None:
+        """Whether ``token`` is ``account``'s; None when scrypt checks are saturated."""
+        stored = account.token_hash if account is not None else None
+        if account is None or stored is None or not stored.slow:
+            return verify_token(token, stored)  # a microsecond: no queue, no thread
+        if self._verified.known(account.name, stored, token):
+            return True
+        now = trio.current_time()
+        lane = 0 if self.limiter.is_clean(source, now) else 1
+        self.limiter.charge(source, now)  # at once: a flood's next try from here is lane 1
+        good = await self._slow.run(source, lane, partial(verify_token, token, stored))
+        if good is None:
+            self._log_busy(account.name)
+        elif good:
+            self._verified.remember(account.name, stored, token)
+        return good
+
+    def _log_busy(self, name: str) -> None:
+        now = trio.current_time()
+        self._busy_count += 1
+        if now < self._busy_logged_at + _BUSY_LOG_INTERVAL:
+            return
+        log.warning("scrypt token checks are saturated (%d logins answered 503 busy since the "
+                    "last such line; the latest for agent %s): give agents tokens from "
+                    "`wstunnel keygen --token NAME`, whose hmac-sha256 hashes cost nothing",
+                    self._busy_count, name)
+        self._busy_count = 0
+        self._busy_logged_at = now
+
+    # -- sessions ---------------------------------------------------------------
+
+    def session_started(self, identity: Identity) -> None:
+        self.sessions[identity.name] += 1
+
+    def session_ended(self, identity: Identity) -> None:
+        self.sessions[identity.name] -= 1
+        if self.sessions[identity.name] <= 0:
+            del self.sessions[identity.name]
+
+
+class _Turn:
+    """One scrypt check waiting for a worker."""
+
+    __slots__ = ("lane", "seq", "source", "woken", "evicted")
+
+    def __init__(self, lane: int, seq: int, source: str) -> None:
+        self.lane, self.seq, self.source = lane, seq, source
+        self.woken = trio.Event()
+        self.evicted = False
+
+    def order(self) -> tuple[int, int]:
+        return self.lane, self.seq
+
+
+class _SlowChecks:
+    """The relay-wide budget for scrypt checks: a fixed cost, whoever floods.
+
+    ``workers`` checks run at once (in threads) and at most ``max_waiting``
+    wait, at most ``per_source`` of them from one source. Lane 0 (sources with
+    nothing on their record) goes before lane 1, first come first served
+    within a lane; when the queue is full, a lane-0 check takes the place of
+    the latest lane-1 one. A check that finds no room is not run at all (the
+    caller answers 503): a flood cannot build a queue, so a check never waits
+    for more than about ``max_waiting / workers + 1`` others.
+    """
+
+    def __init__(self, *, workers: int = _HASH_WORKERS, max_waiting: int = _MAX_WAITING,
+                 per_source: int = _PER_SOURCE) -> None:
+        self._free = workers
+        self._max_waiting = max_waiting
+        self._per_source = per_source
+        self._waiting: list[_Turn] = []  # short (max_waiting): scanning beats a heap
+        self._seq = itertools.count()
+
+    async def run(self, source: str, lane: int, check: Callable[[], bool]) -> bool | None:
+        """``check()`` in a worker thread; None (not run) when there is no room."""
+        if self._free > 0:  # (then nothing waits: a freed worker goes to a waiter first)
+            self._free -= 1
+        else:
+            turn = _Turn(lane, next(self._seq), source)
+            if not self._make_room(source, lane) or not await self._wait_turn(turn):
+                return None
+        try:
+            return await trio.to_thread.run_sync(check)
+        finally:
+            self._hand_on()
+
+    def _make_room(self, source: str, lane: int) -> bool:
+        """Whether a check may wait, evicting a later-lane one when the queue is full."""
+        if sum(turn.source == source for turn in self._waiting) >= self._per_source:
+            return False
+        if len(self._waiting) < self._max_waiting:
+            return True
+        last = max(self._waiting, key=_Turn.order)
+        if last.lane <= lane:
+            return False
+        self._waiting.remove(last)
+        last.evicted = True
+        last.woken.set()
+        return True
+
+    async def _wait_turn(self, turn: _Turn) -> bool:
+        """True once a worker is ours; False if a cleaner source's check took our place."""
+        self._waiting.append(turn)
+        try:
+            await turn.woken.wait()
+        except BaseException:
+            if turn in self._waiting:
+                self._waiting.remove(turn)
+            elif not turn.evicted:
+                self._hand_on()  # cancelled just as its turn came: pass the worker on
+            raise
+        return not turn.evicted
+
+    def _hand_on(self) -> None:
+        """A worker is free: give it to the first waiting check, or keep it."""
+        if self._waiting:
+            turn = min(self._waiting, key=_Turn.order)
+            self._waiting.remove(turn)
+            turn.woken.set()
+        else:
+            self._free += 1
+
+
+def _ssl_reason(exc: OSError) -> str:
+    """One readable line for a file or OpenSSL error."""
+    if isinstance(exc, ssl.SSLError):
+        return (f"{exc.reason or exc} (is it a PEM certificate chain and the matching "
+                f"unencrypted private key?)")
+    return f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc)
+
+
+class SessionGuard:
+    """Per-session limits on OPENs; see the module docstring."""
+
+    def __init__(self, identity: Identity, config: RelayConfig) -> None:
+        self.identity = identity
+        self.config = config
+        self.pending = 0
+
+    def admit(self, open_channels: int) -> str | None:
+        """None if one more channel may open now, else why not (OPEN_FAILED "limit reached").
+
+        The text names the limit and stays the same for every refusal it
+        causes, so the relay's log can count refusals by it.
+        """
+        config = self.config
+        if open_channels >= config.max_channels:
+            return f"max_channels {config.max_channels} reached"
+        if (open_channels + 1) * config.initial_window > config.max_buffered_size:
+            fit = config.max_buffered_size // config.initial_window
+            return (f"max_buffered_size {config.max_buffered_size} reached ({fit} channels "
+                    f"x initial_window {config.initial_window})")
+        if self.pending >= config.max_pending_opens:
+            return (f"max_pending_opens {config.max_pending_opens} reached (opens in flight: "
+                    f"destinations still being dialled)")
+        return None

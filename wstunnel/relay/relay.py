@@ -1,0 +1,449 @@
+"""The relay: accepts agents' WebSockets and opens the real TCP connections.
+
+Each agent connection is served by its own task with its own transport, so one
+agent's bad frame or slow socket ends or slows only that session. Every OPEN is
+checked against the destination policy after DNS resolution (see net/dial.py).
+TLS, authentication and per-session limits live in guard.py: the TLS
+handshake, the upgrade request and the login all run under one
+``handshake_timeout``; each session gets the allow rules of its agent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Final
+
+import trio
+
+from .. import mux, ws
+from ..addresses import join_host_port
+from ..config import RelayConfig
+from ..net.channel_stream import ChannelStream
+from ..net.ending import abort_stream, set_abortive
+from ..net.local_addresses import local_addresses
+from ..net.sockopts import tune_plain_socket, tune_socket
+from ..net.splice import close_spliced, splice
+from ..net.transport import TunnelTransport
+from ..protocol import TunnelProtocol
+from ..security.forwarded import client_address
+from ..security.policy import Listener, this_host
+from ..service.metrics import TunnelStats
+from ..service.reload import ReloadRequest
+from .dial import DialError, dial, finish_connect, literal_address, start_connect
+from .guard import Gatekeeper, Identity, SessionGuard
+from .upgrade import read_request
+
+__all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
+
+log = logging.getLogger("wstunnel.relay")
+
+CLOSE_IDLE: Final = 4000  # private-use close code: the session had no channel for idle_timeout
+
+
+class Relay:
+    """State shared by all sessions of one relay process."""
+
+    def __init__(self, config: RelayConfig, stats: TunnelStats | None = None) -> None:
+        self.config = config
+        self.stats = stats or TunnelStats("relay")
+        self.sessions: set[TunnelTransport] = set()
+        self.stopping = False
+        self.gate = Gatekeeper(config)
+
+    async def handle_connection(self, tcp: trio.SocketStream) -> None:
+        """One TCP connection: TLS, the upgrade and login, then the session, then close."""
+        peer = _peer_name(tcp)
+        peer_host = _peer_host(tcp)  # (TLS takes the socket over)
+        stream: trio.abc.Stream = tcp
+        try:
+            tune_socket(tcp, notsent_lowat=True)
+            accepted = None
+            with trio.move_on_after(self.config.handshake_timeout):
+                stream, cert_name = await self.gate.secure(tcp)
+                accepted = await self._handshake(stream, peer, peer_host, cert_name)
+                if accepted is None:
+                    return
+            if accepted is None:
+                log.info("%s: no complete upgrade request within %g s; dropped",
+                         peer, self.config.handshake_timeout)
+                return
+            await self._serve_session(stream, *accepted)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            cause = exc.__cause__ or exc
+            if isinstance(cause, ssl.SSLError):
+                log.info("%s: TLS handshake failed: %s", peer, cause)
+            else:
+                log.debug("%s: connection lost during the handshake: %s", peer, cause)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(
+        self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
+    ) -> tuple[TunnelProtocol, Identity, str] | None:
+        """The protocol, the agent and the client's name for logs; None when not upgraded."""
+        config = self.config
+        handshake = ws.ServerHandshake(max_header_size=16384, max_headers=100)
+        # (the caller bounds all of this with handshake_timeout)
+        request = await read_request(stream, handshake)
+        if request is None:
+            return None
+        if isinstance(request, ws.HandshakeFailed):
+            log.info("%s: bad HTTP request (%s)", peer, request.message)
+            await stream.send_all(request.response)
+            return None
+        client = self._client(peer_host, request, peer)
+        if client != peer_host:
+            peer = f"{client} via {peer}"
+        answer = self.route(handshake, request, peer)
+        if answer is not None:
+            await stream.send_all(answer)
+            return None
+        identity = await self.gate.authenticate(
+            handshake, request, peer, client, cert_name
+        )
+        if isinstance(identity, bytes):
+            if identity.startswith((b"HTTP/1.1 401", b"HTTP/1.1 403")):
+                self.stats.auth_failures += 1
+            await stream.send_all(identity)
+            return None
+        await stream.send_all(handshake.accept())
+        protocol = TunnelProtocol(
+            mux.Role.RELAY,
+            trailing_data=handshake.trailing_data,
+            max_message_size=config.max_message_size,
+            initial_window=config.initial_window,
+            max_chunk_size=config.max_chunk_size,
+            max_send_window=config.max_send_window,
+            max_queued_size=config.max_queued_size,
+            max_channels=config.max_channels + 1,  # SessionGuard refuses first, and logs
+        )
+        return protocol, identity, peer
+
+    def _client(self, peer_host: str, request: ws.RequestReceived, peer: str) -> str:
+        """The client's address: from X-Forwarded-For only when trusted proxies vouch for it.
+
+        It names the client in logs and is what failed logins are counted by.
+        """
+        forwarded_for = request.header("x-forwarded-for")
+        if forwarded_for is None:
+            return peer_host
+        client = client_address(peer_host, forwarded_for, self.config.trusted_proxies)
+        if client == peer_host:
+            log.debug("%s: X-Forwarded-For %r ignored (peer not in trusted_proxies)",
+                      peer, forwarded_for)
+        return client
+
+    def route(
+        self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str
+    ) -> bytes | None:
+        """The HTTP answer for anything that is not a good upgrade, else None."""
+        path = request.target.split("?", 1)[0]
+        if path == "/health" and not request.is_upgrade:
+            return handshake.reject(200, "ok")
+        if path != self.config.path:
+            return handshake.reject(404, f"nothing here; the tunnel is at {self.config.path}")
+        if self.stopping:
+            return handshake.reject(503, "the relay is shutting down")
+        if not request.is_upgrade or request.upgrade_problem is not None:
+            log.info(
+                "%s: %s", peer, request.upgrade_problem or "plain HTTP request on the tunnel path"
+            )
+            return handshake.default_response()
+        if ws.SUBPROTOCOL not in request.subprotocols:
+            return handshake.reject(
+                400, f"this is a wstunnel relay; use subprotocol {ws.SUBPROTOCOL}"
+            )
+        return None
+
+    async def _serve_session(
+        self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str
+    ) -> None:
+        config = self.config
+        guard = SessionGuard(identity, config)
+        transport = TunnelTransport(
+            stream,
+            protocol,
+            name=f"{peer} (agent {identity.name})",
+            open_now=partial(self._open_now, guard),
+            admit=partial(self._admit, guard),
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            stats=self.stats,
+        )
+        self.sessions.add(transport)
+        self.gate.session_started(identity)
+        self.stats.session_started(transport)
+        log.info("%s: session up for agent %s", peer, identity.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                if config.idle_timeout > 0:
+                    nursery.start_soon(self._close_when_idle, transport)
+                reason = await transport.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.gate.session_ended(identity)
+            self.stats.session_ended(transport)
+            self.sessions.discard(transport)
+        log.info("%s: session down: %s (%d channels served)", transport.name, reason,
+                 transport.opened_total)
+
+    def _admit(
+        self, guard: SessionGuard, transport: TunnelTransport, event: mux.ChannelOpenRequested
+    ) -> tuple[mux.OpenFailure, str] | None:
+        """Refuse an OPEN past the session's limits (counted, and logged in aggregate)."""
+        self.stats.log_mux_refusals(transport)  # OPENs its multiplexer refused, if any
+        refusal = guard.admit(len(transport.channels))
+        if refusal is not None:
+            self.stats.channel_refused(transport, mux.OpenFailure.LIMIT_REACHED, refusal,
+                                       join_host_port(event.host, event.port), key=refusal)
+            return mux.OpenFailure.LIMIT_REACHED, refusal
+        guard.pending += 1
+        return None
+
+    async def _close_when_idle(self, transport: TunnelTransport) -> None:
+        """Close the session once it has had no channel for ``idle_timeout`` (code 4000)."""
+        timeout = self.config.idle_timeout
+        seen = -1
+        while True:
+            await trio.sleep(timeout)
+            if not transport.channels and transport.opened_total == seen:
+                log.info("%s: no channel for %g s; closing the idle session",
+                         transport.name, timeout)
+                await transport.close(CLOSE_IDLE, "idle timeout")
+                return
+            seen = transport.opened_total
+
+    def _open_now(
+        self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
+    ) -> Callable[[], Awaitable[None]] | None:
+        """An admitted OPEN, handled where it was read when that needs no waiting:
+        an IP literal is checked and connected without a task (net/dial.py), so
+        the OPEN_OK, and the early data to the destination, leave at once.
+        Returns the rest as a task when there is waiting to do (DNS, a connect
+        still in progress, no socket pump)."""
+        host, port = channel.host, channel.port
+        policy = self.gate.current_policy(guard.identity)
+        address = literal_address(host)
+        if policy is None or address is None or not transport.pumping:
+            return partial(self._open_channel, guard, transport, channel)
+        try:
+            sock, connected = start_connect(
+                host, address, port, allows=lambda address: policy.allows(host, port, address),
+                explain=lambda address: policy.refusal(host, port, address))
+        except DialError as exc:
+            guard.pending -= 1
+            self._refuse(transport, channel, exc.reason, exc.text)
+            return None
+        if not connected:
+            return partial(self._finish_open, guard, transport, channel, sock)
+        guard.pending -= 1
+        self._carry(transport, channel, sock)
+        return None
+
+    async def _finish_open(self, guard: SessionGuard, transport: TunnelTransport,
+                           channel: ChannelStream, sock: socket.socket) -> None:
+        """The task for a connect that ``_open_now`` left in progress."""
+        try:
+            sock = await finish_connect(sock, channel.host, channel.port,
+                                        timeout=self.config.connect_timeout)
+        except DialError as exc:
+            self._refuse(transport, channel, exc.reason, exc.text)
+            return
+        finally:
+            guard.pending -= 1
+        self._carry(transport, channel, sock)
+
+    def _carry(self, transport: TunnelTransport, channel: ChannelStream,
+               sock: socket.socket) -> None:
+        """Accept the channel and hand the connected ``sock`` to the socket pump."""
+        if not transport.is_open or channel.error is not None:
+            set_abortive(sock)  # the session ended or the agent reset the channel meanwhile
+            sock.close()
+            return
+        tune_plain_socket(sock, notsent_lowat=False)
+        set_abortive(sock)  # (a clean end clears it: net/ending.py)
+        transport.protocol.accept_channel(channel.channel_id)
+        transport.wake_writer()
+        if not transport.attach_socket(sock, channel):
+            set_abortive(sock)  # (the session just ended: the pump is gone)
+            sock.close()
+
+    async def _open_channel(
+        self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
+    ) -> None:
+        """Dial the destination; carry the channel on success, OPEN_FAILED otherwise."""
+        host, port = channel.host, channel.port
+        protocol = transport.protocol
+        policy = self.gate.current_policy(guard.identity)
+        if policy is None:
+            guard.pending -= 1
+            self._refuse(transport, channel, mux.OpenFailure.FORBIDDEN,
+                         f"agent {guard.identity.name} is no longer configured on this relay")
+            return
+        try:
+            target = await dial(
+                host,
+                port,
+                timeout=self.config.connect_timeout,
+                allows=lambda address: policy.allows(host, port, address),
+                explain=lambda address: policy.refusal(host, port, address),
+            )
+        except DialError as exc:
+            self._refuse(transport, channel, exc.reason, exc.text)
+            return
+        finally:
+            guard.pending -= 1
+        handed_over = False
+        try:
+            tune_socket(target, notsent_lowat=False)
+            set_abortive(target.socket)  # (a clean end clears it: net/ending.py)
+            protocol.accept_channel(channel.channel_id)
+            transport.wake_writer()
+            # The session's socket pump carries it from here, with no task of its own.
+            handed_over = transport.attach(target, channel)
+            if not handed_over:
+                await close_spliced(target, channel, await splice(target, channel))
+        finally:
+            if not handed_over:  # (closed by now, unless cancelled: that is a failure)
+                await abort_stream(target)
+
+    def _refuse(
+        self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
+    ) -> None:
+        self.stats.channel_refused(transport, reason, text, channel.destination)
+        if transport.is_open and channel.error is None:
+            transport.protocol.refuse_channel(channel.channel_id, reason, text)
+            transport.wake_writer()
+
+    async def drain(self, timeout: float) -> None:
+        """GOAWAY to every session, wait for their channels, then close them."""
+        self.stopping = True
+        for transport in list(self.sessions):
+            transport.go_away("the relay is shutting down")
+        with trio.move_on_after(timeout):
+            for transport in list(self.sessions):
+                await transport.wait_idle()
+        async with trio.open_nursery() as nursery:
+            for transport in list(self.sessions):
+                nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
+
+
+def _peer_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return ""
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except OSError:
+        return "unknown peer"
+    return join_host_port(host, port)
+
+
+async def run_relay(
+    config: RelayConfig,
+    *,
+    shutdown: trio.Event,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+    stats: TunnelStats | None = None,
+    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    """Serve until ``shutdown`` is set, then drain and return.
+
+    ``task_status.started`` receives the bound (host, port) pairs. ``sockets``
+    (systemd socket activation) replace binding ``config.listen``. Each
+    ``ReloadRequest`` from ``reloads`` applies to channels opened after it.
+    """
+    relay = Relay(config, stats)
+    listeners = await _listeners(config, sockets)
+    bound = [listener.socket.getsockname()[:2] for listener in listeners]
+    _warn_about_access(config)
+    async with trio.open_nursery() as connections:
+        await connections.start(_known_as_this_host, bound)
+        async with trio.open_nursery() as accepting:
+            serve = partial(trio.serve_listeners, handler_nursery=connections)
+            await accepting.start(serve, relay.handle_connection, listeners)
+            scheme = "wss" if config.tls is not None else "ws"
+            log.info("relay listening on %s, tunnel path %s (%s://)", _addrs(bound), config.path,
+                     scheme)
+            if reloads is not None:
+                accepting.start_soon(_apply_reloads, relay, reloads)
+            task_status.started(bound)
+            await shutdown.wait()
+            accepting.cancel_scope.cancel()
+        log.info(
+            "relay stopping: draining %d sessions (up to %g s)",
+            len(relay.sessions),
+            relay.config.drain_timeout,
+        )
+        await relay.drain(relay.config.drain_timeout)
+        connections.cancel_scope.cancel()
+
+
+async def _known_as_this_host(
+    bound: list[tuple[str, int]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    """While the relay runs, its listening sockets and this host's addresses are
+    destinations that only a rule naming them exactly unlocks (policy.py)."""
+    listeners = [Listener.bound(host, port, "tunnel port") for host, port in bound]
+    this_host.set_addresses(local_addresses())
+    this_host.add_listeners(listeners)
+    own = sorted(str(a) for a in this_host.current.addresses if not a.is_loopback)
+    log.info("this host's own addresses (%s) and ports (%s) are refused as destinations "
+             "unless an allow rule names them exactly", ", ".join(own) or "none found",
+             ", ".join(sorted({str(listener.port) for listener in this_host.current.listeners})))
+    try:
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        this_host.remove_listeners(listeners)
+
+
+def _warn_about_access(config: RelayConfig) -> None:
+    if config.no_auth:
+        log.warning("no_auth: ANY client that reaches this port may open channels (allow "
+                    "rules still apply); use it for tests and loopback only")
+        if not config.allow:
+            log.warning("no 'allow' rules: every channel will be refused "
+                        "(add --allow HOST[:PORT])")
+    elif not config.agents:
+        log.warning("no agents configured: every agent will be refused with 401; add "
+                    "agents (wstunnel keygen --token NAME) or, for tests, --no-auth")
+
+
+async def _listeners(
+    config: RelayConfig, sockets: list[socket.socket] | None
+) -> list[trio.SocketListener]:
+    if not sockets:
+        return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
+    log.info("using %d socket(s) from systemd; 'listen' is ignored", len(sockets))
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+
+
+async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
+    """New policy, path and limits for new sessions and channels; open ones keep theirs.
+
+    ``listen`` keeps its old value: the listeners stay bound (the service layer
+    logs that the change needs a restart).
+    """
+    async for request in reloads:
+        new: RelayConfig = request.config
+        relay.config = dataclasses.replace(new, listen=relay.config.listen)
+        relay.gate.reconfigure(relay.config)
+        this_host.set_addresses(local_addresses())  # (interfaces may have changed)
+        if not new.allow:
+            log.warning("no 'allow' rules after the reload: every new channel will be refused")
+        request.finish()
+
+
+def _addrs(bound: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{h}:{p}" for h, p in bound)

@@ -1,0 +1,1 @@
+"""Who may connect and where to: tokens, destination policy, TLS, trusted proxies."""

@@ -1,0 +1,1 @@
+"""Process plumbing around a role: supervision, reload, systemd, metrics, admin, logs."""
