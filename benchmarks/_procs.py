@@ -15,6 +15,9 @@ whose TLS is the same OpenSSL socket path wss:// uses (one ``SSL_read`` or
 ``SSL_write`` per 16 KiB record), with the suite ssh's cipher matches. What
 it costs per GiB is what that TLS path costs without any Python.
 
+The relay's and the agent's command lines come from ``_children.py``, which
+the integration tests use too.
+
 Only 127.0.0.1 is used. sshd is our own: a high loopback port, its own host
 key, authorized key and config in a temporary directory; the system sshd is
 never touched.
@@ -36,6 +39,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Final
+
+from _children import agent_argv, relay_argv
 
 TARGETS_SCRIPT: Final = Path(__file__).with_name("_targets.py")
 SSHD: Final = "/usr/sbin/sshd"
@@ -308,16 +313,13 @@ def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
     relay_tls_args, agent_tls_args = relay_tls(command, tmp) if tls else ([], [])
     relay_port = free_port()
     relay_log, agent_log = tmp / f"relay-{scheme}.log", tmp / f"agent-{scheme}.log"
-    relay = spawn(stack, [*command, "relay", "--listen", f"127.0.0.1:{relay_port}",
-                          "--allow", "127.0.0.1", "--no-auth", *relay_tls_args, *relay_args],
+    relay = spawn(stack, [*command, *relay_argv(relay_port, *relay_tls_args, *relay_args)],
                   relay_log)
     wait_listening(relay_port, relay, f"wstunnel relay ({scheme}://)")
     ports = {kind: free_port() for kind in TARGET_KINDS}
-    forwards = [arg for kind in TARGET_KINDS for arg in
-                ("-L", f"127.0.0.1:{ports[kind]}:127.0.0.1:{targets.ports[kind]}")]
-    agent = spawn(stack, [*command, "agent", "--relay",
-                          f"{scheme}://127.0.0.1:{relay_port}/tunnel",
-                          *forwards, *agent_tls_args, *agent_args], agent_log)
+    forwards = [(ports[kind], targets.ports[kind]) for kind in TARGET_KINDS]
+    agent = spawn(stack, [*command, *agent_argv(relay_port, forwards, *agent_tls_args,
+                                                *agent_args, scheme=scheme)], agent_log)
     route = Route(f"wstunnel {scheme}://", ports, [agent.pid, relay.pid], [relay_log, agent_log])
     _check_route(route, agent)
     return route

@@ -8,6 +8,11 @@ WebSocket layer already queued (pongs, close frames), then pulls records from
 the session's scheduler and frames them until ``max_size`` is reached, so the
 I/O layer never holds more than one write's worth of bytes.
 
+The WebSocket is the session's one *record carrier* today: ``RecordCarrier``
+names what the mux session needs from whatever carries its records, so that
+another carrier (records in plain HTTP requests and responses) can be put
+beside it without touching the session or the I/O layer above.
+
 A multiplexer protocol error from the peer sends the session's GOAWAY with
 its error code, then closes the WebSocket with 1002; a text message (not part
 of wstunnel.v1) closes it with 1003.
@@ -16,17 +21,101 @@ of wstunnel.v1) closes it with 1003.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from dataclasses import dataclass
+from typing import Final, Protocol, TypeAlias
 
 from . import mux, ws
 from .errors import LocalProtocolError
 
-__all__ = ["TunnelProtocol", "DEFAULT_WRITE_SIZE", "Event"]
+__all__ = ["TunnelProtocol", "SessionLimits", "TunnelEvent", "RecordCarrier",
+           "DEFAULT_WRITE_SIZE"]
 
 DEFAULT_WRITE_SIZE: Final = 256 * 1024
 _DATA_HEADER_SIZE: Final = mux.wire.DATA_HEADER_SIZE
 
-Event = Any  # a mux event, or ws.PongReceived / ws.ConnectionClosed
+#: What ``TunnelProtocol.events_received`` yields: the multiplexer's events, and
+#: from the carrier a pong (keepalive), the peer's close and the terminal close.
+TunnelEvent: TypeAlias = mux.Event | ws.PongReceived | ws.CloseReceived | ws.ConnectionClosed
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """Every limit of one session, built once from the configuration (per load or
+    reload) and passed to each ``TunnelProtocol``; ``mux.Session`` checks the
+    ranges (``LocalProtocolError``). The fields are ``mux.Session``'s arguments
+    of the same names, plus the carrier's message limit.
+
+    ``solo_chunk_size`` None: as large as the message limit allows, at most
+    ``mux.DEFAULT_SOLO_CHUNK_SIZE`` and at least ``max_chunk_size``.
+    """
+
+    max_message_size: int = ws.DEFAULT_MAX_MESSAGE_SIZE
+    initial_window: int = mux.DEFAULT_INITIAL_WINDOW
+    max_chunk_size: int = mux.DEFAULT_MAX_CHUNK_SIZE
+    max_channels: int = mux.DEFAULT_MAX_CHANNELS
+    max_send_window: int = mux.DEFAULT_MAX_SEND_WINDOW
+    max_queued_size: int = mux.DEFAULT_MAX_QUEUED_SIZE
+    solo_chunk_size: int | None = None
+    max_buffered_size: int | None = None
+    max_window: int | None = None
+    quantum: int | None = None
+
+    def session(self, role: mux.Role) -> mux.Session:
+        """A multiplexer session with these limits."""
+        return mux.Session(
+            role, initial_window=self.initial_window, max_chunk_size=self.max_chunk_size,
+            max_channels=self.max_channels, max_buffered_size=self.max_buffered_size,
+            quantum=self.quantum, max_window=self.max_window,
+            solo_chunk_size=self._solo_chunk_size(), max_send_window=self.max_send_window,
+            max_queued_size=self.max_queued_size)
+
+    def _solo_chunk_size(self) -> int:
+        """Accept (and send alone) big chunks only as far as the message limit allows."""
+        if self.solo_chunk_size is not None:
+            return self.solo_chunk_size
+        room = self.max_message_size - _DATA_HEADER_SIZE
+        return max(self.max_chunk_size, min(mux.DEFAULT_SOLO_CHUNK_SIZE, room))
+
+
+DEFAULT_LIMITS: Final = SessionLimits()
+
+
+class RecordCarrier(Protocol):
+    """What the mux session runs over: one record in, one record out, in order.
+
+    ``ws.WebSocketConnection`` is the one carrier today (a record is one binary
+    message). The same sans-IO contract as the rest of the core: bytes in
+    (``receive_data``, or ``receive_buffer`` + ``buffer_filled`` for a zero-copy
+    read; ``receive_eof``), events out (a record arrives as ``ws.BytesMessage``;
+    ``ws.TextMessage`` is a violation; then ``PongReceived``, ``CloseReceived``,
+    and ``ConnectionClosed`` last), bytes out (``data_to_send_parts``). States
+    follow ``ws.ConnectionState``: records are sent only while OPEN.
+    """
+
+    @property
+    def state(self) -> ws.ConnectionState: ...
+    @property
+    def failure(self) -> Exception | None: ...
+    @property
+    def close_code(self) -> int | None: ...
+    @property
+    def close_reason(self) -> str: ...
+    @property
+    def should_close_transport(self) -> bool: ...
+    @property
+    def has_output(self) -> bool: ...
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None: ...
+    def receive_buffer(self) -> memoryview | None: ...
+    def buffer_filled(self, size: int) -> None: ...
+    def receive_eof(self) -> None: ...
+    def events_received(self) -> list[ws.Event]: ...
+    def send_binary_parts(self, prefix: bytes, payload: bytes | bytearray | memoryview
+                          ) -> None: ...
+    def data_to_send(self) -> bytes | bytearray: ...
+    def data_to_send_parts(self) -> list[bytes | bytearray | memoryview]: ...
+    def ping(self, payload: bytes = b"") -> None: ...
+    def close(self, code: int = 1000, reason: str = "") -> None: ...
 
 
 class TunnelProtocol:
@@ -36,25 +125,15 @@ class TunnelProtocol:
         self,
         role: mux.Role,
         *,
+        limits: SessionLimits = DEFAULT_LIMITS,
         trailing_data: bytes = b"",
         random_bytes: Callable[[int], bytes] | None = None,
-        max_message_size: int = ws.DEFAULT_MAX_MESSAGE_SIZE,
-        **session_options: Any,
     ) -> None:
-        ws_role = ws.Role.CLIENT if role is mux.Role.AGENT else ws.Role.SERVER
         self.role = role
-        if "solo_chunk_size" not in session_options:
-            # Accept (and send alone) big chunks only as far as the message limit allows.
-            chunk = session_options.get("max_chunk_size", mux.DEFAULT_MAX_CHUNK_SIZE)
-            room = max_message_size - _DATA_HEADER_SIZE
-            session_options["solo_chunk_size"] = max(chunk, min(mux.DEFAULT_SOLO_CHUNK_SIZE, room))
-        self.session = mux.Session(role, **session_options)
-        # A record must always fit in one message, whatever chunk size is configured.
-        max_message_size = max(max_message_size, self.session.max_record_size)
-        self._ws = ws.WebSocketConnection(
-            ws_role, max_message_size=max_message_size, random_bytes=random_bytes
-        )
-        self._events: list[Event] = []
+        self.limits = limits
+        self.session = limits.session(role)
+        self._carrier: RecordCarrier = _websocket(role, limits, self.session, random_bytes)
+        self._events: list[TunnelEvent] = []
         self._terminal = False
         if trailing_data:
             self.receive_data(trailing_data)
@@ -63,27 +142,27 @@ class TunnelProtocol:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the transport; then drain events and output."""
-        self._ws.receive_data(data)
-        self._process_ws_events()
+        self._carrier.receive_data(data)
+        self._process_carrier_events()
 
     def receive_buffer(self) -> memoryview | None:
         """Where to read next so a big message needs no copy, or None: read
         into it, release it, then ``buffer_filled`` (``WebSocketConnection``)."""
-        return self._ws.receive_buffer()
+        return self._carrier.receive_buffer()
 
     def buffer_filled(self, size: int) -> None:
         """``size`` bytes were read into ``receive_buffer()``; drain as after ``receive_data``."""
-        self._ws.buffer_filled(size)
-        self._process_ws_events()
+        self._carrier.buffer_filled(size)
+        self._process_carrier_events()
 
     def receive_eof(self) -> None:
         """The transport reached EOF; a terminal event follows."""
-        self._ws.receive_eof()
-        self._process_ws_events()
+        self._carrier.receive_eof()
+        self._process_carrier_events()
 
-    def _process_ws_events(self) -> None:
+    def _process_carrier_events(self) -> None:
         session = self.session
-        for event in self._ws.events_received():
+        for event in self._carrier.events_received():
             if isinstance(event, ws.BytesMessage):
                 if not session.closed:
                     session.receive_record(event.data)
@@ -91,7 +170,8 @@ class TunnelProtocol:
                     if session.failure is not None:
                         self._fail_session()
             elif isinstance(event, ws.TextMessage):
-                self._close_ws(ws.CloseCode.UNSUPPORTED_DATA, "wstunnel.v1 carries binary only")
+                self._close_carrier(ws.CloseCode.UNSUPPORTED_DATA,
+                                    "wstunnel.v1 carries binary only")
             elif isinstance(event, ws.ConnectionClosed):
                 self._terminal = True
                 self._events.append(event)
@@ -103,15 +183,15 @@ class TunnelProtocol:
         was still unsent): frame them before the close frame, since nothing is
         framed once the WebSocket is closing (PROTOCOL.md §7: GOAWAY, then close)."""
         self._frame_records(DEFAULT_WRITE_SIZE)
-        self._close_ws(ws.CloseCode.PROTOCOL_ERROR, "multiplexer protocol error")
+        self._close_carrier(ws.CloseCode.PROTOCOL_ERROR, "multiplexer protocol error")
 
-    def _close_ws(self, code: int, reason: str) -> None:
-        if self._ws.state is ws.ConnectionState.OPEN:
-            self._ws.close(code, reason)
+    def _close_carrier(self, code: int, reason: str) -> None:
+        if self._carrier.state is ws.ConnectionState.OPEN:
+            self._carrier.close(code, reason)
 
     # -- output ------------------------------------------------------------
 
-    def events_received(self) -> list[Event]:
+    def events_received(self) -> list[TunnelEvent]:
         """Return and forget the events produced since the last call."""
         self._events.extend(self.session.events_received())
         events, self._events = self._events, []
@@ -131,20 +211,20 @@ class TunnelProtocol:
         or received data.
         """
         self._frame_records(max_size)
-        return self._ws.data_to_send()
+        return self._carrier.data_to_send()
 
     def parts_to_send(self, max_size: int = DEFAULT_WRITE_SIZE
                       ) -> list[bytes | bytearray | memoryview]:
         """``data_to_send`` as pieces to write in order (empty: nothing ready)."""
         self._frame_records(max_size)
-        return self._ws.data_to_send_parts()
+        return self._carrier.data_to_send_parts()
 
     def _frame_records(self, max_size: int) -> None:
-        wsconn = self._ws
-        if wsconn.state is ws.ConnectionState.OPEN:
+        carrier = self._carrier
+        if carrier.state is ws.ConnectionState.OPEN:
             size = 0
             next_parts = self.session.next_record_parts
-            send_parts = wsconn.send_binary_parts
+            send_parts = carrier.send_binary_parts
             while size < max_size:
                 parts = next_parts(max_size)
                 if parts is None:
@@ -155,14 +235,14 @@ class TunnelProtocol:
 
     def wants_to_send(self) -> bool:
         """True when ``data_to_send`` would return bytes (cheap check)."""
-        return self._ws.state is ws.ConnectionState.OPEN and self.session.wants_to_send()
+        return self._carrier.state is ws.ConnectionState.OPEN and self.session.wants_to_send()
 
     def wants_to_write(self) -> bool:
         """True when the writer has anything to do: bytes for ``data_to_send`` (queued
         WebSocket frames or records), or the WebSocket is no longer open (a close to
         send or the transport to drop)."""
-        wsconn = self._ws
-        return (wsconn.has_output or wsconn.state is not ws.ConnectionState.OPEN
+        carrier = self._carrier
+        return (carrier.has_output or carrier.state is not ws.ConnectionState.OPEN
                 or self.session.wants_to_send())
 
     # -- session-level actions ---------------------------------------------
@@ -174,26 +254,26 @@ class TunnelProtocol:
 
     @property
     def should_close_transport(self) -> bool:
-        return self._ws.should_close_transport
+        return self._carrier.should_close_transport
 
     @property
     def close_code(self) -> int | None:
-        return self._ws.close_code
+        return self._carrier.close_code
 
     @property
     def close_reason(self) -> str:
-        return self._ws.close_reason
+        return self._carrier.close_reason
 
     @property
     def failure(self) -> Exception | None:
-        return self._ws.failure or self.session.failure
+        return self._carrier.failure or self.session.failure
 
     def ping(self, payload: bytes = b"") -> None:
-        self._ws.ping(payload)
+        self._carrier.ping(payload)
 
     def close(self, code: int = ws.CloseCode.NORMAL, reason: str = "") -> None:
         """Start the WebSocket close handshake (idempotent)."""
-        self._close_ws(code, reason)
+        self._close_carrier(code, reason)
 
     # -- channels (thin pass-throughs kept explicit for type checking) -------
 
@@ -229,5 +309,15 @@ class TunnelProtocol:
         self.session.go_away(code, text)
 
     def _check_open(self) -> None:
-        if self._terminal or self._ws.state is not ws.ConnectionState.OPEN:
+        if self._terminal or self._carrier.state is not ws.ConnectionState.OPEN:
             raise LocalProtocolError("the session is closing; no new channels")
+
+
+def _websocket(role: mux.Role, limits: SessionLimits, session: mux.Session,
+               random_bytes: Callable[[int], bytes] | None) -> ws.WebSocketConnection:
+    """The WebSocket carrier: the agent is the client, the relay the server. A record
+    must always fit in one message, whatever chunk size is configured."""
+    ws_role = ws.Role.CLIENT if role is mux.Role.AGENT else ws.Role.SERVER
+    max_message_size = max(limits.max_message_size, session.max_record_size)
+    return ws.WebSocketConnection(ws_role, max_message_size=max_message_size,
+                                  random_bytes=random_bytes)

@@ -1,5 +1,8 @@
 """The real programs as child processes: started, their log collected, stopped.
 
+Their command lines come from ``benchmarks/_children.py``, shared with the
+benchmarks so that both start wstunnel the same way.
+
 Why collect the log all the time: a child that logs into a pipe nobody reads
 blocks once the pipe is full (64 KiB), and a relay that stops logging mid-test
 looks like a relay that hangs.
@@ -9,14 +12,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
-from .tunnel_helpers import LOOPBACK
+from benchmarks._children import PYTHON_M_WSTUNNEL, agent_argv, relay_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,7 +65,7 @@ class Program:
 async def wstunnel(*args: str) -> AsyncIterator[Program]:
     """``python -m wstunnel ARGS``, killed (if still running) on the way out."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "wstunnel", *args], stderr=subprocess.PIPE, cwd=ROOT)
+        [*PYTHON_M_WSTUNNEL, *args], stderr=subprocess.PIPE, cwd=ROOT)
     program = Program(process)
     try:
         async with trio.open_nursery() as nursery:
@@ -87,8 +89,7 @@ async def stop(process: trio.Process) -> None:
 @asynccontextmanager
 async def relay_process(*extra: str) -> AsyncIterator[tuple[Program, int]]:
     """A ``wstunnel relay`` on a free loopback port that lets agents reach loopback."""
-    async with wstunnel("relay", "--listen", f"{LOOPBACK}:0", "--allow", LOOPBACK,
-                        "--no-auth", *extra) as relay:
+    async with wstunnel(*relay_argv(0, *extra)) as relay:
         with trio.fail_after(15):
             match = await relay.wait_for(rb"relay listening on 127\.0\.0\.1:(\d+)")
         yield relay, int(match[1])
@@ -98,8 +99,7 @@ async def relay_process(*extra: str) -> AsyncIterator[tuple[Program, int]]:
 async def agent_process(relay_port: int, target: int) -> AsyncIterator[tuple[Program, int]]:
     """A ``wstunnel agent`` forwarding a free loopback port to ``target`` via the
     relay on ``relay_port``; yields once its session is up."""
-    async with wstunnel("agent", "--relay", f"ws://{LOOPBACK}:{relay_port}/tunnel", "--no-proxy",
-                        "-L", f"{LOOPBACK}:0:{LOOPBACK}:{target}") as agent:
+    async with wstunnel(*agent_argv(relay_port, [(0, target)])) as agent:
         with trio.fail_after(15):
             match = await agent.wait_for(rb"forwarding 127\.0\.0\.1:(\d+) -> ")
             await agent.wait_for(rb"session up")

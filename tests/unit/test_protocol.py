@@ -1,11 +1,16 @@
-"""TunnelProtocol (ws + mux composed): what goes on the wire when the peer breaks the rules."""
+"""TunnelProtocol (ws + mux composed): its limits, its events, and what goes on the wire
+when the peer breaks the rules."""
 
 from __future__ import annotations
+
+import dataclasses
+import typing
 
 import pytest
 
 from tests.helpers import counting_random_bytes, feed_bytewise
 from wstunnel import mux, ws
+from wstunnel.errors import LocalProtocolError
 from wstunnel.mux.wire import (
     Data,
     GoAway,
@@ -16,7 +21,7 @@ from wstunnel.mux.wire import (
     decode_record,
     encode_record,
 )
-from wstunnel.protocol import TunnelProtocol
+from wstunnel.protocol import SessionLimits, TunnelEvent, TunnelProtocol
 
 SETTINGS = encode_record(Settings(1, mux.DEFAULT_INITIAL_WINDOW, mux.DEFAULT_MAX_CHUNK_SIZE))
 OPEN = encode_record(Open(1, mux.ChannelKind.TCP, "db", 5432))
@@ -68,7 +73,7 @@ def test_violation_sends_goaway_with_its_code_then_close(violation: str, bytewis
     """A multiplexer violation puts GOAWAY(error code) on the wire and then the
     WebSocket close 1002, nothing after it (PROTOCOL.md §7)."""
     records, code = VIOLATIONS[violation]
-    relay = TunnelProtocol(mux.Role.RELAY, max_message_size=2 << 20)
+    relay = TunnelProtocol(mux.Role.RELAY, limits=SessionLimits(max_message_size=2 << 20))
     assert isinstance(_relay_output(relay)[0][0], Settings)  # its SETTINGS already left
     data = _agent_bytes(SETTINGS, *records)
     if bytewise and len(data) < 4096:
@@ -107,3 +112,70 @@ def test_agent_sees_the_goaway_code_before_the_close() -> None:
     goaways = [i for i, k in enumerate(kinds) if k is mux.GoAwayReceived]
     closes = [i for i, k in enumerate(kinds) if k is ws.CloseReceived]
     assert goaways and closes and goaways[0] < closes[0]
+
+
+def _settings_seen_by_relay(agent: TunnelProtocol) -> mux.SettingsReceived:
+    relay = TunnelProtocol(mux.Role.RELAY)
+    relay.receive_data(agent.data_to_send())
+    settings = [e for e in relay.events_received() if isinstance(e, mux.SettingsReceived)]
+    assert len(settings) == 1
+    return settings[0]
+
+
+def test_session_limits_reach_the_wire() -> None:
+    """The limits given as one SessionLimits are the ones the session announces:
+    its receive window, and the largest chunk it accepts, which by default is
+    as large as the message limit leaves room for."""
+    limits = SessionLimits(initial_window=1 << 20, max_chunk_size=32 * 1024,
+                           max_message_size=128 * 1024)
+    settings = _settings_seen_by_relay(TunnelProtocol(mux.Role.AGENT, limits=limits))
+    assert settings.initial_window == 1 << 20
+    assert settings.max_chunk_size == 128 * 1024 - mux.wire.DATA_HEADER_SIZE
+
+
+def test_solo_chunk_size_given_wins_and_the_message_limit_follows_it() -> None:
+    """An explicit solo_chunk_size is announced as is, and the WebSocket then accepts
+    messages that large even though max_message_size is smaller (a record must
+    always fit in one message)."""
+    limits = SessionLimits(max_message_size=64 * 1024, solo_chunk_size=512 * 1024)
+    agent = TunnelProtocol(mux.Role.AGENT, limits=limits)
+    assert _settings_seen_by_relay(agent).max_chunk_size == 512 * 1024
+    relay = TunnelProtocol(mux.Role.RELAY, limits=limits)
+    relay.receive_data(_agent_bytes(SETTINGS, OPEN, encode_record(Data(1, b"x" * 200_000))))
+    received = [e for e in relay.events_received() if isinstance(e, mux.DataReceived)]
+    assert sum(len(e.data) for e in received) == 200_000
+
+
+def test_session_limits_are_frozen_and_checked_by_the_session() -> None:
+    """One SessionLimits is shared by every session of a config: nobody may change
+    it; a value out of range is refused when a session is made from it."""
+    limits = SessionLimits()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        limits.initial_window = 1  # type: ignore[misc]
+    with pytest.raises(LocalProtocolError, match="initial_window"):
+        TunnelProtocol(mux.Role.AGENT, limits=SessionLimits(initial_window=1))
+
+
+def test_events_received_are_tunnel_events() -> None:
+    """Every event a session yields, through a channel's life, a ping and the close,
+    is one of the TunnelEvent union (the transport's dispatch covers exactly those)."""
+    kinds = typing.get_args(TunnelEvent)
+    agent = TunnelProtocol(mux.Role.AGENT, random_bytes=counting_random_bytes())
+    relay = TunnelProtocol(mux.Role.RELAY)
+    channel_id = agent.open_channel("db", 5432, early_data=b"hello")
+    agent.ping(b"p")
+    relay.receive_data(agent.data_to_send())
+    seen = relay.events_received()
+    relay.accept_channel(channel_id)
+    relay.send_data(channel_id, b"world")
+    relay.send_eof(channel_id)
+    agent.receive_data(relay.data_to_send())
+    relay.close()
+    agent.receive_data(relay.data_to_send())
+    seen += agent.events_received()
+    relay.receive_data(agent.data_to_send())
+    seen += relay.events_received()
+    assert {type(e) for e in seen} >= {mux.ChannelOpenRequested, mux.DataReceived,
+                                       mux.ChannelOpened, mux.EndOfStream, ws.PongReceived,
+                                       ws.CloseReceived, ws.ConnectionClosed}
+    assert all(isinstance(e, kinds) for e in seen), [type(e) for e in seen]

@@ -2,11 +2,14 @@
 
 Theory of operation: the listeners live for the whole run; the session comes
 and goes. ``_maintain_session`` connects, serves the session until it ends,
-then reconnects with exponential backoff and jitter. A local connection waits
-up to ``connect_wait_timeout`` for a session, opens a channel on it (its first
-bytes travel right behind the OPEN) and is handed to the session's socket pump
-(net/pump.py; no task per connection from then on), or spliced until both
-sides finish where there is no pump.
+then reconnects with exponential backoff and jitter. The agent is the
+``ChannelOpener`` of every forward kind (kinds.py): a local connection opens a
+channel on the session (its first bytes travel right behind the OPEN) and is
+handed to the session's socket pump (net/pump.py; no task per connection from
+then on), at once in the accepting task when a session is up
+(``carry_now``), else from a task that waits up to ``connect_wait_timeout``
+for one (``carry``), and is spliced until both sides finish where there is
+no pump.
 When the session drops, its channels break and their local sockets are
 closed, never left hanging.
 """
@@ -22,13 +25,13 @@ from typing import Any, Final
 import trio
 
 from .. import mux, ws
-from ..config import AgentConfig, Forward, RelayURL
+from ..config import AgentConfig, RelayURL
 from ..errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from ..net.channel_stream import ChannelStream
 from ..net.ending import abort_stream
 from ..net.splice import close_spliced, splice
 from ..net.transport import TunnelTransport
-from ..protocol import TunnelProtocol
+from ..protocol import SessionLimits, TunnelProtocol
 from ..security import tls
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
@@ -57,6 +60,7 @@ class Agent:
         self.config = config
         self.stats = stats or TunnelStats("agent")
         self.relay: RelayURL = config.relay_url
+        self.limits = session_limits(config)
         self.dial = proxy_dialer(config, proxy_environment())
         self.session: TunnelTransport | None = None
         self.stopping = False
@@ -156,22 +160,14 @@ class Agent:
                 self.relay, dial=self.dial, headers=[*config.headers, *headers],
                 ssl_context=context, server_hostname=config.server_name,
                 host_header=config.host_header, pin=settings.relay_fingerprint)
-        protocol = TunnelProtocol(
-            mux.Role.AGENT,
-            trailing_data=trailing,
-            initial_window=config.initial_window,
-            max_chunk_size=config.max_chunk_size,
-            max_send_window=config.max_send_window,
-            max_queued_size=config.max_queued_size,
-            max_channels=MAX_CHANNELS,
-        )
+        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits, trailing_data=trailing)
         return TunnelTransport(
             stream,
             protocol,
             name=self.relay.url,
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
-            stats=self.stats,
+            observer=self.stats,
         )
 
     async def _serve(self, transport: TunnelTransport) -> str:
@@ -207,38 +203,39 @@ class Agent:
         """Local connections being carried (or waiting for a session) now."""
         return self._channels
 
-    def carry_now(self, forward: Forward, sock: socket.socket) -> bool:
-        """Hand an accepted connection to the session's socket pump at once, with no
-        task, when the session is up and has a pump; True when done. Its first
+    # -- ChannelOpener (kinds.py): what every forward kind opens channels with --------
+
+    def carry_now(self, host: str, port: int, sock: socket.socket) -> bool:
+        """Open a channel and hand ``sock`` to the session's socket pump at once, with
+        no task, when the session is up and has a pump; True when done. Its first
         bytes, if already here, go out in the same write as the OPEN.
 
         False (nothing changed): no usable session, no pump, or the open failed;
-        ``handle_local`` then deals with it (waits for a session, splices, logs).
+        ``carry`` then deals with it (waits for a session, splices, logs).
         """
         session = self.session
         if (session is None or not session.pumping or not session.is_open
                 or session.goaway_received):
             return False
         try:
-            channel = session.open_channel(forward.target_host, forward.target_port)
+            channel = session.open_channel(host, port)
         except (SessionClosed, ChannelRefused):
             return False
         self._connection_opened()  # (the accept loop has set TCP_NODELAY)
-        target = f"{forward.target_host}:{forward.target_port}"
-        finished = partial(self._channel_finished, target, channel)
+        finished = partial(self._channel_finished, f"{host}:{port}", channel)
         session.attach_socket(sock, channel, finished, read_now=True)
-        session.wake_writer()
         return True
 
-    async def handle_local(self, forward: Forward, tcp: trio.SocketStream) -> None:
-        """One accepted local connection, carried as one channel."""
+    async def carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream) -> None:
+        """One local connection, carried as one channel; closes ``stream`` unless the
+        session's socket pump took it over."""
         self._connection_opened()
         handed_over = False
         try:  # (the accept loop has tuned the socket)
-            handed_over = await self._carry(forward, tcp)
+            handed_over = await self._carry(host, port, stream)
         finally:
             if not handed_over:  # (closed by now, unless cancelled: that is a failure)
-                await abort_stream(tcp)
+                await abort_stream(stream)
                 self._connection_closed()
 
     def _connection_opened(self) -> None:
@@ -251,31 +248,26 @@ class Agent:
         if self._channels == 0:
             self._idle.set()
 
-    async def _carry(self, forward: Forward, tcp: trio.SocketStream) -> bool:
-        """Carry ``tcp``; True when the session's socket pump took it over (and will
-        close it), False when it is finished here and closed."""
-        target = f"{forward.target_host}:{forward.target_port}"
+    async def _carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream) -> bool:
+        """Carry ``stream``; True when the session's socket pump took it over (and will
+        close it), False when it is finished here (``carry`` closes it)."""
+        target = f"{host}:{port}"
         session = await self.wait_session(self.config.connect_wait_timeout)
         if session is None:
-            log.warning(
-                "no session to the relay within %g s; reset the connection for %s",
-                self.config.connect_wait_timeout,
-                target,
-            )
-            await abort_stream(tcp)
+            log.warning("no session to the relay within %g s; reset the connection for %s",
+                        self.config.connect_wait_timeout, target)
             return False
         try:
-            channel = session.open_channel(forward.target_host, forward.target_port)
+            channel = session.open_channel(host, port)
         except (SessionClosed, ChannelRefused) as exc:
             log.warning("cannot open a channel to %s: %s; reset the connection", target, exc)
-            await abort_stream(tcp)
             return False
         finished = partial(self._channel_finished, target, channel)
-        if session.attach(tcp, channel, finished):
+        if session.attach(stream, channel, finished):
             return True
-        clean = await splice(tcp, channel)
+        clean = await splice(stream, channel)
         self._channel_finished(target, channel, closed=False)
-        await close_spliced(tcp, channel, clean)
+        await close_spliced(stream, channel, clean)
         return False
 
     def _channel_finished(
@@ -299,6 +291,14 @@ class Agent:
             await self._idle.wait()
         if self.session is not None:
             await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def session_limits(config: AgentConfig) -> SessionLimits:
+    """The limits of the agent's sessions (built per load or reload)."""
+    return SessionLimits(initial_window=config.initial_window,
+                         max_chunk_size=config.max_chunk_size,
+                         max_send_window=config.max_send_window,
+                         max_queued_size=config.max_queued_size, max_channels=MAX_CHANNELS)
 
 
 def _check_tls_files(config: AgentConfig) -> None:
@@ -365,7 +365,7 @@ async def run_agent(
     agent = Agent(config, stats)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as connections:
-            forwards = ForwardSet(agent.handle_local, connections, agent.carry_now)
+            forwards = ForwardSet(agent, connections)
             async with trio.open_nursery() as accepting:
                 bound_all = await _bind_forwards(accepting, forwards, config)
                 outer.start_soon(agent.maintain_session)
@@ -412,6 +412,7 @@ async def _apply_reloads(
             log.warning("relay is now %s: used from the next reconnect; the current "
                         "session stays up", new.relay_url.url)
         agent.config, agent.relay = new, new.relay_url
+        agent.limits = session_limits(new)  # (for the next session)
         agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect
         request.finish(result=bound)
 

@@ -3,9 +3,11 @@
 Theory of operation
 -------------------
 Each forward is a slot: its listeners, a cancel scope around their accept
-loop, and the forward it currently serves. Accepted connections run in the
-caller's ``connections`` nursery, *outside* the slot's scope, so stopping a
-listener never touches connections it already accepted.
+loop, and the forward it currently serves. Each accepted connection goes to
+the forward's kind (kinds.py), which opens its channel at once or returns the
+rest to run as a task; those tasks run in the caller's ``connections``
+nursery, *outside* the slot's scope, so stopping a listener never touches
+connections it already accepted.
 
 ``apply(new_forwards)`` is all or nothing: it first binds every new listen
 address; if any bind fails, the ones just bound are closed, a ``ListenError``
@@ -25,7 +27,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import trio
@@ -34,16 +36,13 @@ from ..config import Forward
 from ..errors import TunnelError
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
+from .kinds import ChannelOpener, ForwardKind, LocalTcpForward
 
 __all__ = ["ForwardSet", "ListenError"]
 
 log = logging.getLogger("wstunnel.agent")
 
 Bound = list[tuple[str, int]]
-Handler = Callable[[Forward, trio.SocketStream], Awaitable[None]]
-#: Tried first for each accepted connection, in the accepting task: True when it
-#: took the connection over at once (no task needed), False to run ``Handler``.
-CarryNow = Callable[[Forward, socket.socket], bool]
 
 #: accept() errors that mean the system is out of something: wait and retry
 #: (as trio.serve_listeners does).
@@ -124,17 +123,16 @@ class ForwardSet:
     """Listeners for the agent's forwards; see the module docstring.
 
     Args:
-        handler: called with (forward, accepted stream) for each connection
-            (in a task of its own, in ``connections``); it owns the stream.
-        connections: the nursery accepted connections run in.
-        carry_now: tried first, in the accepting task; when it returns True it
-            has taken the connection over and no task is started.
+        opener: opens and carries the channels (the agent).
+        connections: the nursery where connections that need a task run.
+        kind: what each accepted connection becomes (today every forward is a
+            local TCP forward).
     """
 
-    def __init__(self, handler: Handler, connections: trio.Nursery,
-                 carry_now: CarryNow | None = None) -> None:
-        self._handler = handler
-        self._carry_now = carry_now
+    def __init__(self, opener: ChannelOpener, connections: trio.Nursery,
+                 kind: ForwardKind | None = None) -> None:
+        self._opener = opener
+        self._kind: ForwardKind = kind or LocalTcpForward()
         self._connections = connections
         self._slots: dict[object, _Slot] = {}
         self._accepting: trio.Nursery | None = None
@@ -230,9 +228,9 @@ class ForwardSet:
                 task_status.started(slot.listeners)
 
     async def _accept_loop(self, slot: _Slot, listener: socket.socket) -> None:
-        """trio.serve_listeners for one listener, except that ``carry_now`` may take a
-        connection over right here (a task per connection costs a churn of short
-        connections several scheduler rounds each).
+        """trio.serve_listeners for one listener, except that the forward's kind may
+        take a connection over right here (a task per connection costs a churn of
+        short connections several scheduler rounds each).
 
         Accepts on the standard-library socket: ``trio.SocketListener.accept``
         wraps each connection in a trio socket and a ``SocketStream`` that the
@@ -261,10 +259,9 @@ class ForwardSet:
                 sock.setblocking(False)
                 tune_plain_socket(sock, notsent_lowat=True)
                 set_abortive(sock)  # (a clean end clears it: net/ending.py)
-                forward = slot.forward
-                if self._carry_now is None or not self._carry_now(forward, sock):
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-                    self._connections.start_soon(self._handler, forward, stream)
+                rest = self._kind.connection(slot.forward, sock, self._opener)
+                if rest is not None:
+                    self._connections.start_soon(rest)
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()

@@ -238,7 +238,8 @@ def proxy_dialer(config: AgentConfig, environ: Mapping[str, str]) -> ProxyDialer
         ConfigError: the ``proxy`` setting or an environment variable is unusable.
     """
     relay = config.relay_url
-    proxy = choose_proxy(config.proxy, relay.host, relay.port, relay.secure, environ)
+    proxy = config.proxy_url or choose_proxy(config.proxy, relay.host, relay.port,
+                                             relay.secure, environ)
     if proxy is None:
         return None
     if config.proxy_password_file is not None and proxy.username is None:

@@ -19,40 +19,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import functools
 import logging
-import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Any, Final, NoReturn
 
 from .. import __version__
-from ..config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    AgentConfig,
-    RelayConfig,
-    RelayTLS,
-    agent_problem,
-    load_agent_config,
-    load_config,
-    load_relay_config,
-    parse_forward,
-    parse_host_port,
-    parse_relay_url,
-    parse_size,
-    parse_url_path,
-    relay_problem,
-)
-from ..config.headers import parse_header_line, parse_host_header
-from ..config.proxy_url import NO_PROXY, parse_proxy_url
+from ..config import LOG_FORMATS, LOG_LEVELS, AgentConfig, RelayConfig, load_config, parse_size
+from ..config.flags import agent_config, relay_config
+from ..config.proxy_url import NO_PROXY
 from ..errors import ConfigError, TunnelError
-from ..security.forwarded import parse_trusted_proxy
-from ..security.policy import AllowRule
-from ..security.tls import parse_fingerprint
 from ..service.logs import setup_logging
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
@@ -62,7 +41,6 @@ EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
 
 log = logging.getLogger("wstunnel.cli")
-T = TypeVar("T")
 Config = AgentConfig | RelayConfig
 Runner = Callable[..., Awaitable[None]]
 
@@ -191,114 +169,22 @@ def _size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
-def _flag(parse: Callable[[str], T], text: str, flag: str) -> T:
-    """Parse a flag's value, turning ValueError into a ConfigError naming the flag."""
-    try:
-        return parse(text)
-    except ValueError as exc:
-        raise ConfigError(str(exc), key_path=flag) from exc
-
-
-def _log_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("log_level", "log_format")
-    changes = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    if getattr(args, "metrics", None) is not None:
-        changes["metrics"] = _flag(functools.partial(parse_host_port, allow_zero=True),
-                                   args.metrics, "--metrics")
-    if getattr(args, "admin_socket", None) is not None:
-        changes["admin_socket"] = args.admin_socket
-    return changes
-
-
 def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
     """The relay config: ``-c FILE`` if given, with flags replacing its values."""
-    changes = _log_overrides(args)
-    if args.listen is not None:
-        changes["listen"] = _flag(functools.partial(parse_host_port, allow_zero=True),
-                                  args.listen, "--listen")
-    if args.allow is not None:
-        changes["allow"] = tuple(_flag(AllowRule.parse, rule, "--allow") for rule in args.allow)
-    if args.path is not None:
-        changes["path"] = _flag(parse_url_path, args.path, "--path")
-    if args.trusted_proxies is not None:
-        changes["trusted_proxies"] = tuple(_flag(parse_trusted_proxy, text, "--trusted-proxy")
-                                           for text in args.trusted_proxies)
-    if args.no_auth:
-        changes["no_auth"] = True
-    if args.config is not None:
-        config = dataclasses.replace(load_relay_config(args.config), **changes)
-    elif "listen" not in changes:
-        raise ConfigError("give --listen HOST:PORT or -c relay.yaml")
-    else:
-        config = RelayConfig(**changes)
-    config = _relay_tls_flags(args, config)
-    return _checked(config, relay_problem(config))
-
-
-def _relay_tls_flags(args: argparse.Namespace, config: RelayConfig) -> RelayConfig:
-    given = {k: getattr(args, f"tls_{k}") for k in ("cert_file", "key_file", "client_ca_file")
-             if getattr(args, f"tls_{k}") is not None}
-    if not given:
-        return config
-    current = dataclasses.asdict(config.tls) if config.tls is not None else {}
-    merged = {**current, **given}
-    if "cert_file" not in merged or "key_file" not in merged:
-        raise ConfigError("give both --tls-cert-file and --tls-key-file")
-    return dataclasses.replace(config, tls=RelayTLS(**merged))
-
-
-def _checked(config: T, problem: tuple[str, str] | None) -> T:
-    if problem is not None:
-        key, message = problem
-        raise ConfigError(message, source=getattr(config, "source", None), key_path=key)
-    return config
+    return relay_config(args.config, _config_options(args))
 
 
 def agent_config_from_args(args: argparse.Namespace) -> AgentConfig:
     """The agent config: ``-c FILE`` if given, with flags replacing its values."""
-    changes = _log_overrides(args)
-    if args.relay is not None:
-        _flag(parse_relay_url, args.relay, "--relay")
-        changes["relay"] = args.relay.strip()
-    if args.forwards is not None:
-        changes["forwards"] = tuple(_flag(parse_forward, text, "-L") for text in args.forwards)
-    changes.update(_agent_http_flags(args))
-    changes.update({k: getattr(args, k) for k in _AGENT_SECURITY_FLAGS
-                    if getattr(args, k) is not None})
-    if args.insecure_skip_verify:
-        changes["insecure_skip_verify"] = True
-    if "relay_fingerprint" in changes:
-        changes["relay_fingerprint"] = _flag(parse_fingerprint, changes["relay_fingerprint"],
-                                             "--relay-fingerprint")
-    if args.config is not None:
-        config = dataclasses.replace(load_agent_config(args.config), **changes)
-    elif "relay" not in changes:
-        raise ConfigError("give --relay ws://HOST:PORT/tunnel or -c agent.yaml")
-    elif "forwards" not in changes:
-        raise ConfigError("give at least one -L [bind:]port:host:port, or -c agent.yaml")
-    else:
-        config = AgentConfig(**changes)
-    return _checked(config, agent_problem(config))
+    return agent_config(args.config, _config_options(args))
 
 
-def _agent_http_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """--proxy/--no-proxy, --proxy-password-file, --header, --host-header."""
-    changes: dict[str, Any] = {}
-    if args.proxy is not None:
-        if args.proxy.strip().lower() != NO_PROXY:
-            _flag(parse_proxy_url, args.proxy, "--proxy")
-        changes["proxy"] = args.proxy.strip()
-    if args.proxy_password_file is not None:
-        if not os.access(args.proxy_password_file, os.R_OK):
-            raise ConfigError(f"cannot read {args.proxy_password_file}: no such file, or no "
-                              "permission", key_path="--proxy-password-file")
-        changes["proxy_password_file"] = args.proxy_password_file
-    if args.headers is not None:
-        changes["headers"] = tuple(_flag(parse_header_line, text, "--header")
-                                   for text in args.headers)
-    if args.host_header is not None:
-        changes["host_header"] = _flag(parse_host_header, args.host_header, "--host-header")
-    return changes
+_NOT_CONFIG: Final = ("command", "handler", "config")
+
+
+def _config_options(args: argparse.Namespace) -> dict[str, object]:
+    """The parsed options that write config keys (config/flags.py maps them)."""
+    return {dest: value for dest, value in vars(args).items() if dest not in _NOT_CONFIG}
 
 
 # ------------------------------------------------------------- subcommands

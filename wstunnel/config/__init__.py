@@ -1,40 +1,44 @@
 """Configuration: YAML files and command-line flags into frozen, checked values.
 
-``load_config``/``parse_config`` and the config classes are the public face;
-``schema.py`` holds the classes and the cross-field checks, ``values.py`` the
-value parsers, ``textforms.py`` the text forms shared with the command line.
+``load_config``/``parse_config`` and the config classes are the public face.
+``model.py`` holds the classes, ``schema.py`` the keys and the rules between
+them, ``values.py`` the value parsers, ``flags.py`` the command-line flags
+(a mapping of the same keys, checked by the same schema), ``textforms.py``
+the text forms shared with the command line.
 """
 
-from .schema import (
-    DEFAULT_BIND_HOST,
+from .model import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHANNELS,
     DEFAULT_MAX_CHUNK_SIZE,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_MAX_QUEUED_SIZE,
     DEFAULT_MAX_SEND_WINDOW,
-    DEFAULT_PATH,
     LOG_FORMATS,
     LOG_LEVELS,
     AgentAccount,
     AgentConfig,
-    Forward,
     RelayConfig,
     RelayTLS,
-    RelayURL,
-    agent_problem,
     demo_configs,
+)
+from .schema import (
     load_agent_config,
     load_config,
     load_relay_config,
     parse_config,
+)
+from .textforms import (
+    DEFAULT_BIND_HOST,
+    DEFAULT_PATH,
+    Forward,
+    RelayURL,
     parse_forward,
     parse_host_port,
     parse_listen,
     parse_relay_url,
     parse_size,
     parse_url_path,
-    relay_problem,
 )
 
 __all__ = [
@@ -54,7 +58,6 @@ __all__ = [
     "RelayConfig",
     "RelayTLS",
     "RelayURL",
-    "agent_problem",
     "demo_configs",
     "load_agent_config",
     "load_config",
@@ -66,5 +69,4 @@ __all__ = [
     "parse_relay_url",
     "parse_size",
     "parse_url_path",
-    "relay_problem",
 ]

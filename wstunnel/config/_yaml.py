@@ -21,7 +21,8 @@ import yaml  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import ConfigError
 
-__all__ = ["Document", "join_index", "join_key", "load_document", "parse_document"]
+__all__ = ["Document", "join_index", "join_key", "load_document", "parent_path",
+           "parse_document"]
 
 
 def join_key(path: str, key: str) -> str:
@@ -47,7 +48,7 @@ class Document:
         while path:
             if path in self.lines:
                 return self.lines[path]
-            path = _parent(path)
+            path = parent_path(path)
         return self.lines.get("")
 
     def error(self, path: str, message: str) -> ConfigError:
@@ -55,8 +56,30 @@ class Document:
         return ConfigError(message, source=self.source, line=self.line_of(path),
                            key_path=path or None)
 
+    # The schema asks these instead of reading ``lines`` itself, so that a
+    # document merged from a file and command-line flags (config/flags.py)
+    # can answer for the values the flags gave.
 
-def _parent(path: str) -> str:
+    def missing(self, path: str, what: str) -> ConfigError:
+        """The error for a required key absent at ``path`` inside ``what``."""
+        return self.error(path, f"required key is missing from {what}")
+
+    def given(self, path: str) -> bool:
+        """Whether ``path`` was written down rather than left to its default."""
+        return path in self.lines
+
+    def name(self, path: str) -> str:
+        """How a message about another entry refers to the one at ``path``."""
+        return path
+
+    def in_file(self, path: str) -> bool:
+        """Whether ``path``'s value came from a file, so a relative file name in it
+        is relative to that file's directory."""
+        return not self.source.startswith("<")
+
+
+def parent_path(path: str) -> str:
+    """Key path of the mapping or list holding ``path`` ("" for a top-level key)."""
     cut = max(path.rfind("."), path.rfind("["))
     return path[:cut] if cut > 0 else ""
 

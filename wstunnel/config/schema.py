@@ -1,13 +1,17 @@
-"""Configuration: frozen dataclasses loaded from YAML and checked field by field.
+"""The schema: which keys each config has, how each is parsed, and the rules between them.
 
 Every problem becomes a ``ConfigError`` that names the file, the line, the
 key path and what was expected, e.g.
-``agent.yaml:12: forwards[1].target: expected host:port, got "db.internal"``.
+``agent.yaml:12: forwards[1].target: expected host:port, got "db.internal"``,
+or, for a value given on the command line, the flag (``-L: ...``).
 
-Each config class is paired with a table ``{key: parser}``; the dataclass
-field defaults are the YAML defaults, so the two cannot drift apart. A parser
-gets ``(document, key_path, raw_value)`` and returns the typed value or raises
-through ``document.error``. Cross-field rules run after all fields parsed.
+Each config class (model.py) is paired with a table ``{key: parser}``; the
+dataclass field defaults are the YAML defaults, so the two cannot drift apart.
+A parser (values.py) gets ``(document, key_path, raw_value)`` and returns the
+typed value or raises through ``document.error``. Cross-field rules run after
+all fields parsed. A document is a YAML file, a mapping, or a file with
+command-line flags merged over it (flags.py): all go through ``agent_from``/
+``relay_from``, so every rule applies however a value was given.
 The role of a file (``load_config``) is its ``role:`` key when present,
 otherwise ``relay:`` means an agent config and ``listen:`` a relay config.
 """
@@ -16,315 +20,137 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Final
 
-from .. import mux, ws
+from .. import mux
 from ..addresses import HostPort
-from ..security.auth import TokenHash
-from ..security.forwarded import IPNetwork
-from ..security.policy import AllowRule, Policy
-from ..security.tls import ClientTLS
+from . import values
 from ._yaml import Document, join_index, join_key, load_document, parse_document
-from .proxy_url import NO_PROXY, parse_proxy_url
-from .textforms import (
-    DEFAULT_BIND_HOST,
-    DEFAULT_PATH,
-    Forward,
-    KiB,
-    MiB,
-    RelayURL,
-    parse_forward,
-    parse_host_port,
-    parse_listen,
-    parse_relay_url,
-    parse_size,
-    parse_url_path,
-)
-from .values import (
-    _agent_name,
-    _allow_rule,
-    _checked,
-    _choice,
-    _describe,
-    _duration,
-    _file,
-    _fingerprint,
-    _flag,
-    _headers,
-    _host_header,
-    _host_port,
-    _list_of,
-    _listen,
-    _optional,
-    _Parser,
-    _proxy,
-    _readable_file,
-    _size,
-    _socket_path,
-    _target,
-    _text,
-    _token_hash,
-    _trusted_proxy,
-    _url,
-    _url_path,
-)
+from .model import LOG_FORMATS, LOG_LEVELS, AgentAccount, AgentConfig, RelayConfig, RelayTLS
+from .textforms import Forward, KiB, MiB, parse_forward
+from .values import Parser
 
 __all__ = [
-    "DEFAULT_BIND_HOST",
-    "DEFAULT_INITIAL_WINDOW",
-    "DEFAULT_MAX_CHANNELS",
-    "DEFAULT_MAX_CHUNK_SIZE",
-    "DEFAULT_MAX_MESSAGE_SIZE",
-    "DEFAULT_MAX_QUEUED_SIZE",
-    "DEFAULT_MAX_SEND_WINDOW",
-    "DEFAULT_PATH",
-    "LOG_FORMATS",
-    "LOG_LEVELS",
-    "AgentAccount",
-    "AgentConfig",
-    "Forward",
-    "HostPort",
-    "RelayConfig",
-    "RelayTLS",
-    "RelayURL",
-    "agent_problem",
-    "demo_configs",
+    "agent_from",
+    "any_from",
     "load_agent_config",
     "load_config",
     "load_relay_config",
     "parse_config",
-    "parse_forward",
-    "parse_host_port",
-    "parse_listen",
-    "parse_relay_url",
-    "parse_size",
-    "parse_url_path",
-    "relay_problem",
+    "relay_from",
 ]
 
-# The protocol core's limits are the config's limits: one source of truth.
-DEFAULT_INITIAL_WINDOW: Final = mux.DEFAULT_INITIAL_WINDOW
-DEFAULT_MAX_CHUNK_SIZE: Final = mux.DEFAULT_MAX_CHUNK_SIZE
-DEFAULT_MAX_CHANNELS: Final = mux.DEFAULT_MAX_CHANNELS
-DEFAULT_MAX_SEND_WINDOW: Final = mux.DEFAULT_MAX_SEND_WINDOW
-DEFAULT_MAX_QUEUED_SIZE: Final = mux.DEFAULT_MAX_QUEUED_SIZE
-DEFAULT_MAX_MESSAGE_SIZE: Final = ws.DEFAULT_MAX_MESSAGE_SIZE
-LOG_LEVELS: Final = ("debug", "info", "warning", "error")
-LOG_FORMATS: Final = ("text", "json")
 _RECORD_OVERHEAD: Final = 64  # room for a mux record header around a chunk
 _RESERVED_KEYS: Final = {
     "token": "a token is a secret and does not belong in a config file: put it in a file "
              "(token_file), an environment variable (token_env) or a systemd credential "
              "(token_credential)",
 }
-DEFAULT_MAX_PENDING_OPENS: Final = 64
-DEFAULT_MAX_BUFFERED_SIZE: Final = 256 * MiB  # = 1024 channels x 256 KiB windows
-DEFAULT_MAX_SESSIONS_PER_AGENT: Final = 8
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    """Settings of ``wstunnel agent`` (YAML keys equal field names)."""
-
-    relay: str
-    forwards: tuple[Forward, ...]
-    connect_wait_timeout: float = 10.0
-    ping_interval: float = 20.0
-    ping_timeout: float = 10.0
-    drain_timeout: float = 10.0
-    reconnect_min_interval: float = 1.0
-    reconnect_max_interval: float = 30.0
-    handshake_timeout: float = 10.0
-    initial_window: int = DEFAULT_INITIAL_WINDOW
-    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
-    max_send_window: int = DEFAULT_MAX_SEND_WINDOW  # per channel, whatever the peer grants
-    max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE  # per session, all channels together
-    proxy: str | None = field(default=None, repr=False)  # None: environment; "none": direct
-    proxy_password_file: str | None = None
-    headers: tuple[tuple[str, str], ...] = ()
-    host_header: str | None = None
-    log_level: str = "info"
-    log_format: str = "text"
-    token_file: str | None = None
-    token_env: str | None = None
-    token_credential: str | None = None
-    ca_file: str | None = None
-    relay_fingerprint: str | None = None
-    insecure_skip_verify: bool = False
-    server_name: str | None = None
-    client_cert_file: str | None = None
-    client_key_file: str | None = None
-    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
-    admin_socket: str | None = None  # unix socket for `wstunnel status`
-    source: str = field(default="<command line>", compare=False)  # file named in messages
-
-    @property
-    def relay_url(self) -> RelayURL:
-        """``relay`` split into what the agent dials."""
-        return parse_relay_url(self.relay)
-
-    @property
-    def client_tls(self) -> ClientTLS:
-        """How the agent checks the relay's certificate."""
-        return ClientTLS(self.ca_file, self.relay_fingerprint, self.insecure_skip_verify,
-                         self.client_cert_file, self.client_key_file)
-
-
-@dataclass(frozen=True)
-class RelayTLS:
-    """The relay's ``tls:`` section."""
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-
-
-@dataclass(frozen=True)
-class AgentAccount:
-    """One entry of the relay's ``agents:`` list."""
-
-    name: str
-    token_hash: TokenHash | None = None
-    allow: tuple[AllowRule, ...] = ()
-
-    @property
-    def policy(self) -> Policy:
-        return Policy(self.allow)
-
-
-@dataclass(frozen=True)
-class RelayConfig:
-    """Settings of ``wstunnel relay`` (YAML keys equal field names)."""
-
-    listen: HostPort
-    path: str = DEFAULT_PATH
-    allow: tuple[AllowRule, ...] = ()
-    connect_timeout: float = 10.0
-    handshake_timeout: float = 10.0
-    ping_interval: float = 20.0
-    ping_timeout: float = 10.0
-    drain_timeout: float = 10.0
-    initial_window: int = DEFAULT_INITIAL_WINDOW
-    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
-    max_send_window: int = DEFAULT_MAX_SEND_WINDOW  # per channel, whatever the peer grants
-    max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE  # per session, all channels together
-    max_channels: int = DEFAULT_MAX_CHANNELS
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
-    trusted_proxies: tuple[IPNetwork, ...] = ()
-    log_level: str = "info"
-    log_format: str = "text"
-    tls: RelayTLS | None = None
-    agents: tuple[AgentAccount, ...] = ()
-    no_auth: bool = False
-    max_pending_opens: int = DEFAULT_MAX_PENDING_OPENS
-    max_buffered_size: int = DEFAULT_MAX_BUFFERED_SIZE
-    max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
-    idle_timeout: float = 0.0
-    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
-    admin_socket: str | None = None  # unix socket for `wstunnel status`
-    source: str = field(default="<command line>", compare=False)  # file named in messages
-
-    @property
-    def policy(self) -> Policy:
-        """The destination policy built from ``allow``."""
-        return Policy(self.allow)
-
-
-# -------------------------------------------------------------- YAML parsers
+# ---------------------------------------------------------------- the tables
 
 def _agent_account(doc: Document, path: str, value: Any) -> AgentAccount:
-    values = _build(doc, path, value, _ACCOUNT_FIELDS, {"token_hash": False, "allow": False},
-                    "an agent entry")
-    return AgentAccount(**values)
+    found = _build(doc, path, value, _ACCOUNT_FIELDS, {"token_hash": False, "allow": False},
+                   "an agent entry")
+    return AgentAccount(**found)
 
 
 def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
-    values = _build(doc, path, value, _TLS_FIELDS, {"client_ca_file": False}, "a tls section")
-    return RelayTLS(**values)
+    found = _build(doc, path, value, _TLS_FIELDS, {"client_ca_file": False}, "a tls section")
+    return RelayTLS(**{key: _beside(doc, join_key(path, key), name)
+                       for key, name in found.items()})
 
 
 def _forward(doc: Document, path: str, value: Any) -> Forward:
     if isinstance(value, str):
-        return _checked(doc, path, parse_forward, value, "[bind:]port:host:port")
-    values = _build(doc, path, value, _FORWARD_FIELDS, {}, "a forward")
-    return Forward.of(values["listen"], values["target"])
+        return values.checked(doc, path, parse_forward, value, "[bind:]port:host:port")
+    found = _build(doc, path, value, _FORWARD_FIELDS, {}, "a forward")
+    return Forward.of(found["listen"], found["target"])
 
 
-_FORWARD_FIELDS: Final[dict[str, _Parser]] = {"listen": _listen, "target": _target}
-_ACCOUNT_FIELDS: Final[dict[str, _Parser]] = {
-    "name": _agent_name, "token_hash": _token_hash, "allow": _list_of(_allow_rule)}
-_TLS_FIELDS: Final[dict[str, _Parser]] = {
-    "cert_file": _file, "key_file": _file, "client_ca_file": _file}
-
-_COMMON_FIELDS: Final[dict[str, _Parser]] = {
-    "handshake_timeout": _duration(0.001),
-    "ping_interval": _duration(0.001),
-    "ping_timeout": _duration(0.001),
-    "drain_timeout": _duration(0.0),
-    "initial_window": _size(mux.MIN_WINDOW, mux.MAX_WINDOW),
-    "max_chunk_size": _size(mux.MIN_CHUNK_SIZE, mux.MAX_CHUNK_SIZE),
-    "max_send_window": _size(mux.MIN_WINDOW, mux.MAX_WINDOW),
-    "max_queued_size": _size(mux.MIN_WINDOW, 64 * 1024 * MiB),
-    "log_level": _choice(LOG_LEVELS),
-    "log_format": _choice(LOG_FORMATS),
-    "metrics": _optional(_host_port),
-    "admin_socket": _optional(_socket_path),
+_FORWARD_FIELDS: Final[dict[str, Parser]] = {"listen": values.listen, "target": values.target}
+_ACCOUNT_FIELDS: Final[dict[str, Parser]] = {
+    "name": values.agent_name,
+    "token_hash": values.token_hash,
+    "allow": values.list_of(values.allow_rule),
+}
+_TLS_FIELDS: Final[dict[str, Parser]] = {
+    "cert_file": values.file_path,
+    "key_file": values.file_path,
+    "client_ca_file": values.file_path,
 }
 
-_AGENT_FIELDS: Final[dict[str, _Parser]] = {
-    "relay": _url,
-    "forwards": _list_of(_forward, at_least=1),
-    "connect_wait_timeout": _duration(0.0),
-    "reconnect_min_interval": _duration(0.001),
-    "reconnect_max_interval": _duration(0.001),
-    "proxy": _proxy,
-    "proxy_password_file": _readable_file,
-    "headers": _headers,
-    "host_header": _host_header,
+_COMMON_FIELDS: Final[dict[str, Parser]] = {
+    "handshake_timeout": values.duration(0.001),
+    "ping_interval": values.duration(0.001),
+    "ping_timeout": values.duration(0.001),
+    "drain_timeout": values.duration(0.0),
+    "initial_window": values.size(mux.MIN_WINDOW, mux.MAX_WINDOW),
+    "max_chunk_size": values.size(mux.MIN_CHUNK_SIZE, mux.MAX_CHUNK_SIZE),
+    "max_send_window": values.size(mux.MIN_WINDOW, mux.MAX_WINDOW),
+    "max_queued_size": values.size(mux.MIN_WINDOW, 64 * 1024 * MiB),
+    "log_level": values.choice(LOG_LEVELS),
+    "log_format": values.choice(LOG_FORMATS),
+    "metrics": values.optional(values.host_port),
+    "admin_socket": values.optional(values.socket_path),
+}
+
+_AGENT_FIELDS: Final[dict[str, Parser]] = {
+    "relay": values.url,
+    "forwards": values.list_of(_forward, at_least=1),
+    "connect_wait_timeout": values.duration(0.0),
+    "reconnect_min_interval": values.duration(0.001),
+    "reconnect_max_interval": values.duration(0.001),
+    "proxy": values.proxy,
+    "proxy_password_file": values.readable_file,
+    "headers": values.headers,
+    "host_header": values.host_header,
     **_COMMON_FIELDS,
-    "token_file": _file,
-    "token_env": _text("an environment variable name"),
-    "token_credential": _text("a systemd credential name"),
-    "ca_file": _file,
-    "relay_fingerprint": _fingerprint,
-    "insecure_skip_verify": _flag,
-    "server_name": _text("a host name"),
-    "client_cert_file": _file,
-    "client_key_file": _file,
+    "token_file": values.file_path,
+    "token_env": values.text("an environment variable name"),
+    "token_credential": values.text("a systemd credential name"),
+    "ca_file": values.file_path,
+    "relay_fingerprint": values.fingerprint,
+    "insecure_skip_verify": values.boolean,
+    "server_name": values.text("a host name"),
+    "client_cert_file": values.file_path,
+    "client_key_file": values.file_path,
 }
 
-_RELAY_FIELDS: Final[dict[str, _Parser]] = {
-    "listen": _host_port,
-    "path": _url_path,
-    "allow": _list_of(_allow_rule),
-    "connect_timeout": _duration(0.001),
-    "max_channels": _size(1, 65536, "a count"),
-    "max_message_size": _size(4 * KiB, 64 * MiB),
-    "trusted_proxies": _list_of(_trusted_proxy),
+_RELAY_FIELDS: Final[dict[str, Parser]] = {
+    "listen": values.host_port,
+    "path": values.url_path,
+    "allow": values.list_of(values.allow_rule),
+    "connect_timeout": values.duration(0.001),
+    "max_channels": values.size(1, 65536, "a count"),
+    "max_message_size": values.size(4 * KiB, 64 * MiB),
+    "trusted_proxies": values.list_of(values.trusted_proxy),
     **_COMMON_FIELDS,
     "tls": _relay_tls,
-    "agents": _list_of(_agent_account),
-    "no_auth": _flag,
-    "max_pending_opens": _size(1, 65536, "a count"),
-    "max_buffered_size": _size(16 * KiB, 64 * 1024 * MiB),
-    "max_sessions_per_agent": _size(1, 65536, "a count"),
-    "idle_timeout": _duration(0.0),
+    "agents": values.list_of(_agent_account),
+    "no_auth": values.boolean,
+    "max_pending_opens": values.size(1, 65536, "a count"),
+    "max_buffered_size": values.size(16 * KiB, 64 * 1024 * MiB),
+    "max_sessions_per_agent": values.size(1, 65536, "a count"),
+    "idle_timeout": values.duration(0.0),
 }
 
 
-def _build(doc: Document, path: str, value: Any, table: Mapping[str, _Parser],
+def _build(doc: Document, path: str, value: Any, table: Mapping[str, Parser],
            required: Mapping[str, bool], what: str) -> dict[str, Any]:
     """Parse a mapping against ``table``; every key is required unless ``required`` says not."""
     if not isinstance(value, dict):
-        raise doc.error(path, f"expected {what} (a mapping of keys), got {_describe(value)}")
+        raise doc.error(path, f"expected {what} (a mapping of keys), "
+                              f"got {values.describe(value)}")
     for key in value:
         if key not in table:
             raise doc.error(join_key(path, key), _unknown_key_message(key, table))
     missing = [k for k in table if k not in value and required.get(k, True)]
     if missing:
-        raise doc.error(join_key(path, missing[0]), f"required key is missing from {what}")
+        raise doc.missing(join_key(path, missing[0]), what)
     return {k: parse(doc, join_key(path, k), value[k]) for k, parse in table.items()
             if k in value}
 
@@ -337,24 +163,24 @@ def _unknown_key_message(key: str, table: Mapping[str, object]) -> str:
     return f"unknown key {key!r}; {hint}allowed keys: {', '.join(table)}"
 
 
-def _config_values(doc: Document, cls: type[Any], table: Mapping[str, _Parser],
+def _config_values(doc: Document, cls: type[Any], table: Mapping[str, Parser],
                    role: str) -> dict[str, Any]:
     """Constructor arguments for ``cls`` from the whole document."""
     data = doc.data
     if isinstance(data, dict) and "role" in data:
         if data["role"] != role:
             raise doc.error("role", f"expected {role!r} for `wstunnel {role}`, "
-                                    f"got {_describe(data['role'])}")
+                                    f"got {values.describe(data['role'])}")
         data = {k: v for k, v in data.items() if k != "role"}
-    required = {f.name: f.default is MISSING for f in fields(cls)}
+    required = {f.name: f.default is MISSING for f in fields(cls) if f.init}
     article = "an" if role == "agent" else "a"
-    values = _build(doc, "", data, table, required, f"{article} {role} config")
-    return {"source": doc.source, **values}
+    found = _build(doc, "", data, table, required, f"{article} {role} config")
+    return {"source": doc.source, **found}
 
 
 def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
     if config.reconnect_min_interval > config.reconnect_max_interval:
-        key = ("reconnect_max_interval" if "reconnect_max_interval" in doc.lines
+        key = ("reconnect_max_interval" if doc.given("reconnect_max_interval")
                else "reconnect_min_interval")
         raise doc.error(key, "reconnect_max_interval must be at least reconnect_min_interval "
                         f"({config.reconnect_min_interval:g}), got "
@@ -364,19 +190,19 @@ def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
         if forward.listen in seen and forward.listen.port != 0:
             raise doc.error(join_index("forwards", i),
                             f"listen address {forward.listen} is already used by "
-                            f"forwards[{seen[forward.listen]}]")
+                            f"{doc.name(join_index('forwards', seen[forward.listen]))}")
         seen[forward.listen] = i
-    if (config.proxy_password_file is not None and config.proxy not in (None, NO_PROXY)
-            and parse_proxy_url(config.proxy).username is None):
+    if (config.proxy_password_file is not None and config.proxy_url is not None
+            and config.proxy_url.username is None):
         raise doc.error("proxy", "proxy_password_file needs a user name in the proxy URL, "
                                  "e.g. http://USER@proxy.example.com:3128")
-    problem = agent_problem(config)
+    problem = _agent_problem(config)
     if problem is not None:
         raise doc.error(problem[0], problem[1])
     return config
 
 
-def agent_problem(config: AgentConfig) -> tuple[str, str] | None:
+def _agent_problem(config: AgentConfig) -> tuple[str, str] | None:
     """(key, message) for a contradiction between the agent's security settings."""
     sources = [k for k in ("token_file", "token_env", "token_credential") if getattr(config, k)]
     if len(sources) > 1:
@@ -397,16 +223,16 @@ def agent_problem(config: AgentConfig) -> tuple[str, str] | None:
 
 def _check_relay(doc: Document, config: RelayConfig) -> RelayConfig:
     if config.max_message_size < config.max_chunk_size + _RECORD_OVERHEAD:
-        key = "max_message_size" if "max_message_size" in doc.lines else "max_chunk_size"
+        key = "max_message_size" if doc.given("max_message_size") else "max_chunk_size"
         raise doc.error(key, f"max_message_size must exceed max_chunk_size "
                         f"({config.max_chunk_size}) by at least {_RECORD_OVERHEAD} bytes")
-    problem = relay_problem(config)
+    problem = _relay_problem(config)
     if problem is not None:
         raise doc.error(problem[0], problem[1])
     return config
 
 
-def relay_problem(config: RelayConfig) -> tuple[str, str] | None:
+def _relay_problem(config: RelayConfig) -> tuple[str, str] | None:
     """(key, message) for a contradiction between the relay's security settings."""
     if config.no_auth and config.agents:
         return "no_auth", "no_auth accepts every agent anonymously; remove it or the agents list"
@@ -426,29 +252,13 @@ def relay_problem(config: RelayConfig) -> tuple[str, str] | None:
     return None
 
 
-def demo_configs(echo_port: int, sink_port: int, *,
-                 relay_port: int = 0) -> tuple[RelayConfig, AgentConfig]:
-    """Loopback configs for ``wstunnel demo``: a relay allowing exactly the two
-    targets (no_auth: nothing but this process can reach it in the demo's few
-    seconds, and it only opens those two loopback ports), and an agent
-    forwarding a free local port to each of them."""
-    loopback = DEFAULT_BIND_HOST
-    relay = RelayConfig(listen=HostPort(loopback, relay_port), source="<demo>", no_auth=True,
-                        allow=tuple(AllowRule.parse(f"{loopback}:{port}")
-                                    for port in (echo_port, sink_port)))
-    forwards = tuple(Forward(loopback, 0, loopback, port) for port in (echo_port, sink_port))
-    agent = AgentConfig(relay=f"ws://{loopback}:{relay_port}{DEFAULT_PATH}",
-                        forwards=forwards, source="<demo>")
-    return relay, agent
-
-
 def load_agent_config(path: str | Path) -> AgentConfig:
     """Load and validate an agent YAML file.
 
     Raises:
         ConfigError: naming file, line, key path and what was expected.
     """
-    return _agent_from(load_document(path))
+    return agent_from(load_document(path))
 
 
 def load_relay_config(path: str | Path) -> RelayConfig:
@@ -457,7 +267,7 @@ def load_relay_config(path: str | Path) -> RelayConfig:
     Raises:
         ConfigError: naming file, line, key path and what was expected.
     """
-    return _relay_from(load_document(path))
+    return relay_from(load_document(path))
 
 
 def load_config(path: str | Path) -> AgentConfig | RelayConfig:
@@ -466,7 +276,7 @@ def load_config(path: str | Path) -> AgentConfig | RelayConfig:
     Raises:
         ConfigError: as the two loaders, or when the role cannot be told.
     """
-    return _any_from(load_document(path))
+    return any_from(load_document(path))
 
 
 def parse_config(data: str | Mapping[str, Any],
@@ -477,49 +287,55 @@ def parse_config(data: str | Mapping[str, Any],
         ConfigError: naming ``source`` and the key path.
     """
     if isinstance(data, str):
-        return _any_from(parse_document(data, source))
-    return _any_from(Document(source, dict(data)))
+        return any_from(parse_document(data, source))
+    return any_from(Document(source, dict(data)))
 
 
-def _any_from(doc: Document) -> AgentConfig | RelayConfig:
+def any_from(doc: Document) -> AgentConfig | RelayConfig:
+    """The config ``doc`` describes: ``role:`` decides, else ``relay:`` or ``listen:``."""
     data = doc.data
     role = data.get("role") if isinstance(data, dict) else None
     if role is None and isinstance(data, dict):
         guesses = [r for r, key in (("agent", "relay"), ("relay", "listen")) if key in data]
         role = guesses[0] if len(guesses) == 1 else None
     if role == "agent":
-        return _agent_from(doc)
+        return agent_from(doc)
     if role == "relay":
-        return _relay_from(doc)
+        return relay_from(doc)
     if isinstance(data, dict) and "role" in data:
-        raise doc.error("role", f"expected agent or relay, got {_describe(role)}")
+        raise doc.error("role", f"expected agent or relay, got {values.describe(role)}")
     raise doc.error("", "cannot tell an agent config from a relay config; "
                         "add `role: agent` or `role: relay`")
 
 
-def _agent_from(doc: Document) -> AgentConfig:
-    values = _config_values(doc, AgentConfig, _AGENT_FIELDS, "agent")
+def agent_from(doc: Document) -> AgentConfig:
+    """The agent config ``doc`` describes, every key and every rule checked.
+
+    Raises:
+        ConfigError: located by ``doc`` (file and line, or flag).
+    """
+    found = _config_values(doc, AgentConfig, _AGENT_FIELDS, "agent")
     for key in _AGENT_PATH_KEYS:
-        if values.get(key) is not None:
-            values[key] = _beside(doc, values[key])
-    return _check_agent(doc, AgentConfig(**values))
+        if found.get(key) is not None:
+            found[key] = _beside(doc, key, found[key])
+    return _check_agent(doc, AgentConfig(**found))
 
 
-def _relay_from(doc: Document) -> RelayConfig:
-    values = _config_values(doc, RelayConfig, _RELAY_FIELDS, "relay")
-    tls = values.get("tls")
-    if tls is not None:
-        ca = tls.client_ca_file
-        values["tls"] = RelayTLS(_beside(doc, tls.cert_file), _beside(doc, tls.key_file),
-                                 _beside(doc, ca) if ca is not None else None)
-    return _check_relay(doc, RelayConfig(**values))
+def relay_from(doc: Document) -> RelayConfig:
+    """The relay config ``doc`` describes, every key and every rule checked.
+
+    Raises:
+        ConfigError: located by ``doc`` (file and line, or flag).
+    """
+    found = _config_values(doc, RelayConfig, _RELAY_FIELDS, "relay")
+    return _check_relay(doc, RelayConfig(**found))
 
 
 _AGENT_PATH_KEYS: Final = ("token_file", "ca_file", "client_cert_file", "client_key_file")
 
 
-def _beside(doc: Document, path: str) -> str:
-    """A relative file path in a config file is relative to that file's directory."""
-    if path.startswith("$") or Path(path).is_absolute() or doc.source.startswith("<"):
-        return path
-    return str(Path(doc.source).parent / path)
+def _beside(doc: Document, key_path: str, name: str) -> str:
+    """A relative file name in a config file is relative to that file's directory."""
+    if name.startswith("$") or Path(name).is_absolute() or not doc.in_file(key_path):
+        return name
+    return str(Path(doc.source).parent / name)

@@ -2,8 +2,8 @@
 
 Addresses (``host:port``, ``[bind:]port``, IPv6 always in brackets when a
 port follows), ``-L`` forwards, relay URLs and sizes. Parsers here raise
-``ValueError`` with a message saying what was expected; ``config.py`` adds
-file, line and key path, ``cli.py`` adds the flag name.
+``ValueError`` with a message saying what was expected; the schema's value
+parsers (values.py) add the file, line and key path, or the flag's name.
 """
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
 """Parsers for single config values: each checks one YAML value and says, with
-its file, line and key, what was expected. ``config.py`` composes them into
-the tables that describe every key."""
+its file, line and key (or its flag), what was expected.
+
+A parser is ``(document, key_path, raw_value) -> typed value`` and raises
+through ``document.error``; ``schema.py`` composes them into the tables that
+describe every key. Command-line flags reach the same parsers (flags.py), so
+a value is checked the same way wherever it was written.
+"""
 
 from __future__ import annotations
 
@@ -24,10 +29,40 @@ _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes with the terminating NUL
 
 T = TypeVar("T")
-_Parser = Callable[[Document, str, Any], Any]
+Parser = Callable[[Document, str, Any], Any]
+
+__all__ = [
+    "Parser",
+    "agent_name",
+    "allow_rule",
+    "boolean",
+    "checked",
+    "choice",
+    "describe",
+    "duration",
+    "file_path",
+    "fingerprint",
+    "headers",
+    "host_header",
+    "host_port",
+    "list_of",
+    "listen",
+    "optional",
+    "proxy",
+    "readable_file",
+    "size",
+    "socket_path",
+    "target",
+    "text",
+    "token_hash",
+    "trusted_proxy",
+    "url",
+    "url_path",
+]
 
 
-def _describe(value: object) -> str:
+def describe(value: object) -> str:
+    """A value as a message shows it after "got": JSON for scalars, else its kind."""
     if value is None:
         return "nothing"
     if isinstance(value, (str, bool, int, float)):
@@ -37,21 +72,21 @@ def _describe(value: object) -> str:
     return "a list" if isinstance(value, list) else type(value).__name__
 
 
-def _checked(doc: Document, path: str, parse: Callable[[str], T], value: object,
+def checked(doc: Document, path: str, parse: Callable[[str], T], value: object,
              expected: str) -> T:
     """Apply a text parser, turning its ValueError into a located ConfigError."""
     if not isinstance(value, str):
-        raise doc.error(path, f"expected {expected}, got {_describe(value)}")
+        raise doc.error(path, f"expected {expected}, got {describe(value)}")
     try:
         return parse(value)
     except ValueError as exc:
         raise doc.error(path, str(exc)) from exc
 
 
-def _duration(minimum: float) -> _Parser:
+def duration(minimum: float) -> Parser:
     def parse(doc: Document, path: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise doc.error(path, f"expected a number of seconds, got {_describe(value)}")
+            raise doc.error(path, f"expected a number of seconds, got {describe(value)}")
         if not minimum <= value <= _MAX_DURATION:
             bound = "greater than 0" if minimum > 0 else "at least 0"
             raise doc.error(path, f"expected seconds, {bound} and at most {_MAX_DURATION:g}, "
@@ -60,163 +95,163 @@ def _duration(minimum: float) -> _Parser:
     return parse
 
 
-def _size(low: int, high: int, what: str = "a size in bytes") -> _Parser:
+def size(low: int, high: int, what: str = "a size in bytes") -> Parser:
     def parse(doc: Document, path: str, value: Any) -> int:
         if isinstance(value, str):
-            value = _checked(doc, path, parse_size, value, what)
+            value = checked(doc, path, parse_size, value, what)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise doc.error(path, f"expected {what}, got {_describe(value)}")
+            raise doc.error(path, f"expected {what}, got {describe(value)}")
         if not low <= value <= high:
             raise doc.error(path, f"expected {what} from {low} to {high}, got {value}")
         return value
     return parse
 
 
-def _choice(options: tuple[str, ...]) -> _Parser:
+def choice(options: tuple[str, ...]) -> Parser:
     def parse(doc: Document, path: str, value: Any) -> str:
         if isinstance(value, str) and value.lower() in options:
             return value.lower()
-        raise doc.error(path, f"expected one of {', '.join(options)}, got {_describe(value)}")
+        raise doc.error(path, f"expected one of {', '.join(options)}, got {describe(value)}")
     return parse
 
 
-def _host_port(doc: Document, path: str, value: Any) -> HostPort:
-    return _checked(doc, path, lambda t: parse_host_port(t, allow_zero=True), value, "host:port")
+def host_port(doc: Document, path: str, value: Any) -> HostPort:
+    return checked(doc, path, lambda t: parse_host_port(t, allow_zero=True), value, "host:port")
 
 
-def _listen(doc: Document, path: str, value: Any) -> HostPort:
+def listen(doc: Document, path: str, value: Any) -> HostPort:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    return _checked(doc, path, parse_listen, value, "[bind:]port")
+    return checked(doc, path, parse_listen, value, "[bind:]port")
 
 
-def _target(doc: Document, path: str, value: Any) -> HostPort:
+def target(doc: Document, path: str, value: Any) -> HostPort:
     if not isinstance(value, str) or len(_split_or_none(value)) != 2:
-        raise doc.error(path, f"expected host:port, got {_describe(value)}")
-    return _checked(doc, path, parse_host_port, value, "host:port")
+        raise doc.error(path, f"expected host:port, got {describe(value)}")
+    return checked(doc, path, parse_host_port, value, "host:port")
 
 
-def _split_or_none(text: str) -> list[str]:
+def _split_or_none(written: str) -> list[str]:
     try:
-        return split_fields(text.strip())
+        return split_fields(written.strip())
     except ValueError:
         return []
 
 
-def _optional(parse: _Parser) -> _Parser:
+def optional(parse: Parser) -> Parser:
     def parse_or_none(doc: Document, path: str, value: Any) -> Any:
         return None if value is None else parse(doc, path, value)
     return parse_or_none
 
 
-def _socket_path(doc: Document, path: str, value: Any) -> str:
+def socket_path(doc: Document, path: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise doc.error(path, f"expected a file path, got {_describe(value)}")
+        raise doc.error(path, f"expected a file path, got {describe(value)}")
     if len(value.encode()) > _MAX_SOCKET_PATH:
         raise doc.error(path, f"a unix socket path may have at most {_MAX_SOCKET_PATH} bytes, "
                               f"got {len(value.encode())}; pick a shorter one")
     return value
 
 
-def _url(doc: Document, path: str, value: Any) -> str:
-    _checked(doc, path, parse_relay_url, value, "a ws:// or wss:// URL")
+def url(doc: Document, path: str, value: Any) -> str:
+    checked(doc, path, parse_relay_url, value, "a ws:// or wss:// URL")
     return str(value).strip()
 
 
-def _url_path(doc: Document, path: str, value: Any) -> str:
-    return _checked(doc, path, parse_url_path, value, "a URL path such as /tunnel")
+def url_path(doc: Document, path: str, value: Any) -> str:
+    return checked(doc, path, parse_url_path, value, "a URL path such as /tunnel")
 
 
-def _list_of(item: _Parser, *, at_least: int = 0) -> _Parser:
+def list_of(item: Parser, *, at_least: int = 0) -> Parser:
     def parse(doc: Document, path: str, value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list):
-            raise doc.error(path, f"expected a list, got {_describe(value)}")
+            raise doc.error(path, f"expected a list, got {describe(value)}")
         if len(value) < at_least:
             raise doc.error(path, f"expected at least {at_least} entry, got none")
         return tuple(item(doc, join_index(path, i), v) for i, v in enumerate(value))
     return parse
 
 
-def _allow_rule(doc: Document, path: str, value: Any) -> AllowRule:
+def allow_rule(doc: Document, path: str, value: Any) -> AllowRule:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # a bare YAML number cannot be a rule, but say why below
-    return _checked(doc, path, AllowRule.parse, value, "a host, pattern, IP or CIDR rule")
+    return checked(doc, path, AllowRule.parse, value, "a host, pattern, IP or CIDR rule")
 
 
-def _flag(doc: Document, path: str, value: Any) -> bool:
+def boolean(doc: Document, path: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise doc.error(path, f"expected true or false, got {_describe(value)}")
+        raise doc.error(path, f"expected true or false, got {describe(value)}")
     return value
 
 
-def _text(what: str) -> _Parser:
+def text(what: str) -> Parser:
     def parse(doc: Document, path: str, value: Any) -> str:
         if not isinstance(value, str) or not value.strip():
-            raise doc.error(path, f"expected {what}, got {_describe(value)}")
+            raise doc.error(path, f"expected {what}, got {describe(value)}")
         return value.strip()
     return parse
 
 
-_file = _text("a file path")
+file_path = text("a file path")
 
 
-def _fingerprint(doc: Document, path: str, value: Any) -> str:
-    return _checked(doc, path, parse_fingerprint, value, "sha256:<hex> as keygen prints it")
+def fingerprint(doc: Document, path: str, value: Any) -> str:
+    return checked(doc, path, parse_fingerprint, value, "sha256:<hex> as keygen prints it")
 
 
-def _token_hash(doc: Document, path: str, value: Any) -> TokenHash:
-    return _checked(doc, path, TokenHash.parse, value, "hmac-sha256:... as keygen prints it")
+def token_hash(doc: Document, path: str, value: Any) -> TokenHash:
+    return checked(doc, path, TokenHash.parse, value, "hmac-sha256:... as keygen prints it")
 
 
-def _agent_name(doc: Document, path: str, value: Any) -> str:
+def agent_name(doc: Document, path: str, value: Any) -> str:
     if not isinstance(value, str) or not AGENT_NAME.fullmatch(value):
         raise doc.error(path, f"expected an agent name (1-64 letters, digits, '-' or '_'), "
-                              f"got {_describe(value)}")
+                              f"got {describe(value)}")
     return value
 
 
-def _proxy(doc: Document, path: str, value: Any) -> str:
+def proxy(doc: Document, path: str, value: Any) -> str:
     if value is None:
         raise doc.error(path, f"expected an http:// proxy URL or {NO_PROXY!r} (connect "
                               "directly); leave the key out to use HTTPS_PROXY/HTTP_PROXY")
     if isinstance(value, str) and value.strip().lower() == NO_PROXY:
         return NO_PROXY
-    _checked(doc, path, parse_proxy_url, value, "an http:// proxy URL")
+    checked(doc, path, parse_proxy_url, value, "an http:// proxy URL")
     return str(value).strip()
 
 
-def _readable_file(doc: Document, path: str, value: Any) -> str:
+def readable_file(doc: Document, path: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise doc.error(path, f"expected a file name, got {_describe(value)}")
+        raise doc.error(path, f"expected a file name, got {describe(value)}")
     if not os.access(value, os.R_OK) or not os.path.isfile(value):
         raise doc.error(path, f"cannot read {json.dumps(value)}: no such file, or no permission")
     return value
 
 
-def _headers(doc: Document, path: str, value: Any) -> tuple[tuple[str, str], ...]:
+def headers(doc: Document, path: str, value: Any) -> tuple[tuple[str, str], ...]:
     if isinstance(value, list):
-        return tuple(_checked(doc, join_index(path, i), parse_header_line, line,
+        return tuple(checked(doc, join_index(path, i), parse_header_line, line,
                               "'Name: value'") for i, line in enumerate(value))
     if not isinstance(value, dict):
         raise doc.error(path, f"expected a mapping of header names to values, "
-                              f"got {_describe(value)}")
+                              f"got {describe(value)}")
     pairs = []
-    for name, text in value.items():
-        if isinstance(text, (int, float)) and not isinstance(text, bool):
-            text = str(text)
-        if not isinstance(text, str):
+    for name, raw in value.items():
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            raw = str(raw)
+        if not isinstance(raw, str):
             raise doc.error(join_key(path, str(name)), f"expected a header value (text), "
-                                                       f"got {_describe(text)}")
-        pairs.append(_checked(doc, join_key(path, str(name)),
-                              functools.partial(check_header, str(name)), text, "text"))
+                                                       f"got {describe(raw)}")
+        pairs.append(checked(doc, join_key(path, str(name)),
+                              functools.partial(check_header, str(name)), raw, "text"))
     return tuple(pairs)
 
 
-def _host_header(doc: Document, path: str, value: Any) -> str:
-    return _checked(doc, path, parse_host_header, value, "host or host:port")
+def host_header(doc: Document, path: str, value: Any) -> str:
+    return checked(doc, path, parse_host_header, value, "host or host:port")
 
 
-def _trusted_proxy(doc: Document, path: str, value: Any) -> IPNetwork:
-    return _checked(doc, path, parse_trusted_proxy, value, "an IP address or CIDR network")
+def trusted_proxy(doc: Document, path: str, value: Any) -> IPNetwork:
+    return checked(doc, path, parse_trusted_proxy, value, "an IP address or CIDR network")
 
 

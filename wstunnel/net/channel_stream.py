@@ -12,6 +12,10 @@ A channel carried by the session's socket pump (net/pump.py) is *attached*:
 the dispatch hooks hand everything to its ``ChannelSink`` instead, and the
 stream methods are not used any more. Per-channel memory matters (10,000 idle
 channels): slots, and the deque and the Events exist only once needed.
+
+A channel knows its session only as a ``ChannelHost``: the protocol actions on
+one channel, each of which queues its record and wakes the session's writer
+(``TunnelTransport`` implements it), so nothing here can forget the wake-up.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -28,14 +32,49 @@ from ..addresses import join_host_port
 from ..errors import ChannelReset
 from ..mux import ResetCode
 
-if TYPE_CHECKING:
-    from .transport import TunnelTransport
-
-__all__ = ["ChannelStream", "ChannelSink", "DEFAULT_RECEIVE_SIZE"]
+__all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE"]
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
 log = logging.getLogger("wstunnel.session")
+
+
+class ChannelHost(Protocol):
+    """What a channel, and the socket pump carrying it, need from their session.
+
+    Each action queues its record and wakes the session's writer, and is a
+    no-op on a session that failed (it breaks its channels as it ends).
+    """
+
+    @property
+    def name(self) -> str:
+        """The session's name, for logs."""
+
+    @property
+    def role(self) -> mux.Role:
+        """Our end of the session (which channels we opened follows from it)."""
+
+    def send_capacity(self, channel: ChannelStream) -> int:
+        """Bytes ``send_data`` may queue now (0: wait for ``_wake_writable``)."""
+
+    def send_data(self, channel: ChannelStream, data: bytes) -> None:
+        """Queue DATA, at most ``send_capacity``."""
+
+    def send_eof(self, channel: ChannelStream) -> None:
+        """Queue our FIN behind the data."""
+
+    def reset(self, channel: ChannelStream, code: ResetCode, text: str, *,
+              after_data: bool = False) -> bool:
+        """Queue a RESET; False (nothing queued) when the session has failed."""
+
+    def acknowledge(self, channel: ChannelStream, size: int) -> None:
+        """``size`` received bytes were consumed: return their credit."""
+
+    def wake_writer(self) -> None:
+        """Output was queued outside these actions (the pump's reads)."""
+
+    def dispatch_local_events(self) -> None:
+        """Dispatch the events our own actions produced (a FIN that finished a channel)."""
 
 
 class ChannelSink(Protocol):
@@ -50,12 +89,12 @@ class ChannelSink(Protocol):
 class ChannelStream(trio.abc.HalfCloseableStream):
     """One tunnelled TCP connection; see the module docstring."""
 
-    __slots__ = ("_transport", "channel_id", "host", "port", "bytes_sent", "bytes_received",
+    __slots__ = ("_host", "channel_id", "host", "port", "bytes_sent", "bytes_received",
                  "_inbound", "_eof_received", "_eof_sent", "_closed", "_mux_alive", "_error",
                  "_readable", "_writable", "_on_break", "_sending", "_receiving", "_sink")
 
-    def __init__(self, transport: TunnelTransport, channel_id: int, host: str, port: int) -> None:
-        self._transport = transport
+    def __init__(self, session: ChannelHost, channel_id: int, host: str, port: int) -> None:
+        self._host = session
         self.channel_id = channel_id
         self.host = host
         self.port = port
@@ -82,7 +121,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     def accepted(self) -> bool:
         """True when the peer opened this channel (we dialled its destination)."""
         opened_by_agent = bool(self.channel_id & 1)
-        return opened_by_agent is (self._transport.protocol.role is mux.Role.RELAY)
+        return opened_by_agent is (self._host.role is mux.Role.RELAY)
 
     # -- called by the transport ---------------------------------------------
 
@@ -150,8 +189,19 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         """``size`` received bytes were consumed: count them, return the credit."""
         self.bytes_received += size
         if self._mux_alive and self._error is None:
-            self._transport.protocol.acknowledge(self.channel_id, size)
-            self._transport.wake_writer()
+            self._host.acknowledge(self, size)
+
+    def _send_eof_once(self) -> None:
+        """Our side is done sending (the application, or the pump's socket reached
+        EOF): FIN, once, while the channel is still alive."""
+        if not self._eof_sent:
+            self._eof_sent = True
+            if self._mux_alive and self._error is None:
+                self._host.send_eof(self)
+
+    def _carried_to_end(self) -> None:
+        """The pump finished both directions cleanly: closed, as after ``aclose()``."""
+        self._closed = True
 
     # -- waiting helpers ------------------------------------------------------
 
@@ -204,7 +254,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._raise_if_broken()
             if not self._mux_alive:
                 raise trio.BrokenResourceError("the channel is finished")
-            capacity = self._transport.protocol.send_capacity(self.channel_id)
+            capacity = self._host.send_capacity(self)
             if capacity > 0:
                 return capacity
             self._writable = writable = trio.Event()
@@ -228,9 +278,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             sent_any = True
             size = min(capacity, len(view))
             piece = data if size == len(data) and isinstance(data, bytes) else bytes(view[:size])
-            self._transport.protocol.send_data(self.channel_id, piece)
+            self._host.send_data(self, piece)
             self.bytes_sent += size
-            self._transport.wake_writer()
             view = view[size:]
         if not sent_any:
             self._raise_if_closed()
@@ -251,10 +300,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._raise_if_closed()
             if not self._eof_sent:
                 self._raise_if_broken()
-                self._eof_sent = True
-                if self._mux_alive:
-                    self._transport.protocol.send_eof(self.channel_id)
-                    self._transport.wake_writer()
+                self._send_eof_once()
             await trio.sleep(0)
         finally:
             self._sending = False
@@ -320,10 +366,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._closed = True
             if self._inbound:
                 self._reset("closed with unread data")
-            elif self._mux_alive and self._error is None and not self._eof_sent:
-                self._eof_sent = True
-                self._transport.protocol.send_eof(self.channel_id)
-                self._transport.wake_writer()
+            else:
+                self._send_eof_once()
             self._wake_all()
         await trio.sleep(0)
 
@@ -344,11 +388,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     def _reset(self, text: str, code: ResetCode = ResetCode.CANCELLED, *,
                after_data: bool = False) -> None:
         self._inbound = None
-        protocol = self._transport.protocol
-        # (a failed session has forgotten its channels; it breaks them as it ends)
-        if self._mux_alive and self._error is None and protocol.failure is None:
-            log.info("%s: channel %d to %s reset: %s", self._transport.name, self.channel_id,
+        if (self._mux_alive and self._error is None
+                and self._host.reset(self, code, text, after_data=after_data)):
+            log.info("%s: channel %d to %s reset: %s", self._host.name, self.channel_id,
                      self.destination, text)
-            protocol.reset_channel(self.channel_id, code, text, after_data=after_data)
-            self._transport.wake_writer()
             self._mux_alive = False

@@ -34,6 +34,13 @@ Per socket (``_PumpedSocket``), level-triggered:
 
 Everything runs in the trio thread: the pump's task and, for DATA, FIN and
 WINDOW, the transport's reader task, between two of its checkpoints.
+
+The pump knows its session as a ``ChannelHost`` (net/channel_stream.py): it
+acts on a channel through the channel (credit back, FIN, reset), and after
+each turn asks the host to dispatch what its actions produced and to wake the
+writer. The two per-read calls, ``send_capacity`` and ``send_data``, go
+straight to the sans-IO protocol it is given once, at construction: a hop
+through the host per read would cost every chunk a method call.
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ from .ending import clear_abortive, set_abortive, unsent_size, watch_all_sent
 from .plain_stream import MAX_PIECES, Buffer, drop_sent
 
 if TYPE_CHECKING:
-    from .channel_stream import ChannelStream
-    from .transport import TunnelTransport
+    from ..protocol import TunnelProtocol
+    from .channel_stream import ChannelHost, ChannelStream
 
 __all__ = ["SocketPump", "AVAILABLE", "READ_SIZE"]
 
@@ -73,8 +80,9 @@ _TROUBLE: Final = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 1
 class SocketPump:
     """The sockets of one session's channels; see the module docstring."""
 
-    def __init__(self, transport: TunnelTransport) -> None:
-        self._transport = transport
+    def __init__(self, host: ChannelHost, protocol: TunnelProtocol) -> None:
+        self._host = host
+        self._protocol = protocol  # for send_capacity and send_data, once per read
         self._epoll = select.epoll()
         self._sockets: dict[int, _PumpedSocket] = {}
         self._dirty: list[_PumpedSocket] = []
@@ -86,7 +94,7 @@ class SocketPump:
         ``on_finished`` is called once the socket is closed (possibly at once,
         if the channel is already broken). ``read_now``: read what the socket
         already holds now rather than on the pump's next turn (the caller
-        wakes the transport's writer).
+        wakes the session's writer).
         """
         if sock.getblocking():
             sock.setblocking(False)
@@ -111,7 +119,7 @@ class SocketPump:
         """Serve ready sockets until cancelled (with the session)."""
         epoll = self._epoll
         sockets = self._sockets
-        transport = self._transport
+        host = self._host
         while True:
             await trio.lowlevel.wait_readable(epoll.fileno())
             for fd, events in epoll.poll(0, MAX_EVENTS):
@@ -120,8 +128,8 @@ class SocketPump:
                     _guarded(pumped.ready, pumped, events)
             # A local EOF may have finished a channel (ChannelClosed): forget it now,
             # not when the next record happens to arrive.
-            transport.dispatch_local_events()
-            transport.wake_writer()
+            host.dispatch_local_events()
+            host.wake_writer()
 
     def close(self) -> None:
         """Reset every socket still here (the session is over), then close the epoll."""
@@ -277,7 +285,7 @@ class _PumpedSocket:
 
     def _read(self) -> None:
         channel = self._channel
-        protocol = channel._transport.protocol
+        protocol = self._pump._protocol
         capacity = protocol.send_capacity(channel.channel_id)
         if capacity <= 0:  # credit_granted watches again
             self.watch(self._mask & ~_IN)
@@ -297,11 +305,7 @@ class _PumpedSocket:
             return
         self._reading = False
         self.watch(self._mask & ~_IN)
-        if not channel._eof_sent:
-            channel._eof_sent = True
-            # (a failed session has forgotten its channels; it breaks them as it ends)
-            if channel._mux_alive and channel.error is None and protocol.failure is None:
-                protocol.send_eof(channel.channel_id)
+        channel._send_eof_once()
         self._finish_if_both_done()
 
     def _consumed(self, pending: list[Buffer], sent: int) -> None:
@@ -323,7 +327,7 @@ class _PumpedSocket:
 
     def _finish_if_both_done(self) -> None:
         if not self._reading and not self._writing:
-            self._channel._closed = True  # as after ChannelStream.aclose()
+            self._channel._carried_to_end()
             self.finish()
 
     @property

@@ -26,7 +26,7 @@ from typing import Any, Final
 
 import trio
 
-from ..ws.masking import new_buffer
+from ..ws import new_buffer
 from .plain_stream import Buffer, PlainSocketStream
 
 __all__ = ["TLSSocketStream", "start_tls"]

@@ -17,6 +17,14 @@ once handed over with ``attach``: no task per channel; the reader calls the
 pump's ``flush`` after each read's events, so DATA for one socket that arrived
 in one read leaves in one system call.
 
+Everything that acts on a channel from outside goes through the transport's
+action methods (``accept``, ``refuse``, ``send_data``, ``send_eof``, ``reset``,
+``acknowledge``): each calls the sans-IO protocol and wakes the writer, the
+way websockets' ``send_context()`` pairs an action with its flush, so no caller
+can forget the wake-up (a forgotten one stalls a channel with no error).
+``ChannelStream`` and the pump know the transport only as a ``ChannelHost``;
+the channel counts go to a ``SessionObserver`` (net/observer.py).
+
 ``run()`` returns a one-line reason when the session is over; every channel
 still open is then broken with ``SessionClosed`` so its users see
 ``BrokenResourceError`` rather than hanging.
@@ -33,12 +41,12 @@ import trio
 
 from .. import mux, ws
 from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionClosed
-from ..protocol import TunnelProtocol
+from ..protocol import TunnelEvent, TunnelProtocol
 from . import pump
 from .channel_stream import ChannelStream
 
 if TYPE_CHECKING:
-    from ..service.metrics import TunnelStats
+    from .observer import SessionObserver
 
 __all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler"]
 
@@ -112,10 +120,10 @@ class TunnelTransport:
         admit: AdmitHandler | None = None,
         ping_interval: float = 20.0,
         ping_timeout: float = 10.0,
-        stats: TunnelStats | None = None,
+        observer: SessionObserver | None = None,
     ) -> None:
         self.stream = stream
-        self.stats = stats
+        self.observer = observer
         self.protocol = protocol
         self.name = name
         self.channels: dict[int, ChannelStream] = {}
@@ -147,7 +155,7 @@ class TunnelTransport:
                 self._nursery = nursery
                 if pump.AVAILABLE and self.use_pump:
                     try:
-                        self._pump = pump.SocketPump(self)
+                        self._pump = pump.SocketPump(self, self.protocol)
                     except OSError as exc:  # no epoll (out of file descriptors)
                         log.warning("no socket pump for this session (%s): each "
                                     "channel runs as two tasks instead", exc)
@@ -170,6 +178,10 @@ class TunnelTransport:
     @property
     def is_open(self) -> bool:
         return self._end_reason is None and not self.protocol.closed
+
+    @property
+    def role(self) -> mux.Role:
+        return self.protocol.role
 
     def open_channel(self, host: str, port: int) -> ChannelStream:
         """Open a channel to host:port; DATA may follow at once (early data)."""
@@ -213,6 +225,8 @@ class TunnelTransport:
         if self._pump is None:
             return False
         self._pump.attach(sock, channel, on_finished, read_now=read_now)
+        if read_now:
+            self.wake_writer()  # (for what it read: the pump's own reads wake after each turn)
         return True
 
     @property
@@ -233,6 +247,57 @@ class TunnelTransport:
         events = self.protocol.events_received()
         if events:
             self._dispatch(events)
+
+    # -- actions on a channel: each queues its record and wakes the writer ------------
+
+    def accept(self, channel: ChannelStream) -> bool:
+        """Accept a peer's OPEN (OPEN_OK); False, and nothing sent, when the session
+        has ended or the peer reset the channel meanwhile: drop what was dialled."""
+        if not self.is_open or channel.error is not None:
+            return False
+        self.protocol.accept_channel(channel.channel_id)
+        self.wake_writer()
+        return True
+
+    def refuse(self, channel: ChannelStream, reason: mux.OpenFailure, text: str) -> None:
+        """Refuse a peer's OPEN (OPEN_FAILED with ``reason`` and ``text``); nothing when
+        the session has ended or the peer reset the channel meanwhile."""
+        if self.is_open and channel.error is None:
+            self.protocol.refuse_channel(channel.channel_id, reason, text)
+            self.wake_writer()
+
+    def send_capacity(self, channel: ChannelStream) -> int:
+        return self.protocol.send_capacity(channel.channel_id)
+
+    def send_data(self, channel: ChannelStream, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.send_data(channel.channel_id, data)
+        if protocol.wants_to_write():  # (wake_writer, inlined: once per chunk)
+            self._wake.set()
+
+    def send_eof(self, channel: ChannelStream) -> None:
+        protocol = self.protocol
+        # (a failed session has forgotten its channels; it breaks them as it ends)
+        if protocol.failure is None:
+            protocol.send_eof(channel.channel_id)
+            self.wake_writer()
+
+    def reset(self, channel: ChannelStream, code: mux.ResetCode, text: str, *,
+              after_data: bool = False) -> bool:
+        protocol = self.protocol
+        if protocol.failure is not None:
+            return False
+        protocol.reset_channel(channel.channel_id, code, text, after_data=after_data)
+        self.wake_writer()
+        return True
+
+    def acknowledge(self, channel: ChannelStream, size: int) -> None:
+        protocol = self.protocol
+        protocol.acknowledge(channel.channel_id, size)
+        if protocol.wants_to_write():  # (wake_writer, inlined: once per write to a socket)
+            self._wake.set()
+
+    # -- the session ------------------------------------------------------------------
 
     def go_away(self, text: str = "shutting down") -> None:
         """No new channels either way; those open may finish."""
@@ -360,53 +425,57 @@ class TunnelTransport:
 
     # -- event dispatch -------------------------------------------------------------
 
-    def _dispatch(self, events: list[Any]) -> None:
+    def _dispatch(self, events: list[TunnelEvent]) -> None:
         channels = self.channels
         for event in events:
-            kind = type(event)
-            if kind is mux.DataReceived:
+            if type(event) is mux.DataReceived:
                 channel = channels.get(event.channel_id)
                 if channel is not None:
                     channel._deliver(event.data)
-            elif kind is mux.WindowUpdated:
+            elif type(event) is mux.WindowUpdated:
                 channel = channels.get(event.channel_id)
                 if channel is not None:
                     channel._wake_writable()
             else:
                 self._dispatch_other(event)
 
-    def _dispatch_other(self, event: Any) -> None:
+    def _dispatch_other(self, event: TunnelEvent) -> None:
         """Everything but DATA and WINDOW. ChannelOpened needs nothing: a channel is
-        usable from open_channel on (early data), and a refusal arrives as its own event."""
-        channel = self.channels.get(getattr(event, "channel_id", -1))
-        if isinstance(event, mux.EndOfStream) and channel is not None:
-            channel._deliver_eof()
-        elif isinstance(event, mux.ChannelOpenFailed) and channel is not None:
-            text = event.text or _failure_name(event.reason)
-            if self.stats is not None:
-                self.stats.open_failed(event.reason)
-            channel._break(ChannelRefused(text, int(event.reason)))
-        elif isinstance(event, mux.ChannelReset) and channel is not None:
-            text = f"reset by the peer ({reset_name(event.code)}" + (
-                f": {event.text})" if event.text else ")")
-            log.info("%s: channel %d to %s %s", self.name, channel.channel_id,
-                     channel.destination, text)
-            channel._break(ChannelReset(text, event.code))
+        usable from open_channel on (early data), and a refusal arrives as its own
+        event; nor do SETTINGS, pongs (any input counts for the keepalive) and the
+        close (the reader and writer see the protocol closed)."""
+        if isinstance(event, (mux.EndOfStream, mux.ChannelOpenFailed, mux.ChannelReset)):
+            channel = self.channels.get(event.channel_id)
+            if channel is not None:
+                self._channel_ending(channel, event)
         elif isinstance(event, mux.ChannelClosed):
             self._remove(event.channel_id)
         elif isinstance(event, mux.ChannelOpenRequested):
             self._incoming(event)
         elif isinstance(event, mux.GoAwayReceived):
             self.goaway_received = True
-            log.info(
-                "%s: the peer is going away (%s); no new channels",
-                self.name,
-                event.text or "no reason",
-            )
+            log.info("%s: the peer is going away (%s); no new channels", self.name,
+                     event.text or "no reason")
         elif isinstance(event, mux.OutboundBudgetExhausted):
             self._budget_exhausted(event)
         elif isinstance(event, mux.SessionFailed):
             log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
+
+    def _channel_ending(self, channel: ChannelStream,
+                        event: mux.EndOfStream | mux.ChannelOpenFailed | mux.ChannelReset) -> None:
+        if isinstance(event, mux.EndOfStream):
+            channel._deliver_eof()
+        elif isinstance(event, mux.ChannelOpenFailed):
+            text = event.text or _failure_name(event.reason)
+            if self.observer is not None:
+                self.observer.open_failed(event.reason)
+            channel._break(ChannelRefused(text, int(event.reason)))
+        else:
+            text = f"reset by the peer ({reset_name(event.code)}" + (
+                f": {event.text})" if event.text else ")")
+            log.info("%s: channel %d to %s %s", self.name, channel.channel_id,
+                     channel.destination, text)
+            channel._break(ChannelReset(text, event.code))
 
     def _budget_exhausted(self, event: mux.OutboundBudgetExhausted) -> None:
         """Log the first time, then at most once a minute with a count: a peer on a
@@ -448,15 +517,15 @@ class TunnelTransport:
         self.channels[channel.channel_id] = channel
         self.opened_total += 1
         self._idle = trio.Event()
-        if self.stats is not None:
-            self.stats.channel_opened(channel)
+        if self.observer is not None:
+            self.observer.channel_opened(channel)
 
     def _remove(self, channel_id: int) -> None:
         channel = self.channels.pop(channel_id, None)
         if channel is not None:
             channel._forget()
-            if self.stats is not None:
-                self.stats.channel_closed(channel)
+            if self.observer is not None:
+                self.observer.channel_closed(channel)
         if not self.channels:
             self._idle.set()
 
@@ -482,8 +551,8 @@ class TunnelTransport:
         error = SessionClosed(f"the session ended: {reason}")
         for channel in list(self.channels.values()):
             channel._break(error)
-            if self.stats is not None:
-                self.stats.channel_closed(channel)
+            if self.observer is not None:
+                self.observer.channel_closed(channel)
         self.channels.clear()
         self._idle.set()
 

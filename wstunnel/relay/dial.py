@@ -10,6 +10,11 @@ the relay to run right where the OPEN is read (``start_connect``): the
 policy check and a non-blocking ``connect``; on loopback and on a LAN the
 connection is usually complete (or refused) by the time we look, and
 ``finish_connect`` waits in a task only when it is not.
+
+``Connector`` is what the relay asks for each admitted OPEN: turn it into a
+connected socket, at once when it can (no task), else as the rest to await
+in a task. ``TcpConnector`` (the above) is the one kind today; another
+channel kind (a unix socket, UDP) is another class with the same method.
 """
 
 from __future__ import annotations
@@ -20,19 +25,73 @@ import ipaddress
 import os
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .. import mux
 
-__all__ = ["DialError", "dial", "literal_address", "start_connect", "finish_connect"]
+if TYPE_CHECKING:
+    from ..security.policy import Policy
+
+__all__ = ["Connector", "Connecting", "TcpConnector", "DialError", "dial", "literal_address",
+           "start_connect", "finish_connect"]
 
 ATTEMPT_DELAY = 0.25
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Why an address is refused (one line), or None: ``Policy.refusal`` for one host:port.
 Explain = Callable[[Address], "str | None"]
+
+
+#: The rest of a connect that could not finish at once: await it (in a task) for the
+#: connected socket. Raises DialError; closes what it opened unless it returns it.
+Connecting = Callable[[], Awaitable[socket.socket]]
+
+
+class Connector(Protocol):
+    """Turns an admitted OPEN of one channel kind into a connected socket."""
+
+    def connect(self, host: str, port: int, policy: Policy, *,
+                timeout: float) -> socket.socket | Connecting:
+        """Start connecting to host:port, only through addresses ``policy`` allows,
+        in the caller's task (it must not block). Returns the connected
+        non-blocking socket when it is ready at once, else the rest to await
+        (within ``timeout``).
+
+        Raises:
+            DialError: refused at once (policy, connection refused).
+        """
+
+
+class TcpConnector:
+    """A TCP destination: an IP literal is checked and connected at once where it
+    can be; a host name is resolved, checked per address and raced in the rest."""
+
+    def connect(self, host: str, port: int, policy: Policy, *,
+                timeout: float) -> socket.socket | Connecting:
+        def allows(address: Address) -> bool:
+            return policy.allows(host, port, address)
+
+        def explain(address: Address) -> str | None:
+            return policy.refusal(host, port, address)
+
+        address = literal_address(host)
+        if address is None:
+            return partial(_dial_socket, host, port, allows, explain, timeout)
+        sock, connected = start_connect(host, address, port, allows=allows, explain=explain)
+        if connected:
+            return sock
+        return partial(finish_connect, sock, host, port, timeout=timeout)
+
+
+async def _dial_socket(host: str, port: int, allows: Callable[[Address], bool],
+                       explain: Explain, timeout: float) -> socket.socket:
+    """``dial``, as a non-blocking standard-library socket (what the pump carries)."""
+    stream = await dial(host, port, allows=allows, explain=explain, timeout=timeout)
+    return socket.socket(fileno=stream.socket.detach())
 
 
 class DialError(Exception):

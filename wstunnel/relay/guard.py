@@ -1,32 +1,19 @@
-"""The relay's door: TLS, who an agent is, and the limits each session lives under.
+"""The relay's guard: TLS, the budget for slow login checks, and each session's limits.
 
 Theory of operation
 -------------------
 ``Gatekeeper`` (one per relay) owns what is shared between connections: the
 current TLS context (swapped on SIGHUP; sessions keep the one they started
-with), the per-source count of failed logins, the budget for scrypt checks,
-and the count of sessions per agent. ``authenticate`` turns a good upgrade
-request into an ``Identity`` or into the HTTP answer to send instead:
-
-* every token is checked, whatever else came from the same address: a
-  stranger behind the same NAT (or every client, behind a proxy that is not
-  in ``trusted_proxies``) cannot lock a correct token out;
-* a missing, malformed, unknown or wrong token gets the same 401 (the log
-  line, for the operator, says which; a source that keeps failing is logged
-  once per interval, not once per attempt);
-* an ``hmac-sha256`` hash is checked inline (a microsecond), so a flood from
-  any number of addresses costs what its connections cost, and no queue
-  forms for a correct token to wait in;
-* a ``scrypt`` hash (the older keygen form) is checked once per token: a
-  token that passed is remembered (``VerifiedTokens``), so a returning agent
-  costs an HMAC. Unremembered tokens share a fixed budget (``_SlowChecks``:
-  two threads, a short bounded queue, sources that keep failing last);
-  beyond it the answer is 503 with ``Retry-After: 1``, not a longer queue;
-* an agent already holding ``max_sessions_per_agent`` sessions gets 429.
-
-With mutual TLS the certificate's common name names the agent; a token, if
-sent, must belong to the same agent (and is required when the agent's entry
-has a ``token_hash``).
+with), the ``Door`` (door.py: routing and the login decision, with the
+failed-login counts, remembered tokens and sessions per agent it needs), and
+the budget for scrypt checks. The door decides everything it can inline
+(an ``hmac-sha256`` hash costs a microsecond, so a flood from any number of
+addresses costs what its connections cost, and no queue forms for a correct
+token to wait in). What it cannot, a ``scrypt`` hash (the older keygen
+form) nobody has checked yet, ``authenticate`` runs under a fixed budget
+(``_SlowChecks``: two threads, a short bounded queue, sources that keep
+failing last); beyond it the answer is 503 with ``Retry-After: 1``, not a
+longer queue.
 
 ``SessionGuard`` (one per session) answers, synchronously and before any
 task is started, whether an OPEN may proceed: channel count, opens still
@@ -39,32 +26,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import ssl
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from typing import Final
 
 import trio
 
 from .. import ws
-from ..config import AgentAccount, RelayConfig
+from ..config import RelayConfig
 from ..errors import ConfigError
 from ..net.plain_stream import take_over
 from ..net.tls_stream import start_tls
-from ..security.auth import (
-    ANONYMOUS,
-    RateLimiter,
-    VerifiedTokens,
-    bearer_token,
-    expand_credentials,
-    token_agent,
-    verify_token,
-)
+from ..security.auth import ANONYMOUS, expand_credentials, verify_token
 from ..security.policy import Policy
 from ..security.tls import client_identity, server_context
+from .door import Accepted, Answer, Door, Identity, NeedsLogin
 
 __all__ = ["Gatekeeper", "Identity", "SessionGuard"]
 
@@ -73,17 +50,6 @@ log = logging.getLogger("wstunnel.relay")
 _HASH_WORKERS: Final = 2  # scrypt checks at once: ~40 ms of one core each
 _MAX_WAITING: Final = 8  # waiting scrypt checks, relay-wide (~0.15 s of work)
 _PER_SOURCE: Final = 2  # of those, from one source address
-_BUSY: Final = "busy"  # _check's problem when no scrypt check could be queued
-_BUSY_LOG_INTERVAL: Final = 10.0
-_AUTH_HEADERS: Final = (("WWW-Authenticate", 'Bearer realm="wstunnel"'),)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """Who a session belongs to, and where it may connect."""
-
-    name: str
-    policy: Policy
 
 
 class Gatekeeper:
@@ -91,16 +57,11 @@ class Gatekeeper:
 
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.accounts = {account.name: account for account in config.agents}
-        self.limiter = RateLimiter()
-        self.sessions: Counter[str] = Counter()
+        self.door = Door(config)
+        self.accounts = self.door.accounts
         self.ssl_context: ssl.SSLContext | None = None
         self._slow = _SlowChecks()
-        self._verified = VerifiedTokens()
-        self._busy_count = 0
-        self._busy_logged_at = -math.inf
         self._anonymous = Identity(ANONYMOUS, config.policy)
-        self._quiet_until: dict[str, float] = {}
         if config.tls is not None:
             try:
                 self.ssl_context = self._load_tls()
@@ -137,7 +98,9 @@ class Gatekeeper:
         """The agent's policy in the config as it is now (a reload may have changed it).
 
         None when the agent is no longer configured: its session may finish
-        what is open, but opens nothing new.
+        what is open, but opens nothing new. This runs on every OPEN, so it hands
+        out the account's one ``Policy`` (built at load or reload), never a new
+        one: its verdict cache then serves every channel of every session.
         """
         if identity.name == ANONYMOUS:
             return self._anonymous.policy
@@ -152,7 +115,8 @@ class Gatekeeper:
         """
         had_tls = self.config.tls is not None
         self.config = config
-        self.accounts = {account.name: account for account in config.agents}
+        self.door.reconfigure(config)
+        self.accounts = self.door.accounts
         self._anonymous = Identity(ANONYMOUS, config.policy)
         if config.tls is not None:
             self.reload_tls()
@@ -170,109 +134,21 @@ class Gatekeeper:
 
     # -- authentication ---------------------------------------------------------
 
-    async def authenticate(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
-                           peer: str, source: str, cert_name: str | None) -> Identity | bytes:
-        """The session's identity, or the HTTP answer (401/429/503) to send instead.
-
-        The token is always checked: what others did from ``source`` changes
-        only how loudly a failure is logged and, for scrypt, the queue order.
-        """
-        if self.config.no_auth:
-            return self._anonymous
-        account, problem = await self._check(request, cert_name, source)
-        if account is None and problem is _BUSY:
-            return handshake.reject(503, "the relay is busy checking logins; try again "
-                                         "in a second", (("Retry-After", "1"),))
-        if account is None:
-            self._log_failure(peer, source, problem)
-            return handshake.reject(401, "authentication failed", _AUTH_HEADERS)
-        if self.sessions[account.name] >= self.config.max_sessions_per_agent:
-            log.warning("%s: agent %s already has %d sessions (max_sessions_per_agent); "
-                        "refused", peer, account.name, self.sessions[account.name])
-            return handshake.reject(429, f"agent {account.name} has too many sessions",
-                                    (("Retry-After", "30"),))
-        return Identity(account.name, account.policy)
-
-    def _log_failure(self, peer: str, source: str, problem: str) -> None:
-        """One line per failure while ``source`` is within its budget, then one per interval."""
-        now = trio.current_time()
-        limiter = self.limiter
-        if limiter.retry_after(source, now) == 0:
-            log.warning("%s: authentication failed from %s: %s", peer, source, problem)
-        elif self._quiet_until.get(source, 0.0) <= now:
-            self._quiet_until[source] = now + limiter.interval
-            if len(self._quiet_until) > limiter.max_keys:
-                self._quiet_until.clear()
-            log.warning("%s: authentication failed from %s: %s; more failures from %s are "
-                        "logged at most one per %.0f s", peer, source, problem, source,
-                        limiter.interval)
-        limiter.charge(source, now)
-
-    async def _check(self, request: ws.RequestReceived, cert_name: str | None,
-                     source: str) -> tuple[AgentAccount | None, str]:
-        """(account, "") on success, else (None, what was wrong: for the log only, or _BUSY)."""
-        header = request.header("authorization")
-        token = bearer_token(header)
-        if cert_name is not None:
-            account = self.accounts.get(cert_name)
-            if account is None:
-                return None, f"client certificate for unknown agent {cert_name!r}"
-            if token is None and account.token_hash is None:
-                return account, ""
-        if token is None:
-            what = "no Authorization header" if header is None else "not a Bearer token"
-            return None, what
-        name = token_agent(token)
-        account = self.accounts.get(name) if name is not None else None
-        if cert_name is not None and name != cert_name:
-            account = None
-        good = await self._verify(token, account, source)
-        if good is None:
-            return None, _BUSY
-        if not good:
-            return None, (f"wrong token for agent {name!r}" if account is not None
-                          else f"token for unknown agent {name!r}")
-        return account, ""
-
-    async def _verify(self, token: str, account: AgentAccount | None,
-                      source: str) -> bool | None:
-        """Whether ``token`` is ``account``'s; None when scrypt checks are saturated."""
-        stored = account.token_hash if account is not None else None
-        if account is None or stored is None or not stored.slow:
-            return verify_token(token, stored)  # a microsecond: no queue, no thread
-        if self._verified.known(account.name, stored, token):
-            return True
-        now = trio.current_time()
-        lane = 0 if self.limiter.is_clean(source, now) else 1
-        self.limiter.charge(source, now)  # at once: a flood's next try from here is lane 1
-        good = await self._slow.run(source, lane, partial(verify_token, token, stored))
-        if good is None:
-            self._log_busy(account.name)
-        elif good:
-            self._verified.remember(account.name, stored, token)
-        return good
-
-    def _log_busy(self, name: str) -> None:
-        now = trio.current_time()
-        self._busy_count += 1
-        if now < self._busy_logged_at + _BUSY_LOG_INTERVAL:
-            return
-        log.warning("scrypt token checks are saturated (%d logins answered 503 busy since the "
-                    "last such line; the latest for agent %s): give agents tokens from "
-                    "`wstunnel keygen --token NAME`, whose hmac-sha256 hashes cost nothing",
-                    self._busy_count, name)
-        self._busy_count = 0
-        self._busy_logged_at = now
+    async def authenticate(self, handshake: ws.ServerHandshake,
+                           login: NeedsLogin) -> Answer | Accepted:
+        """Run the scrypt check the door asked for, within the relay-wide budget; the door
+        turns its outcome into the answer (a 503 when the budget had no room)."""
+        check = partial(verify_token, login.token, login.account.token_hash)
+        good = await self._slow.run(login.source, login.lane, check)
+        return self.door.finish_login(handshake, login, good, now=trio.current_time())
 
     # -- sessions ---------------------------------------------------------------
 
     def session_started(self, identity: Identity) -> None:
-        self.sessions[identity.name] += 1
+        self.door.session_started(identity.name)
 
     def session_ended(self, identity: Identity) -> None:
-        self.sessions[identity.name] -= 1
-        if self.sessions[identity.name] <= 0:
-            del self.sessions[identity.name]
+        self.door.session_ended(identity.name)
 
 
 class _Turn:

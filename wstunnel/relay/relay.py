@@ -2,7 +2,11 @@
 
 Each agent connection is served by its own task with its own transport, so one
 agent's bad frame or slow socket ends or slows only that session. Every OPEN is
-checked against the destination policy after DNS resolution (see net/dial.py).
+checked against the destination policy after DNS resolution (see dial.py).
+An admitted OPEN has one path (``_open_now``): its kind's ``Connector`` turns
+it into a connected socket, at once where it can (an IP literal: no task, so
+the OPEN_OK and the early data leave at once) or in a task; then the channel
+is accepted and its socket handed to the session's socket pump (``_carry``).
 TLS, authentication and per-session limits live in guard.py: the TLS
 handshake, the upgrade request and the login all run under one
 ``handshake_timeout``; each session gets the allow rules of its agent.
@@ -30,11 +34,11 @@ from ..net.sockopts import tune_plain_socket, tune_socket
 from ..net.splice import close_spliced, splice
 from ..net.transport import TunnelTransport
 from ..protocol import TunnelProtocol
-from ..security.forwarded import client_address
 from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
 from ..service.reload import ReloadRequest
-from .dial import DialError, dial, finish_connect, literal_address, start_connect
+from .dial import Connecting, Connector, DialError, TcpConnector
+from .door import Answer, LogLine, NeedsLogin, Visitor, server_handshake
 from .guard import Gatekeeper, Identity, SessionGuard
 from .upgrade import read_request
 
@@ -43,6 +47,9 @@ __all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
 log = logging.getLogger("wstunnel.relay")
 
 CLOSE_IDLE: Final = 4000  # private-use close code: the session had no channel for idle_timeout
+
+#: What is left to do for an OPEN, to run in a task of its own.
+Rest = Callable[[], Awaitable[None]]
 
 
 class Relay:
@@ -54,6 +61,8 @@ class Relay:
         self.sessions: set[TunnelTransport] = set()
         self.stopping = False
         self.gate = Gatekeeper(config)
+        #: Turns admitted OPENs into connected sockets (TCP, the one channel kind today).
+        self.connector: Connector = TcpConnector()
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """One TCP connection: TLS, the upgrade and login, then the session, then close."""
@@ -85,80 +94,29 @@ class Relay:
     async def _handshake(
         self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
     ) -> tuple[TunnelProtocol, Identity, str] | None:
-        """The protocol, the agent and the client's name for logs; None when not upgraded."""
-        config = self.config
-        handshake = ws.ServerHandshake(max_header_size=16384, max_headers=100)
+        """The protocol, the agent and the client's name for logs; None when not upgraded.
+
+        The decisions are the door's (door.py); this reads, waits and writes.
+        """
+        handshake = server_handshake()
         # (the caller bounds all of this with handshake_timeout)
         request = await read_request(stream, handshake)
         if request is None:
             return None
-        if isinstance(request, ws.HandshakeFailed):
-            log.info("%s: bad HTTP request (%s)", peer, request.message)
-            await stream.send_all(request.response)
-            return None
-        client = self._client(peer_host, request, peer)
-        if client != peer_host:
-            peer = f"{client} via {peer}"
-        answer = self.route(handshake, request, peer)
-        if answer is not None:
-            await stream.send_all(answer)
-            return None
-        identity = await self.gate.authenticate(
-            handshake, request, peer, client, cert_name
-        )
-        if isinstance(identity, bytes):
-            if identity.startswith((b"HTTP/1.1 401", b"HTTP/1.1 403")):
+        outcome = self.gate.door.enter(handshake, request, Visitor(peer, peer_host, cert_name),
+                                       now=trio.current_time(), stopping=self.stopping)
+        _log_lines(outcome.log)
+        if isinstance(outcome, NeedsLogin):  # a scrypt token: checked under the relay's budget
+            outcome = await self.gate.authenticate(handshake, outcome)
+            _log_lines(outcome.log)
+        if isinstance(outcome, Answer):
+            if outcome.failed_login:
                 self.stats.auth_failures += 1
-            await stream.send_all(identity)
+            await stream.send_all(outcome.response)
             return None
-        await stream.send_all(handshake.accept())
-        protocol = TunnelProtocol(
-            mux.Role.RELAY,
-            trailing_data=handshake.trailing_data,
-            max_message_size=config.max_message_size,
-            initial_window=config.initial_window,
-            max_chunk_size=config.max_chunk_size,
-            max_send_window=config.max_send_window,
-            max_queued_size=config.max_queued_size,
-            max_channels=config.max_channels + 1,  # SessionGuard refuses first, and logs
-        )
-        return protocol, identity, peer
-
-    def _client(self, peer_host: str, request: ws.RequestReceived, peer: str) -> str:
-        """The client's address: from X-Forwarded-For only when trusted proxies vouch for it.
-
-        It names the client in logs and is what failed logins are counted by.
-        """
-        forwarded_for = request.header("x-forwarded-for")
-        if forwarded_for is None:
-            return peer_host
-        client = client_address(peer_host, forwarded_for, self.config.trusted_proxies)
-        if client == peer_host:
-            log.debug("%s: X-Forwarded-For %r ignored (peer not in trusted_proxies)",
-                      peer, forwarded_for)
-        return client
-
-    def route(
-        self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str
-    ) -> bytes | None:
-        """The HTTP answer for anything that is not a good upgrade, else None."""
-        path = request.target.split("?", 1)[0]
-        if path == "/health" and not request.is_upgrade:
-            return handshake.reject(200, "ok")
-        if path != self.config.path:
-            return handshake.reject(404, f"nothing here; the tunnel is at {self.config.path}")
-        if self.stopping:
-            return handshake.reject(503, "the relay is shutting down")
-        if not request.is_upgrade or request.upgrade_problem is not None:
-            log.info(
-                "%s: %s", peer, request.upgrade_problem or "plain HTTP request on the tunnel path"
-            )
-            return handshake.default_response()
-        if ws.SUBPROTOCOL not in request.subprotocols:
-            return handshake.reject(
-                400, f"this is a wstunnel relay; use subprotocol {ws.SUBPROTOCOL}"
-            )
-        return None
+        response, protocol = self.gate.door.start_session(handshake)
+        await stream.send_all(response)
+        return protocol, outcome.identity, outcome.peer
 
     async def _serve_session(
         self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str
@@ -173,7 +131,7 @@ class Relay:
             admit=partial(self._admit, guard),
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
-            stats=self.stats,
+            observer=self.stats,
         )
         self.sessions.add(transport)
         self.gate.session_started(identity)
@@ -202,7 +160,6 @@ class Relay:
             self.stats.channel_refused(transport, mux.OpenFailure.LIMIT_REACHED, refusal,
                                        join_host_port(event.host, event.port), key=refusal)
             return mux.OpenFailure.LIMIT_REACHED, refusal
-        guard.pending += 1
         return None
 
     async def _close_when_idle(self, transport: TunnelTransport) -> None:
@@ -220,105 +177,59 @@ class Relay:
 
     def _open_now(
         self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
-    ) -> Callable[[], Awaitable[None]] | None:
-        """An admitted OPEN, handled where it was read when that needs no waiting:
-        an IP literal is checked and connected without a task (net/dial.py), so
-        the OPEN_OK, and the early data to the destination, leave at once.
-        Returns the rest as a task when there is waiting to do (DNS, a connect
-        still in progress, no socket pump)."""
-        host, port = channel.host, channel.port
-        policy = self.gate.current_policy(guard.identity)
-        address = literal_address(host)
-        if policy is None or address is None or not transport.pumping:
-            return partial(self._open_channel, guard, transport, channel)
-        try:
-            sock, connected = start_connect(
-                host, address, port, allows=lambda address: policy.allows(host, port, address),
-                explain=lambda address: policy.refusal(host, port, address))
-        except DialError as exc:
-            guard.pending -= 1
-            self._refuse(transport, channel, exc.reason, exc.text)
-            return None
-        if not connected:
-            return partial(self._finish_open, guard, transport, channel, sock)
-        guard.pending -= 1
-        self._carry(transport, channel, sock)
-        return None
-
-    async def _finish_open(self, guard: SessionGuard, transport: TunnelTransport,
-                           channel: ChannelStream, sock: socket.socket) -> None:
-        """The task for a connect that ``_open_now`` left in progress."""
-        try:
-            sock = await finish_connect(sock, channel.host, channel.port,
-                                        timeout=self.config.connect_timeout)
-        except DialError as exc:
-            self._refuse(transport, channel, exc.reason, exc.text)
-            return
-        finally:
-            guard.pending -= 1
-        self._carry(transport, channel, sock)
-
-    def _carry(self, transport: TunnelTransport, channel: ChannelStream,
-               sock: socket.socket) -> None:
-        """Accept the channel and hand the connected ``sock`` to the socket pump."""
-        if not transport.is_open or channel.error is not None:
-            set_abortive(sock)  # the session ended or the agent reset the channel meanwhile
-            sock.close()
-            return
-        tune_plain_socket(sock, notsent_lowat=False)
-        set_abortive(sock)  # (a clean end clears it: net/ending.py)
-        transport.protocol.accept_channel(channel.channel_id)
-        transport.wake_writer()
-        if not transport.attach_socket(sock, channel):
-            set_abortive(sock)  # (the session just ended: the pump is gone)
-            sock.close()
-
-    async def _open_channel(
-        self, guard: SessionGuard, transport: TunnelTransport, channel: ChannelStream
-    ) -> None:
-        """Dial the destination; carry the channel on success, OPEN_FAILED otherwise."""
-        host, port = channel.host, channel.port
-        protocol = transport.protocol
+    ) -> Rest | None:
+        """An admitted OPEN, answered where it was read when that needs no waiting;
+        returns the rest as a task when there is waiting to do (DNS, a connect still
+        in progress, no socket pump). Only those count as opens in flight
+        (``max_pending_opens``): the others are answered before the next OPEN is read."""
         policy = self.gate.current_policy(guard.identity)
         if policy is None:
-            guard.pending -= 1
             self._refuse(transport, channel, mux.OpenFailure.FORBIDDEN,
                          f"agent {guard.identity.name} is no longer configured on this relay")
-            return
+            return None
         try:
-            target = await dial(
-                host,
-                port,
-                timeout=self.config.connect_timeout,
-                allows=lambda address: policy.allows(host, port, address),
-                explain=lambda address: policy.refusal(host, port, address),
-            )
+            connected = self.connector.connect(channel.host, channel.port, policy,
+                                               timeout=self.config.connect_timeout)
+        except DialError as exc:
+            self._refuse(transport, channel, exc.reason, exc.text)
+            return None
+        if isinstance(connected, socket.socket):
+            return self._carry(transport, channel, connected)
+        guard.pending += 1
+        return partial(self._open_later, guard, transport, channel, connected)
+
+    async def _open_later(self, guard: SessionGuard, transport: TunnelTransport,
+                          channel: ChannelStream, connecting: Connecting) -> None:
+        """The task for an OPEN whose connect needs waiting."""
+        try:
+            sock = await connecting()
         except DialError as exc:
             self._refuse(transport, channel, exc.reason, exc.text)
             return
         finally:
             guard.pending -= 1
-        handed_over = False
-        try:
-            tune_socket(target, notsent_lowat=False)
-            set_abortive(target.socket)  # (a clean end clears it: net/ending.py)
-            protocol.accept_channel(channel.channel_id)
-            transport.wake_writer()
-            # The session's socket pump carries it from here, with no task of its own.
-            handed_over = transport.attach(target, channel)
-            if not handed_over:
-                await close_spliced(target, channel, await splice(target, channel))
-        finally:
-            if not handed_over:  # (closed by now, unless cancelled: that is a failure)
-                await abort_stream(target)
+        rest = self._carry(transport, channel, sock)
+        if rest is not None:
+            await rest()
+
+    def _carry(self, transport: TunnelTransport, channel: ChannelStream,
+               sock: socket.socket) -> Rest | None:
+        """Accept the channel and hand the connected ``sock`` to the socket pump;
+        where there is none, the rest (splice) to run as a task."""
+        tune_plain_socket(sock, notsent_lowat=False)
+        set_abortive(sock)  # (a clean end clears it: net/ending.py)
+        if not transport.accept(channel):
+            sock.close()  # the session ended or the agent reset the channel meanwhile
+            return None
+        if transport.attach_socket(sock, channel):
+            return None  # the pump carries it from here, with no task of its own
+        return partial(_splice, channel, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
 
     def _refuse(
         self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
     ) -> None:
         self.stats.channel_refused(transport, reason, text, channel.destination)
-        if transport.is_open and channel.error is None:
-            transport.protocol.refuse_channel(channel.channel_id, reason, text)
-            transport.wake_writer()
+        transport.refuse(channel, reason, text)
 
     async def drain(self, timeout: float) -> None:
         """GOAWAY to every session, wait for their channels, then close them."""
@@ -331,6 +242,22 @@ class Relay:
         async with trio.open_nursery() as nursery:
             for transport in list(self.sessions):
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
+
+
+async def _splice(channel: ChannelStream, target: trio.SocketStream) -> None:
+    """Carry an accepted channel where there is no socket pump: two tasks."""
+    closed = False
+    try:
+        await close_spliced(target, channel, await splice(target, channel))
+        closed = True
+    finally:
+        if not closed:  # (cancelled: that is a failure)
+            await abort_stream(target)
+
+
+def _log_lines(lines: tuple[LogLine, ...]) -> None:
+    for line in lines:
+        log.log(line.level, "%s", line.text)
 
 
 def _peer_host(stream: trio.SocketStream) -> str:

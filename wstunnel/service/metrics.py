@@ -85,7 +85,12 @@ class _Rate:
 
 
 class TunnelStats:
-    """What one agent or relay process has done, and what it holds now."""
+    """What one agent or relay process has done, and what it holds now.
+
+    Its sessions report their channels to it as their ``SessionObserver``
+    (net/observer.py: ``channel_opened``, ``channel_closed``, ``open_failed``);
+    the roles report sessions, refusals and reconnects.
+    """
 
     def __init__(self, role: str) -> None:
         self.role = role
@@ -122,6 +127,8 @@ class TunnelStats:
             self.refusals.session_ended(transport)
             self._changed()
 
+    # -- net.observer.SessionObserver: reported by each session's transport ------------
+
     def channel_opened(self, channel: ChannelStream) -> None:
         self.channels_total += 1
         self._opened_at[channel] = trio.current_time()
@@ -134,6 +141,8 @@ class TunnelStats:
 
     def open_failed(self, reason: int) -> None:
         self.open_failures[_reason_name(reason)] += 1
+
+    # -- refusals, reported by the relay -----------------------------------------------
 
     def channel_refused(self, transport: TunnelTransport, reason: mux.OpenFailure, text: str,
                         destination: str, *, key: str | None = None) -> None:

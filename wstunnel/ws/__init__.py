@@ -44,6 +44,10 @@ from .handshake import (
     accept_key,
 )
 
+# The uninitialised receive buffer lives beside the C masking code that provides
+# it; net/ reads sockets into it too, through this public name.
+from .masking import new_buffer
+
 __all__ = [
     "ClientHandshake",
     "DEFAULT_MAX_HEADER_SIZE",
@@ -78,4 +82,5 @@ __all__ = [
     "encode_binary_parts",
     "is_valid_close_code",
     "mask",
+    "new_buffer",
 ]

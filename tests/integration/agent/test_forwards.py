@@ -16,28 +16,40 @@ from ..tunnel_helpers import LOOPBACK
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
-async def test_accepted_sockets_are_tuned_and_go_to_carry_now_or_the_handler() -> None:
-    """carry_now gets a non-blocking socket with TCP_NODELAY, the 16 KiB
-    low-water mark (measured to matter for the round trip under load) and an
-    abortive close until it ends cleanly (net/ending.py); when it
-    declines, the handler gets the connection as a trio SocketStream."""
-    taken: list[socket.socket] = []
-    handled: list[trio.SocketStream] = []
-    carried, fell_back = trio.Event(), trio.Event()
+class _Opener:
+    """A ChannelOpener that takes the first connection at once and declines the rest."""
 
-    def carry_now(forward: Forward, sock: socket.socket) -> bool:
-        taken.append(sock)
-        carried.set()
-        return len(taken) == 1  # the second one goes to the handler
+    def __init__(self) -> None:
+        self.taken: list[socket.socket] = []
+        self.handled: list[trio.abc.HalfCloseableStream] = []
+        self.targets: list[tuple[str, int]] = []
+        self.carried, self.fell_back = trio.Event(), trio.Event()
 
-    async def handler(forward: Forward, stream: trio.SocketStream) -> None:
-        handled.append(stream)
-        fell_back.set()
+    def carry_now(self, host: str, port: int, sock: socket.socket) -> bool:
+        self.taken.append(sock)
+        self.targets.append((host, port))
+        self.carried.set()
+        return len(self.taken) == 1  # the second one goes to carry, in a task
+
+    async def carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream) -> None:
+        self.handled.append(stream)
+        self.targets.append((host, port))
+        self.fell_back.set()
         await stream.aclose()
 
+
+async def test_accepted_sockets_are_tuned_and_go_to_carry_now_or_carry() -> None:
+    """A local TCP forward's connection goes to the forward's target: carry_now gets
+    a non-blocking socket with TCP_NODELAY, the 16 KiB low-water mark (measured
+    to matter for the round trip under load) and an abortive close until it ends
+    cleanly (net/ending.py); when it declines, carry gets the connection as a
+    trio SocketStream in a task."""
+    opener = _Opener()
+    taken, handled, carried, fell_back = (opener.taken, opener.handled, opener.carried,
+                                          opener.fell_back)
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            forwards = ForwardSet(handler, nursery, carry_now)
+            forwards = ForwardSet(opener, nursery)
             bound = await nursery.start(forwards.serve, [Forward(LOOPBACK, 0, LOOPBACK, 9)])
             port = bound[0][0][1]
             try:
@@ -53,6 +65,7 @@ async def test_accepted_sockets_are_tuned_and_go_to_carry_now_or_the_handler() -
                 async with await trio.open_tcp_stream(LOOPBACK, port):
                     await fell_back.wait()
                 assert len(taken) == 2 and isinstance(handled[0], trio.SocketStream)
+                assert opener.targets == [(LOOPBACK, 9)] * 3
             finally:
                 if taken:
                     taken[0].close()  # (carry_now took it over)

@@ -21,8 +21,7 @@ async def _session_pair(
     send, receive = trio.open_memory_channel[ChannelStream](100)
 
     async def on_open(transport: TunnelTransport, channel: ChannelStream) -> None:
-        transport.protocol.accept_channel(channel.channel_id)
-        transport.wake_writer()
+        assert transport.accept(channel)
         await send.send(channel)
 
     agent = TunnelTransport(

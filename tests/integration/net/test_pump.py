@@ -77,8 +77,7 @@ async def session_pair(*, relay_attaches: bool,
     agent_end, relay_end = trio.testing.memory_stream_pair()
 
     async def on_open(transport: TunnelTransport, channel: ChannelStream) -> None:
-        transport.protocol.accept_channel(channel.channel_id)
-        transport.wake_writer()
+        assert transport.accept(channel)
         if not relay_attaches:
             await send.send((channel, None))
             return

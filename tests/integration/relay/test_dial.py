@@ -1,4 +1,4 @@
-"""The relay's task-free connect to an IP literal (net/dial.py) and its task fallback."""
+"""The relay's task-free connect to an IP literal (relay/dial.py) and its task fallback."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import trio
 
 from wstunnel import mux
 from wstunnel.net import pump
-from wstunnel.relay import relay
-from wstunnel.relay.dial import DialError, finish_connect, literal_address, start_connect
+from wstunnel.relay import dial
+from wstunnel.relay.dial import (
+    DialError,
+    TcpConnector,
+    finish_connect,
+    literal_address,
+    start_connect,
+)
+from wstunnel.security.policy import Policy
 
 from ..tunnel_helpers import LOOPBACK, echo_exact, echo_handler, tunnel
 
@@ -114,7 +121,7 @@ async def test_connect_still_in_progress_finishes_in_a_task(
         calls.append(True)
         return sock, False
 
-    monkeypatch.setattr(relay, "start_connect", in_progress)
+    monkeypatch.setattr(dial, "start_connect", in_progress)  # (TcpConnector's)
     with trio.fail_after(10):
         async with tunnel([echo_handler]) as (ports, _relay, _agent):
             for _ in range(3):
@@ -135,3 +142,28 @@ def test_start_connect_without_a_socket_is_a_dial_error(monkeypatch: pytest.Monk
         start_connect(LOOPBACK, ADDRESS, 1, allows=_allow_all)
     assert failed.value.reason is mux.OpenFailure.UNREACHABLE
     assert failed.value.text == "too many open files"
+
+
+async def test_tcp_connector_literal_at_once_name_in_a_task_forbidden_refused() -> None:
+    """The relay's Connector for TCP: an allowed IP literal comes back connected at
+    once (no task); a host name comes back as the rest to await, which resolves,
+    checks and connects; a literal the policy forbids is a DialError at once."""
+    connector = TcpConnector()
+    with socket.create_server((LOOPBACK, 0)) as listener:
+        port = listener.getsockname()[1]
+        policy = Policy([f"{LOOPBACK}:{port}"])
+        now = connector.connect(LOOPBACK, port, policy, timeout=5)
+        assert isinstance(now, socket.socket)
+        later = connector.connect("localhost", port, policy, timeout=5)
+        assert not isinstance(later, socket.socket)
+        with trio.fail_after(5):
+            connected = await later()
+        try:
+            for sock in (now, connected):
+                assert sock.getpeername()[:2] == (LOOPBACK, port)
+        finally:
+            now.close()
+            connected.close()
+        with pytest.raises(DialError) as forbidden:
+            connector.connect(LOOPBACK, port + 1 if port < 65535 else port - 1, policy, timeout=5)
+    assert forbidden.value.reason is mux.OpenFailure.FORBIDDEN

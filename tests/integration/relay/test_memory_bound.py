@@ -17,7 +17,7 @@ from wstunnel import mux
 from wstunnel.agent.connect import open_websocket
 from wstunnel.config import parse_relay_url
 from wstunnel.net.transport import TunnelTransport
-from wstunnel.protocol import TunnelProtocol
+from wstunnel.protocol import SessionLimits, TunnelProtocol
 from wstunnel.relay import run_relay
 from wstunnel.security.auth import hash_token, new_token
 
@@ -74,7 +74,7 @@ async def _greedy_session(port: int, token: str, source: int) -> trio.abc.Stream
     url = parse_relay_url(f"ws://{LOOPBACK}:{port}/tunnel")
     stream, trailing = await open_websocket(url, headers=[("Authorization", f"Bearer {token}")])
     agent = TunnelProtocol(mux.Role.AGENT, trailing_data=trailing,
-                           initial_window=mux.MAX_WINDOW)
+                           limits=SessionLimits(initial_window=mux.MAX_WINDOW))
     for _ in range(CHANNELS):
         agent.open_channel(LOOPBACK, source)
     await stream.send_all(agent.data_to_send())

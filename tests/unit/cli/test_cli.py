@@ -180,6 +180,26 @@ def test_bad_flags_exit_2(argv: list[str], fragment: str, monkeypatch: pytest.Mo
     assert fragment in capsys.readouterr().err and seen == []
 
 
+def test_two_forwards_on_one_address_are_refused_from_flags_and_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two forwards listening on one address: exit 2 naming both, whether they were
+    given as -L flags or in a file; nothing runs (one would silently shadow the other)."""
+    seen = fake_role(monkeypatch, "agent")
+    relay = "ws://127.0.0.1:1/tunnel"
+    assert main(["agent", "--relay", relay, "-L", "9000:a.example:1",
+                 "-L", "9000:b.example:2"]) == 2
+    assert capsys.readouterr().err == ("wstunnel: error: -L: listen address 127.0.0.1:9000 "
+                                       "is already used by -L 9000:a.example:1\n")
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"relay: {relay}\nforwards:\n  - 9000:a.example:1\n  - 9000:b.example:2\n")
+    assert main(["agent", "-c", str(path)]) == 2
+    assert capsys.readouterr().err == (f"wstunnel: error: {path}:4: forwards[1]: listen "
+                                       "address 127.0.0.1:9000 is already used by "
+                                       "forwards[0]\n")
+    assert seen == []
+
+
 # ---------------------------------------------------- running and failing
 
 def test_listen_port_in_use_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch,

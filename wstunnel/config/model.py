@@ -1,0 +1,196 @@
+"""The settings of both roles: frozen dataclasses whose field defaults are the YAML defaults.
+
+A config object is built once per load or reload, and what the roles read on
+every connection or every OPEN is parsed here, once, in ``__post_init__``:
+``AgentConfig.relay_url`` and ``proxy_url`` from their text, ``Policy``
+objects (with their verdict caches) from the allow rules. They are derived
+fields, left out of ``__init__``, ``repr`` and comparisons, so that
+``dataclasses.replace`` derives them again from the new text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+from .. import mux, ws
+from ..addresses import HostPort
+from ..security.auth import TokenHash
+from ..security.forwarded import IPNetwork
+from ..security.policy import AllowRule, Policy
+from ..security.tls import ClientTLS
+from .proxy_url import NO_PROXY, ProxyURL, parse_proxy_url
+from .textforms import DEFAULT_BIND_HOST, DEFAULT_PATH, Forward, MiB, RelayURL, parse_relay_url
+
+__all__ = [
+    "DEFAULT_INITIAL_WINDOW",
+    "DEFAULT_MAX_BUFFERED_SIZE",
+    "DEFAULT_MAX_CHANNELS",
+    "DEFAULT_MAX_CHUNK_SIZE",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_MAX_PENDING_OPENS",
+    "DEFAULT_MAX_QUEUED_SIZE",
+    "DEFAULT_MAX_SEND_WINDOW",
+    "DEFAULT_MAX_SESSIONS_PER_AGENT",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "AgentAccount",
+    "AgentConfig",
+    "RelayConfig",
+    "RelayTLS",
+    "demo_configs",
+]
+
+# The protocol core's limits are the config's limits: one source of truth.
+DEFAULT_INITIAL_WINDOW: Final = mux.DEFAULT_INITIAL_WINDOW
+DEFAULT_MAX_CHUNK_SIZE: Final = mux.DEFAULT_MAX_CHUNK_SIZE
+DEFAULT_MAX_CHANNELS: Final = mux.DEFAULT_MAX_CHANNELS
+DEFAULT_MAX_SEND_WINDOW: Final = mux.DEFAULT_MAX_SEND_WINDOW
+DEFAULT_MAX_QUEUED_SIZE: Final = mux.DEFAULT_MAX_QUEUED_SIZE
+DEFAULT_MAX_MESSAGE_SIZE: Final = ws.DEFAULT_MAX_MESSAGE_SIZE
+DEFAULT_MAX_PENDING_OPENS: Final = 64
+DEFAULT_MAX_BUFFERED_SIZE: Final = 256 * MiB  # = 1024 channels x 256 KiB windows
+DEFAULT_MAX_SESSIONS_PER_AGENT: Final = 8
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of ``wstunnel agent`` (YAML keys equal field names)."""
+
+    relay: str
+    forwards: tuple[Forward, ...]
+    connect_wait_timeout: float = 10.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    reconnect_min_interval: float = 1.0
+    reconnect_max_interval: float = 30.0
+    handshake_timeout: float = 10.0
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    max_send_window: int = DEFAULT_MAX_SEND_WINDOW  # per channel, whatever the peer grants
+    max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE  # per session, all channels together
+    proxy: str | None = field(default=None, repr=False)  # None: environment; "none": direct
+    proxy_password_file: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    host_header: str | None = None
+    log_level: str = "info"
+    log_format: str = "text"
+    token_file: str | None = None
+    token_env: str | None = None
+    token_credential: str | None = None
+    ca_file: str | None = None
+    relay_fingerprint: str | None = None
+    insecure_skip_verify: bool = False
+    server_name: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    admin_socket: str | None = None  # unix socket for `wstunnel status`
+    source: str = field(default="<command line>", compare=False)  # file named in messages
+    #: ``relay`` split into what the agent dials.
+    relay_url: RelayURL = field(init=False, repr=False, compare=False)
+    #: ``proxy`` parsed; None when it is unset (the environment decides) or ``none``.
+    proxy_url: ProxyURL | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Parse ``relay`` and ``proxy`` once.
+
+        Raises:
+            ValueError: either is not valid (the loaders check them first, with
+                file, line and key).
+        """
+        object.__setattr__(self, "relay_url", parse_relay_url(self.relay))
+        object.__setattr__(self, "proxy_url", _proxy_setting(self.proxy))
+
+    @property
+    def client_tls(self) -> ClientTLS:
+        """How the agent checks the relay's certificate."""
+        return ClientTLS(self.ca_file, self.relay_fingerprint, self.insecure_skip_verify,
+                         self.client_cert_file, self.client_key_file)
+
+
+def _proxy_setting(text: str | None) -> ProxyURL | None:
+    if text is None or text.strip().lower() == NO_PROXY:
+        return None
+    return parse_proxy_url(text)
+
+
+@dataclass(frozen=True)
+class RelayTLS:
+    """The relay's ``tls:`` section."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentAccount:
+    """One entry of the relay's ``agents:`` list."""
+
+    name: str
+    token_hash: TokenHash | None = None
+    allow: tuple[AllowRule, ...] = ()
+    #: The destination policy built from ``allow``: one per account and load, so
+    #: its verdict cache serves every OPEN of every session of this agent.
+    policy: Policy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy(self.allow))
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Settings of ``wstunnel relay`` (YAML keys equal field names)."""
+
+    listen: HostPort
+    path: str = DEFAULT_PATH
+    allow: tuple[AllowRule, ...] = ()
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 10.0
+    drain_timeout: float = 10.0
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    max_send_window: int = DEFAULT_MAX_SEND_WINDOW  # per channel, whatever the peer grants
+    max_queued_size: int = DEFAULT_MAX_QUEUED_SIZE  # per session, all channels together
+    max_channels: int = DEFAULT_MAX_CHANNELS
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    log_level: str = "info"
+    log_format: str = "text"
+    tls: RelayTLS | None = None
+    agents: tuple[AgentAccount, ...] = ()
+    no_auth: bool = False
+    max_pending_opens: int = DEFAULT_MAX_PENDING_OPENS
+    max_buffered_size: int = DEFAULT_MAX_BUFFERED_SIZE
+    max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
+    idle_timeout: float = 0.0
+    metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    admin_socket: str | None = None  # unix socket for `wstunnel status`
+    source: str = field(default="<command line>", compare=False)  # file named in messages
+    #: The destination policy built from ``allow`` (anonymous clients, with ``no_auth``).
+    policy: Policy = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", Policy(self.allow))
+
+
+def demo_configs(echo_port: int, sink_port: int, *,
+                 relay_port: int = 0) -> tuple[RelayConfig, AgentConfig]:
+    """Loopback configs for ``wstunnel demo``: a relay allowing exactly the two
+    targets (no_auth: nothing but this process can reach it in the demo's few
+    seconds, and it only opens those two loopback ports), and an agent
+    forwarding a free local port to each of them."""
+    loopback = DEFAULT_BIND_HOST
+    relay = RelayConfig(listen=HostPort(loopback, relay_port), source="<demo>", no_auth=True,
+                        allow=tuple(AllowRule.parse(f"{loopback}:{port}")
+                                    for port in (echo_port, sink_port)))
+    forwards = tuple(Forward(loopback, 0, loopback, port) for port in (echo_port, sink_port))
+    agent = AgentConfig(relay=f"ws://{loopback}:{relay_port}{DEFAULT_PATH}",
+                        forwards=forwards, source="<demo>")
+    return relay, agent

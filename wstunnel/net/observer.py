@@ -1,0 +1,31 @@
+"""What a session reports about its channels, to whoever counts them.
+
+The net layer owns this interface and never imports the code that implements
+it (``service.metrics.TunnelStats``): reports go up through it, so nothing
+below the service layer depends on the service layer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .channel_stream import ChannelStream
+
+__all__ = ["SessionObserver"]
+
+
+class SessionObserver(Protocol):
+    """Told by ``TunnelTransport`` as its channels come and go. Called in the
+    transport's tasks, between two checkpoints: must not block or raise."""
+
+    def channel_opened(self, channel: ChannelStream) -> None:
+        """A channel joined the session (opened by us or admitted from the peer)."""
+
+    def channel_closed(self, channel: ChannelStream) -> None:
+        """A channel left the session: finished, refused, reset, or the session ended
+        (its byte counts are final)."""
+
+    def open_failed(self, reason: int) -> None:
+        """The peer refused a channel we opened (``mux.OpenFailure`` code, or an
+        unknown one)."""

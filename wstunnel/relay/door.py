@@ -1,0 +1,384 @@
+"""The relay's door: what to answer an upgrade request, and whose login it is, without I/O.
+
+Theory of operation
+-------------------
+Everything the relay decides between reading an HTTP request and switching
+to WebSocket is here, over values and bytes: the caller reads the request
+(``upgrade.read_request``), hands it to ``Door.enter`` with who sent it
+(``Visitor``) and the time, and gets one of three results:
+
+* ``Answer``: the HTTP response to send before closing: the health check,
+  404 for another path, 503 while draining, 426/400 for a request that is
+  not a good upgrade, 401/429/503 for a refused login;
+* ``NeedsLogin``: a ``scrypt`` token nobody has checked yet (~40 ms of one
+  core). The caller runs that check under the relay-wide budget (guard.py,
+  the one part that needs threads and waiting) and passes the outcome to
+  ``finish_login``, which returns an ``Answer`` or an ``Accepted``;
+* ``Accepted``: the session's ``Identity``; ``Door.start_session`` then gives
+  the 101 answer and the relay's end of the tunnel protocol.
+
+Each result carries its ``LogLine``s, which the caller logs in order: the
+door never logs, reads a clock or touches a socket, so unit and fuzz tests
+drive it with bytes alone (``now`` is an argument).
+
+The login rules:
+
+* every token is checked, whatever else came from the same address: a
+  stranger behind the same NAT (or every client, behind a proxy that is not
+  in ``trusted_proxies``) cannot lock a correct token out. Failures are
+  counted per source (the X-Forwarded-For client when trusted proxies vouch
+  for it) only to log a source that keeps failing once per interval, not
+  once per attempt, and to queue its scrypt checks behind the others;
+* a missing, malformed, unknown or wrong token gets the same 401 (the log
+  line, for the operator, says which);
+* an ``hmac-sha256`` hash is checked inline (a microsecond); a ``scrypt``
+  one once per token: a token that passed is remembered, so a returning
+  agent costs an HMAC;
+* with mutual TLS the certificate's common name names the agent; a token, if
+  sent, must belong to the same agent (and is required when the agent's
+  entry has a ``token_hash``);
+* an agent already holding ``max_sessions_per_agent`` sessions gets 429.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from .. import mux, ws
+from ..protocol import SessionLimits, TunnelProtocol
+from ..security.auth import (
+    ANONYMOUS,
+    RateLimiter,
+    VerifiedTokens,
+    bearer_token,
+    token_agent,
+    verify_token,
+)
+from ..security.forwarded import client_address
+
+if TYPE_CHECKING:
+    from ..config import AgentAccount, RelayConfig
+    from ..security.policy import Policy
+
+__all__ = [
+    "Accepted",
+    "Answer",
+    "Door",
+    "Identity",
+    "LogLine",
+    "NeedsLogin",
+    "Outcome",
+    "Visitor",
+    "server_handshake",
+    "session_limits",
+]
+
+MAX_HEADER_SIZE: Final = 16384  # request line and headers of an upgrade (431 beyond)
+MAX_HEADERS: Final = 100
+BUSY_LOG_INTERVAL: Final = 10.0  # at most one "scrypt checks are saturated" line per this
+_AUTH_HEADERS: Final = (("WWW-Authenticate", 'Bearer realm="wstunnel"'),)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a session belongs to, and where it may connect."""
+
+    name: str
+    policy: Policy
+
+
+@dataclass(frozen=True, slots=True)
+class Visitor:
+    """Who knocked: the TCP peer as logs name it ("host:port"), its address, and the
+    agent named by its client certificate (mutual TLS; None without one)."""
+
+    peer: str
+    peer_host: str
+    cert_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LogLine:
+    """A line for the relay's log (``level`` as in ``logging``), already worded."""
+
+    level: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """Send ``response`` and close. ``failed_login``: a 401 (counted in the metrics)."""
+
+    status: int
+    response: bytes
+    log: tuple[LogLine, ...] = ()
+    failed_login: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsLogin:
+    """Check ``token`` against ``account``'s scrypt hash, then call ``Door.finish_login``.
+
+    ``source`` is the client's address (what failures are counted by) and
+    ``lane`` its place in the queue: 0 for a source with a clean record, 1
+    for one that failed lately. ``peer`` names the client in logs.
+    """
+
+    account: AgentAccount
+    token: str
+    source: str
+    lane: int
+    peer: str
+    log: tuple[LogLine, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Switch to WebSocket (``start_session``) for agent ``identity``; ``peer`` names the
+    client in the session's logs ("client via proxy" behind a trusted proxy)."""
+
+    identity: Identity
+    peer: str
+    log: tuple[LogLine, ...] = ()
+
+
+Outcome: TypeAlias = Answer | NeedsLogin | Accepted
+
+
+def server_handshake() -> ws.ServerHandshake:
+    """The parser for one upgrade request, with the relay's limits."""
+    return ws.ServerHandshake(max_header_size=MAX_HEADER_SIZE, max_headers=MAX_HEADERS)
+
+
+def session_limits(config: RelayConfig) -> SessionLimits:
+    """The limits every session of the relay runs under (built per load or reload)."""
+    return SessionLimits(
+        max_message_size=config.max_message_size,
+        initial_window=config.initial_window,
+        max_chunk_size=config.max_chunk_size,
+        max_send_window=config.max_send_window,
+        max_queued_size=config.max_queued_size,
+        max_channels=config.max_channels + 1,  # SessionGuard refuses first, and logs
+    )
+
+
+class Door:
+    """The relay's routing and login decisions, and what they remember between connections.
+
+    One per relay. It remembers failed logins per source, tokens that passed a
+    scrypt check and how many sessions each agent holds (the caller reports
+    sessions starting and ending); ``reconfigure`` replaces the config and
+    keeps all three.
+    """
+
+    def __init__(self, config: RelayConfig) -> None:
+        self._sessions: Counter[str] = Counter()
+        self._limiter = RateLimiter()
+        self._verified = VerifiedTokens()
+        self._quiet_until: dict[str, float] = {}
+        self._busy_count = 0
+        self._busy_logged_at = -math.inf
+        self.reconfigure(config)
+
+    def reconfigure(self, config: RelayConfig) -> None:
+        """Path, agents, tokens, policies and session limits for requests from now on."""
+        self.config = config
+        self.accounts = {account.name: account for account in config.agents}
+        self.limits = session_limits(config)
+        self._anonymous = Identity(ANONYMOUS, config.policy)
+
+    def enter(self, handshake: ws.ServerHandshake, request: ws.RequestReceived | ws.HandshakeFailed,
+              visitor: Visitor, *, now: float, stopping: bool = False) -> Outcome:
+        """What to do with one request: answer it, check its scrypt token, or accept it.
+
+        Args:
+            handshake: the parser that read ``request``; it words the answers.
+            request: what it read.
+            visitor: who sent it.
+            now: the time, in seconds (for counting failed logins).
+            stopping: the relay is draining (503 to new sessions).
+
+        Returns:
+            An ``Answer`` to send, a ``NeedsLogin`` to check and hand to
+            ``finish_login``, or ``Accepted`` (call ``start_session``).
+        """
+        if isinstance(request, ws.HandshakeFailed):
+            line = LogLine(logging.INFO, f"{visitor.peer}: bad HTTP request ({request.message})")
+            return Answer(request.status, request.response, (line,))
+        source, log = self._client(request, visitor)
+        peer = visitor.peer if source == visitor.peer_host else f"{source} via {visitor.peer}"
+        outcome: Outcome | None = self._route(handshake, request, peer, stopping)
+        if outcome is None:
+            outcome = self._log_in(handshake, request, visitor.cert_name, source, peer, now)
+        return dataclasses.replace(outcome, log=log + outcome.log) if log else outcome
+
+    def finish_login(self, handshake: ws.ServerHandshake, login: NeedsLogin, good: bool | None,
+                     *, now: float) -> Answer | Accepted:
+        """The outcome once ``login``'s scrypt check ran (``good``: the token matched) or
+        found no room in the budget (None: 503, try again)."""
+        account = login.account
+        if good is None:
+            return self._busy(handshake, account.name, now)
+        if good and account.token_hash is not None:
+            self._verified.remember(account.name, account.token_hash, login.token)
+        return self._verdict(handshake, account.name, account, good, login.source, login.peer,
+                             now)
+
+    def session_started(self, name: str) -> None:
+        """Agent ``name`` has one more session (it counts against max_sessions_per_agent)."""
+        self._sessions[name] += 1
+
+    def session_ended(self, name: str) -> None:
+        self._sessions[name] -= 1
+        if self._sessions[name] <= 0:
+            del self._sessions[name]
+
+    def start_session(self, handshake: ws.ServerHandshake) -> tuple[bytes, TunnelProtocol]:
+        """The 101 answer to an ``Accepted`` request, and the relay's end of the session it
+        starts (already fed with any bytes the agent sent after its request)."""
+        response = handshake.accept()
+        protocol = TunnelProtocol(mux.Role.RELAY, limits=self.limits,
+                                  trailing_data=handshake.trailing_data)
+        return response, protocol
+
+    def _client(self, request: ws.RequestReceived,
+                visitor: Visitor) -> tuple[str, tuple[LogLine, ...]]:
+        """The client's address: from X-Forwarded-For only when trusted proxies vouch for it.
+
+        It names the client in logs and is what failed logins are counted by.
+        """
+        forwarded_for = request.header("x-forwarded-for")
+        if forwarded_for is None:
+            return visitor.peer_host, ()
+        client = client_address(visitor.peer_host, forwarded_for, self.config.trusted_proxies)
+        if client != visitor.peer_host:
+            return client, ()
+        return client, (LogLine(logging.DEBUG, f"{visitor.peer}: X-Forwarded-For "
+                                f"{forwarded_for!r} ignored (peer not in trusted_proxies)"),)
+
+    def _route(self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str,
+               stopping: bool) -> Answer | None:
+        """The HTTP answer for anything that is not a good upgrade, else None."""
+        path = request.target.split("?", 1)[0]
+        if path == "/health" and not request.is_upgrade:
+            return _answer(handshake, 200, "ok")
+        if path != self.config.path:
+            return _answer(handshake, 404, f"nothing here; the tunnel is at {self.config.path}")
+        if stopping:
+            return _answer(handshake, 503, "the relay is shutting down")
+        if not request.is_upgrade or request.upgrade_problem is not None:
+            problem = request.upgrade_problem or "plain HTTP request on the tunnel path"
+            status = 400 if request.is_upgrade else 426  # (ws: RFC 6455 4.2.2, 4.4)
+            return Answer(status, handshake.default_response(),
+                          (LogLine(logging.INFO, f"{peer}: {problem}"),))
+        if ws.SUBPROTOCOL not in request.subprotocols:
+            return _answer(handshake, 400,
+                           f"this is a wstunnel relay; use subprotocol {ws.SUBPROTOCOL}")
+        return None
+
+    def _log_in(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
+                cert_name: str | None, source: str, peer: str, now: float) -> Outcome:
+        """Who the agent is, from its client certificate and its token."""
+        if self.config.no_auth:
+            return Accepted(self._anonymous, peer)
+        header = request.header("authorization")
+        token = bearer_token(header)
+        if cert_name is not None:
+            account = self.accounts.get(cert_name)
+            if account is None:
+                problem = f"client certificate for unknown agent {cert_name!r}"
+                return self._refused(handshake, problem, source, peer, now)
+            if token is None and account.token_hash is None:
+                return self._admitted(handshake, account, peer)
+        if token is None:
+            problem = "no Authorization header" if header is None else "not a Bearer token"
+            return self._refused(handshake, problem, source, peer, now)
+        return self._check_token(handshake, token, cert_name, source, peer, now)
+
+    def _check_token(self, handshake: ws.ServerHandshake, token: str, cert_name: str | None,
+                     source: str, peer: str, now: float) -> Outcome:
+        """Check a token inline, or say it needs a scrypt check (never remembered as wrong)."""
+        name = token_agent(token)
+        account = self.accounts.get(name) if name is not None else None
+        if cert_name is not None and name != cert_name:
+            account = None
+        stored = account.token_hash if account is not None else None
+        if account is None or stored is None or not stored.slow:
+            good = verify_token(token, stored)  # a microsecond: no queue, no thread
+        elif self._verified.known(account.name, stored, token):
+            good = True
+        else:
+            lane = 0 if self._limiter.is_clean(source, now) else 1
+            self._limiter.charge(source, now)  # at once: a flood's next try from here is lane 1
+            return NeedsLogin(account, token, source, lane, peer)
+        return self._verdict(handshake, name, account, good, source, peer, now)
+
+    def _verdict(self, handshake: ws.ServerHandshake, name: str | None,
+                 account: AgentAccount | None, good: bool, source: str, peer: str,
+                 now: float) -> Answer | Accepted:
+        if not good or account is None:
+            problem = (f"wrong token for agent {name!r}" if account is not None
+                       else f"token for unknown agent {name!r}")
+            return self._refused(handshake, problem, source, peer, now)
+        return self._admitted(handshake, account, peer)
+
+    def _admitted(self, handshake: ws.ServerHandshake, account: AgentAccount,
+                  peer: str) -> Answer | Accepted:
+        """The agent is who it says: in, unless it has too many sessions already."""
+        held = self._sessions[account.name]
+        if held < self.config.max_sessions_per_agent:
+            return Accepted(Identity(account.name, account.policy), peer)
+        line = LogLine(logging.WARNING, f"{peer}: agent {account.name} already has {held} "
+                                        f"sessions (max_sessions_per_agent); refused")
+        response = handshake.reject(429, f"agent {account.name} has too many sessions",
+                                    (("Retry-After", "30"),))
+        return Answer(429, response, (line,))
+
+    def _refused(self, handshake: ws.ServerHandshake, problem: str, source: str, peer: str,
+                 now: float) -> Answer:
+        """401, the same whatever was wrong; ``problem`` goes to the log only."""
+        response = handshake.reject(401, "authentication failed", _AUTH_HEADERS)
+        return Answer(401, response, self._failure_log(peer, source, problem, now),
+                      failed_login=True)
+
+    def _failure_log(self, peer: str, source: str, problem: str,
+                     now: float) -> tuple[LogLine, ...]:
+        """One line per failure while ``source`` is within its budget, then one per interval."""
+        limiter = self._limiter
+        text = f"{peer}: authentication failed from {source}: {problem}"
+        if limiter.retry_after(source, now) > 0:
+            if self._quiet_until.get(source, 0.0) > now:
+                text = ""
+            else:
+                self._quiet_until[source] = now + limiter.interval
+                if len(self._quiet_until) > limiter.max_keys:
+                    self._quiet_until.clear()
+                text += (f"; more failures from {source} are logged at most one per "
+                         f"{limiter.interval:.0f} s")
+        limiter.charge(source, now)
+        return (LogLine(logging.WARNING, text),) if text else ()
+
+    def _busy(self, handshake: ws.ServerHandshake, name: str, now: float) -> Answer:
+        """503: no room for one more scrypt check; logged once per ``BUSY_LOG_INTERVAL``."""
+        self._busy_count += 1
+        log: tuple[LogLine, ...] = ()
+        if now >= self._busy_logged_at + BUSY_LOG_INTERVAL:
+            log = (LogLine(logging.WARNING, (
+                f"scrypt token checks are saturated ({self._busy_count} logins answered 503 "
+                f"busy since the last such line; the latest for agent {name}): give agents "
+                f"tokens from `wstunnel keygen --token NAME`, whose hmac-sha256 hashes cost "
+                f"nothing")),)
+            self._busy_count = 0
+            self._busy_logged_at = now
+        response = handshake.reject(503, "the relay is busy checking logins; try again in a "
+                                         "second", (("Retry-After", "1"),))
+        return Answer(503, response, log)
+
+
+def _answer(handshake: ws.ServerHandshake, status: int, text: str) -> Answer:
+    return Answer(status, handshake.reject(status, text))
