@@ -161,6 +161,18 @@ async def receive_until_reset(stream: trio.SocketStream) -> bytes:
     raise AssertionError(f"clean end of stream after {sum(map(len, chunks))} bytes, not a reset")
 
 
+async def http_status(port: int, request: bytes) -> int:
+    """The HTTP status the server on ``port`` answers ``request`` with."""
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        await stream.send_all(request)
+        head = b""
+        while b"\r\n" not in head:
+            chunk = await stream.receive_some()
+            assert chunk, f"the server closed without answering (got {head!r})"
+            head += chunk
+    return int(head.split()[1])
+
+
 async def expect_reset(stream: trio.SocketStream, payload: bytes = b"") -> None:
     """Send ``payload`` (if any) and see the connection reset with nothing received:
     how a refused or lost channel must end for its application."""

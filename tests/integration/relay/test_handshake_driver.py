@@ -20,7 +20,7 @@ from wstunnel.security.auth import hash_token, new_token, scrypt_hash
 from wstunnel.service.metrics import TunnelStats
 
 from ..log_watch import LogWatch
-from ..tunnel_helpers import LOOPBACK, relay_config
+from ..tunnel_helpers import LOOPBACK, http_status, relay_config
 
 TIMEOUT = 10.0
 TOKEN = new_token("a1")
@@ -53,18 +53,6 @@ async def _serving(relay: Relay) -> AsyncIterator[int]:
             nursery.cancel_scope.cancel()
 
 
-async def _status(port: int, request: bytes) -> int:
-    """The status of the relay's answer to ``request``."""
-    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        await stream.send_all(request)
-        head = b""
-        while b"\r\n" not in head:
-            chunk = await stream.receive_some()
-            assert chunk, f"the relay closed without answering (got {head!r})"
-            head += chunk
-    return int(head.split(b" ", 2)[1])
-
-
 async def test_answers_reach_the_client_and_only_failed_logins_are_counted(
     logs: LogWatch,
 ) -> None:
@@ -73,15 +61,15 @@ async def test_answers_reach_the_client_and_only_failed_logins_are_counted(
     stats = TunnelStats("relay")
     with trio.fail_after(TIMEOUT):
         async with _serving(Relay(_config(), stats)) as port:
-            assert await _status(port, _request("/elsewhere", TOKEN)) == 404
+            assert await http_status(port, _request("/elsewhere", TOKEN)) == 404
             assert stats.auth_failures == 0
-            assert await _status(port, _request(token=new_token("a1"))) == 401
+            assert await http_status(port, _request(token=new_token("a1"))) == 401
             await logs.wait_for("authentication failed from 127.0.0.1: wrong token for "
                                 "agent 'a1'")
-            assert await _status(port, _request(token=new_token("old"))) == 401
+            assert await http_status(port, _request(token=new_token("old"))) == 401
             await logs.wait_for("wrong token for agent 'old'")
             assert stats.auth_failures == 2
-            assert await _status(port, _request(token=OLD_TOKEN)) == 101
+            assert await http_status(port, _request(token=OLD_TOKEN)) == 101
             await logs.wait_for("session up for agent old")
     assert stats.auth_failures == 2
 
@@ -92,4 +80,4 @@ async def test_a_draining_relay_refuses_new_sessions_with_503() -> None:
     with trio.fail_after(TIMEOUT):
         async with _serving(relay) as port:
             await relay.drain(0.0)
-            assert await _status(port, _request(token=TOKEN)) == 503
+            assert await http_status(port, _request(token=TOKEN)) == 503

@@ -23,7 +23,7 @@ from wstunnel.errors import HandshakeError
 from wstunnel.security.auth import new_token
 
 from ..security_helpers import account
-from ..tunnel_helpers import LOOPBACK, relay_config, start_relay
+from ..tunnel_helpers import LOOPBACK, http_status, relay_config, start_relay
 
 LOGIN_DEADLINE = 1.0  # what issue 15 promises a correct token, whatever strangers do
 FLOOD_ADDRESSES = 400
@@ -47,18 +47,6 @@ def _bad_login(port: int, forwarded_for: str | None = None) -> bytes:
     if forwarded_for is not None:
         lines.append(f"X-Forwarded-For: {forwarded_for}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def _answer(port: int, request: bytes) -> int:
-    """The HTTP status the relay answers ``request`` with."""
-    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        await stream.send_all(request)
-        head = b""
-        while b"\r\n" not in head:
-            chunk = await stream.receive_some()
-            assert chunk, f"the relay closed without answering (got {head!r})"
-            head += chunk
-    return int(head.split()[1])
 
 
 async def _login(port: int, token: str, forwarded_for: str | None = None) -> float:
@@ -101,7 +89,7 @@ class _Attack:
 async def _stranger(port: int, attack: _Attack) -> None:
     """A wrong token every 0.25 s from the agent's own address, as in the issue."""
     while True:
-        attack.record(await _answer(port, _bad_login(port)))
+        attack.record(await http_status(port, _bad_login(port)))
         await trio.sleep(0.25)  # (the attack's own pace, not a wait for something)
 
 
@@ -165,7 +153,7 @@ async def test_a_flood_from_400_addresses_delays_the_right_token_by_under_a_seco
             flood = _Attack()
 
             async def send(n: int) -> int:
-                return await _answer(port, _bad_login(port, _address(n)))
+                return await http_status(port, _bad_login(port, _address(n)))
 
             nursery.start_soon(_flood, flood, send)
             for step in range(1, LOGINS + 1):
