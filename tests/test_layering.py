@@ -61,6 +61,7 @@ TRIO_LOWLEVEL_ALLOWED = {
     "net/plain_stream.py": "ws:// on a bare socket instead of trio.SocketStream (faster churn)",
     "net/tls_stream.py": "wss:// with OpenSSL on the socket: waits for readiness itself",
     "agent/forwards.py": "accepts on the stdlib listener once per wake-up (less CPU per conn)",
+    "agent/stdio.py": "stdin/stdout as streams (FdStream): trio has no high-level API for fds",
 }
 # Process-wide setup belongs to the entry point: only cli/ starts the event loop,
 # configures logging or installs signal handlers.

@@ -144,6 +144,22 @@ class Agent:
                 return f"{key} {getattr(config, key)}"
         return "no token configured"
 
+    async def connect_once(self) -> TunnelTransport:
+        """One connection attempt, no retry: for callers that give up instead of
+        waiting for the relay (``--stdio``, agent/stdio.py); serve it with ``serve``."""
+        return await self._connect()
+
+    async def serve(self, transport: TunnelTransport) -> str:
+        """Make ``transport`` the current session and serve it; return why it ended."""
+        return await self._serve(transport)
+
+    def connect_failure(self, exc: BaseException) -> tuple[str, bool]:
+        """(what went wrong and what to check, whether a retry might help) for a
+        failed ``connect_once``."""
+        if _refused(exc):
+            return self._refusal_message(exc), False
+        return _reason(exc), True
+
     async def _connect(self) -> TunnelTransport:
         config = self.config
         settings = config.client_tls
@@ -262,8 +278,43 @@ class Agent:
         except (SessionClosed, ChannelRefused) as exc:
             log.warning("cannot open a channel to %s: %s; reset the connection", target, exc)
             return False
+        return await self._carry_opened(session, channel, stream)
+
+    async def open_channel(self, host: str, port: int) -> ChannelStream | None:
+        """Wait for a session (up to ``connect_wait_timeout``) and open a channel to
+        host:port on it, for a kind that answers its client first (kinds.py); None:
+        no session, or it could not open one (logged)."""
+        session = await self.wait_session(self.config.connect_wait_timeout)
+        if session is None:
+            log.warning("no session to the relay within %g s; cannot open %s:%d",
+                        self.config.connect_wait_timeout, host, port)
+            return None
+        try:
+            return session.open_channel(host, port)
+        except (SessionClosed, ChannelRefused) as exc:
+            log.warning("cannot open a channel to %s:%d: %s", host, port, exc)
+            return None
+
+    async def carry_channel(self, channel: ChannelStream,
+                            stream: trio.abc.HalfCloseableStream) -> None:
+        """``carry`` over a channel ``open_channel`` opened; owns ``stream``."""
+        self._connection_opened()
+        handed_over = False
+        try:
+            session = self.session
+            if session is not None and session.channels.get(channel.channel_id) is not channel:
+                session = None  # (its session ended: the channel is broken, splice ends it)
+            handed_over = await self._carry_opened(session, channel, stream)
+        finally:
+            if not handed_over:
+                await abort_stream(stream)
+                self._connection_closed()
+
+    async def _carry_opened(self, session: TunnelTransport | None, channel: ChannelStream,
+                            stream: trio.abc.HalfCloseableStream) -> bool:
+        target = channel.destination
         finished = partial(self._channel_finished, target, channel)
-        if session.attach(stream, channel, finished):
+        if session is not None and session.attach(stream, channel, finished):
             return True
         clean = await splice(stream, channel)
         self._channel_finished(target, channel, closed=False)

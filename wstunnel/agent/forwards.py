@@ -33,9 +33,11 @@ from typing import Any, Final
 import trio
 
 from ..config import Forward
+from ..config.textforms import DYNAMIC
 from ..errors import TunnelError
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
+from .dynamic import DynamicForward
 from .kinds import ChannelOpener, ForwardKind, LocalTcpForward
 
 __all__ = ["ForwardSet", "ListenError"]
@@ -84,7 +86,7 @@ class ListenError(TunnelError):
     def __init__(self, forward: Forward, position: int, exc: OSError) -> None:
         why, advice, self.config_problem = _bind_error(forward, exc)
         self.key_path = f"forwards[{position}]"
-        self.detail = (f"cannot listen on {forward.listen} (forward to {forward.target}): "
+        self.detail = (f"cannot listen on {forward.listen} (forward to {forward.goes_to}): "
                        f"{why} \N{EM DASH} {advice.format(port=forward.listen_port)}")
         super().__init__(f"{self.key_path}: {self.detail}")
 
@@ -125,14 +127,14 @@ class ForwardSet:
     Args:
         opener: opens and carries the channels (the agent).
         connections: the nursery where connections that need a task run.
-        kind: what each accepted connection becomes (today every forward is a
-            local TCP forward).
+        kind: what each accepted connection becomes; None: each forward's own
+            kind (``-L`` or ``-D``, ``kind_of``).
     """
 
     def __init__(self, opener: ChannelOpener, connections: trio.Nursery,
                  kind: ForwardKind | None = None) -> None:
         self._opener = opener
-        self._kind: ForwardKind = kind or LocalTcpForward()
+        self._kind = kind
         self._connections = connections
         self._slots: dict[object, _Slot] = {}
         self._accepting: trio.Nursery | None = None
@@ -190,7 +192,7 @@ class ForwardSet:
             slot = self._slots.get(key) or fresh[key]
             if slot.forward != forward:
                 log.info("%s now forwards to %s (open connections keep %s)",
-                         _addrs(slot.bound), forward.target, slot.forward.target)
+                         _addrs(slot.bound), forward.goes_to, slot.forward.goes_to)
                 slot.forward = forward
         for slot in fresh.values():
             await self._start(slot)
@@ -218,7 +220,7 @@ class ForwardSet:
     async def _start(self, slot: _Slot) -> None:
         assert self._accepting is not None, "serve() starts the listeners"
         await self._accepting.start(self._serve_slot, slot)
-        log.info("forwarding %s -> %s", _addrs(slot.bound), slot.forward.target)
+        log.info("forwarding %s -> %s", _addrs(slot.bound), slot.forward.goes_to)
 
     async def _serve_slot(self, slot: _Slot, *, task_status: Any) -> None:
         with slot.scope:
@@ -259,12 +261,22 @@ class ForwardSet:
                 sock.setblocking(False)
                 tune_plain_socket(sock, notsent_lowat=True)
                 set_abortive(sock)  # (a clean end clears it: net/ending.py)
-                rest = self._kind.connection(slot.forward, sock, self._opener)
+                kind = self._kind or kind_of(slot.forward)
+                rest = kind.connection(slot.forward, sock, self._opener)
                 if rest is not None:
                     self._connections.start_soon(rest)
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()
+
+
+_LOCAL: Final = LocalTcpForward()
+_DYNAMIC: Final = DynamicForward()
+
+
+def kind_of(forward: Forward) -> ForwardKind:
+    """The kind that serves ``forward``'s connections (``-L`` or ``-D``)."""
+    return _DYNAMIC if forward.kind == DYNAMIC else _LOCAL
 
 
 def _stdlib_socket(listener: trio.SocketListener) -> socket.socket:

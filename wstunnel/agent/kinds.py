@@ -14,12 +14,14 @@ Two small interfaces meet here:
   for one of its forwards, it decides where the channel goes and whether that
   can happen now or needs a task (returned as the rest to run).
 
-``LocalTcpForward`` (``-L`` / ``forwards:``) is the one kind today: every
-connection goes to the forward's fixed target, at once when it can. A kind
-that must read from its client first (a SOCKS or HTTP proxy learns the
-destination that way; stdio has a single connection) is a new module with a
-class like it, returning a task that reads, then calls ``opener.carry``.
-The listeners (``forwards.ForwardSet``) and the carrying stay as they are.
+``LocalTcpForward`` (``-L`` / ``forwards:``): every connection goes to the
+forward's fixed target, at once when it can. ``DynamicForward`` (``-D``)
+(dynamic.py) must read from its client first (a SOCKS or HTTP proxy learns the
+destination that way, socks.py) and answer it only once the relay has
+connected: it returns a task that reads, ``open_channel``, waits for the
+relay's answer (``ChannelStream.wait_opened``), replies, then
+``carry_channel``. The listeners (``forwards.ForwardSet``) and the carrying
+stay as they are.
 
 A task-free open matters: a task per connection costs a churn of short
 connections several scheduler rounds each (docs/PERFORMANCE.md).
@@ -36,6 +38,7 @@ import trio
 
 if TYPE_CHECKING:
     from ..config import Forward
+    from ..net.channel_stream import ChannelStream
 
 __all__ = ["ChannelOpener", "ForwardKind", "LocalTcpForward", "Rest"]
 
@@ -56,6 +59,14 @@ class ChannelOpener(Protocol):
         """Wait for a session (up to ``connect_wait_timeout``), open a channel to
         host:port and carry ``stream`` over it until both ends are done. Owns
         ``stream``: it is closed (with RST unless it ended cleanly) on return."""
+
+    async def open_channel(self, host: str, port: int) -> ChannelStream | None:
+        """Wait for a session (up to ``connect_wait_timeout``) and open a channel to
+        host:port; None (logged): no session, or no channel could be opened."""
+
+    async def carry_channel(self, channel: ChannelStream,
+                            stream: trio.abc.HalfCloseableStream) -> None:
+        """``carry`` over a channel from ``open_channel``; owns ``stream``."""
 
 
 class ForwardKind(Protocol):

@@ -15,7 +15,7 @@ import os
 import statistics
 import sys
 from functools import partial
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import trio
 
@@ -187,6 +187,26 @@ def _report(
             f"   ({len(loaded)} samples, mean {statistics.fmean(loaded) * 1000:.2f} ms)\n"
         )
     out.write("  channels used   3 over one WebSocket (idle echo, echo under load, upload)\n")
+    out.write(_AFTERWORD)
+
+
+#: How the report ends: what the figures mean, then the same tunnel by hand.
+_AFTERWORD: Final = """
+What the figures mean:
+  throughput       one connection's bytes through agent and relay, all on this machine;
+                   across a network the link and its round trip set the limit instead
+  echo idle        what the tunnel adds to a round trip: two more hops (agent, relay)
+  echo under load  the same while the upload fills the WebSocket; close to idle means a
+                   bulk transfer does not hold up interactive channels (fair scheduling)
+  channels used    TCP connections carried over the one WebSocket session
+
+Try it by hand, each command in its own terminal:
+  wstunnel relay --listen 8080 --no-auth --allow 127.0.0.1
+  wstunnel agent --relay ws://127.0.0.1:8080/tunnel -L 2222:127.0.0.1:22 -L 8081:127.0.0.1:8000
+  ssh -p 2222 localhost                  # this machine's sshd, through the tunnel
+  python3 -m http.server 8000            # then: curl http://127.0.0.1:8081/
+Next: README "Quick start by hand" for tokens and wss://; `wstunnel COMMAND --help`.
+"""
 
 
 async def run_demo(size: int = 64 * 2**20, out: TextIO | None = None) -> int:

@@ -33,6 +33,7 @@ from ..config.flags import agent_config, relay_config
 from ..config.proxy_url import NO_PROXY
 from ..errors import ConfigError, TunnelError
 from ..service.logs import setup_logging
+from .helptext import OPTION_HELP, command_texts
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
 
@@ -65,24 +66,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="log verbosity (default: the config's log_level, else info)")
     common.add_argument("--log-format", choices=LOG_FORMATS, default=argparse.SUPPRESS,
                         help="text lines or one JSON object per line")
-    parser = argparse.ArgumentParser(
-        prog="wstunnel", parents=[common],
-        description="Multiplexing TCP-over-WebSocket tunnel.")
+    parser = argparse.ArgumentParser(prog="wstunnel", parents=[common], **command_texts())
     parser.add_argument("--version", action="version", version=f"wstunnel {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_relay(commands.add_parser("relay", parents=[common], help="run the relay"))
-    _add_agent(commands.add_parser("agent", parents=[common], help="run the agent"))
-    check = commands.add_parser("check", parents=[common], help="validate a config file")
-    check.add_argument("-c", "--config", required=True, metavar="FILE")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[common], help=summary, **command_texts(name))
+
+    _add_relay(command("relay", "run the relay"))
+    _add_agent(command("agent", "run the agent"))
+    check = command("check", "validate a config file and the files it names")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help=OPTION_HELP["config"])
     check.set_defaults(handler=_cmd_check)
-    _add_status(commands.add_parser("status", parents=[common],
-                                    help="show sessions and channels of a running agent/relay"))
-    demo = commands.add_parser("demo", parents=[common], help="relay+agent+target demo")
+    _add_status(command("status", "show sessions and channels of a running agent/relay"))
+    demo = command("demo", "relay+agent+target demo")
     demo.add_argument("--size", type=_size_arg, metavar="SIZE",
                       help="bulk transfer size, e.g. 64MiB")
     demo.set_defaults(handler=_cmd_demo)
-    _add_keygen(commands.add_parser("keygen", parents=[common],
-                                    help="make a relay certificate or an agent token"))
+    _add_keygen(command("keygen", "make a relay certificate or an agent token"))
     return parser
 
 
@@ -101,7 +102,9 @@ def _add_keygen(keygen: argparse.ArgumentParser) -> None:
 
 def _add_relay(relay: argparse.ArgumentParser) -> None:
     relay.add_argument("-c", "--config", metavar="FILE", help="relay YAML file")
-    relay.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    relay.add_argument("--listen", metavar="[HOST:]PORT",
+                       help="address to serve on; a bare PORT means 127.0.0.1:PORT (this "
+                            "machine only): give 0.0.0.0:PORT or [::]:PORT for every interface")
     relay.add_argument("--allow", action="append", metavar="RULE",
                        help="allowed destination: host, *.pattern, IP or CIDR, "
                             "optional :port or :lo-hi (repeatable; default: nothing)")
@@ -112,7 +115,8 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
     relay.add_argument("--no-auth", action="store_true", default=None,
                        help="accept agents without a token (tests and loopback only)")
     for key in ("cert_file", "key_file", "client_ca_file"):
-        relay.add_argument(f"--tls-{key.replace('_', '-')}", dest=f"tls_{key}", metavar="FILE")
+        relay.add_argument(f"--tls-{key.replace('_', '-')}", dest=f"tls_{key}", metavar="FILE",
+                           help=OPTION_HELP[f"tls_{key}"])
     _add_service_flags(relay)
     relay.set_defaults(handler=_cmd_relay)
 
@@ -122,6 +126,13 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
     agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
                        help="forward a local port to HOST:PORT via the relay (repeatable)")
+    agent.add_argument("--stdio", metavar="HOST:PORT",
+                       help="carry stdin/stdout as one connection to HOST:PORT, then exit "
+                            "(ssh -o ProxyCommand='wstunnel agent ... --stdio %%h:%%p')")
+    agent.add_argument("-D", dest="dynamic_forwards", action="append", metavar="[BIND:]PORT",
+                       type=lambda text: {"dynamic": text},
+                       help="SOCKS5/SOCKS4a/HTTP proxy on a local port; the relay connects "
+                            "to each destination a client asks for (repeatable)")
     proxy = agent.add_mutually_exclusive_group()
     proxy.add_argument("--proxy", metavar="URL",
                        help="HTTP proxy http://[USER@]HOST:PORT (default: HTTPS_PROXY/HTTP_PROXY)")
@@ -134,7 +145,8 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("--host-header", metavar="HOST[:PORT]",
                        help="Host header to send instead of the relay URL's host")
     for key, meta in _AGENT_SECURITY_FLAGS.items():
-        agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta)
+        agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta,
+                           help=OPTION_HELP[key])
     agent.add_argument("--insecure-skip-verify", action="store_true", default=None,
                        help="do not check the relay's certificate (logs a warning)")
     _add_service_flags(agent)
@@ -190,9 +202,18 @@ def _config_options(args: argparse.Namespace) -> dict[str, object]:
 # ------------------------------------------------------------- subcommands
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    from ..config.files import check_config
+
+    _early_logging(args, "info")
+    config = check_config(args.config)
     print(f"{config.source}: OK \N{EM DASH} {_summary(config)}")
     return EXIT_OK
+
+
+def _early_logging(args: argparse.Namespace, default_level: str) -> None:
+    """Loading the config may say something (an http:// relay URL taken as ws://)
+    before the config's own log settings are known."""
+    setup_logging(getattr(args, "log_level", default_level), getattr(args, "log_format", "text"))
 
 
 def _summary(config: Config) -> str:
@@ -220,7 +241,10 @@ def _cmd_relay(args: argparse.Namespace) -> int:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
+    _early_logging(args, "warning" if getattr(args, "stdio", None) else "info")
     config = agent_config_from_args(args)
+    if config.stdio is not None:
+        return _run_stdio(config, getattr(args, "log_level", None))
     setup_logging(config.log_level, config.log_format)
     from ..agent import run_agent
 
@@ -277,6 +301,24 @@ def _run_role(runner: Runner, config: Config, reread: Callable[[], Config]) -> i
     def run() -> int:
         keep_buffers_in_heap()
         trio.run(_supervise, runner, config, reread)
+        return EXIT_OK
+
+    return _guarded(run, config)
+
+
+def _run_stdio(config: AgentConfig, log_level: str | None) -> int:
+    """``--stdio``: one channel over stdin/stdout. stderr is the ssh user's terminal,
+    so only warnings and the one line saying why it failed, unless --log-level."""
+    setup_logging(log_level or "warning", config.log_format)
+    import trio
+
+    from ..agent.stdio import run_stdio
+
+    assert config.stdio is not None
+    target = config.stdio
+
+    def run() -> int:
+        trio.run(run_stdio, config, target)
         return EXIT_OK
 
     return _guarded(run, config)

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped, unused-ignore]
-
 from ..errors import ConfigError
 
 __all__ = ["Document", "join_index", "join_key", "load_document", "parent_path",
@@ -102,6 +100,8 @@ def load_document(path: str | Path) -> Document:
 
 def parse_document(text: str, source: str) -> Document:
     """Parse YAML ``text``; ``source`` names it in error messages."""
+    import yaml  # type: ignore[import-untyped, unused-ignore]  # (slow; only with a file)
+
     try:
         loader = yaml.SafeLoader(text)
     except yaml.reader.ReaderError as exc:  # control characters are rejected up front
@@ -146,6 +146,8 @@ class _Builder:
         self.lines: dict[str, int] = {}
 
     def build(self, node: Any, path: str) -> object:
+        import yaml  # type: ignore[import-untyped, unused-ignore]
+
         self.lines.setdefault(path, node.start_mark.line + 1)
         if id(node) in self._active:
             raise self._error(node, path, "a YAML alias refers to itself")
@@ -160,6 +162,8 @@ class _Builder:
             self._active.discard(id(node))
 
     def _mapping(self, node: Any, path: str) -> dict[str, object]:
+        import yaml  # type: ignore[import-untyped, unused-ignore]
+
         self._loader.flatten_mapping(node)  # resolves "<<" merge keys like safe_load
         result: dict[str, object] = {}
         for key_node, value_node in node.value:

@@ -57,6 +57,8 @@ _SERVICE_FLAGS: Final = _same_names("log_level", "log_format", "metrics", "admin
 #: ``wstunnel agent``: argparse destination -> flag. ``--no-proxy`` writes ``proxy: none``.
 AGENT_FLAGS: Final[Mapping[str, Flag]] = {
     "forwards": Flag("-L", "forwards"),
+    "stdio": Flag("--stdio", "stdio"),
+    "dynamic_forwards": Flag("-D", "forwards"),  # (each {"dynamic": "[bind:]port"})
     "headers": Flag("--header", "headers"),
     **_same_names("relay", "proxy", "proxy_password_file", "host_header", "token_file",
                   "token_env", "token_credential", "ca_file", "relay_fingerprint",
@@ -77,7 +79,8 @@ RELAY_FLAGS: Final[Mapping[str, Flag]] = {
 # What to say when a required key is in neither a file nor a flag.
 _MISSING: Final = {
     "relay": "give --relay ws://HOST:PORT/tunnel or -c agent.yaml",
-    "forwards": "give at least one -L [bind:]port:host:port, or -c agent.yaml",
+    "forwards": "give at least one -L [bind:]port:host:port, or --stdio host:port, or "
+                "-c agent.yaml",
     "listen": "give --listen HOST:PORT or -c relay.yaml",
     "tls.cert_file": "give both --tls-cert-file and --tls-key-file",
     "tls.key_file": "give both --tls-cert-file and --tls-key-file",
@@ -125,7 +128,10 @@ class FlagDocument(Document):
         values = self.data.get(item[1]) if item and isinstance(self.data, dict) else None
         if item is None or not isinstance(values, list) or int(item[2]) >= len(values):
             return flag
-        return f"{flag} {values[int(item[2])]}"
+        value = values[int(item[2])]
+        if isinstance(value, dict) and set(value) == {"dynamic"}:
+            value = value["dynamic"]  # (-D as written)
+        return f"{flag} {value}"
 
     def in_file(self, path: str) -> bool:
         return self.flag_of(path) is None and super().in_file(path)
@@ -172,9 +178,24 @@ def with_flags(path: str | Path | None, options: Mapping[str, object],
     for dest, value in options.items():
         if value is not None:
             flag = table[dest]
-            _put(data, flag.key, list(value) if isinstance(value, (list, tuple)) else value)
+            value = list(value) if isinstance(value, (list, tuple)) else value
+            if flag.key in flags and isinstance(value, list):
+                _extend(data, flags, flag, value)
+                continue
+            _put(data, flag.key, value)
             flags[flag.key] = flag.name
     return FlagDocument(doc.source, data, doc.lines, flags)
+
+
+def _extend(data: dict[str, object], flags: dict[str, str], flag: Flag,
+            value: list[object]) -> None:
+    """A second flag for the same list (``-D`` after ``-L``) adds its entries, each
+    remembered as its own flag's (so that messages name ``-D``, not ``-L``)."""
+    earlier = data[flag.key]
+    assert isinstance(earlier, list), "the first flag for this key put a list"
+    for i in range(len(earlier), len(earlier) + len(value)):
+        flags[f"{flag.key}[{i}]"] = flag.name
+    data[flag.key] = [*earlier, *value]
 
 
 def _put(data: dict[str, object], key_path: str, value: object) -> None:

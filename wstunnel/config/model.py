@@ -60,7 +60,10 @@ class AgentConfig:
     """Settings of ``wstunnel agent`` (YAML keys equal field names)."""
 
     relay: str
-    forwards: tuple[Forward, ...]
+    forwards: tuple[Forward, ...] = ()  # at least one, unless ``stdio`` is set
+    #: ``--stdio HOST:PORT``: carry stdin/stdout as one channel there, then exit
+    #: (the forwards are not served).
+    stdio: HostPort | None = None
     connect_wait_timeout: float = 10.0
     ping_interval: float = 20.0
     ping_timeout: float = 10.0

@@ -67,11 +67,26 @@ def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
 def _forward(doc: Document, path: str, value: Any) -> Forward:
     if isinstance(value, str):
         return values.checked(doc, path, parse_forward, value, "[bind:]port:host:port")
+    if isinstance(value, dict) and "dynamic" in value:
+        return _dynamic_forward(doc, path, value)
     found = _build(doc, path, value, _FORWARD_FIELDS, {}, "a forward")
     return Forward.of(found["listen"], found["target"])
 
 
+def _dynamic_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
+    """``{dynamic: "[bind:]port", users_file: FILE}`` (``-D``): a SOCKS/HTTP proxy."""
+    found = _build(doc, path, value, _DYNAMIC_FIELDS, {"users_file": False},
+                   "a dynamic forward")
+    users = None
+    if "users_file" in found:
+        name = _beside(doc, join_key(path, "users_file"), found["users_file"])
+        users = values.users_file(doc, join_key(path, "users_file"), name)
+    return Forward.dynamic(found["dynamic"], users)
+
+
 _FORWARD_FIELDS: Final[dict[str, Parser]] = {"listen": values.listen, "target": values.target}
+_DYNAMIC_FIELDS: Final[dict[str, Parser]] = {"dynamic": values.listen,
+                                             "users_file": values.file_path}
 _ACCOUNT_FIELDS: Final[dict[str, Parser]] = {
     "name": values.agent_name,
     "token_hash": values.token_hash,
@@ -101,6 +116,7 @@ _COMMON_FIELDS: Final[dict[str, Parser]] = {
 _AGENT_FIELDS: Final[dict[str, Parser]] = {
     "relay": values.url,
     "forwards": values.list_of(_forward, at_least=1),
+    "stdio": values.optional(values.stdio_target),
     "connect_wait_timeout": values.duration(0.0),
     "reconnect_min_interval": values.duration(0.001),
     "reconnect_max_interval": values.duration(0.001),
@@ -121,7 +137,7 @@ _AGENT_FIELDS: Final[dict[str, Parser]] = {
 }
 
 _RELAY_FIELDS: Final[dict[str, Parser]] = {
-    "listen": values.host_port,
+    "listen": values.listen,  # a bare port: 127.0.0.1 (like -L); 0.0.0.0:PORT for all
     "path": values.url_path,
     "allow": values.list_of(values.allow_rule),
     "connect_timeout": values.duration(0.001),
@@ -179,6 +195,8 @@ def _config_values(doc: Document, cls: type[Any], table: Mapping[str, Parser],
 
 
 def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
+    if not config.forwards and config.stdio is None:  # (--stdio needs none)
+        raise doc.missing("forwards", "an agent config")
     if config.reconnect_min_interval > config.reconnect_max_interval:
         key = ("reconnect_max_interval" if doc.given("reconnect_max_interval")
                else "reconnect_min_interval")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
@@ -19,10 +19,13 @@ from ..addresses import HostPort, bracketed, is_hostname, parse_ip, parse_port, 
 __all__ = [
     "DEFAULT_BIND_HOST",
     "DEFAULT_PATH",
+    "DYNAMIC",
+    "LOCAL",
     "Forward",
     "RelayURL",
     "parse_forward",
     "parse_host_port",
+    "parse_users",
     "parse_listen",
     "parse_relay_url",
     "parse_size",
@@ -59,19 +62,44 @@ class RelayURL(NamedTuple):
         return host if self.port == default else f"{host}:{self.port}"
 
 
+#: ``Forward.kind`` values: ``-L`` (a fixed target) and ``-D`` (SOCKS/HTTP proxy).
+LOCAL: Final = "local"
+DYNAMIC: Final = "dynamic"
+
+
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """One agent listener and the destination its connections are tunnelled to."""
+    """One agent listener and the destination its connections are tunnelled to.
+
+    A dynamic forward (``-D``) has no target of its own (host "" and port 0):
+    each client names its destination in a SOCKS or HTTP proxy request.
+    ``users``: the (user, password) pairs its clients must give; None: no login.
+    """
 
     listen_host: str
     listen_port: int  # 0: any free port
     target_host: str
     target_port: int
+    kind: str = LOCAL
+    users: frozenset[tuple[str, str]] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, listen: HostPort, target: HostPort) -> Forward:
         """Build from two ``HostPort`` values."""
         return cls(listen.host, listen.port, target.host, target.port)
+
+    @classmethod
+    def dynamic(cls, listen: HostPort,
+                users: frozenset[tuple[str, str]] | None = None) -> Forward:
+        """A ``-D`` forward listening on ``listen``."""
+        return cls(listen.host, listen.port, "", 0, DYNAMIC, users)
+
+    @property
+    def goes_to(self) -> str:
+        """Where its connections go, as log lines say it."""
+        if self.kind == DYNAMIC:
+            return "SOCKS5/SOCKS4a/HTTP proxy (destinations chosen by its clients)"
+        return str(self.target)
 
     @property
     def listen(self) -> HostPort:
@@ -84,7 +112,7 @@ class Forward:
         return HostPort(self.target_host, self.target_port)
 
     def __str__(self) -> str:
-        return f"{self.listen} -> {self.target}"
+        return f"{self.listen} -> {self.goes_to}"
 
 
 def _host(text: str) -> str:
@@ -138,6 +166,28 @@ def parse_forward(text: str, *, default_host: str = DEFAULT_BIND_HOST) -> Forwar
     bind = _host(parts[0]) if len(parts) == 4 else default_host
     listen = HostPort(bind, parse_port(parts[-3], allow_zero=True))
     return Forward.of(listen, HostPort(_host(parts[-2]), parse_port(parts[-1])))
+
+
+def parse_users(text: str) -> frozenset[tuple[str, str]]:
+    """Parse a users file for a ``-D`` forward: one ``user:password`` a line; blank
+    lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        ValueError: a line without ``:`` or with an empty user, or no user at all.
+    """
+    users = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, password = line.partition(":")
+        if not colon or not user or len(user.encode()) > 255 or len(password.encode()) > 255:
+            raise ValueError(f"line {number}: expected user:password (each at most 255 "
+                             "bytes, as SOCKS5 allows)")
+        users.add((user, password))
+    if not users:
+        raise ValueError("no user:password line in the file")
+    return frozenset(users)
 
 
 def parse_relay_url(text: str) -> RelayURL:

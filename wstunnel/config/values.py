@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
@@ -23,12 +24,20 @@ from ..security.tls import parse_fingerprint
 from ._yaml import Document, join_index, join_key
 from .headers import check_header, parse_header_line, parse_host_header
 from .proxy_url import NO_PROXY, parse_proxy_url
-from .textforms import parse_host_port, parse_listen, parse_relay_url, parse_size, parse_url_path
+from .textforms import (
+    parse_host_port,
+    parse_listen,
+    parse_relay_url,
+    parse_size,
+    parse_url_path,
+    parse_users,
+)
 
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes with the terminating NUL
 
 T = TypeVar("T")
+_log = logging.getLogger("wstunnel.config")
 Parser = Callable[[Document, str, Any], Any]
 
 __all__ = [
@@ -58,6 +67,7 @@ __all__ = [
     "trusted_proxy",
     "url",
     "url_path",
+    "users_file",
 ]
 
 
@@ -131,6 +141,14 @@ def target(doc: Document, path: str, value: Any) -> HostPort:
     return checked(doc, path, parse_host_port, value, "host:port")
 
 
+def stdio_target(doc: Document, path: str, value: Any) -> HostPort:
+    """``host:port``, also as ssh's ``%h:%p`` writes an IPv6 address: ``::1:22``."""
+    if isinstance(value, str) and value.count(":") > 1 and not value.startswith("["):
+        host, _, port = value.rpartition(":")
+        value = f"[{host}]:{port}"
+    return target(doc, path, value)
+
+
 def _split_or_none(written: str) -> list[str]:
     try:
         return split_fields(written.strip())
@@ -154,8 +172,26 @@ def socket_path(doc: Document, path: str, value: Any) -> str:
 
 
 def url(doc: Document, path: str, value: Any) -> str:
+    if isinstance(value, str):
+        value = _as_websocket_url(doc, path, value)
     checked(doc, path, parse_relay_url, value, "a ws:// or wss:// URL")
     return str(value).strip()
+
+
+_WEBSOCKET_SCHEMES: Final = {"http": "ws", "https": "wss"}
+
+
+def _as_websocket_url(doc: Document, path: str, text: str) -> str:
+    """People type the relay's address as a web address; the relay speaks WebSocket
+    on the same port, so ``http(s)://`` means ``ws(s)://`` (said once, as info)."""
+    scheme, sep, rest = text.strip().partition("://")
+    websocket = _WEBSOCKET_SCHEMES.get(scheme.lower()) if sep else None
+    if websocket is None:
+        return text
+    written = f"{websocket}://{rest}"
+    _log.info("%s", doc.error(path, f"{text.strip()} taken as {written} "
+                                    f"(the relay's URL is ws:// or wss://)"))
+    return written
 
 
 def url_path(doc: Document, path: str, value: Any) -> str:
@@ -226,6 +262,20 @@ def readable_file(doc: Document, path: str, value: Any) -> str:
     if not os.access(value, os.R_OK) or not os.path.isfile(value):
         raise doc.error(path, f"cannot read {json.dumps(value)}: no such file, or no permission")
     return value
+
+
+def users_file(doc: Document, path: str, name: str) -> frozenset[tuple[str, str]]:
+    """The ``user:password`` pairs of a ``-D`` forward's users file (read at load and reload)."""
+    try:
+        with open(name, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise doc.error(path, f"cannot read {json.dumps(name)}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        return parse_users(text)
+    except ValueError as exc:
+        raise doc.error(path, f"{name}: {exc}") from exc
 
 
 def headers(doc: Document, path: str, value: Any) -> tuple[tuple[str, str], ...]:

@@ -91,7 +91,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
 
     __slots__ = ("_host", "channel_id", "host", "port", "bytes_sent", "bytes_received",
                  "_inbound", "_eof_received", "_eof_sent", "_closed", "_mux_alive", "_error",
-                 "_readable", "_writable", "_on_break", "_sending", "_receiving", "_sink")
+                 "_readable", "_writable", "_on_break", "_sending", "_receiving", "_sink",
+                 "_confirmed", "_open_waiter")
 
     def __init__(self, session: ChannelHost, channel_id: int, host: str, port: int) -> None:
         self._host = session
@@ -112,6 +113,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._sending = False
         self._receiving = False
         self._sink: ChannelSink | None = None
+        self._confirmed = False  # the peer's OPEN_OK arrived
+        self._open_waiter: trio.Event | None = None  # only while someone waits for it
 
     @property
     def destination(self) -> str:
@@ -143,6 +146,12 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._sink.deliver_eof()
         self._wake_readable()
 
+    def _opened(self) -> None:
+        """The peer accepted our OPEN (OPEN_OK)."""
+        self._confirmed = True
+        if self._open_waiter is not None:
+            self._open_waiter.set()
+
     def _wake_writable(self) -> None:
         if self._sink is not None:
             self._sink.credit_granted()
@@ -165,6 +174,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._wake_readable()
         if self._writable is not None:
             self._writable.set()
+        if self._open_waiter is not None:
+            self._open_waiter.set()
         if self._on_break is not None and not self.reading_before_reset:
             self._on_break.cancel()
         if self._sink is not None:
@@ -212,6 +223,23 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             scope.cancel()
         else:
             self._on_break = scope
+
+    async def wait_opened(self) -> None:
+        """Wait until the peer has connected this channel's destination (OPEN_OK).
+
+        Only for those that must know before going on (a SOCKS or HTTP proxy
+        answers its client then); the others send at once (early data).
+
+        Raises:
+            trio.BrokenResourceError: refused (``__cause__`` is the
+                ``ChannelRefused`` with the relay's reason), reset, or the session
+                ended first.
+        """
+        while not self._confirmed:
+            self._raise_if_broken()
+            self._open_waiter = waiter = trio.Event()
+            await waiter.wait()
+        self._open_waiter = None
 
     @property
     def error(self) -> BaseException | None:

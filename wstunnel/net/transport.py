@@ -440,14 +440,19 @@ class TunnelTransport:
                 self._dispatch_other(event)
 
     def _dispatch_other(self, event: TunnelEvent) -> None:
-        """Everything but DATA and WINDOW. ChannelOpened needs nothing: a channel is
-        usable from open_channel on (early data), and a refusal arrives as its own
-        event; nor do SETTINGS, pongs (any input counts for the keepalive) and the
-        close (the reader and writer see the protocol closed)."""
+        """Everything but DATA and WINDOW. A channel is usable from open_channel on
+        (early data), and a refusal arrives as its own event: ChannelOpened only
+        marks the channel for the few that wait for it (``wait_opened``, a SOCKS
+        proxy). SETTINGS, pongs (any input counts for the keepalive) and the close
+        (the reader and writer see the protocol closed) need nothing."""
         if isinstance(event, (mux.EndOfStream, mux.ChannelOpenFailed, mux.ChannelReset)):
             channel = self.channels.get(event.channel_id)
             if channel is not None:
                 self._channel_ending(channel, event)
+        elif isinstance(event, mux.ChannelOpened):
+            channel = self.channels.get(event.channel_id)
+            if channel is not None:
+                channel._opened()
         elif isinstance(event, mux.ChannelClosed):
             self._remove(event.channel_id)
         elif isinstance(event, mux.ChannelOpenRequested):

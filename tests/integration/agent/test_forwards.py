@@ -9,6 +9,7 @@ import trio
 
 from wstunnel.agent.forwards import ForwardSet
 from wstunnel.config import Forward
+from wstunnel.net.channel_stream import ChannelStream
 from wstunnel.net.sockopts import NOTSENT_LOWAT
 
 from ..tunnel_helpers import LOOPBACK
@@ -36,6 +37,13 @@ class _Opener:
         self.targets.append((host, port))
         self.fell_back.set()
         await stream.aclose()
+
+    async def open_channel(self, host: str, port: int) -> ChannelStream | None:
+        raise AssertionError("a -L forward opens with carry_now or carry")
+
+    async def carry_channel(self, channel: ChannelStream,
+                            stream: trio.abc.HalfCloseableStream) -> None:
+        raise AssertionError("a -L forward opens with carry_now or carry")
 
 
 async def test_accepted_sockets_are_tuned_and_go_to_carry_now_or_carry() -> None:

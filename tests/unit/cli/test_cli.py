@@ -164,12 +164,12 @@ def test_agent_file_with_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("argv", "fragment"), [
     (["relay"], "give --listen"),
-    (["relay", "--listen", "8080"], "--listen: expected host:port"),
+    (["relay", "--listen", "localhost"], "--listen: expected a port number"),
     (["relay", "--listen", "127.0.0.1:1", "--allow", "*"], "--allow:"),
     (["relay", "--listen", "127.0.0.1:1", "--path", "x"], "--path: expected a URL path"),
     (["agent", "-L", "1:db:2"], "give --relay"),
     (["agent", "--relay", "ws://r/t"], "give at least one -L"),
-    (["agent", "--relay", "http://r/t", "-L", "1:db:2"], "--relay: expected a ws://"),
+    (["agent", "--relay", "ftp://r/t", "-L", "1:db:2"], "--relay: expected a ws://"),
     (["agent", "--relay", "ws://r/t", "-L", "1:db"], "-L: expected [bind:]port:host:port"),
 ])
 def test_bad_flags_exit_2(argv: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch,

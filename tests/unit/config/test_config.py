@@ -202,7 +202,7 @@ def test_bad_agent_values(tmp_path: Path, extra: str, key: str, fragment: str) -
 
 
 @pytest.mark.parametrize(("relay", "fragment"), [
-    ("http://relay/tunnel", "expected a ws:// or wss:// URL"),
+    ("ftp://relay/tunnel", "expected a ws:// or wss:// URL"),
     ("ws:///tunnel", "no host"),
     ("ws://relay:99999/tunnel", "bad port"),
     ("ws://user:pw@relay/tunnel", "user or password"),
@@ -241,7 +241,7 @@ def test_structural_errors(tmp_path: Path, text: str, key: str | None, line: int
 
 
 @pytest.mark.parametrize(("text", "key", "fragment"), [
-    ("listen: 8080\n", "listen", "expected host:port"),
+    ("listen: localhost\n", "listen", "expected a port number"),
     ("listen: 'localhost:80'\npath: tunnel\n", "path", "expected a URL path"),
     ("listen: 'localhost:80'\nallow: [10.0.0.1/8]\n", "allow[0]", "did you mean 10.0.0.0/8"),
     ("listen: 'localhost:80'\nallow: [443]\n", "allow[0]", "host name"),

@@ -32,6 +32,9 @@ AGENT_ROWS: list[tuple[list[str], dict[str, Any]]] = [
     (["-L", "0.0.0.0:9001:a:1", "-L", "[::1]:9002:[fd00::1]:22", "-L", "0:c:3"],
      {"forwards": ["0.0.0.0:9001:a:1", "[::1]:9002:[fd00::1]:22", "0:c:3"]}),
     (["-L", "0:a:1", "-L", "0:b:2"], {"forwards": ["0:a:1", "0:b:2"]}),  # port 0: no clash
+    (["-D", "1080", "-D", "0.0.0.0:1081"],
+     {"forwards": [{"dynamic": "1080"}, {"dynamic": "0.0.0.0:1081"}]}),
+    (["-L", "0:a:1", "-D", "[::1]:0"], {"forwards": ["0:a:1", {"dynamic": "[::1]:0"}]}),
     (["--proxy", "http://agent@proxy.example:3128"], {"proxy": "http://agent@proxy.example:3128"}),
     (["--no-proxy"], {"proxy": "none"}),
     (["--proxy", "http://agent@p:3128", "--proxy-password-file", READABLE],
@@ -51,6 +54,8 @@ AGENT_ROWS: list[tuple[list[str], dict[str, Any]]] = [
     (["--admin-socket", "/run/wstunnel/agent.sock"], {"admin_socket": "/run/wstunnel/agent.sock"}),
     (["--log-level", "debug"], {"log_level": "debug"}),
     (["--log-format", "json"], {"log_format": "json"}),
+    (["--stdio", "db.internal:22"], {"stdio": "db.internal:22"}),
+    (["--stdio", "fd00::1:22"], {"stdio": "[fd00::1]:22"}),  # ssh's %h:%p for an IPv6 host
 ]
 
 RELAY_BASE = {"listen": (["--listen", "127.0.0.1:8080"], "127.0.0.1:8080")}

@@ -1,0 +1,142 @@
+"""``-D``: the dynamic forward kind, a SOCKS5/SOCKS4a/HTTP proxy whose destinations
+the relay connects.
+
+Each connection gets a task: read the request (socks.py), open a channel to
+the named destination (the relay resolves the name, so its policy applies to
+the name and its addresses), send what the client sent after its request
+right behind the OPEN, wait for the relay's answer, reply, then carry the
+connection like any other channel (the socket pump where there is one). The
+client hears "connected" only once the relay has connected, and a refusal
+in its own protocol's words (SOCKS5 0x02 not allowed, HTTP 403, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import partial
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from ..errors import ChannelRefused
+from ..mux import OpenFailure
+from ..net.ending import abort_stream, clear_abortive
+from .socks import ProxyFailed, ProxyHandshake, ProxyRequest, Users
+
+if TYPE_CHECKING:
+    from ..config import Forward
+    from ..net.channel_stream import ChannelStream
+    from .kinds import ChannelOpener, Rest
+
+__all__ = ["DynamicForward", "HANDSHAKE_TIMEOUT", "OPEN_TIMEOUT"]
+
+log = logging.getLogger("wstunnel.agent")
+
+#: A client that has not finished its request by then is dropped.
+HANDSHAKE_TIMEOUT: Final = 30.0
+#: The longest wait for the relay's answer to an OPEN (its connect_timeout is shorter).
+OPEN_TIMEOUT: Final = 60.0
+_RECEIVE_SIZE: Final = 16 * 1024
+#: What a connection that ends before it is carried may raise in its task.
+_ENDED: Final = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class DynamicForward:
+    """``-D [bind:]port``: each client names its destination (SOCKS5, SOCKS4a, HTTP)."""
+
+    def connection(self, forward: Forward, sock: socket.socket,
+                   opener: ChannelOpener) -> Rest | None:
+        return partial(_serve_client, forward.users, sock, opener)
+
+
+async def _serve_client(users: Users | None, sock: socket.socket,
+                        opener: ChannelOpener) -> None:
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    handshake = ProxyHandshake(users)
+    channel: ChannelStream | None = None
+    try:
+        request = await _read_request(stream, handshake)
+        if request is None:
+            return await _close_after_reply(stream, handshake)
+        channel = await opener.open_channel(request.host, request.port)
+        if channel is None or not await _opened(channel, request, handshake):
+            return await _close_after_reply(stream, handshake)
+        await stream.send_all(handshake.data_to_send())
+    except _ENDED as exc:
+        log.debug("proxy client went away before its channel was carried: %r", exc)
+        if channel is not None:
+            channel.abort("the proxy client went away")
+        await abort_stream(stream)
+        return
+    except BaseException:
+        if channel is not None:
+            channel.abort("the agent is stopping")
+        await abort_stream(stream)
+        raise
+    await opener.carry_channel(channel, stream)
+
+
+async def _read_request(stream: trio.SocketStream,
+                        handshake: ProxyHandshake) -> ProxyRequest | None:
+    """The client's request; None when it failed (the reply to send is queued) or
+    did not come within ``HANDSHAKE_TIMEOUT``."""
+    with trio.move_on_after(HANDSHAKE_TIMEOUT):
+        while True:
+            event = handshake.next_event()
+            if event is None:
+                reply = handshake.data_to_send()  # (SOCKS5 method choice, login answer)
+                if reply:
+                    await stream.send_all(reply)
+            if isinstance(event, ProxyRequest):
+                return event
+            if isinstance(event, ProxyFailed):
+                log.info("proxy client refused: %s", event.reason)
+                return None
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if data:
+                handshake.receive_data(data)
+            else:
+                handshake.receive_eof()
+    log.info("proxy client sent no complete request within %g s", HANDSHAKE_TIMEOUT)
+    return None
+
+
+async def _opened(channel: ChannelStream, request: ProxyRequest,
+                  handshake: ProxyHandshake) -> bool:
+    """Send the early bytes, wait for the relay's answer, queue the reply; True: connected."""
+    reason: int | None = OpenFailure.TIMEOUT
+    with trio.move_on_after(OPEN_TIMEOUT):
+        try:
+            if request.early:
+                await channel.send_all(request.early)
+            await channel.wait_opened()
+        except trio.BrokenResourceError as exc:
+            refused = exc.__cause__
+            reason = refused.reason if isinstance(refused, ChannelRefused) else None
+            log.warning("%s request for %s: the relay did not connect: %s",
+                        request.protocol.value, channel.destination, refused or exc)
+        else:
+            handshake.reply_opened()
+            return True
+    if reason == OpenFailure.TIMEOUT:
+        channel.abort("no answer from the relay in time")
+    handshake.reply_refused(reason)
+    return False
+
+
+async def _close_after_reply(stream: trio.SocketStream, handshake: ProxyHandshake) -> None:
+    """Send the queued refusal and close cleanly, so the client reads it (an abortive
+    close could discard it)."""
+    reply = handshake.data_to_send()
+    if reply:
+        await stream.send_all(reply)
+        clear_abortive(stream.socket)
+        with trio.move_on_after(1):
+            await stream.send_eof()
+            # (wait for the client to close: closing with its bytes unread would RST)
+            while await stream.receive_some(_RECEIVE_SIZE):
+                pass
+        await stream.aclose()
+    else:
+        await abort_stream(stream)

@@ -1,0 +1,185 @@
+"""``wstunnel agent --stdio HOST:PORT``: one channel over stdin/stdout, then exit.
+
+Theory of operation
+-------------------
+This is what ``ssh -o ProxyCommand='wstunnel agent ... --stdio %h:%p'`` runs:
+ssh writes its side of the connection to our stdin and reads the other side
+from our stdout, so stdout carries channel bytes and nothing else (logs go to
+stderr) and the process lives exactly as long as the channel.
+
+* Connect first, without the agent's endless reconnecting: the relay must be
+  reached within ``connect_wait_timeout`` (retrying with the usual backoff);
+  a refused token is final at once. Either failure is a ``StdioFailed``.
+* Then open the channel and splice it with stdin/stdout (net/splice.py: reads
+  from stdin are sized by the channel's send credit and writes to stdout wait
+  for the reader, so a huge transfer buffers no more than one window each way).
+  EOF on stdin is a FIN; the channel's FIN closes stdout.
+* Both directions ended cleanly: return (exit 0). Refused, reset or the
+  session lost: ``StdioFailed`` with one line saying what happened and what to
+  check (exit 1).
+
+stdin and stdout are put into non-blocking mode for trio (``FdStream``); that
+mode belongs to the file description, which the parent (ssh, a terminal)
+shares, so it is restored when the streams close, on every path out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+from typing import Final
+
+import trio
+
+from .. import ws
+from ..addresses import HostPort
+from ..config import AgentConfig
+from ..errors import ChannelRefused, ChannelReset, SessionClosed, TunnelError
+from ..net.channel_stream import ChannelStream
+from ..net.splice import splice
+from ..net.transport import TunnelTransport
+from .agent import Agent
+
+__all__ = ["StdioFailed", "StdioStream", "run_stdio"]
+
+log = logging.getLogger("wstunnel.agent")
+
+#: How long the session may take to close politely once the channel is done.
+CLOSE_TIMEOUT: Final = 2.0
+
+
+class StdioFailed(TunnelError):
+    """The one channel could not be opened or did not end cleanly (exit 1)."""
+
+
+class StdioStream(trio.abc.HalfCloseableStream):
+    """stdin (read side) and stdout (write side) as one half-closeable stream.
+
+    ``send_eof`` closes the write side: the reader of our stdout sees EOF. The
+    descriptors passed in are owned (closed, with their blocking mode restored).
+    """
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self._reader = trio.lowlevel.FdStream(read_fd)
+        self._writer = trio.lowlevel.FdStream(write_fd)
+        self._write_fd = write_fd
+
+    @classmethod
+    def from_stdio(cls) -> StdioStream:
+        """Duplicates of fds 0 and 1; see ``send_eof`` for how fd 1 is closed."""
+        return cls(os.dup(0), os.dup(1))
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self._reader.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._writer.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._writer.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if self._writer.fileno() >= 0:  # (not closed yet)
+            _shutdown_if_socket(self._write_fd)
+        await self._writer.aclose()
+        _close_stdout()
+
+    async def aclose(self) -> None:
+        try:
+            await self._writer.aclose()
+        finally:
+            await self._reader.aclose()
+
+
+def _shutdown_if_socket(fd: int) -> None:
+    """A socket given as both stdin and stdout (one socketpair) stays open through
+    fd 0 when fd 1 closes: only shutdown(SHUT_WR) tells its reader we are done."""
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        with socket.socket(fileno=os.dup(fd)) as sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+
+
+def _close_stdout() -> None:
+    """Our duplicate of fd 1 is closed; fd 1 itself is replaced by /dev/null, so that
+    no descriptor refers to the pipe any more (its reader sees EOF) and nothing
+    opened later takes the number 1."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+    finally:
+        os.close(null)
+
+
+async def run_stdio(config: AgentConfig, target: HostPort,
+                    stream: trio.abc.HalfCloseableStream | None = None) -> None:
+    """Carry ``stream`` (default: stdin/stdout) as one channel to ``target``; return
+    when both directions ended. ``stream`` is closed on every path out.
+
+    Raises:
+        StdioFailed: the relay was not reached, the channel was refused or reset,
+            or the session was lost; the message says which and what to check.
+    """
+    stream = stream if stream is not None else StdioStream.from_stdio()
+    try:
+        agent = Agent(config)
+        transport = await _connect(agent, config.connect_wait_timeout)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(agent.serve, transport)
+            try:
+                await _carry(transport, target, stream)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await transport.close(ws.CloseCode.GOING_AWAY, "stdio channel done",
+                                          timeout=CLOSE_TIMEOUT)
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
+    """The first session, retrying until ``timeout``; a refusal is final at once."""
+    deadline = trio.current_time() + timeout
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await agent.connect_once()
+        except (OSError, TunnelError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            reason, retry = agent.connect_failure(exc)
+            delay = min(agent.config.reconnect_min_interval * 2 ** (attempt - 1),
+                        agent.config.reconnect_max_interval)
+            remaining = deadline - trio.current_time()
+            if not retry or remaining <= 0:
+                raise StdioFailed(f"cannot reach relay {agent.relay.url}: {reason} (gave up "
+                                  f"after {attempt} attempt{'s' * (attempt != 1)}; "
+                                  f"connect_wait_timeout is {timeout:g} s)") from exc
+            log.info("cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
+                     agent.relay.url, attempt, reason, delay)
+            await trio.sleep(min(delay, remaining))
+
+
+async def _carry(transport: TunnelTransport, target: HostPort,
+                 stream: trio.abc.HalfCloseableStream) -> None:
+    try:
+        channel = transport.open_channel(target.host, target.port)
+    except (SessionClosed, ChannelRefused) as exc:
+        raise StdioFailed(f"cannot open a channel to {target}: {exc}") from exc
+    if not await splice(stream, channel):
+        raise StdioFailed(_failure(target, channel))
+
+
+def _failure(target: HostPort, channel: ChannelStream) -> str:
+    """One line: how the channel ended badly, and what to check."""
+    error = channel.error
+    if isinstance(error, ChannelRefused):
+        return (f"the relay could not connect to {target}: {error} (check that {target} "
+                f"is up and that the relay's allow rules permit it)")
+    if isinstance(error, ChannelReset):
+        return f"the connection to {target} was reset: {error}"
+    if error is not None:
+        return (f"the session to the relay was lost while connected to {target}: {error} "
+                f"(check the relay's log and the network to it)")
+    return f"reading stdin or writing stdout failed; the connection to {target} was reset"
