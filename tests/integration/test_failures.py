@@ -24,9 +24,6 @@ import pytest
 import trio
 import trio.testing
 
-from wstunnel.net import pump
-from wstunnel.net.transport import TunnelTransport
-
 from .process_helpers import agent_process, relay_process
 from .tunnel_helpers import (
     LOOPBACK,
@@ -53,16 +50,6 @@ _SIOCOUTQNSD = 0x894B  # bytes written to a TCP socket and not yet sent (Linux)
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
-
-
-@pytest.fixture(params=["pump", "splice"])
-def carrier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Local sockets carried by the session's socket pump, or by splice (the
-    fallback without epoll): the same endings either way."""
-    if request.param == "pump" and not pump.AVAILABLE:
-        pytest.skip("no select.epoll here")
-    monkeypatch.setattr(TunnelTransport, "use_pump", request.param == "pump")
-    return str(request.param)
 
 
 def _ending(exc: trio.BrokenResourceError) -> str:

@@ -14,7 +14,6 @@ import trio
 from wstunnel.addresses import HostPort
 from wstunnel.net import pump
 from wstunnel.net.ending import abort_stream
-from wstunnel.net.transport import TunnelTransport
 
 from .security_helpers import watch_logs
 from .tunnel_helpers import (
@@ -38,14 +37,9 @@ from .tunnel_helpers import (
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True, params=["pump", "splice"])
-def carrier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs twice: local sockets carried by the session's socket
-    pump, and by splice (two tasks per channel), the fallback without epoll."""
-    if request.param == "pump" and not pump.AVAILABLE:
-        pytest.skip("no select.epoll here")
-    monkeypatch.setattr(TunnelTransport, "use_pump", request.param == "pump")
-    return str(request.param)
+# Every test here runs twice: local sockets carried by the session's socket pump,
+# and by splice (two tasks per channel), the fallback without epoll.
+pytestmark = pytest.mark.usefixtures("carrier")
 
 
 async def test_64_mib_each_way_arrives_intact() -> None:

@@ -67,6 +67,9 @@ METRICS: Final = {
     "wstunnel_buffered_bytes": ("gauge", "Bytes held in memory: inbound = received and not "
                                 "yet written locally, outbound = accepted and not yet sent."),
     "wstunnel_scheduler_queue_depth": ("gauge", "Channels waiting for a send turn."),
+    "wstunnel_outbound_budget_exhaustions_total": ("counter", "Times a session's outbound "
+                                                   "budget (max_queued_size) was used up "
+                                                   "and reading from its sources paused."),
     "wstunnel_reloads_total": ("counter", "Configuration reloads, by result."),
 }
 _REASONS: Final = [reason.name.lower() for reason in mux.OpenFailure]
@@ -101,6 +104,7 @@ class TunnelStats:
         self.closed_bytes_sent = 0
         self.closed_bytes_received = 0
         self.open_failures: Counter[str] = Counter()
+        self.ended_budget_exhaustions = 0  # of sessions that ended
         self.auth_failures = 0
         self.reconnects = 0
         self.reloads: Counter[str] = Counter({"ok": 0, "failed": 0})
@@ -123,6 +127,7 @@ class TunnelStats:
             self.log_mux_refusals(transport)
             for reason, count in transport.protocol.session.refused_opens.items():
                 self.open_failures[_reason_name(reason)] += count
+            self.ended_budget_exhaustions += transport.protocol.session.budget_exhaustions
             self._mux_refusals_logged.pop(transport, None)
             self.refusals.session_ended(transport)
             self._changed()
@@ -232,6 +237,8 @@ class TunnelStats:
         yield ("wstunnel_buffered_bytes", {"direction": "outbound"},
                sum(s.queued_size for s in sessions))
         yield "wstunnel_scheduler_queue_depth", {}, sum(s.ready_count for s in sessions)
+        yield ("wstunnel_outbound_budget_exhaustions_total", {},
+               self.ended_budget_exhaustions + sum(s.budget_exhaustions for s in sessions))
         for result in sorted(self.reloads):
             yield "wstunnel_reloads_total", {"result": result}, self.reloads[result]
 

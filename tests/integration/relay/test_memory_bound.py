@@ -20,6 +20,7 @@ from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import SessionLimits, TunnelProtocol
 from wstunnel.relay import run_relay
 from wstunnel.security.auth import hash_token, new_token
+from wstunnel.service.metrics import TunnelStats
 
 from ..process_helpers import wstunnel
 from ..security_helpers import watch_logs
@@ -161,12 +162,15 @@ async def _patterned(stream: trio.SocketStream) -> None:
 async def test_channels_held_back_by_the_budget_resume_and_finish() -> None:
     """A budget far below what 8 parallel downloads want (64 KiB for 8 x 4 MiB): the
     relay pauses and resumes its destinations again and again, and every download
-    arrives whole -- no channel is left waiting once the agent has read."""
+    arrives whole -- no channel is left waiting once the agent has read; the
+    pauses are counted in wstunnel_outbound_budget_exhaustions_total."""
+    stats = TunnelStats("relay")
     with watch_logs() as logs:
         async with trio.open_nursery() as nursery:
             source = await serve_target(nursery, _patterned)
             config = relay_config(max_queued_size=64 * 1024, max_send_window=64 * 1024)
-            bound = await nursery.start(partial(run_relay, config, shutdown=trio.Event()))
+            bound = await nursery.start(partial(run_relay, config, shutdown=trio.Event(),
+                                                stats=stats))
             url = parse_relay_url(f"ws://{LOOPBACK}:{bound[0][1]}/tunnel")
             stream, trailing = await open_websocket(url)
             transport = TunnelTransport(stream, TunnelProtocol(mux.Role.AGENT,
@@ -191,3 +195,6 @@ async def test_channels_held_back_by_the_budget_resume_and_finish() -> None:
             nursery.cancel_scope.cancel()
     assert results == [_pattern(4 * MIB)] * 8
     assert logs.matching("outbound budget full")
+    (exhaustions,) = [value for name, _, value in stats.samples()
+                      if name == "wstunnel_outbound_budget_exhaustions_total"]
+    assert exhaustions >= 1
