@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__",),
     ("errors", "addresses"),
     ("ws", "mux", "security"),
+    ("framing",),  # records in a byte stream: the HTTP transports' carrier (uses ws events)
     ("protocol", "config"),
     ("net",),
     ("service",),
@@ -39,7 +40,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 # Bytes in, events and bytes out: no I/O, clock, randomness, threads or logging.
-SANS_IO_ROOMS = frozenset({"__init__", "errors", "addresses", "ws", "mux", "protocol"})
+SANS_IO_ROOMS = frozenset({"__init__", "errors", "addresses", "ws", "mux", "framing",
+                           "protocol"})
 NEVER_REACHABLE_FROM_SANS_IO = frozenset({
     "trio", "socket", "_socket", "ssl", "_ssl", "time", "yaml", "logging", "random",
     "select", "threading", "asyncio",
@@ -61,6 +63,7 @@ TRIO_LOWLEVEL_ALLOWED = {
     "net/plain_stream.py": "ws:// on a bare socket instead of trio.SocketStream (faster churn)",
     "net/tls_stream.py": "wss:// with OpenSSL on the socket: waits for readiness itself",
     "agent/forwards.py": "accepts on the stdlib listener once per wake-up (less CPU per conn)",
+    "net/accepting.py": "the same accept loop, shared with the relay's reverse listeners",
     "agent/stdio.py": "stdin/stdout as streams (FdStream): trio has no high-level API for fds",
 }
 # Process-wide setup belongs to the entry point: only cli/ starts the event loop,

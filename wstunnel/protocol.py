@@ -26,6 +26,7 @@ from typing import Final, Protocol, TypeAlias
 
 from . import mux, ws
 from .errors import LocalProtocolError
+from .framing import FramedConnection
 
 __all__ = ["TunnelProtocol", "SessionLimits", "TunnelEvent", "RecordCarrier",
            "DEFAULT_WRITE_SIZE"]
@@ -128,11 +129,16 @@ class TunnelProtocol:
         limits: SessionLimits = DEFAULT_LIMITS,
         trailing_data: bytes = b"",
         random_bytes: Callable[[int], bytes] | None = None,
+        framed: bool = False,
     ) -> None:
         self.role = role
         self.limits = limits
         self.session = limits.session(role)
-        self._carrier: RecordCarrier = _websocket(role, limits, self.session, random_bytes)
+        #: ``framed``: the records travel in a plain byte stream (the HTTP transports,
+        #: framing.py) instead of WebSocket messages.
+        self._carrier: RecordCarrier = (
+            _framed(limits, self.session) if framed
+            else _websocket(role, limits, self.session, random_bytes))
         self._events: list[TunnelEvent] = []
         self._terminal = False
         if trailing_data:
@@ -277,9 +283,10 @@ class TunnelProtocol:
 
     # -- channels (thin pass-throughs kept explicit for type checking) -------
 
-    def open_channel(self, host: str, port: int, *, early_data: bytes = b"") -> int:
+    def open_channel(self, host: str, port: int, *, kind: mux.ChannelKind = mux.ChannelKind.TCP,
+                     early_data: bytes = b"") -> int:
         self._check_open()
-        return self.session.open_channel(host, port, early_data=early_data)
+        return self.session.open_channel(host, port, kind=kind, early_data=early_data)
 
     def accept_channel(self, channel_id: int) -> None:
         self.session.accept_channel(channel_id)
@@ -311,6 +318,12 @@ class TunnelProtocol:
     def _check_open(self) -> None:
         if self._terminal or self._carrier.state is not ws.ConnectionState.OPEN:
             raise LocalProtocolError("the session is closing; no new channels")
+
+
+def _framed(limits: SessionLimits, session: mux.Session) -> FramedConnection:
+    """The HTTP transports' carrier: the same record limit as the WebSocket's."""
+    return FramedConnection(max_record_size=max(limits.max_message_size,
+                                                session.max_record_size))
 
 
 def _websocket(role: mux.Role, limits: SessionLimits, session: mux.Session,

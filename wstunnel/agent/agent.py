@@ -19,13 +19,15 @@ from __future__ import annotations
 import logging
 import random
 import socket
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Final
 
 import trio
 
 from .. import mux, ws
-from ..config import AgentConfig, RelayURL
+from ..config import AgentConfig, Forward, RelayURL
+from ..config.textforms import REVERSE
 from ..errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from ..net.channel_stream import ChannelStream
 from ..net.ending import abort_stream
@@ -39,6 +41,7 @@ from ..service.reload import ReloadRequest
 from .connect import open_websocket
 from .forwards import ForwardSet, ListenError
 from .proxy import proxy_dialer, proxy_environment
+from .reverse import ReverseForwards
 
 #: Channels one agent session may hold. The relay's ``max_channels`` is the
 #: limit that matters (it refuses, and logs, past it); the agent only caps the
@@ -68,6 +71,7 @@ class Agent:
         self._channels = 0
         self._idle = trio.Event()
         self._idle.set()
+        self.reverse = ReverseForwards(config.forwards, self._tracked)
         self.token = self._load_token()
         if self.relay.secure:
             _check_tls_files(config)
@@ -184,6 +188,7 @@ class Agent:
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             observer=self.stats,
+            open_now=self.reverse.open_now,
         )
 
     async def _serve(self, transport: TunnelTransport) -> str:
@@ -192,7 +197,12 @@ class Agent:
         self.stats.session_started(transport)
         log.info("session up to %s", self.relay.url)
         try:
-            return await transport.run()
+            async with trio.open_nursery() as nursery:
+                if self.reverse.forwards:
+                    nursery.start_soon(self.reverse.hold, transport)
+                reason = await transport.run()
+                nursery.cancel_scope.cancel()
+            return reason
         finally:
             self.stats.session_ended(transport)
             self.session = None
@@ -221,7 +231,8 @@ class Agent:
 
     # -- ChannelOpener (kinds.py): what every forward kind opens channels with --------
 
-    def carry_now(self, host: str, port: int, sock: socket.socket) -> bool:
+    def carry_now(self, host: str, port: int, sock: socket.socket, *,
+                  kind: int = mux.ChannelKind.TCP, forward: str | None = None) -> bool:
         """Open a channel and hand ``sock`` to the session's socket pump at once, with
         no task, when the session is up and has a pump; True when done. Its first
         bytes, if already here, go out in the same write as the OPEN.
@@ -234,25 +245,32 @@ class Agent:
                 or session.goaway_received):
             return False
         try:
-            channel = session.open_channel(host, port)
+            channel = session.open_channel(host, port, kind=kind, forward=forward)
         except (SessionClosed, ChannelRefused):
             return False
         self._connection_opened()  # (the accept loop has set TCP_NODELAY)
-        finished = partial(self._channel_finished, f"{host}:{port}", channel)
+        finished = partial(self._channel_finished, channel.destination, channel)
+        self.stats.channel_carried(channel, sock)  # (the access log's source address)
         session.attach_socket(sock, channel, finished, read_now=True)
         return True
 
-    async def carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream) -> None:
+    async def carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream, *,
+                    kind: int = mux.ChannelKind.TCP, forward: str | None = None) -> None:
         """One local connection, carried as one channel; closes ``stream`` unless the
         session's socket pump took it over."""
         self._connection_opened()
         handed_over = False
         try:  # (the accept loop has tuned the socket)
-            handed_over = await self._carry(host, port, stream)
+            handed_over = await self._carry(host, port, stream, kind, forward)
         finally:
             if not handed_over:  # (closed by now, unless cancelled: that is a failure)
                 await abort_stream(stream)
                 self._connection_closed()
+
+    def _tracked(self) -> Callable[[], None]:
+        """Count a connection carried for a reverse forward; returns its "finished"."""
+        self._connection_opened()
+        return self._connection_closed
 
     def _connection_opened(self) -> None:
         self._channels += 1
@@ -264,35 +282,38 @@ class Agent:
         if self._channels == 0:
             self._idle.set()
 
-    async def _carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream) -> bool:
+    async def _carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream,
+                     kind: int, forward: str | None) -> bool:
         """Carry ``stream``; True when the session's socket pump took it over (and will
         close it), False when it is finished here (``carry`` closes it)."""
-        target = f"{host}:{port}"
+        target = _target_text(host, port, kind)
         session = await self.wait_session(self.config.connect_wait_timeout)
         if session is None:
             log.warning("no session to the relay within %g s; reset the connection for %s",
                         self.config.connect_wait_timeout, target)
             return False
         try:
-            channel = session.open_channel(host, port)
+            channel = session.open_channel(host, port, kind=kind, forward=forward)
         except (SessionClosed, ChannelRefused) as exc:
             log.warning("cannot open a channel to %s: %s; reset the connection", target, exc)
             return False
         return await self._carry_opened(session, channel, stream)
 
-    async def open_channel(self, host: str, port: int) -> ChannelStream | None:
-        """Wait for a session (up to ``connect_wait_timeout``) and open a channel to
-        host:port on it, for a kind that answers its client first (kinds.py); None:
-        no session, or it could not open one (logged)."""
+    async def open_channel(self, host: str, port: int, *, kind: int = mux.ChannelKind.TCP,
+                           forward: str | None = None) -> ChannelStream | None:
+        """Wait for a session (up to ``connect_wait_timeout``) and open a channel of
+        ``kind`` to host:port on it, for a kind that answers its client first
+        (kinds.py); None: no session, or it could not open one (logged)."""
+        target = _target_text(host, port, kind)
         session = await self.wait_session(self.config.connect_wait_timeout)
         if session is None:
-            log.warning("no session to the relay within %g s; cannot open %s:%d",
-                        self.config.connect_wait_timeout, host, port)
+            log.warning("no session to the relay within %g s; cannot open %s",
+                        self.config.connect_wait_timeout, target)
             return None
         try:
-            return session.open_channel(host, port)
+            return session.open_channel(host, port, kind=kind, forward=forward)
         except (SessionClosed, ChannelRefused) as exc:
-            log.warning("cannot open a channel to %s:%d: %s", host, port, exc)
+            log.warning("cannot open a channel to %s: %s", target, exc)
             return None
 
     async def carry_channel(self, channel: ChannelStream,
@@ -314,6 +335,7 @@ class Agent:
                             stream: trio.abc.HalfCloseableStream) -> bool:
         target = channel.destination
         finished = partial(self._channel_finished, target, channel)
+        self.stats.channel_carried(channel, getattr(stream, "socket", None))  # (access log)
         if session is not None and session.attach(stream, channel, finished):
             return True
         clean = await splice(stream, channel)
@@ -342,6 +364,17 @@ class Agent:
             await self._idle.wait()
         if self.session is not None:
             await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+def _target_text(host: str, port: int, kind: int) -> str:
+    """``host:port``, or ``unix:/path`` for a unix socket target, as logs say it."""
+    return f"unix:{host}" if kind == mux.ChannelKind.UNIX else f"{host}:{port}"
+
+
+def local_forwards(config: AgentConfig) -> tuple[Forward, ...]:
+    """The forwards this agent listens for itself (all but ``-R``, which the relay
+    listens for: reverse.py)."""
+    return tuple(forward for forward in config.forwards if forward.kind != REVERSE)
 
 
 def session_limits(config: AgentConfig) -> SessionLimits:
@@ -419,6 +452,9 @@ async def run_agent(
             forwards = ForwardSet(agent, connections)
             async with trio.open_nursery() as accepting:
                 bound_all = await _bind_forwards(accepting, forwards, config)
+                if agent.reverse.forwards:
+                    log.info("%d reverse forwards: %s", len(agent.reverse.forwards),
+                             ", ".join(str(forward) for forward in agent.reverse.forwards))
                 outer.start_soon(agent.maintain_session)
                 log.info("%d forwards via %s", len(bound_all), agent.relay.url)
                 if reloads is not None:
@@ -441,7 +477,7 @@ async def _bind_forwards(
 ) -> list[list[tuple[str, int]]]:
     try:
         bound: list[list[tuple[str, int]]] = await accepting.start(forwards.serve,
-                                                                   config.forwards)
+                                                                   local_forwards(config))
     except ListenError as exc:
         if exc.config_problem:
             raise ConfigError(exc.detail, source=config.source, key_path=exc.key_path) from exc
@@ -455,13 +491,14 @@ async def _apply_reloads(
     async for request in reloads:
         new: AgentConfig = request.config
         try:
-            bound = await forwards.apply(new.forwards)
+            bound = await forwards.apply(local_forwards(new))
         except ListenError as exc:  # all or nothing: the running forwards stay
             request.finish(f"{exc}; kept the old forwards")
             continue
         if new.relay_url != agent.relay:
             log.warning("relay is now %s: used from the next reconnect; the current "
                         "session stays up", new.relay_url.url)
+        agent.reverse.update(new.forwards)
         agent.config, agent.relay = new, new.relay_url
         agent.limits = session_limits(new)  # (for the next session)
         agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect

@@ -47,11 +47,11 @@ class DynamicForward:
 
     def connection(self, forward: Forward, sock: socket.socket,
                    opener: ChannelOpener) -> Rest | None:
-        return partial(_serve_client, forward.users, sock, opener)
+        return partial(_serve_client, forward.users, sock, opener, forward.label)
 
 
 async def _serve_client(users: Users | None, sock: socket.socket,
-                        opener: ChannelOpener) -> None:
+                        opener: ChannelOpener, label: str) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     handshake = ProxyHandshake(users)
     channel: ChannelStream | None = None
@@ -59,7 +59,7 @@ async def _serve_client(users: Users | None, sock: socket.socket,
         request = await _read_request(stream, handshake)
         if request is None:
             return await _close_after_reply(stream, handshake)
-        channel = await opener.open_channel(request.host, request.port)
+        channel = await opener.open_channel(request.host, request.port, forward=label)
         if channel is None or not await _opened(channel, request, handshake):
             return await _close_after_reply(stream, handshake)
         await stream.send_all(handshake.data_to_send())

@@ -18,7 +18,10 @@ keeps its listen address but changes its target keeps its socket (no window
 where connections are refused); new
 connections go to the new target, open ones keep theirs. Port 0 listeners
 are matched by the whole forward (and which repeat of it it is), since
-their address is not known up front.
+their address is not known up front. A unix socket listener is keyed by its
+path; its file is created, replacing a stale one, by net/unix_socket.py and
+removed when the listener stops (a reload that drops it, shutdown, or a
+failed ``apply`` that had bound it).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from ..config.textforms import DYNAMIC
 from ..errors import TunnelError
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
+from ..net.unix_socket import SocketFile, bind_listener
 from .dynamic import DynamicForward
 from .kinds import ChannelOpener, ForwardKind, LocalTcpForward
 
@@ -73,6 +77,18 @@ _BIND_ERRORS: Final = {
     errno.EADDRNOTAVAIL: ("no such address on this machine", "use one of its addresses, e.g. "
                           "127.0.0.1, or 0.0.0.0 for all", True),
 }
+#: The same for a unix socket path ({path}: the path).
+_PATH_BIND_ERRORS: Final = {
+    errno.EADDRINUSE: ("a running program listens on it", "stop that program or pick another "
+                       "path (ss -xlp shows which program listens on {path})", False),
+    errno.EEXIST: ("the path exists and is not a socket, so it is not removed", "move that "
+                   "file away or pick another path", False),
+    errno.EACCES: ("permission denied", "pick a directory this user may write to, e.g. "
+                   "$XDG_RUNTIME_DIR, or give it one (systemd: RuntimeDirectory=)", False),
+    errno.ENOENT: ("its directory does not exist", "create the directory (systemd: "
+                   "RuntimeDirectory=) or pick another path", True),
+    errno.ENOTDIR: ("a part of the path is not a directory", "pick another path", True),
+}
 
 
 class ListenError(TunnelError):
@@ -86,12 +102,15 @@ class ListenError(TunnelError):
     def __init__(self, forward: Forward, position: int, exc: OSError) -> None:
         why, advice, self.config_problem = _bind_error(forward, exc)
         self.key_path = f"forwards[{position}]"
-        self.detail = (f"cannot listen on {forward.listen} (forward to {forward.goes_to}): "
-                       f"{why} \N{EM DASH} {advice.format(port=forward.listen_port)}")
+        advice = advice.format(port=forward.listen_port, path=forward.listen_path)
+        self.detail = (f"cannot listen on {forward.listen_text} (forward to {forward.goes_to}): "
+                       f"{why} \N{EM DASH} {advice}")
         super().__init__(f"{self.key_path}: {self.detail}")
 
 
 def _bind_error(forward: Forward, exc: OSError) -> tuple[str, str, bool]:
+    if forward.listen_path is not None and exc.errno in _PATH_BIND_ERRORS:
+        return _PATH_BIND_ERRORS[exc.errno]
     if isinstance(exc, socket.gaierror):
         return (f"cannot resolve {forward.listen_host} ({exc.strerror})",
                 "use an address of this machine, e.g. 127.0.0.1", True)
@@ -101,19 +120,34 @@ def _bind_error(forward: Forward, exc: OSError) -> tuple[str, str, bool]:
 
 
 class _Slot:
-    def __init__(self, forward: Forward, listeners: list[socket.socket]) -> None:
+    """One forward's listeners; ``socket_file``: the file of a unix socket listener."""
+
+    def __init__(self, forward: Forward, listeners: list[socket.socket],
+                 socket_file: SocketFile | None = None) -> None:
         self.forward = forward
         self.listeners = listeners
-        self.bound: Bound = [ls.getsockname()[:2] for ls in listeners]
+        self.socket_file = socket_file
+        self.bound: Bound = ([(socket_file.path, 0)] if socket_file is not None
+                             else [ls.getsockname()[:2] for ls in listeners])
         self.scope = trio.CancelScope()
+
+    def close(self) -> None:
+        """Close the listeners and remove the socket file (a unix listener)."""
+        for listener in self.listeners:
+            listener.close()
+        if self.socket_file is not None:
+            self.socket_file.remove()
 
 
 def _keys(forwards: Sequence[Forward]) -> list[object]:
-    """Slot keys: the listen address, or for port 0 the forward and its repeat count."""
+    """Slot keys: the listen path or address, or for port 0 the forward and its
+    repeat count."""
     seen: dict[Forward, int] = {}
     keys: list[object] = []
     for forward in forwards:
-        if forward.listen_port != 0:
+        if forward.listen_path is not None:
+            keys.append(("unix", forward.listen_path))
+        elif forward.listen_port != 0:
             keys.append(forward.listen)
         else:
             seen[forward] = seen.get(forward, 0) + 1
@@ -205,22 +239,21 @@ class ForwardSet:
         try:
             for key, (position, forward) in forwards.items():
                 try:
-                    listeners = await trio.open_tcp_listeners(forward.listen_port,
-                                                              host=forward.listen_host)
+                    fresh[key] = await _bind(forward)
                 except OSError as exc:
                     raise ListenError(forward, position, exc) from exc
-                fresh[key] = _Slot(forward, [_stdlib_socket(ls) for ls in listeners])
         except BaseException:
             for slot in fresh.values():
-                for listener in slot.listeners:
-                    listener.close()
+                slot.close()
             raise
         return fresh
 
     async def _start(self, slot: _Slot) -> None:
         assert self._accepting is not None, "serve() starts the listeners"
         await self._accepting.start(self._serve_slot, slot)
-        log.info("forwarding %s -> %s", _addrs(slot.bound), slot.forward.goes_to)
+        forward = slot.forward
+        named = f" ({forward.name})" if forward.name is not None else ""
+        log.info("forwarding %s -> %s%s", _addrs(slot.bound), forward.goes_to, named)
 
     async def _serve_slot(self, slot: _Slot, *, task_status: Any) -> None:
         with slot.scope:
@@ -241,6 +274,7 @@ class ForwardSet:
         epoll registration is level-triggered, so a backlog wakes it at once)
         cut agent+relay CPU per short connection by about 10 % (docs/PERFORMANCE.md).
         """
+        tcp = slot.socket_file is None  # (TCP options and SO_LINGER: net/unix_socket.py)
         try:
             while True:
                 await trio.lowlevel.wait_readable(listener)
@@ -259,8 +293,9 @@ class ForwardSet:
                     await trio.sleep(_ACCEPT_RETRY_INTERVAL)
                     continue
                 sock.setblocking(False)
-                tune_plain_socket(sock, notsent_lowat=True)
-                set_abortive(sock)  # (a clean end clears it: net/ending.py)
+                if tcp:
+                    tune_plain_socket(sock, notsent_lowat=True)
+                    set_abortive(sock)  # (a clean end clears it: net/ending.py)
                 kind = self._kind or kind_of(slot.forward)
                 rest = kind.connection(slot.forward, sock, self._opener)
                 if rest is not None:
@@ -268,6 +303,8 @@ class ForwardSet:
         finally:
             trio.lowlevel.notify_closing(listener)
             listener.close()
+            if slot.socket_file is not None:  # (its one listener)
+                slot.socket_file.remove()
 
 
 _LOCAL: Final = LocalTcpForward()
@@ -279,6 +316,19 @@ def kind_of(forward: Forward) -> ForwardKind:
     return _DYNAMIC if forward.kind == DYNAMIC else _LOCAL
 
 
+async def _bind(forward: Forward) -> _Slot:
+    """A slot with ``forward``'s listeners bound (not accepting yet).
+
+    Raises:
+        OSError: from bind (or resolving the listen address).
+    """
+    if forward.listen_path is not None:
+        sock, socket_file = bind_listener(forward.listen_path)
+        return _Slot(forward, [sock], socket_file)
+    listeners = await trio.open_tcp_listeners(forward.listen_port, host=forward.listen_host)
+    return _Slot(forward, [_stdlib_socket(ls) for ls in listeners])
+
+
 def _stdlib_socket(listener: trio.SocketListener) -> socket.socket:
     """The listening socket trio bound (its address families, options and backlog),
     as a non-blocking standard-library socket for ``_accept_loop``."""
@@ -288,4 +338,5 @@ def _stdlib_socket(listener: trio.SocketListener) -> socket.socket:
 
 
 def _addrs(bound: Bound) -> str:
-    return ", ".join(f"{h}:{p}" for h, p in bound)
+    """``host:port, ...``; a unix socket listener's path alone (bound as (path, 0))."""
+    return ", ".join(h if h.startswith("/") else f"{h}:{p}" for h, p in bound)

@@ -164,7 +164,7 @@ async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
 async def _carry(transport: TunnelTransport, target: HostPort,
                  stream: trio.abc.HalfCloseableStream) -> None:
     try:
-        channel = transport.open_channel(target.host, target.port)
+        channel = transport.open_channel(target.host, target.port, forward="--stdio")
     except (SessionClosed, ChannelRefused) as exc:
         raise StdioFailed(f"cannot open a channel to {target}: {exc}") from exc
     if not await splice(stream, channel):

@@ -1,4 +1,4 @@
-"""The command line: ``wstunnel relay|agent|check|status|keygen|demo``."""
+"""The command line: ``wstunnel relay|agent|check|status|keygen|demo|service``."""
 
 from .main import main, main_entry
 

@@ -71,6 +71,16 @@ _COMMANDS: Final[dict[str, tuple[str, str]]] = {
         "agent (prints the token, and on stderr the agents: entry for relay.yaml).",
         "  wstunnel keygen --out /etc/wstunnel --name relay.example.com\n"
         "  wstunnel keygen --token laptop --out laptop.token"),
+    "service": (
+        "Print a systemd unit or an example config exactly as shipped with this\n"
+        "wstunnel, to install or start from without the source repository. Units:\n"
+        "relay, relay-socket, agent (one instance per agent-NAME.yaml); their\n"
+        "ExecStart= runs /opt/wstunnel/bin/wstunnel (a venv there, or edit it).\n"
+        "Configs: relay, agent, agent-token (the PUBLIC example token agent.yaml\n"
+        "names), nginx, haproxy (front ends for the relay).",
+        "  wstunnel service print-unit relay > /etc/systemd/system/wstunnel-relay.service\n"
+        "  wstunnel service print-unit agent > /etc/systemd/system/wstunnel-agent@.service\n"
+        "  wstunnel service print-config relay > /etc/wstunnel/relay.yaml   # then edit it"),
 }
 
 OPTION_HELP: Final[dict[str, str]] = {

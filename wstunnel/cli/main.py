@@ -28,12 +28,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, NoReturn
 
 from .. import __version__
-from ..config import LOG_FORMATS, LOG_LEVELS, AgentConfig, RelayConfig, load_config, parse_size
+from ..config import (
+    DEFAULT_MAX_CHANNELS,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AgentConfig,
+    RelayConfig,
+    load_config,
+    parse_size,
+)
 from ..config.flags import agent_config, relay_config
 from ..config.proxy_url import NO_PROXY
 from ..errors import ConfigError, TunnelError
 from ..service.logs import setup_logging
 from .helptext import OPTION_HELP, command_texts
+from .shipped import add_service_actions, print_shipped
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main", "main_entry"]
 
@@ -84,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bulk transfer size, e.g. 64MiB")
     demo.set_defaults(handler=_cmd_demo)
     _add_keygen(command("keygen", "make a relay certificate or an agent token"))
+    service = command("service", "print the shipped systemd units and example configs")
+    add_service_actions(service)
+    service.set_defaults(handler=_cmd_service)
     return parser
 
 
@@ -108,6 +120,10 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
     relay.add_argument("--allow", action="append", metavar="RULE",
                        help="allowed destination: host, *.pattern, IP or CIDR, "
                             "optional :port or :lo-hi (repeatable; default: nothing)")
+    relay.add_argument("--listen-allow", dest="listen_allow", action="append", metavar="RULE",
+                       help="with --no-auth: an address agents' -R may listen on: IP or CIDR "
+                            "with optional :port or :lo-hi, or unix:/path (repeatable; "
+                            "default: nothing)")
     relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
     relay.add_argument("--trusted-proxy", "--trusted-proxies", dest="trusted_proxies",
                        action="append", metavar="CIDR",
@@ -125,7 +141,8 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("-c", "--config", metavar="FILE", help="agent YAML file")
     agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
     agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
-                       help="forward a local port to HOST:PORT via the relay (repeatable)")
+                       help="forward a local port (or /path of a unix socket) to HOST:PORT (or "
+                            "unix:/path) via the relay (repeatable)")
     agent.add_argument("--stdio", metavar="HOST:PORT",
                        help="carry stdin/stdout as one connection to HOST:PORT, then exit "
                             "(ssh -o ProxyCommand='wstunnel agent ... --stdio %%h:%%p')")
@@ -133,6 +150,12 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
                        type=lambda text: {"dynamic": text},
                        help="SOCKS5/SOCKS4a/HTTP proxy on a local port; the relay connects "
                             "to each destination a client asks for (repeatable)")
+    agent.add_argument("-R", dest="reverse_forwards", action="append",
+                       metavar="[BIND:]PORT:HOST:PORT", type=lambda text: {"reverse": text},
+                       help="the relay listens on BIND:PORT (default 127.0.0.1, on the relay "
+                            "host) while this agent is connected; this agent connects each "
+                            "connection to HOST:PORT (repeatable; the relay's listen_allow "
+                            "must allow it)")
     proxy = agent.add_mutually_exclusive_group()
     proxy.add_argument("--proxy", metavar="URL",
                        help="HTTP proxy http://[USER@]HOST:PORT (default: HTTPS_PROXY/HTTP_PROXY)")
@@ -161,9 +184,16 @@ _AGENT_SECURITY_FLAGS: Final = {
 
 def _add_service_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", metavar="HOST:PORT",
-                        help="serve Prometheus metrics on http://HOST:PORT/metrics")
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics and a "
+                        "live dashboard on http://HOST:PORT/")
+    parser.add_argument("--metrics-auth-file", metavar="FILE",
+                        help="require HTTP Basic auth on --metrics: one user:password (or "
+                        "user:sha256:HEX) a line")
     parser.add_argument("--admin-socket", metavar="PATH",
                         help="unix socket (mode 0600) for `wstunnel status`")
+    parser.add_argument("--access-log", metavar="off|on|FILE",
+                        help="one line per finished channel (--log-format), into the log "
+                        "(on) or appended to FILE, reopened on SIGHUP/SIGUSR1 (default off)")
 
 
 def _add_status(status: argparse.ArgumentParser) -> None:
@@ -234,7 +264,7 @@ def _summary(config: Config) -> str:
 
 def _cmd_relay(args: argparse.Namespace) -> int:
     config = relay_config_from_args(args)
-    setup_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format, access_log=config.access_log)
     from ..relay import run_relay
 
     return _run_role(run_relay, config, functools.partial(relay_config_from_args, args))
@@ -245,7 +275,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     config = agent_config_from_args(args)
     if config.stdio is not None:
         return _run_stdio(config, getattr(args, "log_level", None))
-    setup_logging(config.log_level, config.log_format)
+    setup_logging(config.log_level, config.log_format, access_log=config.access_log)
     from ..agent import run_agent
 
     return _run_role(run_agent, config, functools.partial(agent_config_from_args, args))
@@ -278,6 +308,10 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_service(args: argparse.Namespace) -> int:
+    return print_shipped(args.folder, args.name, out=sys.stdout, err=sys.stderr)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     setup_logging(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
     import trio
@@ -297,9 +331,14 @@ def _run_role(runner: Runner, config: Config, reread: Callable[[], Config]) -> i
     import trio
 
     from ..service.malloc_tuning import keep_buffers_in_heap
+    from ..service.open_files import raise_open_files_limit
 
     def run() -> int:
         keep_buffers_in_heap()
+        if isinstance(config, RelayConfig):
+            raise_open_files_limit(config.max_channels, "relay")
+        else:  # as many as a relay with the default max_channels lets a session open
+            raise_open_files_limit(DEFAULT_MAX_CHANNELS, "agent")
         trio.run(_supervise, runner, config, reread)
         return EXIT_OK
 
@@ -341,18 +380,30 @@ async def _supervise(runner: Runner, config: Config, reread: Callable[[], Config
 
 
 def _relog(config: Config) -> None:
-    setup_logging(config.log_level, config.log_format)
+    try:
+        setup_logging(config.log_level, config.log_format, access_log=config.access_log)
+    except ConfigError as exc:  # (the access log's file: the one before stays open)
+        log.error("%s; still writing the access log where it went before", exc)
 
 
 async def _watch_signals(shutdown: Any, hangups: Any, *, task_status: Any) -> NoReturn:
-    """SIGHUP: ask for a reload. First SIGINT/SIGTERM: set ``shutdown``; second:
-    raise ``_ForcedExit``."""
+    """SIGHUP: reopen the access log file, ask for a reload. SIGUSR1: reopen the access
+    log file (logrotate). First SIGINT/SIGTERM: set ``shutdown``; second: raise
+    ``_ForcedExit``."""
     import trio
 
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    from ..service.logs import reopen_log_files
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
+                                   signal.SIGUSR1) as signals:
         task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
+            if signum in (signal.SIGHUP, signal.SIGUSR1):
+                reopen_log_files()
+            if signum == signal.SIGUSR1:
+                log.info("SIGUSR1 received: access log file reopened")
+                continue
             if signum == signal.SIGHUP:
                 log.info("SIGHUP received: reloading the configuration")
                 with contextlib.suppress(trio.WouldBlock):  # one is already pending

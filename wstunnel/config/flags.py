@@ -52,13 +52,15 @@ def _same_names(*keys: str) -> dict[str, Flag]:
     return {key: Flag("--" + key.replace("_", "-"), key) for key in keys}
 
 
-_SERVICE_FLAGS: Final = _same_names("log_level", "log_format", "metrics", "admin_socket")
+_SERVICE_FLAGS: Final = _same_names("log_level", "log_format", "metrics", "metrics_auth_file",
+                                    "admin_socket", "access_log")
 
 #: ``wstunnel agent``: argparse destination -> flag. ``--no-proxy`` writes ``proxy: none``.
 AGENT_FLAGS: Final[Mapping[str, Flag]] = {
     "forwards": Flag("-L", "forwards"),
     "stdio": Flag("--stdio", "stdio"),
     "dynamic_forwards": Flag("-D", "forwards"),  # (each {"dynamic": "[bind:]port"})
+    "reverse_forwards": Flag("-R", "forwards"),  # (each {"reverse": "[bind:]port:host:port"})
     "headers": Flag("--header", "headers"),
     **_same_names("relay", "proxy", "proxy_password_file", "host_header", "token_file",
                   "token_env", "token_credential", "ca_file", "relay_fingerprint",
@@ -72,14 +74,14 @@ RELAY_FLAGS: Final[Mapping[str, Flag]] = {
     "trusted_proxies": Flag("--trusted-proxy", "trusted_proxies"),
     **{f"tls_{key}": Flag(f"--tls-{key.replace('_', '-')}", f"tls.{key}")
        for key in ("cert_file", "key_file", "client_ca_file")},
-    **_same_names("listen", "allow", "path", "no_auth"),
+    **_same_names("listen", "allow", "listen_allow", "path", "no_auth"),
     **_SERVICE_FLAGS,
 }
 
 # What to say when a required key is in neither a file nor a flag.
 _MISSING: Final = {
     "relay": "give --relay ws://HOST:PORT/tunnel or -c agent.yaml",
-    "forwards": "give at least one -L [bind:]port:host:port, or --stdio host:port, or "
+    "forwards": "give at least one -L [bind:]port:host:port (or -R, -D), or --stdio host:port, or "
                 "-c agent.yaml",
     "listen": "give --listen HOST:PORT or -c relay.yaml",
     "tls.cert_file": "give both --tls-cert-file and --tls-key-file",
@@ -129,8 +131,8 @@ class FlagDocument(Document):
         if item is None or not isinstance(values, list) or int(item[2]) >= len(values):
             return flag
         value = values[int(item[2])]
-        if isinstance(value, dict) and set(value) == {"dynamic"}:
-            value = value["dynamic"]  # (-D as written)
+        if isinstance(value, dict) and len(value) == 1 and set(value) <= {"dynamic", "reverse"}:
+            value = next(iter(value.values()))  # (-D, -R as written)
         return f"{flag} {value}"
 
     def in_file(self, path: str) -> bool:

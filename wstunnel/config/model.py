@@ -17,6 +17,7 @@ from .. import mux, ws
 from ..addresses import HostPort
 from ..security.auth import TokenHash
 from ..security.forwarded import IPNetwork
+from ..security.listen_policy import ListenPolicy, ListenRule
 from ..security.policy import AllowRule, Policy
 from ..security.tls import ClientTLS
 from .proxy_url import NO_PROXY, ProxyURL, parse_proxy_url
@@ -49,7 +50,10 @@ DEFAULT_MAX_SEND_WINDOW: Final = mux.DEFAULT_MAX_SEND_WINDOW
 DEFAULT_MAX_QUEUED_SIZE: Final = mux.DEFAULT_MAX_QUEUED_SIZE
 DEFAULT_MAX_MESSAGE_SIZE: Final = ws.DEFAULT_MAX_MESSAGE_SIZE
 DEFAULT_MAX_PENDING_OPENS: Final = 64
-DEFAULT_MAX_BUFFERED_SIZE: Final = 256 * MiB  # = 1024 channels x 256 KiB windows
+#: What one session may make the relay buffer (received, not yet written to its
+#: destinations): 1024 channels at the 256 KiB window, or 10,240 channels of
+#: which the first ~400 open at 256 KiB and the rest at 16 KiB (mux/session.py).
+DEFAULT_MAX_BUFFERED_SIZE: Final = 256 * MiB
 DEFAULT_MAX_SESSIONS_PER_AGENT: Final = 8
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
@@ -91,7 +95,10 @@ class AgentConfig:
     client_cert_file: str | None = None
     client_key_file: str | None = None
     metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    metrics_auth_file: str | None = None  # user:password lines: Basic auth on `metrics`
     admin_socket: str | None = None  # unix socket for `wstunnel status`
+    #: One line per finished channel: "off", "on" (into the log stream) or a file path.
+    access_log: str = "off"
     source: str = field(default="<command line>", compare=False)  # file named in messages
     #: ``relay`` split into what the agent dials.
     relay_url: RelayURL = field(init=False, repr=False, compare=False)
@@ -137,12 +144,16 @@ class AgentAccount:
     name: str
     token_hash: TokenHash | None = None
     allow: tuple[AllowRule, ...] = ()
+    #: What this agent's reverse forwards (``-R``) may make the relay listen on.
+    listen_allow: tuple[ListenRule, ...] = ()
     #: The destination policy built from ``allow``: one per account and load, so
     #: its verdict cache serves every OPEN of every session of this agent.
     policy: Policy = field(init=False, repr=False, compare=False)
+    listen_policy: ListenPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.allow))
+        object.__setattr__(self, "listen_policy", ListenPolicy(self.listen_allow))
 
 
 @dataclass(frozen=True)
@@ -152,6 +163,7 @@ class RelayConfig:
     listen: HostPort
     path: str = DEFAULT_PATH
     allow: tuple[AllowRule, ...] = ()
+    listen_allow: tuple[ListenRule, ...] = ()  # (anonymous agents, with ``no_auth``)
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0
     ping_interval: float = 20.0
@@ -174,13 +186,18 @@ class RelayConfig:
     max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
     idle_timeout: float = 0.0
     metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
+    metrics_auth_file: str | None = None  # user:password lines: Basic auth on `metrics`
     admin_socket: str | None = None  # unix socket for `wstunnel status`
+    #: One line per finished channel: "off", "on" (into the log stream) or a file path.
+    access_log: str = "off"
     source: str = field(default="<command line>", compare=False)  # file named in messages
     #: The destination policy built from ``allow`` (anonymous clients, with ``no_auth``).
     policy: Policy = field(init=False, repr=False, compare=False)
+    listen_policy: ListenPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", Policy(self.allow))
+        object.__setattr__(self, "listen_policy", ListenPolicy(self.listen_allow))
 
 
 def demo_configs(echo_port: int, sink_port: int, *,

@@ -18,9 +18,11 @@ otherwise ``relay:`` means an agent config and ``listen:`` a relay config.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,7 +31,17 @@ from ..addresses import HostPort
 from . import values
 from ._yaml import Document, join_index, join_key, load_document, parse_document
 from .model import LOG_FORMATS, LOG_LEVELS, AgentAccount, AgentConfig, RelayConfig, RelayTLS
-from .textforms import Forward, KiB, MiB, parse_forward
+from .textforms import (
+    LOCAL,
+    REVERSE,
+    Forward,
+    KiB,
+    MiB,
+    check_reverse_listen,
+    parse_forward,
+    parse_listen,
+    parse_socket_path,
+)
 from .values import Parser
 
 __all__ = [
@@ -53,8 +65,8 @@ _RESERVED_KEYS: Final = {
 # ---------------------------------------------------------------- the tables
 
 def _agent_account(doc: Document, path: str, value: Any) -> AgentAccount:
-    found = _build(doc, path, value, _ACCOUNT_FIELDS, {"token_hash": False, "allow": False},
-                   "an agent entry")
+    found = _build(doc, path, value, _ACCOUNT_FIELDS,
+                   {"token_hash": False, "allow": False, "listen_allow": False}, "an agent entry")
     return AgentAccount(**found)
 
 
@@ -65,38 +77,101 @@ def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
 
 
 def _forward(doc: Document, path: str, value: Any) -> Forward:
+    """One ``forwards`` entry: ``-L``'s text, or a mapping whose first key says the
+    kind (``listen``, ``dynamic``, ``reverse``); each mapping may carry a ``name``."""
     if isinstance(value, str):
-        return values.checked(doc, path, parse_forward, value, "[bind:]port:host:port")
+        return values.checked(doc, path, parse_forward, value,
+                              "[bind:]port:host:port, or a mapping")
     if isinstance(value, dict) and "dynamic" in value:
         return _dynamic_forward(doc, path, value)
-    found = _build(doc, path, value, _FORWARD_FIELDS, {}, "a forward")
-    return Forward.of(found["listen"], found["target"])
+    if isinstance(value, dict) and "reverse" in value:
+        return _reverse_forward(doc, path, value)
+    found = _build(doc, path, value, _FORWARD_FIELDS, {"name": False}, "a forward")
+    listen, target = found["listen"], found["target"]
+    return dataclasses.replace(_joined(listen, target), name=found.get("name"))
+
+
+def _joined(listen: HostPort | str, target: HostPort | str, kind: str = LOCAL) -> Forward:
+    """A forward from a listen address or path and a target address or ``unix:`` path."""
+    forward = Forward("", 0, "", 0, kind)
+    if isinstance(listen, str):
+        forward = dataclasses.replace(forward, listen_path=listen)
+    else:
+        forward = dataclasses.replace(forward, listen_host=listen.host, listen_port=listen.port)
+    if isinstance(target, str):
+        return dataclasses.replace(forward, target_path=target)
+    return dataclasses.replace(forward, target_host=target.host, target_port=target.port)
 
 
 def _dynamic_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
     """``{dynamic: "[bind:]port", users_file: FILE}`` (``-D``): a SOCKS/HTTP proxy."""
-    found = _build(doc, path, value, _DYNAMIC_FIELDS, {"users_file": False},
+    found = _build(doc, path, value, _DYNAMIC_FIELDS, {"users_file": False, "name": False},
                    "a dynamic forward")
     users = None
     if "users_file" in found:
         name = _beside(doc, join_key(path, "users_file"), found["users_file"])
         users = values.users_file(doc, join_key(path, "users_file"), name)
-    return Forward.dynamic(found["dynamic"], users)
+    return dataclasses.replace(Forward.dynamic(found["dynamic"], users), name=found.get("name"))
 
 
-_FORWARD_FIELDS: Final[dict[str, Parser]] = {"listen": values.listen, "target": values.target}
+def _reverse_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
+    """``{reverse: "[bind:]port", target: "host:port"}`` or ``-R``'s whole text as
+    ``reverse`` (the relay listens; this agent dials the target)."""
+    found = _build(doc, path, value, _REVERSE_FIELDS, {"target": False, "name": False},
+                   "a reverse forward")
+    where = join_key(path, "reverse")
+    if "target" not in found:
+        forward = values.checked(doc, where, partial(parse_forward, kind=REVERSE),
+                                 found["reverse"], "[bind:]port:host:port")
+    else:
+        listen = values.checked(doc, where, _reverse_listen, found["reverse"], "[bind:]port")
+        forward = _joined(listen, found["target"], REVERSE)
+        try:
+            check_reverse_listen(forward)
+        except ValueError as exc:
+            raise doc.error(where, str(exc)) from exc
+    return dataclasses.replace(forward, name=found.get("name"))
+
+
+def _reverse_listen(text: str) -> HostPort | str:
+    return parse_socket_path(text) if text.startswith("/") else parse_listen(text)
+
+
+_FORWARD_FIELDS: Final[dict[str, Parser]] = {"listen": values.listen_or_path,
+                                             "target": values.target_or_path,
+                                             "name": values.forward_name}
 _DYNAMIC_FIELDS: Final[dict[str, Parser]] = {"dynamic": values.listen,
-                                             "users_file": values.file_path}
+                                             "users_file": values.file_path,
+                                             "name": values.forward_name}
+_REVERSE_FIELDS: Final[dict[str, Parser]] = {"reverse": values.port_text,
+                                             "target": values.target_or_path,
+                                             "name": values.forward_name}
 _ACCOUNT_FIELDS: Final[dict[str, Parser]] = {
     "name": values.agent_name,
     "token_hash": values.token_hash,
     "allow": values.list_of(values.allow_rule),
+    "listen_allow": values.list_of(values.listen_rule),
 }
 _TLS_FIELDS: Final[dict[str, Parser]] = {
     "cert_file": values.file_path,
     "key_file": values.file_path,
     "client_ca_file": values.file_path,
 }
+
+_ACCESS_LOG_WORDS: Final = {"off": "off", "false": "off", "no": "off",
+                             "on": "on", "true": "on", "yes": "on", "stderr": "on"}
+
+
+def _access_log(doc: Document, path: str, value: Any) -> str:
+    """off (YAML's false), on or stderr (true: the log stream), or a file path."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if not isinstance(value, str) or not value.strip():
+        raise doc.error(path, "expected off, on (the log stream) or a file path, got "
+                              f"{values.describe(value)}")
+    word = _ACCESS_LOG_WORDS.get(value.strip().lower())
+    return word if word is not None else _beside(doc, path, value.strip())
+
 
 _COMMON_FIELDS: Final[dict[str, Parser]] = {
     "handshake_timeout": values.duration(0.001),
@@ -110,7 +185,9 @@ _COMMON_FIELDS: Final[dict[str, Parser]] = {
     "log_level": values.choice(LOG_LEVELS),
     "log_format": values.choice(LOG_FORMATS),
     "metrics": values.optional(values.host_port),
+    "metrics_auth_file": values.readable_file,
     "admin_socket": values.optional(values.socket_path),
+    "access_log": _access_log,
 }
 
 _AGENT_FIELDS: Final[dict[str, Parser]] = {
@@ -140,6 +217,7 @@ _RELAY_FIELDS: Final[dict[str, Parser]] = {
     "listen": values.listen,  # a bare port: 127.0.0.1 (like -L); 0.0.0.0:PORT for all
     "path": values.url_path,
     "allow": values.list_of(values.allow_rule),
+    "listen_allow": values.list_of(values.listen_rule),
     "connect_timeout": values.duration(0.001),
     "max_channels": values.size(1, 65536, "a count"),
     "max_message_size": values.size(4 * KiB, 64 * MiB),
@@ -203,13 +281,15 @@ def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
         raise doc.error(key, "reconnect_max_interval must be at least reconnect_min_interval "
                         f"({config.reconnect_min_interval:g}), got "
                         f"{config.reconnect_max_interval:g}")
-    seen: dict[HostPort, int] = {}
+    seen: dict[tuple[bool, str], int] = {}
     for i, forward in enumerate(config.forwards):
-        if forward.listen in seen and forward.listen.port != 0:
+        at = (forward.kind == REVERSE, forward.listen_text)
+        if at in seen and (forward.listen_port != 0 or forward.listen_path is not None):
+            where = "the relay's listen address" if at[0] else "listen address"
             raise doc.error(join_index("forwards", i),
-                            f"listen address {forward.listen} is already used by "
-                            f"{doc.name(join_index('forwards', seen[forward.listen]))}")
-        seen[forward.listen] = i
+                            f"{where} {forward.listen_text} is already used by "
+                            f"{doc.name(join_index('forwards', seen[at]))}")
+        seen[at] = i
     if (config.proxy_password_file is not None and config.proxy_url is not None
             and config.proxy_url.username is None):
         raise doc.error("proxy", "proxy_password_file needs a user name in the proxy URL, "

@@ -21,7 +21,12 @@ __all__ = [
     "DEFAULT_PATH",
     "DYNAMIC",
     "LOCAL",
+    "MAX_SOCKET_PATH",
+    "REVERSE",
+    "UNIX_PREFIX",
     "Forward",
+    "check_reverse_listen",
+    "parse_socket_path",
     "RelayURL",
     "parse_forward",
     "parse_host_port",
@@ -62,18 +67,29 @@ class RelayURL(NamedTuple):
         return host if self.port == default else f"{host}:{self.port}"
 
 
-#: ``Forward.kind`` values: ``-L`` (a fixed target) and ``-D`` (SOCKS/HTTP proxy).
+#: ``Forward.kind`` values: ``-L`` (a fixed target), ``-D`` (SOCKS/HTTP proxy) and
+#: ``-R`` (the relay listens, the agent dials the target).
 LOCAL: Final = "local"
 DYNAMIC: Final = "dynamic"
+REVERSE: Final = "reverse"
+#: How a unix socket target is written: ``unix:/run/app.sock``.
+UNIX_PREFIX: Final = "unix:"
+#: sun_path holds 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH: Final = 107
 
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """One agent listener and the destination its connections are tunnelled to.
+    """One listener and the destination its connections are tunnelled to.
 
-    A dynamic forward (``-D``) has no target of its own (host "" and port 0):
-    each client names its destination in a SOCKS or HTTP proxy request.
-    ``users``: the (user, password) pairs its clients must give; None: no login.
+    ``-L``: the agent listens, the relay connects to the target. ``-R``: the
+    relay listens (while this agent's session is up), the agent connects to
+    the target. A dynamic forward (``-D``) has no target of its own (host ""
+    and port 0): each client names its destination in a SOCKS or HTTP proxy
+    request. Either end may be a unix socket path instead of host and port
+    (``listen_path``, ``target_path``; the host is then "" and the port 0).
+    ``users``: the (user, password) pairs a ``-D`` client must give; None: no
+    login. ``name``: what status, metrics and logs call it (``label``).
     """
 
     listen_host: str
@@ -82,6 +98,9 @@ class Forward:
     target_port: int
     kind: str = LOCAL
     users: frozenset[tuple[str, str]] | None = field(default=None, repr=False)
+    listen_path: str | None = None
+    target_path: str | None = None
+    name: str | None = None
 
     @classmethod
     def of(cls, listen: HostPort, target: HostPort) -> Forward:
@@ -99,20 +118,48 @@ class Forward:
         """Where its connections go, as log lines say it."""
         if self.kind == DYNAMIC:
             return "SOCKS5/SOCKS4a/HTTP proxy (destinations chosen by its clients)"
-        return str(self.target)
+        if self.kind == REVERSE:
+            return f"{self.target_text} (dialled by this agent)"
+        return self.target_text
 
     @property
     def listen(self) -> HostPort:
-        """Where the agent listens."""
+        """Where the agent (for ``-R``: the relay) listens, when not on a path."""
         return HostPort(self.listen_host, self.listen_port)
 
     @property
+    def listen_text(self) -> str:
+        """The listen address or path, as logs say it."""
+        if self.listen_path is not None:
+            return self.listen_path
+        return str(self.listen)
+
+    @property
     def target(self) -> HostPort:
-        """Where the relay connects."""
+        """Where the relay (for ``-R``: the agent) connects, when not to a path."""
         return HostPort(self.target_host, self.target_port)
 
+    @property
+    def target_text(self) -> str:
+        """``host:port`` or ``unix:/path``."""
+        if self.target_path is not None:
+            return UNIX_PREFIX + self.target_path
+        return str(self.target)
+
+    @property
+    def label(self) -> str:
+        """Its name, else the way it is written on the command line (``-L``'s
+        ``127.0.0.1:8080:db:5432``, ``-D 127.0.0.1:1080``)."""
+        if self.name is not None:
+            return self.name
+        if self.kind == DYNAMIC:
+            return f"-D {self.listen_text}"
+        flag = "-R" if self.kind == REVERSE else "-L"
+        return f"{flag} {self.listen_text}:{self.target_text}"
+
     def __str__(self) -> str:
-        return f"{self.listen} -> {self.goes_to}"
+        where = "relay's " if self.kind == REVERSE else ""
+        return f"{where}{self.listen_text} -> {self.goes_to}"
 
 
 def _host(text: str) -> str:
@@ -153,19 +200,73 @@ def parse_listen(text: str, *, default_host: str = DEFAULT_BIND_HOST) -> HostPor
     return parse_host_port(text, allow_zero=True)
 
 
-def parse_forward(text: str, *, default_host: str = DEFAULT_BIND_HOST) -> Forward:
-    """Parse the CLI form ``[bind:]port:host:port`` (``-L``); bind defaults to 127.0.0.1.
+def parse_forward(text: str, *, default_host: str = DEFAULT_BIND_HOST,
+                  kind: str = LOCAL) -> Forward:
+    """Parse ``-L`` or ``-R``: ``[bind:]port:host:port``; the listen side may be a
+    unix socket path (``/run/app.sock:host:port``) and the target ``unix:/path``.
+    The bind address defaults to 127.0.0.1.
 
     Raises:
         ValueError: with what was expected.
     """
-    parts = split_fields(text.strip())
-    if len(parts) not in (3, 4):
-        raise ValueError(
-            f"expected [bind:]port:host:port (IPv6 in brackets), got {json.dumps(text)}")
-    bind = _host(parts[0]) if len(parts) == 4 else default_host
-    listen = HostPort(bind, parse_port(parts[-3], allow_zero=True))
-    return Forward.of(listen, HostPort(_host(parts[-2]), parse_port(parts[-1])))
+    text = text.strip()
+    expected = (f"expected [bind:]port:host:port (IPv6 in brackets; a /path or unix:/path "
+                f"for a unix socket), got {json.dumps(text)}")
+    listen_path = None
+    if text.startswith("/"):
+        listen_path, colon, rest = text.partition(":")
+        parts = split_fields(rest) if colon else []
+        listen_path = parse_socket_path(listen_path)
+    else:
+        parts = split_fields(text)
+    head = parts[:-2]
+    if len(parts) < 2 or (len(head) != 0 if listen_path else len(head) not in (1, 2)):
+        raise ValueError(expected)
+    target_path = None
+    if parts[-2] == UNIX_PREFIX[:-1] and parts[-1].startswith("/"):
+        target_path = parse_socket_path(parts[-1])
+        target = HostPort("", 0)
+    else:
+        target = HostPort(_host(parts[-2]), parse_port(parts[-1]))
+    listen = HostPort("", 0)
+    if listen_path is None:
+        bind = _host(head[0]) if len(head) == 2 else default_host
+        listen = HostPort(bind, parse_port(head[-1], allow_zero=True))
+    forward = Forward(listen.host, listen.port, target.host, target.port, kind,
+                      listen_path=listen_path, target_path=target_path)
+    if kind == REVERSE:
+        check_reverse_listen(forward)
+    return forward
+
+
+def check_reverse_listen(forward: Forward) -> None:
+    """The relay binds what an agent asks for literally: an IP address, not a name.
+
+    Raises:
+        ValueError: a host name, or port 0.
+    """
+    if forward.listen_path is not None:
+        return
+    if parse_ip(forward.listen_host) is None:
+        raise ValueError(f"the relay listens on IP addresses, not names: use 127.0.0.1, "
+                         f"0.0.0.0, [::1] or [::] instead of {forward.listen_host}")
+    if forward.listen_port == 0:
+        raise ValueError("a reverse forward needs a fixed port on the relay (0 would "
+                         "give a port nobody knows)")
+
+
+def parse_socket_path(text: str) -> str:
+    """An absolute unix socket path that fits ``sun_path``.
+
+    Raises:
+        ValueError: relative, with NUL, or too long.
+    """
+    if not text.startswith("/") or "\0" in text:
+        raise ValueError(f"expected an absolute unix socket path, got {json.dumps(text)}")
+    if len(text.encode()) > MAX_SOCKET_PATH:
+        raise ValueError(f"a unix socket path may have at most {MAX_SOCKET_PATH} bytes, got "
+                         f"{len(text.encode())}; pick a shorter one")
+    return text
 
 
 def parse_users(text: str) -> frozenset[tuple[str, str]]:

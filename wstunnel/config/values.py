@@ -13,28 +13,35 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
 from ..addresses import HostPort, split_fields
 from ..security.auth import AGENT_NAME, TokenHash
 from ..security.forwarded import IPNetwork, parse_trusted_proxy
+from ..security.listen_policy import ListenRule
 from ..security.policy import AllowRule
 from ..security.tls import parse_fingerprint
 from ._yaml import Document, join_index, join_key
 from .headers import check_header, parse_header_line, parse_host_header
 from .proxy_url import NO_PROXY, parse_proxy_url
 from .textforms import (
+    MAX_SOCKET_PATH,
+    UNIX_PREFIX,
     parse_host_port,
     parse_listen,
     parse_relay_url,
     parse_size,
+    parse_socket_path,
     parse_url_path,
     parse_users,
 )
 
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
-_MAX_SOCKET_PATH: Final = 107  # sun_path is 108 bytes with the terminating NUL
+_MAX_SOCKET_PATH: Final = MAX_SOCKET_PATH
+#: A forward's name: safe as a Prometheus label value and in a log line.
+FORWARD_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 T = TypeVar("T")
 _log = logging.getLogger("wstunnel.config")
@@ -43,6 +50,11 @@ Parser = Callable[[Document, str, Any], Any]
 __all__ = [
     "Parser",
     "agent_name",
+    "forward_name",
+    "listen_or_path",
+    "listen_rule",
+    "port_text",
+    "target_or_path",
     "allow_rule",
     "boolean",
     "checked",
@@ -141,6 +153,38 @@ def target(doc: Document, path: str, value: Any) -> HostPort:
     return checked(doc, path, parse_host_port, value, "host:port")
 
 
+def port_text(doc: Document, path: str, value: Any) -> str:
+    """Text that a text form parses next; a bare port may be written as a number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise doc.error(path, f"expected [bind:]port or a /path, got {describe(value)}")
+    return value
+
+
+def listen_or_path(doc: Document, path: str, value: Any) -> HostPort | str:
+    """``[bind:]port``, or an absolute path for a unix socket listener."""
+    if isinstance(value, str) and value.strip().startswith("/"):
+        return checked(doc, path, parse_socket_path, value.strip(), "a unix socket path")
+    return listen(doc, path, value)
+
+
+def target_or_path(doc: Document, path: str, value: Any) -> HostPort | str:
+    """``host:port``, or ``unix:/path`` for a unix socket target (the path alone)."""
+    if isinstance(value, str) and value.strip().startswith(UNIX_PREFIX):
+        return checked(doc, path, parse_socket_path, value.strip()[len(UNIX_PREFIX):],
+                       "unix:/path")
+    return target(doc, path, value)
+
+
+def forward_name(doc: Document, path: str, value: Any) -> str:
+    """A forward's name: a metric label value and a word in log lines."""
+    if not isinstance(value, str) or not FORWARD_NAME.fullmatch(value):
+        raise doc.error(path, "expected a forward name (1-64 letters, digits, '-', '_' or "
+                              f"'.'), got {describe(value)}")
+    return value
+
+
 def stdio_target(doc: Document, path: str, value: Any) -> HostPort:
     """``host:port``, also as ssh's ``%h:%p`` writes an IPv6 address: ``::1:22``."""
     if isinstance(value, str) and value.count(":") > 1 and not value.startswith("["):
@@ -212,6 +256,11 @@ def allow_rule(doc: Document, path: str, value: Any) -> AllowRule:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # a bare YAML number cannot be a rule, but say why below
     return checked(doc, path, AllowRule.parse, value, "a host, pattern, IP or CIDR rule")
+
+
+def listen_rule(doc: Document, path: str, value: Any) -> ListenRule:
+    return checked(doc, path, ListenRule.parse, value,
+                   "an IP or CIDR with an optional port, or unix:/path")
 
 
 def boolean(doc: Document, path: str, value: Any) -> bool:

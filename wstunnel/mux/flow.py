@@ -112,6 +112,16 @@ class ReceiveWindow:
         self.available -= size
         self.unacknowledged += size
 
+    def enlarge(self, extra: int) -> None:
+        """Grant ``extra`` bytes beyond the window (the caller sends them in a
+        WINDOW record): a channel opened small is brought up to full size."""
+        if extra <= 0 or self.size + extra > MAX_WINDOW:
+            raise LocalProtocolError(f"cannot enlarge a window of {self.size} by {extra}")
+        self.size += extra
+        self.available += extra
+        if self._scaled:
+            self.threshold = max(1, self.size // 4)
+
     def acknowledge(self, size: int, room: int = 0) -> int:
         """The application consumed ``size`` bytes.
 

@@ -21,16 +21,32 @@ each strictly increasing.  A record for an id that was used but is no longer
 live is one of the races in docs/PROTOCOL.md and is dropped; a record for an
 id never opened is a protocol error.
 
-Memory: each live channel grants the peer ``initial_window`` bytes and only
-``acknowledge`` returns credit, so received-but-unacknowledged bytes never
-exceed live channels x window.  ``max_buffered_size`` caps that product by
-lowering the channel limit: an OPEN beyond it is refused (LIMIT_REACHED).
+Memory: only ``acknowledge`` returns credit, so received-but-unacknowledged
+bytes never exceed the sum of the live channels' windows.  Each channel is
+granted ``open_window`` at OPEN (the window our SETTINGS announce); the rest
+of a window is credit we add with WINDOW records, from a session-wide pool.
+Two regimes (:func:`plan_windows`):
+
+* ``max_buffered_size`` covers ``max_channels x initial_window``: the open
+  window is ``initial_window`` and the pool (for auto-tuning) is
+  ``max_buffered_size // 8``; bound: live channels x initial_window +
+  max_buffered_size / 8.
+* It does not (10,000 channels of 256 KiB would be 2.5 GiB): the open window
+  is DEFAULT_OPEN_WINDOW (16 KiB), the channel limit is at most 3/4 of
+  max_buffered_size // open_window, and the pool is what the floor of every
+  possible channel leaves: max_buffered_size - limit x open_window.  A channel
+  we accept (OPEN_OK) or whose OPEN the peer accepted gets one WINDOW of
+  ``initial_window - open_window`` from the pool, while the pool has it;
+  later channels start small and grow from the pool when they are busy (auto-
+  tuning, as below).  Bound: max_buffered_size, whatever the peer does.  A
+  peer that opens channels and does not read costs the pool nothing beyond
+  what it was granted; an idle channel holds its grant until it ends.
+
 Windows auto-tune (``ReceiveWindow.acknowledge``): a busy channel whose
-window is what limits it doubles it, up to ``max_window``, and all growth
-together stays within ``max_buffered_size // 8``, so the bound is live
-channels x initial_window + max_buffered_size / 8.  Only a channel alone in
-the session grows; once another channel is live, grown windows shrink back
-to ``initial_window`` (consumed credit is kept back).  Why: all channels share
+window is what limits it doubles it, up to ``max_window`` (alone) or
+``initial_window`` (in company), while the pool has room.  Once another
+channel is live, windows grown beyond ``initial_window`` shrink back to it
+(consumed credit is kept back).  Why: all channels share
 one TCP connection, and what a big window lets into flight queues in kernel
 buffers ahead of the other channels' bytes, where the scheduler cannot
 reorder it (measured: 64-byte round trips under a bulk upload doubled).
@@ -59,6 +75,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SessionClosed
@@ -104,10 +121,17 @@ from .wire import (
     encode_record,
 )
 
-__all__ = ["Role", "Session", "DEFAULT_MAX_CHANNELS", "DEFAULT_MAX_AUTO_WINDOW",
-           "DEFAULT_MAX_SEND_WINDOW", "DEFAULT_MAX_QUEUED_SIZE"]
+__all__ = ["Role", "Session", "DEFAULT_MAX_CHANNELS", "DEFAULT_OPEN_WINDOW", "WindowPlan",
+           "plan_windows", "DEFAULT_MAX_AUTO_WINDOW", "DEFAULT_MAX_SEND_WINDOW",
+           "DEFAULT_MAX_QUEUED_SIZE"]
 
-DEFAULT_MAX_CHANNELS: Final = 1024
+#: Live channels per session: 10,000 channels and room to spare.  What bounds
+#: their memory is ``max_buffered_size`` (see the module docstring), not this.
+DEFAULT_MAX_CHANNELS: Final = 10240
+#: The window every channel gets at OPEN when ``max_buffered_size`` cannot
+#: cover ``initial_window`` for every channel: the smallest SETTINGS value a
+#: peer accepts, enough for a request, a TLS handshake flight, a prompt.
+DEFAULT_OPEN_WINDOW: Final = wire.MIN_WINDOW
 #: Ceiling of an auto-tuned receive window: the bandwidth-delay product of
 #: 1 Gbit/s at 30 ms round trip.
 DEFAULT_MAX_AUTO_WINDOW: Final = 4 * 1024 * 1024
@@ -145,6 +169,39 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
         raise LocalProtocolError(f"{name} must be in {low}-{high}, got {value}")
 
 
+@dataclass(frozen=True, slots=True)
+class WindowPlan:
+    """How a session's receive budget is spent (module docstring, "Memory")."""
+
+    #: What our SETTINGS announce: every channel's window at OPEN.
+    open_window: int
+    #: Live channels the budget allows (at most the max_channels asked for).
+    max_channels: int
+    #: What windows together may grow beyond open_window (top-ups, auto-tuning).
+    pool: int
+    #: The bound on received-but-unacknowledged bytes.
+    max_buffered_size: int
+
+
+def plan_windows(max_channels: int, initial_window: int,
+                 max_buffered_size: int | None) -> WindowPlan:
+    """Windows open at ``initial_window`` while ``max_buffered_size`` covers it for
+    every one of ``max_channels`` channels (the pool is then an eighth of the
+    budget, for auto-tuning); otherwise at DEFAULT_OPEN_WINDOW, with at most 3/4
+    of the budget for those floors, so that busy channels always have a pool."""
+    covered = max_channels * initial_window
+    if max_buffered_size is None or covered <= max_buffered_size:
+        budget = covered if max_buffered_size is None else min(covered, max_buffered_size)
+        return WindowPlan(initial_window, budget // initial_window, budget // 8, budget)
+    open_window = min(initial_window, DEFAULT_OPEN_WINDOW)
+    if open_window == initial_window:  # a small initial_window: nothing to top up
+        limit = max_buffered_size // open_window
+        return WindowPlan(open_window, limit, max_buffered_size // 8, limit * open_window)
+    limit = max(1, min(max_channels, max_buffered_size * 3 // 4 // open_window))
+    return WindowPlan(open_window, limit, max_buffered_size - limit * open_window,
+                      max_buffered_size)
+
+
 class Session:
     """One multiplexed session; see the module docstring for the rules."""
 
@@ -170,14 +227,17 @@ class Session:
                 default the larger of max_chunk_size and DEFAULT_SOLO_CHUNK_SIZE.
                 The WebSocket message limit must be at least max_record_size.
             max_channels: live channels, both directions together.
-            max_buffered_size: bound on received-but-unacknowledged bytes; it
-                lowers the channel limit to max_buffered_size // initial_window.
+            max_buffered_size: bound on received-but-unacknowledged bytes.  When
+                it covers max_channels x initial_window, windows open at
+                initial_window; otherwise they open at DEFAULT_OPEN_WINDOW and
+                grow from what is left (module docstring), and the channel
+                limit is at most 3/4 of max_buffered_size // DEFAULT_OPEN_WINDOW.
             quantum: bytes per scheduler turn; default one chunk.
             max_window: ceiling for auto-tuned receive windows (initial_window..
                 MAX_WINDOW; default DEFAULT_MAX_AUTO_WINDOW, at least
                 initial_window).  A channel whose peer runs out of credit while
                 our reader keeps up doubles its window, up to this; all
-                growth together stays within max_buffered_size // 8.
+                growth together stays within the pool (module docstring).
                 ``max_window=initial_window`` turns auto-tuning off.
             max_send_window: the most one channel queues (MIN_WINDOW..MAX_WINDOW),
                 whatever window the peer grants it; the rest of its credit
@@ -204,18 +264,20 @@ class Session:
         self.max_chunk_size = max_chunk_size
         #: Largest DATA payload we accept.
         self.max_receive_chunk_size = solo_chunk_size
-        self.max_buffered_size = max_channels * initial_window
         if max_buffered_size is not None:
             _check_range("max_buffered_size", max_buffered_size, initial_window, 1 << 62)
-            self.max_buffered_size = min(max_buffered_size, self.max_buffered_size)
-        self.max_channels = self.max_buffered_size // initial_window
+        plan = plan_windows(max_channels, initial_window, max_buffered_size)
+        #: What our SETTINGS announce: every channel's receive window at OPEN.
+        self.open_window = plan.open_window
+        self.max_channels = plan.max_channels
+        self.max_buffered_size = plan.max_buffered_size
+        self._growth_budget = plan.pool
         if max_window is None:
             max_window = max(initial_window, DEFAULT_MAX_AUTO_WINDOW)
         _check_range("max_window", max_window, initial_window, wire.MAX_WINDOW)
         self.max_window = max_window
-        #: Bytes all live windows together have grown beyond initial_window.
+        #: Bytes all live windows together have grown beyond open_window.
         self.window_growth = 0
-        self._growth_budget = self.max_buffered_size // 8
         self.failure: RemoteProtocolError | None = None
         self.peer_settings: wire.Settings | None = None
         self._table = ChannelTable(opens_odd=role is Role.AGENT)
@@ -236,7 +298,7 @@ class Session:
         self._ready = self._drr.queue
         self._ready_set = self._drr.members
         self._settings = encode_record(
-            wire.Settings(wire.VERSION, initial_window, solo_chunk_size))
+            wire.Settings(wire.VERSION, self.open_window, solo_chunk_size))
         self._control.append(self._settings)
         self._running = False  # the peer's SETTINGS arrived and we have not failed
         self._peer_window = wire.MIN_WINDOW  # assumed until its SETTINGS arrive
@@ -455,6 +517,7 @@ class Session:
         elif isinstance(record, wire.OpenOk):
             ch.receive(Input.OPEN_OK)
             self._events.append(ChannelOpened(ch.channel_id))
+            self._top_up(ch)
         elif isinstance(record, wire.OpenFailed):
             ch.receive(Input.OPEN_FAILED)
             self._events.append(ChannelOpenFailed(ch.channel_id, record.reason, record.text))
@@ -471,7 +534,7 @@ class Session:
             return
         self._channels[channel_id] = Channel(
             channel_id, opener=False, send_window=self._peer_window,
-            receive_window=self.initial_window)
+            receive_window=self.open_window)
         self._events.append(ChannelOpenRequested(channel_id, ChannelKind(record.kind),
                                                  record.host, record.port))
 
@@ -539,7 +602,7 @@ class Session:
         del self._channels[ch.channel_id]
         if self._resets_after_data:
             self._resets_after_data.pop(ch.channel_id, None)
-        self.window_growth -= ch.window.size - self.initial_window
+        self.window_growth -= ch.window.size - self.open_window
         self._drr.discard(ch.channel_id)
         if ch.wake_below:
             self._outbox.watching -= 1
@@ -591,7 +654,7 @@ class Session:
         self._table.claim_local(self.max_channels)
         self._channels[channel_id] = Channel(channel_id, opener=True,
                                              send_window=self._peer_window,
-                                             receive_window=self.initial_window)
+                                             receive_window=self.open_window)
         self._control.append(record)
         if early_data:
             self.send_data(channel_id, early_data)
@@ -612,6 +675,19 @@ class Session:
             return
         ch.send(Input.ACCEPT)
         self._control.append(encode_record(wire.OpenOk(channel_id)))
+        self._top_up(ch)
+
+    def _top_up(self, ch: Channel) -> None:
+        """A channel just opened at open_window: add the rest of initial_window
+        (one WINDOW) while the pool has it.  Sent once the peer knows the
+        channel is open both ways (after our OPEN_OK or its OPEN_OK): the
+        acceptor's send half is PENDING until then, where WINDOW is illegal."""
+        extra = self.initial_window - self.open_window
+        if (extra and self.window_growth + extra <= self._growth_budget
+                and ch.receive_state is _RECEIVE_OPEN):  # (no WINDOW after the peer's FIN)
+            self.window_growth += extra
+            ch.window.enlarge(extra)
+            self._control.append(_pack_window(_WINDOW, ch.channel_id, extra))
 
     def refuse_channel(self, channel_id: int, reason: OpenFailure, text: str = "") -> None:
         """Refuse a ChannelOpenRequested channel: queues OPEN_FAILED, emits ChannelClosed.
@@ -801,8 +877,9 @@ class Session:
         window = ch.window
         if len(self._channels) == 1:
             room = min(self.max_window - window.size, self._growth_budget - self.window_growth)
-        else:  # in company: back to the initial window (see the module docstring)
-            room = self.initial_window - window.size
+        else:  # in company: up to, or back to, the initial window (module docstring)
+            room = min(self.initial_window - window.size,
+                       self._growth_budget - self.window_growth)
         before = window.size
         if ch.receive_state is _RECEIVE_OPEN:  # Channel.acknowledge's own first branch
             increment = window.acknowledge(size, room)

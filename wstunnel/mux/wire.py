@@ -23,6 +23,7 @@ from ..errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "VERSION",
+    "PATH_KIND_PORT",
     "DEFAULT_INITIAL_WINDOW",
     "MIN_WINDOW",
     "MAX_WINDOW",
@@ -96,9 +97,23 @@ class RecordType(enum.IntEnum):
 
 
 class ChannelKind(enum.IntEnum):
-    """What an OPEN asks the peer to connect to (room for UDP, UNIX later)."""
+    """What an OPEN asks the peer to do (PROTOCOL.md section 4.1).
+
+    A connect kind from the opener's side; from the relay, for a connection
+    accepted on a listener an agent asked for, the kind and address of that
+    listener. The path kinds carry a path as the host and port 1 (ignored).
+    """
 
     TCP = 1
+    UDP = 2  # one UDP flow; its stream is length-prefixed datagrams (mux/datagram.py)
+    UNIX = 3
+    TCP_LISTEN = 4
+    UNIX_LISTEN = 5
+    UDP_LISTEN = 6  # the relay binds a UDP socket for the agent (-R udp:)
+
+
+#: The port a path kind's OPEN carries (any non-zero value: older peers refuse port 0).
+PATH_KIND_PORT: Final = 1
 
 
 class OpenFailure(enum.IntEnum):

@@ -30,9 +30,9 @@ import trio
 from .. import mux
 from ..addresses import join_host_port
 from ..errors import ChannelReset
-from ..mux import ResetCode
+from ..mux import ChannelKind, ResetCode
 
-__all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE"]
+__all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE", "until_ended"]
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
@@ -77,6 +77,9 @@ class ChannelHost(Protocol):
         """Dispatch the events our own actions produced (a FIN that finished a channel)."""
 
 
+_PATH_KINDS = frozenset({ChannelKind.UNIX, ChannelKind.UNIX_LISTEN})
+
+
 class ChannelSink(Protocol):
     """Takes over an attached channel's dispatch hooks (see net/pump.py)."""
 
@@ -89,16 +92,21 @@ class ChannelSink(Protocol):
 class ChannelStream(trio.abc.HalfCloseableStream):
     """One tunnelled TCP connection; see the module docstring."""
 
-    __slots__ = ("_host", "channel_id", "host", "port", "bytes_sent", "bytes_received",
-                 "_inbound", "_eof_received", "_eof_sent", "_closed", "_mux_alive", "_error",
-                 "_readable", "_writable", "_on_break", "_sending", "_receiving", "_sink",
-                 "_confirmed", "_open_waiter")
+    __slots__ = ("_host", "channel_id", "host", "port", "kind", "forward", "bytes_sent",
+                 "bytes_received", "_inbound", "_eof_received", "_eof_sent", "_closed",
+                 "_mux_alive", "_error", "_readable", "_writable", "_on_break", "_sending",
+                 "_receiving", "_sink", "_confirmed", "_open_waiter")
 
-    def __init__(self, session: ChannelHost, channel_id: int, host: str, port: int) -> None:
+    def __init__(self, session: ChannelHost, channel_id: int, host: str, port: int,
+                 kind: int = ChannelKind.TCP, forward: str | None = None) -> None:
         self._host = session
         self.channel_id = channel_id
         self.host = host
         self.port = port
+        #: The OPEN's kind (mux.ChannelKind), and the name of the forward it serves
+        #: (for logs, metrics and the access log; None where no forward is known).
+        self.kind = kind
+        self.forward = forward
         self.bytes_sent = 0
         self.bytes_received = 0
         self._inbound: deque[bytes | memoryview] | None = None
@@ -118,7 +126,15 @@ class ChannelStream(trio.abc.HalfCloseableStream):
 
     @property
     def destination(self) -> str:
+        """``host:port``, or ``unix:/path`` for a unix socket kind, as logs name it."""
+        if self.kind in _PATH_KINDS:
+            return f"unix:{self.host}"
         return join_host_port(self.host, self.port)
+
+    @property
+    def session(self) -> ChannelHost:
+        """The session carrying this channel (its transport), e.g. to key per-session facts."""
+        return self._host
 
     @property
     def accepted(self) -> bool:
@@ -421,3 +437,13 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             log.info("%s: channel %d to %s reset: %s", self._host.name, self.channel_id,
                      self.destination, text)
             self._mux_alive = False
+
+
+async def until_ended(channel: ChannelStream) -> None:
+    """Wait until a channel that carries no data (a reverse forward's lease) ends:
+    reset, refused, closed here, or its session gone."""
+    try:
+        while await channel.receive_some():
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

@@ -10,6 +10,15 @@ and possibly truncated, end of stream.
 A reset that follows data (the far end's destination sent bytes, then reset)
 is passed on after those bytes: ``unsent_size`` tells when the kernel has put
 them on the wire, since an abortive close discards what it has not sent.
+
+Unix stream sockets have no RST, and Linux ignores ``SO_LINGER`` on them
+(net/unix_socket.py): an abortive close there is a plain close, which the
+peer sees as ``ECONNRESET`` only if it had sent bytes we had not read, and
+otherwise as an end of stream after the bytes already written (those are in
+its receive queue: nothing is ever unsent, ``unsent_size`` is 0). The agent's
+accept loop and the relay's connect skip ``set_abortive`` (and net/sockopts.py's
+TCP options) for them; the carriers' calls when they close one are harmless,
+not effective.
 """
 
 from __future__ import annotations

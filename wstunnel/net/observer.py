@@ -26,6 +26,15 @@ class SessionObserver(Protocol):
         """A channel left the session: finished, refused, reset, or the session ended
         (its byte counts are final)."""
 
+    def channel_reset(self, channel: ChannelStream, code: int, text: str) -> None:
+        """We sent RESET on a channel (``mux.ResetCode``): its local socket was reset, or
+        we gave up on it. Only what a peer cannot tell us: its RESETs break the channel
+        with ``ChannelReset``."""
+
+    def channel_carried(self, channel: ChannelStream, sock: object) -> None:
+        """``sock`` carries ``channel`` on this side (the local client, or the socket
+        dialled for it): the access log names its other end."""
+
     def open_failed(self, reason: int) -> None:
         """The peer refused a channel we opened (``mux.OpenFailure`` code, or an
         unknown one)."""

@@ -1,4 +1,8 @@
-"""Socket options every carried or tunnelling TCP socket gets."""
+"""Socket options every carried or tunnelling TCP socket gets.
+
+Unix sockets have neither option: callers skip these for them (they know the
+kind without asking the socket), and a call on one only fails quietly.
+"""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from ..errors import ChannelReset
 from .channel_stream import ChannelStream
 from .ending import abort_stream, clear_abortive
 
-__all__ = ["splice", "close_spliced"]
+__all__ = ["splice", "close_spliced", "splice_to_end"]
 
 READ_SIZE = 256 * 1024
 
@@ -42,6 +42,17 @@ async def splice(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> b
         who = "the destination" if channel.accepted else "the local client"
         channel.abort(f"{who} reset the connection", after_data=True)
     return False
+
+
+async def splice_to_end(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> None:
+    """``splice``, then ``close_spliced``; a cancelled splice is a failure (RST)."""
+    closed = False
+    try:
+        await close_spliced(tcp, channel, await splice(tcp, channel))
+        closed = True
+    finally:
+        if not closed:
+            await abort_stream(tcp)
 
 
 async def close_spliced(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream,

@@ -180,18 +180,25 @@ class TunnelTransport:
         return self._end_reason is None and not self.protocol.closed
 
     @property
+    def end_reason(self) -> str | None:
+        """Why the session ended (or is ending); None while it runs."""
+        return self._end_reason
+
+    @property
     def role(self) -> mux.Role:
         return self.protocol.role
 
-    def open_channel(self, host: str, port: int) -> ChannelStream:
-        """Open a channel to host:port; DATA may follow at once (early data)."""
+    def open_channel(self, host: str, port: int, *, kind: int = mux.ChannelKind.TCP,
+                     forward: str | None = None) -> ChannelStream:
+        """Open a channel to host:port (a path and ``mux.PATH_KIND_PORT`` for a unix
+        kind) for ``forward`` (its name, for logs); DATA may follow at once."""
         if not self.is_open or self.goaway_received:
             raise SessionClosed("the session to the relay is not usable for new channels")
         try:
-            channel_id = self.protocol.open_channel(host, port)
+            channel_id = self.protocol.open_channel(host, port, kind=mux.ChannelKind(kind))
         except LocalProtocolError as exc:
             raise SessionClosed(str(exc)) from exc
-        channel = ChannelStream(self, channel_id, host, port)
+        channel = ChannelStream(self, channel_id, host, port, kind, forward)
         self._add(channel)
         self.wake_writer()
         return channel
@@ -288,6 +295,8 @@ class TunnelTransport:
         if protocol.failure is not None:
             return False
         protocol.reset_channel(channel.channel_id, code, text, after_data=after_data)
+        if self.observer is not None:
+            self.observer.channel_reset(channel, code, text)
         self.wake_writer()
         return True
 
@@ -508,7 +517,7 @@ class TunnelTransport:
         if refusal is not None:
             self.protocol.refuse_channel(event.channel_id, refusal[0], refusal[1])
             return
-        channel = ChannelStream(self, event.channel_id, event.host, event.port)
+        channel = ChannelStream(self, event.channel_id, event.host, event.port, event.kind)
         self._add(channel)
         if self._open_now is None:
             assert self._on_open is not None

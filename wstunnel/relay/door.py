@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .. import mux, ws
+from ..framing import HTTP_TRANSPORTS, SESSION_HEADER, TRANSPORT_HEADER
 from ..protocol import SessionLimits, TunnelProtocol
 from ..security.auth import (
     ANONYMOUS,
@@ -74,6 +75,7 @@ __all__ = [
     "NeedsLogin",
     "Outcome",
     "Visitor",
+    "http_transport",
     "server_handshake",
     "session_limits",
 ]
@@ -135,16 +137,19 @@ class NeedsLogin:
     lane: int
     peer: str
     log: tuple[LogLine, ...] = ()
+    joining: bool = False  # an HTTP-transport request for a session the agent holds
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """Switch to WebSocket (``start_session``) for agent ``identity``; ``peer`` names the
-    client in the session's logs ("client via proxy" behind a trusted proxy)."""
+    """Switch to WebSocket (``start_session``) for agent ``identity``, or serve the HTTP
+    transport request; ``peer`` names the client in the session's logs ("client via
+    proxy" behind a trusted proxy), ``source`` is its address (failures count by it)."""
 
     identity: Identity
     peer: str
     log: tuple[LogLine, ...] = ()
+    source: str = ""
 
 
 Outcome: TypeAlias = Answer | NeedsLogin | Accepted
@@ -164,6 +169,7 @@ def session_limits(config: RelayConfig) -> SessionLimits:
         max_send_window=config.max_send_window,
         max_queued_size=config.max_queued_size,
         max_channels=config.max_channels + 1,  # SessionGuard refuses first, and logs
+        max_buffered_size=config.max_buffered_size,
     )
 
 
@@ -212,9 +218,12 @@ class Door:
             return Answer(request.status, request.response, (line,))
         source, log = self._client(request, visitor)
         peer = visitor.peer if source == visitor.peer_host else f"{source} via {visitor.peer}"
-        outcome: Outcome | None = self._route(handshake, request, peer, stopping)
+        joining = http_transport(request) is not None and request.header(
+            SESSION_HEADER) is not None
+        outcome: Outcome | None = self._route(handshake, request, peer, stopping and not joining)
         if outcome is None:
-            outcome = self._log_in(handshake, request, visitor.cert_name, source, peer, now)
+            outcome = self._log_in(handshake, request, visitor.cert_name, source, peer, now,
+                                   joining)
         return dataclasses.replace(outcome, log=log + outcome.log) if log else outcome
 
     def finish_login(self, handshake: ws.ServerHandshake, login: NeedsLogin, good: bool | None,
@@ -227,7 +236,14 @@ class Door:
         if good and account.token_hash is not None:
             self._verified.remember(account.name, account.token_hash, login.token)
         return self._verdict(handshake, account.name, account, good, login.source, login.peer,
-                             now)
+                             now, login.joining)
+
+    def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted, problem: str,
+                       *, now: float) -> Answer:
+        """The answer to an HTTP-transport request for a session that does not exist or
+        is not this agent's: exactly a bad login's (``problem`` goes to the log only)."""
+        return self._refused(handshake, problem, accepted.source or accepted.peer,
+                             accepted.peer, now)
 
     def session_started(self, name: str) -> None:
         """Agent ``name`` has one more session (it counts against max_sessions_per_agent)."""
@@ -271,6 +287,12 @@ class Door:
             return _answer(handshake, 404, f"nothing here; the tunnel is at {self.config.path}")
         if stopping:
             return _answer(handshake, 503, "the relay is shutting down")
+        transport = request.header(TRANSPORT_HEADER.lower())
+        if not request.is_upgrade and transport is not None:
+            if http_transport(request) is None:
+                return _answer(handshake, 400, f"unknown {TRANSPORT_HEADER}: use one of "
+                                               f"{', '.join(HTTP_TRANSPORTS)}")
+            return None  # an HTTP-transport request: logged in like an upgrade
         if not request.is_upgrade or request.upgrade_problem is not None:
             problem = request.upgrade_problem or "plain HTTP request on the tunnel path"
             status = 400 if request.is_upgrade else 426  # (ws: RFC 6455 4.2.2, 4.4)
@@ -282,10 +304,11 @@ class Door:
         return None
 
     def _log_in(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
-                cert_name: str | None, source: str, peer: str, now: float) -> Outcome:
+                cert_name: str | None, source: str, peer: str, now: float,
+                joining: bool) -> Outcome:
         """Who the agent is, from its client certificate and its token."""
         if self.config.no_auth:
-            return Accepted(self._anonymous, peer)
+            return Accepted(self._anonymous, peer, source=source)
         header = request.header("authorization")
         token = bearer_token(header)
         if cert_name is not None:
@@ -294,14 +317,14 @@ class Door:
                 problem = f"client certificate for unknown agent {cert_name!r}"
                 return self._refused(handshake, problem, source, peer, now)
             if token is None and account.token_hash is None:
-                return self._admitted(handshake, account, peer)
+                return self._admitted(handshake, account, peer, source, joining)
         if token is None:
             problem = "no Authorization header" if header is None else "not a Bearer token"
             return self._refused(handshake, problem, source, peer, now)
-        return self._check_token(handshake, token, cert_name, source, peer, now)
+        return self._check_token(handshake, token, cert_name, source, peer, now, joining)
 
     def _check_token(self, handshake: ws.ServerHandshake, token: str, cert_name: str | None,
-                     source: str, peer: str, now: float) -> Outcome:
+                     source: str, peer: str, now: float, joining: bool) -> Outcome:
         """Check a token inline, or say it needs a scrypt check (never remembered as wrong)."""
         name = token_agent(token)
         account = self.accounts.get(name) if name is not None else None
@@ -315,24 +338,25 @@ class Door:
         else:
             lane = 0 if self._limiter.is_clean(source, now) else 1
             self._limiter.charge(source, now)  # at once: a flood's next try from here is lane 1
-            return NeedsLogin(account, token, source, lane, peer)
-        return self._verdict(handshake, name, account, good, source, peer, now)
+            return NeedsLogin(account, token, source, lane, peer, joining=joining)
+        return self._verdict(handshake, name, account, good, source, peer, now, joining)
 
     def _verdict(self, handshake: ws.ServerHandshake, name: str | None,
                  account: AgentAccount | None, good: bool, source: str, peer: str,
-                 now: float) -> Answer | Accepted:
+                 now: float, joining: bool = False) -> Answer | Accepted:
         if not good or account is None:
             problem = (f"wrong token for agent {name!r}" if account is not None
                        else f"token for unknown agent {name!r}")
             return self._refused(handshake, problem, source, peer, now)
-        return self._admitted(handshake, account, peer)
+        return self._admitted(handshake, account, peer, source, joining)
 
     def _admitted(self, handshake: ws.ServerHandshake, account: AgentAccount,
-                  peer: str) -> Answer | Accepted:
-        """The agent is who it says: in, unless it has too many sessions already."""
+                  peer: str, source: str, joining: bool) -> Answer | Accepted:
+        """The agent is who it says: in, unless it has too many sessions already (a
+        request joining an HTTP-transport session it holds is not a new one)."""
         held = self._sessions[account.name]
-        if held < self.config.max_sessions_per_agent:
-            return Accepted(Identity(account.name, account.policy), peer)
+        if held < self.config.max_sessions_per_agent or joining:
+            return Accepted(Identity(account.name, account.policy), peer, source=source)
         line = LogLine(logging.WARNING, f"{peer}: agent {account.name} already has {held} "
                                         f"sessions (max_sessions_per_agent); refused")
         response = handshake.reject(429, f"agent {account.name} has too many sessions",
@@ -378,6 +402,16 @@ class Door:
         response = handshake.reject(503, "the relay is busy checking logins; try again in a "
                                          "second", (("Retry-After", "1"),))
         return Answer(503, response, log)
+
+
+def http_transport(request: ws.RequestReceived) -> str | None:
+    """The HTTP transport a request that is not an upgrade asks for (its
+    ``X-Wstunnel-Transport`` header), or None."""
+    value = request.header(TRANSPORT_HEADER.lower())
+    if value is None or request.is_upgrade:
+        return None
+    value = value.strip().lower()
+    return value if value in HTTP_TRANSPORTS else None
 
 
 def _answer(handshake: ws.ServerHandshake, status: int, text: str) -> Answer:

@@ -17,7 +17,9 @@ longer queue.
 
 ``SessionGuard`` (one per session) answers, synchronously and before any
 task is started, whether an OPEN may proceed: channel count, opens still
-dialling, and bytes the session may have to buffer (live channels x window).
+dialling, and bytes the session may have to buffer (live channels x the
+window a channel opens with: mux's ``plan_windows``, 16 KiB once
+``max_buffered_size`` cannot cover every channel at ``initial_window``).
 A refusal is OPEN_FAILED "limit reached" for that channel only, plus a log
 line.
 """
@@ -33,15 +35,16 @@ from typing import Final
 
 import trio
 
-from .. import ws
+from .. import mux, ws
 from ..config import RelayConfig
 from ..errors import ConfigError
 from ..net.plain_stream import take_over
 from ..net.tls_stream import start_tls
 from ..security.auth import ANONYMOUS, expand_credentials, verify_token
+from ..security.listen_policy import ListenPolicy
 from ..security.policy import Policy
 from ..security.tls import client_identity, server_context
-from .door import Accepted, Answer, Door, Identity, NeedsLogin
+from .door import Accepted, Answer, Door, Identity, NeedsLogin, session_limits
 
 __all__ = ["Gatekeeper", "Identity", "SessionGuard"]
 
@@ -106,6 +109,14 @@ class Gatekeeper:
             return self._anonymous.policy
         account = self.accounts.get(identity.name)
         return None if account is None else account.policy
+
+    def current_listen_policy(self, identity: Identity) -> ListenPolicy | None:
+        """Where the agent's reverse forwards may listen, as configured now; None when
+        the agent is no longer configured."""
+        if identity.name == ANONYMOUS:
+            return self.config.listen_policy
+        account = self.accounts.get(identity.name)
+        return None if account is None else account.listen_policy
 
     def reconfigure(self, config: RelayConfig) -> None:
         """A reloaded config: agents, tokens, policies and certificate for new logins.
@@ -250,6 +261,9 @@ class SessionGuard:
         self.identity = identity
         self.config = config
         self.pending = 0
+        limits = session_limits(config)  # the session's own limits, to refuse first
+        self._plan = mux.plan_windows(limits.max_channels, limits.initial_window,
+                                      limits.max_buffered_size)
 
     def admit(self, open_channels: int) -> str | None:
         """None if one more channel may open now, else why not (OPEN_FAILED "limit reached").
@@ -260,10 +274,10 @@ class SessionGuard:
         config = self.config
         if open_channels >= config.max_channels:
             return f"max_channels {config.max_channels} reached"
-        if (open_channels + 1) * config.initial_window > config.max_buffered_size:
-            fit = config.max_buffered_size // config.initial_window
-            return (f"max_buffered_size {config.max_buffered_size} reached ({fit} channels "
-                    f"x initial_window {config.initial_window})")
+        plan = self._plan
+        if open_channels >= plan.max_channels:
+            return (f"max_buffered_size {config.max_buffered_size} reached ({plan.max_channels} "
+                    f"channels x the {plan.open_window}-byte window each opens with)")
         if self.pending >= config.max_pending_opens:
             return (f"max_pending_opens {config.max_pending_opens} reached (opens in flight: "
                     f"destinations still being dialled)")

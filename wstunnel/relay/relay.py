@@ -28,19 +28,22 @@ from .. import mux, ws
 from ..addresses import join_host_port
 from ..config import RelayConfig
 from ..net.channel_stream import ChannelStream
-from ..net.ending import abort_stream, set_abortive
+from ..net.ending import set_abortive
 from ..net.local_addresses import local_addresses
 from ..net.sockopts import tune_plain_socket, tune_socket
-from ..net.splice import close_spliced, splice
+from ..net.splice import splice_to_end
 from ..net.transport import TunnelTransport
 from ..protocol import TunnelProtocol
 from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
 from ..service.reload import ReloadRequest
 from .dial import Connecting, Connector, DialError, TcpConnector
-from .door import Answer, LogLine, NeedsLogin, Visitor, server_handshake
+from .dial_unix import UnixConnector
+from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, server_handshake
 from .guard import Gatekeeper, Identity, SessionGuard
-from .upgrade import read_request
+from .reverse import LISTEN_KINDS, ReverseListeners
+from .http_front import HttpFront
+from .upgrade import HttpRequest, read_request
 
 __all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
 
@@ -61,8 +64,14 @@ class Relay:
         self.sessions: set[TunnelTransport] = set()
         self.stopping = False
         self.gate = Gatekeeper(config)
-        #: Turns admitted OPENs into connected sockets (TCP, the one channel kind today).
-        self.connector: Connector = TcpConnector()
+        #: Turn admitted OPENs into connected sockets, one per connect kind; an OPEN
+        #: of another kind is refused (UNSUPPORTED_KIND).
+        self.connectors: dict[int, Connector] = {mux.ChannelKind.TCP: TcpConnector(),
+                                                 mux.ChannelKind.UNIX: UnixConnector()}
+        #: The listeners agents' reverse forwards asked for (reverse.py).
+        self.reverse = ReverseListeners()
+        #: Sessions over the HTTP transports, where a WebSocket cannot pass (http_front.py).
+        self.http = HttpFront(self)
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """One TCP connection: TLS, the upgrade and login, then the session, then close."""
@@ -81,6 +90,9 @@ class Relay:
                 log.info("%s: no complete upgrade request within %g s; dropped",
                          peer, self.config.handshake_timeout)
                 return
+            if isinstance(accepted[0], HttpRequest):  # the HTTP transports (http_front.py)
+                await self.http.serve(accepted[0], accepted[1], accepted[2])
+                return
             await self._serve_session(stream, *accepted)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             cause = exc.__cause__ or exc
@@ -93,8 +105,10 @@ class Relay:
 
     async def _handshake(
         self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
-    ) -> tuple[TunnelProtocol, Identity, str] | None:
-        """The protocol, the agent and the client's name for logs; None when not upgraded.
+    ) -> (tuple[TunnelProtocol, Identity, str] | tuple[HttpRequest, Accepted, Visitor]
+          | None):
+        """The protocol, the agent and the client's name for logs; or an HTTP-transport
+        request let in, for ``self.http``; None when not upgraded.
 
         The decisions are the door's (door.py); this reads, waits and writes.
         """
@@ -103,20 +117,51 @@ class Relay:
         request = await read_request(stream, handshake)
         if request is None:
             return None
-        outcome = self.gate.door.enter(handshake, request, Visitor(peer, peer_host, cert_name),
+        visitor = Visitor(peer, peer_host, cert_name)
+        http = request if isinstance(request, HttpRequest) else None
+        outcome = await self.login(
+            handshake, request.request if isinstance(request, HttpRequest) else request, visitor)
+        if isinstance(outcome, Answer):
+            await stream.send_all(outcome.response)
+            return None
+        if http is not None:
+            return http, outcome, visitor
+        response, protocol = self.gate.door.start_session(handshake)
+        await stream.send_all(response)
+        return protocol, outcome.identity, outcome.peer
+
+    async def login(self, handshake: ws.ServerHandshake,
+                    request: ws.RequestReceived | ws.HandshakeFailed,
+                    visitor: Visitor) -> Answer | Accepted:
+        """The door's answer to one request (an upgrade, or an HTTP-transport request),
+        with a scrypt token checked under the relay's budget; logged and counted."""
+        outcome = self.gate.door.enter(handshake, request, visitor,
                                        now=trio.current_time(), stopping=self.stopping)
         _log_lines(outcome.log)
         if isinstance(outcome, NeedsLogin):  # a scrypt token: checked under the relay's budget
             outcome = await self.gate.authenticate(handshake, outcome)
             _log_lines(outcome.log)
-        if isinstance(outcome, Answer):
-            if outcome.failed_login:
-                self.stats.auth_failures += 1
-            await stream.send_all(outcome.response)
-            return None
-        response, protocol = self.gate.door.start_session(handshake)
-        await stream.send_all(response)
-        return protocol, outcome.identity, outcome.peer
+        if isinstance(outcome, Answer) and outcome.failed_login:
+            self.stats.auth_failures += 1
+        return outcome
+
+    def start_framed_session(self) -> TunnelProtocol:
+        """The relay's end of a session over an HTTP transport (http_front.py)."""
+        return TunnelProtocol(mux.Role.RELAY, limits=self.gate.door.limits, framed=True)
+
+    def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted,
+                       problem: str) -> Answer:
+        """A request for an unknown session, or another agent's: a bad login's answer."""
+        answer = self.gate.door.refuse_session(handshake, accepted, problem,
+                                               now=trio.current_time())
+        _log_lines(answer.log)
+        self.stats.auth_failures += 1
+        return answer
+
+    async def serve_session(self, stream: trio.abc.Stream, protocol: TunnelProtocol,
+                            identity: Identity, peer: str) -> None:
+        """Run one session over ``stream`` until it ends (http_front.py's sessions)."""
+        await self._serve_session(stream, protocol, identity, peer)
 
     async def _serve_session(
         self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str
@@ -135,7 +180,7 @@ class Relay:
         )
         self.sessions.add(transport)
         self.gate.session_started(identity)
-        self.stats.session_started(transport)
+        self.stats.session_started(transport, agent=identity.name, peer=peer)
         log.info("%s: session up for agent %s", peer, identity.name)
         try:
             async with trio.open_nursery() as nursery:
@@ -182,14 +227,22 @@ class Relay:
         returns the rest as a task when there is waiting to do (DNS, a connect still
         in progress, no socket pump). Only those count as opens in flight
         (``max_pending_opens``): the others are answered before the next OPEN is read."""
+        if channel.kind in LISTEN_KINDS:
+            return self.reverse.request(transport, channel, guard.identity.name,
+                                        self.gate.current_listen_policy(guard.identity))
         policy = self.gate.current_policy(guard.identity)
         if policy is None:
             self._refuse(transport, channel, mux.OpenFailure.FORBIDDEN,
                          f"agent {guard.identity.name} is no longer configured on this relay")
             return None
+        connector = self.connectors.get(channel.kind)
+        if connector is None:
+            self._refuse(transport, channel, mux.OpenFailure.UNSUPPORTED_KIND,
+                         f"this relay does not open {_kind_name(channel.kind)} channels")
+            return None
         try:
-            connected = self.connector.connect(channel.host, channel.port, policy,
-                                               timeout=self.config.connect_timeout)
+            connected = connector.connect(channel.host, channel.port, policy,
+                                          timeout=self.config.connect_timeout)
         except DialError as exc:
             self._refuse(transport, channel, exc.reason, exc.text)
             return None
@@ -216,19 +269,22 @@ class Relay:
                sock: socket.socket) -> Rest | None:
         """Accept the channel and hand the connected ``sock`` to the socket pump;
         where there is none, the rest (splice) to run as a task."""
-        tune_plain_socket(sock, notsent_lowat=False)
-        set_abortive(sock)  # (a clean end clears it: net/ending.py)
+        if channel.kind == mux.ChannelKind.TCP:  # (a unix socket has neither: net/unix_socket.py)
+            tune_plain_socket(sock, notsent_lowat=False)
+            set_abortive(sock)  # (a clean end clears it: net/ending.py)
         if not transport.accept(channel):
             sock.close()  # the session ended or the agent reset the channel meanwhile
             return None
+        self.stats.channel_carried(channel, sock)  # (the access log's dialled address)
         if transport.attach_socket(sock, channel):
             return None  # the pump carries it from here, with no task of its own
-        return partial(_splice, channel, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+        return partial(splice_to_end, trio.SocketStream(trio.socket.from_stdlib_socket(sock)),
+                       channel)
 
     def _refuse(
         self, transport: TunnelTransport, channel: ChannelStream, reason: mux.OpenFailure, text: str
     ) -> None:
-        self.stats.channel_refused(transport, reason, text, channel.destination)
+        self.stats.channel_refused(transport, reason, text, channel.destination, channel=channel)
         transport.refuse(channel, reason, text)
 
     async def drain(self, timeout: float) -> None:
@@ -244,15 +300,11 @@ class Relay:
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
 
 
-async def _splice(channel: ChannelStream, target: trio.SocketStream) -> None:
-    """Carry an accepted channel where there is no socket pump: two tasks."""
-    closed = False
+def _kind_name(kind: int) -> str:
     try:
-        await close_spliced(target, channel, await splice(target, channel))
-        closed = True
-    finally:
-        if not closed:  # (cancelled: that is a failure)
-            await abort_stream(target)
+        return mux.ChannelKind(kind).name.lower().replace("_", " ")
+    except ValueError:
+        return f"kind {kind}"
 
 
 def _log_lines(lines: tuple[LogLine, ...]) -> None:

@@ -1,20 +1,79 @@
-"""Reading the upgrade request on the relay (the sans-IO handshake does the parsing)."""
+"""Reading requests on the relay: the upgrade (the sans-IO handshake parses it), and the
+HTTP transports' requests (h11, kept for the connection: bodies and keep-alive).
+
+An upgrade has no body, so ``ws.ServerHandshake`` reads a request to its end
+before it reports it. An HTTP-transport request (marked by its
+``X-Wstunnel-Transport`` header) has one, possibly endless (streaming), so
+the same bytes also go to an h11 connection that reports the request at its
+head; when the head carries the marker, that connection reads the rest.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import h11
 import trio
 
 from .. import ws
+from ..framing import TRANSPORT_HEADER
+from ..ws._http import decode_headers
 
-__all__ = ["read_request"]
+__all__ = ["read_request", "HttpRequest", "HttpReader"]
 
 READ_SIZE = 65536
+MAX_HEADER_SIZE = 16384
+_MARKER = TRANSPORT_HEADER.lower().encode()
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """An HTTP-transport request: what the door reads (``request``), and the
+    connection's ``reader`` that has its body and the requests after it."""
+
+    request: ws.RequestReceived
+    reader: HttpReader
+
+
+class HttpReader:
+    """One connection's HTTP/1.1 requests after the first, and every body (h11)."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: h11.Connection) -> None:
+        self.stream = stream
+        self.conn = conn
+
+    async def next_event(self) -> object:
+        """The next h11 event of the request being read (``h11.Data``, ``EndOfMessage``,
+        ``ConnectionClosed``); raises ``h11.RemoteProtocolError`` on garbage."""
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+
+    async def next_request(self) -> ws.RequestReceived | None:
+        """The next request on a kept-alive connection (after ``start_next_cycle``);
+        None when the client closed it or sent something else than a request."""
+        try:
+            event = await self.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        return _describe(event) if isinstance(event, h11.Request) else None
+
+    async def send(self, *events: h11.Response | h11.Data | h11.EndOfMessage) -> None:
+        """Send our response events."""
+        data = b"".join(self.conn.send(event) for event in events)
+        await self.stream.send_all(data)
 
 
 async def read_request(
     stream: trio.abc.Stream, handshake: ws.ServerHandshake
-) -> ws.RequestReceived | ws.HandshakeFailed | None:
-    """Read until the request is complete; None when the client went away."""
+) -> ws.RequestReceived | ws.HandshakeFailed | HttpRequest | None:
+    """Read until the request is complete (or, for the HTTP transports, its head);
+    None when the client went away."""
+    http: h11.Connection | None = h11.Connection(h11.SERVER,
+                                                 max_incomplete_event_size=MAX_HEADER_SIZE)
     while True:
         event = handshake.next_event()
         if event is not None:
@@ -25,3 +84,36 @@ async def read_request(
             event = handshake.next_event()
             return event if isinstance(event, ws.HandshakeFailed) else None
         handshake.receive_data(data)
+        if http is not None:
+            http, request = _marked_request(http, data)
+            if http is not None and request is not None:
+                return HttpRequest(request, HttpReader(stream, http))
+
+
+def _marked_request(conn: h11.Connection, data: bytes | bytearray
+                    ) -> tuple[h11.Connection | None, ws.RequestReceived | None]:
+    """Feed h11; (conn, the request) once a head with the transport marker is in;
+    (None, None) once it is clear this is not one (the handshake answers it)."""
+    conn.receive_data(bytes(data))
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return None, None
+    if event is h11.NEED_DATA:
+        return conn, None
+    if isinstance(event, h11.Request) and any(name == _MARKER for name, _ in event.headers):
+        request = _describe(event)
+        if not request.is_upgrade:
+            return conn, request
+    return None, None
+
+
+def _describe(request: h11.Request) -> ws.RequestReceived:
+    headers = decode_headers(request.headers)
+    upgrade = ws.RequestReceived(request.method.decode("ascii", "replace"),
+                                 request.target.decode("ascii", "replace"), headers,
+                                 is_upgrade=False, upgrade_problem=None, subprotocols=[])
+    is_upgrade = "websocket" in (upgrade.header("upgrade") or "").lower()
+    return upgrade if not is_upgrade else ws.RequestReceived(
+        upgrade.method, upgrade.target, headers, is_upgrade=True,
+        upgrade_problem="an upgrade inside an HTTP-transport connection", subprotocols=[])

@@ -5,8 +5,9 @@ Theory of operation
 A relay is a door into the network it stands in, so it is closed by default:
 ``Policy([])`` allows nothing, and every OPEN is checked against the rules.
 
-Rules come in three kinds (``AllowRule.parse``), each with an optional port
-or port range (no port means any port):
+Rules come in three kinds for ``host:port`` destinations (``AllowRule.parse``),
+each with an optional port or port range (no port means any port), and one
+for unix socket paths:
 
 * a host name (``db.internal``) - matches the *requested* name exactly;
 * a pattern (``*.example.com``) - matches any name below ``example.com`` at
@@ -14,7 +15,17 @@ or port range (no port means any port):
 * an IP address or CIDR (``10.0.0.5``, ``10.0.0.0/8``, ``[fd00::/8]:22``) -
   matches the *address actually connected to* (the relay resolves the name
   first and asks again with the address), or the requested host when that is
-  already a literal IP.
+  already a literal IP;
+* a unix socket path (``unix:/run/postgresql/.s.PGSQL.5432``) - matches that
+  path exactly, or with a trailing ``/*`` (``unix:/run/app/*``) any socket
+  directly in that directory (not in its subdirectories). The requested path
+  must be normal (absolute, no ``.``/``..`` components, no ``//``): it is
+  compared as text and the kernel resolves it, so ``/run/app/x/../y`` could
+  leave the directory through a symlink ``x``. Symbolic links inside an
+  allowed directory are followed: whoever may write there decides.
+
+A path rule never allows a ``host:port`` and a ``host:port`` rule never
+allows a path (``Policy.refusal``, ``Policy.path_refusal``).
 
 Some addresses are dangerous even when a broad rule covers them: loopback
 (the relay host itself), the unspecified address (which also reaches the
@@ -45,6 +56,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import posixpath
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -66,12 +78,17 @@ __all__ = [
     "Listener",
     "Policy",
     "RuleKind",
+    "is_normal_path",
+    "UNIX_RULE_PREFIX",
     "special_block",
     "this_host",
 ]
 
 #: Verdicts a Policy remembers (the set is forgotten when full).
 _MAX_VERDICTS: Final = 1024
+#: How a unix socket path rule is written: ``unix:/run/app.sock``, ``unix:/run/app/*``.
+UNIX_RULE_PREFIX: Final = "unix:"
+_DIRECTORY_GLOB: Final = "/*"
 
 # Ordered most specific first: an address belongs to the first block that
 # contains it, and only a rule inside that block unlocks it.
@@ -107,6 +124,7 @@ class RuleKind(enum.Enum):
     NAME = "name"  # the requested host name, exactly
     PATTERN = "pattern"  # the requested host name, any name below a suffix
     NETWORK = "network"  # the address connected to
+    PATH = "unix path"  # a unix socket path, exactly or directly in a directory (``/*``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +132,8 @@ class AllowRule:
     """One allowed destination; build with ``AllowRule.parse``.
 
     ``host`` is the normalized name, the suffix with its leading dot
-    (``.example.com``) for patterns, or the network text for NETWORK rules.
+    (``.example.com``) for patterns, the network text for NETWORK rules, or
+    the path (possibly ending in ``/*``) for PATH rules.
     """
 
     kind: RuleKind
@@ -130,9 +149,13 @@ class AllowRule:
         IPv6 addresses and networks need brackets when a port follows
         (``[fd00::/8]:22``); without brackets the whole text is the address.
 
+        ``unix:/path`` or ``unix:/directory/*``: a unix socket path rule.
+
         Raises:
             ValueError: with a message saying what is wrong and what was expected.
         """
+        if text.strip().startswith(UNIX_RULE_PREFIX):
+            return cls(RuleKind.PATH, _parse_path_rule(text.strip()))
         host, ports = _split_rule(text.strip())
         low, high = _parse_port_range(ports) if ports is not None else (1, 65535)
         if "/" in host or parse_ip(host) is not None:
@@ -153,6 +176,8 @@ class AllowRule:
         return cls(RuleKind.NAME, normalize_hostname(host), None, low, high)
 
     def __str__(self) -> str:
+        if self.kind is RuleKind.PATH:
+            return UNIX_RULE_PREFIX + self.host
         host = "*" + self.host if self.kind is RuleKind.PATTERN else self.host
         if self.port_low == 1 and self.port_high == 65535:
             return host
@@ -170,7 +195,7 @@ class AllowRule:
             port: requested port.
             address: the address to be connected to, if known.
         """
-        if not self.port_low <= port <= self.port_high:
+        if not self.port_low <= port <= self.port_high or self.kind is RuleKind.PATH:
             return False
         if self.kind is RuleKind.NAME:
             return name == self.host
@@ -182,6 +207,17 @@ class AllowRule:
             and address.version == self.network.version
             and address in self.network
         )
+
+    def matches_path(self, path: str) -> bool:
+        """True if this rule covers the unix socket ``path`` (a normal absolute path,
+        ``is_normal_path``)."""
+        if self.kind is not RuleKind.PATH:
+            return False
+        if not self.host.endswith(_DIRECTORY_GLOB):
+            return path == self.host
+        directory = self.host[:-1]  # (with its trailing "/")
+        name = path[len(directory):]
+        return path.startswith(directory) and "/" not in name and name not in ("", ".", "..")
 
     def names_explicitly(self, block: IPNetwork, label: str) -> bool:
         """True if this rule deliberately targets the dangerous ``block``."""
@@ -204,6 +240,25 @@ class AllowRule:
             and network.network_address == address
             and (port is None or self.port_low == self.port_high == port)
         )
+
+
+def _parse_path_rule(text: str) -> str:
+    """The path of a ``unix:`` rule (see ``AllowRule.parse``)."""
+    path = text[len(UNIX_RULE_PREFIX):]
+    directory = path.removesuffix(_DIRECTORY_GLOB) if path != _DIRECTORY_GLOB else "/"
+    if not is_normal_path(directory) or "*" in directory:
+        raise ValueError(
+            f"expected unix:/absolute/path or unix:/directory/* (no *, '.' or '..' "
+            f"elsewhere, no trailing '/'), got {text!r}")
+    return path
+
+
+def is_normal_path(path: str) -> bool:
+    """True for an absolute path without NUL, empty, ``.`` or ``..`` components: one
+    that means what its text says (up to symbolic links)."""
+    return (path.startswith("/") and "\0" not in path
+            and (path == "/" or posixpath.normpath(path) == path)
+            and not path.startswith("//"))
 
 
 def _split_rule(text: str) -> tuple[str, str | None]:
@@ -380,6 +435,23 @@ class Policy:
             verdicts.clear()
         verdicts[key] = verdict
         return verdict
+
+    def allows_path(self, path: str) -> bool:
+        """True if the agent may connect to the unix socket ``path``."""
+        return self.path_refusal(path) is None
+
+    def path_refusal(self, path: str) -> str | None:
+        """Why the unix socket ``path`` is refused (one line for the relay log), or None."""
+        shown = UNIX_RULE_PREFIX + path
+        if not is_normal_path(path):
+            return (f"{shown!r} is not a normal absolute path (no '.', '..' or empty "
+                    f"components); ask for the path itself")
+        if any(rule.matches_path(path) for rule in self.rules):
+            return None
+        if not any(rule.kind is RuleKind.PATH for rule in self.rules):
+            return (f"no allow rule matches {shown}: unix sockets need a unix:/path rule "
+                    f"(host:port rules never allow them)")
+        return f"no allow rule matches {shown}"
 
     def _refusal(
         self, host: str, port: int, address: IPAddress | None, facts: HostSelf

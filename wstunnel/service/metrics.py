@@ -12,8 +12,10 @@ folded into running totals when the channel is closed.
 
 ``render_prometheus`` produces the text exposition format (version 0.0.4);
 ``snapshot`` the per-session, per-channel view that ``wstunnel status`` shows.
-``sample`` (called about once a second) turns byte counts into rates.
-``serve_metrics`` is a minimal HTTP/1.1 server (h11) for ``GET /metrics``.
+``sample`` (called about once a second) turns byte counts into rates and
+feeds the dashboard's bounded history (dashboard.py); nothing here runs per
+DATA record. The HTTP listener for ``GET /metrics`` and the dashboard is in
+dashboard_server.py (``serve_metrics``).
 
 Refused channels are counted by reason, and logged through a ``RefusalLog``
 (refusals.py: the first of a kind at once, then a count at most once a second
@@ -32,21 +34,21 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, cast
 
-import h11
 import trio
 
 from .. import __version__, mux
-from ..security.policy import Listener, this_host
+from ..net.tls_stream import TLSSocketStream
+from .access_log import AccessLog
+from .dashboard import History, Refusal, SessionInfo, new_refusals
 from .refusals import RefusalLog
 
 if TYPE_CHECKING:
-    from ..addresses import HostPort
     from ..net.channel_stream import ChannelStream
     from ..net.transport import TunnelTransport
 
-__all__ = ["METRICS", "TunnelStats", "serve_metrics"]
+__all__ = ["METRICS", "TunnelStats"]
 
 log = logging.getLogger("wstunnel.metrics")
 
@@ -73,9 +75,6 @@ METRICS: Final = {
     "wstunnel_reloads_total": ("counter", "Configuration reloads, by result."),
 }
 _REASONS: Final = [reason.name.lower() for reason in mux.OpenFailure]
-_CONTENT_TYPE: Final = b"text/plain; version=0.0.4; charset=utf-8"
-_REQUEST_TIMEOUT: Final = 10.0
-_MAX_REQUEST_SIZE: Final = 16384
 
 
 @dataclass
@@ -108,7 +107,15 @@ class TunnelStats:
         self.auth_failures = 0
         self.reconnects = 0
         self.reloads: Counter[str] = Counter({"ok": 0, "failed": 0})
+        # For the dashboard (dashboard.py): sampled, bounded.
+        self.session_info: dict[TunnelTransport, SessionInfo] = {}
+        self.forward_channels: Counter[str | None] = Counter()  # opened, by forward name
+        self.history = History()
+        self.recent_refusals = new_refusals()
+        self.samples_taken = 0
         self.on_change: list[Callable[[], None]] = []  # called when sessions come and go
+        #: One line per finished channel while ``access_log`` is on (access_log.py).
+        self.access_log: AccessLog | None = None
         self._opened_at: dict[ChannelStream, float] = {}
         self._rates: dict[ChannelStream, _Rate] = {}
         self.refusals = RefusalLog(logging.getLogger(f"wstunnel.{role}"))
@@ -117,13 +124,19 @@ class TunnelStats:
 
     # -- events reported by the roles ----------------------------------------------
 
-    def session_started(self, transport: TunnelTransport) -> None:
+    def session_started(self, transport: TunnelTransport, *, agent: str | None = None,
+                        peer: str | None = None) -> None:
+        """``transport`` is up: ``agent`` names the agent (relay side), ``peer`` is the
+        other end's address (the session's name by default), for the dashboard."""
         self.sessions[transport] = trio.current_time()
+        self.session_info[transport] = SessionInfo(
+            agent, peer or transport.name, _is_tls(transport.stream), time.time())
         self.sessions_total += 1
         self._changed()
 
     def session_ended(self, transport: TunnelTransport) -> None:
         if self.sessions.pop(transport, None) is not None:
+            self.session_info.pop(transport, None)
             self.log_mux_refusals(transport)
             for reason, count in transport.protocol.session.refused_opens.items():
                 self.open_failures[_reason_name(reason)] += count
@@ -136,32 +149,84 @@ class TunnelStats:
 
     def channel_opened(self, channel: ChannelStream) -> None:
         self.channels_total += 1
+        self.forward_channels[channel.forward] += 1
         self._opened_at[channel] = trio.current_time()
+        info = self._session_of(channel)
+        if info is not None:
+            info.forwards[channel.forward] += 1
 
     def channel_closed(self, channel: ChannelStream) -> None:
-        if self._opened_at.pop(channel, None) is not None:
+        opened_at = self._opened_at.pop(channel, None)
+        if opened_at is not None:
             self.closed_bytes_sent += channel.bytes_sent
             self.closed_bytes_received += channel.bytes_received
-        self._rates.pop(channel, None)
+            if self.access_log is not None:
+                self._log_access(channel, trio.current_time() - opened_at)
+        rate = self._rates.pop(channel, None)
+        info = self._session_of(channel)
+        if info is not None:  # what the sampler has not counted yet, for the session
+            sent, received = (rate.sent, rate.received) if rate else (0, 0)
+            info.meter.add(channel.bytes_sent - sent, channel.bytes_received - received)
+
+    def _session_of(self, channel: ChannelStream) -> SessionInfo | None:
+        return self.session_info.get(cast("TunnelTransport", channel.session))
+
+    def channel_reset(self, channel: ChannelStream, code: int, text: str) -> None:
+        if self.access_log is not None and channel in self._opened_at:
+            self.access_log.channel_reset(channel, code, text)
+
+    def channel_carried(self, channel: ChannelStream, sock: Any) -> None:
+        """Told by the roles: ``sock`` (a socket, or None) carries ``channel`` here; the
+        access log names its other end (the client, or the address dialled)."""
+        if self.access_log is not None and channel in self._opened_at:
+            self.access_log.channel_carried(channel, sock)
+
+    def _log_access(self, channel: ChannelStream, duration: float) -> None:
+        assert self.access_log is not None
+        info = self.session_info.get(cast("TunnelTransport", channel.session))
+        agent, source = (info.agent, info.peer) if info is not None else (None, None)
+        self.access_log.channel_closed(channel, duration, agent, source)
 
     def open_failed(self, reason: int) -> None:
+        """The peer refused a channel we opened."""
         self.open_failures[_reason_name(reason)] += 1
+        peer = "relay" if self.role == "agent" else "agent"
+        self._remember_refusal(Refusal(time.time(), "-", _reason_name(reason), None,
+                                       f"refused by the {peer} (its log says why)"))
 
     # -- refusals, reported by the relay -----------------------------------------------
 
     def channel_refused(self, transport: TunnelTransport, reason: mux.OpenFailure, text: str,
-                        destination: str, *, key: str | None = None) -> None:
+                        destination: str, *, key: str | None = None,
+                        channel: ChannelStream | None = None) -> None:
         """The relay refused a channel of ``transport``: count it, log it in aggregate.
 
         ``text`` says why. ``key`` groups the log lines and is what a line for
         several refusals says about them: a text that is the same for all of
         them ("max_channels 1024 reached"); by default the reason ("forbidden").
+        ``channel``: the refused channel; None for an OPEN refused before it became
+        one (the access log writes its line at once then).
         """
-        self.open_failed(reason)
+        if self.access_log is not None:
+            self._log_refusal(transport, reason, text, destination, channel)
+        self.open_failures[_reason_name(reason)] += 1
+        self._remember_refusal(Refusal(time.time(), transport.name, _reason_name(reason),
+                                       destination, text))
         if key is None:
             key = _reason_name(reason).replace("_", " ")
         self.refusals.note(transport, transport.name, key, key, destination, text,
                            trio.current_time())
+
+    def _log_refusal(self, transport: TunnelTransport, reason: mux.OpenFailure, text: str,
+                     destination: str, channel: ChannelStream | None) -> None:
+        assert self.access_log is not None
+        if channel is not None:
+            if channel in self._opened_at:
+                self.access_log.channel_refused(channel, reason, text)
+            return
+        info = self.session_info.get(transport)
+        agent, source = (info.agent, info.peer) if info is not None else (None, None)
+        self.access_log.refused_unopened(agent, source, reason, text, destination)
 
     def log_mux_refusals(self, transport: TunnelTransport) -> None:
         """Log the OPENs the session's multiplexer refused by itself since the last call."""
@@ -177,8 +242,13 @@ class TunnelStats:
             if new:
                 logged[reason] = count
                 summary = _MUX_REFUSALS.get(reason, reason.name.lower())
+                self._remember_refusal(Refusal(time.time(), transport.name,
+                                               reason.name.lower(), None, summary, new))
                 self.refusals.note(transport, transport.name, f"multiplexer {reason.name}",
                                    summary, None, summary, now, new)
+
+    def _remember_refusal(self, refusal: Refusal) -> None:
+        self.recent_refusals.append(refusal)
 
     def _changed(self) -> None:
         for callback in list(self.on_change):
@@ -206,15 +276,24 @@ class TunnelStats:
         for transport in self.sessions:
             self.log_mux_refusals(transport)
         self.refusals.tick(now)
-        for channel in self.live_channels():
-            last = self._rates.get(channel)
-            if last is None:
-                self._rates[channel] = _Rate(now, channel.bytes_sent, channel.bytes_received)
-            elif now > last.at:
-                elapsed = now - last.at
-                last.sent_rate = (channel.bytes_sent - last.sent) / elapsed
-                last.received_rate = (channel.bytes_received - last.received) / elapsed
-                last.at, last.sent, last.received = now, channel.bytes_sent, channel.bytes_received
+        for transport, info in self.session_info.items():
+            for channel in transport.channels.values():
+                self._sample_channel(channel, info, now)
+            info.meter.tick(now)
+        self.history.add(now, time.time(), *self.bytes_carried())
+        self.samples_taken += 1
+
+    def _sample_channel(self, channel: ChannelStream, info: SessionInfo, now: float) -> None:
+        last = self._rates.get(channel)
+        if last is None:
+            self._rates[channel] = _Rate(now, channel.bytes_sent, channel.bytes_received)
+            info.meter.add(channel.bytes_sent, channel.bytes_received)
+        elif now > last.at:
+            elapsed = now - last.at
+            sent, received = channel.bytes_sent - last.sent, channel.bytes_received - last.received
+            info.meter.add(sent, received)
+            last.sent_rate, last.received_rate = sent / elapsed, received / elapsed
+            last.at, last.sent, last.received = now, channel.bytes_sent, channel.bytes_received
 
     def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
         """(metric name, labels, value) for every series in :data:`METRICS`."""
@@ -300,6 +379,10 @@ _MUX_REFUSALS: Final = {
 }
 
 
+def _is_tls(stream: object) -> bool:
+    return isinstance(stream, (TLSSocketStream, trio.SSLStream))
+
+
 def _reason_name(reason: int) -> str:
     try:
         return mux.OpenFailure(reason).name.lower()
@@ -320,76 +403,3 @@ def _escape(value: str) -> str:
 
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-# ------------------------------------------------------------------ HTTP server
-
-async def serve_metrics(
-    stats: TunnelStats, address: HostPort, *, task_status: Any = trio.TASK_STATUS_IGNORED
-) -> NoReturn:
-    """Serve ``GET /metrics`` on ``address`` until cancelled.
-
-    ``task_status.started`` receives the bound (host, port) pairs.
-    """
-    listeners = await trio.open_tcp_listeners(address.port, host=address.host)
-    bound = [listener.socket.getsockname()[:2] for listener in listeners]
-    log.info("metrics on %s", ", ".join(f"http://{h}:{p}/metrics" for h, p in bound))
-    # A relay must not open channels to its own metrics (policy.py).
-    own = [Listener.bound(host, port, "metrics port") for host, port in bound]
-    this_host.add_listeners(own)
-    try:
-        async with trio.open_nursery() as nursery:
-            handler = _metrics_handler(stats)
-            await nursery.start(trio.serve_listeners, handler, listeners)
-            task_status.started(bound)
-    finally:
-        this_host.remove_listeners(own)
-    raise AssertionError("serve_listeners returned")  # pragma: no cover
-
-
-def _metrics_handler(stats: TunnelStats) -> Callable[[trio.SocketStream], Any]:
-    async def handle(stream: trio.SocketStream) -> None:
-        try:
-            with trio.move_on_after(_REQUEST_TIMEOUT):
-                await _answer(stream, stats)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            log.debug("metrics client went away: %s", exc)
-        finally:
-            await trio.aclose_forcefully(stream)
-
-    return handle
-
-
-async def _answer(stream: trio.SocketStream, stats: TunnelStats) -> None:
-    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_SIZE)
-    while True:
-        try:
-            event = connection.next_event()
-        except h11.RemoteProtocolError:
-            await _respond(stream, connection, 400, b"bad request\n")
-            return
-        if event is h11.NEED_DATA:
-            connection.receive_data(await stream.receive_some(4096))
-        elif isinstance(event, h11.Request):
-            break
-        else:
-            return
-    path = event.target.split(b"?", 1)[0]
-    if event.method not in (b"GET", b"HEAD"):
-        await _respond(stream, connection, 405, b"use GET /metrics\n")
-    elif path != b"/metrics":
-        await _respond(stream, connection, 404, b"metrics are at /metrics\n")
-    else:
-        body = stats.render_prometheus().encode()
-        await _respond(stream, connection, 200, body, head=event.method == b"HEAD")
-
-
-async def _respond(stream: trio.SocketStream, connection: h11.Connection, status: int,
-                   body: bytes, *, head: bool = False) -> None:
-    content_type = _CONTENT_TYPE if status == 200 else b"text/plain; charset=utf-8"
-    headers = [(b"Content-Type", content_type), (b"Content-Length", b"%d" % len(body)),
-               (b"Connection", b"close")]
-    data = connection.send(h11.Response(status_code=status, headers=headers))
-    data = (data or b"") + (b"" if head else connection.send(h11.Data(data=body)) or b"")
-    data += connection.send(h11.EndOfMessage()) or b""
-    await stream.send_all(data)

@@ -20,7 +20,7 @@ import trio
 
 __all__ = ["RESTART_ONLY_KEYS", "ReloadRequest", "restart_only_changes"]
 
-RESTART_ONLY_KEYS: Final = ("listen", "metrics", "admin_socket")
+RESTART_ONLY_KEYS: Final = ("listen", "metrics", "metrics_auth_file", "admin_socket")
 
 
 @dataclass

@@ -22,14 +22,17 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Final, NoReturn
 
 import trio
 
 from ..config import AgentConfig, RelayConfig
 from ..errors import TunnelError
+from .access_log import AccessLog
 from .admin import serve_admin
-from .metrics import TunnelStats, serve_metrics
+from .dashboard_server import serve_metrics
+from .metrics import TunnelStats
 from .reload import ReloadRequest, restart_only_changes
 from .systemd import Notifier
 
@@ -66,6 +69,7 @@ async def run_service(
     """
     notifier = notifier or Notifier()
     stats = TunnelStats("agent" if isinstance(config, AgentConfig) else "relay")
+    _set_access_log(stats, config)
     reload_send, reload_receive = trio.open_memory_channel[ReloadRequest](0)
     options: dict[str, Any] = {"shutdown": shutdown, "stats": stats, "reloads": reload_receive}
     if sockets:
@@ -119,9 +123,19 @@ async def _cancel_after(wait: Callable[[], Awaitable[Any]], scope: trio.CancelSc
 
 async def _start_observers(nursery: trio.Nursery, stats: TunnelStats, config: Config) -> None:
     if config.metrics is not None:
-        await nursery.start(serve_metrics, stats, config.metrics)
+        await nursery.start(partial(serve_metrics, stats, config.metrics,
+                                    auth_file=config.metrics_auth_file))
     if config.admin_socket is not None:
         await nursery.start(serve_admin, stats, config.admin_socket)
+
+
+def _set_access_log(stats: TunnelStats, config: Config) -> None:
+    """An ``AccessLog`` while ``access_log`` is on (where its lines go is logs.py's
+    business, set up by the CLI); None, and no cost per channel, while it is off."""
+    if config.access_log == "off":
+        stats.access_log = None
+    elif stats.access_log is None:
+        stats.access_log = AccessLog()
 
 
 async def _keep_watchdog_fed(notifier: Notifier, interval: float) -> NoReturn:
@@ -194,6 +208,7 @@ class _Reloader:
             log.warning("'%s' changed: that takes a restart; keeping %s",
                         key, getattr(old, key))
         self.role.config = new
+        _set_access_log(self.stats, new)
         if self.on_reload is not None:
             self.on_reload(new)
         log.info("configuration reloaded from %s", new.source)

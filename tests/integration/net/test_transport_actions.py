@@ -103,6 +103,12 @@ class _Recorder:
         self.calls.append(("closed", channel.channel_id))
         self.closed.set()
 
+    def channel_reset(self, channel: ChannelStream, code: int, text: str) -> None:
+        self.calls.append(("reset", code))
+
+    def channel_carried(self, channel: ChannelStream, sock: object) -> None:
+        pass
+
     def open_failed(self, reason: int) -> None:
         self.calls.append(("open failed", reason))
 

@@ -12,7 +12,8 @@ from wstunnel.addresses import HostPort, IPAddress
 from wstunnel.config import Forward
 from wstunnel.net.local_addresses import local_addresses
 from wstunnel.security.policy import AllowRule, special_block
-from wstunnel.service.metrics import TunnelStats, serve_metrics
+from wstunnel.service.dashboard_server import serve_metrics
+from wstunnel.service.metrics import TunnelStats
 
 from ..security_helpers import watch_logs
 from ..tunnel_helpers import (

@@ -20,7 +20,8 @@ from wstunnel.errors import ConfigError
 from wstunnel.relay import run_relay
 from wstunnel.security.policy import AllowRule
 from wstunnel.service.admin import format_status, query_status
-from wstunnel.service.metrics import TunnelStats, serve_metrics
+from wstunnel.service.dashboard_server import serve_metrics
+from wstunnel.service.metrics import TunnelStats
 from wstunnel.service.reload import ReloadRequest
 from wstunnel.service.runner import run_service
 
@@ -240,7 +241,7 @@ async def test_metrics_count_sessions_channels_bytes_and_refusals() -> None:
             for name in ("wstunnel_auth_failures_total", "wstunnel_scheduler_queue_depth",
                          'wstunnel_buffered_bytes{direction="inbound"}'):
                 assert _value(text, name) == 0
-            assert (await _http_get(metrics[0][1], "/"))[0] == 404
+            assert (await _http_get(metrics[0][1], "/nowhere"))[0] == 404  # (/ is the dashboard)
             nursery.cancel_scope.cancel()
 
 

@@ -101,7 +101,7 @@ def test_defaults_fill_unset_keys(tmp_path: Path) -> None:
     assert (agent.reconnect_min_interval, agent.reconnect_max_interval) == (1.0, 30.0)
     assert (agent.initial_window, agent.max_chunk_size) == (262144, 16384)
     relay = load_relay_config(write(tmp_path, RELAY_MIN, "relay.yaml"))
-    assert (relay.path, relay.allow, relay.max_channels) == ("/tunnel", (), 1024)
+    assert (relay.path, relay.allow, relay.max_channels) == ("/tunnel", (), 10240)
     assert relay.max_message_size == 1 << 20
     assert (relay.connect_timeout, relay.log_format) == (10, "text")
 

@@ -35,6 +35,8 @@ AGENT_ROWS: list[tuple[list[str], dict[str, Any]]] = [
     (["-D", "1080", "-D", "0.0.0.0:1081"],
      {"forwards": [{"dynamic": "1080"}, {"dynamic": "0.0.0.0:1081"}]}),
     (["-L", "0:a:1", "-D", "[::1]:0"], {"forwards": ["0:a:1", {"dynamic": "[::1]:0"}]}),
+    (["-R", "2222:localhost:22", "-L", "/tmp/a.sock:unix:/run/b.sock"],
+     {"forwards": ["/tmp/a.sock:unix:/run/b.sock", {"reverse": "2222:localhost:22"}]}),
     (["--proxy", "http://agent@proxy.example:3128"], {"proxy": "http://agent@proxy.example:3128"}),
     (["--no-proxy"], {"proxy": "none"}),
     (["--proxy", "http://agent@p:3128", "--proxy-password-file", READABLE],
@@ -51,7 +53,9 @@ AGENT_ROWS: list[tuple[list[str], dict[str, Any]]] = [
     (["--client-cert-file", "/etc/a.crt", "--client-key-file", "/etc/a.key"],
      {"client_cert_file": "/etc/a.crt", "client_key_file": "/etc/a.key"}),
     (["--metrics", "127.0.0.1:9108"], {"metrics": "127.0.0.1:9108"}),
+    (["--metrics-auth-file", READABLE], {"metrics_auth_file": READABLE}),
     (["--admin-socket", "/run/wstunnel/agent.sock"], {"admin_socket": "/run/wstunnel/agent.sock"}),
+    (["--access-log", "/var/log/wstunnel/a.log"], {"access_log": "/var/log/wstunnel/a.log"}),
     (["--log-level", "debug"], {"log_level": "debug"}),
     (["--log-format", "json"], {"log_format": "json"}),
     (["--stdio", "db.internal:22"], {"stdio": "db.internal:22"}),
@@ -64,6 +68,8 @@ RELAY_ROWS: list[tuple[list[str], dict[str, Any]]] = [
     (["--no-auth"], {"no_auth": True}),
     (["--no-auth", "--allow", "db.internal:5432", "--allow", "10.0.0.0/8"],
      {"no_auth": True, "allow": ["db.internal:5432", "10.0.0.0/8"]}),
+    (["--no-auth", "--listen-allow", "127.0.0.1:2222", "--listen-allow", "unix:/run/w/*"],
+     {"no_auth": True, "listen_allow": ["127.0.0.1:2222", "unix:/run/w/*"]}),
     (["--path", "/t"], {"path": "/t"}),
     (["--trusted-proxy", "10.0.0.0/8", "--trusted-proxies", "192.0.2.1"],
      {"trusted_proxies": ["10.0.0.0/8", "192.0.2.1"]}),
@@ -72,7 +78,9 @@ RELAY_ROWS: list[tuple[list[str], dict[str, Any]]] = [
      {"tls": {"cert_file": "/etc/r.crt", "key_file": "/etc/r.key",
               "client_ca_file": "/etc/ca.pem"}}),
     (["--metrics", "[::1]:9108"], {"metrics": "[::1]:9108"}),
+    (["--metrics-auth-file", READABLE], {"metrics_auth_file": READABLE}),
     (["--admin-socket", "/run/wstunnel/relay.sock"], {"admin_socket": "/run/wstunnel/relay.sock"}),
+    (["--access-log", "on"], {"access_log": "on"}),
     (["--log-level", "warning"], {"log_level": "warning"}),
     (["--log-format", "json"], {"log_format": "json"}),
 ]
@@ -123,8 +131,9 @@ def test_each_relay_flag_gives_what_its_key_gives(
         row: tuple[list[str], dict[str, Any]], tmp_path: Path) -> None:
     """A relay flag and its YAML key give equal configs, unlike the default."""
     argv, keys = _with_base(RELAY_BASE, *row)
+    argv, text = _readable(tmp_path, argv, keys)
     path = tmp_path / "relay.yaml"
-    path.write_text(json.dumps(keys))
+    path.write_text(text)
     from_flags = relay_from_flags(argv)
     assert from_flags == load_relay_config(path)
     assert from_flags != relay_from_flags(_with_base(RELAY_BASE, [], {})[0])
@@ -152,7 +161,11 @@ def test_every_flag_maps_to_a_key_and_has_a_row(role: str, table: Any,
 @pytest.mark.parametrize(("argv", "message"), [
     (["-L", "9000:a.example:1", "-L", "9000:b.example:2"],
      "-L: listen address 127.0.0.1:9000 is already used by -L 9000:a.example:1"),
-    (["-L", "1:db"], "-L: expected [bind:]port:host:port (IPv6 in brackets), got \"1:db\""),
+    (["-L", "1:db"], "-L: expected [bind:]port:host:port (IPv6 in brackets; a /path or "
+                     "unix:/path for a unix socket), got \"1:db\""),
+    (["-R", "localhost:2222:db:1"], "-R: the relay listens on IP addresses"),
+    (["-R", "2222:db:1", "-R", "127.0.0.1:2222:db:2"],
+     "-R: the relay's listen address 127.0.0.1:2222 is already used by -R 2222:db:1"),
     (["-L", "1:db:2", "--token-file", "t", "--token-env", "T"],
      "--token-env: give one token source, not both token_file and token_env"),
     (["-L", "1:db:2", "--proxy", "http://p:3128", "--proxy-password-file", "/"],

@@ -497,9 +497,11 @@ def test_window_grows_when_it_limits_the_channel_up_to_max_window() -> None:
 
 
 def test_window_growth_stays_within_an_eighth_of_max_buffered_size() -> None:
-    """All growth together is bounded by max_buffered_size // 8, and freed with the channel."""
+    """All growth together is bounded by max_buffered_size // 8, and freed with the channel
+    (when max_buffered_size covers every channel at initial_window)."""
     budget = 8 * DEFAULT_INITIAL_WINDOW
-    agent, relay = connected_pair(max_buffered_size=8 * budget, max_window=MAX_WINDOW)
+    agent, relay = connected_pair(max_buffered_size=8 * budget, max_window=MAX_WINDOW,
+                                  max_channels=64)
     channel_id = open_accepted(agent, relay)
     _stream(agent, relay, channel_id, 40 * DEFAULT_INITIAL_WINDOW)
     assert relay.window_growth == budget
@@ -530,10 +532,11 @@ def test_data_is_cut_into_chunks_of_the_smaller_max_chunk_size() -> None:
 
 
 def test_buffered_bytes_are_bounded_by_max_buffered_size() -> None:
-    """Unacknowledged bytes never exceed max_buffered_size: OPENs past it are refused."""
+    """Unacknowledged bytes never exceed max_buffered_size: OPENs past it are refused
+    (here max_buffered_size covers max_channels x initial_window)."""
     bound = 4 * DEFAULT_INITIAL_WINDOW
     agent = Session(Role.AGENT)
-    relay = Session(Role.RELAY, max_buffered_size=bound + 1000)
+    relay = Session(Role.RELAY, max_buffered_size=bound + 1000, max_channels=4)
     pump(agent, relay)
     opened = []
     for _ in range(6):

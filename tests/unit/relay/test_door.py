@@ -204,7 +204,8 @@ def test_the_session_runs_under_the_relays_limits_from_the_latest_load() -> None
     _, protocol = door.start_session(handshake)
     assert protocol.limits == SessionLimits(
         max_channels=8, max_message_size=1 << 20, initial_window=1 << 17,
-        max_chunk_size=1 << 14, max_send_window=1 << 22, max_queued_size=1 << 23)
+        max_chunk_size=1 << 14, max_send_window=1 << 22, max_queued_size=1 << 23,
+        max_buffered_size=256 << 20)
 
 
 def test_x_forwarded_for_from_an_untrusted_peer_is_ignored_with_a_debug_line() -> None:

@@ -356,3 +356,71 @@ def test_this_host_is_the_default_and_changes_apply_at_once() -> None:
         assert Policy(["127.0.0.1"]).allows("127.0.0.1", 61000)
     finally:
         this_host.set_addresses(saved)
+
+
+# -- unix socket paths ------------------------------------------------------------
+
+PG = "/run/postgresql/.s.PGSQL.5432"
+
+
+@pytest.mark.parametrize(("rules", "path", "allowed"), [
+    ([f"unix:{PG}"], PG, True),
+    ([f"unix:{PG}"], "/run/postgresql/.s.PGSQL.5433", False),
+    ([f"unix:{PG}"], PG + "x", False),
+    (["unix:/run/app/*"], "/run/app/api.sock", True),
+    (["unix:/run/app/*"], "/run/app/.hidden.sock", True),
+    (["unix:/run/app/*"], "/run/app/sub/api.sock", False),  # one level only
+    (["unix:/run/app/*"], "/run/app", False),
+    (["unix:/run/app/*"], "/run/application.sock", False),
+    (["unix:/run/app/*"], "/run/app/../secret.sock", False),  # not a normal path
+    (["unix:/run/app/*"], "/run/app/./api.sock", False),
+    (["unix:/run/app/*"], "/run/app//api.sock", False),
+    (["unix:/*"], "/x.sock", True),
+    ([f"unix:{PG}"], "run/postgresql/.s.PGSQL.5432", False),  # relative
+    ([f"unix:{PG}"], PG + "\0", False),
+])
+def test_unix_path_rules_match_the_path_exactly_or_directly_in_a_directory(
+        rules: list[str], path: str, allowed: bool) -> None:
+    """unix:/path allows that path; unix:/dir/* any socket directly in dir; a path
+    with ., .. or // (which the kernel might resolve elsewhere) is never allowed."""
+    assert Policy(rules).allows_path(path) is allowed
+
+
+@pytest.mark.parametrize("rules", [
+    ["0.0.0.0/0", "::/0"], ["*.example.com", "localhost"], ["127.0.0.1", "run"], [],
+])
+def test_host_port_rules_never_allow_a_unix_path(rules: list[str]) -> None:
+    """However broad, TCP rules do not allow a unix socket; the refusal says what would."""
+    refusal = Policy(rules).path_refusal(PG) or ""
+    assert f"no allow rule matches unix:{PG}" in refusal
+    assert "unix:/path rule" in refusal
+
+
+@pytest.mark.parametrize("host", [PG, "/run/app/x.sock", "unix", "run"])
+def test_unix_path_rules_never_allow_a_host_port(host: str) -> None:
+    """A unix: rule is for paths only: no host name, pattern or address matches it."""
+    policy = Policy([f"unix:{PG}", "unix:/run/app/*", "unix:/*"])
+    assert not policy.allows(host, 5432, ip("127.0.0.1"))
+    assert not policy.allows(host, 5432)
+
+
+@pytest.mark.parametrize(("text", "canonical"), [
+    (f"unix:{PG}", f"unix:{PG}"),
+    ("  unix:/run/app/*  ", "unix:/run/app/*"),
+    ("unix:/*", "unix:/*"),
+])
+def test_unix_rule_parsing(text: str, canonical: str) -> None:
+    """unix: rules parse to PATH rules and print as written."""
+    rule = AllowRule.parse(text)
+    assert rule.kind is RuleKind.PATH
+    assert str(rule) == canonical
+
+
+@pytest.mark.parametrize("text", [
+    "unix:", "unix:run/app.sock", "unix:/run/*/app.sock", "unix:/run/app*", "unix:/run/app/",
+    "unix:/run/../etc/x.sock", "unix://run/app.sock", "unix:/run/a\0b", "unix:/run/app/**",
+])
+def test_bad_unix_rules_are_rejected_with_a_reason(text: str) -> None:
+    """A unix: rule is an absolute normal path, or a directory followed by /*."""
+    with pytest.raises(ValueError, match="expected unix:/absolute/path or unix:/directory/"):
+        AllowRule.parse(text)

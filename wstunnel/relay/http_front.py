@@ -1,0 +1,312 @@
+"""The relay's side of the HTTP transports: serving their requests (docs/PROTOCOL.md §11).
+
+Theory of operation: a request carrying ``X-Wstunnel-Transport`` that the door
+let in (the same login as an upgrade) is one of:
+
+* **open** (POST, no session id): a new session; the answer (200, the id in
+  ``X-Wstunnel-Session``, ``Connection: close``) is sent, and this task then
+  runs the session (``serve_session``) until it ends;
+* **streaming**: GET with the id: a 200 whose chunked body carries the
+  downstream bytes as they come; POST with the id: a chunked body carrying the
+  upstream bytes. Either connection lost ends the session;
+* **polling**: POST with the id and ``X-Wstunnel-Seq: n``: one batch of
+  upstream bytes (a repeat of a number already taken is acknowledged and
+  dropped: a retry); GET with the id and ``X-Wstunnel-Seq: n``: the next
+  downstream batch, held up to ``POLL_HOLD_TIMEOUT`` while there is none
+  (n one below the next number asks for the last batch again: its answer was
+  lost). Connections are kept alive between polling requests; each request
+  logs in again (an HMAC: cheap).
+
+Requests for an unknown id, or another agent's, are answered exactly as a bad
+login (the door's 401), so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final, Protocol
+
+import h11
+import trio
+
+from .. import ws
+from ..framing import (
+    CONTENT_TYPE,
+    POLL_HOLD_TIMEOUT,
+    POLLING,
+    SEQUENCE_HEADER,
+    SESSION_HEADER,
+    STREAMING,
+)
+from ..protocol import TunnelProtocol
+from .door import Accepted, Answer, Identity, Visitor, http_transport, server_handshake
+from .http_sessions import SESSION_IDLE_TIMEOUT, Buffer, HttpSession, HttpSessions
+from .upgrade import HttpReader, HttpRequest
+
+__all__ = ["HttpFront"]
+
+log = logging.getLogger("wstunnel.relay")
+
+#: The largest polling POST body (the agent sends at most 1 MiB and a frame).
+MAX_POST_SIZE: Final = 8 * 1024 * 1024
+#: The largest polling GET answer.
+MAX_BATCH_SIZE: Final = 4 * 1024 * 1024
+#: A kept-alive connection with no new request for this long is closed.
+KEEPALIVE_TIMEOUT: Final = 75.0
+#: After a session ends, how long its last bytes (the close) wait for a GET.
+LINGER_TIMEOUT: Final = 5.0
+_NO_STORE: Final = [("Cache-Control", "no-store"), ("Content-Type", CONTENT_TYPE)]
+
+
+class _Host(Protocol):
+    """What the front needs from the relay (relay.py)."""
+
+    async def login(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
+                    visitor: Visitor) -> Answer | Accepted: ...
+    def start_framed_session(self) -> TunnelProtocol: ...
+    def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted,
+                       problem: str) -> Answer: ...
+    async def serve_session(self, stream: trio.abc.Stream, protocol: TunnelProtocol,
+                            identity: Identity, peer: str) -> None: ...
+
+
+class HttpFront:
+    """Serves the HTTP-transport requests of one relay."""
+
+    def __init__(self, host: _Host) -> None:
+        self.host = host
+        self.sessions = HttpSessions()
+
+    async def serve(self, first: HttpRequest, accepted: Accepted, visitor: Visitor) -> None:
+        """This request and the ones after it on the same connection."""
+        reader, request = first.reader, first.request
+        while await self._one(reader, request, accepted):
+            reader.conn.start_next_cycle()
+            with trio.move_on_after(KEEPALIVE_TIMEOUT):
+                next_request = await reader.next_request()
+            if next_request is None or http_transport(next_request) is None:
+                return
+            request = next_request
+            outcome = await self.host.login(server_handshake(), request, visitor)
+            if isinstance(outcome, Answer):
+                await reader.stream.send_all(outcome.response)
+                return
+            accepted = outcome
+
+    async def _one(self, reader: HttpReader, request: ws.RequestReceived,
+                   accepted: Accepted) -> bool:
+        """Serve one request; True when the connection may carry another."""
+        mode = http_transport(request) or ""
+        session_id = request.header(SESSION_HEADER.lower())
+        if session_id is None:
+            if request.method != "POST":
+                return await _status(reader, 405, "open a session with POST")
+            await self._open(reader, mode, accepted)
+            return False
+        session = self.sessions.find(session_id.strip(), accepted.identity.name, mode)
+        if session is None:
+            answer = self.host.refuse_session(server_handshake(), accepted,
+                                              f"{mode} request for an unknown session")
+            await reader.stream.send_all(answer.response)
+            return False
+        session.in_progress += 1
+        try:
+            return await self._serve(reader, request, session)
+        finally:
+            session.in_progress -= 1
+            session.touch()
+
+    async def _serve(self, reader: HttpReader, request: ws.RequestReceived,
+                     session: HttpSession) -> bool:
+        if request.method not in ("GET", "POST"):
+            return await _status(reader, 405, "GET or POST")
+        if session.mode == STREAMING:
+            if request.method == "GET":
+                await _stream_down(reader, session)
+            else:
+                await _stream_up(reader, session)
+            return False
+        sequence = _sequence(request)
+        if sequence is None:
+            return await _status(reader, 400, f"{SEQUENCE_HEADER} missing or not a number")
+        if request.method == "GET":
+            return await _poll_down(reader, session, sequence)
+        return await _poll_up(reader, request, session, sequence)
+
+    # -- opening --------------------------------------------------------------------
+
+    async def _open(self, reader: HttpReader, mode: str, accepted: Accepted) -> None:
+        """Answer with a new session's id, then run the session in this task."""
+        if not await _drain_body(reader):
+            return
+        session = self.sessions.create(accepted.identity.name, mode)
+        protocol = self.host.start_framed_session()
+        await reader.send(h11.Response(status_code=200, headers=[
+            (SESSION_HEADER, session.id), ("Content-Length", "0"), ("Connection", "close"),
+            *_NO_STORE]), h11.EndOfMessage())
+        await trio.aclose_forcefully(reader.stream)
+        log.info("%s: %s session for agent %s opened", accepted.peer, mode,
+                 accepted.identity.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_expire_when_idle, session)
+                await self.host.serve_session(session, protocol, accepted.identity,
+                                              f"{accepted.peer} ({mode})")
+                nursery.cancel_scope.cancel()
+            with trio.move_on_after(LINGER_TIMEOUT):  # the last bytes: the close
+                while not session.drained:
+                    await session.take(0, LINGER_TIMEOUT)
+        finally:
+            session.break_("session ended")
+            self.sessions.remove(session)
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+async def _stream_down(reader: HttpReader, session: HttpSession) -> None:
+    """A chunked 200 whose body is the session's downstream, until it ends."""
+    conn, stream = reader.conn, reader.stream
+    await reader.send(h11.Response(status_code=200, headers=[
+        ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no"), *_NO_STORE]))
+    send_parts = getattr(stream, "send_parts", None)
+    try:
+        while True:
+            parts = await session.take(MAX_BATCH_SIZE)
+            if not parts:
+                break
+            pieces = _chunk(conn, parts)
+            if send_parts is not None:
+                await send_parts(pieces)
+            else:
+                await stream.send_all(b"".join(pieces))
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        session.break_(f"the streaming response's connection was lost: {exc}")
+
+
+def _chunk(conn: h11.Connection, parts: list[Buffer]) -> list[Buffer]:
+    """The pieces of one chunk per part, the parts themselves not copied (h11 frames)."""
+    pieces: list[Buffer] = []
+    for part in parts:
+        data = h11.Data(data=part)  # type: ignore[arg-type]  # (passed through, not copied)
+        pieces.extend(conn.send_with_data_passthrough(data) or ())
+    return pieces
+
+
+async def _stream_up(reader: HttpReader, session: HttpSession) -> None:
+    """Feed a chunked request body to the session as it arrives."""
+    try:
+        while True:
+            event = await reader.next_event()
+            if isinstance(event, h11.Data):
+                if not await session.feed(bytes(event.data)):
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                session.feed_eof()
+                return
+            else:
+                session.break_("the streaming request's connection closed")
+                return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+            h11.RemoteProtocolError) as exc:
+        session.break_(f"the streaming request's connection was lost: {exc}")
+
+
+# -- polling ------------------------------------------------------------------------------
+
+async def _poll_up(reader: HttpReader, request: ws.RequestReceived, session: HttpSession,
+                   sequence: int) -> bool:
+    """One upstream batch: taken once, in order; a retry of one taken is acknowledged."""
+    length = request.header("content-length")
+    if length is None or not length.strip().isdigit() or int(length) > MAX_POST_SIZE:
+        return await _status(reader, 413, f"a polling body needs a Content-Length up to "
+                                          f"{MAX_POST_SIZE}")
+    body = await _read_body(reader)
+    if body is None:
+        return False
+    if sequence == session.up_sequence:
+        if not await session.feed(body):
+            return await _status(reader, 410, "the session has ended")
+        session.up_sequence += 1
+    elif sequence > session.up_sequence:
+        return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
+                                          f"{session.up_sequence}")
+    return await _reply(reader, [])
+
+
+async def _poll_down(reader: HttpReader, session: HttpSession, sequence: int) -> bool:
+    """The next downstream batch (held while there is none), or the last one again."""
+    if sequence == session.down_sequence - 1:
+        return await _reply(reader, session.last_batch)
+    if sequence != session.down_sequence:
+        return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
+                                          f"{session.down_sequence}")
+    batch = await session.take(MAX_BATCH_SIZE, POLL_HOLD_TIMEOUT)
+    if not batch and session.ended:
+        return await _status(reader, 410, "the session has ended")
+    if batch:
+        session.last_batch = batch
+        session.down_sequence += 1
+    return await _reply(reader, batch)
+
+
+async def _reply(reader: HttpReader, body: list[Buffer]) -> bool:
+    """200 with ``body`` (a Content-Length, the parts not copied); True: keep alive."""
+    conn = reader.conn
+    size = sum(map(len, body))
+    pieces: list[Buffer] = [conn.send(h11.Response(status_code=200, headers=[
+        ("Content-Length", str(size)), *_NO_STORE])) or b""]
+    pieces.extend(_chunk(conn, body))
+    pieces.append(conn.send(h11.EndOfMessage()) or b"")
+    await _send_parts(reader.stream, pieces)
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+
+async def _send_parts(stream: trio.abc.Stream, parts: list[Buffer]) -> None:
+    send_parts = getattr(stream, "send_parts", None)
+    if send_parts is not None:
+        await send_parts(parts)
+    else:
+        await stream.send_all(b"".join(parts))
+
+
+# -- small pieces -------------------------------------------------------------------------
+
+async def _status(reader: HttpReader, status: int, text: str) -> bool:
+    """A short text answer; the connection closes after it."""
+    await reader.stream.send_all(server_handshake().reject(status, text))
+    return False
+
+
+async def _read_body(reader: HttpReader) -> bytes | None:
+    body = bytearray()
+    try:
+        while True:
+            event = await reader.next_event()
+            if isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:
+                return None
+    except h11.RemoteProtocolError:
+        return None
+
+
+async def _drain_body(reader: HttpReader) -> bool:
+    return await _read_body(reader) is not None
+
+
+def _sequence(request: ws.RequestReceived) -> int | None:
+    value = (request.header(SEQUENCE_HEADER.lower()) or "").strip()
+    return int(value) if value.isdigit() and len(value) < 19 else None
+
+
+async def _expire_when_idle(session: HttpSession) -> None:
+    """Break the session once no request has been in progress for SESSION_IDLE_TIMEOUT."""
+    while not session.ended:
+        await trio.sleep(SESSION_IDLE_TIMEOUT / 4)
+        idle = session.idle_for(trio.current_time())
+        if idle >= SESSION_IDLE_TIMEOUT:
+            session.break_(f"no HTTP request for {idle:.0f} s (the agent is gone, or the "
+                           f"path drops its requests)")
