@@ -303,16 +303,22 @@ def relay_tls(command: Sequence[str], tmp: Path,
 
 def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
                    command: Sequence[str], relay_args: Sequence[str],
-                   agent_args: Sequence[str], *, tls: bool = False) -> Route:
+                   agent_args: Sequence[str], *, tls: bool = False,
+                   transport: str | None = None) -> Route:
     """``wstunnel relay`` and ``wstunnel agent`` from the CLI, one forward per target.
 
     With ``tls`` the relay serves wss:// with a fresh self-signed certificate
     and the agent pins it; the route is then named "wstunnel wss://".
+    ``transport`` (streaming, polling) forces the agent's transport: the route is
+    then named "wstunnel ws:// streaming".
     """
     scheme = "wss" if tls else "ws"
+    label = scheme if transport is None else f"{scheme}-{transport}"
+    if transport is not None:
+        agent_args = [*agent_args, f"--transport={transport}"]
     relay_tls_args, agent_tls_args = relay_tls(command, tmp) if tls else ([], [])
     relay_port = free_port()
-    relay_log, agent_log = tmp / f"relay-{scheme}.log", tmp / f"agent-{scheme}.log"
+    relay_log, agent_log = tmp / f"relay-{label}.log", tmp / f"agent-{label}.log"
     relay = spawn(stack, [*command, *relay_argv(relay_port, *relay_tls_args, *relay_args)],
                   relay_log)
     wait_listening(relay_port, relay, f"wstunnel relay ({scheme}://)")
@@ -320,7 +326,8 @@ def start_wstunnel(stack: contextlib.ExitStack, tmp: Path, targets: Route,
     forwards = [(ports[kind], targets.ports[kind]) for kind in TARGET_KINDS]
     agent = spawn(stack, [*command, *agent_argv(relay_port, forwards, *agent_tls_args,
                                                 *agent_args, scheme=scheme)], agent_log)
-    route = Route(f"wstunnel {scheme}://", ports, [agent.pid, relay.pid], [relay_log, agent_log])
+    name = f"wstunnel {scheme}://" + ("" if transport is None else f" {transport}")
+    route = Route(name, ports, [agent.pid, relay.pid], [relay_log, agent_log])
     _check_route(route, agent)
     return route
 

@@ -25,6 +25,7 @@ Run from the repository root:
     .venv/bin/python benchmarks/tunnel.py            # 256 MiB, 3 repetitions
     .venv/bin/python benchmarks/tunnel.py --quick    # smoke run, 32 MiB once, about 5-10 s
     .venv/bin/python benchmarks/tunnel.py --size 64M --repeat 5 --json out.json
+    .venv/bin/python benchmarks/tunnel.py --quick --schemes ws --transport streaming,polling
 
 Only 127.0.0.1 is used; every process is stopped on the way out.
 """
@@ -215,9 +216,10 @@ def table(results: Results, routes: list[Route]) -> str:
 
 
 def _short(route_name: str) -> str:
-    """ "wstunnel wss://" -> "wss", "socat TLS" -> "socat" (ratio column names)."""
+    """ "wstunnel wss://" -> "wss", "wstunnel ws:// polling" -> "ws polling", "socat TLS"
+    -> "socat" (ratio column names)."""
     first, _, rest = route_name.partition(" ")
-    return rest.rstrip(":/") if first == "wstunnel" else first
+    return rest.replace("://", "").strip() if first == "wstunnel" else first
 
 
 def machine() -> dict[str, str]:
@@ -263,6 +265,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--schemes", default="ws,wss",
                         help="wstunnel routes to measure: ws (plain), wss (TLS) or both "
                         "(default ws,wss)")
+    parser.add_argument("--transport", default="",
+                        help="also measure the HTTP transports over ws:// (plain): streaming, "
+                        "polling or streaming,polling (each its own relay and agent, beside "
+                        "the WebSocket routes)")
     parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel",
                         help="command running the wstunnel CLI (default: this python -m wstunnel)")
     parser.add_argument("--tunnel-arg", action="append", default=None,
@@ -276,6 +282,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep process logs (and the throwaway ssh keys) in DIR")
     args = parser.parse_args(argv)
+    if not set(filter(None, args.transport.split(","))) <= {"streaming", "polling"}:
+        parser.error(f"--transport takes streaming, polling or both, not {args.transport!r}")
     if not set(args.schemes.split(",")) <= {"ws", "wss"}:
         parser.error(f"--schemes takes ws, wss or ws,wss, not {args.schemes!r}")
     if args.churn_count is not None and args.churn_count < 1:
@@ -314,6 +322,10 @@ def start_routes(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespac
             routes.append(_procs.start_wstunnel(
                 stack, tmp, direct, command, [*extra, *args.relay_arg],
                 [*extra, *args.agent_arg], tls=scheme == "wss"))
+        for transport in filter(None, args.transport.split(",")):
+            routes.append(_procs.start_wstunnel(
+                stack, tmp, direct, command, [*extra, *args.relay_arg],
+                [*extra, *args.agent_arg], transport=transport))
     if args.socat:
         skip = _procs.ensure_socat()
         if skip is None:

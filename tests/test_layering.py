@@ -30,7 +30,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__",),
     ("errors", "addresses"),
     ("ws", "mux", "security"),
-    ("framing",),  # records in a byte stream: the HTTP transports' carrier (uses ws events)
+    # records in a byte stream (the HTTP transports' carrier, uses ws events); the
+    # resumption log (numbered records, acknowledgements, replay)
+    ("framing", "replay"),
     ("protocol", "config"),
     ("net",),
     ("service",),
@@ -41,7 +43,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # Bytes in, events and bytes out: no I/O, clock, randomness, threads or logging.
 SANS_IO_ROOMS = frozenset({"__init__", "errors", "addresses", "ws", "mux", "framing",
-                           "protocol"})
+                           "replay", "protocol"})
 NEVER_REACHABLE_FROM_SANS_IO = frozenset({
     "trio", "socket", "_socket", "ssl", "_ssl", "time", "yaml", "logging", "random",
     "select", "threading", "asyncio",

@@ -35,6 +35,7 @@ __all__ = [
     "FramedConnection",
     "FrameType",
     "encode_frame",
+    "chunked",
     "HEADER_SIZE",
     "STREAMING",
     "POLLING",
@@ -79,6 +80,13 @@ class FrameType:
     PING: Final = 0x01
     PONG: Final = 0x02
     CLOSE: Final = 0x03
+
+
+def chunked(parts: list[bytes | bytearray | memoryview]) -> list[bytes | bytearray | memoryview]:
+    """``parts`` as one HTTP/1.1 chunk (RFC 9112 §7.1), the parts themselves not
+    copied: a streaming body's write is one chunk, however many records it holds."""
+    size = sum(map(len, parts))
+    return [b"%x\r\n" % size, *parts, b"\r\n"] if size else []
 
 
 def encode_frame(frame_type: int, payload: bytes = b"") -> bytes:
@@ -130,9 +138,20 @@ class FramedConnection:
             self._big_filled += take
             data = data[take:]
             self._finish_big()
-        if data:
+        if not data or self._closed:
+            return
+        if self._buffer:
             self._buffer += data
-        self._decode()
+            self._decode_buffer()
+            return
+        view = memoryview(data)  # (whole frames straight from the read: one copy fewer)
+        consumed = self._decode(view)
+        if consumed < len(view) and not self._closed:
+            self._buffer += view[consumed:]
+
+    @property
+    def _closed(self) -> bool:
+        return self.state is ws.ConnectionState.CLOSED
 
     def receive_buffer(self) -> memoryview | None:
         """Where to read next instead of ``receive_data``, or None: the rest of a
@@ -151,7 +170,7 @@ class FramedConnection:
             return
         self._big_filled += size
         self._finish_big()
-        self._decode()
+        self._decode_buffer()
 
     def receive_eof(self) -> None:
         """The stream ended; without a close handshake that is code 1006."""
@@ -179,8 +198,13 @@ class FramedConnection:
             self._big = None
             self._events.append(ws.BytesMessage(big))
 
-    def _decode(self) -> None:
+    def _decode_buffer(self) -> None:
         buffer = self._buffer
+        consumed = self._decode(buffer)
+        del buffer[:consumed]  # (a failure has replaced self._buffer: harmless)
+
+    def _decode(self, buffer: bytearray | memoryview) -> int:
+        """Handle the whole frames in ``buffer``; the number of bytes they took."""
         offset = 0
         try:
             while self.state is not ws.ConnectionState.CLOSED:
@@ -195,7 +219,7 @@ class FramedConnection:
                 offset = end
         except RemoteProtocolError as exc:
             self._fail(exc)
-        del buffer[:offset]
+        return offset
 
     def _check(self, frame_type: int, length: int) -> None:
         """Reject a frame from its header alone: lengths first."""

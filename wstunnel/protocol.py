@@ -141,6 +141,8 @@ class TunnelProtocol:
             else _websocket(role, limits, self.session, random_bytes))
         self._events: list[TunnelEvent] = []
         self._terminal = False
+        #: Set by :meth:`pace`: output pulled under rate limits (mux/pacing.py).
+        self.pacer: mux.Pacer | None = None
         if trailing_data:
             self.receive_data(trailing_data)
 
@@ -225,11 +227,34 @@ class TunnelProtocol:
         self._frame_records(max_size)
         return self._carrier.data_to_send_parts()
 
+    def pace(self, *, outbound: mux.TokenBucket | None = None,
+             inbound: mux.TokenBucket | None = None,
+             forwards: dict[str, mux.pacing.Limits] | None = None) -> None:
+        """Send DATA within ``outbound`` and grant the peer credit within ``inbound``,
+        and each forward's channels within its (outbound, inbound) pair (buckets the
+        caller refills, shared with whatever else they limit); nothing: no limit.
+        Output held back comes out on a later ``parts_to_send`` after ``pacer.delay()``;
+        the transport names each channel's forward (``pacer.limit_channel``)."""
+        if outbound is None and inbound is None and not forwards:
+            self.pacer = None
+        else:
+            self.pacer = mux.Pacer(self.session, outbound=outbound, inbound=inbound,
+                                   forwards=forwards)
+
+    def paced_delay(self) -> float | None:
+        """Seconds until output the rate limits hold back may go (the buckets just
+        refilled); None when nothing is held back or nothing may be sent any more
+        (the WebSocket is closing): then only a wake-up brings more to write."""
+        if self.pacer is None or self._carrier.state is not ws.ConnectionState.OPEN:
+            return None
+        return self.pacer.delay()
+
     def _frame_records(self, max_size: int) -> None:
         carrier = self._carrier
         if carrier.state is ws.ConnectionState.OPEN:
             size = 0
-            next_parts = self.session.next_record_parts
+            pacer = self.pacer  # (no limit: one test per write, nothing per record)
+            next_parts = self.session.next_record_parts if pacer is None else pacer.next_parts
             send_parts = carrier.send_binary_parts
             while size < max_size:
                 parts = next_parts(max_size)

@@ -313,8 +313,10 @@ def tinyproxy(user: str, password: str) -> Iterator[int]:
 
 
 @contextmanager
-def haproxy(pki: Pki, relay_ports: list[int]) -> Iterator[int]:
-    """haproxy running configs/haproxy-relay.cfg (TLS) in front of two relays."""
+def haproxy(pki: Pki, relay_ports: list[int],
+            changes: dict[str, str] | None = None) -> Iterator[int]:
+    """haproxy running configs/haproxy-relay.cfg (TLS) in front of two relays;
+    ``changes``: more text replacements (e.g. without the stickiness lines)."""
     binary = require("haproxy")
     port = free_port()
     config = substitute((CONFIGS / "haproxy-relay.cfg").read_text(), {
@@ -322,6 +324,7 @@ def haproxy(pki: Pki, relay_ports: list[int]) -> Iterator[int]:
             f"bind {LOOPBACK}:{port} ssl crt {pki.pem}",
         "127.0.0.1:8081": f"{LOOPBACK}:{relay_ports[0]}",
         "127.0.0.1:8082": f"{LOOPBACK}:{relay_ports[1]}",
+        **(changes or {}),
     })
     with peer_dir() as directory:
         conf = directory / "haproxy.cfg"

@@ -185,7 +185,10 @@ async def test_a_path_that_breaks_websocket_is_explained_in_one_line(
             broken = BROKEN_LOCATIONS.replace("RELAY", str(relay.ports[0]))
             with nginx(pki, relay.ports[0], extra_server=broken) as front:
                 url = f"wss://{LOOPBACK}:{front.port}{path}"
-                await start_agent(nursery, agent_config(0, [9], relay=url))
+                # (WebSocket only: with auto the agent would get through over HTTP,
+                # test_http_fallback.py)
+                await start_agent(nursery, agent_config(0, [9], relay=url,
+                                                        transport="websocket"))
                 line = await logs.wait_for("(attempt 2)")
                 nursery.cancel_scope.cancel()
     assert expected in line and "\n" not in line

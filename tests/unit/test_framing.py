@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tests.helpers import feed_bytewise, pump
+from tests.helpers import feed_bytewise
 from wstunnel import mux, ws
 from wstunnel.errors import LocalProtocolError
 from wstunnel.framing import FramedConnection, FrameType, encode_frame
@@ -21,6 +21,19 @@ EXPECTED: list[ws.Event] = [
     ws.BytesMessage(b"\x05record"), ws.PingReceived(b"probe"), ws.PongReceived(b"pong!"),
     ws.BytesMessage(b""), ws.CloseReceived(1000, "bye"), ws.ConnectionClosed(1000, "bye"),
 ]
+
+
+def pump(a: FramedConnection | TunnelProtocol, b: FramedConnection | TunnelProtocol) -> None:
+    """Move each side's output to the other until both are quiet."""
+    for _ in range(100):
+        a_out, b_out = a.data_to_send(), b.data_to_send()
+        if a_out:
+            b.receive_data(a_out)
+        if b_out:
+            a.receive_data(b_out)
+        if not a_out and not b_out:
+            return
+    raise AssertionError("still talking after 100 rounds")
 
 
 def _events(connection: FramedConnection) -> list[ws.Event]:

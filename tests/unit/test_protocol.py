@@ -15,6 +15,7 @@ from wstunnel.mux.wire import (
     Data,
     GoAway,
     Open,
+    OpenOk,
     Record,
     Settings,
     Window,
@@ -179,3 +180,48 @@ def test_events_received_are_tunnel_events() -> None:
                                        mux.ChannelOpened, mux.EndOfStream, ws.PongReceived,
                                        ws.CloseReceived, ws.ConnectionClosed}
     assert all(isinstance(e, kinds) for e in seen), [type(e) for e in seen]
+
+
+def test_a_paced_relay_sends_control_at_once_and_data_when_the_bucket_allows() -> None:
+    """Under a rate limit with an empty bucket the relay still answers a ping and an
+    OPEN; the DATA queued meanwhile goes once the bucket is refilled."""
+    agent = ws.WebSocketConnection(ws.Role.CLIENT, random_bytes=counting_random_bytes())
+    agent.send_bytes(SETTINGS)
+    agent.send_bytes(OPEN)
+    agent.ping(b"still there?")
+    relay = TunnelProtocol(mux.Role.RELAY)
+    down = mux.TokenBucket(1 << 20, now=0.0)
+    down.spend(int(down.tokens) + 1)
+    relay.pace(outbound=down)
+    relay.receive_data(bytes(agent.data_to_send()))
+    relay.events_received()
+    relay.accept_channel(1)
+    relay.send_data(1, b"x" * 100)
+
+    def output() -> list[object]:
+        agent.receive_data(bytes(relay.data_to_send()))
+        return [decode_record(bytes(event.data)) if isinstance(event, ws.BytesMessage)
+                else event for event in agent.events_received()]
+
+    first = output()
+    assert ws.PongReceived(b"still there?") in first
+    assert [type(item) for item in first if not isinstance(item, ws.PongReceived)] == [
+        Settings, OpenOk]
+    assert relay.pacer is not None and relay.pacer.delay() is not None
+    relay.pacer.refill(1.0)
+    assert output() == [Data(1, b"x" * 100)]
+
+
+def test_a_closing_paced_protocol_asks_for_no_timed_wake_up() -> None:
+    """Once the WebSocket is closing nothing more is framed, so queued DATA must not
+    make the writer's timer fire at once (it would spin): paced_delay is None."""
+    relay = TunnelProtocol(mux.Role.RELAY)
+    relay.pace(outbound=mux.TokenBucket(1 << 20, now=0.0))
+    relay.receive_data(_agent_bytes(SETTINGS, OPEN))
+    relay.events_received()
+    relay.accept_channel(1)
+    relay.send_data(1, b"x" * 100)
+    assert relay.paced_delay() == 0.0  # (open: the writer pulls at once)
+    relay.close()
+    relay.data_to_send()
+    assert relay.paced_delay() is None

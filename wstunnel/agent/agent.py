@@ -38,10 +38,12 @@ from ..security import tls
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
 from ..service.reload import ReloadRequest
-from .connect import open_websocket
 from .forwards import ForwardSet, ListenError
 from .proxy import proxy_dialer, proxy_environment
+from .rate_limits import ForwardLimits
 from .reverse import ReverseForwards
+from .transports import Request as TransportRequest
+from .transports import TransportChooser
 
 #: Channels one agent session may hold. The relay's ``max_channels`` is the
 #: limit that matters (it refuses, and logs, past it); the agent only caps the
@@ -72,7 +74,12 @@ class Agent:
         self._idle = trio.Event()
         self._idle.set()
         self.reverse = ReverseForwards(config.forwards, self._tracked)
+        self.stats.reverse_forwards = self.reverse.status
+        for forward in config.forwards:  # (each forward's series exists from the start)
+            self.stats.forward_channels[forward.label] += 0
         self.token = self._load_token()
+        self.transports = TransportChooser()  # (remembers per relay what passed)
+        self.forward_limits = ForwardLimits(self.stats.forward_buckets)  # (rate_limits.py)
         if self.relay.secure:
             _check_tls_files(config)
 
@@ -175,14 +182,14 @@ class Agent:
             if settings.mode is tls.VerifyMode.INSECURE:
                 log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
                             "anyone on the path can read and change this session")
-        with trio.fail_after(config.handshake_timeout):
-            stream, trailing = await open_websocket(
-                self.relay, dial=self.dial, headers=[*config.headers, *headers],
-                ssl_context=context, server_hostname=config.server_name,
-                host_header=config.host_header, pin=settings.relay_fingerprint)
-        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits, trailing_data=trailing)
+        # WebSocket, or the HTTP transports where it cannot pass (transports.py)
+        opened = await self.transports.open(TransportRequest(
+            config, self.relay, self.dial, [*config.headers, *headers], context))
+        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits,
+                                  trailing_data=opened.trailing, framed=opened.framed)
+        self.forward_limits.pace(protocol, self.config.forwards, trio.current_time())
         return TunnelTransport(
-            stream,
+            opened.stream,
             protocol,
             name=self.relay.url,
             ping_interval=config.ping_interval,
@@ -198,8 +205,7 @@ class Agent:
         log.info("session up to %s", self.relay.url)
         try:
             async with trio.open_nursery() as nursery:
-                if self.reverse.forwards:
-                    nursery.start_soon(self.reverse.hold, transport)
+                nursery.start_soon(self.reverse.hold, transport)  # (a reload may add -R)
                 reason = await transport.run()
                 nursery.cancel_scope.cancel()
             return reason
@@ -357,6 +363,7 @@ class Agent:
     async def drain(self, timeout: float) -> None:
         """GOAWAY, let open channels finish up to ``timeout``, close the session."""
         self.stopping = True
+        self.reverse.release_all()
         session = self.session
         if session is not None:
             session.go_away("the agent is shutting down")

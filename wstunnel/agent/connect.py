@@ -32,10 +32,12 @@ from ..net.plain_stream import take_over
 from ..net.sockopts import tune_socket
 from ..net.tls_stream import TLSSocketStream, start_tls
 from ..security import tls
-from .explain import explain_rejection
+from .explain import _RELAY_404, BLOCKING_STATUSES, brief, explain_rejection
 
 __all__ = [
     "HandshakeTimeout",
+    "UpgradeBlocked",
+    "open_stream",
     "open_websocket",
 ]
 
@@ -57,7 +59,22 @@ _TLS_RECORD_TYPES: Final = (0x15, 0x16)  # alert, handshake: a TLS server's firs
 
 
 class HandshakeTimeout(HandshakeError):
-    """One step of opening the WebSocket outlasted the caller's deadline; says which."""
+    """One step of opening the WebSocket outlasted the caller's deadline; says which.
+    ``connected``: the TCP connection was made (something then held the request)."""
+
+    def __init__(self, message: str, connected: bool = True) -> None:
+        super().__init__(message)
+        self.connected = connected
+
+
+class UpgradeBlocked(HandshakeError):
+    """Something on the path turned the upgrade into something else (answered 200,
+    426, 400, closed...): plain HTTP requests may still pass. ``brief`` says what came
+    back in a few words, for the line that says which transport is used instead."""
+
+    def __init__(self, message: str, status: int | None, brief: str) -> None:
+        super().__init__(message, status)
+        self.brief = brief
 
 #: Opens the TCP byte pipe to (host, port): directly, or through a proxy (net/proxy.py).
 Dialer = Callable[[str, int], Awaitable[trio.SocketStream]]
@@ -113,6 +130,32 @@ async def open_websocket(
     return stream, trailing
 
 
+async def open_stream(
+    relay: RelayURL,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    dial: Dialer | None = None,
+    pin: str | None = None,
+) -> trio.abc.Stream:
+    """A connection to the relay for plain HTTP requests (the HTTP transports): TCP or
+    ``dial``, then TLS for wss://, each step bounded as in ``open_websocket``."""
+    dial = dial or trio.open_tcp_stream
+    late = _Late(relay.url, trio.current_effective_deadline())
+    with late.step(_NO_TCP, where=join_host_port(relay.host, relay.port)):
+        tcp = await dial(relay.host, relay.port)
+    tune_socket(tcp, notsent_lowat=True)
+    if not relay.secure:
+        return take_over(tcp)
+    named = relay if server_hostname is None else relay._replace(host=server_hostname)
+    try:
+        with late.step(_NO_ANSWER, step="the TLS handshake"):
+            return await _start_tls(tcp, named, ssl_context, pin, relay)
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+
+
 class _Late:
     """Bounds each step of ``open_websocket`` a little before the caller's deadline,
     so the error names the step that stalled (the caller's own timeout would not)."""
@@ -128,7 +171,7 @@ class _Late:
             yield
         if scope.cancelled_caught:
             text = template.format(seconds=self._seconds, **names)
-            raise HandshakeTimeout(f"{self._url}: {text}")
+            raise HandshakeTimeout(f"{self._url}: {text}", connected=template != _NO_TCP)
 
 
 def _use_tls(relay: RelayURL, why: str, status: int) -> HandshakeError:
@@ -138,7 +181,8 @@ def _use_tls(relay: RelayURL, why: str, status: int) -> HandshakeError:
 
 def _no_http_answer(exc: BaseException, relay: RelayURL) -> bool:
     """A ws:// upgrade that got no HTTP at all (closed, or bytes that are not HTTP)."""
-    return not relay.secure and type(exc) is HandshakeError and exc.status == 0
+    return (not relay.secure and type(exc) in (HandshakeError, UpgradeBlocked)
+            and getattr(exc, "status", None) == 0)
 
 
 async def _speaks_tls(dial: Dialer, relay: RelayURL, deadline: float) -> bool:
@@ -235,4 +279,7 @@ def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
     if not relay.secure and event.status == 400 and _PLAIN_TO_TLS_PORT.search(event.body):
         return _use_tls(relay, "it answered 400: a plain HTTP request sent to a TLS port",
                         event.status)
+    if event.status in BLOCKING_STATUSES and not (
+            event.status == 404 and _RELAY_404 in event.body):
+        return UpgradeBlocked(explain_rejection(where, event), event.status, brief(event))
     return HandshakeError(explain_rejection(where, event), event.status)

@@ -8,6 +8,8 @@ right behind the OPEN, wait for the relay's answer, reply, then carry the
 connection like any other channel (the socket pump where there is one). The
 client hears "connected" only once the relay has connected, and a refusal
 in its own protocol's words (SOCKS5 0x02 not allowed, HTTP 403, ...).
+A SOCKS5 UDP ASSOCIATE is served by socks_udp.py instead, for as long as
+its connection lasts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..errors import ChannelRefused
 from ..mux import OpenFailure
 from ..net.ending import abort_stream, clear_abortive
 from .socks import ProxyFailed, ProxyHandshake, ProxyRequest, Users
+from .socks_udp import serve_association
 
 if TYPE_CHECKING:
     from ..config import Forward
@@ -47,11 +50,12 @@ class DynamicForward:
 
     def connection(self, forward: Forward, sock: socket.socket,
                    opener: ChannelOpener) -> Rest | None:
-        return partial(_serve_client, forward.users, sock, opener, forward.label)
+        return partial(_serve_client, forward.users, sock, opener, forward.label,
+                       forward.udp_idle_timeout)
 
 
 async def _serve_client(users: Users | None, sock: socket.socket,
-                        opener: ChannelOpener, label: str) -> None:
+                        opener: ChannelOpener, label: str, udp_idle_timeout: float) -> None:
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
     handshake = ProxyHandshake(users)
     channel: ChannelStream | None = None
@@ -59,6 +63,9 @@ async def _serve_client(users: Users | None, sock: socket.socket,
         request = await _read_request(stream, handshake)
         if request is None:
             return await _close_after_reply(stream, handshake)
+        if request.udp_associate:
+            return await serve_association(stream, handshake, request, opener, label,
+                                           udp_idle_timeout)
         channel = await opener.open_channel(request.host, request.port, forward=label)
         if channel is None or not await _opened(channel, request, handshake):
             return await _close_after_reply(stream, handshake)

@@ -20,7 +20,7 @@ from typing import Final
 from .. import ws
 from ..ws._http import get_header, one_line
 
-__all__ = ["explain_rejection"]
+__all__ = ["explain_rejection", "brief", "BLOCKING_STATUSES"]
 
 _NO_UPGRADE: Final = "the path to the relay does not pass WebSocket upgrades"
 _WEB_SERVER: Final = ("this is a web server, not a wstunnel relay: check the relay URL's host, "
@@ -53,6 +53,24 @@ _OTHER: Final = {
          "the agent retries",
     504: "a proxy in front of the relay timed out waiting for it",
 }
+
+
+#: Answers to an upgrade that mean the path, not the relay, said no: plain HTTP
+#: requests (the HTTP transports) may still get through.
+BLOCKING_STATUSES: Final = frozenset({*_PATH_BREAKS, 200, 404, 405, 501})
+
+
+def brief(event: ws.HandshakeRejected) -> str:
+    """What came back, in a few words, for the line that names the transport used
+    instead: ``WebSocket upgrade stripped by squid/5.7 (got 200 OK without Upgrade)``."""
+    server = get_header(event.headers, "server")
+    who = f" by {one_line(server.encode('latin-1'), 60)}" if server else " on the way"
+    if event.status == 0:
+        return f"WebSocket upgrade cut{who} ({event.message})"
+    got = f"got {event.status} {event.reason}".rstrip()
+    if event.status == 101:
+        return f"WebSocket upgrade broken{who} ({event.message})"
+    return f"WebSocket upgrade stripped{who} ({got} without Upgrade)"
 
 
 def explain_rejection(url: str, event: ws.HandshakeRejected) -> str:

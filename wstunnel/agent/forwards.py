@@ -21,7 +21,9 @@ are matched by the whole forward (and which repeat of it it is), since
 their address is not known up front. A unix socket listener is keyed by its
 path; its file is created, replacing a stale one, by net/unix_socket.py and
 removed when the listener stops (a reload that drops it, shutdown, or a
-failed ``apply`` that had bound it).
+failed ``apply`` that had bound it). A UDP forward's slot holds UDP sockets
+and serves their datagrams as flows (udp.py) instead of accepting; it is keyed
+apart from a TCP listener on the same address.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from typing import Any, Final
 import trio
 
 from ..config import Forward
-from ..config.textforms import DYNAMIC
+from ..config.textforms import DYNAMIC, UDP
 from ..errors import TunnelError
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
 from ..net.unix_socket import SocketFile, bind_listener
 from .dynamic import DynamicForward
 from .kinds import ChannelOpener, ForwardKind, LocalTcpForward
+from .udp import bind_udp, serve_udp_forward
 
 __all__ = ["ForwardSet", "ListenError"]
 
@@ -148,7 +151,7 @@ def _keys(forwards: Sequence[Forward]) -> list[object]:
         if forward.listen_path is not None:
             keys.append(("unix", forward.listen_path))
         elif forward.listen_port != 0:
-            keys.append(forward.listen)
+            keys.append((UDP, forward.listen) if forward.protocol == UDP else forward.listen)
         else:
             seen[forward] = seen.get(forward, 0) + 1
             keys.append((forward, seen[forward]))
@@ -259,8 +262,18 @@ class ForwardSet:
         with slot.scope:
             async with trio.open_nursery() as nursery:
                 for listener in slot.listeners:
-                    nursery.start_soon(self._accept_loop, slot, listener)
+                    serve = (self._serve_datagrams if slot.forward.protocol == UDP
+                             else self._accept_loop)
+                    nursery.start_soon(serve, slot, listener)
                 task_status.started(slot.listeners)
+
+    async def _serve_datagrams(self, slot: _Slot, sock: socket.socket) -> None:
+        """A UDP forward's socket: each client address a flow (udp.py)."""
+        try:
+            await serve_udp_forward(sock, lambda: slot.forward, self._opener)
+        finally:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
 
     async def _accept_loop(self, slot: _Slot, listener: socket.socket) -> None:
         """trio.serve_listeners for one listener, except that the forward's kind may
@@ -325,6 +338,8 @@ async def _bind(forward: Forward) -> _Slot:
     if forward.listen_path is not None:
         sock, socket_file = bind_listener(forward.listen_path)
         return _Slot(forward, [sock], socket_file)
+    if forward.protocol == UDP:
+        return _Slot(forward, await bind_udp(forward.listen_host, forward.listen_port))
     listeners = await trio.open_tcp_listeners(forward.listen_port, host=forward.listen_host)
     return _Slot(forward, [_stdlib_socket(ls) for ls in listeners])
 

@@ -32,6 +32,7 @@ from ..config import AgentConfig
 from ..config.proxy_url import NO_PROXY, ProxyURL, parse_proxy_url, proxy_from_environment
 from ..errors import ConfigError, HandshakeError
 from ..security.auth import expand_credentials
+from .proxy_auth import INSTALL_HINT, ConnectionLogin, challenge, connection_schemes
 
 __all__ = [
     "ProxyDialer",
@@ -92,6 +93,13 @@ class ProxyDialer:
     def __init__(self, proxy: ProxyURL, password_file: str | None = None) -> None:
         self.proxy = proxy
         self.password_file = password_file
+        #: The last NTLM/Negotiate login tried (its scheme and user name the refusal).
+        self._login: ConnectionLogin | None = None
+        self._pyspnego_missing = False
+        #: Forwarded requests: whether a first connection found out if the proxy
+        #: wants a login per connection (NTLM, Negotiate), and whether it does.
+        self._probed = False
+        self._per_connection = False
 
     def __str__(self) -> str:
         origin = f" (from {self.proxy.source})" if self.proxy.source != "proxy" else ""
@@ -117,12 +125,51 @@ class ProxyDialer:
         raise self._error(f"did not answer CONNECT to {target} within the handshake timeout "
                           "(is this the proxy's address and port?)")
 
+    async def open_forwarding(self, probe: str) -> trio.SocketStream:
+        """A connection to the proxy itself, for plain requests in absolute form (the
+        HTTP transports to an http:// relay: what every proxy passes, CONNECT or not);
+        send ``forwarding_headers()`` with each request. A proxy that logs in per
+        connection (NTLM, Negotiate) gets the login here, with a ``GET probe`` (the
+        relay's /health); the first connection finds out whether it does."""
+        stream = await self._open()
+        if self._probed and not self._per_connection:
+            return stream
+        try:
+            await self._probe(stream, probe)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        return stream
+
+    async def _probe(self, stream: trio.SocketStream, probe: str) -> None:
+        client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_SIZE)
+        headers = self._headers(_host_of(probe))
+        answer = await self._ask(stream, client, "GET", probe, headers)
+        self._probed = True
+        if answer.status_code == 407:
+            self._per_connection = bool(connection_schemes(answer))
+            answer = await self._log_in(stream, client, "GET", probe, headers, answer)
+        if answer.status_code == 407:
+            raise self._refusal(answer, probe)
+        await _finish_answer(stream, client)
+        if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+            raise self._error("closed the connection after the login: it cannot forward "
+                              "the tunnel's requests on it")
+
+    def forwarding_headers(self) -> list[tuple[str, str]]:
+        """``Proxy-Authorization`` for a request forwarded by the proxy, if it has a user."""
+        credentials = self._credentials()
+        if credentials is None:
+            return []
+        token = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+        return [("Proxy-Authorization", f"Basic {token}")]
+
     # -- steps ------------------------------------------------------------------
 
     def _headers(self, target: str) -> list[tuple[str, str]]:
         headers = [("Host", target), ("User-Agent", f"wstunnel/{__version__}")]
         credentials = self._credentials()
-        if credentials is not None:
+        if credentials is not None and self._login is None:  # (not to an NTLM proxy)
             token = base64.b64encode(credentials.encode("utf-8")).decode("ascii")
             headers.append(("Proxy-Authorization", f"Basic {token}"))
         return headers
@@ -153,23 +200,65 @@ class ProxyDialer:
     async def _exchange(self, stream: trio.SocketStream, headers: list[tuple[str, str]],
                         target: str) -> None:
         client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_SIZE)
-        request = client.send(h11.Request(method="CONNECT", target=target, headers=headers))
-        request = (request or b"") + (client.send(h11.EndOfMessage()) or b"")
-        try:
-            await stream.send_all(request)
-            answer = await _read_answer(stream, client)
-        except trio.BrokenResourceError as exc:
-            raise self._error(f"reset the connection while asked to CONNECT to {target}") from exc
-        except h11.RemoteProtocolError as exc:
-            raise self._error(f"answered CONNECT with something that is not HTTP ({exc}): "
-                              "is it an HTTP proxy (not SOCKS, not TLS)?") from exc
-        if answer is None:
-            raise self._error(f"closed the connection without answering CONNECT to {target}")
+        answer = await self._ask(stream, client, "CONNECT", target, headers)
+        if answer.status_code == 407:
+            answer = await self._log_in(stream, client, "CONNECT", target, headers, answer)
         if 200 <= answer.status_code < 300:
             if client.trailing_data[0]:
                 raise self._error("sent bytes after accepting CONNECT, before the relay spoke")
             return
         raise self._refusal(answer, target)
+
+    async def _ask(self, stream: trio.SocketStream, client: h11.Connection, method: str,
+                   target: str, headers: list[tuple[str, str]]) -> h11.Response:
+        """Send one request on ``client``'s connection; the proxy's final answer."""
+        request = client.send(h11.Request(method=method, target=target, headers=headers))
+        request = (request or b"") + (client.send(h11.EndOfMessage()) or b"")
+        try:
+            await stream.send_all(request)
+            answer = await _read_answer(stream, client)
+        except trio.BrokenResourceError as exc:
+            raise self._error(f"reset the connection while asked to {method} {target}") from exc
+        except h11.RemoteProtocolError as exc:
+            raise self._error(f"answered {method} with something that is not HTTP ({exc}): "
+                              "is it an HTTP proxy (not SOCKS, not TLS)?") from exc
+        if answer is None:
+            raise self._error(f"closed the connection without answering {method} to {target}")
+        return answer
+
+    async def _log_in(self, stream: trio.SocketStream, client: h11.Connection, method: str,
+                      target: str, headers: list[tuple[str, str]],
+                      answer: h11.Response) -> h11.Response:
+        """NTLM or Negotiate where the 407 offers it: the steps, on this connection
+        (proxy_auth.py); the last answer. Other 407s come back as they are."""
+        schemes = connection_schemes(answer)
+        user = self.proxy.username
+        if not schemes or user is None:
+            return answer
+        try:
+            login = self._login = ConnectionLogin(schemes[0], user, self._password(),
+                                                  self.proxy.host)
+        except ImportError:
+            self._pyspnego_missing = True
+            return answer
+        plain = [header for header in headers if header[0] != "Proxy-Authorization"]
+        token: bytes | None = None
+        while answer.status_code == 407 and login.steps < 3:
+            if login.steps and token is None:
+                break  # no challenge: the proxy started over, so it refused the login
+            await _finish_answer(stream, client)
+            if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
+                raise self._error(f"closed the connection in the middle of the "
+                                  f"{login.scheme} login (it must stay open for it)", 407)
+            client.start_next_cycle()
+            authorization = ("Proxy-Authorization", login.header(token))
+            answer = await self._ask(stream, client, method, target, [*plain, authorization])
+            token = challenge(answer, login.scheme)
+        return answer
+
+    def _password(self) -> str:
+        credentials = self._credentials() or ":"
+        return credentials.split(":", 1)[1]
 
     # -- messages -----------------------------------------------------------------
 
@@ -199,16 +288,39 @@ class ProxyDialer:
     def _auth_text(self, answer: h11.Response, said: str) -> str:
         schemes = [value.decode("latin-1").split(" ", 1)[0]
                    for name, value in answer.headers if name == b"proxy-authenticate"]
-        if schemes and not any(s.lower() == "basic" for s in schemes):
-            return (f"requires authentication with {', '.join(schemes)} ({said}); "
-                    "wstunnel supports only Basic")
         user = self.proxy.username
+        login = self._login
+        if login is not None and login.steps:
+            return (f"rejected the {login.scheme} login of user {login.username!r} ({said}): "
+                    "check the user name (DOMAIN%5Cuser in the proxy URL) and the password "
+                    "(proxy_password_file)")
+        if self._pyspnego_missing:
+            return (f"requires authentication with {', '.join(schemes)} ({said}); "
+                    f"{INSTALL_HINT}")
+        if schemes and not any(s.lower() in ("basic", "ntlm", "negotiate") for s in schemes):
+            return (f"requires authentication with {', '.join(schemes)} ({said}); "
+                    "wstunnel supports Basic, NTLM and Negotiate")
         if user is None:
             return (f"requires authentication ({said}): give a user in the proxy URL "
                     f"(http://USER@{self.proxy.address}) and the password in "
                     "proxy_password_file")
         return (f"rejected the credentials of user {user!r} ({said}): check the user name "
                 "and the password (proxy_password_file or the proxy URL)")
+
+
+async def _finish_answer(stream: trio.SocketStream, client: h11.Connection) -> None:
+    """Read the rest of an answer (its body), so the connection can carry another request."""
+    while True:
+        event = client.next_event()
+        if isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some(READ_SIZE))
+
+
+def _host_of(url: str) -> str:
+    """``host:port`` of an absolute-form target (the Host header of a forwarded request)."""
+    return url.partition("://")[2].partition("/")[0]
 
 
 async def _read_answer(stream: trio.SocketStream, client: h11.Connection) -> h11.Response | None:

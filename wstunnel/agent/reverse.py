@@ -19,7 +19,10 @@ naming the listener's address with a connect kind (TCP host:port, UNIX path).
 The agent serves it only when that address is one of this session's leases
 the relay confirmed, and dials the forward's own target: what the relay
 says is never a destination, so a relay cannot make the agent connect
-anywhere its configuration does not say.
+anywhere its configuration does not say. A UDP forward (``-R udp:``) leases
+with UDP_LISTEN; each channel of kind UDP the relay opens is one client's
+flow, carried over a UDP socket connected to the target, ended by this
+agent after the forward's ``udp_idle_timeout`` (net/udp_flow.py).
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ import trio
 
 from .. import mux
 from ..config import Forward
-from ..config.textforms import REVERSE
+from ..config.textforms import REVERSE, UDP
 from ..errors import ChannelRefused, SessionClosed
 from ..net.channel_stream import ChannelStream, until_ended
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
 from ..net.splice import splice_to_end
 from ..net.transport import TunnelTransport
+from ..net.udp_flow import carry_connected, connect_udp
 
 __all__ = ["RETRY_INTERVAL", "ReverseForwards", "lease_kind"]
 
@@ -68,6 +72,8 @@ _ADVICE: Final[dict[int, str]] = {
 
 def lease_kind(forward: Forward) -> tuple[mux.ChannelKind, str, int]:
     """The OPEN that asks the relay to listen for ``forward``."""
+    if forward.protocol == UDP:
+        return mux.ChannelKind.UDP_LISTEN, forward.listen_host, forward.listen_port
     if forward.listen_path is not None:
         return mux.ChannelKind.UNIX_LISTEN, forward.listen_path, mux.PATH_KIND_PORT
     return mux.ChannelKind.TCP_LISTEN, forward.listen_host, forward.listen_port
@@ -75,6 +81,8 @@ def lease_kind(forward: Forward) -> tuple[mux.ChannelKind, str, int]:
 
 def _key(forward: Forward) -> _Key:
     """How the relay names ``forward``'s listener in the channels it opens."""
+    if forward.protocol == UDP:
+        return mux.ChannelKind.UDP, forward.listen_host, forward.listen_port
     if forward.listen_path is not None:
         return mux.ChannelKind.UNIX, forward.listen_path, mux.PATH_KIND_PORT
     return mux.ChannelKind.TCP, forward.listen_host, forward.listen_port
@@ -98,6 +106,12 @@ class ReverseForwards:
     @property
     def forwards(self) -> tuple[Forward, ...]:
         return self._forwards
+
+    def status(self) -> list[dict[str, str]]:
+        """One row per reverse forward, for ``wstunnel status``."""
+        return [{"forward": forward.label, "listen": f"relay {forward.listen_text}",
+                 "target": forward.target_text, "state": self.state.get(forward, "no session")}
+                for forward in self._forwards]
 
     async def hold(self, transport: TunnelTransport) -> None:
         """Hold every forward's lease on ``transport`` until cancelled (the session ended)."""
@@ -129,6 +143,11 @@ class ReverseForwards:
         if self._nursery is not None:
             for forward in added:
                 self._start(forward)
+
+    def release_all(self) -> None:
+        """Shutting down: the relay stops listening now, not when the session ends."""
+        for scope in self._leases.values():
+            scope.cancel()
 
     def _start(self, forward: Forward) -> None:
         assert self._nursery is not None and self._session is not None
@@ -190,7 +209,7 @@ class ReverseForwards:
     def open_now(self, transport: TunnelTransport, channel: ChannelStream) -> Rest | None:
         """The relay accepted a connection on one of our leases: dial the forward's
         target in a task; refuse at once what is not one of this session's leases."""
-        if channel.kind not in (mux.ChannelKind.TCP, mux.ChannelKind.UNIX):
+        if channel.kind not in (mux.ChannelKind.TCP, mux.ChannelKind.UNIX, mux.ChannelKind.UDP):
             transport.refuse(channel, mux.OpenFailure.UNSUPPORTED_KIND,
                              "an agent opens only the relay's reverse connections")
             return None
@@ -202,7 +221,32 @@ class ReverseForwards:
                              "no reverse forward of this agent listens there")
             return None
         channel.forward = forward.label
+        if forward.protocol == UDP:
+            return partial(self._connect_udp, transport, channel, forward)
         return partial(self._connect, transport, channel, forward)
+
+    async def _connect_udp(self, transport: TunnelTransport, channel: ChannelStream,
+                           forward: Forward) -> None:
+        """One client's flow through a ``-R udp:`` listener: to the forward's target."""
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                sock = await connect_udp(forward.target_host, forward.target_port)
+        except (OSError, trio.TooSlowError) as exc:
+            reason, text = _failure(exc)
+            log.warning("reverse udp flow via %s (%s): cannot reach %s: %s; refused",
+                        forward.listen_text, forward.label, forward.target_text, text)
+            transport.refuse(channel, reason, f"the agent cannot reach its target: {text}")
+            return
+        if not transport.accept(channel):
+            sock.close()
+            return
+        finished = self._tracked()
+        try:
+            why = await carry_connected(channel, sock, idle_timeout=forward.udp_idle_timeout)
+            log.debug("reverse udp flow via %s (%s) ended: %s", forward.listen_text,
+                      forward.label, why)
+        finally:
+            finished()
 
     async def _connect(self, transport: TunnelTransport, channel: ChannelStream,
                        forward: Forward) -> None:

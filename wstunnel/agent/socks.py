@@ -14,6 +14,12 @@ The first byte tells the protocol: 5 is SOCKS5, 4 SOCKS4 (4a when the address
 is 0.0.0.x), a letter an HTTP request line. Names are never resolved here: the
 relay resolves them, so its policy sees the name and the addresses.
 
+A SOCKS5 UDP ASSOCIATE (RFC 1928 section 7) is a ``ProxyRequest`` with
+``udp_associate`` set (host and port: where the client says it will send
+from, often zeros); the caller binds a UDP relay socket and answers with
+``reply_associated``. ``parse_udp_datagram`` and ``udp_datagram`` read and
+write the header each datagram to and from that socket carries.
+
 An HTTP ``CONNECT`` is answered like SOCKS; any other method with an
 absolute-form URL (``GET http://host/path``) is sent to the destination in
 origin form with ``Connection: close`` (the next request may be for another
@@ -33,7 +39,8 @@ from urllib.parse import urlsplit
 
 from ..mux import OpenFailure
 
-__all__ = ["DEFAULT_MAX_REQUEST_SIZE", "ProxyFailed", "ProxyHandshake", "ProxyRequest"]
+__all__ = ["DEFAULT_MAX_REQUEST_SIZE", "ProxyFailed", "ProxyHandshake", "ProxyRequest",
+           "parse_udp_datagram", "udp_datagram"]
 
 #: The most bytes a request may take before its destination is known (an HTTP head).
 DEFAULT_MAX_REQUEST_SIZE: Final = 16 * 1024
@@ -70,6 +77,7 @@ class ProxyRequest:
     host: str
     port: int
     early: bytes
+    udp_associate: bool = False  # SOCKS5 UDP ASSOCIATE: no channel; reply_associated
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +162,12 @@ class ProxyHandshake:
             self._out += b"\x00\x5a\x00\x00\x00\x00\x00\x00"
         elif self.protocol is Protocol.HTTP_CONNECT:
             self._out += b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+    def reply_associated(self, host: str, port: int) -> None:
+        """A UDP ASSOCIATE succeeded: queue the reply naming the UDP relay socket
+        (an IP literal and port) the client sends its datagrams to."""
+        self._finish()
+        self._out += b"\x05\x00\x00" + _socks5_address(host, port)
 
     def reply_refused(self, reason: int | None) -> None:
         """The relay refused (``reason``: an ``OpenFailure`` value, None: no session):
@@ -269,8 +283,9 @@ class ProxyHandshake:
             return None
         if buf[0] != 5:
             raise _Bad(f"SOCKS5 request version {buf[0]}", _socks5_error(0x01))
-        if buf[1] != 1:
-            raise _Bad(f"SOCKS5 command {buf[1]} (only CONNECT)", _socks5_error(0x07))
+        if buf[1] not in (1, 3):
+            raise _Bad(f"SOCKS5 command {buf[1]} (only CONNECT and UDP ASSOCIATE)",
+                       _socks5_error(0x07))
         kind = buf[3]
         sizes = {1: 4, 4: 16, 3: 1 + buf[4]}
         if kind not in sizes:
@@ -280,7 +295,12 @@ class ProxyHandshake:
             return None
         raw = bytes(buf[4:end - 2])
         host = _socks_host(kind, raw, _socks5_error(0x01))
-        return self._requested(host, int.from_bytes(buf[end - 2:end], "big"), end)
+        port = int.from_bytes(buf[end - 2:end], "big")
+        if buf[1] == 3:  # UDP ASSOCIATE: port 0 means "not known yet"
+            self._buffer.clear()
+            self._state = _State.REQUESTED
+            return ProxyRequest(Protocol.SOCKS5, host, port, b"", udp_associate=True)
+        return self._requested(host, port, end)
 
     def _socks4(self) -> ProxyRequest | None:
         """VN=4 CD PORT IP USERID NUL [HOST NUL when IP is 0.0.0.x, x != 0: SOCKS4a]."""
@@ -364,6 +384,43 @@ def _failure(reason: int | None) -> OpenFailure | None:
 
 def _socks5_error(code: int) -> bytes:
     return bytes([5, code, 0, 1, 0, 0, 0, 0, 0, 0])
+
+
+def _socks5_address(host: str, port: int) -> bytes:
+    """ATYP, address and port as SOCKS5 writes them (an IP literal, else a name)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode("ascii")
+        return b"\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big")
+    kind = b"\x01" if address.version == 4 else b"\x04"
+    return kind + address.packed + port.to_bytes(2, "big")
+
+
+def parse_udp_datagram(datagram: bytes) -> tuple[str, int, bytes] | None:
+    """(destination host, port, payload) of a datagram a SOCKS5 UDP client sent to the
+    relay socket (RFC 1928 section 7: RSV RSV FRAG ATYP DST.ADDR DST.PORT DATA); None
+    for a fragment (FRAG != 0: not supported, dropped as the RFC allows), a bad
+    header, or port 0."""
+    if len(datagram) < 4 or datagram[0] or datagram[1] or datagram[2]:
+        return None
+    kind = datagram[3]
+    sizes = {1: 4, 4: 16, 3: 1 + (datagram[4] if len(datagram) > 4 else 0)}
+    if kind not in sizes or len(datagram) < 4 + sizes[kind] + 2:
+        return None
+    end = 4 + sizes[kind]
+    try:
+        host = _socks_host(kind, datagram[4:end], b"")
+    except (_Bad, ValueError):
+        return None
+    port = int.from_bytes(datagram[end:end + 2], "big")
+    return (host, port, datagram[end + 2:]) if port else None
+
+
+def udp_datagram(host: str, port: int, payload: bytes) -> bytes:
+    """A datagram for a SOCKS5 UDP client: the header naming where the payload came
+    from (host and port as the client named them), then the payload."""
+    return b"\x00\x00\x00" + _socks5_address(host, port) + payload
 
 
 def _socks_host(kind: int, raw: bytes, reply: bytes) -> str:

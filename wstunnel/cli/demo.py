@@ -205,6 +205,11 @@ Try it by hand, each command in its own terminal:
   wstunnel agent --relay ws://127.0.0.1:8080/tunnel -L 2222:127.0.0.1:22 -L 8081:127.0.0.1:8000
   ssh -p 2222 localhost                  # this machine's sshd, through the tunnel
   python3 -m http.server 8000            # then: curl http://127.0.0.1:8081/
+Other kinds of forward, added to the same agent command:
+  -D 1080                          # a SOCKS5/HTTP proxy: curl --socks5-hostname 127.0.0.1:1080 URL
+  -R 9022:127.0.0.1:22             # the relay listens on 9022 (relay: --listen-allow ...:9022)
+  -L /tmp/db.sock:unix:/run/db.sock  # unix sockets at either end (relay: --allow unix:/run/db.sock)
+  --stdio HOST:PORT                # for ssh: -o ProxyCommand='wstunnel agent ... --stdio %h:%p'
 Next: README "Quick start by hand" for tokens and wss://; `wstunnel COMMAND --help`.
 """
 

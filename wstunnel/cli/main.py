@@ -167,6 +167,11 @@ def _add_agent(agent: argparse.ArgumentParser) -> None:
                        metavar="'NAME: VALUE'", help="extra upgrade header (repeatable)")
     agent.add_argument("--host-header", metavar="HOST[:PORT]",
                        help="Host header to send instead of the relay URL's host")
+    agent.add_argument("--transport", choices=("auto", "websocket", "streaming", "polling"),
+                       help="how to reach the relay: auto (default) tries WebSocket, then "
+                            "HTTP streaming, then HTTP polling")
+    agent.add_argument("--user-agent", metavar="TEXT",
+                       help="User-Agent of the requests to the relay and the proxy")
     for key, meta in _AGENT_SECURITY_FLAGS.items():
         agent.add_argument(f"--{key.replace('_', '-')}", dest=key, metavar=meta,
                            help=OPTION_HELP[key])

@@ -62,7 +62,8 @@ AGENT_FLAGS: Final[Mapping[str, Flag]] = {
     "dynamic_forwards": Flag("-D", "forwards"),  # (each {"dynamic": "[bind:]port"})
     "reverse_forwards": Flag("-R", "forwards"),  # (each {"reverse": "[bind:]port:host:port"})
     "headers": Flag("--header", "headers"),
-    **_same_names("relay", "proxy", "proxy_password_file", "host_header", "token_file",
+    **_same_names("relay", "proxy", "proxy_password_file", "host_header", "transport",
+                  "user_agent", "token_file",
                   "token_env", "token_credential", "ca_file", "relay_fingerprint",
                   "insecure_skip_verify", "server_name", "client_cert_file",
                   "client_key_file"),

@@ -21,6 +21,7 @@ from ..security.listen_policy import ListenPolicy, ListenRule
 from ..security.policy import AllowRule, Policy
 from ..security.tls import ClientTLS
 from .proxy_url import NO_PROXY, ProxyURL, parse_proxy_url
+from .rate_limit import RateLimit
 from .textforms import DEFAULT_BIND_HOST, DEFAULT_PATH, Forward, MiB, RelayURL, parse_relay_url
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "LOG_LEVELS",
     "AgentAccount",
     "AgentConfig",
+    "RateLimit",
     "RelayConfig",
     "RelayTLS",
     "demo_configs",
@@ -83,6 +85,11 @@ class AgentConfig:
     proxy_password_file: str | None = None
     headers: tuple[tuple[str, str], ...] = ()
     host_header: str | None = None
+    #: How the session reaches the relay: "auto" tries WebSocket, then HTTP streaming,
+    #: then HTTP polling (agent/transports.py); the others force one.
+    transport: str = "auto"
+    #: The User-Agent of every request to the relay and the proxy; None: wstunnel's.
+    user_agent: str | None = None
     log_level: str = "info"
     log_format: str = "text"
     token_file: str | None = None
@@ -146,6 +153,8 @@ class AgentAccount:
     allow: tuple[AllowRule, ...] = ()
     #: What this agent's reverse forwards (``-R``) may make the relay listen on.
     listen_allow: tuple[ListenRule, ...] = ()
+    #: Bandwidth of all this agent's sessions together (docs/PROTOCOL.md section 10.1).
+    rate_limit: RateLimit | None = None
     #: The destination policy built from ``allow``: one per account and load, so
     #: its verdict cache serves every OPEN of every session of this agent.
     policy: Policy = field(init=False, repr=False, compare=False)
@@ -184,6 +193,7 @@ class RelayConfig:
     max_pending_opens: int = DEFAULT_MAX_PENDING_OPENS
     max_buffered_size: int = DEFAULT_MAX_BUFFERED_SIZE
     max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
+    rate_limit: RateLimit | None = None  # (anonymous agents, with ``no_auth``)
     idle_timeout: float = 0.0
     metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
     metrics_auth_file: str | None = None  # user:password lines: Basic auth on `metrics`

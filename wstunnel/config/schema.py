@@ -30,10 +30,21 @@ from .. import mux
 from ..addresses import HostPort
 from . import values
 from ._yaml import Document, join_index, join_key, load_document, parse_document
-from .model import LOG_FORMATS, LOG_LEVELS, AgentAccount, AgentConfig, RelayConfig, RelayTLS
+from .model import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    AgentAccount,
+    AgentConfig,
+    RateLimit,
+    RelayConfig,
+    RelayTLS,
+)
 from .textforms import (
+    DEFAULT_UDP_IDLE_TIMEOUT,
     LOCAL,
     REVERSE,
+    TCP,
+    UDP,
     Forward,
     KiB,
     MiB,
@@ -66,8 +77,18 @@ _RESERVED_KEYS: Final = {
 
 def _agent_account(doc: Document, path: str, value: Any) -> AgentAccount:
     found = _build(doc, path, value, _ACCOUNT_FIELDS,
-                   {"token_hash": False, "allow": False, "listen_allow": False}, "an agent entry")
+                   {"token_hash": False, "allow": False, "listen_allow": False,
+                    "rate_limit": False}, "an agent entry")
     return AgentAccount(**found)
+
+
+def _rate_limit(doc: Document, path: str, value: Any) -> RateLimit:
+    """``{down: 10MiB, up: 5MiB, burst: 1MiB}``: bytes per second, at least one way."""
+    found = _build(doc, path, value, _RATE_LIMIT_FIELDS, dict.fromkeys(_RATE_LIMIT_FIELDS, False),
+                   "a rate_limit section (down, up: bytes per second; burst: bytes)")
+    if "down" not in found and "up" not in found:
+        raise doc.error(path, "expected down, up or both (bytes per second, e.g. down: 10MiB)")
+    return RateLimit(**found)
 
 
 def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
@@ -86,9 +107,33 @@ def _forward(doc: Document, path: str, value: Any) -> Forward:
         return _dynamic_forward(doc, path, value)
     if isinstance(value, dict) and "reverse" in value:
         return _reverse_forward(doc, path, value)
-    found = _build(doc, path, value, _FORWARD_FIELDS, {"name": False}, "a forward")
+    found = _build(doc, path, value, _FORWARD_FIELDS, _OPTIONAL_FORWARD_KEYS, "a forward")
     listen, target = found["listen"], found["target"]
-    return dataclasses.replace(_joined(listen, target), name=found.get("name"))
+    forward = dataclasses.replace(_joined(listen, target), name=found.get("name"),
+                                  rate_limit=found.get("rate_limit"))
+    return _with_protocol(doc, path, forward, found)
+
+
+#: Keys a ``listen`` or ``reverse`` forward mapping may leave out.
+_OPTIONAL_FORWARD_KEYS: Final = {"name": False, "protocol": False, "udp_idle_timeout": False,
+                                  "rate_limit": False}
+
+
+def _with_protocol(doc: Document, path: str, forward: Forward,
+                   found: dict[str, Any]) -> Forward:
+    """``protocol: udp`` (or ``udp:`` in the text form) and ``udp_idle_timeout``."""
+    protocol = found.get("protocol", forward.protocol)
+    if protocol != forward.protocol and forward.protocol == UDP:
+        raise doc.error(join_key(path, "protocol"), "the forward is written udp:...; "
+                        "leave protocol out or write protocol: udp")
+    if protocol == UDP and (forward.listen_path is not None or forward.target_path is not None):
+        raise doc.error(join_key(path, "protocol"), "a UDP forward needs host:port at both "
+                        "ends (unix sockets are streams)")
+    if "udp_idle_timeout" in found and protocol != UDP:
+        raise doc.error(join_key(path, "udp_idle_timeout"),
+                        "udp_idle_timeout is for UDP forwards only (protocol: udp)")
+    return dataclasses.replace(forward, protocol=protocol, udp_idle_timeout=found.get(
+        "udp_idle_timeout", forward.udp_idle_timeout))
 
 
 def _joined(listen: HostPort | str, target: HostPort | str, kind: str = LOCAL) -> Forward:
@@ -105,20 +150,24 @@ def _joined(listen: HostPort | str, target: HostPort | str, kind: str = LOCAL) -
 
 def _dynamic_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
     """``{dynamic: "[bind:]port", users_file: FILE}`` (``-D``): a SOCKS/HTTP proxy."""
-    found = _build(doc, path, value, _DYNAMIC_FIELDS, {"users_file": False, "name": False},
-                   "a dynamic forward")
+    found = _build(doc, path, value, _DYNAMIC_FIELDS,
+                   {"users_file": False, "name": False, "udp_idle_timeout": False,
+                    "rate_limit": False}, "a dynamic forward")
     users = None
     if "users_file" in found:
         name = _beside(doc, join_key(path, "users_file"), found["users_file"])
         users = values.users_file(doc, join_key(path, "users_file"), name)
-    return dataclasses.replace(Forward.dynamic(found["dynamic"], users), name=found.get("name"))
+    return dataclasses.replace(Forward.dynamic(found["dynamic"], users), name=found.get("name"),
+                               rate_limit=found.get("rate_limit"),
+                               udp_idle_timeout=found.get("udp_idle_timeout",
+                                                          DEFAULT_UDP_IDLE_TIMEOUT))
 
 
 def _reverse_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
     """``{reverse: "[bind:]port", target: "host:port"}`` or ``-R``'s whole text as
     ``reverse`` (the relay listens; this agent dials the target)."""
-    found = _build(doc, path, value, _REVERSE_FIELDS, {"target": False, "name": False},
-                   "a reverse forward")
+    found = _build(doc, path, value, _REVERSE_FIELDS,
+                   {"target": False, **_OPTIONAL_FORWARD_KEYS}, "a reverse forward")
     where = join_key(path, "reverse")
     if "target" not in found:
         forward = values.checked(doc, where, partial(parse_forward, kind=REVERSE),
@@ -130,27 +179,42 @@ def _reverse_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward
             check_reverse_listen(forward)
         except ValueError as exc:
             raise doc.error(where, str(exc)) from exc
-    return dataclasses.replace(forward, name=found.get("name"))
+    forward = dataclasses.replace(forward, name=found.get("name"),
+                                  rate_limit=found.get("rate_limit"))
+    return _with_protocol(doc, path, forward, found)
 
 
 def _reverse_listen(text: str) -> HostPort | str:
     return parse_socket_path(text) if text.startswith("/") else parse_listen(text)
 
 
+_PROTOCOL_FIELDS: Final[dict[str, Parser]] = {"protocol": values.choice((TCP, UDP)),
+                                              "udp_idle_timeout": values.duration(0.001),
+                                              "rate_limit": _rate_limit}
 _FORWARD_FIELDS: Final[dict[str, Parser]] = {"listen": values.listen_or_path,
                                              "target": values.target_or_path,
-                                             "name": values.forward_name}
+                                             "name": values.forward_name,
+                                             **_PROTOCOL_FIELDS}
 _DYNAMIC_FIELDS: Final[dict[str, Parser]] = {"dynamic": values.listen,
                                              "users_file": values.file_path,
-                                             "name": values.forward_name}
+                                             "name": values.forward_name,
+                                             "udp_idle_timeout": values.duration(0.001),
+                                             "rate_limit": _rate_limit}
 _REVERSE_FIELDS: Final[dict[str, Parser]] = {"reverse": values.port_text,
                                              "target": values.target_or_path,
-                                             "name": values.forward_name}
+                                             "name": values.forward_name,
+                                             **_PROTOCOL_FIELDS}
 _ACCOUNT_FIELDS: Final[dict[str, Parser]] = {
     "name": values.agent_name,
     "token_hash": values.token_hash,
     "allow": values.list_of(values.allow_rule),
     "listen_allow": values.list_of(values.listen_rule),
+    "rate_limit": _rate_limit,
+}
+_RATE_LIMIT_FIELDS: Final[dict[str, Parser]] = {
+    "down": values.size(KiB, 1 << 40, "a rate in bytes per second"),
+    "up": values.size(KiB, 1 << 40, "a rate in bytes per second"),
+    "burst": values.size(KiB, 1 << 40),
 }
 _TLS_FIELDS: Final[dict[str, Parser]] = {
     "cert_file": values.file_path,
@@ -201,6 +265,8 @@ _AGENT_FIELDS: Final[dict[str, Parser]] = {
     "proxy_password_file": values.readable_file,
     "headers": values.headers,
     "host_header": values.host_header,
+    "transport": values.choice(("auto", "websocket", "streaming", "polling")),
+    "user_agent": values.text("a User-Agent text"),
     **_COMMON_FIELDS,
     "token_file": values.file_path,
     "token_env": values.text("an environment variable name"),
@@ -229,6 +295,7 @@ _RELAY_FIELDS: Final[dict[str, Parser]] = {
     "max_pending_opens": values.size(1, 65536, "a count"),
     "max_buffered_size": values.size(16 * KiB, 64 * 1024 * MiB),
     "max_sessions_per_agent": values.size(1, 65536, "a count"),
+    "rate_limit": _rate_limit,
     "idle_timeout": values.duration(0.0),
 }
 
@@ -281,9 +348,9 @@ def _check_agent(doc: Document, config: AgentConfig) -> AgentConfig:
         raise doc.error(key, "reconnect_max_interval must be at least reconnect_min_interval "
                         f"({config.reconnect_min_interval:g}), got "
                         f"{config.reconnect_max_interval:g}")
-    seen: dict[tuple[bool, str], int] = {}
+    seen: dict[tuple[bool, str, str], int] = {}
     for i, forward in enumerate(config.forwards):
-        at = (forward.kind == REVERSE, forward.listen_text)
+        at = (forward.kind == REVERSE, forward.protocol, forward.listen_text)
         if at in seen and (forward.listen_port != 0 or forward.listen_path is not None):
             where = "the relay's listen address" if at[0] else "listen address"
             raise doc.error(join_index("forwards", i),
@@ -337,6 +404,9 @@ def _relay_problem(config: RelayConfig) -> tuple[str, str] | None:
     if config.allow and not config.no_auth:
         return "allow", ("the global allow list applies only with no_auth; with agent "
                          "authentication put the rules under agents[].allow")
+    if config.rate_limit is not None and not config.no_auth:
+        return "rate_limit", ("the global rate_limit applies only with no_auth; with agent "
+                              "authentication put it under agents[].rate_limit")
     seen: set[str] = set()
     mutual = config.tls is not None and config.tls.client_ca_file is not None
     for i, account in enumerate(config.agents):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 from ..addresses import HostPort, bracketed, is_hostname, parse_ip, parse_port, split_fields
+from .rate_limit import RateLimit
 
 __all__ = [
     "DEFAULT_BIND_HOST",
@@ -23,6 +24,10 @@ __all__ = [
     "LOCAL",
     "MAX_SOCKET_PATH",
     "REVERSE",
+    "TCP",
+    "UDP",
+    "UDP_PREFIX",
+    "DEFAULT_UDP_IDLE_TIMEOUT",
     "UNIX_PREFIX",
     "Forward",
     "check_reverse_listen",
@@ -74,6 +79,12 @@ DYNAMIC: Final = "dynamic"
 REVERSE: Final = "reverse"
 #: How a unix socket target is written: ``unix:/run/app.sock``.
 UNIX_PREFIX: Final = "unix:"
+#: ``Forward.protocol`` values; a UDP forward is written ``-L udp:...``, ``-R udp:...``.
+TCP: Final = "tcp"
+UDP: Final = "udp"
+UDP_PREFIX: Final = "udp:"
+#: A UDP flow ends after this long without a datagram either way (``udp_idle_timeout``).
+DEFAULT_UDP_IDLE_TIMEOUT: Final = 60.0
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH: Final = 107
 
@@ -90,6 +101,8 @@ class Forward:
     (``listen_path``, ``target_path``; the host is then "" and the port 0).
     ``users``: the (user, password) pairs a ``-D`` client must give; None: no
     login. ``name``: what status, metrics and logs call it (``label``).
+    ``protocol``: TCP, or UDP (``-L``/``-R`` only, host and port at both ends): each
+    client address's datagrams are one flow, ended after ``udp_idle_timeout``.
     """
 
     listen_host: str
@@ -101,6 +114,10 @@ class Forward:
     listen_path: str | None = None
     target_path: str | None = None
     name: str | None = None
+    protocol: str = TCP
+    udp_idle_timeout: float = DEFAULT_UDP_IDLE_TIMEOUT
+    #: ``rate_limit:`` (a mapping entry only): this forward's channels, all together.
+    rate_limit: RateLimit | None = None
 
     @classmethod
     def of(cls, listen: HostPort, target: HostPort) -> Forward:
@@ -141,9 +158,11 @@ class Forward:
 
     @property
     def target_text(self) -> str:
-        """``host:port`` or ``unix:/path``."""
+        """``host:port``, ``unix:/path``, or ``udp host:port`` for a UDP forward."""
         if self.target_path is not None:
             return UNIX_PREFIX + self.target_path
+        if self.protocol == UDP:
+            return f"udp {self.target}"
         return str(self.target)
 
     @property
@@ -155,6 +174,8 @@ class Forward:
         if self.kind == DYNAMIC:
             return f"-D {self.listen_text}"
         flag = "-R" if self.kind == REVERSE else "-L"
+        if self.protocol == UDP:
+            return f"{flag} {UDP_PREFIX}{self.listen_text}:{self.target}"
         return f"{flag} {self.listen_text}:{self.target_text}"
 
     def __str__(self) -> str:
@@ -204,12 +225,15 @@ def parse_forward(text: str, *, default_host: str = DEFAULT_BIND_HOST,
                   kind: str = LOCAL) -> Forward:
     """Parse ``-L`` or ``-R``: ``[bind:]port:host:port``; the listen side may be a
     unix socket path (``/run/app.sock:host:port``) and the target ``unix:/path``.
-    The bind address defaults to 127.0.0.1.
+    The bind address defaults to 127.0.0.1. ``udp:[bind:]port:host:port``: a UDP
+    forward (host and port at both ends).
 
     Raises:
         ValueError: with what was expected.
     """
     text = text.strip()
+    if text.startswith(UDP_PREFIX):
+        return _udp_forward(text, default_host, kind)
     expected = (f"expected [bind:]port:host:port (IPv6 in brackets; a /path or unix:/path "
                 f"for a unix socket), got {json.dumps(text)}")
     listen_path = None
@@ -237,6 +261,19 @@ def parse_forward(text: str, *, default_host: str = DEFAULT_BIND_HOST,
     if kind == REVERSE:
         check_reverse_listen(forward)
     return forward
+
+
+def _udp_forward(text: str, default_host: str, kind: str) -> Forward:
+    rest = text[len(UDP_PREFIX):]
+    if rest.startswith("/") or UNIX_PREFIX in rest:
+        raise ValueError(f"a UDP forward needs [bind:]port:host:port (unix sockets are "
+                         f"streams), got {json.dumps(text)}")
+    try:
+        forward = parse_forward(rest, default_host=default_host, kind=kind)
+    except ValueError:
+        raise ValueError(f"expected udp:[bind:]port:host:port (IPv6 in brackets), got "
+                         f"{json.dumps(text)}") from None
+    return replace(forward, protocol=UDP)
 
 
 def check_reverse_listen(forward: Forward) -> None:

@@ -22,6 +22,7 @@ from .events import (
     SettingsReceived,
     WindowUpdated,
 )
+from .pacing import Pacer, TokenBucket
 from .session import (
     DEFAULT_MAX_AUTO_WINDOW,
     DEFAULT_MAX_CHANNELS,
@@ -78,6 +79,7 @@ __all__ = [
     "GoAwayReceived",
     "OpenFailure",
     "OutboundBudgetExhausted",
+    "Pacer",
     "ReceiveState",
     "RecordType",
     "ResetCode",
@@ -86,6 +88,7 @@ __all__ = [
     "Session",
     "SessionFailed",
     "SettingsReceived",
+    "TokenBucket",
     "WindowPlan",
     "WindowUpdated",
     "plan_windows",

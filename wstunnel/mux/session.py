@@ -390,6 +390,25 @@ class Session:
         the WebSocket layer frames the two without copying a chunk once more."""
         return self._outbox.next_parts(max_size)
 
+    def next_control_record(self) -> bytes | None:
+        """The next control record alone, DATA left queued: a rate limit (pacing.py)
+        holds DATA back, never control."""
+        control = self._control
+        return control.popleft() if control else None
+
+    def ready_channel(self) -> int | None:
+        """The channel whose turn it is (None: no channel has data and credit)."""
+        return self._ready[0] if self._ready else None
+
+    def ready_channel_ids(self) -> list[int]:
+        """The channels waiting for a turn, in turn order."""
+        return list(self._ready)
+
+    def skip_turn(self) -> None:
+        """The channel whose turn it is goes to the back of the round, sending
+        nothing (a rate limit holds its forward back: pacing.py)."""
+        self._drr.end_turn()
+
     # -- input -----------------------------------------------------------------
 
     def receive_record(self, record: bytes | bytearray | memoryview) -> None:

@@ -69,6 +69,9 @@ START_WRITE_SIZE = 256 * 1024
 #: a write is in progress (an interactive channel's chunk, a WINDOW) waits for
 #: that write, so on a slow link the write size follows the link's rate.
 WRITE_TIME_TARGET = 0.002
+#: Added to a paced writer's sleep, so that the bucket has surely refilled when
+#: it wakes (no second wake-up for a rounding error's worth of bytes).
+_PACE_SLACK = 0.0005
 
 
 def next_write_size(size: int, written: int, elapsed: float) -> int:
@@ -161,6 +164,11 @@ class TunnelTransport:
                                     "channel runs as two tasks instead", exc)
                     else:
                         nursery.start_soon(self._pump.run)
+                # A stream carried by requests has work of its own while the session
+                # runs (the agent's HTTP polling loops, agent/http_transport.py).
+                background = getattr(self.stream, "run_background", None)
+                if background is not None:
+                    nursery.start_soon(background)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
                 if self._ping_interval > 0:
@@ -199,6 +207,8 @@ class TunnelTransport:
         except LocalProtocolError as exc:
             raise SessionClosed(str(exc)) from exc
         channel = ChannelStream(self, channel_id, host, port, kind, forward)
+        if self.protocol.pacer is not None:
+            self.protocol.pacer.limit_channel(channel_id, forward)
         self._add(channel)
         self.wake_writer()
         return channel
@@ -263,6 +273,8 @@ class TunnelTransport:
         if not self.is_open or channel.error is not None:
             return False
         self.protocol.accept_channel(channel.channel_id)
+        if self.protocol.pacer is not None:  # (its forward is known by now: -R)
+            self.protocol.pacer.limit_channel(channel.channel_id, channel.forward)
         self.wake_writer()
         return True
 
@@ -401,9 +413,24 @@ class TunnelTransport:
                 if protocol.should_close_transport:
                     self._end(self._closed_reason("session closed"))
                     return
-                await self._wake.wait()
+                if protocol.pacer is None:  # (only when idle: nothing per write)
+                    await self._wake.wait()
+                else:
+                    await self._wait_paced(protocol.pacer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
+
+    async def _wait_paced(self, pacer: mux.Pacer) -> None:
+        """Wait for the writer's wake-up, or until the rate limits let held-back
+        output go (docs/PROTOCOL.md section 10.1); the buckets are refilled after."""
+        pacer.refill(trio.current_time())
+        delay = self.protocol.paced_delay()
+        if delay is None:
+            await self._wake.wait()
+        elif delay > 0:
+            with trio.move_on_after(delay + _PACE_SLACK):
+                await self._wake.wait()
+        pacer.refill(trio.current_time())
 
     async def _send_joined(self, parts: list[bytes | bytearray | memoryview]) -> None:
         """For streams that cannot gather (``send_parts``): one joined write."""
@@ -536,6 +563,8 @@ class TunnelTransport:
 
     def _remove(self, channel_id: int) -> None:
         channel = self.channels.pop(channel_id, None)
+        if self.protocol.pacer is not None:
+            self.protocol.pacer.forget_channel(channel_id)
         if channel is not None:
             channel._forget()
             if self.observer is not None:

@@ -280,7 +280,7 @@ class Door:
     def _route(self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str,
                stopping: bool) -> Answer | None:
         """The HTTP answer for anything that is not a good upgrade, else None."""
-        path = request.target.split("?", 1)[0]
+        path = _origin_path(request.target)
         if path == "/health" and not request.is_upgrade:
             return _answer(handshake, 200, "ok")
         if path != self.config.path:
@@ -402,6 +402,15 @@ class Door:
         response = handshake.reject(503, "the relay is busy checking logins; try again in a "
                                          "second", (("Retry-After", "1"),))
         return Answer(503, response, log)
+
+
+def _origin_path(target: str) -> str:
+    """The path of a request target, also in absolute form (``http://host:port/path``,
+    which a server must accept: RFC 9112 §3.2.2), without the query."""
+    scheme, sep, rest = target.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        target = "/" + rest.partition("/")[2]
+    return target.split("?", 1)[0]
 
 
 def http_transport(request: ws.RequestReceived) -> str | None:

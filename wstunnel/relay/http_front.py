@@ -8,7 +8,8 @@ let in (the same login as an upgrade) is one of:
   runs the session (``serve_session``) until it ends;
 * **streaming**: GET with the id: a 200 whose chunked body carries the
   downstream bytes as they come; POST with the id: a chunked body carrying the
-  upstream bytes. Either connection lost ends the session;
+  upstream bytes, about a megabyte each, one after the other. A connection
+  lost in the middle of either ends the session;
 * **polling**: POST with the id and ``X-Wstunnel-Seq: n``: one batch of
   upstream bytes (a repeat of a number already taken is acknowledged and
   dropped: a retry); GET with the id and ``X-Wstunnel-Seq: n``: the next
@@ -33,10 +34,10 @@ from .. import ws
 from ..framing import (
     CONTENT_TYPE,
     POLL_HOLD_TIMEOUT,
-    POLLING,
     SEQUENCE_HEADER,
     SESSION_HEADER,
     STREAMING,
+    chunked,
 )
 from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Visitor, http_transport, server_handshake
@@ -82,6 +83,7 @@ class HttpFront:
         reader, request = first.reader, first.request
         while await self._one(reader, request, accepted):
             reader.conn.start_next_cycle()
+            next_request = None
             with trio.move_on_after(KEEPALIVE_TIMEOUT):
                 next_request = await reader.next_request()
             if next_request is None or http_transport(next_request) is None:
@@ -123,9 +125,8 @@ class HttpFront:
         if session.mode == STREAMING:
             if request.method == "GET":
                 await _stream_down(reader, session)
-            else:
-                await _stream_up(reader, session)
-            return False
+                return False
+            return await _stream_up(reader, session)
         sequence = _sequence(request)
         if sequence is None:
             return await _status(reader, 400, f"{SEQUENCE_HEADER} missing or not a number")
@@ -154,8 +155,7 @@ class HttpFront:
                                               f"{accepted.peer} ({mode})")
                 nursery.cancel_scope.cancel()
             with trio.move_on_after(LINGER_TIMEOUT):  # the last bytes: the close
-                while not session.drained:
-                    await session.take(0, LINGER_TIMEOUT)
+                await session.wait_drained()
         finally:
             session.break_("session ended")
             self.sessions.remove(session)
@@ -164,28 +164,28 @@ class HttpFront:
 # -- streaming ----------------------------------------------------------------------------
 
 async def _stream_down(reader: HttpReader, session: HttpSession) -> None:
-    """A chunked 200 whose body is the session's downstream, until it ends."""
-    conn, stream = reader.conn, reader.stream
+    """A chunked 200 whose body is the session's downstream, until it ends: one chunk
+    per batch, written by hand (h11 would make one per part); the connection closes
+    after it."""
+    stream = reader.stream
+    # (to an HTTP/1.0 client, h11 ends the body by closing instead: no chunks)
+    framed = reader.conn.their_http_version != b"1.0"
     await reader.send(h11.Response(status_code=200, headers=[
         ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no"), *_NO_STORE]))
-    send_parts = getattr(stream, "send_parts", None)
     try:
         while True:
             parts = await session.take(MAX_BATCH_SIZE)
             if not parts:
                 break
-            pieces = _chunk(conn, parts)
-            if send_parts is not None:
-                await send_parts(pieces)
-            else:
-                await stream.send_all(b"".join(pieces))
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+            await _send_parts(stream, chunked(parts) if framed else parts)
+        if framed:
+            await stream.send_all(b"0\r\n\r\n")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
         session.break_(f"the streaming response's connection was lost: {exc}")
 
 
-def _chunk(conn: h11.Connection, parts: list[Buffer]) -> list[Buffer]:
-    """The pieces of one chunk per part, the parts themselves not copied (h11 frames)."""
+def _passed(conn: h11.Connection, parts: list[Buffer]) -> list[Buffer]:
+    """A Content-Length body's parts through h11 (which counts them), not copied."""
     pieces: list[Buffer] = []
     for part in parts:
         data = h11.Data(data=part)  # type: ignore[arg-type]  # (passed through, not copied)
@@ -193,23 +193,25 @@ def _chunk(conn: h11.Connection, parts: list[Buffer]) -> list[Buffer]:
     return pieces
 
 
-async def _stream_up(reader: HttpReader, session: HttpSession) -> None:
-    """Feed a chunked request body to the session as it arrives."""
+async def _stream_up(reader: HttpReader, session: HttpSession) -> bool:
+    """Feed a chunked request body to the session as it arrives. The agent ends one
+    after about a megabyte (front ends limit request bodies: nginx to 1 MiB unless
+    told otherwise) and sends the next once this one is answered: True, keep alive."""
     try:
         while True:
             event = await reader.next_event()
             if isinstance(event, h11.Data):
-                if not await session.feed(bytes(event.data)):
-                    return
+                if not await session.feed(event.data):
+                    return False
             elif isinstance(event, h11.EndOfMessage):
-                session.feed_eof()
-                return
+                return await _reply(reader, [])
             else:
                 session.break_("the streaming request's connection closed")
-                return
+                return False
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
             h11.RemoteProtocolError) as exc:
         session.break_(f"the streaming request's connection was lost: {exc}")
+        return False
 
 
 # -- polling ------------------------------------------------------------------------------
@@ -256,7 +258,7 @@ async def _reply(reader: HttpReader, body: list[Buffer]) -> bool:
     size = sum(map(len, body))
     pieces: list[Buffer] = [conn.send(h11.Response(status_code=200, headers=[
         ("Content-Length", str(size)), *_NO_STORE])) or b""]
-    pieces.extend(_chunk(conn, body))
+    pieces.extend(_passed(conn, body))
     pieces.append(conn.send(h11.EndOfMessage()) or b"")
     await _send_parts(reader.stream, pieces)
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE

@@ -37,12 +37,14 @@ from ..protocol import TunnelProtocol
 from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
 from ..service.reload import ReloadRequest
+from . import rate_limits
 from .dial import Connecting, Connector, DialError, TcpConnector
+from .dial_udp import UdpConnector, carry_flow
 from .dial_unix import UnixConnector
 from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, server_handshake
 from .guard import Gatekeeper, Identity, SessionGuard
-from .reverse import LISTEN_KINDS, ReverseListeners
 from .http_front import HttpFront
+from .reverse import LISTEN_KINDS, ReverseListeners
 from .upgrade import HttpRequest, read_request
 
 __all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
@@ -67,9 +69,11 @@ class Relay:
         #: Turn admitted OPENs into connected sockets, one per connect kind; an OPEN
         #: of another kind is refused (UNSUPPORTED_KIND).
         self.connectors: dict[int, Connector] = {mux.ChannelKind.TCP: TcpConnector(),
-                                                 mux.ChannelKind.UNIX: UnixConnector()}
+                                                 mux.ChannelKind.UNIX: UnixConnector(),
+                                                 mux.ChannelKind.UDP: UdpConnector()}
         #: The listeners agents' reverse forwards asked for (reverse.py).
         self.reverse = ReverseListeners()
+        self.stats.reverse_forwards = self.reverse.status
         #: Sessions over the HTTP transports, where a WebSocket cannot pass (http_front.py).
         self.http = HttpFront(self)
 
@@ -168,6 +172,8 @@ class Relay:
     ) -> None:
         config = self.config
         guard = SessionGuard(identity, config)
+        rate_limits.pace_session(protocol, identity.name, config, self.stats.agent_buckets,
+                                 trio.current_time())
         transport = TunnelTransport(
             stream,
             protocol,
@@ -268,7 +274,13 @@ class Relay:
     def _carry(self, transport: TunnelTransport, channel: ChannelStream,
                sock: socket.socket) -> Rest | None:
         """Accept the channel and hand the connected ``sock`` to the socket pump;
-        where there is none, the rest (splice) to run as a task."""
+        where there is none, the rest (splice) to run as a task. A UDP flow's
+        datagrams have their own carrier, a task per flow (dial_udp.py)."""
+        if channel.kind == mux.ChannelKind.UDP:
+            rest = carry_flow(transport, channel, sock)
+            if rest is not None:
+                self.stats.channel_carried(channel, sock)
+            return rest
         if channel.kind == mux.ChannelKind.TCP:  # (a unix socket has neither: net/unix_socket.py)
             tune_plain_socket(sock, notsent_lowat=False)
             set_abortive(sock)  # (a clean end clears it: net/ending.py)
@@ -290,6 +302,7 @@ class Relay:
     async def drain(self, timeout: float) -> None:
         """GOAWAY to every session, wait for their channels, then close them."""
         self.stopping = True
+        self.reverse.release_all("the relay is shutting down")
         for transport in list(self.sessions):
             transport.go_away("the relay is shutting down")
         with trio.move_on_after(timeout):
@@ -418,6 +431,7 @@ async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[Reload
         new: RelayConfig = request.config
         relay.config = dataclasses.replace(new, listen=relay.config.listen)
         relay.gate.reconfigure(relay.config)
+        rate_limits.reconfigure(relay.stats.agent_buckets, relay.config)
         this_host.set_addresses(local_addresses())  # (interfaces may have changed)
         if not new.allow:
             log.warning("no 'allow' rules after the reload: every new channel will be refused")

@@ -14,6 +14,9 @@ Each connection accepted there becomes a channel the relay opens towards the
 agent: an OPEN of kind TCP (UNIX) whose host and port (path) are the
 listener's, as the agent asked for it, so the agent knows which forward it is
 for. The agent alone decides where it goes (agent/reverse.py).
+A UDP_LISTEN lease (``-R udp:``) binds a UDP socket instead, checked against
+``udp:`` listen_allow rules, and each client address sending to it is a flow
+with a channel of kind UDP (reverse_udp.py).
 
 One address, one holder, relay-wide (``ReverseListeners``). An agent asking
 for an address another agent holds is refused with REFUSED, and only the
@@ -37,7 +40,7 @@ from typing import Final
 import trio
 
 from .. import mux
-from ..addresses import join_host_port
+from ..addresses import bracketed, join_host_port
 from ..errors import ChannelRefused, ChannelReset, SessionClosed
 from ..net.accepting import accept_forever, bind_tcp, close_listener
 from ..net.channel_stream import ChannelStream, until_ended
@@ -47,12 +50,14 @@ from ..net.splice import splice_to_end
 from ..net.transport import TunnelTransport
 from ..net.unix_socket import SocketFile, bind_listener
 from ..security.listen_policy import ListenPolicy
+from .reverse_udp import bind_udp, serve_datagrams
 
 __all__ = ["LISTEN_KINDS", "ReverseListeners"]
 
 log = logging.getLogger("wstunnel.relay")
 
-LISTEN_KINDS: Final = frozenset({mux.ChannelKind.TCP_LISTEN, mux.ChannelKind.UNIX_LISTEN})
+LISTEN_KINDS: Final = frozenset({mux.ChannelKind.TCP_LISTEN, mux.ChannelKind.UNIX_LISTEN,
+                                 mux.ChannelKind.UDP_LISTEN})
 
 Rest = Callable[[], Awaitable[None]]
 
@@ -79,9 +84,12 @@ class _Lease:
     socket_file: SocketFile | None  # a unix listener's file, removed when it ends
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     ended: str = ""
+    udp: bool = False  # a UDP socket (UDP_LISTEN): flows, not connections
 
     @property
     def connect_kind(self) -> mux.ChannelKind:
+        if self.udp:
+            return mux.ChannelKind.UDP
         return mux.ChannelKind.UNIX if self.socket_file is not None else mux.ChannelKind.TCP
 
 
@@ -94,9 +102,10 @@ class ReverseListeners:
     def __len__(self) -> int:
         return len(self._leases)
 
-    def held(self) -> list[tuple[str, str, str]]:
-        """(address, agent, session) of each listener, for status and metrics."""
-        return [(lease.where, lease.agent, lease.transport.name)
+    def status(self) -> list[dict[str, str]]:
+        """One row per listener, for ``wstunnel status``."""
+        return [{"forward": f"agent {lease.agent}", "listen": lease.where,
+                 "target": f"session {lease.transport.name}", "state": "listening"}
                 for lease in self._leases.values()]
 
     def request(self, transport: TunnelTransport, channel: ChannelStream, agent: str,
@@ -104,9 +113,12 @@ class ReverseListeners:
         """An admitted OPEN of a listen kind: answered here; the rest serves the
         listener in a task of the session (so it ends with the session)."""
         path = channel.host if channel.kind == mux.ChannelKind.UNIX_LISTEN else None
-        where = f"unix:{path}" if path is not None else join_host_port(channel.host, channel.port)
+        udp = channel.kind == mux.ChannelKind.UDP_LISTEN
+        where = (f"unix:{path}" if path is not None else
+                 f"udp:{bracketed(channel.host)}:{channel.port}" if udp
+                 else join_host_port(channel.host, channel.port))
         refusal = (f"agent {agent} is no longer configured on this relay" if policy is None
-                   else policy.refusal(channel.host, channel.port, path))
+                   else policy.refusal(channel.host, channel.port, path, udp=udp))
         if refusal is not None:
             log.warning("%s: refused to listen for agent %s: %s", transport.name, agent, refusal)
             transport.refuse(channel, mux.OpenFailure.FORBIDDEN, refusal)
@@ -123,7 +135,7 @@ class ReverseListeners:
                      transport.name, agent, where, held.transport.name)
             self._release(held, "taken over by a newer session of the same agent")
         try:
-            listener, socket_file = _bind(channel.host, channel.port, path)
+            listener, socket_file = _bind(channel.host, channel.port, path, udp)
         except OSError as exc:
             reason, text = _BIND_FAILURES.get(exc.errno or 0, (
                 mux.OpenFailure.INTERNAL_ERROR, (exc.strerror or str(exc)).lower()))
@@ -136,7 +148,7 @@ class ReverseListeners:
             if socket_file is not None:
                 socket_file.remove()
             return None
-        lease = _Lease(where, agent, transport, channel, listener, socket_file)
+        lease = _Lease(where, agent, transport, channel, listener, socket_file, udp=udp)
         self._leases[where] = lease
         log.info("%s: listening on %s for agent %s", transport.name, where, agent)
         return partial(self._serve, lease)
@@ -148,6 +160,9 @@ class ReverseListeners:
             spliced.start_soon(_end_with_channel, lease)
             try:
                 with lease.scope:
+                    if lease.udp:
+                        await serve_datagrams(lease.transport, lease.listener, lease.channel,
+                                              lease.where)
                     await accept_forever(lease.listener,
                                          partial(self._accepted, lease, spliced))
             except trio.ClosedResourceError:
@@ -156,6 +171,12 @@ class ReverseListeners:
                 lease.ended = f"the listener failed: {exc.strerror or exc}"
             finally:
                 self._drop(lease)
+
+    def release_all(self, why: str) -> None:
+        """Stop every listener now (the relay is shutting down: it takes no new
+        connections there while the open ones drain)."""
+        for lease in list(self._leases.values()):
+            self._release(lease, why)
 
     def _accepted(self, lease: _Lease, spliced: trio.Nursery, sock: socket.socket) -> None:
         """One connection on a reverse listener: a channel towards the agent, carried
@@ -216,7 +237,10 @@ def _channel_end(channel: ChannelStream, transport: TunnelTransport) -> str:
     return f"the session ended: {transport.end_reason or 'closed'}"
 
 
-def _bind(host: str, port: int, path: str | None) -> tuple[socket.socket, SocketFile | None]:
+def _bind(host: str, port: int, path: str | None,
+          udp: bool = False) -> tuple[socket.socket, SocketFile | None]:
+    if udp:
+        return bind_udp(host, port), None
     if path is None:
         return bind_tcp(host, port), None
     return bind_listener(path)

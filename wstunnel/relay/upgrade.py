@@ -22,6 +22,7 @@ from ..ws._http import decode_headers
 __all__ = ["read_request", "HttpRequest", "HttpReader"]
 
 READ_SIZE = 65536
+BODY_READ_SIZE = 256 * 1024  # an HTTP transport's bodies: bulk, read in big pieces
 MAX_HEADER_SIZE = 16384
 _MARKER = TRANSPORT_HEADER.lower().encode()
 
@@ -50,7 +51,7 @@ class HttpReader:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(bytes(await self.stream.receive_some(READ_SIZE)))
+            conn.receive_data(bytes(await self.stream.receive_some(BODY_READ_SIZE)))
 
     async def next_request(self) -> ws.RequestReceived | None:
         """The next request on a kept-alive connection (after ``start_next_cycle``);

@@ -27,6 +27,12 @@ for unix socket paths:
 A path rule never allows a ``host:port`` and a ``host:port`` rule never
 allows a path (``Policy.refusal``, ``Policy.path_refusal``).
 
+Rules name a protocol: a plain rule is for TCP, a rule written ``udp:RULE``
+(``udp:10.0.0.53:53``, ``udp:*.example.com:53``, ``udp:[fd00::/8]``) is for
+UDP flows only. A TCP rule never allows UDP and a UDP rule never allows TCP
+(``Policy.refusal(..., udp=True)``); everything else (names, patterns,
+addresses after DNS, the dangerous blocks, this host) works the same way.
+
 Some addresses are dangerous even when a broad rule covers them: loopback
 (the relay host itself), the unspecified address (which also reaches the
 relay host), link-local, and cloud metadata services. They are refused unless
@@ -65,6 +71,7 @@ from typing import Final
 from ..addresses import (
     IPAddress,
     IPNetwork,
+    bracketed,
     is_hostname,
     normalize_hostname,
     parse_ip,
@@ -79,6 +86,7 @@ __all__ = [
     "Policy",
     "RuleKind",
     "is_normal_path",
+    "UDP_RULE_PREFIX",
     "UNIX_RULE_PREFIX",
     "special_block",
     "this_host",
@@ -88,6 +96,8 @@ __all__ = [
 _MAX_VERDICTS: Final = 1024
 #: How a unix socket path rule is written: ``unix:/run/app.sock``, ``unix:/run/app/*``.
 UNIX_RULE_PREFIX: Final = "unix:"
+#: How a UDP rule is written: ``udp:10.0.0.53:53`` (any host:port rule after the prefix).
+UDP_RULE_PREFIX: Final = "udp:"
 _DIRECTORY_GLOB: Final = "/*"
 
 # Ordered most specific first: an address belongs to the first block that
@@ -141,6 +151,7 @@ class AllowRule:
     network: IPNetwork | None = None
     port_low: int = 1
     port_high: int = 65535
+    udp: bool = False  # a ``udp:`` rule: UDP flows only (and never TCP)
 
     @classmethod
     def parse(cls, text: str) -> AllowRule:
@@ -150,10 +161,13 @@ class AllowRule:
         (``[fd00::/8]:22``); without brackets the whole text is the address.
 
         ``unix:/path`` or ``unix:/directory/*``: a unix socket path rule.
+        ``udp:`` followed by a host, pattern, IP or CIDR rule: the same, for UDP.
 
         Raises:
             ValueError: with a message saying what is wrong and what was expected.
         """
+        if text.strip().startswith(UDP_RULE_PREFIX):
+            return _udp_rule(text.strip())
         if text.strip().startswith(UNIX_RULE_PREFIX):
             return cls(RuleKind.PATH, _parse_path_rule(text.strip()))
         host, ports = _split_rule(text.strip())
@@ -178,24 +192,28 @@ class AllowRule:
     def __str__(self) -> str:
         if self.kind is RuleKind.PATH:
             return UNIX_RULE_PREFIX + self.host
+        prefix = UDP_RULE_PREFIX if self.udp else ""
         host = "*" + self.host if self.kind is RuleKind.PATTERN else self.host
         if self.port_low == 1 and self.port_high == 65535:
-            return host
+            return prefix + host
         if self.network is not None and self.network.version == 6:
             host = f"[{host}]"
         if self.port_low == self.port_high:
-            return f"{host}:{self.port_low}"
-        return f"{host}:{self.port_low}-{self.port_high}"
+            return f"{prefix}{host}:{self.port_low}"
+        return f"{prefix}{host}:{self.port_low}-{self.port_high}"
 
-    def matches(self, name: str | None, port: int, address: IPAddress | None) -> bool:
+    def matches(self, name: str | None, port: int, address: IPAddress | None, *,
+                udp: bool = False) -> bool:
         """True if this rule covers the destination.
 
         Args:
             name: normalized requested host name, or None if the host was an IP.
             port: requested port.
             address: the address to be connected to, if known.
+            udp: the destination of a UDP flow (only ``udp:`` rules match), else TCP.
         """
-        if not self.port_low <= port <= self.port_high or self.kind is RuleKind.PATH:
+        if (not self.port_low <= port <= self.port_high or self.kind is RuleKind.PATH
+                or self.udp is not udp):
             return False
         if self.kind is RuleKind.NAME:
             return name == self.host
@@ -240,6 +258,19 @@ class AllowRule:
             and network.network_address == address
             and (port is None or self.port_low == self.port_high == port)
         )
+
+
+def _udp_rule(text: str) -> AllowRule:
+    """A ``udp:`` rule: the host:port rule after the prefix, for UDP."""
+    rest = text[len(UDP_RULE_PREFIX):].strip()
+    if rest.startswith((UNIX_RULE_PREFIX, UDP_RULE_PREFIX)):
+        raise ValueError(f"expected udp: followed by a host, pattern, IP or CIDR rule "
+                         f"(unix sockets are streams), got {text!r}")
+    try:
+        rule = AllowRule.parse(rest)
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: {exc}") from exc
+    return AllowRule(rule.kind, rule.host, rule.network, rule.port_low, rule.port_high, udp=True)
 
 
 def _parse_path_rule(text: str) -> str:
@@ -404,33 +435,37 @@ class Policy:
         # Verdicts of refusal(), which is pure: a relay asks the same few questions
         # for every channel (~20 us each, a noticeable part of a short connection).
         # They hold for one HostSelf: another one (a reload) clears them.
-        self._verdicts: dict[tuple[str, int, IPAddress | None], str | None] = {}
+        self._verdicts: dict[tuple[str, int, IPAddress | None, bool], str | None] = {}
         self._verdicts_for: HostSelf | None = None
 
     def __repr__(self) -> str:
         return f"Policy({[str(rule) for rule in self.rules]!r})"
 
-    def allows(self, host: str, port: int, address: IPAddress | None = None) -> bool:
-        """True if the agent may open ``host:port`` (connecting to ``address``).
+    def allows(self, host: str, port: int, address: IPAddress | None = None, *,
+               udp: bool = False) -> bool:
+        """True if the agent may open ``host:port`` (connecting to ``address``);
+        ``udp``: a UDP flow (only ``udp:`` rules), else a TCP connection.
 
         Call it with the resolved ``address`` for the final decision. Without
         one, IP/CIDR rules cannot match a host name (so a False is not final),
         and a True from a name rule may still turn into a refusal once the
         name resolves to a dangerous address.
         """
-        return self.refusal(host, port, address) is None
+        return self.refusal(host, port, address, udp=udp) is None
 
-    def refusal(self, host: str, port: int, address: IPAddress | None = None) -> str | None:
-        """Why ``host:port`` is refused (one line for the relay log), or None if allowed."""
+    def refusal(self, host: str, port: int, address: IPAddress | None = None, *,
+                udp: bool = False) -> str | None:
+        """Why ``host:port`` is refused (one line for the relay log), or None if allowed;
+        ``udp``: for a UDP flow."""
         facts = self._host or this_host.current
         if facts is not self._verdicts_for:
             self._verdicts.clear()
             self._verdicts_for = facts
-        key = (host, port, address)
+        key = (host, port, address, udp)
         verdicts = self._verdicts
         if key in verdicts:
             return verdicts[key]
-        verdict = self._refusal(host, port, address, facts)
+        verdict = self._refusal(host, port, address, facts, udp)
         if len(verdicts) >= _MAX_VERDICTS:
             verdicts.clear()
         verdicts[key] = verdict
@@ -454,14 +489,18 @@ class Policy:
         return f"no allow rule matches {shown}"
 
     def _refusal(
-        self, host: str, port: int, address: IPAddress | None, facts: HostSelf
+        self, host: str, port: int, address: IPAddress | None, facts: HostSelf, udp: bool
     ) -> str | None:
         literal = parse_ip(host.strip("[]"))
         name = None if literal is not None else normalize_hostname(host)
         target = unmap_ipv4(address) if address is not None else literal
-        matching = [rule for rule in self.rules if rule.matches(name, port, target)]
+        matching = [rule for rule in self.rules if rule.matches(name, port, target, udp=udp)]
         shown = host if target is None or target == literal else f"{host} ({target})"
         if not matching:
+            if udp:
+                return (f"no allow rule matches udp {shown} port {port} (UDP needs a "
+                        f"udp: rule, e.g. udp:{bracketed(host)}:{port}; TCP rules never "
+                        f"allow UDP)")
             return f"no allow rule matches {shown} port {port}"
         if target is None:
             return None

@@ -253,22 +253,29 @@ def format_status(status: dict[str, Any]) -> str:
     if not sessions:
         lines.append("no session to the relay (reconnecting)" if status["role"] == "agent"
                      else "no agent connected")
+    reverse = status.get("reverse_forwards") or []
+    if reverse:
+        lines += ["", "reverse forwards (-R)"]
+        lines += [f"  {row['forward']}: {row['listen']} -> {row['target']}: {row['state']}"
+                  for row in reverse]
     for session in sessions:
         lines.append("")
-        lines.append(f"session {session['name']}  up {_duration(session['age'])}  "
+        lines.append(f"session {session['name']}  via {session.get('transport', 'websocket')}"
+                     f"  up {_duration(session['age'])}  "
                      f"{len(session['channels'])} open / {session['channels_total']} channels")
         if session["channels"]:
             lines.append(_row("ID", "DESTINATION", "AGE", "SENT", "RECEIVED", "RATE OUT",
-                              "RATE IN"))
+                              "RATE IN", "FORWARD"))
         for ch in sorted(session["channels"], key=lambda c: c["id"]):
             lines.append(_row(str(ch["id"]), ch["destination"], _duration(ch["age"]),
                               _size(ch["bytes_sent"]), _size(ch["bytes_received"]),
-                              _size(ch["rate_sent"]) + "/s", _size(ch["rate_received"]) + "/s"))
+                              _size(ch["rate_sent"]) + "/s", _size(ch["rate_received"]) + "/s",
+                              ch.get("forward") or "-"))
     return "\n".join(lines)
 
 
 def _row(*cells: str) -> str:
-    widths = (6, 28, 8, 10, 10, 12, 12)
+    widths = (6, 28, 8, 10, 10, 12, 12, 0)
     return "  " + " ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
 

@@ -27,7 +27,8 @@ __all__ = ["MAX_SESSIONS_SHOWN", "DocumentCache", "status_document"]
 
 #: Sessions the document lists (the busiest first); the totals count all of them.
 MAX_SESSIONS_SHOWN: Final = 100
-#: How the dashboard names the one transport there is today.
+#: How the dashboard names a session's transport when its stream does not say
+#: (the HTTP transports' streams have ``transport_name``: streaming, polling).
 TRANSPORT: Final = "websocket"
 NO_FORWARD: Final = "-"
 
@@ -74,10 +75,16 @@ def status_document(stats: TunnelStats) -> dict[str, Any]:
     }
 
 
+def transport_name(transport: Any) -> str:
+    """What carries the session: websocket, streaming or polling."""
+    return str(getattr(getattr(transport, "stream", None), "transport_name", TRANSPORT))
+
+
 def _session(stats: TunnelStats, transport: Any, info: SessionInfo) -> dict[str, Any]:
     meter = info.meter
     return {
-        "agent": info.agent, "peer": info.peer, "transport": TRANSPORT, "tls": info.tls,
+        "agent": info.agent, "peer": info.peer, "transport": transport_name(transport),
+        "tls": info.tls,
         "up_since": info.up_since, "channels_open": len(transport.channels),
         "channels_total": transport.opened_total,
         "bytes_out": meter.sent, "bytes_in": meter.received,

@@ -40,6 +40,7 @@ import trio
 
 from .. import __version__, mux
 from ..net.tls_stream import TLSSocketStream
+from ..net.udp_flow import UDP_DROP_REASONS, udp_stats
 from .access_log import AccessLog
 from .dashboard import History, Refusal, SessionInfo, new_refusals
 from .refusals import RefusalLog
@@ -60,6 +61,9 @@ METRICS: Final = {
     "wstunnel_sessions_total": ("counter", "WebSocket sessions established."),
     "wstunnel_channels_open": ("gauge", "Tunnelled TCP connections currently open."),
     "wstunnel_channels_total": ("counter", "Tunnelled TCP connections opened."),
+    "wstunnel_forward_channels_open": ("gauge", "Channels open now, by forward name (its "
+                                       "name:, else its command-line form)."),
+    "wstunnel_forward_channels_total": ("counter", "Channels opened, by forward name."),
     "wstunnel_bytes_total": ("counter", "Payload bytes carried; direction=outbound is "
                              "local socket to tunnel, inbound is tunnel to local socket."),
     "wstunnel_channel_open_failures_total": ("counter", "Channel opens refused, by reason."),
@@ -73,6 +77,22 @@ METRICS: Final = {
                                                    "budget (max_queued_size) was used up "
                                                    "and reading from its sources paused."),
     "wstunnel_reloads_total": ("counter", "Configuration reloads, by result."),
+    "wstunnel_agent_bytes_total": ("counter", "Payload bytes carried for each agent (relay); "
+                                   "direction=down is to the agent, up from it."),
+    "wstunnel_agent_rate_limit_bytes": ("gauge", "An agent's rate_limit in bytes per second, "
+                                        "by direction (relay; agents with a limit only)."),
+    "wstunnel_agent_throttled_seconds_total": ("counter", "Seconds an agent's rate_limit held "
+                                               "its traffic back, by direction (relay)."),
+    "wstunnel_forward_rate_limit_bytes": ("gauge", "A forward's rate_limit in bytes per "
+                                          "second, by direction (agent)."),
+    "wstunnel_forward_throttled_seconds_total": ("counter", "Seconds a forward's rate_limit "
+                                                 "held its traffic back, by direction (agent)."),
+    "wstunnel_udp_flows_open": ("gauge", "UDP flows (one channel each) open now."),
+    "wstunnel_udp_flows_total": ("counter", "UDP flows opened."),
+    "wstunnel_udp_datagrams_total": ("counter", "UDP datagrams carried; direction=outbound "
+                                     "is local socket to tunnel, inbound the other way."),
+    "wstunnel_udp_dropped_total": ("counter", "UDP datagrams dropped, by reason (UDP is "
+                                   "lossy: a flow drops rather than waits or grows)."),
 }
 _REASONS: Final = [reason.name.lower() for reason in mux.OpenFailure]
 
@@ -116,7 +136,16 @@ class TunnelStats:
         self.on_change: list[Callable[[], None]] = []  # called when sessions come and go
         #: One line per finished channel while ``access_log`` is on (access_log.py).
         self.access_log: AccessLog | None = None
+        #: The reverse forwards' state, for ``wstunnel status``: set by the role (the
+        #: agent's leases, the relay's listeners); one dict of text per row.
+        self.reverse_forwards: Callable[[], list[dict[str, str]]] | None = None
         self._opened_at: dict[ChannelStream, float] = {}
+        #: Per agent (relay): bytes of its closed channels, by (agent, "down" or "up"),
+        #: and its rate limits' buckets (relay/rate_limits.py keeps them here).
+        self.agent_closed_bytes: Counter[tuple[str, str]] = Counter()
+        self.agent_buckets: dict[tuple[str, str], mux.TokenBucket] = {}
+        #: The agent's forwards[].rate_limit buckets, by (forward, "up" or "down").
+        self.forward_buckets: dict[tuple[str, str], mux.TokenBucket] = {}
         self._rates: dict[ChannelStream, _Rate] = {}
         self.refusals = RefusalLog(logging.getLogger(f"wstunnel.{role}"))
         # Multiplexer refusals already logged, per session.
@@ -164,6 +193,9 @@ class TunnelStats:
                 self._log_access(channel, trio.current_time() - opened_at)
         rate = self._rates.pop(channel, None)
         info = self._session_of(channel)
+        if info is not None and info.agent is not None and opened_at is not None:
+            self.agent_closed_bytes[info.agent, "down"] += channel.bytes_sent
+            self.agent_closed_bytes[info.agent, "up"] += channel.bytes_received
         if info is not None:  # what the sampler has not counted yet, for the session
             sent, received = (rate.sent, rate.received) if rate else (0, 0)
             info.meter.add(channel.bytes_sent - sent, channel.bytes_received - received)
@@ -302,6 +334,12 @@ class TunnelStats:
         yield "wstunnel_sessions_total", {}, self.sessions_total
         yield "wstunnel_channels_open", {}, sum(1 for _ in self.live_channels())
         yield "wstunnel_channels_total", {}, self.channels_total
+        open_by_forward = Counter(channel.forward for channel in self.live_channels())
+        for forward in sorted(name for name in self.forward_channels if name is not None):
+            yield ("wstunnel_forward_channels_open", {"forward": forward},
+                   open_by_forward[forward])
+            yield ("wstunnel_forward_channels_total", {"forward": forward},
+                   self.forward_channels[forward])
         outbound, inbound = self.bytes_carried()
         yield "wstunnel_bytes_total", {"direction": "outbound"}, outbound
         yield "wstunnel_bytes_total", {"direction": "inbound"}, inbound
@@ -320,6 +358,32 @@ class TunnelStats:
                self.ended_budget_exhaustions + sum(s.budget_exhaustions for s in sessions))
         for result in sorted(self.reloads):
             yield "wstunnel_reloads_total", {"result": result}, self.reloads[result]
+        yield from self._agent_samples()
+
+    def agent_bytes(self) -> Counter[tuple[str, str]]:
+        """Bytes carried per (agent, "down" or "up") on the relay: closed channels and
+        live ones (the relay sends what its channels read: down)."""
+        totals = Counter(self.agent_closed_bytes)
+        for transport, info in self.session_info.items():
+            if info.agent is not None:
+                for channel in transport.channels.values():
+                    if channel in self._opened_at:
+                        totals[info.agent, "down"] += channel.bytes_sent
+                        totals[info.agent, "up"] += channel.bytes_received
+        return totals
+
+    def _agent_samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
+        for (agent, direction), count in sorted(self.agent_bytes().items()):
+            yield "wstunnel_agent_bytes_total", {"agent": agent, "direction": direction}, count
+        for (agent, direction), bucket in sorted(self.agent_buckets.items()):
+            labels = {"agent": agent, "direction": direction}
+            yield "wstunnel_agent_rate_limit_bytes", labels, bucket.rate
+            yield "wstunnel_agent_throttled_seconds_total", labels, bucket.throttled_time
+        for (forward, direction), bucket in sorted(self.forward_buckets.items()):
+            labels = {"forward": forward, "direction": direction}
+            yield "wstunnel_forward_rate_limit_bytes", labels, bucket.rate
+            yield "wstunnel_forward_throttled_seconds_total", labels, bucket.throttled_time
+        yield from _udp_samples()
 
     def open_failure_counts(self) -> Counter[str]:
         """Refused opens by reason: reported ones, and those the live sessions'
@@ -353,17 +417,21 @@ class TunnelStats:
             "bytes_sent": outbound, "bytes_received": inbound,
             "open_failures": dict(+self.open_failure_counts()),
             "sessions": [self._session_view(t, since, now) for t, since in self.sessions.items()],
+            "reverse_forwards": self.reverse_forwards() if self.reverse_forwards else [],
         }
 
     def _session_view(self, transport: TunnelTransport, since: float, now: float) -> dict[str, Any]:
         channels = [self._channel_view(c, now) for c in transport.channels.values()]
-        return {"name": transport.name, "age": now - since, "channels_total":
+        return {"name": transport.name, "age": now - since,
+                "transport": getattr(transport.stream, "transport_name", "websocket"),
+                "channels_total":
                 transport.opened_total, "channels": channels}
 
     def _channel_view(self, channel: ChannelStream, now: float) -> dict[str, Any]:
         rate = self._rates.get(channel)
         return {
             "id": channel.channel_id, "destination": channel.destination,
+            "forward": channel.forward,
             "age": now - self._opened_at.get(channel, now),
             "bytes_sent": channel.bytes_sent, "bytes_received": channel.bytes_received,
             "rate_sent": rate.sent_rate if rate else 0.0,
@@ -388,6 +456,17 @@ def _reason_name(reason: int) -> str:
         return mux.OpenFailure(reason).name.lower()
     except ValueError:
         return "other"
+
+
+def _udp_samples() -> Iterator[tuple[str, dict[str, str], float]]:
+    """The process's UDP counters (net/udp_flow.py: one set per process)."""
+    yield "wstunnel_udp_flows_open", {}, udp_stats.flows_active
+    yield "wstunnel_udp_flows_total", {}, udp_stats.flows_opened
+    yield "wstunnel_udp_datagrams_total", {"direction": "outbound"}, udp_stats.datagrams_sent
+    yield ("wstunnel_udp_datagrams_total", {"direction": "inbound"},
+           udp_stats.datagrams_received)
+    for reason in sorted({*UDP_DROP_REASONS, *udp_stats.dropped}):
+        yield "wstunnel_udp_dropped_total", {"reason": reason}, udp_stats.dropped[reason]
 
 
 def _labels(labels: dict[str, str]) -> str:

@@ -6,15 +6,21 @@ from __future__ import annotations
 import signal
 import socket
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 from benchmarks._children import agent_argv
+from wstunnel.agent import run_agent
 from wstunnel.config import Forward
 from wstunnel.config.textforms import REVERSE, parse_forward
+from wstunnel.relay import run_relay
 from wstunnel.security.listen_policy import ListenRule
+from wstunnel.service.admin import format_status
+from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.reload import ReloadRequest
 
 from ..log_watch import LogWatch
 from ..process_helpers import wstunnel
@@ -250,4 +256,107 @@ async def test_unix_sockets_on_both_sides_of_a_reverse_forward(tmp_path: Path,
             agent.kill()
             await logs.wait_for(f"stopped listening on unix:{relay_side}")
             assert not Path(relay_side).exists()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reload_adds_and_removes_reverse_forwards_on_the_same_session(
+        logs: LogWatch) -> None:
+    """A reload that adds a -R forward makes the relay listen at once; one that drops
+    it makes the relay stop; the session stays up throughout."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            port = free_port()
+            relay = await start_relay(nursery, relay_config(
+                listen_allow=listen_allow(f"{LOOPBACK}:{port}")))
+            config = agent_config(relay.ports[0], [echo])
+            send, receive = trio.open_memory_channel[ReloadRequest](0)
+            await nursery.start(partial(run_agent, config, shutdown=trio.Event(),
+                                        reloads=receive))
+            await logs.wait_for("session up")
+            added = ReloadRequest(replace(config, forwards=(*config.forwards,
+                                                            reverse(port, echo, "added"))))
+            await send.send(added)
+            await added.done.wait()
+            assert added.error is None
+            await logs.wait_for(f"relay listening on {LOOPBACK}:{port} for added")
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                assert await echo_exact(stream, b"added") == b"added"
+            removed = ReloadRequest(config)
+            await send.send(removed)
+            await removed.done.wait()
+            await logs.wait_for(f"stopped listening on {LOOPBACK}:{port} for agent anonymous: "
+                                "the agent released it")
+            assert await refused(port)
+            nursery.cancel_scope.cancel()
+    assert not any("reconnecting" in line for line in logs.lines)
+
+
+async def test_status_shows_reverse_forwards_on_both_sides(logs: LogWatch) -> None:
+    """`wstunnel status` lists each -R forward: the agent with its state (listening, or
+    why not), the relay with the listener and whose it is."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            port, forbidden = free_port(), free_port()
+            relay_stats, agent_stats = TunnelStats("relay"), TunnelStats("agent")
+            await nursery.start(partial(run_relay, relay_config(
+                listen_allow=listen_allow(f"{LOOPBACK}:{port}")), shutdown=trio.Event(),
+                stats=relay_stats))
+            relay_port = (await logs.wait_for("relay listening on")).split(":")[1].split(",")[0]
+            config = agent_config(int(relay_port), [], forwards=(
+                reverse(port, echo, "web"), reverse(forbidden, echo)))
+            await nursery.start(partial(run_agent, config, shutdown=trio.Event(),
+                                        stats=agent_stats))
+            await logs.wait_for(f"relay listening on {LOOPBACK}:{port}")
+            await logs.wait_for("the relay will not listen on")
+            mine = format_status(agent_stats.snapshot())
+            assert f"web: relay {LOOPBACK}:{port} -> {LOOPBACK}:{echo}: listening" in mine
+            assert f"relay {LOOPBACK}:{forbidden} -> {LOOPBACK}:{echo}: refused:" in mine
+            theirs = format_status(relay_stats.snapshot())
+            assert f"agent anonymous: {LOOPBACK}:{port} -> session" in theirs
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_shutting_down_releases_its_listeners_first(logs: LogWatch) -> None:
+    """On shutdown (SIGTERM: drain) the agent releases its leases before it drains, so
+    the relay stops listening at once instead of accepting connections it must reset."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            port = free_port()
+            relay = await start_relay(nursery, relay_config(
+                listen_allow=listen_allow(f"{LOOPBACK}:{port}")))
+            agent = await start_agent(nursery, agent_config(
+                relay.ports[0], [], forwards=(reverse(port, echo),), drain_timeout=5.0))
+            await logs.wait_for(f"relay listening on {LOOPBACK}:{port}")
+            async with await trio.open_tcp_stream(LOOPBACK, port) as held:
+                assert await echo_exact(held, b"open") == b"open"
+                agent.stop.set()  # (this connection keeps the drain waiting)
+                await logs.wait_for(f"stopped listening on {LOOPBACK}:{port} for agent "
+                                    "anonymous: the agent released it")
+                assert await refused(port)
+                assert await echo_exact(held, b"still") == b"still"
+            await agent.finished.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_shutting_down_stops_listening_first(logs: LogWatch) -> None:
+    """The relay's drain closes its reverse listeners at once; a connection already
+    carried finishes."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            port = free_port()
+            relay = await start_relay(nursery, relay_config(
+                listen_allow=listen_allow(f"{LOOPBACK}:{port}"), drain_timeout=5.0))
+            await start_agent(nursery, agent_config(relay.ports[0], [], forwards=(
+                reverse(port, echo),)))
+            await logs.wait_for(f"relay listening on {LOOPBACK}:{port}")
+            async with await trio.open_tcp_stream(LOOPBACK, port) as held:
+                assert await echo_exact(held, b"open") == b"open"
+                relay.stop.set()
+                await logs.wait_for("the relay is shutting down")
+                assert await refused(port)
+                assert await echo_exact(held, b"still") == b"still"
             nursery.cancel_scope.cancel()

@@ -288,3 +288,27 @@ async def test_agent_status_follows_the_session() -> None:
                 await notes.wait_for("status", notes.sent.count("status") + 1)
             assert notes.texts[-1].endswith("(reconnecting); 1 forward")
             nursery.cancel_scope.cancel()
+
+
+async def test_agent_metrics_count_channels_per_forward_name() -> None:
+    """Each forward's channels are counted under its name (or its command-line form),
+    and a forward with no channel yet is already there with 0."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            relay = await nursery.start(partial(run_relay, relay_config(),
+                                                shutdown=trio.Event()))
+            stats = TunnelStats("agent")
+            named = replace(Forward(LOOPBACK, 0, LOOPBACK, echo), name="web")
+            config = agent_config(relay[0][1], [], forwards=(
+                named, Forward(LOOPBACK, 0, LOOPBACK, echo)))
+            agent = await nursery.start(partial(run_agent, config, shutdown=trio.Event(),
+                                                stats=stats))
+            async with await trio.open_tcp_stream(LOOPBACK, agent[0][0][1]) as stream:
+                await _echo_once(stream, b"x" * 100)
+                text = stats.render_prometheus()
+            assert _value(text, 'wstunnel_forward_channels_total{forward="web"}') == 1
+            assert _value(text, 'wstunnel_forward_channels_open{forward="web"}') == 1
+            unnamed = f'{{forward="-L {LOOPBACK}:0:{LOOPBACK}:{echo}"}}'
+            assert _value(text, "wstunnel_forward_channels_total" + unnamed) == 0
+            nursery.cancel_scope.cancel()

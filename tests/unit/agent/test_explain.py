@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from wstunnel import ws
-from wstunnel.agent.explain import explain_rejection
+from wstunnel.agent.explain import brief, explain_rejection
 from wstunnel.agent.proxy import choose_proxy
 from wstunnel.config import parse_config
 from wstunnel.config.headers import parse_header_line, parse_host_header
@@ -129,3 +129,18 @@ def test_cli_flags_for_proxies_headers_and_trusted_proxies(tmp_path: object) -> 
     relay = relay_config_from_args(build_parser().parse_args(
         ["relay", "--listen", "127.0.0.1:1", "--trusted-proxy", "10.0.0.0/8"]))
     assert relay.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize(("status", "reason", "server", "expected"), [
+    (200, "OK", "squid/5.7",
+     "WebSocket upgrade stripped by squid/5.7 (got 200 OK without Upgrade)"),
+    (426, "Upgrade Required", "nginx/1.22.1",
+     "WebSocket upgrade stripped by nginx/1.22.1 (got 426 Upgrade Required without Upgrade)"),
+    (0, "", None, "WebSocket upgrade cut on the way (closed the connection)"),
+])
+def test_brief_names_what_broke_the_upgrade(status: int, reason: str, server: str | None,
+                                            expected: str) -> None:
+    """The short form the agent logs before it uses an HTTP transport instead."""
+    headers = [("server", server)] if server else []
+    event = ws.HandshakeRejected(status, reason, headers, b"", "closed the connection")
+    assert brief(event) == expected

@@ -206,3 +206,34 @@ def test_random_bytes_yield_a_request_a_failure_or_a_wait(data: bytes, prefix: b
     handshake = ProxyHandshake(USERS if with_users else None, max_request_size=256)
     event, _ = _feed(handshake, prefix + data, bytewise=len(data) % 2 == 0)
     assert event is None or isinstance(event, (ProxyRequest, ProxyFailed))
+
+
+def test_socks5_udp_associate_request_and_reply() -> None:
+    """RFC 1928 section 7: command 3 is a UDP ASSOCIATE request (port 0 allowed); the
+    reply names the relay socket as an IPv4 address and port."""
+    from wstunnel.agent.socks import ProxyHandshake, ProxyRequest
+
+    handshake = ProxyHandshake()
+    handshake.receive_data(b"\x05\x01\x00")
+    assert handshake.next_event() is None
+    assert handshake.data_to_send() == b"\x05\x00"
+    handshake.receive_data(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+    request = handshake.next_event()
+    assert isinstance(request, ProxyRequest) and request.udp_associate
+    assert (request.host, request.port) == ("0.0.0.0", 0)
+    handshake.reply_associated("127.0.0.1", 4242)
+    assert handshake.data_to_send() == b"\x05\x00\x00\x01\x7f\x00\x00\x01\x10\x92"
+
+
+def test_socks5_udp_datagram_headers() -> None:
+    """The UDP header both ways: names, IPv4 and IPv6 parse; fragments, port 0 and
+    truncated headers are dropped (None)."""
+    from wstunnel.agent.socks import parse_udp_datagram, udp_datagram
+
+    assert parse_udp_datagram(udp_datagram("ns.example", 53, b"q")) == ("ns.example", 53, b"q")
+    assert parse_udp_datagram(udp_datagram("10.0.0.53", 53, b"")) == ("10.0.0.53", 53, b"")
+    assert parse_udp_datagram(udp_datagram("fd00::1", 53, b"x")) == ("fd00::1", 53, b"x")
+    fragment = b"\x00\x00\x01" + udp_datagram("10.0.0.53", 53, b"q")[3:]
+    assert parse_udp_datagram(fragment) is None
+    assert parse_udp_datagram(udp_datagram("10.0.0.53", 0, b"q")) is None
+    assert parse_udp_datagram(b"\x00\x00\x00\x03\x09short") is None

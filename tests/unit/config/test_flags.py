@@ -43,6 +43,8 @@ AGENT_ROWS: list[tuple[list[str], dict[str, Any]]] = [
      {"proxy": "http://agent@p:3128", "proxy_password_file": READABLE}),
     (["--header", "X-Route: a", "--headers", "X-Key: 2"], {"headers": ["X-Route: a", "X-Key: 2"]}),
     (["--host-header", "front.example:8443"], {"host_header": "front.example:8443"}),
+    (["--transport", "polling"], {"transport": "polling"}),
+    (["--user-agent", "Mozilla/5.0 (X11)"], {"user_agent": "Mozilla/5.0 (X11)"}),
     (["--token-file", "/etc/wstunnel/agent.token"], {"token_file": "/etc/wstunnel/agent.token"}),
     (["--token-env", "WSTUNNEL_TOKEN"], {"token_env": "WSTUNNEL_TOKEN"}),
     (["--token-credential", "agent-token"], {"token_credential": "agent-token"}),

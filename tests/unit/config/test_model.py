@@ -43,9 +43,9 @@ def test_an_accounts_policy_is_built_once_and_keeps_its_verdicts(
     asked: list[AllowRule] = []
     matches = AllowRule.matches
 
-    def counting(rule: AllowRule, *args: object) -> bool:
+    def counting(rule: AllowRule, *args: object, **kwargs: bool) -> bool:
         asked.append(rule)
-        return matches(rule, *args)  # type: ignore[arg-type]  # (name, port, address)
+        return matches(rule, *args, **kwargs)  # type: ignore[arg-type]  # (name, port, address)
 
     monkeypatch.setattr(AllowRule, "matches", counting)
     target = ipaddress.ip_address("10.1.2.3")

@@ -381,3 +381,55 @@ def test_the_door_does_no_io() -> None:
     names |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
               if isinstance(node, ast.ImportFrom) and node.level == 0}
     assert not names & {"trio", "socket", "ssl", "time", "threading", "asyncio", "select"}
+
+
+# -- the HTTP transports' requests (framing.py markers) -------------------------------------
+
+def _http(method: str = "POST", transport: str = "polling", *extra: str) -> bytes:
+    return _request(method=method, upgrade=False, subprotocol=False,
+                    headers=(f"X-Wstunnel-Transport: {transport}", "Content-Length: 0", *extra))
+
+
+def test_http_transport_request_is_logged_in_like_an_upgrade() -> None:
+    """A plain request carrying the transport marker is not answered 426: a good token
+    lets it in, a wrong one gets the same 401 as an upgrade's; an unknown transport
+    name is a 400 that says which names exist."""
+    door = Door(LOGINS)
+    accepted, _ = _knock(door, _http("POST", "polling", *_login(TOKEN)))
+    assert isinstance(accepted, Accepted) and accepted.identity.name == "a1"
+    assert _answer(door, _http("POST", "streaming", *_login(WRONG_TOKEN))).response == UNAUTHORIZED
+    unknown = _answer(door, _http("POST", "carrier-pigeon", *_login(TOKEN)))
+    assert unknown.status == 400 and b"streaming, polling" in unknown.response
+
+
+def test_joining_a_session_is_not_a_new_session() -> None:
+    """An agent at max_sessions_per_agent may still send requests for the sessions it
+    holds (they carry a session id), and they pass while the relay drains; a new
+    session is refused (429, 503)."""
+    door = Door(LOGINS)
+    door.session_started("a1")
+    door.session_started("a1")
+    joining = _http("GET", "polling", *_login(TOKEN), "X-Wstunnel-Session: abc")
+    assert isinstance(_knock(door, joining)[0], Accepted)
+    assert isinstance(_knock(door, joining, stopping=True)[0], Accepted)
+    assert _answer(door, _http("POST", "polling", *_login(TOKEN))).status == 429
+    assert _answer(door, _http("POST", "polling", *_login(TOKEN)), stopping=True).status == 503
+
+
+def test_a_session_not_yours_is_refused_like_a_bad_login() -> None:
+    """``refuse_session`` gives exactly the bytes of a wrong token's 401."""
+    door = Door(LOGINS)
+    accepted, handshake = _knock(door, _http("GET", "polling", *_login(TOKEN)))
+    assert isinstance(accepted, Accepted)
+    answer = door.refuse_session(handshake, accepted, "no such session", now=0.0)
+    assert answer.response == UNAUTHORIZED and answer.failed_login
+
+
+def test_absolute_form_targets_are_routed_by_their_path() -> None:
+    """A request in absolute form (as a forwarding proxy may pass it on) is routed by its
+    path: the health check answers, the tunnel path is the tunnel."""
+    door = Door(OPEN)
+    health = _request("http://relay.example:8080/health", upgrade=False, subprotocol=False)
+    assert _answer(door, health).status == 200
+    tunnel = _http("POST", "polling").replace(b"POST /tunnel ", b"POST http://r:1/tunnel ")
+    assert isinstance(_knock(door, tunnel)[0], Accepted)

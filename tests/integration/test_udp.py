@@ -1,0 +1,254 @@
+"""UDP through the tunnel (-L udp:, -R udp:) with real programs on loopback: dig
+against a dnsmasq serving a zone the test writes, and a trio echo server.
+
+What users rely on (docs/PROTOCOL.md 4.2, docs/CONFIG.md): replies reach the
+client that asked; a datagram over 65,507 bytes is dropped and the flow goes
+on; a destination outside the relay's ``udp:`` rules (a TCP rule never allows
+UDP) gets no answer and is logged and counted; an idle flow ends with FIN
+after ``udp_idle_timeout``; two clients of one -R udp port each get their own
+replies.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import trio
+
+from wstunnel.config import Forward
+from wstunnel.config.textforms import REVERSE, UDP, parse_forward
+from wstunnel.net.udp_flow import udp_stats
+from wstunnel.relay.relay import Relay
+from wstunnel.security.listen_policy import ListenRule
+from wstunnel.security.policy import AllowRule
+
+from .log_watch import LogWatch
+from .tunnel_helpers import agent_config, relay_config, start_agent, start_relay
+from .udp_helpers import (
+    LOOPBACK,
+    ZONE,
+    ZONE_ADDRESS,
+    answer_address,
+    dns_query,
+    dnsmasq,
+    exchange,
+    free_udp_port,
+    require,
+    serve_udp_echo,
+)
+
+
+def udp_forward(target_port: int, *, listen: str = LOOPBACK, idle: float = 60.0) -> Forward:
+    return replace(Forward(listen, 0, LOOPBACK, target_port), protocol=UDP,
+                   udp_idle_timeout=idle)
+
+
+@asynccontextmanager
+async def udp_tunnel(forward: Forward, allow: list[str],
+                     relays: list[Relay] | None = None) -> AsyncIterator[int]:
+    """A relay allowing ``allow`` and an agent serving ``forward``; yields the agent's
+    UDP port."""
+    async with trio.open_nursery() as nursery:
+        relay = await start_relay(nursery, relay_config(
+            allow=tuple(AllowRule.parse(rule) for rule in allow)))
+        agent = await start_agent(nursery, agent_config(relay.ports[0], [],
+                                                        forwards=(forward,)))
+        try:
+            yield agent.ports[0]
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def dig(port: int, name: str) -> str:
+    program = require("dig", "dnsutils")
+    done = await trio.run_process(
+        [program, f"@{LOOPBACK}", "-p", str(port), "+short", "+tries=3", "+time=1", name],
+        capture_stdout=True, check=False)
+    return done.stdout.decode().strip()
+
+
+async def test_dig_through_udp_forward_gets_the_zones_answer() -> None:
+    """dig at the agent's -L udp: port is answered by the dnsmasq behind the relay."""
+    with dnsmasq() as dns_port:
+        async with udp_tunnel(udp_forward(dns_port), [f"udp:{LOOPBACK}:{dns_port}"]) as port:
+            with trio.fail_after(15):
+                assert await dig(port, f"www.{ZONE}") == ZONE_ADDRESS
+                assert await dig(port, f"mail.{ZONE}") == ZONE_ADDRESS
+
+
+async def test_many_queries_from_one_socket_are_all_answered_in_order_of_ids() -> None:
+    """200 queries in flight on one flow: every one is answered, each reply to its id."""
+    with dnsmasq() as dns_port:
+        async with udp_tunnel(udp_forward(dns_port), [f"udp:{LOOPBACK}:{dns_port}"]) as port:
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock, trio.fail_after(15):
+                await exchange(sock, (LOOPBACK, port), dns_query(f"warm.{ZONE}", 0))
+                for query_id in range(1, 201):
+                    await sock.sendto(dns_query(f"q{query_id}.{ZONE}", query_id),
+                                      (LOOPBACK, port))
+                seen: set[int] = set()
+                while len(seen) < 200:
+                    query_id, address = answer_address(await sock.recv(4096))
+                    assert address == ZONE_ADDRESS
+                    seen.add(query_id)
+                assert seen == set(range(1, 201))
+
+
+async def test_datagram_over_the_limit_is_dropped_and_the_flow_goes_on() -> None:
+    """A 65,520-byte datagram (possible over IPv6) is dropped and counted as too_big;
+    65,507 bytes, the limit, and the next small datagram still cross."""
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_udp_echo)
+        forward = udp_forward(echo, listen="::1")
+        async with udp_tunnel(forward, [f"udp:{LOOPBACK}:{echo}"]) as port:
+            sock = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            with sock, trio.fail_after(10):
+                address = ("::1", port)
+                assert await exchange(sock, address, b"first") == b"first"
+                before = udp_stats.dropped["too_big"]
+                await sock.sendto(b"x" * 65520, address)
+                largest = b"y" * 65507
+                assert await exchange(sock, address, largest) == largest
+                assert udp_stats.dropped["too_big"] == before + 1
+                assert await exchange(sock, address, b"after") == b"after"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tcp_rule_never_allows_udp_and_the_refusal_is_logged(logs: LogWatch) -> None:
+    """The relay allows 127.0.0.1 for TCP only: the UDP flow is refused (FORBIDDEN),
+    the client gets no answer, the agent logs it and counts the dropped datagrams."""
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_udp_echo)
+        async with udp_tunnel(udp_forward(echo), [f"{LOOPBACK}:{echo}"]) as port:
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock, trio.fail_after(10):
+                before = udp_stats.dropped["refused"]
+                await sock.sendto(b"hello", (LOOPBACK, port))
+                line = await logs.wait_for("udp flow from")
+                assert "refused" in line and "not allowed" in line
+                await sock.sendto(b"again", (LOOPBACK, port))  # held: dropped, no new OPEN
+                with trio.move_on_after(0.5) as quiet:
+                    await sock.recv(100)
+                assert quiet.cancelled_caught, "a refused flow must get no answer"
+                assert udp_stats.dropped["refused"] >= before + 2
+                assert any("udp 127.0.0.1" in line and "udp: rule" in line
+                           for line in logs.lines), "the relay says a udp: rule is needed"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_flow_ends_with_fin_and_the_next_datagram_opens_a_new_one(
+        logs: LogWatch) -> None:
+    """udp_idle_timeout 0.3 s: the flow ends cleanly (FIN both ways, no reset), the
+    relay's channel is gone, and the client's next datagram is carried by a new flow."""
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_udp_echo)
+        async with udp_tunnel(udp_forward(echo, idle=0.3), [f"udp:{LOOPBACK}:{echo}"]) as port:
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock, trio.fail_after(10):
+                opened = udp_stats.flows_opened
+                assert await exchange(sock, (LOOPBACK, port), b"one") == b"one"
+                line = await logs.wait_for("ended: idle for 0.3 s")
+                assert "udp flow from" in line
+                await logs.wait_for("ended: the peer ended the flow")  # the relay's side
+                assert not any("reset" in line for line in logs.lines if "channel" in line)
+                assert await exchange(sock, (LOOPBACK, port), b"two") == b"two"
+                assert udp_stats.flows_opened == opened + 2 * 2  # agent + relay, twice
+        nursery.cancel_scope.cancel()
+
+
+async def test_reverse_udp_routes_replies_to_each_of_two_clients() -> None:
+    """-R udp: two clients of the relay's port each get the replies to their own
+    datagrams from the server beside the agent, never the other's."""
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_udp_echo)
+        relay_port = free_udp_port()
+        forward = replace(parse_forward(f"udp:{relay_port}:{LOOPBACK}:{echo}", kind=REVERSE),
+                          name="dns-back")
+        relay = await start_relay(nursery, relay_config(
+            listen_allow=(ListenRule.parse(f"udp:{LOOPBACK}:{relay_port}"),)))
+        await start_agent(nursery, agent_config(relay.ports[0], [], forwards=(forward,)))
+        clients = [trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+        with clients[0], clients[1], trio.fail_after(15):
+            for client in clients:
+                await client.bind((LOOPBACK, 0))
+            for _ in range(100):  # until the lease is up: the first reply
+                with trio.move_on_after(0.1):
+                    await exchange(clients[0], (LOOPBACK, relay_port), b"ping", 0.1)
+                    break
+            got: list[list[bytes]] = [[], []]
+
+            async def talk(i: int) -> None:
+                for n in range(50):
+                    payload = f"client{i}-{n}".encode()
+                    await clients[i].sendto(payload, (LOOPBACK, relay_port))
+                    while (reply := await clients[i].recv(100)) != payload:
+                        assert reply == b"ping", f"client {i} got {reply!r}"
+                    got[i].append(reply)
+
+            async with trio.open_nursery() as talking:
+                talking.start_soon(talk, 0)
+                talking.start_soon(talk, 1)
+            for i in (0, 1):
+                assert got[i] == [f"client{i}-{n}".encode() for n in range(50)]
+        nursery.cancel_scope.cancel()
+
+
+async def socks5_associate(proxy_port: int) -> tuple[trio.SocketStream, tuple[str, int]]:
+    """A SOCKS5 UDP ASSOCIATE (no login) on the -D port: the TCP connection that keeps
+    the association, and the UDP relay address the agent named."""
+    stream = await trio.open_tcp_stream(LOOPBACK, proxy_port)
+    await stream.send_all(b"\x05\x01\x00")
+    assert await stream.receive_some(2) == b"\x05\x00"
+    await stream.send_all(b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00")
+    reply = b""
+    while len(reply) < 10:
+        reply += await stream.receive_some(10 - len(reply))
+    assert reply[:4] == b"\x05\x00\x00\x01", reply
+    return stream, (socket.inet_ntoa(reply[4:8]), int.from_bytes(reply[8:10], "big"))
+
+
+def socks_udp(host: str, port: int, payload: bytes) -> bytes:
+    """RFC 1928 section 7's header (domain name form) and the payload."""
+    return b"\x00\x00\x00\x03" + bytes([len(host)]) + host.encode() + port.to_bytes(2, "big") \
+        + payload
+
+
+async def test_socks5_udp_associate_carries_dns_and_refuses_what_the_relay_refuses() -> None:
+    """A SOCKS5 client's UDP ASSOCIATE on -D: DNS queries to dnsmasq (named
+    "localhost": the relay resolves it) are answered, each reply with the header
+    naming its source; a destination no udp: rule allows gets no answer; closing
+    the TCP connection ends the association (its relay socket is closed)."""
+    with dnsmasq() as dns_port:
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(allow=(
+                AllowRule.parse(f"udp:localhost:{dns_port}"),)))
+            dynamic = Forward.dynamic(parse_forward("0:h:1").listen)
+            agent = await start_agent(nursery, agent_config(relay.ports[0], [],
+                                                            forwards=(dynamic,)))
+            stream, relay_address = await socks5_associate(agent.ports[0])
+            sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with sock, trio.fail_after(10):
+                header = socks_udp("localhost", dns_port, b"")
+                query = socks_udp("localhost", dns_port, dns_query(f"a.{ZONE}", 7))
+                reply = await exchange(sock, relay_address, query)
+                assert reply.startswith(header)
+                assert answer_address(reply[len(header):]) == (7, ZONE_ADDRESS)
+                await sock.sendto(socks_udp("localhost", dns_port + 1, dns_query("b.x", 8)),
+                                  relay_address)
+                with trio.move_on_after(0.5) as quiet:
+                    await sock.recv(4096)
+                assert quiet.cancelled_caught, "a refused destination gets no answer"
+                await stream.aclose()
+                await sock.connect(relay_address)  # (so the kernel reports port unreachable)
+                with trio.fail_after(5):  # the agent closes the relay socket
+                    while True:
+                        await sock.send(header + b"late")
+                        try:
+                            with trio.move_on_after(0.05):
+                                await sock.recv(100)
+                        except ConnectionRefusedError:
+                            break
+            nursery.cancel_scope.cancel()

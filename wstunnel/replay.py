@@ -1,0 +1,145 @@
+"""Session resumption, sans-IO: number the records, keep the unacknowledged ones, replay.
+
+Theory of operation
+-------------------
+A resumable session outlives its carrier (one WebSocket, or one HTTP
+transport): when the carrier breaks, both sides keep the multiplexer session
+and its channels, the agent reconnects, and each side re-sends exactly the
+records the other has not received. That needs three things, all here:
+
+* Every record a side sends after the handshake has a sequence number (1, 2,
+  ... in sending order; not on the wire, both sides count). ``ReplayLog``
+  keeps each record sent until the peer acknowledges it.
+* Each side counts the records it has received and acknowledges them with an
+  ACK record (type 0x0a, a u64 count) at least every ``ACK_RECORDS`` records
+  or ``ACK_BYTES`` bytes, and when asked (each keepalive). ACKs themselves are
+  neither numbered nor kept: a lost one is superseded by the next.
+* On resume each side tells the other, in the reconnect's HTTP exchange, how
+  many records it has received; ``replay(count)`` returns the records after
+  that, which go out on the new carrier before anything new. Nothing is lost
+  (all that was not received is re-sent) and nothing is duplicated (all that
+  was received is not).
+
+What is kept is bounded by what the peer has not acknowledged: records in
+flight (about a bandwidth-delay product) plus the acknowledgement interval;
+during an outage nothing new is written, so nothing new is kept, and the
+multiplexer's own budgets (``max_queued_size``) hold what waits.
+
+Only a session both sides agreed to make resumable (PROTOCOL.md section 11)
+has ACK records; on any other, record type 0x0a is a protocol error as before.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from typing import Final
+
+from .errors import RemoteProtocolError
+from .mux import ErrorCode
+
+__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "ReplayLog", "ack_record", "parse_ack"]
+
+#: The ACK record's type byte (mux/wire.py's types end at 0x09).
+ACK: Final = 0x0A
+_ACK: Final = struct.Struct("!BQ")
+_PROTOCOL_ERROR: Final = int(ErrorCode.PROTOCOL_ERROR)
+#: Acknowledge at least this often (records, bytes received since the last ACK).
+ACK_RECORDS: Final = 64
+ACK_BYTES: Final = 256 * 1024
+
+Record = tuple[bytes, "bytes | memoryview"]
+
+
+def ack_record(count: int) -> bytes:
+    """The ACK record saying ``count`` records were received."""
+    return _ACK.pack(ACK, count)
+
+
+def parse_ack(record: bytes | bytearray | memoryview) -> int:
+    """The count an ACK record carries.
+
+    Raises:
+        RemoteProtocolError: not exactly 9 bytes.
+    """
+    if len(record) != _ACK.size:
+        raise RemoteProtocolError(f"ACK record of {len(record)} bytes, expected {_ACK.size}",
+                                  _PROTOCOL_ERROR)
+    return int(_ACK.unpack(bytes(record))[1])
+
+
+class ReplayLog:
+    """One side's sequence numbers, kept records and acknowledgement duty."""
+
+    def __init__(self) -> None:
+        self._kept: deque[Record] = deque()
+        self._kept_size = 0
+        self.first_kept = 1  # the sequence number of _kept[0]
+        self.sent = 0  # records sent (numbered)
+        self.received = 0  # records received (numbered)
+        self._acked_received = 0  # the count our last ACK said
+        self._bytes_since_ack = 0
+
+    @property
+    def kept_size(self) -> int:
+        """Bytes of records kept for a possible replay."""
+        return self._kept_size
+
+    @property
+    def kept_count(self) -> int:
+        return len(self._kept)
+
+    # -- sending -------------------------------------------------------------------
+
+    def sent_record(self, head: bytes, payload: bytes | memoryview) -> None:
+        """A record (header and payload, as framed) goes out now: number and keep it."""
+        self.sent += 1
+        self._kept.append((head, payload))
+        self._kept_size += len(head) + len(payload)
+
+    def acknowledged(self, count: int) -> None:
+        """The peer has received ``count`` records: forget them.
+
+        Raises:
+            RemoteProtocolError: it claims more than we sent, or fewer than it
+                already acknowledged.
+        """
+        if count > self.sent:
+            raise RemoteProtocolError(f"ACK of {count} records, but only {self.sent} were sent",
+                                      _PROTOCOL_ERROR)
+        if count < self.first_kept - 1:
+            raise RemoteProtocolError(f"ACK of {count} records after an ACK of "
+                                      f"{self.first_kept - 1}", _PROTOCOL_ERROR)
+        kept = self._kept
+        while self.first_kept <= count:
+            head, payload = kept.popleft()
+            self._kept_size -= len(head) + len(payload)
+            self.first_kept += 1
+
+    def replay(self, peer_received: int) -> list[Record]:
+        """The records to send again on a new carrier, in order: those after the
+        ``peer_received`` the peer reported when it resumed.
+
+        Raises:
+            RemoteProtocolError: the count is beyond what we sent, or before what
+                it had acknowledged (we no longer have those records).
+        """
+        self.acknowledged(peer_received)
+        return list(self._kept)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def received_record(self, size: int) -> bool:
+        """A numbered record of ``size`` bytes arrived; True when an ACK is due."""
+        self.received += 1
+        self._bytes_since_ack += size
+        return (self.received - self._acked_received >= ACK_RECORDS
+                or self._bytes_since_ack >= ACK_BYTES)
+
+    def take_ack(self) -> bytes | None:
+        """The ACK to send now, or None when nothing new was received since the last."""
+        if self.received == self._acked_received:
+            return None
+        self._acked_received = self.received
+        self._bytes_since_ack = 0
+        return ack_record(self.received)
