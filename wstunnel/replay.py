@@ -25,7 +25,7 @@ flight (about a bandwidth-delay product) plus the acknowledgement interval;
 during an outage nothing new is written, so nothing new is kept, and the
 multiplexer's own budgets (``max_queued_size``) hold what waits.
 
-Only a session both sides agreed to make resumable (PROTOCOL.md section 11)
+Only a session both sides agreed to make resumable (PROTOCOL.md section 12)
 has ACK records; on any other, record type 0x0a is a protocol error as before.
 """
 
