@@ -5,8 +5,10 @@ this 2-core machine about 20 GiB and their start-up would dominate the run.
 What the relay sees is the same: one TCP connection per session, the
 WebSocket upgrade an agent sends (``ws.ClientHandshake``), the agent's end of
 the tunnel protocol (``TunnelProtocol``: SETTINGS first, pongs to the relay's
-pings) and a ping to the relay every ``--ping-interval``, spread over the
-interval as independent agents' pings are. No channels: the sessions are idle.
+pings) and the agent's keepalive (net/transport.py): a ping to the relay once
+nothing has arrived for ``--ping-interval``, phases spread over the interval
+as independent agents' are (``--keepalive always``: every interval whatever
+arrived, as before issue 22). No channels: the sessions are idle.
 
 One trio task per session; each waits for bytes from the relay or its next
 ping, whichever comes first, so a session costs this process nothing between
@@ -55,9 +57,11 @@ class Counters:
 class Holder:
     """The sessions, their counters, and the event that a grow waits on."""
 
-    def __init__(self, port: int, ping_interval: float, batch: int) -> None:
+    def __init__(self, port: int, ping_interval: float, batch: int, *,
+                 always: bool = False) -> None:
         self.port = port
         self.ping_interval = ping_interval
+        self.always = always
         self.opening = trio.CapacityLimiter(batch)
         self.counters = Counters()
         self.changed = trio.Event()
@@ -115,16 +119,21 @@ class Holder:
         return stream, protocol
 
     async def _serve(self, stream: trio.SocketStream, protocol: TunnelProtocol) -> None:
-        next_ping = trio.current_time() + random.uniform(0, self.ping_interval)  # noqa: S311
+        interval = self.ping_interval
+        next_ping = trio.current_time() + random.uniform(0, interval)  # noqa: S311
+        last_received = -interval
         while not protocol.closed:
             with trio.move_on_at(next_ping) as waited:
                 data = await stream.receive_some(READ_SIZE)
+            now = trio.current_time()
             if waited.cancelled_caught:
-                protocol.ping(b"wstunnel")
-                next_ping += self.ping_interval
+                next_ping = now + interval
+                if self.always or now - last_received >= interval:
+                    protocol.ping(b"wstunnel")
             elif not data:
                 return
             else:
+                last_received = now
                 protocol.receive_data(data)
                 self.counters.pongs += sum(
                     type(event) is ws.PongReceived for event in protocol.events_received())
@@ -151,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True, help="the relay's port on 127.0.0.1")
     parser.add_argument("--ping-interval", type=float, default=20.0)
     parser.add_argument("--batch", type=int, default=50, help="upgrades in flight at once")
+    parser.add_argument("--keepalive", choices=("idle", "always"), default="idle",
+                        help="ping when nothing arrived for an interval, or every interval")
     args = parser.parse_args(argv)
-    trio.run(_commands, Holder(args.port, args.ping_interval, args.batch))
+    trio.run(_commands, Holder(args.port, args.ping_interval, args.batch,
+                               always=args.keepalive == "always"))
     return 0
 
 

@@ -14,6 +14,7 @@ spread over the round however fast it runs); a fault is one of:
     relay-kill    SIGKILLs the relay and restarts it on the same port 0-2 s later
     link-cut      SIGKILLs the TCP forwarder between agent and relay (socat) and
                   starts it again 0-2 s later: the path is gone, both ends stay up
+                  (sessions resume: with --resume-grace 0 their connections reset)
     link-freeze   SIGSTOPs the forwarder for longer than ping interval + timeout,
                   so both ends declare the session dead by ping, then SIGCONT
     dest-reset    resets 1-3 destination connections mid-stream (SO_LINGER 0)
@@ -93,6 +94,7 @@ class Tunnel:
     agent: subprocess.Popen[bytes] | None = None
     relay_starts: int = 0
     frozen: bool = False
+    resume_grace: float = 60.0  # (0: sessions do not survive a broken link)
 
     async def start(self) -> None:
         await self.start_relay()
@@ -110,7 +112,7 @@ class Tunnel:
     async def start_relay(self) -> None:
         config = self._write("relay.yaml", [
             f"listen: 127.0.0.1:{self.relay_port}", "allow: [127.0.0.1]", "no_auth: true",
-            "drain_timeout: 1.0", *self._pings()])
+            "drain_timeout: 1.0", f"resume_grace: {self.resume_grace:g}", *self._pings()])
         self.relay = _procs.spawn(self.stack, [*self.command, "relay", "-c", str(config)],
                                   self.tmp / "relay.log")
         await _wait_listening(self.relay_port, self.relay, "wstunnel relay")
@@ -406,7 +408,7 @@ async def run(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) 
         listeners = await nursery.start(partial(trio.serve_tcp, targets.handle, 0,
                                                 host="127.0.0.1"))
         tunnel = Tunnel(stack, tmp, shlex.split(args.wstunnel), targets,
-                        listeners[0].socket.getsockname()[1])
+                        listeners[0].socket.getsockname()[1], resume_grace=args.resume_grace)
         await tunnel.start()
         await settle(tunnel, targets)
         start = tunnel.figures()
@@ -438,6 +440,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="run rounds for this long (default: one round)")
     parser.add_argument("--connection-timeout", type=float, default=120.0,
                         help="a connection that has not ended by then is a timeout (120 s)")
+    parser.add_argument("--resume-grace", type=float, default=60.0,
+                        help="the relay's resume_grace (60; 0: a broken link resets the "
+                             "session's connections, as before resumption)")
     parser.add_argument("--seed", type=int, help="random seed (sizes, faults, moments)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temporary directory with the logs")

@@ -23,7 +23,9 @@ then ``--round-trips`` 64 B round trips through the active agent.
 
 Per idle session: RSS and CPU above the level with no idle sessions, divided
 by the count. CPU per session per minute is CPU-seconds; "% core" is for all
-of them together.
+of them together. ``--idle-elsewhere`` is the control for the round trip: the
+idle sessions go to a second relay process, so the machine does the same work
+but the measured relay does none of it.
 
 Run from the repository root (about 3 minutes with the defaults):
 
@@ -50,6 +52,7 @@ from typing import Final
 
 import _load
 import _procs
+from _children import relay_argv
 from _procs import BenchError
 from idle_channels import FD_MARGIN, raise_fd_limit
 
@@ -65,11 +68,11 @@ class Holder:
     """The idle-sessions process, driven by lines on its stdin."""
 
     def __init__(self, stack: contextlib.ExitStack, port: int, ping_interval: float,
-                 log: Path) -> None:
+                 log: Path, keepalive: str) -> None:
         sink = stack.enter_context(log.open("ab"))
         self.proc = subprocess.Popen(
             [sys.executable, str(HOLDER_SCRIPT), "--port", str(port),
-             "--ping-interval", str(ping_interval)],
+             "--ping-interval", str(ping_interval), "--keepalive", keepalive],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink, env=_procs.CHILD_ENV)
         stack.callback(_procs._close_then_stop, self.proc)  # noqa: SLF001
 
@@ -93,14 +96,21 @@ def _config(tmp: Path, name: str, ping_interval: float) -> list[str]:
     return ["-c", str(path)]
 
 
-def _start(stack: contextlib.ExitStack, tmp: Path, command: list[str],
+def _start(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespace,
            ping_interval: float) -> tuple[_procs.Route, Holder]:
+    command = shlex.split(args.wstunnel)
+    relay_args = ["--log-level=warning", *_config(tmp, "relay", ping_interval)]
     targets = _procs.start_targets(stack, tmp)
-    route = _procs.start_wstunnel(stack, tmp, targets, command,
-                                  ["--log-level=warning", *_config(tmp, "relay", ping_interval)],
+    route = _procs.start_wstunnel(stack, tmp, targets, command, relay_args,
                                   ["--log-level=warning", *_config(tmp, "agent", ping_interval)])
     relay_port = _relay_port(route)
-    return route, Holder(stack, relay_port, ping_interval, tmp / "idle-agents.log")
+    if args.idle_elsewhere:  # the control: same load on the machine, not on this relay
+        relay_port = _procs.free_port()
+        other = _procs.spawn(stack, [*command, *relay_argv(relay_port, *relay_args)],
+                             tmp / "other-relay.log")
+        _procs.wait_listening(relay_port, other, "the idle sessions' relay")
+    return route, Holder(stack, relay_port, ping_interval, tmp / "idle-agents.log",
+                         args.idle_keepalive)
 
 
 def _relay_port(route: _procs.Route) -> int:
@@ -141,7 +151,7 @@ def run_once(args: argparse.Namespace, ping_interval: float) -> list[Figures]:
             contextlib.ExitStack() as stack:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        route, holder = _start(stack, work, shlex.split(args.wstunnel), ping_interval)
+        route, holder = _start(stack, work, args, ping_interval)
         _load.round_trips(route.ports["echo"], 200, 10.0)  # warm up
         levels = [measure_level(route, holder, idle, args, window) for idle in args.levels]
     base = levels[0]
@@ -199,6 +209,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ping-intervals", type=lambda text: _numbers(text, float),
                         default=[DEFAULT_PING_INTERVAL, 1.0],
                         help="relay, agent and idle sessions' ping_interval, one run each")
+    parser.add_argument("--idle-keepalive", choices=("idle", "always"), default="idle",
+                        help="the idle sessions ping when nothing arrived for an interval "
+                             "(as agents do), or every interval (as agents did before issue 22)")
+    parser.add_argument("--idle-elsewhere", action="store_true",
+                        help="the control: the idle sessions go to a second relay process, "
+                             "so the machine carries them but the measured relay does not")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds after a level's sessions are up, before measuring")

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Final, Protocol, TypeAlias
 
 from . import mux, ws
-from .errors import LocalProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FramedConnection
+from .replay import ACK, ReplayLog, parse_ack
 
 __all__ = ["TunnelProtocol", "SessionLimits", "TunnelEvent", "RecordCarrier",
            "DEFAULT_WRITE_SIZE"]
@@ -134,13 +135,18 @@ class TunnelProtocol:
         self.role = role
         self.limits = limits
         self.session = limits.session(role)
+        self._framed = framed
+        self._random_bytes = random_bytes
         #: ``framed``: the records travel in a plain byte stream (the HTTP transports,
         #: framing.py) instead of WebSocket messages.
-        self._carrier: RecordCarrier = (
-            _framed(limits, self.session) if framed
-            else _websocket(role, limits, self.session, random_bytes))
+        self._carrier: RecordCarrier = self._new_carrier()
         self._events: list[TunnelEvent] = []
         self._terminal = False
+        #: Set by :meth:`enable_resume`: the session may outlive its carrier (replay.py).
+        self.replay: ReplayLog | None = None
+        #: The carrier ended without a close handshake (1006): the kind of end a
+        #: resumable session survives.
+        self.carrier_lost = False
         #: Set by :meth:`pace`: output pulled under rate limits (mux/pacing.py).
         self.pacer: mux.Pacer | None = None
         if trailing_data:
@@ -170,8 +176,11 @@ class TunnelProtocol:
 
     def _process_carrier_events(self) -> None:
         session = self.session
+        replay = self.replay
         for event in self._carrier.events_received():
             if isinstance(event, ws.BytesMessage):
+                if replay is not None and self._replay_record(replay, event.data):
+                    continue
                 if not session.closed:
                     session.receive_record(event.data)
                     self._events.extend(session.events_received())
@@ -182,9 +191,69 @@ class TunnelProtocol:
                                     "wstunnel.v1 carries binary only")
             elif isinstance(event, ws.ConnectionClosed):
                 self._terminal = True
+                self.carrier_lost = event.code == ws.CloseCode.ABNORMAL_CLOSURE
                 self._events.append(event)
             elif isinstance(event, (ws.PongReceived, ws.CloseReceived)):
                 self._events.append(event)
+
+    def _replay_record(self, replay: ReplayLog, record: bytes | bytearray | memoryview) -> bool:
+        """Count a record received on a resumable session; True for an ACK, which is
+        the log's alone and never reaches the multiplexer."""
+        if record and record[0] == ACK:
+            try:
+                replay.acknowledged(parse_ack(record))
+            except RemoteProtocolError as exc:
+                self.session.fail(exc)
+                self._fail_session()
+            return True
+        if replay.received_record(len(record)):
+            self.send_ack()
+        return False
+
+    # -- resumption (replay.py) ------------------------------------------------
+
+    def enable_resume(self) -> None:
+        """Both sides agreed in the handshake: number records, acknowledge, keep what
+        the peer has not acknowledged. Call before the first record is sent."""
+        self.replay = ReplayLog()
+
+    def carrier_broken(self) -> None:
+        """The transport lost the carrier under it (an error, not an end of stream)."""
+        self._terminal = self.carrier_lost = True
+
+    def send_ack(self) -> None:
+        """Acknowledge what was received, if anything new (each keepalive calls it)."""
+        replay = self.replay
+        if replay is not None and self._carrier.state is ws.ConnectionState.OPEN:
+            ack = replay.take_ack()
+            if ack is not None:
+                self._carrier.send_binary_parts(ack, b"")
+
+    def resume(self, trailing_data: bytes, peer_received: int) -> None:
+        """A new carrier for this session (the agent reconnected): the records the
+        peer did not receive go out first, then everything new.
+
+        Raises:
+            LocalProtocolError: not resumable, or the peer's count is impossible
+                (then the session cannot continue: end it).
+        """
+        if self.replay is None:
+            raise LocalProtocolError("this session is not resumable")
+        try:
+            missed = self.replay.replay(peer_received)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"cannot resume: {exc}") from exc
+        self._carrier = self._new_carrier()
+        self._terminal = self.carrier_lost = False
+        for head, payload in missed:
+            self._carrier.send_binary_parts(head, payload)
+        if trailing_data:
+            self.receive_data(trailing_data)
+
+    def _new_carrier(self) -> RecordCarrier:
+        if self._framed:
+            return _framed(self.limits, self.session)
+        return _websocket(self.role, self.limits, self.session, self._random_bytes)
 
     def _fail_session(self) -> None:
         """The session failed and queued its GOAWAY (behind its SETTINGS, if that
@@ -256,12 +325,15 @@ class TunnelProtocol:
             pacer = self.pacer  # (no limit: one test per write, nothing per record)
             next_parts = self.session.next_record_parts if pacer is None else pacer.next_parts
             send_parts = carrier.send_binary_parts
+            replay = self.replay  # (not resumable: one test per write)
             while size < max_size:
                 parts = next_parts(max_size)
                 if parts is None:
                     break
                 head, payload = parts
                 send_parts(head, payload)
+                if replay is not None:
+                    replay.sent_record(head, payload)
                 size += len(head) + len(payload) + 14
 
     def wants_to_send(self) -> bool:
@@ -341,6 +413,8 @@ class TunnelProtocol:
         self.session.go_away(code, text)
 
     def _check_open(self) -> None:
+        if self.replay is not None and self.carrier_lost:
+            return  # (a resumable session between carriers: the OPEN waits for the next)
         if self._terminal or self._carrier.state is not ws.ConnectionState.OPEN:
             raise LocalProtocolError("the session is closing; no new channels")
 

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from dataclasses import dataclass
 from typing import Final
 
 from .errors import RemoteProtocolError
 from .mux import ErrorCode
 
-__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "ReplayLog", "ack_record", "parse_ack"]
+__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "RESUMABLE_HEADER", "RESUMED_HEADER",
+           "RESUME_HEADER", "ReplayLog", "Ticket", "ack_record", "parse_ack", "parse_resume",
+           "parse_ticket"]
 
 #: The ACK record's type byte (mux/wire.py's types end at 0x09).
 ACK: Final = 0x0A
@@ -49,6 +52,55 @@ ACK_RECORDS: Final = 64
 ACK_BYTES: Final = 256 * 1024
 
 Record = tuple[bytes, "bytes | memoryview"]
+
+#: The handshake's headers (PROTOCOL.md section 12). The agent asks for a resumable
+#: session with ``new``, or resumes one with ``ID SECRET RECEIVED``; the relay offers
+#: ``ID SECRET GRACE`` (a new resumable session) and answers a resume with
+#: ``RECEIVED``, or ``no; WHY`` and a new session.
+RESUME_HEADER: Final = "X-Wstunnel-Resume"
+RESUMABLE_HEADER: Final = "X-Wstunnel-Resumable"
+RESUMED_HEADER: Final = "X-Wstunnel-Resumed"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """What the agent needs to resume a session: its id, its secret, and how long
+    the relay keeps it after its carrier is lost."""
+
+    session_id: str
+    secret: str
+    grace: float
+
+    def __str__(self) -> str:
+        return f"{self.session_id} {self.secret} {self.grace:g}"
+
+    def request(self, received: int) -> str:
+        """The resume header's value."""
+        return f"{self.session_id} {self.secret} {received}"
+
+
+def parse_ticket(value: str) -> Ticket | None:
+    """The relay's offer, or None when malformed (then the session is not resumable)."""
+    parts = value.split()
+    try:
+        return Ticket(parts[0], parts[1], float(parts[2])) if len(parts) == 3 else None
+    except ValueError:
+        return None
+
+
+def parse_resume(value: str) -> tuple[str, str, int] | None:
+    """(id, secret, received) from the agent's resume header; None for ``new``.
+
+    Raises:
+        ValueError: neither ``new`` nor three fields with a count.
+    """
+    value = value.strip()
+    if value == "new":
+        return None
+    parts = value.split()
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ValueError(f"expected 'new' or 'ID SECRET RECEIVED', got {value[:80]!r}")
+    return parts[0], parts[1], int(parts[2])
 
 
 def ack_record(count: int) -> bytes:

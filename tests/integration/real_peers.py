@@ -336,3 +336,37 @@ def haproxy(pki: Pki, relay_ports: list[int],
         with foreground([binary, "-f", str(conf), "-db"], "haproxy", port,
                         directory / "haproxy.log"):
             yield port
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+@contextmanager
+def sshd(tmp: Path) -> Iterator[tuple[int, Path]]:
+    """Our own sshd on 127.0.0.1 (key-only login as the current user); yields its port
+    and the client key."""
+    if not os.path.exists(SSHD) or shutil.which("ssh") is None or shutil.which("scp") is None:
+        pytest.skip(f"{SSHD}, ssh or scp is not installed (apt-get install openssh-server "
+                    "openssh-client)")
+    for key in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)],
+                       check=True)
+    (tmp / "authorized_keys").write_bytes((tmp / "client_key.pub").read_bytes())
+    port = free_port()
+    config = tmp / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", f"ListenAddress {LOOPBACK}", f"HostKey {tmp / 'host_key'}",
+        f"PidFile {tmp / 'sshd.pid'}", f"AuthorizedKeysFile {tmp / 'authorized_keys'}",
+        "UsePAM no", "StrictModes no", "PubkeyAuthentication yes",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "UseDNS no", "LogLevel ERROR",
+        "Subsystem sftp internal-sftp"]) + "\n")
+    log = tmp / "sshd.log"
+    with log.open("wb") as log_file:
+        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log_file)
+    try:
+        wait_listening(port, "sshd", process, log)
+        yield port, tmp / "client_key"
+    finally:
+        stop_pid(process.pid)
+        process.wait()

@@ -175,7 +175,8 @@ def _sending_ending(exc: trio.BrokenResourceError) -> str:
 
 
 async def test_relay_killed_mid_transfer_resets_every_local_connection() -> None:
-    """SIGKILL the relay while 50 downloads and 50 uploads are under way: every local
+    """SIGKILL the relay while 50 downloads and 50 uploads are under way: once the
+    agent has given up resuming (the relay's resume grace, 1 s here), every local
     connection is reset (ECONNRESET); none ends with a clean EOF short of its length."""
     downloads: Counter[str] = Counter()
     uploads: Counter[str] = Counter()
@@ -183,7 +184,7 @@ async def test_relay_killed_mid_transfer_resets_every_local_connection() -> None
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             target_port = await serve_target(nursery, transfers.handle)
-            async with relay_process() as (relay, relay_port), \
+            async with relay_process("--resume-grace", "1") as (relay, relay_port), \
                     agent_process(relay_port, target_port) as (agent, port):
                 async with trio.open_nursery() as clients:
                     for _ in range(50):
@@ -197,13 +198,14 @@ async def test_relay_killed_mid_transfer_resets_every_local_connection() -> None
 
 
 async def test_agent_killed_mid_upload_resets_every_destination_connection() -> None:
-    """SIGKILL the agent while the relay carries 50 uploads: every destination
-    connection is reset (ECONNRESET); none ends with a clean EOF short of its length."""
+    """SIGKILL the agent while the relay carries 50 uploads: once its resume grace
+    (1 s here) is over, every destination connection is reset (ECONNRESET); none ends
+    with a clean EOF short of its length."""
     transfers = Transfers(50)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             target_port = await serve_target(nursery, transfers.handle)
-            async with relay_process() as (relay, relay_port), \
+            async with relay_process("--resume-grace", "1") as (relay, relay_port), \
                     agent_process(relay_port, target_port) as (agent, port):
                 async with trio.open_nursery() as clients:
                     for _ in range(50):

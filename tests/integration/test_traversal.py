@@ -198,18 +198,20 @@ async def test_a_path_that_breaks_websocket_is_explained_in_one_line(
         assert f" at {url}" in line
 
 
-@pytest.mark.parametrize(("ping_interval", "survives"), [(0.3, True), (30.0, False)])
+@pytest.mark.parametrize(("ping_interval", "grace", "survives"),
+                         [(0.3, 0.0, True), (30.0, 0.0, False), (30.0, 60.0, True)])
 async def test_keepalive_pings_outlive_nginx_idle_cut(
-    ping_interval: float, survives: bool, pki: Pki, trust_test_ca: None
+    ping_interval: float, grace: float, survives: bool, pki: Pki, trust_test_ca: None
 ) -> None:
     """nginx cuts an upgraded connection idle for proxy_read_timeout (here 1 s): with
     pings more frequent than that an idle channel survives 2.5 s of silence; without
-    them it is broken."""
+    them it is broken, unless the session is resumable (resume_grace), which takes
+    the cut for a broken path and resumes through nginx."""
     pings = {"ping_interval": ping_interval, "ping_timeout": 5.0}
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             target = await serve_target(nursery, echo_handler)
-            relay = await start_relay(nursery, relay_config(**pings))
+            relay = await start_relay(nursery, relay_config(**pings, resume_grace=grace))
             with nginx(pki, relay.ports[0], read_timeout="1s") as front:
                 config = agent_config(0, [target], relay=f"wss://{LOOPBACK}:{front.port}/tunnel",
                                       **pings)

@@ -221,13 +221,16 @@ async def test_forbidden_destination_is_refused(caplog: pytest.LogCaptureFixture
     assert any("not allowed" in r.getMessage() for r in caplog.records), caplog.text
 
 
-async def test_relay_restart_agent_reconnects_and_old_connections_close() -> None:
+@pytest.mark.parametrize("restarted", [False, True])
+async def test_relay_restart_agent_reconnects_and_old_connections_close(
+        restarted: bool) -> None:
     """After the relay dies, open connections are reset (not left hanging, not closed as
-    if complete) and the agent reconnects."""
+    if complete) and the agent reconnects: as soon as a restarted relay says it does not
+    know the session, or once the resume grace is over (1 s here) if it stays away."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             target = await serve_target(nursery, echo_handler)
-            relay = await start_relay(nursery, relay_config())
+            relay = await start_relay(nursery, relay_config(resume_grace=1.0))
             port = relay.ports[0]
             agent = await start_agent(nursery, agent_config(port, [target]))
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as old:
@@ -235,9 +238,13 @@ async def test_relay_restart_agent_reconnects_and_old_connections_close() -> Non
                 assert await old.receive_some() == b"ping"
                 relay.kill()
                 await relay.finished.wait()
+                if restarted:  # (a long grace: only the restart can explain the reset)
+                    await start_relay(nursery, relay_config(listen=HostPort(LOOPBACK, port),
+                                                            resume_grace=60.0))
                 with trio.fail_after(3):
                     await expect_reset(old)
-            await start_relay(nursery, relay_config(listen=HostPort(LOOPBACK, port)))
+            if not restarted:
+                await start_relay(nursery, relay_config(listen=HostPort(LOOPBACK, port)))
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as new:
                 await new.send_all(b"again")
                 assert await new.receive_some() == b"again"
@@ -245,11 +252,12 @@ async def test_relay_restart_agent_reconnects_and_old_connections_close() -> Non
 
 
 async def test_black_holed_relay_is_detected_by_ping_timeout() -> None:
-    """A relay that stops answering without closing is dropped after the ping timeout."""
+    """A connection that stops answering without closing is dropped after the ping
+    timeout; without resumption (resume_grace 0) its channels are reset."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             target = await serve_target(nursery, echo_handler)
-            relay = await start_relay(nursery, relay_config())
+            relay = await start_relay(nursery, relay_config(resume_grace=0.0))
             hole = _BlackHole(relay.ports[0])
             hole_port = await nursery.start(hole.serve)
             agent = await start_agent(
@@ -266,6 +274,26 @@ async def test_black_holed_relay_is_detected_by_ping_timeout() -> None:
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as second:
                 await second.send_all(b"two")
                 assert await second.receive_some() == b"two"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_black_holed_path_is_detected_and_the_session_resumed() -> None:
+    """The same with resumption: after the ping timeout the agent reconnects, the
+    relay drops its silent connection, and the open connection carries on."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            hole = _BlackHole(relay.ports[0])
+            hole_port = await nursery.start(hole.serve)
+            agent = await start_agent(
+                nursery, agent_config(hole_port, [target], ping_interval=0.2, ping_timeout=0.3)
+            )
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as first:
+                assert await echo_exact(first, b"one") == b"one"
+                hole.freeze()
+                assert await echo_exact(first, b"two") == b"two"
+                assert hole.connections == 2
             nursery.cancel_scope.cancel()
 
 

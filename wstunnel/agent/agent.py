@@ -34,6 +34,7 @@ from ..net.ending import abort_stream
 from ..net.splice import close_spliced, splice
 from ..net.transport import TunnelTransport
 from ..protocol import SessionLimits, TunnelProtocol
+from ..replay import RESUMABLE_HEADER, RESUME_HEADER, parse_ticket
 from ..security import tls
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
@@ -41,9 +42,10 @@ from ..service.reload import ReloadRequest
 from .forwards import ForwardSet, ListenError
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
+from .resume import AgentResumer
 from .reverse import ReverseForwards
+from .transports import Opened, TransportChooser
 from .transports import Request as TransportRequest
-from .transports import TransportChooser
 
 #: Channels one agent session may hold. The relay's ``max_channels`` is the
 #: limit that matters (it refuses, and logs, past it); the agent only caps the
@@ -74,6 +76,7 @@ class Agent:
         self._idle = trio.Event()
         self._idle.set()
         self.reverse = ReverseForwards(config.forwards, self._tracked)
+        self._fresh: Opened | None = None
         self.stats.reverse_forwards = self.reverse.status
         for forward in config.forwards:  # (each forward's series exists from the start)
             self.stats.forward_channels[forward.label] += 0
@@ -172,6 +175,31 @@ class Agent:
         return _reason(exc), True
 
     async def _connect(self) -> TunnelTransport:
+        fresh, self._fresh = self._fresh, None  # (the relay gave it instead of a resume)
+        opened = fresh or await self._open([(RESUME_HEADER, "new")])
+        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits,
+                                  trailing_data=opened.trailing, framed=opened.framed)
+        self.forward_limits.pace(protocol, self.config.forwards, trio.current_time())
+        resumer = None
+        ticket = parse_ticket(opened.headers.get(RESUMABLE_HEADER.lower(), ""))
+        if ticket is not None:  # (the relay keeps the session when the connection breaks)
+            protocol.enable_resume()
+            resumer = AgentResumer(ticket, opened.transport, self._open, self._take_fresh)
+        config = self.config
+        return TunnelTransport(
+            opened.stream,
+            protocol,
+            name=self.relay.url,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            observer=self.stats,
+            open_now=self.reverse.open_now,
+            resumer=resumer,
+        )
+
+    async def _open(self, extra: list[tuple[str, str]], only: str | None = None) -> Opened:
+        """A connection to the relay: by the configured transport (WebSocket, or the
+        HTTP transports where it cannot pass: transports.py), or by ``only``."""
         config = self.config
         settings = config.client_tls
         self._refresh_token()
@@ -182,21 +210,14 @@ class Agent:
             if settings.mode is tls.VerifyMode.INSECURE:
                 log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
                             "anyone on the path can read and change this session")
-        # WebSocket, or the HTTP transports where it cannot pass (transports.py)
-        opened = await self.transports.open(TransportRequest(
-            config, self.relay, self.dial, [*config.headers, *headers], context))
-        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits,
-                                  trailing_data=opened.trailing, framed=opened.framed)
-        self.forward_limits.pace(protocol, self.config.forwards, trio.current_time())
-        return TunnelTransport(
-            opened.stream,
-            protocol,
-            name=self.relay.url,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
-            observer=self.stats,
-            open_now=self.reverse.open_now,
-        )
+        request = TransportRequest(config, self.relay, self.dial,
+                                   [*config.headers, *headers, *extra], context)
+        return await self.transports.open(request, only=only)
+
+    def _take_fresh(self, opened: Opened) -> None:
+        """The relay answered a resume with a new session: the next ``_connect`` uses it
+        (one session at a time: nothing else can be waiting there)."""
+        self._fresh = opened
 
     async def _serve(self, transport: TunnelTransport) -> str:
         self.session = transport

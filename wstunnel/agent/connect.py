@@ -89,8 +89,10 @@ async def open_websocket(
     dial: Dialer | None = None,
     host_header: str | None = None,
     pin: str | None = None,
+    answer: dict[str, str] | None = None,
 ) -> tuple[trio.abc.Stream, bytes]:
     """Connect, wrap in TLS for wss://, upgrade; return (stream, trailing bytes).
+    ``answer``, when given, receives the 101's headers (names in lower case).
 
     ``dial`` replaces the direct TCP connection (e.g. a ``ProxyDialer``).
     ``server_hostname`` replaces the URL's host in SNI, certificate checks and
@@ -120,7 +122,7 @@ async def open_websocket(
         else:
             stream = take_over(tcp)
         with late.step(_NO_ANSWER, step="the upgrade"):
-            trailing = await _upgrade(stream, named, headers or [], host_header)
+            trailing = await _upgrade(stream, named, headers or [], host_header, answer)
     except BaseException as exc:
         await trio.aclose_forcefully(stream)
         if _no_http_answer(exc, relay) and await _speaks_tls(dial, relay, deadline):
@@ -254,7 +256,7 @@ async def _start_tls(
 
 async def _upgrade(
     stream: trio.abc.Stream, relay: RelayURL, headers: list[tuple[str, str]],
-    host_header: str | None = None,
+    host_header: str | None = None, answer: dict[str, str] | None = None,
 ) -> bytes:
     host = host_header or relay.host_header
     handshake = ws.ClientHandshake(host, relay.path, extra_headers=headers)
@@ -262,6 +264,8 @@ async def _upgrade(
     while True:
         event = handshake.next_event()
         if isinstance(event, ws.HandshakeAccepted):
+            if answer is not None:
+                answer.update((name.lower(), value) for name, value in event.headers)
             return event.trailing_data
         if isinstance(event, ws.HandshakeRejected):
             raise _rejection(relay, event)

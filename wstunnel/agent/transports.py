@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -50,6 +50,8 @@ class Opened:
     stream: trio.abc.Stream
     trailing: bytes
     transport: str
+    #: The WebSocket's 101 headers, names in lower case (empty for the HTTP transports).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def framed(self) -> bool:
@@ -77,13 +79,14 @@ class TransportChooser:
     def remembered(self, relay: RelayURL) -> str | None:
         return self._worked.get(relay.url)
 
-    async def open(self, request: Request) -> Opened:
-        """One connect: each transport tried gets its own ``handshake_timeout``.
+    async def open(self, request: Request, *, only: str | None = None) -> Opened:
+        """One connect: each transport tried gets its own ``handshake_timeout``;
+        ``only`` forces one (a resume reconnects by the transport it had).
 
         Raises:
             HandshakeError, OSError, trio.TooSlowError: from the last transport tried.
         """
-        forced = request.config.transport
+        forced = only or request.config.transport
         if forced != "auto":
             return await _attempt(request, forced)
         remembered = self._worked.get(request.relay.url)
@@ -127,11 +130,13 @@ async def _attempt(request: Request, name: str) -> Opened:
             headers = request.headers
             if config.user_agent is not None:
                 headers = [("User-Agent", config.user_agent), *headers]
+            answer: dict[str, str] = {}
             stream, trailing = await open_websocket(
                 request.relay, dial=request.dial, headers=headers,
                 ssl_context=request.ssl_context, server_hostname=config.server_name,
-                host_header=config.host_header, pin=config.client_tls.relay_fingerprint)
-            return Opened(stream, trailing, WEBSOCKET)
+                host_header=config.host_header, pin=config.client_tls.relay_fingerprint,
+                answer=answer)
+            return Opened(stream, trailing, WEBSOCKET, answer)
         stream, trailing = await open_http_session(http_route(request), name,
                                                    probe_timeout=STREAM_PROBE_TIMEOUT)
         return Opened(stream, trailing, name)

@@ -125,6 +125,9 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
                             "with optional :port or :lo-hi, or unix:/path (repeatable; "
                             "default: nothing)")
     relay.add_argument("--path", help="URL path of the tunnel (default /tunnel)")
+    relay.add_argument("--resume-grace", dest="resume_grace", type=float, metavar="SECONDS",
+                       help="how long a session whose connection broke waits for its agent "
+                            "to resume it (default 60; 0: connections reset at once)")
     relay.add_argument("--trusted-proxy", "--trusted-proxies", dest="trusted_proxies",
                        action="append", metavar="CIDR",
                        help="reverse proxy whose X-Forwarded-For is believed (repeatable)")

@@ -75,7 +75,7 @@ RELAY_FLAGS: Final[Mapping[str, Flag]] = {
     "trusted_proxies": Flag("--trusted-proxy", "trusted_proxies"),
     **{f"tls_{key}": Flag(f"--tls-{key.replace('_', '-')}", f"tls.{key}")
        for key in ("cert_file", "key_file", "client_ca_file")},
-    **_same_names("listen", "allow", "listen_allow", "path", "no_auth"),
+    **_same_names("listen", "allow", "listen_allow", "path", "no_auth", "resume_grace"),
     **_SERVICE_FLAGS,
 }
 

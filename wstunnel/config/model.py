@@ -195,6 +195,9 @@ class RelayConfig:
     max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
     rate_limit: RateLimit | None = None  # (anonymous agents, with ``no_auth``)
     idle_timeout: float = 0.0
+    #: How long a session whose connection broke waits for its agent to resume it
+    #: (0: sessions are not resumable).
+    resume_grace: float = 60.0
     metrics: HostPort | None = None  # serve Prometheus text on http://HOST:PORT/metrics
     metrics_auth_file: str | None = None  # user:password lines: Basic auth on `metrics`
     admin_socket: str | None = None  # unix socket for `wstunnel status`

@@ -297,6 +297,7 @@ _RELAY_FIELDS: Final[dict[str, Parser]] = {
     "max_sessions_per_agent": values.size(1, 65536, "a count"),
     "rate_limit": _rate_limit,
     "idle_timeout": values.duration(0.0),
+    "resume_grace": values.duration(0.0),
 }
 
 

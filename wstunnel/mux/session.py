@@ -584,6 +584,12 @@ class Session:
         if ch.queued_size:
             self._drr.add(channel_id)
 
+    def fail(self, exc: RemoteProtocolError) -> None:
+        """The layer above found that the peer broke a rule (a bad ACK, replay.py):
+        fail as for a bad record (GOAWAY with ``exc.code``, SessionFailed)."""
+        if self.failure is None:
+            self._fail(exc)
+
     def _fail(self, exc: RemoteProtocolError) -> None:
         """Go terminal: keep SETTINGS if still unsent, then only our GOAWAY goes out."""
         self.failure = exc

@@ -35,7 +35,8 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -48,7 +49,8 @@ from .channel_stream import ChannelStream
 if TYPE_CHECKING:
     from .observer import SessionObserver
 
-__all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler"]
+__all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler", "NewCarrier",
+           "Resumer"]
 
 log = logging.getLogger("wstunnel.session")
 
@@ -105,6 +107,27 @@ AdmitHandler = Callable[["TunnelTransport", mux.ChannelOpenRequested],
                         "tuple[mux.OpenFailure, str] | None"]
 
 
+@dataclass(frozen=True)
+class NewCarrier:
+    """A reconnected stream for a resumable session, and the peer's received count."""
+
+    stream: trio.abc.Stream
+    trailing: bytes
+    peer_received: int
+
+
+class Resumer(Protocol):
+    """Brings a resumable session its next carrier (the agent reconnects, the relay
+    waits for the agent's resume request)."""
+
+    @property
+    def grace(self) -> float:
+        """How long a lost session waits for its next carrier."""
+
+    async def new_carrier(self, transport: TunnelTransport, lost: str) -> NewCarrier | str:
+        """The next carrier; or why there is none (the session then ends)."""
+
+
 class TunnelTransport:
     """Runs ``protocol`` over ``stream`` until either side ends the session."""
 
@@ -124,6 +147,7 @@ class TunnelTransport:
         ping_interval: float = 20.0,
         ping_timeout: float = 10.0,
         observer: SessionObserver | None = None,
+        resumer: Resumer | None = None,
     ) -> None:
         self.stream = stream
         self.observer = observer
@@ -147,15 +171,23 @@ class TunnelTransport:
         self._pump: pump.SocketPump | None = None
         self._budget_logged_at: float | None = None  # see _budget_exhausted
         self._budget_hits = 0
+        #: Resumption (replay.py): who brings a new carrier when this one is lost.
+        self.resumer = resumer
+        self._session_nursery: trio.Nursery | None = None
+        self._lost = False  # the carrier broke (no close handshake): resumable
+        self._resuming = False
+        self._detached = trio.Event()  # set while resuming: the old carrier has stopped
+        self._closing = False  # we close on purpose: never resume
 
     # -- public API -------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> str:
-        """Serve the session; return why it ended."""
+        """Serve the session; return why it ended. A resumable session (``resumer``)
+        whose carrier is lost waits for a new one (``_resume``) and goes on."""
         self._last_received = trio.current_time()
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+            async with trio.open_nursery() as session_nursery:
+                self._session_nursery = session_nursery
                 if pump.AVAILABLE and self.use_pump:
                     try:
                         self._pump = pump.SocketPump(self, self.protocol)
@@ -163,29 +195,100 @@ class TunnelTransport:
                         log.warning("no socket pump for this session (%s): each "
                                     "channel runs as two tasks instead", exc)
                     else:
-                        nursery.start_soon(self._pump.run)
-                # A stream carried by requests has work of its own while the session
-                # runs (the agent's HTTP polling loops, agent/http_transport.py).
-                background = getattr(self.stream, "run_background", None)
-                if background is not None:
-                    nursery.start_soon(background)
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                if self._ping_interval > 0:
-                    nursery.start_soon(self._keepalive)
-                task_status.started()
+                        session_nursery.start_soon(self._pump.run)
+                while True:
+                    await self._run_carrier(task_status)
+                    task_status = trio.TASK_STATUS_IGNORED
+                    if not await self._resume():
+                        break
+                session_nursery.cancel_scope.cancel()
         finally:
-            self._nursery = None
+            self._nursery = self._session_nursery = None
             self._break_all(self._end_reason or "session ended")
+            self._detached.set()
             socket_pump, self._pump = self._pump, None
             if socket_pump is not None:
                 socket_pump.close()
             self._done.set()
         return self._end_reason or "session ended"
 
+    async def _run_carrier(self, task_status: Any) -> None:
+        """Read, write and ping over the current stream until it ends."""
+        self._lost = False
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            # A stream carried by requests has work of its own while the session
+            # runs (the agent's HTTP polling loops, agent/http_transport.py).
+            background = getattr(self.stream, "run_background", None)
+            if background is not None:
+                nursery.start_soon(background)
+            nursery.start_soon(self._reader)
+            nursery.start_soon(self._writer)
+            if self._ping_interval > 0:
+                nursery.start_soon(self._keepalive)
+            task_status.started()
+        self._nursery = None
+
+    async def _resume(self) -> bool:
+        """After a carrier ended: True when a new one is in place (the session goes
+        on), False when the session is over (``_end_reason`` says why)."""
+        resumer, protocol = self.resumer, self.protocol
+        if resumer is None or not self._lost or not self._resumable():
+            return False
+        lost = self._end_reason or "connection lost"
+        log.warning("%s: %s; keeping %d channels open to resume (up to %g s)", self.name,
+                    lost, len(self.channels), resumer.grace)
+        old_stream = self.stream
+        self._end_reason, self._resuming = None, True
+        protocol.carrier_broken()
+        self._detached.set()
+        try:
+            carrier = await resumer.new_carrier(self, lost)
+        finally:
+            self._resuming = False
+            self._detached = trio.Event()
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(old_stream)
+        if isinstance(carrier, str):
+            self._end_reason = carrier
+            return False
+        try:
+            protocol.resume(carrier.trailing, carrier.peer_received)
+        except LocalProtocolError as exc:
+            await trio.aclose_forcefully(carrier.stream)
+            self._end_reason = str(exc)
+            return False
+        self.stream = carrier.stream
+        self._last_received = trio.current_time()
+        self._wake.set()
+        log.info("%s: session resumed; %d channels carry on", self.name, len(self.channels))
+        self.dispatch_local_events()
+        return True
+
+    async def detach(self, reason: str) -> bool:
+        """Stop the current carrier as lost (a resume request is here to replace it)
+        and wait until it has stopped, so that nothing more is counted as received on
+        it; False when the session ended instead."""
+        if not self._resuming:
+            self._lost = True
+            self._end(reason)
+        await self._detached.wait()  # (also set when the session ends)
+        return self._resuming
+
     @property
     def is_open(self) -> bool:
-        return self._end_reason is None and not self.protocol.closed
+        """The session is up (its carrier may be lost while it resumes: records then
+        wait for the next one)."""
+        if self._resuming:
+            return True
+        if self._end_reason is None:
+            return not self.protocol.closed
+        return self._lost and self._resumable()
+
+    @property
+    def resuming(self) -> bool:
+        """The carrier is lost and a new one is awaited."""
+        return self._resuming
 
     @property
     def end_reason(self) -> str | None:
@@ -338,6 +441,11 @@ class TunnelTransport:
         self, code: int = ws.CloseCode.NORMAL, reason: str = "", timeout: float = 2.0
     ) -> None:
         """Close the WebSocket politely, then drop the transport."""
+        self._closing = True
+        if self._resuming and self._session_nursery is not None:
+            self._end_reason = reason or "closed by us"
+            self._session_nursery.cancel_scope.cancel()
+            return
         if self.is_open:
             self.protocol.close(code, reason)
             self.wake_writer()
@@ -363,6 +471,7 @@ class TunnelTransport:
                         got = await receive_into(into)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 cause = exc.__cause__ or exc
+                self._lost = True
                 self._end(f"connection lost: {cause}")
                 return
             self._last_received = trio.current_time()
@@ -378,6 +487,7 @@ class TunnelTransport:
                 self._pump.flush()
             self.wake_writer()
             if ended:
+                self._lost = protocol.carrier_lost
                 self._end(self._closed_reason("the peer closed the connection"))
                 return
             if protocol.closed:
@@ -418,6 +528,7 @@ class TunnelTransport:
                 else:
                     await self._wait_paced(protocol.pacer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._lost = True
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
 
     async def _wait_paced(self, pacer: mux.Pacer) -> None:
@@ -437,10 +548,19 @@ class TunnelTransport:
         await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
 
     async def _keepalive(self) -> None:
-        """Ping every ``ping_interval`` (also while a pong is awaited, so proxies that
-        cut idle connections see traffic that often); end the session when nothing
-        at all arrived within ``ping_timeout`` of the oldest unanswered ping."""
-        next_ping = trio.current_time() + self._ping_interval
+        """Ping when nothing has arrived for ``ping_interval`` (and every interval while
+        a pong is awaited, so proxies that cut idle connections see traffic that
+        often); end the session when nothing at all arrived within ``ping_timeout``
+        of the oldest unanswered ping.
+
+        Anything from the peer within the interval (its own ping, which we answer)
+        proves the link alive and moved bytes both ways, so our ping would add
+        nothing: two ends with the same interval then ping about once an interval
+        between them, not twice. On a relay with many idle agents that halves the
+        system calls and wake-ups the keepalive costs (docs/PERFORMANCE.md, "One
+        relay, many agents")."""
+        interval = self._ping_interval
+        next_ping = trio.current_time() + interval
         waiting_since: float | None = None  # when the oldest unanswered ping went out
         while True:
             deadline = next_ping
@@ -451,13 +571,18 @@ class TunnelTransport:
             if waiting_since is not None and self._last_received >= waiting_since:
                 waiting_since = None
             if waiting_since is not None and now >= waiting_since + self._ping_timeout:
+                self._lost = True
                 self._end(f"no answer to ping within {self._ping_timeout:g} s")
                 return
             if now >= next_ping:
+                self.protocol.send_ack()  # (a resumable session: what came, since the last)
+                next_ping = now + interval
+                if waiting_since is None and now - self._last_received < interval:
+                    self.wake_writer()  # (the ack, if there was one)
+                    continue
                 self.protocol.ping(b"wstunnel")
                 self.wake_writer()
                 waiting_since = now if waiting_since is None else waiting_since
-                next_ping = now + self._ping_interval
 
     # -- event dispatch -------------------------------------------------------------
 
@@ -535,7 +660,8 @@ class TunnelTransport:
                     event.held_size >> 10, times)
 
     def _incoming(self, event: mux.ChannelOpenRequested) -> None:
-        if (self._on_open is None and self._open_now is None) or self._nursery is None:
+        nursery = self._session_nursery  # (open tasks outlive a carrier: resumption)
+        if (self._on_open is None and self._open_now is None) or nursery is None:
             self.protocol.refuse_channel(
                 event.channel_id, mux.OpenFailure.FORBIDDEN, "not accepted here"
             )
@@ -548,11 +674,11 @@ class TunnelTransport:
         self._add(channel)
         if self._open_now is None:
             assert self._on_open is not None
-            self._nursery.start_soon(self._on_open, self, channel)
+            nursery.start_soon(self._on_open, self, channel)
             return
         rest = self._open_now(self, channel)
         if rest is not None:
-            self._nursery.start_soon(rest)
+            nursery.start_soon(rest)
 
     def _add(self, channel: ChannelStream) -> None:
         self.channels[channel.channel_id] = channel
@@ -584,8 +710,16 @@ class TunnelTransport:
     def _end(self, reason: str) -> None:
         if self._end_reason is None:
             self._end_reason = reason
+        if self._lost and self._resumable():
+            self.protocol.carrier_broken()  # (records queue for the next carrier)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def _resumable(self) -> bool:
+        """A lost carrier would be replaced (not a session that is over)."""
+        protocol = self.protocol
+        return (self.resumer is not None and not self._closing
+                and protocol.replay is not None and protocol.session.failure is None)
 
     def _break_all(self, reason: str) -> None:
         if self.channels:

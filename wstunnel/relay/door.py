@@ -46,12 +46,14 @@ import dataclasses
 import logging
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .. import mux, ws
 from ..framing import HTTP_TRANSPORTS, SESSION_HEADER, TRANSPORT_HEADER
 from ..protocol import SessionLimits, TunnelProtocol
+from ..replay import RESUME_HEADER
 from ..security.auth import (
     ANONYMOUS,
     RateLimiter,
@@ -218,8 +220,8 @@ class Door:
             return Answer(request.status, request.response, (line,))
         source, log = self._client(request, visitor)
         peer = visitor.peer if source == visitor.peer_host else f"{source} via {visitor.peer}"
-        joining = http_transport(request) is not None and request.header(
-            SESSION_HEADER) is not None
+        joining = (http_transport(request) is not None and request.header(
+            SESSION_HEADER) is not None) or resuming(request)
         outcome: Outcome | None = self._route(handshake, request, peer, stopping and not joining)
         if outcome is None:
             outcome = self._log_in(handshake, request, visitor.cert_name, source, peer, now,
@@ -254,10 +256,12 @@ class Door:
         if self._sessions[name] <= 0:
             del self._sessions[name]
 
-    def start_session(self, handshake: ws.ServerHandshake) -> tuple[bytes, TunnelProtocol]:
+    def start_session(self, handshake: ws.ServerHandshake,
+                      extra_headers: Sequence[tuple[str, str]] = ()
+                      ) -> tuple[bytes, TunnelProtocol]:
         """The 101 answer to an ``Accepted`` request, and the relay's end of the session it
         starts (already fed with any bytes the agent sent after its request)."""
-        response = handshake.accept()
+        response = handshake.accept(extra_headers)
         protocol = TunnelProtocol(mux.Role.RELAY, limits=self.limits,
                                   trailing_data=handshake.trailing_data)
         return response, protocol
@@ -411,6 +415,13 @@ def _origin_path(target: str) -> str:
     if sep and scheme.lower() in ("http", "https"):
         target = "/" + rest.partition("/")[2]
     return target.split("?", 1)[0]
+
+
+def resuming(request: ws.RequestReceived) -> bool:
+    """An upgrade that resumes a session the agent holds (not a new session: it does
+    not count against max_sessions_per_agent, and passes while the relay drains)."""
+    value = request.header(RESUME_HEADER.lower())
+    return request.is_upgrade and value is not None and value.strip() != "new"
 
 
 def http_transport(request: ws.RequestReceived) -> str | None:

@@ -32,8 +32,9 @@ from ..net.ending import set_abortive
 from ..net.local_addresses import local_addresses
 from ..net.sockopts import tune_plain_socket, tune_socket
 from ..net.splice import splice_to_end
-from ..net.transport import TunnelTransport
+from ..net.transport import NewCarrier, TunnelTransport
 from ..protocol import TunnelProtocol
+from ..replay import RESUMABLE_HEADER, RESUME_HEADER, RESUMED_HEADER, parse_resume
 from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
 from ..service.reload import ReloadRequest
@@ -44,6 +45,7 @@ from .dial_unix import UnixConnector
 from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, server_handshake
 from .guard import Gatekeeper, Identity, SessionGuard
 from .http_front import HttpFront
+from .resume import Held, HeldSessions, RelayResumer
 from .reverse import LISTEN_KINDS, ReverseListeners
 from .upgrade import HttpRequest, read_request
 
@@ -76,6 +78,8 @@ class Relay:
         self.stats.reverse_forwards = self.reverse.status
         #: Sessions over the HTTP transports, where a WebSocket cannot pass (http_front.py).
         self.http = HttpFront(self)
+        #: Resumable sessions, by id (resume.py).
+        self.held = HeldSessions()
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """One TCP connection: TLS, the upgrade and login, then the session, then close."""
@@ -94,6 +98,9 @@ class Relay:
                 log.info("%s: no complete upgrade request within %g s; dropped",
                          peer, self.config.handshake_timeout)
                 return
+            if isinstance(accepted, trio.Event):  # a resumed session's new carrier
+                await accepted.wait()  # (the session carries on over this connection)
+                return
             if isinstance(accepted[0], HttpRequest):  # the HTTP transports (http_front.py)
                 await self.http.serve(accepted[0], accepted[1], accepted[2])
                 return
@@ -109,10 +116,12 @@ class Relay:
 
     async def _handshake(
         self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
-    ) -> (tuple[TunnelProtocol, Identity, str] | tuple[HttpRequest, Accepted, Visitor]
-          | None):
-        """The protocol, the agent and the client's name for logs; or an HTTP-transport
-        request let in, for ``self.http``; None when not upgraded.
+    ) -> (tuple[TunnelProtocol, Identity, str, Held | None]
+          | tuple[HttpRequest, Accepted, Visitor] | trio.Event | None):
+        """The protocol, the agent, the client's name for logs and, for a resumable
+        session, its entry in ``held``; or an HTTP-transport request let in, for
+        ``self.http``; or, for a resume, the event that ends this connection's part;
+        None when not upgraded.
 
         The decisions are the door's (door.py); this reads, waits and writes.
         """
@@ -130,9 +139,48 @@ class Relay:
             return None
         if http is not None:
             return http, outcome, visitor
-        response, protocol = self.gate.door.start_session(handshake)
+        assert isinstance(request, ws.RequestReceived)  # (a failed one got an Answer)
+        return await self._start_or_resume(stream, handshake, request, outcome)
+
+    async def _start_or_resume(
+        self, stream: trio.abc.Stream, handshake: ws.ServerHandshake,
+        request: ws.RequestReceived, accepted: Accepted,
+    ) -> tuple[TunnelProtocol, Identity, str, Held | None] | trio.Event | None:
+        """A new session (resumable if the agent asks and ``resume_grace`` allows), or
+        the next carrier of a held one (resume.py)."""
+        identity, extra = accepted.identity, []
+        try:
+            wanted = parse_resume(request.header(RESUME_HEADER.lower()) or "")
+        except ValueError:
+            wanted, asked = None, False
+        else:
+            asked = request.header(RESUME_HEADER.lower()) is not None
+        if wanted is not None:
+            session_id, secret, peer_received = wanted
+            found = self.held.find(session_id, identity.name, secret)
+            if isinstance(found, str):  # not this agent's: exactly a bad login's answer
+                await stream.send_all(self.refuse_session(handshake, accepted, found).response)
+                return None
+            if (found is not None and found.transport is not None
+                    and await found.transport.detach("replaced by the agent's resume")):
+                replay = found.transport.protocol.replay
+                assert replay is not None  # (the old carrier has stopped: the count is final)
+                await stream.send_all(handshake.accept([(RESUMED_HEADER, str(replay.received))]))
+                log.info("%s: agent %s resumes its session (%s)", accepted.peer, identity.name,
+                         found.transport.name)
+                return self.held.deliver(found, NewCarrier(stream, handshake.trailing_data,
+                                                           peer_received))
+            extra.append((RESUMED_HEADER, "no; the relay does not know that session (it "
+                                          "restarted, or resume_grace ran out)"))
+        held = None
+        if asked and self.config.resume_grace > 0:
+            held = self.held.new(identity.name, self.config.resume_grace)
+            extra.append((RESUMABLE_HEADER, str(held.ticket)))
+        response, protocol = self.gate.door.start_session(handshake, extra)
+        if held is not None:
+            protocol.enable_resume()
         await stream.send_all(response)
-        return protocol, outcome.identity, outcome.peer
+        return protocol, identity, accepted.peer, held
 
     async def login(self, handshake: ws.ServerHandshake,
                     request: ws.RequestReceived | ws.HandshakeFailed,
@@ -168,7 +216,8 @@ class Relay:
         await self._serve_session(stream, protocol, identity, peer)
 
     async def _serve_session(
-        self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str
+        self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str,
+        held: Held | None = None,
     ) -> None:
         config = self.config
         guard = SessionGuard(identity, config)
@@ -183,7 +232,10 @@ class Relay:
             ping_interval=config.ping_interval,
             ping_timeout=config.ping_timeout,
             observer=self.stats,
+            resumer=RelayResumer(held, self.held) if held is not None else None,
         )
+        if held is not None:
+            held.transport = transport
         self.sessions.add(transport)
         self.gate.session_started(identity)
         self.stats.session_started(transport, agent=identity.name, peer=peer)
@@ -195,6 +247,8 @@ class Relay:
                 reason = await transport.run()
                 nursery.cancel_scope.cancel()
         finally:
+            if held is not None:
+                self.held.drop(held)
             self.gate.session_ended(identity)
             self.stats.session_ended(transport)
             self.sessions.discard(transport)

@@ -97,14 +97,14 @@ async def test_reverse_forward_carries_64_mib_each_way_and_200_at_once(
 
 async def test_listener_closes_with_the_session_and_returns_with_the_agent(
         logs: LogWatch) -> None:
-    """The relay's port is closed once the agent's session is gone, and bound again
-    when the agent comes back."""
+    """The relay's port is closed once the agent's session is gone (its resume grace
+    over: 0.5 s here), and bound again when the agent comes back."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             echo = await serve_target(nursery, echo_handler)
             port = free_port()
             relay = await start_relay(nursery, relay_config(
-                listen_allow=listen_allow(f"{LOOPBACK}:{port}")))
+                listen_allow=listen_allow(f"{LOOPBACK}:{port}"), resume_grace=0.5))
             config = agent_config(relay.ports[0], [], forwards=(reverse(port, echo),))
             agent = await start_agent(nursery, config)
             await logs.wait_for(f"relay listening on {LOOPBACK}:{port}")
@@ -203,13 +203,13 @@ async def test_target_refused_beside_the_agent_resets_the_client(logs: LogWatch)
 async def test_a_frozen_agent_loses_the_relay_port_within_the_ping_timeout(
         tmp_path: Path) -> None:
     """An agent process that stops answering (SIGSTOP: its socket stays open) loses
-    the relay's port once the relay's ping timeout ends the session; a new agent
-    process gets it back at once."""
+    the relay's port once the relay's ping timeout and then its resume grace end the
+    session; a new agent process gets it back at once."""
     port = free_port()
     config = tmp_path / "relay.yaml"
     config.write_text(f"listen: {LOOPBACK}:0\nno_auth: true\nallow: [{LOOPBACK}]\n"
                       f"listen_allow: ['{LOOPBACK}:{port}']\n"
-                      "ping_interval: 0.2\nping_timeout: 0.5\n")
+                      "ping_interval: 0.2\nping_timeout: 0.5\nresume_grace: 0.5\n")
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             echo = await serve_target(nursery, echo_handler)
@@ -245,7 +245,7 @@ async def test_unix_sockets_on_both_sides_of_a_reverse_forward(tmp_path: Path,
             sock.listen()
             nursery.start_soon(trio.serve_listeners, echo_handler, [trio.SocketListener(sock)])
             relay = await start_relay(nursery, relay_config(
-                listen_allow=listen_allow(f"unix:{tmp_path}/*")))
+                listen_allow=listen_allow(f"unix:{tmp_path}/*"), resume_grace=0.5))
             forward = parse_forward(f"{relay_side}:unix:{served}", kind=REVERSE)
             agent = await start_agent(nursery, agent_config(relay.ports[0], [],
                                                             forwards=(forward,)))

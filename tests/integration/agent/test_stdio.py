@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
 import trio
 
-from ..real_peers import free_port, stop_pid, wait_listening
+from ..real_peers import free_port, sshd
 from ..tunnel_helpers import (
     LOOPBACK,
     echo_handler,
@@ -32,7 +30,6 @@ from ..tunnel_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parents[3]
-SSHD = "/usr/sbin/sshd"
 AGENT = [sys.executable, "-m", "wstunnel", "agent", "--no-proxy"]
 
 
@@ -142,37 +139,6 @@ async def test_stdin_and_stdout_are_left_blocking() -> None:
 
 
 # ---------------------------------------------------------------- real ssh and scp
-
-@contextmanager
-def sshd(tmp: Path) -> Iterator[tuple[int, Path]]:
-    """Our own sshd on 127.0.0.1 (key-only login as the current user); yields its port
-    and the client key."""
-    if not os.path.exists(SSHD) or shutil.which("ssh") is None or shutil.which("scp") is None:
-        pytest.skip(f"{SSHD}, ssh or scp is not installed (apt-get install openssh-server "
-                    "openssh-client)")
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / key)],
-                       check=True)
-    (tmp / "authorized_keys").write_bytes((tmp / "client_key.pub").read_bytes())
-    port = free_port()
-    config = tmp / "sshd_config"
-    config.write_text("\n".join([
-        f"Port {port}", f"ListenAddress {LOOPBACK}", f"HostKey {tmp / 'host_key'}",
-        f"PidFile {tmp / 'sshd.pid'}", f"AuthorizedKeysFile {tmp / 'authorized_keys'}",
-        "UsePAM no", "StrictModes no", "PubkeyAuthentication yes",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "PermitRootLogin prohibit-password", "UseDNS no", "LogLevel ERROR",
-        "Subsystem sftp internal-sftp"]) + "\n")
-    log = tmp / "sshd.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log_file)
-    try:
-        wait_listening(port, "sshd", process, log)
-        yield port, tmp / "client_key"
-    finally:
-        stop_pid(process.pid)
-        process.wait()
-
 
 def ssh_options(relay_port: int, key: Path, tmp: Path) -> list[str]:
     proxy = " ".join([*AGENT, "--relay", f"ws://{LOOPBACK}:{relay_port}/tunnel",

@@ -271,10 +271,11 @@ async def test_status_lists_channels_over_a_0600_admin_socket(tmp_path: Path) ->
 
 async def test_agent_status_follows_the_session() -> None:
     """The agent's READY=1 carries a STATUS=, and STATUS= changes to "session up" when
-    the session comes up and to "no session ... (reconnecting)" when it drops."""
+    the session comes up and to "no session ... (reconnecting)" when it drops (here
+    without resumption: resume_grace 0)."""
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            relay = await start_relay(nursery, relay_config())
+            relay = await start_relay(nursery, relay_config(resume_grace=0.0))
             notes = Notes()
             config = agent_config(relay.ports[0], [9], reconnect_min_interval=5.0,
                                   reconnect_max_interval=5.0)

@@ -68,6 +68,7 @@ RELAY_BASE = {"listen": (["--listen", "127.0.0.1:8080"], "127.0.0.1:8080")}
 RELAY_ROWS: list[tuple[list[str], dict[str, Any]]] = [
     (["--listen", "[::1]:0"], {"listen": "[::1]:0"}),
     (["--no-auth"], {"no_auth": True}),
+    (["--resume-grace", "2.5"], {"resume_grace": 2.5}),
     (["--no-auth", "--allow", "db.internal:5432", "--allow", "10.0.0.0/8"],
      {"no_auth": True, "allow": ["db.internal:5432", "10.0.0.0/8"]}),
     (["--no-auth", "--listen-allow", "127.0.0.1:2222", "--listen-allow", "unix:/run/w/*"],

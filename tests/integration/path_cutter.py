@@ -1,0 +1,96 @@
+"""A TCP forwarder between agent and relay that a test can cut, as a broken path would.
+
+``cut()`` resets every connection through it at once (RST both ways, as when a
+NAT forgets the mapping or a proxy restarts); while ``down`` is set, new
+connections are reset as soon as they arrive. ``cut_after`` cuts when the
+bytes forwarded reach a mark, so a test cuts mid-transfer by progress, not
+by sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+from collections.abc import Callable
+
+import trio
+
+__all__ = ["PathCutter"]
+
+
+class PathCutter:
+    """Forwards 127.0.0.1:``port`` to the relay at ``target``."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self.down = False
+        self.cuts = 0
+        self.forwarded = 0
+        self.connections = 0
+        self._live: set[trio.SocketStream] = set()
+        self._marks: list[tuple[int, Callable[[], None]]] = []
+        self.cut_done = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started()
+
+    def cut_after(self, forwarded: int, then: Callable[[], None] | None = None) -> None:
+        """Cut once ``forwarded`` bytes (both ways together) have passed."""
+        self._marks.append((forwarded, then or (lambda: None)))
+        self._marks.sort(key=lambda mark: mark[0])
+
+    def cut(self) -> None:
+        """Reset every connection now."""
+        self.cuts += 1
+        for stream in list(self._live):
+            _reset(stream)
+        self._live.clear()
+        self.cut_done.set()
+        self.cut_done = trio.Event()
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        if self.down:
+            _reset(client)
+            return
+        self.connections += 1
+        try:
+            relay = await trio.open_tcp_stream("127.0.0.1", self.target)
+        except OSError:
+            _reset(client)
+            return
+        self._live |= {client, relay}
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipe, client, relay, nursery.cancel_scope)
+                nursery.start_soon(self._pipe, relay, client, nursery.cancel_scope)
+        finally:
+            self._live -= {client, relay}
+            _reset(client)
+            _reset(relay)
+
+    async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream,
+                    scope: trio.CancelScope) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                await sink.send_all(data)
+                self.forwarded += len(data)
+                while self._marks and self.forwarded >= self._marks[0][0]:
+                    _, then = self._marks.pop(0)
+                    self.cut()
+                    then()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        scope.cancel()
+
+
+def _reset(stream: trio.SocketStream) -> None:
+    with contextlib.suppress(OSError):
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()

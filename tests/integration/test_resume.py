@@ -1,0 +1,194 @@
+"""Session resumption: connections outlive a broken path between agent and relay.
+
+The path is a forwarder the test cuts (path_cutter.py): every connection
+through it reset at once, as when a NAT forgets the mapping or a proxy
+restarts. Cuts happen by progress (bytes forwarded), not by time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+from wstunnel.agent.connect import open_websocket
+from wstunnel.config import parse_relay_url
+from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
+
+from .log_watch import LogWatch
+from .path_cutter import PathCutter
+from .process_helpers import stop
+from .real_peers import sshd
+from .tunnel_helpers import (
+    LOOPBACK,
+    agent_config,
+    digest_handler,
+    echo_exact,
+    echo_handler,
+    receive_until_reset,
+    relay_config,
+    serve_target,
+    start_agent,
+    start_relay,
+    upload_and_download,
+)
+
+MiB = 1 << 20
+
+
+async def _tunnel_through_cutter(nursery: trio.Nursery, targets: list[int],
+                                 **relay: object) -> tuple[PathCutter, list[int]]:
+    relay_running = await start_relay(nursery, relay_config(**relay))
+    cutter = PathCutter(relay_running.ports[0])
+    await nursery.start(cutter.serve)
+    agent = await start_agent(nursery, agent_config(cutter.port, targets))
+    return cutter, agent.ports
+
+
+async def test_transfers_both_ways_survive_cuts(carrier: str, logs: LogWatch) -> None:
+    """16 MiB each way while the path is cut four times: every byte arrives, in
+    order, once (sha256 equal), and the application sees no reset."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            digest = await serve_target(nursery, digest_handler(16 * MiB, b"down"))
+            cutter, (port,) = await _tunnel_through_cutter(nursery, [digest])
+            for mark in (3, 9, 17, 26):
+                cutter.cut_after(mark * MiB)
+            await upload_and_download(port, 16 * MiB, 16 * MiB)
+            assert cutter.cuts == 4
+            assert len([line for line in logs.lines if "session resumed" in line]) >= 8
+            assert not any("all reset" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_interactive_channel_carries_on_across_cuts(logs: LogWatch) -> None:
+    """An echo keeps answering, on the same connection, across cuts."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            cutter, (port,) = await _tunnel_through_cutter(nursery, [echo])
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                assert await echo_exact(stream, b"first") == b"first"
+                for round_ in range(5):
+                    cutter.cut()
+                    payload = f"round {round_} ".encode() * 100
+                    assert await echo_exact(stream, payload) == payload
+            assert cutter.connections == 6  # (one carrier per round, resumed each time)
+            assert not any("all reset" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()
+
+
+async def test_grace_over_resets_the_channels(logs: LogWatch) -> None:
+    """With the path down past resume_grace, the channels are reset, not ended
+    cleanly, and both sides say why."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            cutter, (port,) = await _tunnel_through_cutter(nursery, [echo],
+                                                           resume_grace=0.5)
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                assert await echo_exact(stream, b"before") == b"before"
+                cutter.down = True
+                cutter.cut()
+                assert await receive_until_reset(stream) == b""
+            line = await logs.wait_for("did not resume within resume_grace")
+            assert "0.5 s" in line
+            await logs.wait_for("all reset")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_relay_resets_at_once(logs: LogWatch) -> None:
+    """A relay that no longer knows the session (it restarted) says so on the
+    first reconnect: the agent resets the channels at once and carries on with a
+    fresh session."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            first = await start_relay(nursery, relay_config())
+            cutter = PathCutter(first.ports[0])
+            await nursery.start(cutter.serve)
+            agent = await start_agent(nursery, agent_config(cutter.port, [echo]))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                assert await echo_exact(stream, b"before") == b"before"
+                second = await start_relay(nursery, relay_config())
+                cutter.target = second.ports[0]  # (the same address, a new process)
+                first.kill()
+                cutter.cut()
+                assert await receive_until_reset(stream) == b""
+            line = await logs.wait_for("could not resume the session")
+            assert "does not know that session" in line
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                assert await echo_exact(stream, b"after") == b"after"
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("grace", [60.0, 0.0])
+async def test_resumption_is_offered_only_when_asked_and_allowed(grace: float) -> None:
+    """The relay offers a resumable session to an agent that asks (and only if
+    resume_grace is not 0); an agent that does not ask (an older one) gets a plain
+    session, as before."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(resume_grace=grace))
+            url = parse_relay_url(f"ws://{LOOPBACK}:{relay.ports[0]}/tunnel")
+            for ask in (True, False):
+                answer: dict[str, str] = {}
+                stream, _ = await open_websocket(
+                    url, headers=[(RESUME_HEADER, "new")] if ask else [], answer=answer)
+                await stream.aclose()
+                offered = RESUMABLE_HEADER.lower() in answer
+                assert offered == (ask and grace > 0)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_resume_by_another_agent_is_refused_like_a_bad_login(
+        logs: LogWatch) -> None:
+    """Resuming someone else's session (a guessed or stolen id, a wrong secret) gets
+    the answer a bad token gets."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config())
+            url = parse_relay_url(f"ws://{LOOPBACK}:{relay.ports[0]}/tunnel")
+            answer: dict[str, str] = {}
+            stream, _ = await open_websocket(url, headers=[(RESUME_HEADER, "new")],
+                                             answer=answer)
+            session_id, _secret, _grace = answer[RESUMABLE_HEADER.lower()].split()
+            with pytest.raises(Exception) as info:
+                await open_websocket(url, headers=[(RESUME_HEADER, f"{session_id} wrong 0")])
+            assert getattr(info.value, "status", None) in (401, 403)
+            await logs.wait_for("gave a wrong secret")
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_ssh_keeps_its_session_across_three_cuts(tmp_path: Path, logs: LogWatch) -> None:
+    """ssh through a forward to a real sshd: a command printing a counter every 100 ms
+    runs to its end across three cuts of the path, with no reconnect of ssh."""
+    user = os.environ.get("USER") or "root"
+    with sshd(tmp_path) as (ssh_port, key), trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            cutter, (port,) = await _tunnel_through_cutter(nursery, [ssh_port])
+            process = await trio.lowlevel.open_process(
+                ["ssh", "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
+                 "-o", f"UserKnownHostsFile={tmp_path / 'known_hosts'}", "-i", str(key),
+                 "-p", str(port), f"{user}@{LOOPBACK}",
+                 "for i in $(seq 1 30); do echo $i; sleep 0.1; done"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                assert process.stdout is not None
+                seen = b""
+                async for data in process.stdout:
+                    seen += data
+                    lines = seen.count(b"\n")
+                    if cutter.cuts < 3 and lines >= 5 + 7 * cutter.cuts:
+                        cutter.cut()
+                assert await process.wait() == 0
+            finally:
+                await stop(process)
+            assert seen.split() == [str(i).encode() for i in range(1, 31)]
+            assert cutter.cuts == 3
+            assert not any("all reset" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()

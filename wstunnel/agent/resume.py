@@ -1,0 +1,88 @@
+"""The agent's side of session resumption: reconnect, and hand the session its new carrier.
+
+Theory of operation
+-------------------
+The relay offered a resumable session (``X-Wstunnel-Resumable``: id, secret,
+grace; relay/resume.py). When its carrier is lost without a close handshake
+(a path cut, a proxy restart, a NAT that forgot the mapping, no answer to
+pings), the session's transport asks ``AgentResumer.new_carrier``: the agent
+keeps its local sockets and channels and reconnects, by the transport the
+session had, through whatever proxy it is configured for, with backoff, until
+the relay's grace is over. Each attempt carries ``X-Wstunnel-Resume: ID SECRET
+RECEIVED``. The relay answers ``X-Wstunnel-Resumed: COUNT`` (both sides then
+replay what the other missed, replay.py) or ``no; why`` with a fresh session:
+the old one then ends (its channels are reset, as net/ending.py says a lost
+session's are) and the fresh connection becomes the agent's next session at
+once. A refused login ends it too, with the reason in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..errors import AuthenticationError, HandshakeError
+from ..net.transport import NewCarrier, TunnelTransport
+from ..replay import RESUME_HEADER, RESUMED_HEADER, Ticket
+from .transports import Opened
+
+__all__ = ["AgentResumer"]
+
+log = logging.getLogger("wstunnel.agent")
+
+#: Reconnect attempts while resuming: quick at first (a path cut is often short).
+FIRST_RETRY = 0.1
+MAX_RETRY = 2.0
+
+#: Opens a connection to the relay with these extra headers, by this transport.
+Reconnect = Callable[[list[tuple[str, str]], str], Awaitable[Opened]]
+
+
+class AgentResumer:
+    """One resumable session's way back to the relay."""
+
+    def __init__(self, ticket: Ticket, transport_name: str, reconnect: Reconnect,
+                 fresh: Callable[[Opened], None]) -> None:
+        """``reconnect`` opens a connection; ``fresh`` takes a new session the relay
+        gave instead of the old one (the agent's next session)."""
+        self.ticket = ticket
+        self.transport_name = transport_name
+        self._reconnect = reconnect
+        self._fresh = fresh
+
+    @property
+    def grace(self) -> float:
+        return self.ticket.grace
+
+    async def new_carrier(self, transport: TunnelTransport, lost: str) -> NewCarrier | str:
+        replay = transport.protocol.replay
+        assert replay is not None, "only a resumable session has a resumer"
+        deadline = trio.current_time() + self.grace
+        delay, attempt = FIRST_RETRY, 0
+        while True:
+            attempt += 1
+            header = [(RESUME_HEADER, self.ticket.request(replay.received))]
+            try:
+                with trio.fail_at(deadline):
+                    opened = await self._reconnect(header, self.transport_name)
+            except trio.TooSlowError:
+                return (f"{lost}; not reconnected within the relay's resume grace "
+                        f"({self.grace:g} s, {attempt} attempts)")
+            except AuthenticationError as exc:
+                return f"{lost}; the relay refused the resume: {exc}"
+            except (OSError, HandshakeError, trio.BrokenResourceError) as exc:
+                wait = min(delay, max(0.0, deadline - trio.current_time()))
+                log.info("resuming the session: attempt %d failed (%s); again in %.1f s",
+                         attempt, exc, wait)
+                await trio.sleep(wait * random.uniform(0.8, 1.0))
+                delay = min(MAX_RETRY, delay * 2)
+                continue
+            answer = opened.headers.get(RESUMED_HEADER.lower(), "")
+            if answer.isdigit():
+                return NewCarrier(opened.stream, opened.trailing, int(answer))
+            self._fresh(opened)
+            why = answer.partition(";")[2].strip() or "it did not say why"
+            return f"{lost}; the relay could not resume the session: {why}"

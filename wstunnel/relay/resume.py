@@ -1,0 +1,117 @@
+"""The relay's side of session resumption: resumable sessions, and their next carriers.
+
+Theory of operation
+-------------------
+An agent that asks for a resumable session (``X-Wstunnel-Resume: new``) gets
+an id and a secret (``X-Wstunnel-Resumable``), registered here with the
+agent's name. When the session's carrier is lost, its transport asks
+``RelayResumer.new_carrier`` and waits up to ``resume_grace`` for the agent's
+resume request, keeping the channels and their destination sockets (the
+socket pump reads only as much as the windows allow). A resume request is
+first a login like any other; then its id must be known, its agent the same
+and its secret right (compared in constant time): otherwise the answer is a
+bad login's, so that nobody learns whether an id exists. An id the relay no
+longer knows (grace over, relay restarted) gets a fresh session and
+``X-Wstunnel-Resumed: no; why``: the agent resets the old channels at once.
+
+A resume request may arrive before the relay has noticed that the old
+carrier is gone (the agent saw it first): the old carrier is then stopped
+(``TunnelTransport.detach``) before the relay says how many records it has
+received, so that no late record on the old connection is counted after
+the count was sent (it would be replayed, and arrive twice). The connection that brought the new carrier stays
+open until the session moves on from it (``Held.carrier_done``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from dataclasses import dataclass, field
+
+import trio
+
+from ..net.transport import NewCarrier, TunnelTransport
+from ..replay import Ticket
+
+__all__ = ["Held", "HeldSessions", "RelayResumer"]
+
+log = logging.getLogger("wstunnel.relay")
+
+
+@dataclass(eq=False)
+class Held:
+    """One resumable session."""
+
+    ticket: Ticket
+    agent: str
+    transport: TunnelTransport | None = None
+    pending: NewCarrier | None = None
+    arrived: trio.Event = field(default_factory=trio.Event)
+    #: Set when the session no longer uses the carrier ``pending`` brought.
+    carrier_done: trio.Event = field(default_factory=trio.Event)
+
+
+class HeldSessions:
+    """Every resumable session of this relay, by id."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, Held] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def new(self, agent: str, grace: float) -> Held:
+        ticket = Ticket(secrets.token_urlsafe(18), secrets.token_urlsafe(24), grace)
+        held = Held(ticket, agent)
+        self._held[ticket.session_id] = held
+        return held
+
+    def drop(self, held: Held) -> None:
+        if self._held.get(held.ticket.session_id) is held:
+            del self._held[held.ticket.session_id]
+        held.carrier_done.set()
+
+    def find(self, session_id: str, agent: str, secret: str) -> Held | str | None:
+        """The session to resume; a str (why, for the log only) when the request is
+        not this agent's or its secret is wrong; None when the id is unknown."""
+        held = self._held.get(session_id)
+        if held is None:
+            return None
+        if held.agent != agent:
+            return f"agent {agent} asked to resume a session of agent {held.agent}"
+        if not hmac.compare_digest(held.ticket.secret.encode(), secret.encode()):
+            return f"agent {agent} gave a wrong secret to resume session {session_id}"
+        return held
+
+    def deliver(self, held: Held, carrier: NewCarrier) -> trio.Event:
+        """Hand ``carrier`` to the held session (``detach`` it first); returns the event
+        set when the session is done with it (its bringer keeps the connection open
+        until then)."""
+        held.carrier_done.set()  # (a carrier before this one: its bringer may close)
+        held.carrier_done = done = trio.Event()
+        held.pending = carrier
+        held.arrived.set()
+        return done
+
+
+class RelayResumer:
+    """A held session's side of ``Resumer``: wait for the agent's resume request."""
+
+    def __init__(self, held: Held, sessions: HeldSessions) -> None:
+        self.held = held
+        self.sessions = sessions
+
+    @property
+    def grace(self) -> float:
+        return self.held.ticket.grace
+
+    async def new_carrier(self, transport: TunnelTransport, lost: str) -> NewCarrier | str:
+        held = self.held
+        with trio.move_on_after(self.grace):
+            while held.pending is None:
+                await held.arrived.wait()
+                held.arrived = trio.Event()
+            carrier, held.pending = held.pending, None
+            return carrier
+        return f"{lost}; the agent did not resume within resume_grace ({self.grace:g} s)"
