@@ -177,14 +177,15 @@ class Agent:
     async def _connect(self) -> TunnelTransport:
         fresh, self._fresh = self._fresh, None  # (the relay gave it instead of a resume)
         opened = fresh or await self._open([(RESUME_HEADER, "new")])
-        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits,
-                                  trailing_data=opened.trailing, framed=opened.framed)
+        protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits, framed=opened.framed)
         self.forward_limits.pace(protocol, self.config.forwards, trio.current_time())
         resumer = None
         ticket = parse_ticket(opened.headers.get(RESUMABLE_HEADER.lower(), ""))
         if ticket is not None:  # (the relay keeps the session when the connection breaks)
-            protocol.enable_resume()
+            protocol.enable_resume()  # (before the first record in: every one is counted)
             resumer = AgentResumer(ticket, opened.transport, self._open, self._take_fresh)
+        if opened.trailing:
+            protocol.receive_data(opened.trailing)
         config = self.config
         return TunnelTransport(
             opened.stream,

@@ -35,7 +35,7 @@ log = logging.getLogger("wstunnel.agent")
 
 #: Reconnect attempts while resuming: quick at first (a path cut is often short).
 FIRST_RETRY = 0.1
-MAX_RETRY = 2.0
+MAX_RETRY = 1.0
 
 #: Opens a connection to the relay with these extra headers, by this transport.
 Reconnect = Callable[[list[tuple[str, str]], str], Awaitable[Opened]]

@@ -257,13 +257,17 @@ class Door:
             del self._sessions[name]
 
     def start_session(self, handshake: ws.ServerHandshake,
-                      extra_headers: Sequence[tuple[str, str]] = ()
-                      ) -> tuple[bytes, TunnelProtocol]:
+                      extra_headers: Sequence[tuple[str, str]] = (), *,
+                      resumable: bool = False) -> tuple[bytes, TunnelProtocol]:
         """The 101 answer to an ``Accepted`` request, and the relay's end of the session it
-        starts (already fed with any bytes the agent sent after its request)."""
+        starts (already fed with any bytes the agent sent after its request; a
+        resumable one counts them, replay.py)."""
         response = handshake.accept(extra_headers)
-        protocol = TunnelProtocol(mux.Role.RELAY, limits=self.limits,
-                                  trailing_data=handshake.trailing_data)
+        protocol = TunnelProtocol(mux.Role.RELAY, limits=self.limits)
+        if resumable:
+            protocol.enable_resume()
+        if handshake.trailing_data:
+            protocol.receive_data(handshake.trailing_data)
         return response, protocol
 
     def _client(self, request: ws.RequestReceived,

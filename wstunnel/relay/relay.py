@@ -176,9 +176,8 @@ class Relay:
         if asked and self.config.resume_grace > 0:
             held = self.held.new(identity.name, self.config.resume_grace)
             extra.append((RESUMABLE_HEADER, str(held.ticket)))
-        response, protocol = self.gate.door.start_session(handshake, extra)
-        if held is not None:
-            protocol.enable_resume()
+        response, protocol = self.gate.door.start_session(handshake, extra,
+                                                          resumable=held is not None)
         await stream.send_all(response)
         return protocol, identity, accepted.peer, held
 

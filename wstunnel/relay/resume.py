@@ -18,8 +18,9 @@ A resume request may arrive before the relay has noticed that the old
 carrier is gone (the agent saw it first): the old carrier is then stopped
 (``TunnelTransport.detach``) before the relay says how many records it has
 received, so that no late record on the old connection is counted after
-the count was sent (it would be replayed, and arrive twice). The connection that brought the new carrier stays
-open until the session moves on from it (``Held.carrier_done``).
+the count was sent (it would be replayed, and arrive twice). The connection
+that brought the new carrier stays open until the session moves on from it
+(``Held.carrier_done``).
 """
 
 from __future__ import annotations

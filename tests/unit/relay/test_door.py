@@ -191,6 +191,16 @@ def test_no_auth_lets_in_the_anonymous_agent_and_the_session_starts() -> None:
     assert any(isinstance(e, mux.SettingsReceived) for e in protocol.events_received())
 
 
+def test_a_resumable_session_counts_the_records_that_came_with_the_request() -> None:
+    """Records the agent sent right behind its upgrade request count as received in a
+    resumable session (else a resume would replay them, and they would arrive twice)."""
+    agent = TunnelProtocol(mux.Role.AGENT)
+    agent.open_channel("db", 5432, early_data=b"hello")
+    _, handshake = _knock(Door(OPEN), _request() + agent.data_to_send())
+    _, protocol = Door(OPEN).start_session(handshake, resumable=True)
+    assert protocol.replay is not None and protocol.replay.received == 3  # SETTINGS, OPEN, DATA
+
+
 def test_the_session_runs_under_the_relays_limits_from_the_latest_load() -> None:
     """The protocol a session starts with has the configured limits (the multiplexer's
     channel cap one above max_channels: the relay's own check refuses first, and logs),
