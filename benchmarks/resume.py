@@ -7,7 +7,8 @@ restarts). Meanwhile ``--size`` bytes go up and ``--size`` come down through a
 forward, each checked with sha256 at the far end, and an interactive echo
 sends one message every 10 ms on a third connection. ``--cuts`` cuts strike at
 random moments of the transfers, the path staying down a random 0.1-``--max-down``
-seconds each time. Printed: whether every byte arrived once and in order (the
+seconds each time (the next cut waits until the echo has answered again, so
+that each gap measures one outage). Printed: whether every byte arrived once and in order (the
 hashes), resets seen (must be 0: every outage is shorter than the relay's
 resume grace), each outage, and the echo's longest gap beside the longest
 outage (the difference is what a reconnect and resume cost).
@@ -157,10 +158,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             nursery.start_soon(_cuts, cutter, args, outages, done)
             start = time.monotonic()
             try:
-                async with await trio.open_tcp_stream("127.0.0.1", local_bulk) as stream:
-                    async with trio.open_nursery() as both:
-                        both.start_soon(_upload, stream, args.size, results)
-                        results["download"] = await _hash_all(stream)
+                async with (await trio.open_tcp_stream("127.0.0.1", local_bulk) as stream,
+                            trio.open_nursery() as both):
+                    both.start_soon(_upload, stream, args.size, results)
+                    results["download"] = await _hash_all(stream)
             except (trio.BrokenResourceError, OSError) as exc:
                 resets.append(f"bulk: {exc!r}")
             results["seconds"] = time.monotonic() - start
@@ -180,6 +181,22 @@ async def _echo_target(stream: trio.SocketStream) -> None:
             await stream.send_all(data)
 
 
+class Answers:
+    """The echo's answers, for the cutter to wait on (each outage is measured alone)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.event = trio.Event()
+
+    def add(self) -> None:
+        self.count += 1
+        self.event.set()
+        self.event = trio.Event()
+
+
+ANSWERS: Final = Answers()
+
+
 async def _echo_loop(port: int, gaps: list[float], resets: list[str], done: trio.Event) -> None:
     try:
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -193,6 +210,7 @@ async def _echo_loop(port: int, gaps: list[float], resets: list[str], done: trio
                         raise BenchError("the echo ended")
                     got += len(data)
                 now = trio.current_time()
+                ANSWERS.add()
                 gaps.append(now - last)
                 last = now
                 await trio.sleep(ECHO_EVERY)
@@ -212,6 +230,7 @@ async def _cuts(cutter: Cutter, args: argparse.Namespace, outages: list[float],
         print(f"cut: path down for {down:.2f} s", file=sys.stderr, flush=True)
         cutter.cut(down)
         await trio.sleep(down)
+        await ANSWERS.event.wait()  # (the echo is back before the next cut)
 
 
 def _report(args: argparse.Namespace, results: dict[str, object], gaps: list[float],
