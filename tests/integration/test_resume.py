@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from wstunnel.addresses import HostPort
 from wstunnel.agent.connect import open_websocket
 from wstunnel.config import parse_relay_url
 from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
@@ -21,7 +22,7 @@ from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 from .log_watch import LogWatch
 from .path_cutter import PathCutter
 from .process_helpers import stop
-from .real_peers import sshd
+from .real_peers import free_port, sshd
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
@@ -191,4 +192,27 @@ async def test_ssh_keeps_its_session_across_three_cuts(tmp_path: Path, logs: Log
             assert seen.split() == [str(i).encode() for i in range(1, 31)]
             assert cutter.cuts == 3
             assert not any("all reset" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_list_of_relays_fails_over_and_comes_back_to_the_first(
+        logs: LogWatch) -> None:
+    """relay: [first, second]: while the first is down the agent uses the second; once
+    the first answers again and nothing is open, the agent moves back to it."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            first_port = free_port()
+            second = await start_relay(nursery, relay_config())
+            urls = tuple(f"ws://{LOOPBACK}:{port}/tunnel" for port in (first_port,
+                                                                       second.ports[0]))
+            agent = await start_agent(nursery, agent_config(0, [echo], relay=urls))
+            await logs.wait_for(f"session up to ws://{LOOPBACK}:{second.ports[0]}/tunnel")
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                assert await echo_exact(stream, b"via the second") == b"via the second"
+            await start_relay(nursery, relay_config(listen=HostPort(LOOPBACK, first_port)))
+            await logs.wait_for("the preferred relay")
+            await logs.wait_for(f"session up to ws://{LOOPBACK}:{first_port}/tunnel")
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                assert await echo_exact(stream, b"via the first") == b"via the first"
             nursery.cancel_scope.cancel()

@@ -39,6 +39,7 @@ from ..security import tls
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
 from ..service.reload import ReloadRequest
+from .connect import open_stream
 from .forwards import ForwardSet, ListenError
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
@@ -101,37 +102,88 @@ class Agent:
     # -- the session ----------------------------------------------------------
 
     async def maintain_session(self) -> None:
-        """Keep one session up until cancelled, reconnecting with backoff."""
-        failures = 0
+        """Keep one session up until cancelled, reconnecting with backoff. With several
+        relays, the first one that is not backing off is tried (the first listed is
+        preferred), each relay with a backoff of its own."""
+        failures: dict[RelayURL, int] = {}
+        ready_at: dict[RelayURL, float] = {}
         if self.dial is not None:
             log.info("reaching the relay through the proxy %s", self.dial)
         while not self.stopping:
+            self.relay = await self._choose_relay(ready_at)
             try:
                 transport = await self._connect()
             except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                failures += 1
+                count = failures[self.relay] = failures.get(self.relay, 0) + 1
                 if getattr(exc, "status", None) in (401, 403):
                     self.stats.auth_failures += 1
-                delay = self._backoff(failures)
+                delay = self._backoff(count)
                 if _refused(exc):
                     delay = max(delay, REJECTED_RETRY_INTERVAL)
                     log.error("%s", self._refusal_message(exc))
-                log.warning(
-                    "cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
-                    self.relay.url,
-                    failures,
-                    _reason(exc),
-                    delay,
-                )
-                await trio.sleep(delay)
+                ready_at[self.relay] = trio.current_time() + delay
+                log.warning("cannot reach relay %s (attempt %d): %s; %s", self.relay.url, count,
+                            _reason(exc), self._next_step(ready_at, delay))
                 continue
-            failures = 0
+            failures.pop(self.relay, None)
+            ready_at.pop(self.relay, None)
             reason = await self._serve(transport)
             if self.stopping:
                 return
             self.stats.reconnects += 1
             log.warning("session to %s down: %s; reconnecting", self.relay.url, reason)
-            await trio.sleep(self._backoff(1))
+            ready_at[self.relay] = trio.current_time() + self._backoff(1)
+
+    async def _choose_relay(self, ready_at: dict[RelayURL, float]) -> RelayURL:
+        """The first relay, in the configured order, whose backoff is over (waiting for
+        the earliest when none is)."""
+        while True:
+            relays = self.config.relay_urls
+            now = trio.current_time()
+            for relay in relays:
+                if ready_at.get(relay, 0.0) <= now:
+                    return relay
+            await trio.sleep(min(ready_at.get(relay, now) for relay in relays) - now)
+
+    def _next_step(self, ready_at: dict[RelayURL, float], delay: float) -> str:
+        now = trio.current_time()
+        for relay in self.config.relay_urls:
+            if ready_at.get(relay, 0.0) <= now:
+                return f"trying {relay.url}"
+        return f"retrying in {delay:.1f} s"
+
+    async def _back_to_preferred(self, transport: TunnelTransport) -> None:
+        """While a session is up on a fallback relay: once the preferred one answers
+        again and no connection is open here, end this session (GOAWAY, close) so the
+        next one goes to the preferred relay. Checked every reconnect_max_interval."""
+        preferred = self.config.relay_urls[0]
+        while True:
+            await trio.sleep(self.config.reconnect_max_interval)
+            if self._channels == 0 and await self._answers(preferred):
+                log.info("the preferred relay %s answers again; moving this idle session "
+                         "back to it", preferred.url)
+                transport.go_away("moving to the preferred relay")
+                await transport.close(ws.CloseCode.GOING_AWAY, "moving to the preferred relay")
+                return
+
+    async def _answers(self, relay: RelayURL) -> bool:
+        """The relay answers GET /health with 200 (through the proxy and TLS the agent
+        would use)."""
+        config = self.config
+        context = tls.client_context(config.client_tls) if relay.secure else None
+        try:
+            with trio.fail_after(config.handshake_timeout):
+                stream = await open_stream(relay, ssl_context=context, dial=self.dial,
+                                           server_hostname=config.server_name,
+                                           pin=config.client_tls.relay_fingerprint)
+                async with stream:
+                    host = config.host_header or relay.host_header
+                    await stream.send_all(f"GET /health HTTP/1.1\r\nHost: {host}\r\n"
+                                          "Connection: close\r\n\r\n".encode())
+                    head = await stream.receive_some(1024)
+        except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError):
+            return False
+        return head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
 
     def _backoff(self, failures: int) -> float:
         config = self.config
@@ -228,6 +280,8 @@ class Agent:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.reverse.hold, transport)  # (a reload may add -R)
+                if self.relay != self.config.relay_urls[0]:
+                    nursery.start_soon(self._back_to_preferred, transport)
                 reason = await transport.run()
                 nursery.cancel_scope.cancel()
             return reason
@@ -524,11 +578,11 @@ async def _apply_reloads(
         except ListenError as exc:  # all or nothing: the running forwards stay
             request.finish(f"{exc}; kept the old forwards")
             continue
-        if new.relay_url != agent.relay:
+        if new.relay_urls != agent.config.relay_urls:
             log.warning("relay is now %s: used from the next reconnect; the current "
-                        "session stays up", new.relay_url.url)
+                        "session stays up", ", ".join(url.url for url in new.relay_urls))
         agent.reverse.update(new.forwards)
-        agent.config, agent.relay = new, new.relay_url
+        agent.config = new
         agent.limits = session_limits(new)  # (for the next session)
         agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect
         request.finish(result=bound)

@@ -142,7 +142,9 @@ def _add_relay(relay: argparse.ArgumentParser) -> None:
 
 def _add_agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("-c", "--config", metavar="FILE", help="agent YAML file")
-    agent.add_argument("--relay", metavar="URL", help="ws:// or wss:// URL of the relay")
+    agent.add_argument("--relay", metavar="URL", action="append",
+                       help="ws:// or wss:// URL of the relay; repeat it for fallbacks, used "
+                            "in turn while the first cannot be reached")
     agent.add_argument("-L", dest="forwards", action="append", metavar="[BIND:]PORT:HOST:PORT",
                        help="forward a local port (or /path of a unix socket) to HOST:PORT (or "
                             "unix:/path) via the relay (repeatable)")
@@ -257,7 +259,8 @@ def _early_logging(args: argparse.Namespace, default_level: str) -> None:
 def _summary(config: Config) -> str:
     if isinstance(config, AgentConfig):
         count = len(config.forwards)
-        return f"agent, {count} forward{'s' * (count != 1)} to {config.relay}"
+        relays = " or ".join(url.url for url in config.relay_urls)
+        return f"agent, {count} forward{'s' * (count != 1)} to {relays}"
     scheme = "wss" if config.tls is not None else "ws"
     if config.no_auth:
         rules = len(config.allow)

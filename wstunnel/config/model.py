@@ -65,7 +65,9 @@ LOG_FORMATS: Final = ("text", "json")
 class AgentConfig:
     """Settings of ``wstunnel agent`` (YAML keys equal field names)."""
 
-    relay: str
+    #: One URL, or several: the first is preferred, the others are used in turn while
+    #: it cannot be reached (``relay_urls``).
+    relay: str | tuple[str, ...]
     forwards: tuple[Forward, ...] = ()  # at least one, unless ``stdio`` is set
     #: ``--stdio HOST:PORT``: carry stdin/stdout as one channel there, then exit
     #: (the forwards are not served).
@@ -107,8 +109,9 @@ class AgentConfig:
     #: One line per finished channel: "off", "on" (into the log stream) or a file path.
     access_log: str = "off"
     source: str = field(default="<command line>", compare=False)  # file named in messages
-    #: ``relay`` split into what the agent dials.
+    #: ``relay`` split into what the agent dials: the preferred one, and all in order.
     relay_url: RelayURL = field(init=False, repr=False, compare=False)
+    relay_urls: tuple[RelayURL, ...] = field(init=False, repr=False, compare=False)
     #: ``proxy`` parsed; None when it is unset (the environment decides) or ``none``.
     proxy_url: ProxyURL | None = field(init=False, repr=False, compare=False)
 
@@ -119,7 +122,9 @@ class AgentConfig:
             ValueError: either is not valid (the loaders check them first, with
                 file, line and key).
         """
-        object.__setattr__(self, "relay_url", parse_relay_url(self.relay))
+        texts = (self.relay,) if isinstance(self.relay, str) else self.relay
+        object.__setattr__(self, "relay_urls", tuple(parse_relay_url(text) for text in texts))
+        object.__setattr__(self, "relay_url", self.relay_urls[0])
         object.__setattr__(self, "proxy_url", _proxy_setting(self.proxy))
 
     @property

@@ -255,7 +255,7 @@ _COMMON_FIELDS: Final[dict[str, Parser]] = {
 }
 
 _AGENT_FIELDS: Final[dict[str, Parser]] = {
-    "relay": values.url,
+    "relay": values.urls,
     "forwards": values.list_of(_forward, at_least=1),
     "stdio": values.optional(values.stdio_target),
     "connect_wait_timeout": values.duration(0.0),
@@ -380,8 +380,10 @@ def _agent_problem(config: AgentConfig) -> tuple[str, str] | None:
                            f"relay; choose one")
     tls_keys = [*verify, *(k for k in ("server_name", "client_cert_file", "client_key_file")
                            if getattr(config, k))]
-    if tls_keys and not config.relay_url.secure:
-        return tls_keys[0], f"{tls_keys[0]} needs a wss:// relay URL, got {config.relay}"
+    plain = [text for text, url in zip(_texts(config.relay), config.relay_urls, strict=True)
+             if not url.secure]
+    if tls_keys and plain:
+        return tls_keys[0], f"{tls_keys[0]} needs a wss:// relay URL, got {plain[0]}"
     if config.client_key_file and not config.client_cert_file:
         return "client_key_file", "client_key_file needs client_cert_file"
     return None
@@ -508,3 +510,7 @@ def _beside(doc: Document, key_path: str, name: str) -> str:
     if name.startswith("$") or Path(name).is_absolute() or not doc.in_file(key_path):
         return name
     return str(Path(doc.source).parent / name)
+
+
+def _texts(relay: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (relay,) if isinstance(relay, str) else relay

@@ -54,6 +54,7 @@ __all__ = [
     "listen_or_path",
     "listen_rule",
     "port_text",
+    "urls",
     "target_or_path",
     "allow_rule",
     "boolean",
@@ -220,6 +221,16 @@ def url(doc: Document, path: str, value: Any) -> str:
         value = _as_websocket_url(doc, path, value)
     checked(doc, path, parse_relay_url, value, "a ws:// or wss:// URL")
     return str(value).strip()
+
+
+def urls(doc: Document, path: str, value: Any) -> str | tuple[str, ...]:
+    """One relay URL, or a list of them (the first preferred, the others fallbacks)."""
+    if not isinstance(value, list):
+        return url(doc, path, value)
+    if not value:
+        raise doc.error(path, "expected a ws:// or wss:// URL, or a list of them; got []")
+    found = tuple(url(doc, join_index(path, i), item) for i, item in enumerate(value))
+    return found[0] if len(found) == 1 else found
 
 
 _WEBSOCKET_SCHEMES: Final = {"http": "ws", "https": "wss"}

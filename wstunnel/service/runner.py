@@ -159,8 +159,10 @@ def _status_text(stats: TunnelStats, role: _Role, bound: Any) -> Callable[[], st
             count = len(config.forwards)
             forwards = f"{count} forward{'s' * (count != 1)}"
             if stats.sessions:
-                return f"session up to {config.relay}; {forwards}"
-            return f"no session to {config.relay} (reconnecting); {forwards}"
+                where = next(iter(stats.sessions)).name  # (the relay it is up to)
+                return f"session up to {where}; {forwards}"
+            relays = " or ".join(url.url for url in config.relay_urls)
+            return f"no session to {relays} (reconnecting); {forwards}"
         return agent_status
 
     where = ", ".join(f"{h}:{p}" for h, p in bound)
