@@ -128,7 +128,7 @@ async def test_haproxy_two_relays_polling(sticky: bool, pki: Pki, trust_test_ca:
     """haproxy (configs/haproxy-relay.cfg) round-robins over two relays: with its
     stickiness on X-Wstunnel-Session a polling session carries 200 churning channels;
     without it the agent says in one line that the session's requests reached another
-    relay and what to configure."""
+    relay and what to configure (it then resumes or reconnects, as luck routes it)."""
     changes = {} if sticky else {STICKINESS: ""}
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -141,7 +141,7 @@ async def test_haproxy_two_relays_polling(sticky: bool, pki: Pki, trust_test_ca:
                 if sticky:
                     await _churn(agent.ports[0], 200)
                 else:
-                    line = await logs.wait_for("reconnecting")
+                    line = await logs.wait_for("stickiness")
                 nursery.cancel_scope.cancel()
     if not sticky:
         assert "the relay does not know this session" in line and "stickiness" in line

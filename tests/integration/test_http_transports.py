@@ -64,14 +64,15 @@ async def test_bulk_both_ways_beside_an_echo(mode: str, logs: LogWatch) -> None:
 @pytest.mark.parametrize("mode", ["streaming", "polling"])
 async def test_a_cut_ends_the_session_and_the_agent_reconnects(mode: str,
                                                               logs: LogWatch) -> None:
-    """The relay dies mid-session: the open channel is reset (no clean EOF), the agent
-    logs the loss, and once a relay listens again at the same address the agent is
-    back over the same transport, which its status shows."""
+    """The relay dies mid-session: once its resume grace is over (1 s here) the open
+    channel is reset (no clean EOF), the agent logs the loss, and once a relay listens
+    again at the same address the agent is back over the same transport, which its
+    status shows."""
     stats = TunnelStats("agent")
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             target = await serve_target(nursery, echo_handler)
-            relay = await start_relay(nursery, relay_config())
+            relay = await start_relay(nursery, relay_config(resume_grace=1.0))
             port = relay.ports[0]
             config = agent_config(port, [target], transport=mode)
             bound = await nursery.start(partial(run_agent, config, shutdown=trio.Event(),

@@ -216,3 +216,28 @@ async def test_a_list_of_relays_fails_over_and_comes_back_to_the_first(
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
                 assert await echo_exact(stream, b"via the first") == b"via the first"
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("transport", ["streaming", "polling"])
+async def test_sessions_over_the_http_transports_resume_too(transport: str,
+                                                            logs: LogWatch) -> None:
+    """The same over HTTP streaming and polling (where a WebSocket cannot pass): a cut
+    breaks streaming's two long requests and the session resumes over new ones;
+    polling retries a broken request by itself (numbered requests), resuming only
+    when that is not enough."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            digest = await serve_target(nursery, digest_handler(8 * MiB, b"down"))
+            relay = await start_relay(nursery, relay_config())
+            cutter = PathCutter(relay.ports[0])
+            await nursery.start(cutter.serve)
+            agent = await start_agent(nursery, agent_config(cutter.port, [digest],
+                                                            transport=transport))
+            for mark in (2, 7, 12):
+                cutter.cut_after(mark * MiB)
+            await upload_and_download(agent.ports[0], 8 * MiB, 8 * MiB)
+            assert cutter.cuts == 3
+            if transport == "streaming":
+                assert any("session resumed" in line for line in logs.lines)
+            assert not any("all reset" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()

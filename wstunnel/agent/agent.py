@@ -21,7 +21,7 @@ import random
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -35,18 +35,19 @@ from ..net.splice import close_spliced, splice
 from ..net.transport import TunnelTransport
 from ..protocol import SessionLimits, TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, parse_ticket
-from ..security import tls
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
-from ..service.reload import ReloadRequest
 from .connect import open_stream
-from .forwards import ForwardSet, ListenError
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
 from .resume import AgentResumer
 from .reverse import ReverseForwards
 from .transports import Opened, TransportChooser
 from .transports import Request as TransportRequest
+
+if TYPE_CHECKING:  # (the listeners and TLS load where used: --stdio needs neither, ws://)
+    from ..service.reload import ReloadRequest
+    from .forwards import ForwardSet
 
 #: Channels one agent session may hold. The relay's ``max_channels`` is the
 #: limit that matters (it refuses, and logs, past it); the agent only caps the
@@ -169,13 +170,15 @@ class Agent:
     async def _answers(self, relay: RelayURL) -> bool:
         """The relay answers GET /health with 200 (through the proxy and TLS the agent
         would use)."""
+        from ..security import tls
+
         config = self.config
         context = tls.client_context(config.client_tls) if relay.secure else None
         try:
             with trio.fail_after(config.handshake_timeout):
                 stream = await open_stream(relay, ssl_context=context, dial=self.dial,
                                            server_hostname=config.server_name,
-                                           pin=config.client_tls.relay_fingerprint)
+                                           pin=config.relay_fingerprint)
                 async with stream:
                     host = config.host_header or relay.host_header
                     await stream.send_all(f"GET /health HTTP/1.1\r\nHost: {host}\r\n"
@@ -254,11 +257,13 @@ class Agent:
         """A connection to the relay: by the configured transport (WebSocket, or the
         HTTP transports where it cannot pass: transports.py), or by ``only``."""
         config = self.config
-        settings = config.client_tls
         self._refresh_token()
         headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
         context = None
         if self.relay.secure:
+            from ..security import tls
+
+            settings = config.client_tls
             context = tls.client_context(settings)
             if settings.mode is tls.VerifyMode.INSECURE:
                 log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
@@ -470,6 +475,8 @@ def session_limits(config: AgentConfig) -> SessionLimits:
 
 def _check_tls_files(config: AgentConfig) -> None:
     """Fail at start, not at every reconnect, when a CA or client certificate file is bad."""
+    from ..security import tls
+
     try:
         tls.client_context(config.client_tls)
     except (OSError, ValueError) as exc:
@@ -529,6 +536,8 @@ async def run_agent(
     ``reloads`` is applied without touching the session or the connections
     already open (see forwards.py).
     """
+    from .forwards import ForwardSet
+
     agent = Agent(config, stats)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as connections:
@@ -558,6 +567,8 @@ async def run_agent(
 async def _bind_forwards(
     accepting: trio.Nursery, forwards: ForwardSet, config: AgentConfig
 ) -> list[list[tuple[str, int]]]:
+    from .forwards import ListenError
+
     try:
         bound: list[list[tuple[str, int]]] = await accepting.start(forwards.serve,
                                                                    local_forwards(config))
@@ -571,6 +582,8 @@ async def _bind_forwards(
 async def _apply_reloads(
     agent: Agent, forwards: ForwardSet, reloads: trio.MemoryReceiveChannel[ReloadRequest]
 ) -> None:
+    from .forwards import ListenError
+
     async for request in reloads:
         new: AgentConfig = request.config
         try:

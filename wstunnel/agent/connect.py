@@ -31,7 +31,6 @@ from ..errors import AuthenticationError, HandshakeError
 from ..net.plain_stream import take_over
 from ..net.sockopts import tune_socket
 from ..net.tls_stream import TLSSocketStream, start_tls
-from ..security import tls
 from .explain import _RELAY_404, BLOCKING_STATUSES, brief, explain_rejection
 
 __all__ = [
@@ -205,6 +204,8 @@ async def _speaks_tls(dial: Dialer, relay: RelayURL, deadline: float) -> bool:
 
 def _client_hello(server_hostname: str) -> bytes:
     """The first bytes a TLS client sends, made by OpenSSL in memory."""
+    from ..security import tls  # (here and below: ws:// never loads it, e.g. --stdio)
+
     context = tls.client_context(tls.ClientTLS())
     outgoing = ssl.MemoryBIO()
     client = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=server_hostname)
@@ -227,6 +228,8 @@ async def _start_tls(
     tcp: trio.SocketStream, relay: RelayURL, context: ssl.SSLContext | None, pin: str | None,
     dialled: RelayURL,
 ) -> TLSSocketStream:
+    from ..security import tls
+
     context = context or tls.client_context(tls.ClientTLS())
     try:
         stream = await start_tls(tcp, context, server_hostname=relay.host)

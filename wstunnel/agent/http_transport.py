@@ -162,21 +162,23 @@ class HttpClient:
         await trio.aclose_forcefully(self.stream)
 
 
-async def open_http_session(route: HttpRoute, mode: str, *, probe_timeout: float
+async def open_http_session(route: HttpRoute, mode: str, *, probe_timeout: float,
+                            answer: dict[str, str] | None = None
                             ) -> tuple[trio.abc.Stream, bytes]:
     """Open a session over ``mode``; (the stream, bytes already read for the protocol).
+    ``answer``, when given, receives the opening response's headers (lower case).
 
     Raises:
         HttpBlocked: the transport does not pass (the caller tries the next one).
         HandshakeError: the relay refused (AuthenticationError: the login).
     """
-    session_id = await _open(route, mode)
+    session_id = await _open(route, mode, answer)
     if mode == STREAMING:
         return await _open_streaming(route, session_id, probe_timeout)
     return PollingStream(route, session_id), b""
 
 
-async def _open(route: HttpRoute, mode: str) -> str:
+async def _open(route: HttpRoute, mode: str, answer_headers: dict[str, str] | None) -> str:
     client = HttpClient(await route.connect())
     try:
         request = route.request("POST", mode, [("Content-Length", "0"),
@@ -191,6 +193,9 @@ async def _open(route: HttpRoute, mode: str) -> str:
         await client.aclose()
     session_id = _header(answer, SESSION_HEADER)
     if answer.status_code == 200 and session_id:
+        if answer_headers is not None:
+            answer_headers.update((name.decode("latin-1").lower(), value.decode("latin-1"))
+                                  for name, value in answer.headers)
         return session_id
     raise _refused(route, mode, answer, body)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -28,8 +28,10 @@ from ..config import AgentConfig, RelayURL
 from ..errors import AuthenticationError, HandshakeError
 from ..framing import HTTP_TRANSPORTS, POLLING, STREAMING
 from .connect import Dialer, HandshakeTimeout, UpgradeBlocked, open_stream, open_websocket
-from .http_transport import HttpBlocked, HttpRoute, open_http_session
 from .proxy import ProxyDialer, ProxyError
+
+if TYPE_CHECKING:  # (loaded when WebSocket does not pass: --stdio over ws:// never needs it)
+    from .http_transport import HttpRoute
 
 __all__ = ["TransportChooser", "Opened", "WEBSOCKET", "ORDER", "DEFAULT_USER_AGENT"]
 
@@ -134,18 +136,24 @@ async def _attempt(request: Request, name: str) -> Opened:
             stream, trailing = await open_websocket(
                 request.relay, dial=request.dial, headers=headers,
                 ssl_context=request.ssl_context, server_hostname=config.server_name,
-                host_header=config.host_header, pin=config.client_tls.relay_fingerprint,
+                host_header=config.host_header, pin=config.relay_fingerprint,
                 answer=answer)
             return Opened(stream, trailing, WEBSOCKET, answer)
+        from .http_transport import open_http_session
+
+        answer = {}
         stream, trailing = await open_http_session(http_route(request), name,
-                                                   probe_timeout=STREAM_PROBE_TIMEOUT)
-        return Opened(stream, trailing, name)
+                                                   probe_timeout=STREAM_PROBE_TIMEOUT,
+                                                   answer=answer)
+        return Opened(stream, trailing, name, answer)
 
 
 def http_route(request: Request) -> HttpRoute:
     """Where the HTTP transports' requests go, and with which headers: through a
     proxy, an http:// relay is reached by plain forwarded requests (absolute form, no
     CONNECT, which many proxies allow to port 443 only); wss:// through CONNECT."""
+    from .http_transport import HttpRoute
+
     config, relay, dial = request.config, request.relay, request.dial
     host = config.host_header or relay.host_header
     headers = [("Host", host), ("User-Agent", config.user_agent or DEFAULT_USER_AGENT),
@@ -167,7 +175,7 @@ def http_route(request: Request) -> HttpRoute:
         with trio.fail_after(timeout):
             return await open_stream(relay, ssl_context=request.ssl_context,
                                      server_hostname=config.server_name, dial=dial,
-                                     pin=config.client_tls.relay_fingerprint)
+                                     pin=config.relay_fingerprint)
     return HttpRoute(relay, direct, relay.path, tuple(headers))
 
 
@@ -181,6 +189,8 @@ def _none_passed(first: BaseException, reasons: list[str]) -> HandshakeError:
 
 def _passes_elsewhere(exc: BaseException, relay: RelayURL, name: str) -> str | None:
     """Why ``name`` failed, if another transport may pass; None when none would."""
+    from .http_transport import HttpBlocked
+
     if isinstance(exc, AuthenticationError) or getattr(exc, "status", None) == 429:
         return None
     if isinstance(exc, (UpgradeBlocked, HttpBlocked)):

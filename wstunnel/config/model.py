@@ -11,18 +11,21 @@ fields, left out of ``__init__``, ``repr`` and comparisons, so that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .. import mux, ws
 from ..addresses import HostPort
-from ..security.auth import TokenHash
-from ..security.forwarded import IPNetwork
-from ..security.listen_policy import ListenPolicy, ListenRule
-from ..security.policy import AllowRule, Policy
-from ..security.tls import ClientTLS
 from .proxy_url import NO_PROXY, ProxyURL, parse_proxy_url
 from .rate_limit import RateLimit
 from .textforms import DEFAULT_BIND_HOST, DEFAULT_PATH, Forward, MiB, RelayURL, parse_relay_url
+
+if TYPE_CHECKING:  # (loaded where a relay's rules or the agent's TLS are built: an agent
+    # over ws://, e.g. ``--stdio`` under ssh, starts without them)
+    from ..security.auth import TokenHash
+    from ..security.forwarded import IPNetwork
+    from ..security.listen_policy import ListenPolicy, ListenRule
+    from ..security.policy import AllowRule, Policy
+    from ..security.tls import ClientTLS
 
 __all__ = [
     "DEFAULT_INITIAL_WINDOW",
@@ -130,6 +133,8 @@ class AgentConfig:
     @property
     def client_tls(self) -> ClientTLS:
         """How the agent checks the relay's certificate."""
+        from ..security.tls import ClientTLS
+
         return ClientTLS(self.ca_file, self.relay_fingerprint, self.insecure_skip_verify,
                          self.client_cert_file, self.client_key_file)
 
@@ -166,8 +171,7 @@ class AgentAccount:
     listen_policy: ListenPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "policy", Policy(self.allow))
-        object.__setattr__(self, "listen_policy", ListenPolicy(self.listen_allow))
+        _set_policies(self)
 
 
 @dataclass(frozen=True)
@@ -214,8 +218,16 @@ class RelayConfig:
     listen_policy: ListenPolicy = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "policy", Policy(self.allow))
-        object.__setattr__(self, "listen_policy", ListenPolicy(self.listen_allow))
+        _set_policies(self)
+
+
+def _set_policies(owner: AgentAccount | RelayConfig) -> None:
+    """Build ``owner``'s derived ``policy`` and ``listen_policy`` from its rules."""
+    from ..security.listen_policy import ListenPolicy
+    from ..security.policy import Policy
+
+    object.__setattr__(owner, "policy", Policy(owner.allow))
+    object.__setattr__(owner, "listen_policy", ListenPolicy(owner.listen_allow))
 
 
 def demo_configs(echo_port: int, sink_port: int, *,
@@ -224,6 +236,8 @@ def demo_configs(echo_port: int, sink_port: int, *,
     targets (no_auth: nothing but this process can reach it in the demo's few
     seconds, and it only opens those two loopback ports), and an agent
     forwarding a free local port to each of them."""
+    from ..security.policy import AllowRule
+
     loopback = DEFAULT_BIND_HOST
     relay = RelayConfig(listen=HostPort(loopback, relay_port), source="<demo>", no_auth=True,
                         allow=tuple(AllowRule.parse(f"{loopback}:{port}")

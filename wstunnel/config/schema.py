@@ -19,7 +19,6 @@ otherwise ``relay:`` means an agent config and ``listen:`` a relay config.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from functools import partial
@@ -320,6 +319,8 @@ def _build(doc: Document, path: str, value: Any, table: Mapping[str, Parser],
 def _unknown_key_message(key: str, table: Mapping[str, object]) -> str:
     if key in _RESERVED_KEYS:
         return _RESERVED_KEYS[key]
+    import difflib  # (only for a mistyped key: an agent's start does not pay for it)
+
     close = difflib.get_close_matches(key, list(table), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key {key!r}; {hint}allowed keys: {', '.join(table)}"

@@ -15,14 +15,9 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..addresses import HostPort, split_fields
-from ..security.auth import AGENT_NAME, TokenHash
-from ..security.forwarded import IPNetwork, parse_trusted_proxy
-from ..security.listen_policy import ListenRule
-from ..security.policy import AllowRule
-from ..security.tls import parse_fingerprint
 from ._yaml import Document, join_index, join_key
 from .headers import check_header, parse_header_line, parse_host_header
 from .proxy_url import NO_PROXY, parse_proxy_url
@@ -37,6 +32,13 @@ from .textforms import (
     parse_url_path,
     parse_users,
 )
+
+if TYPE_CHECKING:  # (the relay's rule and login parsers load them when used: an agent's
+    # flags need none of them, and ``--stdio`` pays for every import at each ssh)
+    from ..security.auth import TokenHash
+    from ..security.forwarded import IPNetwork
+    from ..security.listen_policy import ListenRule
+    from ..security.policy import AllowRule
 
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _MAX_SOCKET_PATH: Final = MAX_SOCKET_PATH
@@ -264,12 +266,16 @@ def list_of(item: Parser, *, at_least: int = 0) -> Parser:
 
 
 def allow_rule(doc: Document, path: str, value: Any) -> AllowRule:
+    from ..security.policy import AllowRule
+
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # a bare YAML number cannot be a rule, but say why below
     return checked(doc, path, AllowRule.parse, value, "a host, pattern, IP or CIDR rule")
 
 
 def listen_rule(doc: Document, path: str, value: Any) -> ListenRule:
+    from ..security.listen_policy import ListenRule
+
     return checked(doc, path, ListenRule.parse, value,
                    "an IP or CIDR with an optional port, or unix:/path")
 
@@ -292,14 +298,20 @@ file_path = text("a file path")
 
 
 def fingerprint(doc: Document, path: str, value: Any) -> str:
+    from ..security.tls import parse_fingerprint
+
     return checked(doc, path, parse_fingerprint, value, "sha256:<hex> as keygen prints it")
 
 
 def token_hash(doc: Document, path: str, value: Any) -> TokenHash:
+    from ..security.auth import TokenHash
+
     return checked(doc, path, TokenHash.parse, value, "hmac-sha256:... as keygen prints it")
 
 
 def agent_name(doc: Document, path: str, value: Any) -> str:
+    from ..security.auth import AGENT_NAME
+
     if not isinstance(value, str) or not AGENT_NAME.fullmatch(value):
         raise doc.error(path, f"expected an agent name (1-64 letters, digits, '-' or '_'), "
                               f"got {describe(value)}")
@@ -362,6 +374,8 @@ def host_header(doc: Document, path: str, value: Any) -> str:
 
 
 def trusted_proxy(doc: Document, path: str, value: Any) -> IPNetwork:
+    from ..security.forwarded import parse_trusted_proxy
+
     return checked(doc, path, parse_trusted_proxy, value, "an IP address or CIDR network")
 
 

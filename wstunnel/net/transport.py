@@ -557,8 +557,8 @@ class TunnelTransport:
         proves the link alive and moved bytes both ways, so our ping would add
         nothing: two ends with the same interval then ping about once an interval
         between them, not twice. On a relay with many idle agents that halves the
-        system calls and wake-ups the keepalive costs (docs/PERFORMANCE.md, "One
-        relay, many agents")."""
+        ping exchanges and takes about a third off what idle sessions cost it
+        (docs/PERFORMANCE.md, "One relay, many agents")."""
         interval = self._ping_interval
         next_ping = trio.current_time() + interval
         waiting_since: float | None = None  # when the oldest unanswered ping went out

@@ -39,9 +39,11 @@ from ..framing import (
     STREAMING,
     chunked,
 )
+from ..net.transport import NewCarrier
 from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Visitor, http_transport, server_handshake
 from .http_sessions import SESSION_IDLE_TIMEOUT, Buffer, HttpSession, HttpSessions
+from .resume import Admission, Held, HeldSessions
 from .upgrade import HttpReader, HttpRequest
 
 __all__ = ["HttpFront"]
@@ -64,11 +66,16 @@ class _Host(Protocol):
 
     async def login(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
                     visitor: Visitor) -> Answer | Accepted: ...
-    def start_framed_session(self) -> TunnelProtocol: ...
+    def start_framed_session(self, *, resumable: bool = False) -> TunnelProtocol: ...
     def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted,
                        problem: str) -> Answer: ...
     async def serve_session(self, stream: trio.abc.Stream, protocol: TunnelProtocol,
-                            identity: Identity, peer: str) -> None: ...
+                            identity: Identity, peer: str, held: Held | None = None
+                            ) -> None: ...
+    async def admit_resume(self, request: ws.RequestReceived,
+                           accepted: Accepted) -> Admission: ...
+    @property
+    def held(self) -> HeldSessions: ...
 
 
 class HttpFront:
@@ -103,7 +110,7 @@ class HttpFront:
         if session_id is None:
             if request.method != "POST":
                 return await _status(reader, 405, "open a session with POST")
-            await self._open(reader, mode, accepted)
+            await self._open(reader, request, mode, accepted)
             return False
         session = self.sessions.find(session_id.strip(), accepted.identity.name, mode)
         if session is None:
@@ -136,23 +143,37 @@ class HttpFront:
 
     # -- opening --------------------------------------------------------------------
 
-    async def _open(self, reader: HttpReader, mode: str, accepted: Accepted) -> None:
-        """Answer with a new session's id, then run the session in this task."""
+    async def _open(self, reader: HttpReader, request: ws.RequestReceived, mode: str,
+                    accepted: Accepted) -> None:
+        """Answer with a new session's id, then run the session in this task (or, for a
+        resume, carry a held session's records until it moves on: resume.py)."""
         if not await _drain_body(reader):
             return
+        admission = await self.host.admit_resume(request, accepted)
+        if admission.refused is not None:  # not this agent's: a bad login's answer
+            answer = self.host.refuse_session(server_handshake(), accepted, admission.refused)
+            await reader.stream.send_all(answer.response)
+            return
         session = self.sessions.create(accepted.identity.name, mode)
-        protocol = self.host.start_framed_session()
+        protocol = None
+        if admission.resumes is None:
+            protocol = self.host.start_framed_session(resumable=admission.held is not None)
         await reader.send(h11.Response(status_code=200, headers=[
             (SESSION_HEADER, session.id), ("Content-Length", "0"), ("Connection", "close"),
-            *_NO_STORE]), h11.EndOfMessage())
+            *admission.headers, *_NO_STORE]), h11.EndOfMessage())
         await trio.aclose_forcefully(reader.stream)
-        log.info("%s: %s session for agent %s opened", accepted.peer, mode,
-                 accepted.identity.name)
+        log.info("%s: %s session for agent %s %s", accepted.peer, mode,
+                 accepted.identity.name, "opened" if protocol is not None else "resumed")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_expire_when_idle, session)
-                await self.host.serve_session(session, protocol, accepted.identity,
-                                              f"{accepted.peer} ({mode})")
+                if admission.resumes is not None:
+                    await self.host.held.deliver(admission.resumes, NewCarrier(
+                        session, b"", admission.peer_received)).wait()
+                else:
+                    assert protocol is not None
+                    await self.host.serve_session(session, protocol, accepted.identity,
+                                                  f"{accepted.peer} ({mode})", admission.held)
                 nursery.cancel_scope.cancel()
             with trio.move_on_after(LINGER_TIMEOUT):  # the last bytes: the close
                 await session.wait_drained()

@@ -45,7 +45,7 @@ from .dial_unix import UnixConnector
 from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, server_handshake
 from .guard import Gatekeeper, Identity, SessionGuard
 from .http_front import HttpFront
-from .resume import Held, HeldSessions, RelayResumer
+from .resume import Admission, Held, HeldSessions, RelayResumer
 from .reverse import LISTEN_KINDS, ReverseListeners
 from .upgrade import HttpRequest, read_request
 
@@ -148,38 +148,50 @@ class Relay:
     ) -> tuple[TunnelProtocol, Identity, str, Held | None] | trio.Event | None:
         """A new session (resumable if the agent asks and ``resume_grace`` allows), or
         the next carrier of a held one (resume.py)."""
-        identity, extra = accepted.identity, []
+        admission = await self.admit_resume(request, accepted)
+        if admission.refused is not None:  # not this agent's: exactly a bad login's answer
+            await stream.send_all(
+                self.refuse_session(handshake, accepted, admission.refused).response)
+            return None
+        if admission.resumes is not None:
+            await stream.send_all(handshake.accept(admission.headers))
+            return self.held.deliver(admission.resumes, NewCarrier(
+                stream, handshake.trailing_data, admission.peer_received))
+        response, protocol = self.gate.door.start_session(
+            handshake, admission.headers, resumable=admission.held is not None)
+        await stream.send_all(response)
+        return protocol, accepted.identity, accepted.peer, admission.held
+
+    async def admit_resume(self, request: ws.RequestReceived,
+                           accepted: Accepted) -> Admission:
+        """What the agent's X-Wstunnel-Resume asks for, over any transport: resume a
+        held session (its old carrier stopped first), refuse (not this agent's, or a
+        wrong secret), or a new session, resumable when asked and allowed."""
+        identity, admission = accepted.identity, Admission()
+        value = request.header(RESUME_HEADER.lower())
         try:
-            wanted = parse_resume(request.header(RESUME_HEADER.lower()) or "")
+            wanted = parse_resume(value or "")
         except ValueError:
-            wanted, asked = None, False
-        else:
-            asked = request.header(RESUME_HEADER.lower()) is not None
+            wanted, value = None, None
         if wanted is not None:
             session_id, secret, peer_received = wanted
             found = self.held.find(session_id, identity.name, secret)
-            if isinstance(found, str):  # not this agent's: exactly a bad login's answer
-                await stream.send_all(self.refuse_session(handshake, accepted, found).response)
-                return None
+            if isinstance(found, str):
+                return Admission(refused=found)
             if (found is not None and found.transport is not None
                     and await found.transport.detach("replaced by the agent's resume")):
                 replay = found.transport.protocol.replay
                 assert replay is not None  # (the old carrier has stopped: the count is final)
-                await stream.send_all(handshake.accept([(RESUMED_HEADER, str(replay.received))]))
                 log.info("%s: agent %s resumes its session (%s)", accepted.peer, identity.name,
                          found.transport.name)
-                return self.held.deliver(found, NewCarrier(stream, handshake.trailing_data,
-                                                           peer_received))
-            extra.append((RESUMED_HEADER, "no; the relay does not know that session (it "
-                                          "restarted, or resume_grace ran out)"))
-        held = None
-        if asked and self.config.resume_grace > 0:
-            held = self.held.new(identity.name, self.config.resume_grace)
-            extra.append((RESUMABLE_HEADER, str(held.ticket)))
-        response, protocol = self.gate.door.start_session(handshake, extra,
-                                                          resumable=held is not None)
-        await stream.send_all(response)
-        return protocol, identity, accepted.peer, held
+                return Admission(resumes=found, peer_received=peer_received,
+                                 headers=[(RESUMED_HEADER, str(replay.received))])
+            admission.headers.append((RESUMED_HEADER, "no; the relay does not know that "
+                                      "session (it restarted, or resume_grace ran out)"))
+        if value is not None and self.config.resume_grace > 0:
+            admission.held = self.held.new(identity.name, self.config.resume_grace)
+            admission.headers.append((RESUMABLE_HEADER, str(admission.held.ticket)))
+        return admission
 
     async def login(self, handshake: ws.ServerHandshake,
                     request: ws.RequestReceived | ws.HandshakeFailed,
@@ -196,9 +208,12 @@ class Relay:
             self.stats.auth_failures += 1
         return outcome
 
-    def start_framed_session(self) -> TunnelProtocol:
+    def start_framed_session(self, *, resumable: bool = False) -> TunnelProtocol:
         """The relay's end of a session over an HTTP transport (http_front.py)."""
-        return TunnelProtocol(mux.Role.RELAY, limits=self.gate.door.limits, framed=True)
+        protocol = TunnelProtocol(mux.Role.RELAY, limits=self.gate.door.limits, framed=True)
+        if resumable:
+            protocol.enable_resume()
+        return protocol
 
     def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted,
                        problem: str) -> Answer:
@@ -210,9 +225,9 @@ class Relay:
         return answer
 
     async def serve_session(self, stream: trio.abc.Stream, protocol: TunnelProtocol,
-                            identity: Identity, peer: str) -> None:
+                            identity: Identity, peer: str, held: Held | None = None) -> None:
         """Run one session over ``stream`` until it ends (http_front.py's sessions)."""
-        await self._serve_session(stream, protocol, identity, peer)
+        await self._serve_session(stream, protocol, identity, peer, held)
 
     async def _serve_session(
         self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str,

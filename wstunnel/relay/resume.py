@@ -35,7 +35,7 @@ import trio
 from ..net.transport import NewCarrier, TunnelTransport
 from ..replay import Ticket
 
-__all__ = ["Held", "HeldSessions", "RelayResumer"]
+__all__ = ["Admission", "Held", "HeldSessions", "RelayResumer"]
 
 log = logging.getLogger("wstunnel.relay")
 
@@ -51,6 +51,19 @@ class Held:
     arrived: trio.Event = field(default_factory=trio.Event)
     #: Set when the session no longer uses the carrier ``pending`` brought.
     carrier_done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(eq=False)
+class Admission:
+    """The answer to an agent's X-Wstunnel-Resume: refuse it (``refused``: why, for
+    the log), resume a held session (``resumes``, with the agent's count), or start a
+    new one (``held``: resumable); ``headers`` go in the answer."""
+
+    refused: str | None = None
+    resumes: Held | None = None
+    peer_received: int = 0
+    held: Held | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 class HeldSessions:
