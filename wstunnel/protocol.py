@@ -229,9 +229,11 @@ class TunnelProtocol:
             if ack is not None:
                 self._carrier.send_binary_parts(ack, b"")
 
-    def resume(self, trailing_data: bytes, peer_received: int) -> None:
-        """A new carrier for this session (the agent reconnected): the records the
-        peer did not receive go out first, then everything new.
+    def resume(self, trailing_data: bytes, peer_received: int, *,
+               framed: bool | None = None) -> None:
+        """A new carrier for this session (the agent reconnected; ``framed``: by an HTTP
+        transport, None: as before): the records the peer did not receive go out
+        first, then everything new.
 
         Raises:
             LocalProtocolError: not resumable, or the peer's count is impossible
@@ -243,6 +245,8 @@ class TunnelProtocol:
             missed = self.replay.replay(peer_received)
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot resume: {exc}") from exc
+        if framed is not None:
+            self._framed = framed
         self._carrier = self._new_carrier()
         self._terminal = self.carrier_lost = False
         for head, payload in missed:

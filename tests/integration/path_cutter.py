@@ -26,6 +26,9 @@ class PathCutter:
         self.target = target
         self.port = 0
         self.down = False
+        #: Answer WebSocket upgrades 426, as a proxy that drops the Upgrade header does
+        #: (the relay then answers a plain request: "Upgrade Required"); pass the rest.
+        self.strip_upgrades = False
         self.cuts = 0
         self.forwarded = 0
         self.connections = 0
@@ -60,9 +63,23 @@ class PathCutter:
             _reset(client)
             return
         self.connections += 1
+        first = b""
+        if self.strip_upgrades:
+            try:
+                first = await client.receive_some(65536)
+            except trio.BrokenResourceError:
+                return
+            if b"upgrade: websocket" in first.lower():
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await client.send_all(b"HTTP/1.1 426 Upgrade Required\r\n"
+                                          b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+                await client.aclose()
+                return
         try:
             relay = await trio.open_tcp_stream("127.0.0.1", self.target)
-        except OSError:
+            if first:
+                await relay.send_all(first)
+        except (OSError, trio.BrokenResourceError):
             _reset(client)
             return
         self._live |= {client, relay}

@@ -241,3 +241,22 @@ async def test_sessions_over_the_http_transports_resume_too(transport: str,
                 assert any("session resumed" in line for line in logs.lines)
             assert not any("all reset" in line for line in logs.lines)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_cut_that_starts_stripping_upgrades_moves_the_session_to_http(
+        logs: LogWatch) -> None:
+    """The path comes back through a proxy that no longer passes WebSocket upgrades:
+    the session resumes over HTTP streaming, and the open connection carries on."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            cutter, (port,) = await _tunnel_through_cutter(nursery, [echo])
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                assert await echo_exact(stream, b"over websocket") == b"over websocket"
+                cutter.strip_upgrades = True
+                cutter.cut()
+                assert await echo_exact(stream, b"over http") == b"over http"
+            line = await logs.wait_for("using HTTP streaming")
+            assert "426" in line
+            assert any("session resumed" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()

@@ -238,7 +238,7 @@ class Agent:
         ticket = parse_ticket(opened.headers.get(RESUMABLE_HEADER.lower(), ""))
         if ticket is not None:  # (the relay keeps the session when the connection breaks)
             protocol.enable_resume()  # (before the first record in: every one is counted)
-            resumer = AgentResumer(ticket, opened.transport, self._open, self._take_fresh)
+            resumer = AgentResumer(ticket, self._open, self._take_fresh)
         if opened.trailing:
             protocol.receive_data(opened.trailing)
         config = self.config

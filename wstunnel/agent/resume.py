@@ -6,9 +6,11 @@ The relay offered a resumable session (``X-Wstunnel-Resumable``: id, secret,
 grace; relay/resume.py). When its carrier is lost without a close handshake
 (a path cut, a proxy restart, a NAT that forgot the mapping, no answer to
 pings), the session's transport asks ``AgentResumer.new_carrier``: the agent
-keeps its local sockets and channels and reconnects, by the transport the
-session had, through whatever proxy it is configured for, with backoff, until
-the relay's grace is over. Each attempt carries ``X-Wstunnel-Resume: ID SECRET
+keeps its local sockets and channels and reconnects, by whichever transport
+passes now (transports.py: the one that worked last first, so a proxy that
+began stripping Upgrade moves the session to the HTTP fallback), through
+whatever proxy it is configured for, with backoff, until the relay's grace is
+over. Each attempt carries ``X-Wstunnel-Resume: ID SECRET
 RECEIVED``. The relay answers ``X-Wstunnel-Resumed: COUNT`` (both sides then
 replay what the other missed, replay.py) or ``no; why`` with a fresh session:
 the old one then ends (its channels are reset, as net/ending.py says a lost
@@ -38,18 +40,17 @@ FIRST_RETRY = 0.1
 MAX_RETRY = 1.0
 
 #: Opens a connection to the relay with these extra headers, by this transport.
-Reconnect = Callable[[list[tuple[str, str]], str], Awaitable[Opened]]
+Reconnect = Callable[[list[tuple[str, str]], "str | None"], Awaitable[Opened]]
 
 
 class AgentResumer:
     """One resumable session's way back to the relay."""
 
-    def __init__(self, ticket: Ticket, transport_name: str, reconnect: Reconnect,
+    def __init__(self, ticket: Ticket, reconnect: Reconnect,
                  fresh: Callable[[Opened], None]) -> None:
         """``reconnect`` opens a connection; ``fresh`` takes a new session the relay
         gave instead of the old one (the agent's next session)."""
         self.ticket = ticket
-        self.transport_name = transport_name
         self._reconnect = reconnect
         self._fresh = fresh
 
@@ -66,8 +67,8 @@ class AgentResumer:
             attempt += 1
             header = [(RESUME_HEADER, self.ticket.request(replay.received))]
             try:
-                with trio.fail_at(deadline):
-                    opened = await self._reconnect(header, self.transport_name)
+                with trio.fail_at(deadline):  # (by any transport that passes now)
+                    opened = await self._reconnect(header, None)
             except trio.TooSlowError:
                 return (f"{lost}; not reconnected within the relay's resume grace "
                         f"({self.grace:g} s, {attempt} attempts)")
@@ -82,7 +83,8 @@ class AgentResumer:
                 continue
             answer = opened.headers.get(RESUMED_HEADER.lower(), "")
             if answer.isdigit():
-                return NewCarrier(opened.stream, opened.trailing, int(answer))
+                return NewCarrier(opened.stream, opened.trailing, int(answer),
+                                  framed=opened.framed)
             self._fresh(opened)
             why = answer.partition(";")[2].strip() or "it did not say why"
             return f"{lost}; the relay could not resume the session: {why}"

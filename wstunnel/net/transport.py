@@ -114,6 +114,9 @@ class NewCarrier:
     stream: trio.abc.Stream
     trailing: bytes
     peer_received: int
+    #: The records travel framed (an HTTP transport) or as WebSocket messages; None:
+    #: as on the carrier before.
+    framed: bool | None = None
 
 
 class Resumer(Protocol):
@@ -253,7 +256,7 @@ class TunnelTransport:
             self._end_reason = carrier
             return False
         try:
-            protocol.resume(carrier.trailing, carrier.peer_received)
+            protocol.resume(carrier.trailing, carrier.peer_received, framed=carrier.framed)
         except LocalProtocolError as exc:
             await trio.aclose_forcefully(carrier.stream)
             self._end_reason = str(exc)

@@ -169,7 +169,7 @@ class HttpFront:
                 nursery.start_soon(_expire_when_idle, session)
                 if admission.resumes is not None:
                     await self.host.held.deliver(admission.resumes, NewCarrier(
-                        session, b"", admission.peer_received)).wait()
+                        session, b"", admission.peer_received, framed=True)).wait()
                 else:
                     assert protocol is not None
                     await self.host.serve_session(session, protocol, accepted.identity,

@@ -156,7 +156,7 @@ class Relay:
         if admission.resumes is not None:
             await stream.send_all(handshake.accept(admission.headers))
             return self.held.deliver(admission.resumes, NewCarrier(
-                stream, handshake.trailing_data, admission.peer_received))
+                stream, handshake.trailing_data, admission.peer_received, framed=False))
         response, protocol = self.gate.door.start_session(
             handshake, admission.headers, resumable=admission.held is not None)
         await stream.send_all(response)
