@@ -125,7 +125,7 @@ async def _churn(port: int, count: int, parallel: int = 20) -> None:
 @pytest.mark.parametrize("sticky", [True, False], ids=["sticky", "not-sticky"])
 async def test_haproxy_two_relays_polling(sticky: bool, pki: Pki, trust_test_ca: None,
                                           logs: LogWatch) -> None:
-    """haproxy (configs/haproxy-relay.cfg) round-robins over two relays: with its
+    """haproxy (configs/haproxy-relay.cfg) balances over two relays: with its
     stickiness on X-Wstunnel-Session a polling session carries 200 churning channels;
     without it the agent says in one line that the session's requests reached another
     relay and what to configure (it then resumes or reconnects, as luck routes it)."""

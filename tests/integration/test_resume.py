@@ -260,3 +260,29 @@ async def test_a_cut_that_starts_stripping_upgrades_moves_the_session_to_http(
             assert "426" in line
             assert any("session resumed" in line for line in logs.lines)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_made_during_an_outage_waits_only_connect_wait_timeout(
+        logs: LogWatch) -> None:
+    """A new local connection while the session is resuming waits for it up to
+    connect_wait_timeout (here 0.5 s; the grace is 60 s), then is reset; the
+    connections the session already carried go on once the path is back."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            cutter = PathCutter(relay.ports[0])
+            await nursery.start(cutter.serve)
+            agent = await start_agent(nursery, agent_config(cutter.port, [echo],
+                                                            connect_wait_timeout=0.5))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as old:
+                assert await echo_exact(old, b"before") == b"before"
+                cutter.down = True
+                cutter.cut()
+                await logs.wait_for("keeping 1 channels open to resume")
+                async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as new:
+                    with trio.fail_after(5):
+                        assert await receive_until_reset(new) == b""
+                cutter.down = False
+                assert await echo_exact(old, b"after") == b"after"
+            nursery.cancel_scope.cancel()

@@ -301,6 +301,9 @@ class Agent:
         with trio.move_on_after(timeout):
             while True:
                 session = self.session
+                if session is not None and session.resuming:  # (its path is broken)
+                    await session.wait_carrier()
+                    continue
                 if session is not None and session.is_open and not session.goaway_received:
                     return session
                 if session is not None:  # draining after GOAWAY: wait for its end
@@ -329,8 +332,8 @@ class Agent:
         """
         session = self.session
         if (session is None or not session.pumping or not session.is_open
-                or session.goaway_received):
-            return False
+                or session.goaway_received or session.resuming):
+            return False  # (resuming: ``carry`` waits up to connect_wait_timeout for it)
         try:
             channel = session.open_channel(host, port, kind=kind, forward=forward)
         except (SessionClosed, ChannelRefused):

@@ -180,6 +180,8 @@ class TunnelTransport:
         self._lost = False  # the carrier broke (no close handshake): resumable
         self._resuming = False
         self._detached = trio.Event()  # set while resuming: the old carrier has stopped
+        self._carrier_up = trio.Event()  # set while a carrier runs, and once the session ends
+        self._carrier_up.set()
         self._closing = False  # we close on purpose: never resume
 
     # -- public API -------------------------------------------------------------
@@ -243,6 +245,7 @@ class TunnelTransport:
                     lost, len(self.channels), resumer.grace)
         old_stream = self.stream
         self._end_reason, self._resuming = None, True
+        self._carrier_up = trio.Event()
         protocol.carrier_broken()
         self._detached.set()
         try:
@@ -250,6 +253,7 @@ class TunnelTransport:
         finally:
             self._resuming = False
             self._detached = trio.Event()
+            self._carrier_up.set()
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(old_stream)
         if isinstance(carrier, str):
@@ -267,6 +271,10 @@ class TunnelTransport:
         log.info("%s: session resumed; %d channels carry on", self.name, len(self.channels))
         self.dispatch_local_events()
         return True
+
+    async def wait_carrier(self) -> None:
+        """Wait until the session is no longer resuming (resumed, or over)."""
+        await self._carrier_up.wait()
 
     async def detach(self, reason: str) -> bool:
         """Stop the current carrier as lost (a resume request is here to replace it)
@@ -290,8 +298,9 @@ class TunnelTransport:
 
     @property
     def resuming(self) -> bool:
-        """The carrier is lost and a new one is awaited."""
-        return self._resuming
+        """The carrier is lost and a new one is awaited (or about to be)."""
+        return self._resuming or (self._end_reason is not None and self._lost
+                                  and self._resumable())
 
     @property
     def end_reason(self) -> str | None:
