@@ -11,7 +11,9 @@ seconds each time (the next cut waits until the echo has answered again, so
 that each gap measures one outage). Printed: whether every byte arrived once and in order (the
 hashes), resets seen (must be 0: every outage is shorter than the relay's
 resume grace), each outage, and the echo's longest gap beside the longest
-outage (the difference is what a reconnect and resume cost).
+outage (the difference is what a reconnect and resume cost), and the
+agent's and relay's resident memory while ``--busy`` more channels are kept
+busy both ways through every outage (their windows bound what is held).
 
     python benchmarks/resume.py [--size 256MiB] [--cuts 5] [--max-down 10]
 """
@@ -34,7 +36,7 @@ from typing import Final
 
 import trio
 from _children import PYTHON_M_WSTUNNEL, agent_argv, relay_argv
-from _procs import BenchError, free_port, spawn, wait_listening
+from _procs import BenchError, free_port, spawn, vm_rss_kib, wait_listening
 
 BLOCK: Final = hashlib.sha256(b"resume").digest() * 32768  # 1 MiB
 ECHO_EVERY: Final = 0.010
@@ -140,20 +142,27 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
         async with trio.open_nursery() as nursery:
             bulk = (await nursery.start(trio.serve_tcp, lambda s: upload_target(s, results), 0))[0]
             echo = (await nursery.start(trio.serve_tcp, _echo_target, 0))[0]
+            hose = (await nursery.start(trio.serve_tcp, _firehose, 0))[0]
             relay_port = free_port()
             relay = spawn(stack, [*PYTHON_M_WSTUNNEL, *relay_argv(
                 relay_port, "--resume-grace", str(args.max_down + 20))], tmp / "relay.log")
             wait_listening(relay_port, relay, "wstunnel relay")
             cutter = Cutter(relay_port)
             await nursery.start(cutter.serve)
-            local_bulk, local_echo = free_port(), free_port()
+            local_bulk, local_echo, local_hose = free_port(), free_port(), free_port()
             targets = [(local_bulk, bulk.socket.getsockname()[1]),
-                       (local_echo, echo.socket.getsockname()[1])]
+                       (local_echo, echo.socket.getsockname()[1]),
+                       (local_hose, hose.socket.getsockname()[1])]
             agent = spawn(stack, [*PYTHON_M_WSTUNNEL, *agent_argv(cutter.port, targets)],
                           tmp / "agent.log")
             for port, _ in targets:
                 wait_listening(port, agent, "wstunnel agent")
             done = trio.Event()
+            for _ in range(args.busy):  # busy both ways through every outage
+                nursery.start_soon(_busy, local_hose)
+            memory = Memory(agent.pid, relay.pid)
+            nursery.start_soon(memory.sample, done)
+            results["memory"] = memory
             nursery.start_soon(_echo_loop, local_echo, gaps, resets, done)
             nursery.start_soon(_cuts, cutter, args, outages, done)
             start = time.monotonic()
@@ -168,6 +177,49 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             done.set()
             nursery.cancel_scope.cancel()
     return _report(args, results, gaps, outages, resets)
+
+
+class Memory:
+    """VmRSS of the agent and the relay, sampled every 0.2 s: (agent, relay) MiB."""
+
+    def __init__(self, agent: int, relay: int) -> None:
+        self.pids = (agent, relay)
+        self.samples: list[tuple[float, float]] = []
+
+    async def sample(self, done: trio.Event) -> None:
+        while not done.is_set():
+            agent, relay = (vm_rss_kib(pid) / 1024 for pid in self.pids)
+            self.samples.append((agent, relay))
+            await trio.sleep(0.2)
+
+
+async def _both_ways(stream: trio.SocketStream) -> None:
+    """Send without end and drain what comes, until the connection breaks."""
+    async def drain() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for _ in stream:
+                pass
+
+    async def fill(scope: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while True:
+                await stream.send_all(BLOCK[:65536])
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        nursery.start_soon(fill, nursery.cancel_scope)
+
+
+async def _firehose(stream: trio.SocketStream) -> None:
+    """The target of the busy channels: busy both ways."""
+    await _both_ways(stream)
+
+
+async def _busy(port: int) -> None:
+    with contextlib.suppress(OSError):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await _both_ways(stream)
 
 
 async def _upload(stream: trio.SocketStream, size: int, results: dict[str, object]) -> None:
@@ -248,6 +300,13 @@ def _report(args: argparse.Namespace, results: dict[str, object], gaps: list[flo
         print(f"  echo every {ECHO_EVERY * 1000:.0f} ms: {len(gaps)} answers, longest gap "
               f"{worst:.2f} s against the longest outage {longest:.2f} s "
               f"(+{worst - longest:.2f} s to reconnect and resume)")
+    memory = results.get("memory")
+    if isinstance(memory, Memory) and memory.samples:
+        agent = [a for a, _ in memory.samples]
+        relay = [r for _, r in memory.samples]
+        print(f"  RSS with {args.busy} channels busy both ways: agent {agent[0]:.0f} -> max "
+              f"{max(agent):.0f} MiB, relay {relay[0]:.0f} -> max {max(relay):.0f} MiB "
+              f"({len(agent)} samples)")
     return 0 if upload_ok and download_ok and not resets else 1
 
 
@@ -256,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=256 << 20)
     parser.add_argument("--cuts", type=int, default=5)
     parser.add_argument("--max-down", type=float, default=10.0)
+    parser.add_argument("--busy", type=int, default=100,
+                        help="channels kept busy both ways meanwhile (100)")
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
