@@ -25,8 +25,6 @@ import contextlib
 import hashlib
 import random
 import shutil
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -36,6 +34,7 @@ from typing import Final
 
 import trio
 from _children import PYTHON_M_WSTUNNEL, agent_argv, relay_argv
+from _cutter import PathCutter
 from _procs import BenchError, free_port, spawn, vm_rss_kib, wait_listening
 
 BLOCK: Final = hashlib.sha256(b"resume").digest() * 32768  # 1 MiB
@@ -46,61 +45,6 @@ def parse_size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     text = text.lower().removesuffix("ib").removesuffix("b")
     return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(text)
-
-
-class Cutter:
-    """127.0.0.1:port -> the relay; ``cut(down)`` resets everything, refuses for ``down`` s."""
-
-    def __init__(self, target: int) -> None:
-        self.target, self.port, self.down_until = target, 0, 0.0
-        self.live: set[trio.SocketStream] = set()
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                    ) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started()
-
-    def cut(self, down: float) -> None:
-        self.down_until = trio.current_time() + down
-        for stream in list(self.live):
-            _reset(stream)
-        self.live.clear()
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        if trio.current_time() < self.down_until:
-            _reset(client)
-            return
-        try:
-            relay = await trio.open_tcp_stream("127.0.0.1", self.target)
-        except OSError:
-            _reset(client)
-            return
-        self.live |= {client, relay}
-        try:
-            async with trio.open_nursery() as nursery:
-                for a, b in ((client, relay), (relay, client)):
-                    nursery.start_soon(_pipe, a, b, nursery.cancel_scope)
-        finally:
-            self.live -= {client, relay}
-            _reset(client)
-            _reset(relay)
-
-
-async def _pipe(source: trio.SocketStream, sink: trio.SocketStream,
-                scope: trio.CancelScope) -> None:
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        while data := await source.receive_some(262144):
-            await sink.send_all(data)
-    scope.cancel()
-
-
-def _reset(stream: trio.SocketStream) -> None:
-    with contextlib.suppress(OSError):
-        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    stream.socket.close()
 
 
 async def _send(stream: trio.SocketStream, size: int) -> str:
@@ -147,7 +91,7 @@ async def run(args: argparse.Namespace, tmp: Path) -> int:
             relay = spawn(stack, [*PYTHON_M_WSTUNNEL, *relay_argv(
                 relay_port, "--resume-grace", str(args.max_down + 20))], tmp / "relay.log")
             wait_listening(relay_port, relay, "wstunnel relay")
-            cutter = Cutter(relay_port)
+            cutter = PathCutter(relay_port)
             await nursery.start(cutter.serve)
             local_bulk, local_echo, local_hose = free_port(), free_port(), free_port()
             targets = [(local_bulk, bulk.socket.getsockname()[1]),
@@ -270,7 +214,7 @@ async def _echo_loop(port: int, gaps: list[float], resets: list[str], done: trio
         resets.append(f"echo: {exc!r}")
 
 
-async def _cuts(cutter: Cutter, args: argparse.Namespace, outages: list[float],
+async def _cuts(cutter: PathCutter, args: argparse.Namespace, outages: list[float],
                 done: trio.Event) -> None:
     expected = args.size * 2 / (150 << 20)  # seconds the transfers take, roughly
     for _ in range(args.cuts):

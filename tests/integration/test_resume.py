@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from benchmarks._cutter import PathCutter
 from wstunnel.addresses import HostPort
 from wstunnel.agent.connect import open_websocket
 from wstunnel.config import parse_relay_url
 from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 
 from .log_watch import LogWatch
-from .path_cutter import PathCutter
 from .process_helpers import stop
 from .real_peers import free_port, sshd
 from .tunnel_helpers import (

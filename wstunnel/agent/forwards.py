@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import socket
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Final
 
 import trio
@@ -40,6 +40,7 @@ import trio
 from ..config import Forward
 from ..config.textforms import DYNAMIC, UDP
 from ..errors import TunnelError
+from ..net.accepting import accept_forever
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
 from ..net.unix_socket import SocketFile, bind_listener
@@ -52,21 +53,6 @@ __all__ = ["ForwardSet", "ListenError"]
 log = logging.getLogger("wstunnel.agent")
 
 Bound = list[tuple[str, int]]
-
-#: accept() errors that mean the system is out of something: wait and retry
-#: (as trio.serve_listeners does).
-_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM,
-                                            errno.ENOBUFS})
-_ACCEPT_RETRY_INTERVAL: Final = 0.1
-#: accept() errors about one connection only (it died in the backlog, a firewall
-#: refused it, or a network error pending on it, which Linux reports here, see
-#: accept(2)): skip it, as trio.SocketListener does.
-_ACCEPT_SKIP_ERRNOS: Final = frozenset(
-    getattr(errno, name) for name in (
-        "EPERM", "ECONNABORTED", "ECONNRESET", "ETIMEDOUT", "EPROTO", "ENETDOWN",
-        "ENOPROTOOPT", "EHOSTDOWN", "ENONET", "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH",
-    ) if hasattr(errno, name)
-)
 
 
 #: bind() errors: what happened, what to do, and whether the configuration itself
@@ -278,46 +264,22 @@ class ForwardSet:
     async def _accept_loop(self, slot: _Slot, listener: socket.socket) -> None:
         """trio.serve_listeners for one listener, except that the forward's kind may
         take a connection over right here (a task per connection costs a churn of
-        short connections several scheduler rounds each).
-
-        Accepts on the standard-library socket: ``trio.SocketListener.accept``
-        wraps each connection in a trio socket and a ``SocketStream`` that the
-        pump unwraps again, and after each accept yields and tries once more
-        before it waits. Waiting first and accepting once per wake-up (the
-        epoll registration is level-triggered, so a backlog wakes it at once)
-        cut agent+relay CPU per short connection by about 10 % (docs/PERFORMANCE.md).
-        """
-        tcp = slot.socket_file is None  # (TCP options and SO_LINGER: net/unix_socket.py)
+        short connections several scheduler rounds each): net/accepting.py accepts
+        on the standard-library socket, once per wake-up (docs/PERFORMANCE.md)."""
         try:
-            while True:
-                await trio.lowlevel.wait_readable(listener)
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    continue  # a spurious wake-up, or another process took it
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_SKIP_ERRNOS:
-                        continue
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    log.error("accept returned %s (%s); retrying in %s seconds",
-                              errno.errorcode[exc.errno], os.strerror(exc.errno),
-                              _ACCEPT_RETRY_INTERVAL)
-                    await trio.sleep(_ACCEPT_RETRY_INTERVAL)
-                    continue
-                sock.setblocking(False)
-                if tcp:
-                    tune_plain_socket(sock, notsent_lowat=True)
-                    set_abortive(sock)  # (a clean end clears it: net/ending.py)
-                kind = self._kind or kind_of(slot.forward)
-                rest = kind.connection(slot.forward, sock, self._opener)
-                if rest is not None:
-                    self._connections.start_soon(rest)
+            await accept_forever(listener, partial(self._accepted, slot))
         finally:
-            trio.lowlevel.notify_closing(listener)
-            listener.close()
             if slot.socket_file is not None:  # (its one listener)
                 slot.socket_file.remove()
+
+    def _accepted(self, slot: _Slot, sock: socket.socket) -> None:
+        if slot.socket_file is None:  # (TCP options and SO_LINGER: net/unix_socket.py)
+            tune_plain_socket(sock, notsent_lowat=True)
+            set_abortive(sock)  # (a clean end clears it: net/ending.py)
+        kind = self._kind or kind_of(slot.forward)
+        rest = kind.connection(slot.forward, sock, self._opener)
+        if rest is not None:
+            self._connections.start_soon(rest)
 
 
 _LOCAL: Final = LocalTcpForward()

@@ -1,8 +1,9 @@
-"""A TCP forwarder between agent and relay that a test can cut, as a broken path would.
+"""A TCP forwarder between agent and relay that a test or benchmark cuts, as a broken
+path would (tests/integration/test_resume.py, benchmarks/resume.py).
 
-``cut()`` resets every connection through it at once (RST both ways, as when a
-NAT forgets the mapping or a proxy restarts); while ``down`` is set, new
-connections are reset as soon as they arrive. ``cut_after`` cuts when the
+``cut(down)`` resets every connection through it at once (RST both ways, as when
+a NAT forgets the mapping or a proxy restarts); for ``down`` seconds after, and
+while ``down`` is set, new connections are reset as soon as they arrive. ``cut_after`` cuts when the
 bytes forwarded reach a mark, so a test cuts mid-transfer by progress, not
 by sleeping.
 """
@@ -26,6 +27,7 @@ class PathCutter:
         self.target = target
         self.port = 0
         self.down = False
+        self.down_until = 0.0
         #: Answer WebSocket upgrades 426, as a proxy that drops the Upgrade header does
         #: (the relay then answers a plain request: "Upgrade Required"); pass the rest.
         self.strip_upgrades = False
@@ -49,8 +51,9 @@ class PathCutter:
         self._marks.append((forwarded, then or (lambda: None)))
         self._marks.sort(key=lambda mark: mark[0])
 
-    def cut(self) -> None:
-        """Reset every connection now."""
+    def cut(self, down: float = 0.0) -> None:
+        """Reset every connection now; refuse new ones for ``down`` seconds."""
+        self.down_until = trio.current_time() + down
         self.cuts += 1
         for stream in list(self._live):
             _reset(stream)
@@ -59,7 +62,7 @@ class PathCutter:
         self.cut_done = trio.Event()
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        if self.down:
+        if self.down or trio.current_time() < self.down_until:
             _reset(client)
             return
         self.connections += 1
