@@ -248,8 +248,18 @@ class TunnelTransport:
         self._carrier_up = trio.Event()
         protocol.carrier_broken()
         self._detached.set()
-        try:
+        try:  # (resuming until the new carrier is in place: no checkpoint in between)
             carrier = await resumer.new_carrier(self, lost)
+            if not isinstance(carrier, str):
+                try:
+                    protocol.resume(carrier.trailing, carrier.peer_received,
+                                    framed=carrier.framed)
+                except LocalProtocolError as exc:
+                    await trio.aclose_forcefully(carrier.stream)
+                    carrier = str(exc)
+                else:
+                    self.stream = carrier.stream
+                    self._last_received = trio.current_time()
         finally:
             self._resuming = False
             self._detached = trio.Event()
@@ -259,17 +269,11 @@ class TunnelTransport:
         if isinstance(carrier, str):
             self._end_reason = carrier
             return False
-        try:
-            protocol.resume(carrier.trailing, carrier.peer_received, framed=carrier.framed)
-        except LocalProtocolError as exc:
-            await trio.aclose_forcefully(carrier.stream)
-            self._end_reason = str(exc)
-            return False
-        self.stream = carrier.stream
-        self._last_received = trio.current_time()
-        self._wake.set()
         log.info("%s: session resumed; %d channels carry on", self.name, len(self.channels))
-        self.dispatch_local_events()
+        self.dispatch_local_events()  # (records that came with the answer: trailing data)
+        if self._pump is not None:
+            self._pump.flush()  # (as the reader does after each read's events)
+        self._wake.set()
         return True
 
     async def wait_carrier(self) -> None:
