@@ -60,6 +60,12 @@ _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 CHILD_ENV: Final = {**os.environ, "PYTHONSAFEPATH": "1"}
 
 
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """A SIGTERM handler: leave by SystemExit, so every ``with`` block stops its
+    processes on the way out (install it with ``signal.signal``)."""
+    raise SystemExit(128 + signum)
+
+
 class BenchError(RuntimeError):
     """A workload or a process misbehaved; the message says how."""
 

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Final
 
 import _procs
-from _procs import BenchError
+from _procs import BenchError, exit_on_sigterm
 
 KIB: Final = 1024
 TARGET_KIB_PER_CHANNEL: Final = 16
@@ -282,16 +282,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "serve-echo":
         raise_fd_limit(args.channels + FD_MARGIN)
         return serve_echo()
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         limit = raise_fd_limit(args.channels + FD_MARGIN)
     except BenchError as exc:

@@ -53,7 +53,7 @@ from typing import Final
 import _load
 import _procs
 from _children import relay_argv
-from _procs import BenchError
+from _procs import BenchError, exit_on_sigterm
 from idle_channels import FD_MARGIN, raise_fd_limit
 
 KIB: Final = 1024
@@ -228,13 +228,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     # The idle process inherits this; the relay raises its own soft limit to the
     # hard one at start (wstunnel/service/open_files.py).
     limit = raise_fd_limit(max(args.levels) + FD_MARGIN)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Final
 
 import _procs
-from _procs import BenchError
+from _procs import BenchError, exit_on_sigterm
 from idle_channels import FD_MARGIN, _echo_all, raise_fd_limit
 
 KIB: Final = 1024
@@ -308,13 +308,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     # This process holds every client socket; agent and relay raise their own
     # soft limit to the hard one at start (wstunnel/service/open_files.py).
     limit = raise_fd_limit(max(args.channels, args.socks) + FD_MARGIN)

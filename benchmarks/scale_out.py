@@ -59,7 +59,7 @@ from typing import Final
 import _load
 import _procs
 from _children import agent_argv, relay_argv
-from _procs import BenchError
+from _procs import BenchError, exit_on_sigterm
 
 MIB: Final = 1 << 20
 GIB: Final = 1 << 30
@@ -265,13 +265,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     print(f"load average {Path('/proc/loadavg').read_text().strip()}", file=sys.stderr)
     results: dict[str, list[dict[str, float]]] = {route: [] for route in args.routes}
     try:

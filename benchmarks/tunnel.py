@@ -51,7 +51,7 @@ from typing import Final
 
 import _load
 import _procs
-from _procs import BenchError, Route
+from _procs import BenchError, Route, exit_on_sigterm
 
 MIB: Final = 1 << 20
 GIB: Final = 1 << 30
@@ -335,11 +335,6 @@ def start_routes(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespac
     return routes
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C, so every started process is stopped."""
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -350,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     s = settings(args)
     info = machine()
     print(f"machine: {info}\nsettings: {s}", file=sys.stderr)

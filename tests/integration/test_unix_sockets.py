@@ -7,7 +7,6 @@ connects to one (``-L 8080:unix:/run/db.sock``), checked against the relay's
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import stat
@@ -26,10 +25,9 @@ from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
     digest_handler,
+    exchange,
     expect_reset,
-    pattern_block,
     relay_config,
-    send_pattern,
     serve_target,
     start_agent,
     start_relay,
@@ -70,25 +68,6 @@ async def unix_tunnel(forward: Forward, relay_allow: list[str],
             yield agent.ports
         finally:
             nursery.cancel_scope.cancel()
-
-
-async def exchange(stream: trio.abc.HalfCloseableStream, up: int, down: int) -> None:
-    """``upload_and_download`` over any stream (here: a unix socket)."""
-    got = bytearray()
-
-    async def reader() -> None:
-        async for data in stream:
-            got.extend(data)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(reader)
-        sent_hash = await send_pattern(stream, up, b"up")
-        await stream.send_eof()
-    block = pattern_block(b"down")
-    expected = (block * (down // len(block) + 1))[:down]
-    assert len(got) == down + 32
-    assert hashlib.sha256(got[:down]).digest() == hashlib.sha256(expected).digest()
-    assert got[down:].hex() == sent_hash
 
 
 async def test_agent_listening_on_a_path_carries_64_mib_each_way(tmp_path: Path) -> None:

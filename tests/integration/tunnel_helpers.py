@@ -211,16 +211,21 @@ async def upload_and_download(port: int, up: int, down: int) -> None:
     Pairs with ``digest_handler(down, b"down")`` as the target.
     """
     async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        got = bytearray()
+        await exchange(stream, up, down)
 
-        async def reader() -> None:
-            async for data in stream:
-                got.extend(data)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
-            sent_hash = await send_pattern(stream, up, b"up")
-            await stream.send_eof()
+async def exchange(stream: trio.abc.HalfCloseableStream, up: int, down: int) -> None:
+    """``upload_and_download`` over a stream already open (a unix socket, say)."""
+    got = bytearray()
+
+    async def reader() -> None:
+        async for data in stream:
+            got.extend(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        sent_hash = await send_pattern(stream, up, b"up")
+        await stream.send_eof()
     block = pattern_block(b"down")
     expected = (block * (down // len(block) + 1))[:down]
     assert len(got) == down + 32
