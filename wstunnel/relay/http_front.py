@@ -247,29 +247,23 @@ async def _poll_up(reader: HttpReader, request: ws.RequestReceived, session: Htt
     body = await _read_body(reader)
     if body is None:
         return False
-    if sequence == session.up_sequence:
-        if not await session.feed(body):
-            return await _status(reader, 410, "the session has ended")
-        session.up_sequence += 1
-    elif sequence > session.up_sequence:
+    fed = await session.poll_feed(sequence, body)
+    if fed is None:
         return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
                                           f"{session.up_sequence}")
+    if not fed:
+        return await _status(reader, 410, "the session has ended")
     return await _reply(reader, [])
 
 
 async def _poll_down(reader: HttpReader, session: HttpSession, sequence: int) -> bool:
     """The next downstream batch (held while there is none), or the last one again."""
-    if sequence == session.down_sequence - 1:
-        return await _reply(reader, session.last_batch)
-    if sequence != session.down_sequence:
+    batch = await session.poll_batch(sequence, MAX_BATCH_SIZE, POLL_HOLD_TIMEOUT)
+    if batch is None:
         return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
                                           f"{session.down_sequence}")
-    batch = await session.take(MAX_BATCH_SIZE, POLL_HOLD_TIMEOUT)
     if not batch and session.ended:
         return await _status(reader, 410, "the session has ended")
-    if batch:
-        session.last_batch = batch
-        session.down_sequence += 1
     return await _reply(reader, batch)
 
 

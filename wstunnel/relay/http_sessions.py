@@ -52,9 +52,57 @@ class HttpSession(BytePipe):
         self.up_sequence = 0
         self.down_sequence = 0
         self.last_batch: list[Buffer] = []
+        self._feeding = trio.Lock()  # (upstream bodies are fed one at a time: poll_feed)
 
     def touch(self) -> None:
         self.last_active = trio.current_time()
+
+    async def poll_feed(self, sequence: int, body: bytes) -> bool | None:
+        """Polling: upstream body ``sequence``, fed if it is the next number, dropped
+        if it was taken already (a retry whose answer was lost); None for a number
+        past the next, False once the session has ended.
+
+        Bodies are fed one at a time, in order. A retry may come while the request it
+        repeats still waits for room here (its connection broke, which a handler
+        waiting to feed does not notice): it waits for that one, and is then dropped,
+        rather than feeding the same bytes twice.
+        """
+        async with self._feeding:
+            if sequence > self.up_sequence:
+                return None
+            if sequence < self.up_sequence:
+                return True
+            if not await self.feed(body):
+                return False
+            self.up_sequence += 1
+            return True
+
+    async def poll_batch(self, sequence: int, max_size: int,
+                         hold: float) -> list[Buffer] | None:
+        """Polling: the answer to downstream request ``sequence``: the next batch (held
+        up to ``hold`` while there is none: then []), or the last batch again (its
+        answer was lost); None for any other number.
+
+        A retry may come while the request it repeats is still held here (its
+        connection broke, which a held request does not notice): whichever of the two
+        is answered first takes the batch, and the other gets that same batch again.
+        The number is checked and the batch taken in one step, with no checkpoint
+        between: a held request never takes bytes under a number already answered
+        (they would be lost: the agent never asks for that number again).
+        """
+        if sequence == self.down_sequence:
+            with trio.move_on_after(hold):
+                while not self._outbound and not self.ended and sequence == self.down_sequence:
+                    await self._wait()
+        if sequence == self.down_sequence - 1:
+            return self.last_batch
+        if sequence != self.down_sequence:
+            return None
+        batch = self._take_now(max_size)
+        if batch:
+            self.last_batch = batch
+            self.down_sequence += 1
+        return batch
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.in_progress else now - self.last_active
