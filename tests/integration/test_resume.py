@@ -17,6 +17,7 @@ import trio
 from benchmarks._cutter import PathCutter
 from wstunnel.addresses import HostPort
 from wstunnel.agent.connect import open_websocket
+from wstunnel.agent.http_transport import RETRY_BUDGET
 from wstunnel.config import parse_relay_url
 from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 
@@ -223,12 +224,12 @@ async def test_sessions_over_the_http_transports_resume_too(transport: str,
                                                             logs: LogWatch) -> None:
     """The same over the HTTP transports (where a WebSocket cannot pass). A cut breaks
     streaming's two long requests and the session resumes over new ones. Polling
-    sends a request whose connection broke again on a new connection; when the path
-    stays down past those retries (the second cut here), the session resumes. The
-    cuts land in the middle of requests and answers: nothing is lost or repeated.
-    (The default keepalive, 20 s, beyond the time allowed: the transfer must not need
-    a ping to get going again.)"""
-    with trio.fail_after(15):
+    sends a request whose connection broke again on a new connection, for a few
+    seconds (RETRY_BUDGET); when the path stays down past those retries (the second
+    cut here), the session resumes. The cuts land in the middle of requests and
+    answers: nothing is lost or repeated. (The default keepalive, 20 s, beyond the
+    time allowed: the transfer must not need a ping to get going again.)"""
+    with trio.fail_after(15 + RETRY_BUDGET):
         async with trio.open_nursery() as nursery:
             digest = await serve_target(nursery, digest_handler(8 * MiB, b"down"))
             relay = await start_relay(nursery, relay_config())
@@ -237,8 +238,16 @@ async def test_sessions_over_the_http_transports_resume_too(transport: str,
             agent = await start_agent(nursery, agent_config(cutter.port, [digest],
                                                             transport=transport))
 
+            async def back_once_polling_gave_up() -> None:
+                await logs.wait_for("giving up on this session's requests")
+                cutter.down = False
+
             def stay_down() -> None:
-                cutter.down_until = trio.current_time() + 0.3
+                if transport == "polling":
+                    cutter.down = True
+                    nursery.start_soon(back_once_polling_gave_up)
+                else:
+                    cutter.down_until = trio.current_time() + 0.3
             for mark, then in ((2, None), (7, stay_down), (12, None)):
                 cutter.cut_after(mark * MiB, then)
             await upload_and_download(agent.ports[0], 8 * MiB, 8 * MiB)

@@ -12,7 +12,8 @@ is a ``BytePipe`` fed and drained by two loops of ordinary requests (its
 wrote, batched (one in flight), and long-poll GETs fetch what the relay has
 (held by it up to 25 s while there is nothing). Each request is numbered
 (``X-Wstunnel-Seq``), so one whose connection broke is sent again on a new
-connection without losing or repeating bytes.
+connection without losing or repeating bytes: after growing waits, for up to
+``RETRY_BUDGET``, so that a short outage does not end the session.
 
 Every request carries what an ordinary client's would: Host, a User-Agent,
 the configured headers, the login, ``Proxy-Authorization`` when a proxy
@@ -57,8 +58,16 @@ MAX_POST_SIZE: Final = 1_000_000  # (under nginx's default client_max_body_size,
 #: Streaming: the most one upstream POST carries before the next takes over (front
 #: ends limit request bodies; nginx's default client_max_body_size is 1 MiB).
 STREAM_POST_SIZE: Final = 1_000_000
-#: Sending one polling request again on a new connection after its connection broke.
-RETRIES: Final = 3
+#: Polling: the waits before each retry of a request whose connection broke (the
+#: last one repeats), and how long after the first break retries go on. A blip (a
+#: NAT or proxy restarting, a Wi-Fi hand-over) shorter than that passes without the
+#: session ending or resuming. The first retry goes at once (the usual break is a
+#: kept-alive connection a proxy closed meanwhile: a new one is all it takes), the
+#: next ones soon (most blips are short). 3 s stays well under the keepalive's
+#: default ping_timeout (10 s): a dead relay is still given up on before the
+#: keepalive would (and a shorter ping_timeout still ends the session first).
+RETRY_DELAYS: Final = (0.0, 0.05, 0.2, 0.5, 1.0)
+RETRY_BUDGET: Final = 3.0
 PROBE_PAYLOAD: Final = b"wstunnel-probe"
 #: A 401 to a request for a session whose opening request was let in.
 UNKNOWN_SESSION: Final = (
@@ -403,18 +412,20 @@ class PollingStream(BytePipe):
 
     async def _exchange(self, method: str, parts: list[Buffer] | None) -> bytes | None:
         """One numbered request, sent again on a new connection if its connection
-        breaks; its answer's body, or None when the relay says the session ended."""
+        breaks (``_Retries``); its answer's body, or None when the relay says the
+        session ended."""
         sequence = self._sequence[method]
-        for attempt in range(RETRIES + 1):
+        retries = _Retries(f"{method} {SEQUENCE_HEADER} {sequence}")
+        while True:
             try:
                 status, body = await self._request(method, parts, sequence)
             except (trio.BrokenResourceError, OSError, trio.TooSlowError) as exc:
                 await self._drop(method)
-                if attempt == RETRIES or self.ended:
-                    raise trio.BrokenResourceError(
-                        f"{method} {SEQUENCE_HEADER} {sequence} failed {attempt + 1} "
-                        f"times: {exc}") from exc
+                if self.ended:
+                    raise trio.BrokenResourceError(f"{retries.what} failed: {exc}") from exc
+                await retries.wait(exc)
                 continue
+            retries.went_through()
             if status == 410:
                 return None
             if status == 401:
@@ -425,7 +436,6 @@ class PollingStream(BytePipe):
             if method == "POST" or body:
                 self._sequence[method] = sequence + 1
             return body
-        raise AssertionError("unreachable")
 
     async def _request(self, method: str, parts: list[Buffer] | None,
                        sequence: int) -> tuple[int, bytes]:
@@ -453,6 +463,48 @@ class PollingStream(BytePipe):
         client = self._clients.pop(method, None)
         if client is not None:
             await client.aclose()
+
+
+class _Retries:
+    """One polling request's retries: waits growing along ``RETRY_DELAYS``, for up to
+    ``RETRY_BUDGET`` after its first break, so a short outage passes unnoticed while
+    a relay that stays away is given up on (the session then resumes or ends). The
+    same number each time: the relay serves a retry that races its original once
+    (docs/PROTOCOL.md §11.2). Each request starts afresh."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self._first_break: float | None = None
+
+    async def wait(self, exc: BaseException) -> None:
+        """Sleep before the next retry; ``trio.BrokenResourceError`` once over budget."""
+        now = trio.current_time()
+        if self._first_break is None:
+            self._first_break = now
+        left = self._first_break + RETRY_BUDGET - now
+        if left <= 0:
+            raise self._given_up(now - self._first_break, exc) from exc
+        delay = min(RETRY_DELAYS[min(self.count, len(RETRY_DELAYS) - 1)], left)
+        self.count += 1
+        log.debug("HTTP polling: %s: its connection broke (%s); retry %d in %.2f s",
+                  self.what, exc, self.count, delay)
+        await trio.sleep(delay)
+
+    def went_through(self) -> None:
+        """Log an outage ridden out (at debug a lone retry: a closed kept-alive one)."""
+        if self._first_break is not None:
+            level = logging.INFO if self.count > 1 else logging.DEBUG
+            log.log(level, "HTTP polling: %s went through again after %.2f s (%d retries)",
+                    self.what, trio.current_time() - self._first_break, self.count)
+
+    def _given_up(self, elapsed: float, exc: BaseException) -> trio.BrokenResourceError:
+        message = (f"the relay could not be reached for {elapsed:.1f} s ({self.what}: "
+                   f"{self.count + 1} attempts, the last: {exc})")
+        log.warning("HTTP polling: %s; giving up on this session's requests: the session "
+                    "resumes if the relay allows it, else its connections are reset and the "
+                    "agent reconnects", message)
+        return trio.BrokenResourceError(message)
 
 
 def _split(parts: list[Buffer], size: int) -> tuple[list[Buffer], list[Buffer]]:

@@ -258,6 +258,8 @@ async def _poll_up(reader: HttpReader, request: ws.RequestReceived, session: Htt
 
 async def _poll_down(reader: HttpReader, session: HttpSession, sequence: int) -> bool:
     """The next downstream batch (held while there is none), or the last one again."""
+    if not await _drain_body(reader):  # (the GET's end: unread, h11 would not keep alive)
+        return False
     batch = await session.poll_batch(sequence, MAX_BATCH_SIZE, POLL_HOLD_TIMEOUT)
     if batch is None:
         return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
