@@ -43,6 +43,7 @@ from typing import IO, Final
 from _children import agent_argv, relay_argv
 
 TARGETS_SCRIPT: Final = Path(__file__).with_name("_targets.py")
+FORWARDER_SCRIPT: Final = Path(__file__).with_name("_forwarder.py")
 SSHD: Final = "/usr/sbin/sshd"
 SSH_CIPHER: Final = "aes128-gcm@openssh.com"
 #: The TLS 1.3 suite that matches SSH_CIPHER (wstunnel offers it first too).
@@ -370,6 +371,27 @@ def start_socat(stack: contextlib.ExitStack, tmp: Path, targets: Route,
         clients.append(client.pid)
     route = Route("socat TLS", ports, [*clients, *servers], logs, clients=len(clients),
                   workloads=frozenset({"upload", "download", "parallel"}))
+    echo_check(route.ports["echo"])
+    return route
+
+
+def start_forwarders(stack: contextlib.ExitStack, tmp: Path, targets: Route,
+                     mode: str) -> Route:
+    """Two bare Python forwarders chained per target (``_forwarder.py``, ``mode``
+    trio or selectors): what a tunnel of agent and relay pays with nothing on the
+    wire but the bytes. Plain TCP: compare it with ws://."""
+    ports = {kind: free_port() for kind in TARGET_KINDS}
+    pids, logs = [], []
+    for kind in TARGET_KINDS:
+        log = tmp / f"forwarder-{mode}-{kind}.log"
+        logs.append(log)
+        middle = free_port()
+        for listen, target in ((middle, targets.ports[kind]), (ports[kind], middle)):
+            proc = spawn(stack, [sys.executable, str(FORWARDER_SCRIPT), mode, str(listen),
+                                 str(target)], log)
+            wait_listening(listen, proc, f"{mode} forwarder ({kind})")
+            pids.append(proc.pid)
+    route = Route(f"floor {mode}", ports, pids[1::2] + pids[0::2], logs, clients=len(pids) // 2)
     echo_check(route.ports["echo"])
     return route
 

@@ -16,6 +16,9 @@ the kernel spreads them over the cores):
                  encrypts); the issue's targets are for wss://
     ssh          our own sshd on a high loopback port, ``ssh -N -L``
                  (cipher aes128-gcm@openssh.com); skipped without OpenSSH
+    floor        with ``--floor`` only: two bare Python forwarders chained per
+                 target (trio, or the standard library's selectors), what any
+                 Python tunnel of this shape pays (_forwarder.py)
     socat        with ``--socat`` only, bulk workloads only: socat over TLS
                  (OpenSSL, TLS_AES_128_GCM_SHA256), a C program on the TLS
                  path wss:// uses, so its cost is that path's without Python
@@ -196,7 +199,7 @@ def _fmt(value: float | None) -> str:
 def table(results: Results, routes: list[Route]) -> str:
     """The pipe table: workload | each route | each wstunnel (and socat) route / ssh."""
     names = [route.name for route in routes]
-    ours = [name for name in names if name.startswith(("wstunnel", "socat"))]
+    ours = [name for name in names if name.startswith(("wstunnel", "socat", "floor"))]
     header = ["workload", *names, *(f"{_short(name)}/ssh" for name in ours)]
     lines = [header, ["---"] * len(header)]
     for label in results.rows:
@@ -217,8 +220,10 @@ def table(results: Results, routes: list[Route]) -> str:
 
 def _short(route_name: str) -> str:
     """ "wstunnel wss://" -> "wss", "wstunnel ws:// polling" -> "ws polling", "socat TLS"
-    -> "socat" (ratio column names)."""
+    -> "socat", "floor trio" -> "floor trio" (ratio column names)."""
     first, _, rest = route_name.partition(" ")
+    if first == "floor":
+        return route_name
     return rest.replace("://", "").strip() if first == "wstunnel" else first
 
 
@@ -259,6 +264,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--churn-count 4000 --repeat 6")
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -L baseline")
     parser.add_argument("--no-wstunnel", action="store_true", help="baselines only")
+    parser.add_argument("--floor", default="", metavar="MODES",
+                        help="also measure two bare Python forwarders chained (plain TCP, no "
+                        "framing): trio, selectors or trio,selectors; the floor under "
+                        "wstunnel's per-wake-up and per-connection rows (_forwarder.py)")
     parser.add_argument("--socat", action="store_true",
                         help="also measure socat over TLS on upload, download and parallel: "
                         "what OpenSSL's TLS path costs in a C program (installs socat if missing)")
@@ -326,6 +335,8 @@ def start_routes(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespac
             routes.append(_procs.start_wstunnel(
                 stack, tmp, direct, command, [*extra, *args.relay_arg],
                 [*extra, *args.agent_arg], transport=transport))
+    for mode in filter(None, args.floor.split(",")):
+        routes.append(_procs.start_forwarders(stack, tmp, direct, mode))
     if args.socat:
         skip = _procs.ensure_socat()
         if skip is None:
@@ -361,7 +372,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"load average before: {info['loadavg']}, after: {info['loadavg_after']}",
           file=sys.stderr)
     print(table(results, routes))
-    print("ratio = wstunnel (ws:// or wss://), or socat, / ssh -L. "
+    print("ratio = wstunnel (ws:// or wss://), socat or a floor forwarder pair, / ssh -L. "
           "MiB/s and conn/s: higher is better; ms and CPU: lower. "
           f"Medians of {s.repeat} run(s); bulk size {s.size / MIB:g} MiB.")
     if args.json:

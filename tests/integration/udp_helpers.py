@@ -43,6 +43,20 @@ def free_udp_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+def free_dns_port() -> int:
+    """A loopback port free for UDP and for TCP: dnsmasq binds both, and a port
+    free for UDP alone may be in use by one of the suite's TCP connections."""
+    for _ in range(50):
+        port = free_udp_port()
+        with socket.socket() as tcp:
+            try:
+                tcp.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no loopback port free for both UDP and TCP in 50 tries")
+
+
 def dns_query(name: str, query_id: int) -> bytes:
     """A DNS query for ``name``'s A record (RFC 1035 4.1), recursion desired."""
     header = struct.pack("!HHHHHH", query_id, 0x0100, 1, 0, 0, 0)
@@ -75,7 +89,7 @@ def ask(port: int, name: str, query_id: int = 1, timeout: float = 2.0) -> str | 
 def dnsmasq() -> Iterator[int]:
     """A running dnsmasq on 127.0.0.1; yields its UDP port."""
     program = require("dnsmasq", "dnsmasq-base")
-    port = free_udp_port()
+    port = free_dns_port()
     argv = [program, "--no-daemon", "--conf-file=/dev/null", f"--port={port}",
             f"--listen-address={LOOPBACK}", "--bind-interfaces", "--no-resolv", "--no-hosts",
             f"--address=/{ZONE}/{ZONE_ADDRESS}", "--user=", "--pid-file="]

@@ -4,8 +4,12 @@
 ``model.py`` holds the classes, ``schema.py`` the keys and the rules between
 them, ``values.py`` the value parsers, ``flags.py`` the command-line flags
 (a mapping of the same keys, checked by the same schema), ``textforms.py``
-the text forms shared with the command line.
+the text forms shared with the command line. The relay's classes
+(``relay_model.py``) are loaded when first named (``__getattr__`` below): an
+agent never needs them.
 """
+
+from typing import TYPE_CHECKING
 
 from .model import (
     DEFAULT_INITIAL_WINDOW,
@@ -16,12 +20,8 @@ from .model import (
     DEFAULT_MAX_SEND_WINDOW,
     LOG_FORMATS,
     LOG_LEVELS,
-    AgentAccount,
     AgentConfig,
     RateLimit,
-    RelayConfig,
-    RelayTLS,
-    demo_configs,
 )
 from .schema import (
     load_agent_config,
@@ -72,3 +72,18 @@ __all__ = [
     "parse_size",
     "parse_url_path",
 ]
+
+if TYPE_CHECKING:
+    from .relay_model import AgentAccount, RelayConfig, RelayTLS, demo_configs
+
+_RELAY_MODEL = frozenset({"AgentAccount", "RelayConfig", "RelayTLS", "demo_configs"})
+
+
+def __getattr__(name: str) -> object:
+    """The relay's config classes, on first use: creating them costs ``agent --stdio``
+    ~3 ms at every ssh connection (issue 22)."""
+    if name in _RELAY_MODEL:
+        from . import relay_model
+
+        return getattr(relay_model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Final
 
 from ._yaml import Document, load_document
-from .model import AgentConfig, RelayConfig
+from .model import AgentConfig
+from .relay_model import RelayConfig
 from .schema import any_from
 
 __all__ = ["check_config", "named_files"]

@@ -27,12 +27,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from ..errors import ConfigError
 from ._yaml import Document, load_document, parent_path
-from .model import AgentConfig, RelayConfig
+from .model import AgentConfig
 from .schema import agent_from, relay_from
+
+if TYPE_CHECKING:
+    from .relay_model import RelayConfig
 
 __all__ = ["AGENT_FLAGS", "RELAY_FLAGS", "Flag", "FlagDocument", "agent_config", "relay_config"]
 

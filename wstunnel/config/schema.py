@@ -23,21 +23,16 @@ from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from functools import partial
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .. import mux
 from ..addresses import HostPort
 from . import values
 from ._yaml import Document, join_index, join_key, load_document, parse_document
-from .model import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    AgentAccount,
-    AgentConfig,
-    RateLimit,
-    RelayConfig,
-    RelayTLS,
-)
+from .model import LOG_FORMATS, LOG_LEVELS, AgentConfig, RateLimit
+
+if TYPE_CHECKING:  # (loaded where a relay config is built: see relay_model.py)
+    from .relay_model import AgentAccount, RelayConfig, RelayTLS
 from .textforms import (
     DEFAULT_UDP_IDLE_TIMEOUT,
     LOCAL,
@@ -75,6 +70,8 @@ _RESERVED_KEYS: Final = {
 # ---------------------------------------------------------------- the tables
 
 def _agent_account(doc: Document, path: str, value: Any) -> AgentAccount:
+    from .relay_model import AgentAccount
+
     found = _build(doc, path, value, _ACCOUNT_FIELDS,
                    {"token_hash": False, "allow": False, "listen_allow": False,
                     "rate_limit": False}, "an agent entry")
@@ -91,6 +88,8 @@ def _rate_limit(doc: Document, path: str, value: Any) -> RateLimit:
 
 
 def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
+    from .relay_model import RelayTLS
+
     found = _build(doc, path, value, _TLS_FIELDS, {"client_ca_file": False}, "a tls section")
     return RelayTLS(**{key: _beside(doc, join_key(path, key), name)
                        for key, name in found.items()})
@@ -499,6 +498,8 @@ def relay_from(doc: Document) -> RelayConfig:
     Raises:
         ConfigError: located by ``doc`` (file and line, or flag).
     """
+    from .relay_model import RelayConfig
+
     found = _config_values(doc, RelayConfig, _RELAY_FIELDS, "relay")
     return _check_relay(doc, RelayConfig(**found))
 

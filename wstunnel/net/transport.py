@@ -45,6 +45,8 @@ from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionCl
 from ..protocol import TunnelEvent, TunnelProtocol
 from . import pump
 from .channel_stream import ChannelStream
+from .keepalive import Due, KeepaliveTimer, Scheduled
+from .plain_stream import PlainSocketStream
 
 if TYPE_CHECKING:
     from .observer import SessionObserver
@@ -74,6 +76,14 @@ WRITE_TIME_TARGET = 0.002
 #: Added to a paced writer's sleep, so that the bucket has surely refilled when
 #: it wakes (no second wake-up for a rounding error's worth of bytes).
 _PACE_SLACK = 0.0005
+#: The most an idle writer's work done in place takes (``wake_writer``): an
+#: interactive chunk, WINDOWs, an OPEN, a pong. More queued, and the writer is
+#: woken instead: its writes are corked and sized to the link.
+WRITE_THROUGH_SIZE = 16 * 1024
+#: A keepalive check may run this share of ``ping_interval`` early, so that one
+#: wake-up of a relay's shared timer serves every session due within that window
+#: (net/keepalive.py); the check then acts as at its deadline.
+KEEPALIVE_SLACK = 1 / 40
 
 
 def next_write_size(size: int, written: int, elapsed: float) -> int:
@@ -151,6 +161,7 @@ class TunnelTransport:
         ping_timeout: float = 10.0,
         observer: SessionObserver | None = None,
         resumer: Resumer | None = None,
+        keepalive: KeepaliveTimer | None = None,
     ) -> None:
         self.stream = stream
         self.observer = observer
@@ -164,14 +175,26 @@ class TunnelTransport:
         self._admit = admit
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
+        #: A timer shared with other sessions (a relay's); None, or one not running:
+        #: each carrier runs a timer of its own (``_start_keepalive``).
+        self._keepalive_timer = keepalive
+        self._next_ping = 0.0
+        self._waiting_since: float | None = None  # when the oldest unanswered ping went out
         self._wake = trio.Event()
+        #: While the writer waits with nothing to do: its stream's non-blocking
+        #: send (``wake_writer`` writes in its place); else None.
+        self._idle_writer: Callable[[list[bytes | bytearray | memoryview]], bool] | None = None
+        #: True while the reader or the pump serves a turn that ends with
+        #: ``wake_writer``: actions meanwhile only queue their records.
+        self.in_turn = False
         self._idle = trio.Event()
         self._idle.set()
         self._last_received = 0.0
         self._end_reason: str | None = None
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
-        self._pump: pump.SocketPump | None = None
+        self._pump: pump.SocketPump | None = None  # made on first use (_socket_pump)
+        self._pump_failed = False
         self._budget_logged_at: float | None = None  # see _budget_exhausted
         self._budget_hits = 0
         #: Resumption (replay.py): who brings a new carrier when this one is lost.
@@ -193,14 +216,6 @@ class TunnelTransport:
         try:
             async with trio.open_nursery() as session_nursery:
                 self._session_nursery = session_nursery
-                if pump.AVAILABLE and self.use_pump:
-                    try:
-                        self._pump = pump.SocketPump(self, self.protocol)
-                    except OSError as exc:  # no epoll (out of file descriptors)
-                        log.warning("no socket pump for this session (%s): each "
-                                    "channel runs as two tasks instead", exc)
-                    else:
-                        session_nursery.start_soon(self._pump.run)
                 while True:
                     await self._run_carrier(task_status)
                     task_status = trio.TASK_STATUS_IGNORED
@@ -220,18 +235,23 @@ class TunnelTransport:
     async def _run_carrier(self, task_status: Any) -> None:
         """Read, write and ping over the current stream until it ends."""
         self._lost = False
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            # A stream carried by requests has work of its own while the session
-            # runs (the agent's HTTP polling loops, agent/http_transport.py).
-            background = getattr(self.stream, "run_background", None)
-            if background is not None:
-                nursery.start_soon(background)
-            nursery.start_soon(self._reader)
-            nursery.start_soon(self._writer)
-            if self._ping_interval > 0:
-                nursery.start_soon(self._keepalive)
-            task_status.started()
+        keepalive = None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                # A stream carried by requests has work of its own while the session
+                # runs (the agent's HTTP polling loops, agent/http_transport.py).
+                background = getattr(self.stream, "run_background", None)
+                if background is not None:
+                    nursery.start_soon(background)
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                if self._ping_interval > 0:
+                    keepalive = self._start_keepalive(nursery)
+                task_status.started()
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
         self._nursery = None
 
     async def _resume(self) -> bool:
@@ -347,7 +367,7 @@ class TunnelTransport:
         the socket already holds are queued at once (the agent's first bytes then
         leave in the same write as the OPEN) instead of on the pump's next turn.
         """
-        if self._pump is None or not isinstance(stream, trio.SocketStream):
+        if not isinstance(stream, trio.SocketStream) or self._socket_pump() is None:
             return False
         sock = socket.socket(fileno=stream.socket.detach())
         return self.attach_socket(sock, channel, on_finished, read_now=read_now)
@@ -358,24 +378,73 @@ class TunnelTransport:
     ) -> bool:
         """``attach`` for a connected standard-library socket (the relay's task-free
         dial); on False the caller still owns ``sock``."""
-        if self._pump is None:
+        socket_pump = self._socket_pump()
+        if socket_pump is None:
             return False
-        self._pump.attach(sock, channel, on_finished, read_now=read_now)
+        socket_pump.attach(sock, channel, on_finished, read_now=read_now)
         if read_now:
             self.wake_writer()  # (for what it read: the pump's own reads wake after each turn)
         return True
 
     @property
     def pumping(self) -> bool:
-        """True while ``attach`` would hand sockets to the socket pump."""
-        return self._pump is not None
+        """True while ``attach`` would hand sockets to the socket pump (made now if this
+        is the session's first channel to attach)."""
+        return self._socket_pump() is not None
+
+    def _socket_pump(self) -> pump.SocketPump | None:
+        """The session's socket pump, made when the first channel attaches: an idle
+        session (a relay's many idle agents) then holds no epoll descriptor and no
+        pump task (docs/PERFORMANCE.md, "One relay, many agents"). None: no pump
+        (no epoll, turned off, the session is not running, or it could not be made)."""
+        nursery = self._session_nursery
+        if self._pump is not None or self._pump_failed or nursery is None:
+            return self._pump
+        if not (pump.AVAILABLE and self.use_pump):
+            return None
+        try:
+            self._pump = pump.SocketPump(self, self.protocol)
+        except OSError as exc:  # no epoll (out of file descriptors)
+            self._pump_failed = True
+            log.warning("no socket pump for this session (%s): each "
+                        "channel runs as two tasks instead", exc)
+            return None
+        nursery.start_soon(self._pump.run)
+        return self._pump
 
     def wake_writer(self) -> None:
         """Call after queuing output; wakes the writer only when it has something to
         do (a writer woken for nothing costs a scheduler round: a short connection
-        would pay several)."""
-        if self.protocol.wants_to_write():
+        would pay several). An idle writer is not woken at all when what is queued
+        is small and the kernel takes it now: it is written here, which saves the
+        scheduler round of a wake-up, two per process in a round trip over a quiet
+        session (docs/PERFORMANCE.md, "Writing in place")."""
+        if not self.protocol.wants_to_write():
+            return
+        write_now = self._idle_writer
+        if write_now is None or not self._write_in_place(write_now):
             self._wake.set()
+
+    def _write_in_place(self, write_now: Callable[[list[bytes | bytearray | memoryview]], bool]
+                        ) -> bool:
+        """Write up to WRITE_THROUGH_SIZE of what is queued without waiting; True when
+        it all went and nothing else waits (else the writer is to be woken: what the
+        kernel did not take waits in the stream, ahead of what the writer sends)."""
+        protocol = self.protocol
+        if not protocol.carrier_open or protocol.session.held_size > WRITE_THROUGH_SIZE:
+            # A close to send or the end; or bulk, whose writes the writer corks and
+            # sizes (in place, a small write ahead of each cost an upload a fifth
+            # more CPU per GiB).
+            return False
+        self._idle_writer = None  # (a wake-up from what follows wakes the writer)
+        try:
+            parts = protocol.parts_to_send(WRITE_THROUGH_SIZE)
+            if protocol.has_events:
+                self.dispatch_local_events()
+            written = write_now(parts) if parts else True
+        finally:
+            self._idle_writer = write_now
+        return written and not protocol.wants_to_write()
 
     def dispatch_local_events(self) -> None:
         """Dispatch events our own actions produced (a FIN or RESET that finished
@@ -410,8 +479,8 @@ class TunnelTransport:
     def send_data(self, channel: ChannelStream, data: bytes) -> None:
         protocol = self.protocol
         protocol.send_data(channel.channel_id, data)
-        if protocol.wants_to_write():  # (wake_writer, inlined: once per chunk)
-            self._wake.set()
+        if not self.in_turn:
+            self.wake_writer()
 
     def send_eof(self, channel: ChannelStream) -> None:
         protocol = self.protocol
@@ -434,8 +503,8 @@ class TunnelTransport:
     def acknowledge(self, channel: ChannelStream, size: int) -> None:
         protocol = self.protocol
         protocol.acknowledge(channel.channel_id, size)
-        if protocol.wants_to_write():  # (wake_writer, inlined: once per write to a socket)
-            self._wake.set()
+        if not self.in_turn:  # (the pump's writes: the turn's end wakes the writer)
+            self.wake_writer()
 
     # -- the session ------------------------------------------------------------------
 
@@ -498,9 +567,13 @@ class TunnelTransport:
                 protocol.receive_data(data)
             else:
                 protocol.buffer_filled(got)
-            self._dispatch(protocol.events_received())
-            if self._pump is not None:
-                self._pump.flush()
+            self.in_turn = True
+            try:
+                self._dispatch(protocol.events_received())
+                if self._pump is not None:
+                    self._pump.flush()
+            finally:
+                self.in_turn = False
             self.wake_writer()
             if ended:
                 self._lost = protocol.carrier_lost
@@ -515,6 +588,9 @@ class TunnelTransport:
         clock = trio.current_time
         wait_writable = self.stream.wait_send_all_might_not_block
         write_size = START_WRITE_SIZE
+        # Streams on a socket can write without waiting (wake_writer's in-place
+        # writes); what the kernel did not take then goes first in send_parts.
+        direct = self.stream if isinstance(self.stream, PlainSocketStream) else None
         try:
             while True:
                 self._wake = trio.Event()
@@ -526,7 +602,7 @@ class TunnelTransport:
                     # The wait counts as part of the write's time.
                     await wait_writable()
                 parts = protocol.parts_to_send(write_size)
-                if parts:
+                if parts or (direct is not None and direct.unsent):
                     if protocol.has_events:
                         # The cuts made room in the outbound budget (WindowUpdated):
                         # channels read from their sources again while this write runs.
@@ -540,12 +616,17 @@ class TunnelTransport:
                     self._end(self._closed_reason("session closed"))
                     return
                 if protocol.pacer is None:  # (only when idle: nothing per write)
+                    if direct is not None and write_size >= START_WRITE_SIZE:
+                        self._idle_writer = direct.try_send_parts  # (not on a slow link)
                     await self._wake.wait()
+                    self._idle_writer = None
                 else:
                     await self._wait_paced(protocol.pacer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._lost = True
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
+        finally:
+            self._idle_writer = None
 
     async def _wait_paced(self, pacer: mux.Pacer) -> None:
         """Wait for the writer's wake-up, or until the rate limits let held-back
@@ -563,42 +644,54 @@ class TunnelTransport:
         """For streams that cannot gather (``send_parts``): one joined write."""
         await self.stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
 
-    async def _keepalive(self) -> None:
+    def _start_keepalive(self, nursery: trio.Nursery) -> Scheduled:
+        """Have this carrier's keepalive checked by the shared timer, or by a timer of
+        its own running in ``nursery``; returns the entry to cancel when it ends."""
+        timer = self._keepalive_timer
+        if timer is None or not timer.running:
+            timer = KeepaliveTimer()
+            nursery.start_soon(timer.run)
+        interval = self._ping_interval
+        self._next_ping = trio.current_time() + interval
+        self._waiting_since = None
+        return timer.schedule(self._keepalive_check, self._next_ping,
+                              interval * KEEPALIVE_SLACK)
+
+    def _keepalive_check(self, now: float, deadline: float) -> Due:
         """Ping when nothing has arrived for ``ping_interval`` (and every interval while
         a pong is awaited, so proxies that cut idle connections see traffic that
         often); end the session when nothing at all arrived within ``ping_timeout``
-        of the oldest unanswered ping.
+        of the oldest unanswered ping. Returns when to check next.
 
         Anything from the peer within the interval (its own ping, which we answer)
         proves the link alive and moved bytes both ways, so our ping would add
         nothing: two ends with the same interval then ping about once an interval
         between them, not twice. On a relay with many idle agents that halves the
         ping exchanges and takes about a third off what idle sessions cost it
-        (docs/PERFORMANCE.md, "One relay, many agents")."""
-        interval = self._ping_interval
-        next_ping = trio.current_time() + interval
-        waiting_since: float | None = None  # when the oldest unanswered ping went out
-        while True:
-            deadline = next_ping
-            if waiting_since is not None:
-                deadline = min(deadline, waiting_since + self._ping_timeout)
-            await trio.sleep_until(deadline)
-            now = trio.current_time()
-            if waiting_since is not None and self._last_received >= waiting_since:
-                waiting_since = None
-            if waiting_since is not None and now >= waiting_since + self._ping_timeout:
-                self._lost = True
-                self._end(f"no answer to ping within {self._ping_timeout:g} s")
-                return
-            if now >= next_ping:
-                self.protocol.send_ack()  # (a resumable session: what came, since the last)
-                next_ping = now + interval
-                if waiting_since is None and now - self._last_received < interval:
-                    self.wake_writer()  # (the ack, if there was one)
-                    continue
+        (docs/PERFORMANCE.md, "One relay, many agents"). A check run early (the
+        timer's slack) acts as at its ``deadline``; the timeout counts from when the
+        ping really went out."""
+        interval, timeout = self._ping_interval, self._ping_timeout
+        at = max(now, deadline)
+        waiting_since = self._waiting_since
+        if waiting_since is not None and self._last_received >= waiting_since:
+            waiting_since = self._waiting_since = None
+        if waiting_since is not None and now >= waiting_since + timeout:
+            self._lost = True
+            self._end(f"no answer to ping within {timeout:g} s")
+            return None
+        if at >= self._next_ping:
+            self.protocol.send_ack()  # (a resumable session: what came, since the last)
+            self._next_ping = at + interval
+            if waiting_since is not None or at - self._last_received >= interval:
                 self.protocol.ping(b"wstunnel")
-                self.wake_writer()
-                waiting_since = now if waiting_since is None else waiting_since
+                if waiting_since is None:
+                    self._waiting_since = waiting_since = now
+            self.wake_writer()  # (the ping, or the ack if there was one)
+        slack = interval * KEEPALIVE_SLACK
+        if waiting_since is not None and waiting_since + timeout < self._next_ping:
+            return waiting_since + timeout, 0.0  # (never early: the drop is exact)
+        return self._next_ping, slack
 
     # -- event dispatch -------------------------------------------------------------
 

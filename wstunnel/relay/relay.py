@@ -29,6 +29,7 @@ from ..addresses import join_host_port
 from ..config import RelayConfig
 from ..net.channel_stream import ChannelStream
 from ..net.ending import set_abortive
+from ..net.keepalive import KeepaliveTimer
 from ..net.local_addresses import local_addresses
 from ..net.sockopts import tune_plain_socket, tune_socket
 from ..net.splice import splice_to_end
@@ -80,6 +81,9 @@ class Relay:
         self.http = HttpFront(self)
         #: Resumable sessions, by id (resume.py).
         self.held = HeldSessions()
+        #: Every session's keepalive checks, from one task (``run_relay`` runs it; a
+        #: session finds it not running and runs a timer of its own).
+        self.keepalive = KeepaliveTimer()
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """One TCP connection: TLS, the upgrade and login, then the session, then close."""
@@ -247,6 +251,7 @@ class Relay:
             ping_timeout=config.ping_timeout,
             observer=self.stats,
             resumer=RelayResumer(held, self.held) if held is not None else None,
+            keepalive=self.keepalive,
         )
         if held is not None:
             held.transport = transport
@@ -429,6 +434,7 @@ async def run_relay(
     _warn_about_access(config)
     async with trio.open_nursery() as connections:
         await connections.start(_known_as_this_host, bound)
+        await connections.start(relay.keepalive.run)
         async with trio.open_nursery() as accepting:
             serve = partial(trio.serve_listeners, handler_nursery=connections)
             await accepting.start(serve, relay.handle_connection, listeners)

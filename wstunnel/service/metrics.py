@@ -150,6 +150,9 @@ class TunnelStats:
         self.refusals = RefusalLog(logging.getLogger(f"wstunnel.{role}"))
         # Multiplexer refusals already logged, per session.
         self._mux_refusals_logged: dict[TunnelTransport, dict[mux.OpenFailure, int]] = {}
+        #: Sessions whose meters the sampler ticks: those with channels, until a tick
+        #: finds them with none and nothing moved (an idle one costs it nothing).
+        self._metered: dict[TunnelTransport, None] = {}
 
     # -- events reported by the roles ----------------------------------------------
 
@@ -166,6 +169,7 @@ class TunnelStats:
     def session_ended(self, transport: TunnelTransport) -> None:
         if self.sessions.pop(transport, None) is not None:
             self.session_info.pop(transport, None)
+            self._metered.pop(transport, None)
             self.log_mux_refusals(transport)
             for reason, count in transport.protocol.session.refused_opens.items():
                 self.open_failures[_reason_name(reason)] += count
@@ -179,10 +183,14 @@ class TunnelStats:
     def channel_opened(self, channel: ChannelStream) -> None:
         self.channels_total += 1
         self.forward_channels[channel.forward] += 1
-        self._opened_at[channel] = trio.current_time()
+        now = self._opened_at[channel] = trio.current_time()
         info = self._session_of(channel)
         if info is not None:
             info.forwards[channel.forward] += 1
+            transport = cast("TunnelTransport", channel.session)
+            if transport not in self._metered:
+                info.meter.tick(now)  # (its rates count from now, not from its last tick)
+                self._metered[transport] = None
 
     def channel_closed(self, channel: ChannelStream) -> None:
         opened_at = self._opened_at.pop(channel, None)
@@ -295,23 +303,33 @@ class TunnelStats:
     def bytes_carried(self) -> tuple[int, int]:
         """(outbound, inbound) bytes over the process's lifetime."""
         sent, received = self.closed_bytes_sent, self.closed_bytes_received
-        for channel in self.live_channels():
-            if channel in self._opened_at:
-                sent += channel.bytes_sent
-                received += channel.bytes_received
+        for channel in self._opened_at:  # (the live channels, without a walk over sessions)
+            sent += channel.bytes_sent
+            received += channel.bytes_received
         return sent, received
 
     def sample(self) -> None:
         """Update per-channel rates from the bytes carried since the last call; write
-        the refusal counts that are due."""
+        the refusal counts that are due. Only sessions with channels (or just without)
+        are metered: the relay samples every second, and ticking 1,000 idle agents'
+        meters each time cost it about half a percent of a core (docs/PERFORMANCE.md,
+        "One relay, many agents")."""
         now = trio.current_time()
         for transport in self.sessions:
             self.log_mux_refusals(transport)
         self.refusals.tick(now)
-        for transport, info in self.session_info.items():
-            for channel in transport.channels.values():
+        for transport in list(self._metered):
+            info = self.session_info.get(transport)
+            if info is None:  # (ended)
+                del self._metered[transport]
+                continue
+            channels = transport.channels
+            for channel in channels.values():
                 self._sample_channel(channel, info, now)
-            info.meter.tick(now)
+            meter = info.meter
+            meter.tick(now)
+            if not channels and not meter.sent_rate and not meter.received_rate:
+                del self._metered[transport]  # (rates 0 until its next channel)
         self.history.add(now, time.time(), *self.bytes_carried())
         self.samples_taken += 1
 

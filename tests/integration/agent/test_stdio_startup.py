@@ -5,7 +5,9 @@ so every module the process imports is paid at each ssh (issue 22;
 benchmarks/stdio_startup.py measures it). Timing is the benchmark's business;
 this test keeps the gain from rotting: a real ``--stdio`` run over ws:// must
 finish without loading the listeners, the HTTP transports, TLS, the relay's
-rule parsers or the relay itself.
+rule parsers and config classes or the relay itself. The console script turns
+the garbage collector off while importing; the run itself must have it back on
+(a relay or agent runs for weeks), with what the imports made frozen.
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ from ..tunnel_helpers import LOOPBACK, echo_handler, relay_config, serve_target,
 
 ROOT = Path(__file__).resolve().parents[3]
 
-#: Run the CLI in-process, then report the modules it loaded on stderr's last line
-#: (stdout is the channel's).
+#: Run the console script's entry point, then report on stderr's last two lines (stdout
+#: is the channel's) the collector's state and the modules the run loaded.
 CHILD = """\
-import sys
-from wstunnel.cli import main
-code = main(sys.argv[1:])
-sys.stderr.write("\\nloaded: " + " ".join(sorted(sys.modules)) + "\\n")
-sys.exit(code)
+import atexit, gc, sys
+
+def report():
+    sys.stderr.write(f"\\ncollector on: {gc.isenabled()}, frozen: {gc.get_freeze_count() > 0}")
+    sys.stderr.write("\\nloaded: " + " ".join(sorted(sys.modules)) + "\\n")
+
+atexit.register(report)
+sys.argv[0] = "wstunnel"
+from wstunnel.__main__ import main_entry
+main_entry()
 """
 
 #: What an agent over ws:// with one stdio channel never needs.
@@ -36,6 +43,7 @@ NOT_NEEDED = (
     "wstunnel.agent.http_transport",  # only when WebSocket does not pass
     "wstunnel.security.tls",  # wss:// only
     "wstunnel.security.policy", "wstunnel.security.listen_policy",  # the relay's rules
+    "wstunnel.config.relay_model",  # the relay's config classes
     "wstunnel.relay", "wstunnel.service.runner", "wstunnel.service.reload",
     "wstunnel.service.dashboard_server", "difflib", "yaml", "cryptography",
 )
@@ -52,6 +60,8 @@ async def test_stdio_over_ws_loads_none_of_what_it_does_not_need() -> None:
                                             capture_stderr=True, check=False, cwd=ROOT)
         nursery.cancel_scope.cancel()
     assert (result.returncode, result.stdout) == (0, b"ping"), result.stderr.decode()
-    loaded = set(result.stderr.decode().splitlines()[-1].removeprefix("loaded: ").split())
+    collector, modules = result.stderr.decode().splitlines()[-2:]
+    loaded = set(modules.removeprefix("loaded: ").split())
     assert "wstunnel.agent.stdio" in loaded  # (the report is the real run's)
     assert sorted(name for name in loaded if name.startswith(NOT_NEEDED)) == []
+    assert collector == "collector on: True, frozen: True"

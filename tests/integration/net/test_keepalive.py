@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import trio
 import trio.testing
 
 from wstunnel import mux, ws
+from wstunnel.net.keepalive import Check, Due, KeepaliveTimer
 from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
 
@@ -50,18 +52,27 @@ class Peer:
                 await self.stream.send_all(out)
 
 
+@pytest.mark.parametrize("timer", ["own", "shared"])
 async def test_the_relay_pings_only_a_peer_that_has_gone_quiet(
-    autojump_clock: trio.abc.Clock,
+    timer: str, autojump_clock: trio.abc.Clock,
 ) -> None:
     """While the agent pings (every 4 s, interval 10 s) the relay sends no ping of its
     own, only answers; when the agent stops pinging but still answers, the relay pings
     once an interval; when the agent stops answering too, the relay drops the session
-    within ping_interval + ping_timeout."""
+    within ping_interval + ping_timeout. The same whether the session runs its own
+    timer (an agent) or shares a relay's with other sessions."""
     agent_end, relay_end = trio.testing.memory_stream_pair()
+    shared = KeepaliveTimer() if timer == "shared" else None
     relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY), name="relay",
-                            ping_interval=INTERVAL, ping_timeout=TIMEOUT)
+                            ping_interval=INTERVAL, ping_timeout=TIMEOUT, keepalive=shared)
     peer = Peer(agent_end)
     async with trio.open_nursery() as nursery:
+        if shared is not None:
+            await nursery.start(shared.run)
+            # (other sessions' checks, due every 0.1 s: the timer is awake within the
+            # relay's slack before each of its deadlines, and runs its check early)
+            shared.schedule(lambda now, deadline: (deadline + 0.1, 0.0),
+                            trio.current_time() + 0.05)
         ended = trio.Event()
         reason: list[str] = []
         ended_at: list[float] = []
@@ -80,7 +91,53 @@ async def test_the_relay_pings_only_a_peer_that_has_gone_quiet(
         with trio.fail_after(INTERVAL + TIMEOUT + 1.0):
             await ended.wait()
         dropped_after = ended_at[0] - silent_at
+        nursery.cancel_scope.cancel()  # (the shared timer)
     assert spared == 0
     assert 5 <= quiet <= 6  # one ping per 10 s of quiet
     assert reason == [f"no answer to ping within {TIMEOUT:g} s"]
     assert dropped_after <= INTERVAL + TIMEOUT + 0.01
+
+
+class Calls:
+    """Checks that record when the timer called them, each rescheduled ``repeat`` times."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float]] = []
+        self.start = trio.current_time()
+
+    def check(self, name: str, repeat: int = 0, every: float = 1.0) -> Check:
+        left = [repeat]
+
+        def called(now: float, deadline: float) -> Due:
+            self.calls.append((name, round(now - self.start, 6)))
+            if name == "broken":
+                raise RuntimeError("a bug in one session's check")
+            if not left[0]:
+                return None
+            left[0] -= 1
+            return deadline + every, 0.0
+
+        return called
+
+
+async def test_checks_due_within_their_slack_share_one_wake_up(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """One wake-up of a relay's timer calls every check due within its slack (many idle
+    sessions, one wake-up); a check with no slack is never called early, a cancelled
+    one never, a rescheduled one again; a check that raises stops only itself."""
+    timer = KeepaliveTimer()
+    record = Calls()
+    start = record.start
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timer.run)
+        timer.schedule(record.check("a"), start + 1.0, 0.5)
+        timer.schedule(record.check("b", repeat=2), start + 1.1, 0.5)
+        timer.schedule(record.check("c"), start + 1.6, 0.5)
+        timer.schedule(record.check("exact"), start + 1.2)
+        timer.schedule(record.check("cancelled"), start + 1.05, 0.5).cancel()
+        timer.schedule(record.check("broken", repeat=5), start + 0.3)
+        await trio.sleep(5.0)
+        nursery.cancel_scope.cancel()
+    assert record.calls == [("broken", 0.3), ("a", 1.0), ("b", 1.0), ("exact", 1.2),
+                            ("c", 1.2), ("b", 2.1), ("b", 3.1)]

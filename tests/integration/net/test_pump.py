@@ -8,10 +8,13 @@ a socket too or hands the test its ChannelStream.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -383,3 +386,28 @@ async def test_channel_finished_by_a_local_eof_is_forgotten_at_once() -> None:
             await done.wait()
             await pair.relay.wait_idle()
             await pair.agent.wait_idle()
+
+
+def _epoll_descriptors() -> int:
+    """This process's open epoll descriptors (trio's own included)."""
+    fds = Path("/proc/self/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # (the directory's own descriptor, gone by now)
+            count += os.readlink(fd) == "anon_inode:[eventpoll]"
+    return count
+
+
+async def test_an_idle_session_holds_no_epoll_until_its_first_channel_attaches() -> None:
+    """A relay with many idle agents pays no descriptor for a pump none of them uses:
+    the session's epoll appears with the first attached socket."""
+    before = _epoll_descriptors()
+    with trio.fail_after(10):
+        async with session_pair(relay_attaches=False) as pair:
+            await trio.testing.wait_all_tasks_blocked()
+            assert _epoll_descriptors() == before
+            _channel, ours, _done = await pair.attached_channel()
+            assert _epoll_descriptors() == before + 1  # (the agent's; the relay splices)
+            await ours.send_all(b"through the pump")
+            remote, _ = await pair.incoming.receive()
+            assert await remote.receive_some() == b"through the pump"

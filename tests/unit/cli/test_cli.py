@@ -200,6 +200,17 @@ def test_two_forwards_on_one_address_are_refused_from_flags_and_files(
     assert seen == []
 
 
+def test_listen_given_twice_is_an_error_not_the_last_one_silently(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The relay serves one address: a second --listen is refused, saying what to give."""
+    seen = fake_role(monkeypatch, "relay")
+    assert main(["relay", "--no-auth", "--listen", "127.0.0.1:8080", "--listen",
+                 "[::1]:8080"]) == 2
+    assert seen == []
+    assert ("--listen given twice (127.0.0.1:8080 and [::1]:8080): the relay serves one "
+            "address; [::]:PORT") in capsys.readouterr().err
+
+
 # ---------------------------------------------------- running and failing
 
 def test_listen_port_in_use_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch,
