@@ -340,11 +340,6 @@ class TunnelProtocol:
                     replay.sent_record(head, payload)
                 size += len(head) + len(payload) + 14
 
-    @property
-    def carrier_open(self) -> bool:
-        """True while records may go out (the carrier is neither closing nor closed)."""
-        return self._carrier.state is ws.ConnectionState.OPEN
-
     def wants_to_send(self) -> bool:
         """True when ``data_to_send`` would return bytes (cheap check)."""
         return self._carrier.state is ws.ConnectionState.OPEN and self.session.wants_to_send()

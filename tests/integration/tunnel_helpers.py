@@ -248,30 +248,6 @@ async def assert_parts_arrive_joined(sender: Any, receiver: trio.abc.Stream,
     assert received == expected
 
 
-async def assert_unsent_parts_go_first(sender: Any, receiver: trio.abc.Stream,
-                                       timeout: float = 10) -> None:
-    """``sender.try_send_parts`` (the transport's writes in place) sends what the
-    kernel takes at once; what it cannot take waits, also behind later tries, and
-    the next ``send_parts`` delivers it first: the receiver sees every byte once,
-    in order."""
-    small, big = b"first", os.urandom(5_000_000)  # (more than the socket buffers take)
-    with trio.fail_after(timeout):
-        assert sender.try_send_parts([small]) and not sender.unsent
-        assert await receiver.receive_some(100) == small
-        assert not sender.try_send_parts([b"h" * 10, big])
-        assert sender.unsent
-        assert not sender.try_send_parts([b"after"])  # (queued behind, never ahead)
-        expected = b"h" * 10 + big + b"after" + b"tail"
-        received = bytearray()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender.send_parts, [b"tail"])
-            while len(received) < len(expected):
-                data = await receiver.receive_some(1 << 20)
-                assert data, "closed early"
-                received += data
-    assert received == expected and not sender.unsent
-
-
 async def assert_receive_into_fills_views(sender: Any, receiver: Any, timeout: float = 10) -> None:
     """``receiver.receive_into`` waits for data, writes only inside the view it is
     given, returns the count, and 0 once the sender has closed."""

@@ -46,10 +46,6 @@ class ChannelHost(Protocol):
     no-op on a session that failed (it breaks its channels as it ends).
     """
 
-    #: True while the reader or the pump serves a turn that ends with ``wake_writer``:
-    #: ``send_data`` and ``acknowledge`` then only queue (one write for the turn).
-    in_turn: bool
-
     @property
     def name(self) -> str:
         """The session's name, for logs."""

@@ -61,9 +61,6 @@ class PlainSocketStream(trio.abc.Stream):
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._closed = False
-        #: What ``try_send_parts`` could not hand to the kernel; the next
-        #: ``send_parts`` sends it first.
-        self._unsent: list[Buffer] = []
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         size = max_bytes if max_bytes is not None else DEFAULT_RECEIVE_SIZE
@@ -97,36 +94,11 @@ class PlainSocketStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
 
-    @property
-    def unsent(self) -> bool:
-        """True while bytes ``try_send_parts`` left wait for ``send_parts``."""
-        return bool(self._unsent)
-
-    def try_send_parts(self, parts: Sequence[Buffer]) -> bool:
-        """Hand the kernel what it takes now, without waiting or checkpointing; the
-        rest waits for the next ``send_parts`` (which the caller must make). False
-        when something is left, also when the socket failed: that ``send_parts``
-        raises then."""
-        pieces = self._unsent
-        pieces.extend(part for part in parts if len(part))
-        if self._closed:
-            return False
-        sock = self._sock
-        try:
-            while pieces:
-                drop_sent(pieces, sock.sendmsg(pieces[:MAX_PIECES]))
-        except OSError:  # (BlockingIOError included)
-            return False
-        return True
-
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
         """``send_all`` of the parts joined, without joining them (``sendmsg``)."""
         self._check_open()
         sock = self._sock
         pieces: list[Buffer] = [part for part in parts if len(part)]
-        if self._unsent:
-            pieces[:0] = self._unsent
-            self._unsent = []
         waited = False
         try:
             while pieces:

@@ -122,17 +122,13 @@ class SocketPump:
         host = self._host
         while True:
             await trio.lowlevel.wait_readable(epoll.fileno())
-            host.in_turn = True  # (what the sockets queue goes out in one write, below)
-            try:
-                for fd, events in epoll.poll(0, MAX_EVENTS):
-                    pumped = sockets.get(fd)
-                    if pumped is not None:
-                        _guarded(pumped.ready, pumped, events)
-                # A local EOF may have finished a channel (ChannelClosed): forget it now,
-                # not when the next record happens to arrive.
-                host.dispatch_local_events()
-            finally:
-                host.in_turn = False
+            for fd, events in epoll.poll(0, MAX_EVENTS):
+                pumped = sockets.get(fd)
+                if pumped is not None:
+                    _guarded(pumped.ready, pumped, events)
+            # A local EOF may have finished a channel (ChannelClosed): forget it now,
+            # not when the next record happens to arrive.
+            host.dispatch_local_events()
             host.wake_writer()
 
     def close(self) -> None:

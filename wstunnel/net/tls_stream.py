@@ -19,7 +19,6 @@ the tunnel; docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
-import itertools
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -83,9 +82,6 @@ class TLSSocketStream(PlainSocketStream):
         super().__init__(sock)
         self._cork = _TCP_CORK is not None
         self._buffer_size = MIN_RECEIVE_BUFFER
-        #: What ``try_send_parts`` could not write, as the buffers given to
-        #: SSL_write: after WANT_WRITE the same buffer must go again.
-        self._unsent: list[Buffer] = []
         # A call per 16 KiB record: straight to the C object, not through the
         # SSLSocket methods' two Python frames of checks (wss:// upload CPU
         # -5 %, docs/PERFORMANCE.md). Plain SSLSocket calls if it is missing.
@@ -172,41 +168,20 @@ class TLSSocketStream(PlainSocketStream):
             await trio.lowlevel.checkpoint()
         return filled
 
-    def try_send_parts(self, parts: Sequence[Buffer]) -> bool:
-        """As ``PlainSocketStream.try_send_parts``: what OpenSSL writes now, uncorked;
-        the rest waits for the next ``send_parts``."""
-        views = self._unsent
-        views.extend(_records(parts))
-        if self._closed:
-            return False
-        write = self._ssl_write
-        try:
-            while views:
-                sent = write(views[0])
-                if sent < len(views[0]):
-                    views[0] = views[0][sent:]
-                else:
-                    del views[0]
-        except (ssl.SSLError, OSError):  # (SSLWantWriteError included)
-            return False
-        return True
-
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
         """``send_all`` (inherited) of the parts joined; only what fills one TLS record around
         a small part (a frame header) is copied (``_records``)."""
         self._check_open()
         sock = self._sock
-        unsent, self._unsent = self._unsent, []
         # OpenSSL writes each 16 KiB record with its own write(): corked, the
         # kernel sends them as full segments (loopback: 64 KiB), a quarter of
         # the transmits; CPU per GiB through a TLS pair -15 % (docs/PERFORMANCE.md).
-        size = sum(map(len, parts)) + sum(map(len, unsent))
-        cork = self._cork and size >= CORK_MIN_SIZE
+        cork = self._cork and sum(map(len, parts)) >= CORK_MIN_SIZE
         write = self._ssl_write
         try:
             if cork:
                 self._set_cork(True)
-            for view in itertools.chain(unsent, _records(parts)):
+            for view in _records(parts):
                 # SSL_write without partial writes: after WANT_WRITE the same
                 # buffer goes again, and OpenSSL continues where it stopped.
                 while view:

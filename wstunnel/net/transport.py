@@ -46,7 +46,6 @@ from ..protocol import TunnelEvent, TunnelProtocol
 from . import pump
 from .channel_stream import ChannelStream
 from .keepalive import Due, KeepaliveTimer, Scheduled
-from .plain_stream import PlainSocketStream
 
 if TYPE_CHECKING:
     from .observer import SessionObserver
@@ -76,10 +75,6 @@ WRITE_TIME_TARGET = 0.002
 #: Added to a paced writer's sleep, so that the bucket has surely refilled when
 #: it wakes (no second wake-up for a rounding error's worth of bytes).
 _PACE_SLACK = 0.0005
-#: The most an idle writer's work done in place takes (``wake_writer``): an
-#: interactive chunk, WINDOWs, an OPEN, a pong. More queued, and the writer is
-#: woken instead: its writes are corked and sized to the link.
-WRITE_THROUGH_SIZE = 16 * 1024
 #: A keepalive check may run this share of ``ping_interval`` early, so that one
 #: wake-up of a relay's shared timer serves every session due within that window
 #: (net/keepalive.py); the check then acts as at its deadline.
@@ -181,12 +176,6 @@ class TunnelTransport:
         self._next_ping = 0.0
         self._waiting_since: float | None = None  # when the oldest unanswered ping went out
         self._wake = trio.Event()
-        #: While the writer waits with nothing to do: its stream's non-blocking
-        #: send (``wake_writer`` writes in its place); else None.
-        self._idle_writer: Callable[[list[bytes | bytearray | memoryview]], bool] | None = None
-        #: True while the reader or the pump serves a turn that ends with
-        #: ``wake_writer``: actions meanwhile only queue their records.
-        self.in_turn = False
         self._idle = trio.Event()
         self._idle.set()
         self._last_received = 0.0
@@ -415,36 +404,9 @@ class TunnelTransport:
     def wake_writer(self) -> None:
         """Call after queuing output; wakes the writer only when it has something to
         do (a writer woken for nothing costs a scheduler round: a short connection
-        would pay several). An idle writer is not woken at all when what is queued
-        is small and the kernel takes it now: it is written here, which saves the
-        scheduler round of a wake-up, two per process in a round trip over a quiet
-        session (docs/PERFORMANCE.md, "Writing in place")."""
-        if not self.protocol.wants_to_write():
-            return
-        write_now = self._idle_writer
-        if write_now is None or not self._write_in_place(write_now):
+        would pay several)."""
+        if self.protocol.wants_to_write():
             self._wake.set()
-
-    def _write_in_place(self, write_now: Callable[[list[bytes | bytearray | memoryview]], bool]
-                        ) -> bool:
-        """Write up to WRITE_THROUGH_SIZE of what is queued without waiting; True when
-        it all went and nothing else waits (else the writer is to be woken: what the
-        kernel did not take waits in the stream, ahead of what the writer sends)."""
-        protocol = self.protocol
-        if not protocol.carrier_open or protocol.session.held_size > WRITE_THROUGH_SIZE:
-            # A close to send or the end; or bulk, whose writes the writer corks and
-            # sizes (in place, a small write ahead of each cost an upload a fifth
-            # more CPU per GiB).
-            return False
-        self._idle_writer = None  # (a wake-up from what follows wakes the writer)
-        try:
-            parts = protocol.parts_to_send(WRITE_THROUGH_SIZE)
-            if protocol.has_events:
-                self.dispatch_local_events()
-            written = write_now(parts) if parts else True
-        finally:
-            self._idle_writer = write_now
-        return written and not protocol.wants_to_write()
 
     def dispatch_local_events(self) -> None:
         """Dispatch events our own actions produced (a FIN or RESET that finished
@@ -479,8 +441,8 @@ class TunnelTransport:
     def send_data(self, channel: ChannelStream, data: bytes) -> None:
         protocol = self.protocol
         protocol.send_data(channel.channel_id, data)
-        if not self.in_turn:
-            self.wake_writer()
+        if protocol.wants_to_write():  # (wake_writer, inlined: once per chunk)
+            self._wake.set()
 
     def send_eof(self, channel: ChannelStream) -> None:
         protocol = self.protocol
@@ -503,8 +465,8 @@ class TunnelTransport:
     def acknowledge(self, channel: ChannelStream, size: int) -> None:
         protocol = self.protocol
         protocol.acknowledge(channel.channel_id, size)
-        if not self.in_turn:  # (the pump's writes: the turn's end wakes the writer)
-            self.wake_writer()
+        if protocol.wants_to_write():  # (wake_writer, inlined: once per write to a socket)
+            self._wake.set()
 
     # -- the session ------------------------------------------------------------------
 
@@ -567,13 +529,9 @@ class TunnelTransport:
                 protocol.receive_data(data)
             else:
                 protocol.buffer_filled(got)
-            self.in_turn = True
-            try:
-                self._dispatch(protocol.events_received())
-                if self._pump is not None:
-                    self._pump.flush()
-            finally:
-                self.in_turn = False
+            self._dispatch(protocol.events_received())
+            if self._pump is not None:
+                self._pump.flush()
             self.wake_writer()
             if ended:
                 self._lost = protocol.carrier_lost
@@ -588,9 +546,6 @@ class TunnelTransport:
         clock = trio.current_time
         wait_writable = self.stream.wait_send_all_might_not_block
         write_size = START_WRITE_SIZE
-        # Streams on a socket can write without waiting (wake_writer's in-place
-        # writes); what the kernel did not take then goes first in send_parts.
-        direct = self.stream if isinstance(self.stream, PlainSocketStream) else None
         try:
             while True:
                 self._wake = trio.Event()
@@ -602,7 +557,7 @@ class TunnelTransport:
                     # The wait counts as part of the write's time.
                     await wait_writable()
                 parts = protocol.parts_to_send(write_size)
-                if parts or (direct is not None and direct.unsent):
+                if parts:
                     if protocol.has_events:
                         # The cuts made room in the outbound budget (WindowUpdated):
                         # channels read from their sources again while this write runs.
@@ -616,17 +571,12 @@ class TunnelTransport:
                     self._end(self._closed_reason("session closed"))
                     return
                 if protocol.pacer is None:  # (only when idle: nothing per write)
-                    if direct is not None and write_size >= START_WRITE_SIZE:
-                        self._idle_writer = direct.try_send_parts  # (not on a slow link)
                     await self._wake.wait()
-                    self._idle_writer = None
                 else:
                     await self._wait_paced(protocol.pacer)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._lost = True
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
-        finally:
-            self._idle_writer = None
 
     async def _wait_paced(self, pacer: mux.Pacer) -> None:
         """Wait for the writer's wake-up, or until the rate limits let held-back

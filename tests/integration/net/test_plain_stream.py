@@ -10,11 +10,7 @@ import trio.testing
 
 from wstunnel.net.plain_stream import PlainSocketStream, take_over
 
-from ..tunnel_helpers import (
-    assert_parts_arrive_joined,
-    assert_receive_into_fills_views,
-    assert_unsent_parts_go_first,
-)
+from ..tunnel_helpers import assert_parts_arrive_joined, assert_receive_into_fills_views
 
 
 def plain_pair() -> tuple[PlainSocketStream, PlainSocketStream]:
@@ -62,17 +58,6 @@ async def test_parts_arrive_as_if_joined_even_when_the_kernel_takes_them_pieceme
     parts = [b"h" * 10, bytes(range(256)) * 8192, b"x", b"y" * 3_000_000]  # > socket buffers
     try:
         await assert_parts_arrive_joined(sender, receiver, parts)
-    finally:
-        await sender.aclose()
-        await receiver.aclose()
-
-
-async def test_what_a_write_in_place_leaves_goes_first_in_the_next_send() -> None:
-    """The session writes small output in place when its writer is idle; what the
-    kernel did not take leaves before anything the writer sends later."""
-    sender, receiver = plain_pair()
-    try:
-        await assert_unsent_parts_go_first(sender, receiver)
     finally:
         await sender.aclose()
         await receiver.aclose()

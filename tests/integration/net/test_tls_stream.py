@@ -22,11 +22,7 @@ import trio.testing
 from wstunnel.net.tls_stream import TLSSocketStream, start_tls
 from wstunnel.security.tls import ClientTLS, client_context, self_signed_certificate, server_context
 
-from ..tunnel_helpers import (
-    assert_parts_arrive_joined,
-    assert_receive_into_fills_views,
-    assert_unsent_parts_go_first,
-)
+from ..tunnel_helpers import assert_parts_arrive_joined, assert_receive_into_fills_views
 
 
 @pytest.fixture(scope="module")
@@ -208,18 +204,6 @@ async def test_parts_arrive_as_if_joined(contexts: tuple[ssl.SSLContext, ssl.SSL
     parts = [b"h" * 10, os.urandom(100_000), b"x", b"y" * 20_000, b"z" * 3, os.urandom(40_000)]
     try:
         await assert_parts_arrive_joined(client, server, parts)
-    finally:
-        await client.aclose()
-        await server.aclose()
-
-
-async def test_what_a_write_in_place_leaves_goes_first_in_the_next_send(
-        contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
-    """As over ws://; here a record OpenSSL could not write must be retried as it
-    was (the same buffer), so it waits whole and goes first."""
-    client, server = await tls_pair(contexts, tcp=True)
-    try:
-        await assert_unsent_parts_go_first(client, server)
     finally:
         await client.aclose()
         await server.aclose()

@@ -16,7 +16,6 @@ class FakeHost:
     """A ChannelHost whose send capacity the test sets; it records the DATA."""
 
     name = "fake"
-    in_turn = False
     role = mux.Role.AGENT
 
     def __init__(self, capacity: int) -> None:
