@@ -28,6 +28,25 @@ def _tuned(sock: socket.socket) -> socket.socket:
     return sock
 
 
+def _shut(sock: socket.socket) -> bool:
+    """Pass an EOF on; False when the peer is gone already."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return False
+    return True
+
+
+def _send_some(sock: socket.socket, data: bytes) -> int | None:
+    """What the kernel takes of ``data`` now; None when the peer is gone."""
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+    except OSError:
+        return None
+
+
 def run_trio(listen_port: int, target_port: int) -> None:
     import trio
 
@@ -42,7 +61,7 @@ def run_trio(listen_port: int, target_port: int) -> None:
                     await trio.lowlevel.wait_readable(source)
                     continue
                 if not data:
-                    sink.shutdown(socket.SHUT_WR)
+                    _shut(sink)
                     return
                 view = memoryview(data)
                 while view:
@@ -61,6 +80,8 @@ def run_trio(listen_port: int, target_port: int) -> None:
                 target.connect(("127.0.0.1", target_port))
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(target)
+            except OSError:
+                return
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(copy, client, target)
                 nursery.start_soon(copy, target, client)
@@ -133,13 +154,10 @@ def run_selectors(listen_port: int, target_port: int) -> None:
             pair.ended.add(sock)
             update(pair, sock)
             if not pair.pending[other]:
-                other.shutdown(socket.SHUT_WR)
+                return _shut(other) and len(pair.ended) < 2
             return len(pair.ended) < 2
-        try:
-            sent = other.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+        sent = _send_some(other, data)
+        if sent is None:
             return False
         pair.pending[other] = data[sent:]
         update(pair, sock)
@@ -149,15 +167,12 @@ def run_selectors(listen_port: int, target_port: int) -> None:
     def writable(pair: _Pair, sock: socket.socket) -> bool:
         data = pair.pending[sock]
         if data:
-            try:
-                sent = sock.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
+            sent = _send_some(sock, data)
+            if sent is None:
                 return False
             pair.pending[sock] = data[sent:]
-            if not pair.pending[sock] and pair.peer[sock] in pair.ended:
-                sock.shutdown(socket.SHUT_WR)
+            if not pair.pending[sock] and pair.peer[sock] in pair.ended and not _shut(sock):
+                return False
         update(pair, sock)
         update(pair, pair.peer[sock])
         return True
@@ -166,7 +181,11 @@ def run_selectors(listen_port: int, target_port: int) -> None:
         for key, mask in sel.select():
             if key.data is None:
                 client, _ = listener.accept()
-                target = _tuned(socket.create_connection(("127.0.0.1", target_port)))
+                try:
+                    target = _tuned(socket.create_connection(("127.0.0.1", target_port)))
+                except OSError:
+                    client.close()
+                    continue
                 _tuned(client)
                 pair = _Pair(client, target)
                 for sock in (client, target):

@@ -1,15 +1,18 @@
 """Where the CPU of a bulk transfer goes, per process and per shared object, in s per GiB.
 
-Runs one route at a time (wstunnel wss://, wstunnel ws://, ssh -L and, with
-``--socat``, socat over TLS), moves ``--seconds`` of bulk data through it
-(download from the source target, or upload to the sink) while ``perf record``
+Runs one route at a time (wstunnel wss://, ssh -L, wstunnel ws://), moves
+``--seconds`` of bulk data through it (download from the source target, or
+upload to the sink) while ``perf record``
 samples every process of the route, and splits each process's CPU per GiB
 (from /proc, as tunnel.py counts it) by the share of samples in each shared
 object: the kernel, libcrypto (AES-GCM), libssl, libc (copies), libpython (the
-interpreter) and the program itself (ssh, sshd, socat).
+interpreter) and the program itself (ssh, sshd).
 
     .venv/bin/python benchmarks/cpu_split.py                    # download, about 40 s
-    .venv/bin/python benchmarks/cpu_split.py --direction upload --seconds 6 --socat
+    .venv/bin/python benchmarks/cpu_split.py --direction upload --seconds 6
+
+socat is not among the routes: it forks a process per connection, which exits
+with its CPU time before it can be counted per process.
 
 Needs ``perf`` (linux-perf) and permission to profile other processes (root,
 or kernel.perf_event_paranoid <= 1). Only 127.0.0.1 is used; every process is
@@ -52,7 +55,7 @@ def classify(dso: str) -> str:
                            ("libc-", "libc"), ("libpython", "python"), ("python", "python")):
         if name.startswith(prefix):
             return column
-    if name in ("ssh", "sshd", "socat", "sshd-session"):
+    if name in ("ssh", "sshd", "sshd-session"):
         return "program"
     if name.endswith(".so") and "cpython" in name:  # _ssl, _socket, select, _speedups
         return "python"
@@ -157,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed part per route")
     parser.add_argument("--routes", default="wss,ssh,ws",
                         help="comma-separated from: wss, ws, ssh (default wss,ssh,ws)")
-    parser.add_argument("--socat", action="store_true", help="also socat over TLS")
     parser.add_argument("--wstunnel", default=f"{sys.executable} -m wstunnel",
                         help="command running the wstunnel CLI")
     args = parser.parse_args(argv)
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     results = []
     command = shlex.split(args.wstunnel)
-    wanted = args.routes.split(",") + (["socat"] if args.socat else [])
+    wanted = args.routes.split(",")
     with tempfile.TemporaryDirectory(prefix="wstunnel-cpu-split-") as folder:
         tmp = Path(folder)
         for kind in wanted:
@@ -175,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
                 targets = _procs.start_targets(stack, tmp)
                 if kind == "ssh":
                     route = _procs.start_ssh(stack, tmp, targets)
-                elif kind == "socat":
-                    route = _procs.start_socat(stack, tmp, targets, command)
                 else:
                     route = _procs.start_wstunnel(stack, tmp, targets, command, [],
                                                   ["--log-level=warning"], tls=kind == "wss")
