@@ -291,6 +291,7 @@ class StreamingStream(trio.abc.Stream):
     def __init__(self, route: HttpRoute, session_id: str, down: HttpClient,
                  up: HttpClient) -> None:
         self.route = route
+        self.tls = route.relay.secure  # (status and the dashboard)
         self.session_id = session_id
         self.down = down
         self.up = up
@@ -356,6 +357,7 @@ class PollingStream(BytePipe):
 
     def __init__(self, route: HttpRoute, session_id: str) -> None:
         super().__init__()
+        self.tls = route.relay.secure
         self.route = route
         self.session_id = session_id
         self._clients: dict[str, HttpClient] = {}

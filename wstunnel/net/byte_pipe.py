@@ -30,6 +30,10 @@ Buffer = bytes | bytearray | memoryview
 class BytePipe(trio.abc.Stream):
     """A session's stream whose bytes come and go through request bodies: see above."""
 
+    #: Whether the requests carrying it are encrypted (status and the dashboard say so);
+    #: whoever makes the requests sets it.
+    tls = False
+
     def __init__(self, *, max_buffered_size: int = DEFAULT_BUFFERED_SIZE) -> None:
         self.max_buffered_size = max_buffered_size
         self._inbound: collections.deque[bytes] = collections.deque()  # as fed: no copies

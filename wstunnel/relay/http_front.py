@@ -39,6 +39,7 @@ from ..framing import (
     STREAMING,
     chunked,
 )
+from ..net.tls_stream import TLSSocketStream
 from ..net.transport import NewCarrier
 from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Visitor, http_transport, server_handshake
@@ -155,6 +156,7 @@ class HttpFront:
             await reader.stream.send_all(answer.response)
             return
         session = self.sessions.create(accepted.identity.name, mode)
+        session.tls = isinstance(reader.stream, TLSSocketStream)  # (a TLS listener's requests)
         protocol = None
         if admission.resumes is None:
             protocol = self.host.start_framed_session(resumable=admission.held is not None)

@@ -466,7 +466,8 @@ _MUX_REFUSALS: Final = {
 
 
 def _is_tls(stream: object) -> bool:
-    return isinstance(stream, (TLSSocketStream, trio.SSLStream))
+    """TLS on the session's connection, or on the requests of an HTTP transport."""
+    return isinstance(stream, (TLSSocketStream, trio.SSLStream)) or getattr(stream, "tls", False)
 
 
 def _reason_name(reason: int) -> str:

@@ -118,9 +118,11 @@ async def test_page_and_status_over_http_behind_basic_auth(tmp_path: Path) -> No
             nursery.cancel_scope.cancel()
 
 
-async def test_a_wss_session_shows_tls_on_both_sides(pki: Pki) -> None:
-    """A wss:// session is shown with TLS on the relay's and on the agent's dashboard;
-    the agent's names the relay's URL as the other end and no agent name."""
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_a_wss_session_shows_tls_on_both_sides(pki: Pki, transport: str) -> None:
+    """A wss:// session is shown with TLS on the relay's and on the agent's dashboard,
+    also when HTTP requests carry it (HTTPS); the agent's names the relay's URL as the
+    other end and no agent name."""
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             echo = await serve_target(nursery, echo_handler)
@@ -130,12 +132,14 @@ async def test_a_wss_session_shows_tls_on_both_sides(pki: Pki) -> None:
                                                 stats=relay_stats))
             url = f"wss://{LOOPBACK}:{relay[0][1]}/tunnel"
             agent = await nursery.start(partial(
-                run_agent, agent_config(relay[0][1], [echo], relay=url, ca_file=str(pki.ca)),
+                run_agent, agent_config(relay[0][1], [echo], relay=url, ca_file=str(pki.ca),
+                                        transport=transport),
                 shutdown=trio.Event(), stats=agent_stats))
             async with await trio.open_tcp_stream(LOOPBACK, agent[0][0][1]) as stream:
                 await _echo(stream, 10)  # (the session is up)
             [on_relay] = status_document(relay_stats)["sessions"]
             [on_agent] = status_document(agent_stats)["sessions"]
+            assert on_relay["transport"] == on_agent["transport"] == transport
             assert on_relay["tls"] is True and on_relay["agent"] == "anonymous"
             assert on_agent["tls"] is True and on_agent["agent"] is None
             assert on_agent["peer"] == url
