@@ -75,6 +75,12 @@ UNKNOWN_SESSION: Final = (
     "the opening request in): a load balancer in front of several relays must send all "
     "requests of a session to one relay (stickiness on the X-Wstunnel-Session header: "
     "README, \"When your proxy blocks WebSocket\")")
+#: A 401 to a request of a session the relay had been answering.
+SESSION_GONE: Final = (
+    "the relay does not know this session any more (401 after it had answered its "
+    "requests): it ended there (the relay restarted), or a load balancer sent this "
+    "request to another relay (with several relays, stickiness on the X-Wstunnel-Session "
+    "header: README, \"When your proxy blocks WebSocket\"); the agent starts a new session")
 _BODY_EXCERPT: Final = 400
 
 
@@ -296,6 +302,7 @@ class StreamingStream(trio.abc.Stream):
         self.down = down
         self.up = up
         self._posted: int | None = None  # bytes in the POST being sent; None: none open
+        self._answered = False  # a POST was answered (a 401 then means the session is gone)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         while True:
@@ -327,10 +334,11 @@ class StreamingStream(trio.abc.Stream):
             answer = await up.response()
             await up.body(_BODY_EXCERPT * 40)
             if answer.status_code == 401:
-                raise trio.BrokenResourceError(UNKNOWN_SESSION)
+                raise trio.BrokenResourceError(SESSION_GONE if self._answered else UNKNOWN_SESSION)
             if answer.status_code != 200:
                 raise trio.BrokenResourceError(f"the relay answered a streaming POST with "
                                                f"{answer.status_code}")
+            self._answered = True
             if up.reusable:
                 up.conn.start_next_cycle()
             else:
@@ -362,6 +370,7 @@ class PollingStream(BytePipe):
         self.session_id = session_id
         self._clients: dict[str, HttpClient] = {}
         self._sequence = {"GET": 0, "POST": 0}
+        self._answered = False  # a request was answered (a 401 then means the session is gone)
 
     async def run_background(self) -> None:
         """The request loops; run by the session's transport (net/transport.py) while it
@@ -431,10 +440,11 @@ class PollingStream(BytePipe):
             if status == 410:
                 return None
             if status == 401:
-                raise trio.BrokenResourceError(UNKNOWN_SESSION)
+                raise trio.BrokenResourceError(SESSION_GONE if self._answered else UNKNOWN_SESSION)
             if status != 200:
                 raise trio.BrokenResourceError(f"the relay answered {method} with {status}: "
                                                f"{body[:_BODY_EXCERPT]!r}")
+            self._answered = True
             if method == "POST" or body:
                 self._sequence[method] = sequence + 1
             return body

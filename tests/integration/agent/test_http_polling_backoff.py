@@ -103,3 +103,25 @@ async def test_a_cut_past_the_budget_ends_the_session_and_says_so(logs: LogWatch
             async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
                 assert await echo_exact(stream, b"after") == b"after"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_relay_that_lost_the_session_is_named_as_such(logs: LogWatch) -> None:
+    """The relay at the address is another one after a cut (a restart): its 401 to the
+    retried request is reported as a session the relay no longer knows, not as missing
+    stickiness right after opening; the agent starts a new session, which carries."""
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            cutter, port = await _polling_through_cutter(nursery, echo)
+            restarted = await start_relay(nursery, relay_config(resume_grace=0.0))
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                assert await echo_exact(stream, b"before") == b"before"
+                cutter.target = restarted.ports[0]
+                cutter.cut()
+                line = await logs.wait_for("does not know this session")
+                assert "any more" in line and "the agent starts a new session" in line
+                assert "right after" not in line
+                await expect_reset(stream)
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                assert await echo_exact(stream, b"after") == b"after"
+            nursery.cancel_scope.cancel()
