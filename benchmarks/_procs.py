@@ -25,10 +25,12 @@ never touched.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -44,6 +46,8 @@ from _children import agent_argv, relay_argv
 
 TARGETS_SCRIPT: Final = Path(__file__).with_name("_targets.py")
 FORWARDER_SCRIPT: Final = Path(__file__).with_name("_forwarder.py")
+#: How the benchmarks run wstunnel unless told otherwise (``--wstunnel``).
+WSTUNNEL_COMMAND: Final = f"{shlex.quote(sys.executable)} -m wstunnel"
 SSHD: Final = "/usr/sbin/sshd"
 SSH_CIPHER: Final = "aes128-gcm@openssh.com"
 #: The TLS 1.3 suite that matches SSH_CIPHER (wstunnel offers it first too).
@@ -59,6 +63,15 @@ _CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 #: PYTHONPATH=OTHER python -m wstunnel"` would import this checkout in both
 #: arms; PYTHONSAFEPATH (Python 3.11) stops that.
 CHILD_ENV: Final = {**os.environ, "PYTHONSAFEPATH": "1"}
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--wstunnel``, ``--json`` and ``--keep``, as every benchmark that starts
+    wstunnel's processes takes them."""
+    parser.add_argument("--wstunnel", default=WSTUNNEL_COMMAND,
+                        help="command running the wstunnel CLI")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the process logs in DIR")
 
 
 def exit_on_sigterm(signum: int, frame: object) -> None:

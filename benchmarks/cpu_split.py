@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed part per route")
     parser.add_argument("--routes", default="wss,ssh,ws",
                         help="comma-separated from: wss, ws, ssh (default wss,ssh,ws)")
-    parser.add_argument("--wstunnel", default=f"{sys.executable} -m wstunnel",
+    parser.add_argument("--wstunnel", default=_procs.WSTUNNEL_COMMAND,
                         help="command running the wstunnel CLI")
     args = parser.parse_args(argv)
     if shutil.which("perf") is None:

@@ -270,12 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how long all channels sit idle before the figures (default 3)")
     parser.add_argument("--echo-timeout", type=float, default=60.0,
                         help="every channel must echo within this (default 60 s)")
-    parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel",
-                        help="command running the wstunnel CLI")
+    _procs.add_run_options(parser)
     parser.add_argument("--relay-config-extra", action="append", default=[], metavar="YAML",
                         help="extra line for the relay's config file, e.g. 'initial_window: 64KiB'")
-    parser.add_argument("--json", type=Path, help="also write every run here")
-    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the process logs in DIR")
     args = parser.parse_args(argv)
     if not set(args.schemes.split(",")) <= {"ws", "wss"}:
         parser.error(f"--schemes takes ws, wss or ws,wss, not {args.schemes!r}")

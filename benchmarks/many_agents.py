@@ -221,12 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cpu-window", type=float, default=0.0,
                         help="seconds of relay CPU per level (0: one ping interval, >= 5 s)")
     parser.add_argument("--round-trips", type=int, default=2000)
-    parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel",
-                        help="command running the wstunnel CLI")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the process logs in DIR")
+    _procs.add_run_options(parser)
     return parser.parse_args(argv)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -301,12 +301,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="64 B round trips per latency figure")
     parser.add_argument("--idle-seconds", type=float, default=2.0)
     parser.add_argument("--echo-timeout", type=float, default=60.0)
-    parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel",
-                        help="command running the wstunnel CLI")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the process logs in DIR")
+    _procs.add_run_options(parser)
     return parser.parse_args(argv)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -255,15 +255,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--churn-seconds", type=float, default=4.0)
     parser.add_argument("--repeat", type=int, default=1,
                         help="repetitions; routes run in turn within each")
-    parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel",
-                        help="command running the wstunnel CLI")
+    _procs.add_run_options(parser)
     parser.add_argument("--relay-wstunnel", metavar="CMD",
                         help="command running the relays only (e.g. a checkout without the "
                              "C masking module: a relay that is the bottleneck)")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--keep", type=Path, metavar="DIR", help="keep the process logs in DIR")
     return parser.parse_args(argv)
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
