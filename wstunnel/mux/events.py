@@ -8,7 +8,9 @@ after which its id may be forgotten -- unless the session fails first
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Final
+
+from ..slotted import Slotted
 
 __all__ = [
     "SettingsReceived",
@@ -27,132 +29,136 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class SettingsReceived:
+class SettingsReceived(Slotted):
     """The peer's SETTINGS arrived (always its first record)."""
 
-    version: int
-    initial_window: int
-    max_chunk_size: int
+    __slots__ = ("version", "initial_window", "max_chunk_size")
+
+    def __init__(self, version: int, initial_window: int, max_chunk_size: int) -> None:
+        self.version: Final = version
+        self.initial_window: Final = initial_window
+        self.max_chunk_size: Final = max_chunk_size
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelOpenRequested:
+class ChannelOpenRequested(Slotted):
     """The peer opened a channel: answer with accept_channel or refuse_channel."""
 
-    channel_id: int
-    kind: int
-    host: str
-    port: int
+    __slots__ = ("channel_id", "kind", "host", "port")
+
+    def __init__(self, channel_id: int, kind: int, host: str, port: int) -> None:
+        self.channel_id: Final = channel_id
+        self.kind: Final = kind
+        self.host: Final = host
+        self.port: Final = port
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelOpened:
+class ChannelOpened(Slotted):
     """The peer accepted a channel we opened (OPEN_OK)."""
 
-    channel_id: int
+    __slots__ = ("channel_id",)
+
+    def __init__(self, channel_id: int) -> None:
+        self.channel_id: Final = channel_id
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelOpenFailed:
+class ChannelOpenFailed(Slotted):
     """The peer refused a channel we opened; ``reason`` is an OpenFailure value."""
 
-    channel_id: int
-    reason: int
-    text: str
+    __slots__ = ("channel_id", "reason", "text")
+
+    def __init__(self, channel_id: int, reason: int, text: str) -> None:
+        self.channel_id: Final = channel_id
+        self.reason: Final = reason
+        self.text: Final = text
 
 
-@dataclass(frozen=True, slots=True)
-class DataReceived:
+class DataReceived(Slotted):
     """Bytes for the application; call acknowledge(channel_id, len(data)) once consumed.
 
     ``data`` is ``bytes`` or, for large payloads, a read-only ``memoryview``
     of the received record (no copy); ``bytes(data)`` if you need bytes.
     """
 
-    channel_id: int
-    data: bytes | memoryview
+    __slots__ = ("channel_id", "data")
+
+    def __init__(self, channel_id: int, data: bytes | memoryview) -> None:
+        self.channel_id: Final = channel_id
+        self.data: Final = data
 
 
-@dataclass(frozen=True, slots=True)
-class EndOfStream:
+class EndOfStream(Slotted):
     """The peer will send no more data on this channel (FIN)."""
 
-    channel_id: int
+    __slots__ = ("channel_id",)
+
+    def __init__(self, channel_id: int) -> None:
+        self.channel_id: Final = channel_id
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelReset:
+class ChannelReset(Slotted):
     """The peer aborted the channel; ``code`` is a ResetCode value."""
 
-    channel_id: int
-    code: int
-    text: str
+    __slots__ = ("channel_id", "code", "text")
+
+    def __init__(self, channel_id: int, code: int, text: str) -> None:
+        self.channel_id: Final = channel_id
+        self.code: Final = code
+        self.text: Final = text
 
 
-@dataclass(frozen=True, slots=True)
-class WindowUpdated:
+class WindowUpdated(Slotted):
     """The channel may queue more: credit arrived, or room in the session's outbound
     budget (or under ``max_send_window``) came back.  ``send_capacity`` is what the
     channel's credit allows; Session.send_capacity says what send_data may queue now."""
 
-    channel_id: int
-    send_capacity: int
+    __slots__ = ("channel_id", "send_capacity")
+
+    def __init__(self, channel_id: int, send_capacity: int) -> None:
+        self.channel_id: Final = channel_id
+        self.send_capacity: Final = send_capacity
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelClosed:
+class ChannelClosed(Slotted):
     """Both halves are done, or the channel was reset or refused: forget the id."""
 
-    channel_id: int
+    __slots__ = ("channel_id",)
+
+    def __init__(self, channel_id: int) -> None:
+        self.channel_id: Final = channel_id
 
 
-@dataclass(frozen=True, slots=True)
-class GoAwayReceived:
+class GoAwayReceived(Slotted):
     """The peer accepts no new channels; ours above ``last_channel_id`` will be refused."""
 
-    code: int
-    text: str
-    last_channel_id: int
+    __slots__ = ("code", "text", "last_channel_id")
+
+    def __init__(self, code: int, text: str, last_channel_id: int) -> None:
+        self.code: Final = code
+        self.text: Final = text
+        self.last_channel_id: Final = last_channel_id
 
 
-@dataclass(frozen=True, slots=True)
-class SessionFailed:
+class SessionFailed(Slotted):
     """The peer broke the protocol; a GOAWAY is queued and the session is terminal."""
 
-    code: int
-    text: str
+    __slots__ = ("code", "text")
+
+    def __init__(self, code: int, text: str) -> None:
+        self.code: Final = code
+        self.text: Final = text
 
 
-@dataclass(frozen=True, slots=True)
-class OutboundBudgetExhausted:
+class OutboundBudgetExhausted(Slotted):
     """What the session's queues hold reached ``max_queued_size``: send_capacity
     says 0 to channels that still have credit until the peer has taken about
     half of it (they get WindowUpdated then).  Once per such episode: the peer
     reads slower than the channels' sources send, or not at all."""
 
-    held_size: int
-    max_queued_size: int
+    __slots__ = ("held_size", "max_queued_size")
 
-
-_new = object.__new__
-# DataReceived and WindowUpdated are built once per record on the hot path,
-# filling the slots through their descriptors: about twice as fast as the
-# frozen dataclass __init__ (object.__setattr__ per field), same result.
-_set_channel_id = DataReceived.__dict__["channel_id"].__set__
-_set_data = DataReceived.__dict__["data"].__set__
-
-
-_set_window_channel_id = WindowUpdated.__dict__["channel_id"].__set__
-_set_send_capacity = WindowUpdated.__dict__["send_capacity"].__set__
-
-
-def new_window_updated(channel_id: int, send_capacity: int) -> WindowUpdated:
-    """Build a WindowUpdated without the frozen ``__init__`` (one per WINDOW record)."""
-    event = _new(WindowUpdated)
-    _set_window_channel_id(event, channel_id)
-    _set_send_capacity(event, send_capacity)
-    return event
+    def __init__(self, held_size: int, max_queued_size: int) -> None:
+        self.held_size: Final = held_size
+        self.max_queued_size: Final = max_queued_size
 
 
 Event = (SettingsReceived | ChannelOpenRequested | ChannelOpened | ChannelOpenFailed

@@ -75,10 +75,10 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SessionClosed
+from ..slotted import Slotted
 from . import wire
 from .channel import (
     PIECE_OVERHEAD_SIZE,
@@ -103,10 +103,6 @@ from .events import (
     SessionFailed,
     SettingsReceived,
     WindowUpdated,
-    _new,
-    _set_channel_id,
-    _set_data,
-    new_window_updated,
 )
 from .scheduler import Outbox, Parts
 from .wire import (
@@ -169,18 +165,22 @@ def _check_range(name: str, value: int, low: int, high: int) -> None:
         raise LocalProtocolError(f"{name} must be in {low}-{high}, got {value}")
 
 
-@dataclass(frozen=True, slots=True)
-class WindowPlan:
+class WindowPlan(Slotted):
     """How a session's receive budget is spent (module docstring, "Memory")."""
 
-    #: What our SETTINGS announce: every channel's window at OPEN.
-    open_window: int
-    #: Live channels the budget allows (at most the max_channels asked for).
-    max_channels: int
-    #: What windows together may grow beyond open_window (top-ups, auto-tuning).
-    pool: int
-    #: The bound on received-but-unacknowledged bytes.
-    max_buffered_size: int
+    __slots__ = ("open_window", "max_channels", "pool", "max_buffered_size")
+
+    def __init__(
+        self, open_window: int, max_channels: int, pool: int, max_buffered_size: int
+    ) -> None:
+        #: What our SETTINGS announce: every channel's window at OPEN.
+        self.open_window: Final = open_window
+        #: Live channels the budget allows (at most the max_channels asked for).
+        self.max_channels: Final = max_channels
+        #: What windows together may grow beyond open_window (top-ups, auto-tuning).
+        self.pool: Final = pool
+        #: The bound on received-but-unacknowledged bytes.
+        self.max_buffered_size: Final = max_buffered_size
 
 
 def plan_windows(max_channels: int, initial_window: int,
@@ -449,10 +449,7 @@ class Session:
                     payload = view[DATA_HEADER_SIZE:]
                 else:
                     payload = bytes(record[DATA_HEADER_SIZE:])
-                event = _new(DataReceived)  # built as events.new_window_updated builds its event
-                _set_channel_id(event, channel_id)
-                _set_data(event, payload)
-                self._events.append(event)
+                self._events.append(DataReceived(channel_id, payload))
             elif length == _WINDOW_SIZE and record[0] == _WINDOW:  # the second hottest
                 channel_id, increment = _unpack_window(record, 1)
                 ch = self._channels.get(channel_id)
@@ -469,7 +466,7 @@ class Session:
                             credit.limit = total
                         queued = ch.queued_size
                         cap = self.max_send_window
-                        self._events.append(new_window_updated(
+                        self._events.append(WindowUpdated(
                             channel_id, (total if total < cap else cap) - queued))
                         if queued and channel_id not in self._ready_set:  # DRR.add
                             self._ready_set.add(channel_id)

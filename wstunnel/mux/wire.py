@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..slotted import Slotted
 
 __all__ = [
     "VERSION",
@@ -159,62 +159,83 @@ class SettingId(enum.IntEnum):
     MAX_CHUNK_SIZE = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    version: int = VERSION
-    initial_window: int = DEFAULT_INITIAL_WINDOW
-    max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+class Settings(Slotted):
+    __slots__ = ("version", "initial_window", "max_chunk_size")
+
+    def __init__(
+        self, version: int = VERSION, initial_window: int = DEFAULT_INITIAL_WINDOW,
+        max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE
+    ) -> None:
+        self.version: Final = version
+        self.initial_window: Final = initial_window
+        self.max_chunk_size: Final = max_chunk_size
 
 
-@dataclass(frozen=True, slots=True)
-class Open:
-    channel_id: int
-    kind: int
-    host: str
-    port: int
+class Open(Slotted):
+    __slots__ = ("channel_id", "kind", "host", "port")
+
+    def __init__(self, channel_id: int, kind: int, host: str, port: int) -> None:
+        self.channel_id: Final = channel_id
+        self.kind: Final = kind
+        self.host: Final = host
+        self.port: Final = port
 
 
-@dataclass(frozen=True, slots=True)
-class OpenOk:
-    channel_id: int
+class OpenOk(Slotted):
+    __slots__ = ("channel_id",)
+
+    def __init__(self, channel_id: int) -> None:
+        self.channel_id: Final = channel_id
 
 
-@dataclass(frozen=True, slots=True)
-class OpenFailed:
-    channel_id: int
-    reason: int
-    text: str = ""
+class OpenFailed(Slotted):
+    __slots__ = ("channel_id", "reason", "text")
+
+    def __init__(self, channel_id: int, reason: int, text: str = "") -> None:
+        self.channel_id: Final = channel_id
+        self.reason: Final = reason
+        self.text: Final = text
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
-    channel_id: int
-    payload: bytes
+class Data(Slotted):
+    __slots__ = ("channel_id", "payload")
+
+    def __init__(self, channel_id: int, payload: bytes) -> None:
+        self.channel_id: Final = channel_id
+        self.payload: Final = payload
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
-    channel_id: int
-    increment: int
+class Window(Slotted):
+    __slots__ = ("channel_id", "increment")
+
+    def __init__(self, channel_id: int, increment: int) -> None:
+        self.channel_id: Final = channel_id
+        self.increment: Final = increment
 
 
-@dataclass(frozen=True, slots=True)
-class Fin:
-    channel_id: int
+class Fin(Slotted):
+    __slots__ = ("channel_id",)
+
+    def __init__(self, channel_id: int) -> None:
+        self.channel_id: Final = channel_id
 
 
-@dataclass(frozen=True, slots=True)
-class Reset:
-    channel_id: int
-    code: int
-    text: str = ""
+class Reset(Slotted):
+    __slots__ = ("channel_id", "code", "text")
+
+    def __init__(self, channel_id: int, code: int, text: str = "") -> None:
+        self.channel_id: Final = channel_id
+        self.code: Final = code
+        self.text: Final = text
 
 
-@dataclass(frozen=True, slots=True)
-class GoAway:
-    last_channel_id: int
-    code: int
-    text: str = ""
+class GoAway(Slotted):
+    __slots__ = ("last_channel_id", "code", "text")
+
+    def __init__(self, last_channel_id: int, code: int, text: str = "") -> None:
+        self.last_channel_id: Final = last_channel_id
+        self.code: Final = code
+        self.text: Final = text
 
 
 Record = Settings | Open | OpenOk | OpenFailed | Data | Window | Fin | Reset | GoAway

@@ -1,9 +1,10 @@
-"""Events a ``WebSocketConnection`` reports: past-tense facts, frozen and slotted."""
+"""Events a ``WebSocketConnection`` reports: past-tense facts, read-only and slotted."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, TypeAlias
+
+from ..slotted import Slotted
 
 __all__ = [
     "BytesMessage",
@@ -16,50 +17,59 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class BytesMessage:
+class BytesMessage(Slotted):
     """A complete binary message (fragments already reassembled).
 
     ``data`` may be a ``bytearray`` (see ``Frame``); treat it as read-only.
     """
 
-    data: bytes | bytearray
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data: Final = data
 
 
-@dataclass(frozen=True, slots=True)
-class TextMessage:
+class TextMessage(Slotted):
     """A complete text message, already validated and decoded as UTF-8."""
 
-    data: str
+    __slots__ = ("data",)
+
+    def __init__(self, data: str) -> None:
+        self.data: Final = data
 
 
-@dataclass(frozen=True, slots=True)
-class PingReceived:
+class PingReceived(Slotted):
     """The peer pinged; the pong is already queued (unless we are closing)."""
 
-    payload: bytes
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload: Final = payload
 
 
-@dataclass(frozen=True, slots=True)
-class PongReceived:
+class PongReceived(Slotted):
     """The peer sent a pong (solicited or not)."""
 
-    payload: bytes
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload: Final = payload
 
 
-@dataclass(frozen=True, slots=True)
-class CloseReceived:
+class CloseReceived(Slotted):
     """The peer sent a valid close frame; our reply, if one is due, is queued.
 
     ``code`` is 1005 (NO_STATUS_RCVD) when the frame carried no payload.
     """
 
-    code: int
-    reason: str
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code: Final = code
+        self.reason: Final = reason
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed:
+class ConnectionClosed(Slotted):
     """Terminal: the WebSocket is over.  Emitted exactly once.
 
     ``code`` is the peer's close code after a close handshake, our close code
@@ -67,8 +77,11 @@ class ConnectionClosed:
     the transport ended without a close frame.
     """
 
-    code: int
-    reason: str
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code: Final = code
+        self.reason: Final = reason
 
 
 Event: TypeAlias = (

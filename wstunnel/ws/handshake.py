@@ -22,12 +22,12 @@ import base64
 import hashlib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 import h11
 
 from ..errors import LocalProtocolError
+from ..slotted import Slotted
 from ._http import (
     WEBSOCKET_VERSION,
     Headers,
@@ -72,24 +72,30 @@ def accept_key(key: str) -> str:
 # -- client ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeAccepted:
+class HandshakeAccepted(Slotted):
     """The server switched to WebSocket; ``trailing_data`` is the first frame bytes."""
 
-    subprotocol: str | None
-    headers: Headers
-    trailing_data: bytes
+    __slots__ = ("subprotocol", "headers", "trailing_data")
+
+    def __init__(self, subprotocol: str | None, headers: Headers, trailing_data: bytes) -> None:
+        self.subprotocol: Final = subprotocol
+        self.headers: Final = headers
+        self.trailing_data: Final = trailing_data
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeRejected:
+class HandshakeRejected(Slotted):
     """Anything but a valid 101.  ``status`` is 0 when no HTTP answer came at all."""
 
-    status: int
-    reason: str
-    headers: Headers
-    body: bytes
-    message: str
+    __slots__ = ("status", "reason", "headers", "body", "message")
+
+    def __init__(
+        self, status: int, reason: str, headers: Headers, body: bytes, message: str
+    ) -> None:
+        self.status: Final = status
+        self.reason: Final = reason
+        self.headers: Final = headers
+        self.body: Final = body
+        self.message: Final = message
 
 
 class ClientHandshake:
@@ -231,33 +237,40 @@ class ClientHandshake:
 # -- server ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
+class RequestReceived(Slotted):
     """A complete HTTP request; decide with accept/reject/default_response.
 
     ``is_upgrade`` says the client asked for a WebSocket (``Upgrade:
     websocket``); ``upgrade_problem`` is set when that request is malformed.
     """
 
-    method: str
-    target: str
-    headers: Headers = field(default_factory=list)
-    is_upgrade: bool = False
-    upgrade_problem: str | None = None
-    subprotocols: list[str] = field(default_factory=list)
+    __slots__ = ("method", "target", "headers", "is_upgrade", "upgrade_problem",
+                 "subprotocols")
+
+    def __init__(self, method: str, target: str, headers: Headers | None = None,
+                 is_upgrade: bool = False, upgrade_problem: str | None = None,
+                 subprotocols: list[str] | None = None) -> None:
+        self.method: Final = method
+        self.target: Final = target
+        self.headers: Final[Headers] = [] if headers is None else headers
+        self.is_upgrade: Final = is_upgrade
+        self.upgrade_problem: Final = upgrade_problem
+        self.subprotocols: Final[list[str]] = [] if subprotocols is None else subprotocols
 
     def header(self, name: str) -> str | None:
         """Value of a header (case-insensitive; repeats joined with ", ")."""
         return get_header(self.headers, name.lower())
 
 
-@dataclass(frozen=True, slots=True)
-class HandshakeFailed:
+class HandshakeFailed(Slotted):
     """The request could not be parsed or broke a limit: send ``response``, close."""
 
-    status: int
-    message: str
-    response: bytes
+    __slots__ = ("status", "message", "response")
+
+    def __init__(self, status: int, message: str, response: bytes) -> None:
+        self.status: Final = status
+        self.message: Final = message
+        self.response: Final = response
 
 
 class ServerHandshake:
