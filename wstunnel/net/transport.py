@@ -7,10 +7,7 @@ objects; every state change wakes the single writer task, which pulls
 it. Since the writer pulls at most one write's worth at a time and the kernel's
 unsent bytes are capped by TCP_NOTSENT_LOWAT, queued bulk data waits in our
 scheduler, where an interactive channel can overtake it. One write's worth
-adapts to the link (``next_write_size``): 1 MiB on loopback, where large
-writes save system calls and Python's work per byte, down to one chunk on a
-slow link, where a 1 MiB write would hold an interactive record back for
-400 ms at 20 Mbit/s.
+adapts to the link (net/write_pacing.py).
 
 Local TCP connections are carried by the session's ``SocketPump`` (net/pump.py)
 once handed over with ``attach``: no task per channel; the reader calls the
@@ -23,7 +20,10 @@ action methods (``accept``, ``refuse``, ``send_data``, ``send_eof``, ``reset``,
 way websockets' ``send_context()`` pairs an action with its flush, so no caller
 can forget the wake-up (a forgotten one stalls a channel with no error).
 ``ChannelStream`` and the pump know the transport only as a ``ChannelHost``;
-the channel counts go to a ``SessionObserver`` (net/observer.py).
+the channel counts go to a ``SessionObserver`` (net/observer.py). The
+channels are kept by a ``ChannelTable`` (net/channel_table.py), the keepalive
+decided by a ``SessionKeepalive`` (net/keepalive.py); both act once per channel
+or per interval, never per record.
 
 ``run()`` returns a one-line reason when the session is over; every channel
 still open is then broken with ``SessionClosed`` so its users see
@@ -41,11 +41,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from .. import mux, ws
-from ..errors import ChannelRefused, ChannelReset, LocalProtocolError, SessionClosed
+from ..errors import LocalProtocolError, SessionClosed
 from ..protocol import TunnelEvent, TunnelProtocol
 from . import pump
+from .budget_warning import BudgetWarning
 from .channel_stream import ChannelStream
-from .keepalive import Due, KeepaliveTimer, Scheduled
+from .channel_table import ChannelTable, end_channel
+from .keepalive import Due, KeepaliveAction, KeepaliveTimer, Scheduled, SessionKeepalive
+from .write_pacing import START_WRITE_SIZE, next_write_size, wait_paced
 
 if TYPE_CHECKING:
     from .observer import SessionObserver
@@ -55,50 +58,10 @@ __all__ = ["TunnelTransport", "OpenHandler", "OpenNowHandler", "AdmitHandler", "
 
 log = logging.getLogger("wstunnel.session")
 
-#: Largest read (and, below, write): 1 MiB, not 256 KiB, took a quarter off
-#: the CPU per GiB uploading (docs/PERFORMANCE.md).
+#: Largest read (as the largest write, write_pacing.MAX_WRITE_SIZE): 1 MiB, not
+#: 256 KiB, took a quarter off the CPU per GiB uploading (docs/PERFORMANCE.md).
 RECEIVE_SIZE = 1024 * 1024
-#: Bytes pulled from the scheduler per write: at most MAX_WRITE_SIZE (fewer
-#: system calls on a fast link), at least MIN_WRITE_SIZE; below the chunk
-#: size the scheduler cuts chunks of the write size (1.6 ms at 20 Mbit/s).
-MAX_WRITE_SIZE = 1024 * 1024
-MIN_WRITE_SIZE = 4 * 1024
-#: The first write's limit; fast full writes double it up to MAX_WRITE_SIZE.
-#: Below it the link counts as slow (the writer waits for writability before it
-#: chooses what to send). A session's first bulk write on a slow link thus holds
-#: an interactive record back at most as long as 256 KiB takes, not 1 MiB.
-START_WRITE_SIZE = 256 * 1024
-#: How long one write may hold the writer. A record that becomes ready while
-#: a write is in progress (an interactive channel's chunk, a WINDOW) waits for
-#: that write, so on a slow link the write size follows the link's rate.
-WRITE_TIME_TARGET = 0.002
-#: Added to a paced writer's sleep, so that the bucket has surely refilled when
-#: it wakes (no second wake-up for a rounding error's worth of bytes).
-_PACE_SLACK = 0.0005
-#: A keepalive check may run this share of ``ping_interval`` early, so that one
-#: wake-up of a relay's shared timer serves every session due within that window
-#: (net/keepalive.py); the check then acts as at its deadline.
-KEEPALIVE_SLACK = 1 / 40
 
-
-def next_write_size(size: int, written: int, elapsed: float) -> int:
-    """The next write's size limit, from how long ``written`` bytes took.
-
-    A write slower than the target shrinks the limit to what the link moved
-    in that time; a full write well within the target doubles it. Small
-    writes say nothing about the link, so they change nothing: a write of
-    less than ``MIN_WRITE_SIZE`` that took long means this process was kept
-    from running (a busy machine), and shrinking on it would leave a fast
-    link paying a wait for writability before every write, since only full
-    writes grow the limit again.
-    """
-    if written < MIN_WRITE_SIZE:
-        return size
-    if elapsed > WRITE_TIME_TARGET:
-        return max(MIN_WRITE_SIZE, min(size, int(written * WRITE_TIME_TARGET / elapsed)))
-    if elapsed < WRITE_TIME_TARGET / 2 and written * 2 >= size:
-        return min(MAX_WRITE_SIZE, size * 2)
-    return size
 
 OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
 # Called synchronously for each admitted peer OPEN, instead of starting
@@ -162,30 +125,25 @@ class TunnelTransport:
         self.observer = observer
         self.protocol = protocol
         self.name = name
-        self.channels: dict[int, ChannelStream] = {}
-        self.opened_total = 0
+        self._channel_table = ChannelTable(observer)
+        #: The open channels by id (the table's dict, looked up directly per record).
+        self.channels = self._channel_table.channels
         self.goaway_received = False
         self._on_open = on_open
         self._open_now = open_now
         self._admit = admit
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
+        self._keepalive = SessionKeepalive(ping_interval, ping_timeout)
         #: A timer shared with other sessions (a relay's); None, or one not running:
         #: each carrier runs a timer of its own (``_start_keepalive``).
         self._keepalive_timer = keepalive
-        self._next_ping = 0.0
-        self._waiting_since: float | None = None  # when the oldest unanswered ping went out
         self._wake = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()
         self._last_received = 0.0
         self._end_reason: str | None = None
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
         self._pump: pump.SocketPump | None = None  # made on first use (_socket_pump)
         self._pump_failed = False
-        self._budget_logged_at: float | None = None  # see _budget_exhausted
-        self._budget_hits = 0
+        self._budget_warning = BudgetWarning()
         #: Resumption (replay.py): who brings a new carrier when this one is lost.
         self.resumer = resumer
         self._session_nursery: trio.Nursery | None = None
@@ -213,7 +171,7 @@ class TunnelTransport:
                 session_nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._session_nursery = None
-            self._break_all(self._end_reason or "session ended")
+            self._channel_table.break_all(self.name, self._end_reason or "session ended")
             self._detached.set()
             socket_pump, self._pump = self._pump, None
             if socket_pump is not None:
@@ -235,7 +193,7 @@ class TunnelTransport:
                     nursery.start_soon(background)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._writer)
-                if self._ping_interval > 0:
+                if self._keepalive.interval > 0:
                     keepalive = self._start_keepalive(nursery)
                 task_status.started()
         finally:
@@ -324,6 +282,11 @@ class TunnelTransport:
     def role(self) -> mux.Role:
         return self.protocol.role
 
+    @property
+    def opened_total(self) -> int:
+        """Channels opened in this session so far, both ways."""
+        return self._channel_table.opened_total
+
     def open_channel(self, host: str, port: int, *, kind: int = mux.ChannelKind.TCP,
                      forward: str | None = None) -> ChannelStream:
         """Open a channel to host:port (a path and ``mux.PATH_KIND_PORT`` for a unix
@@ -337,7 +300,7 @@ class TunnelTransport:
         channel = ChannelStream(self, channel_id, host, port, kind, forward)
         if self.protocol.pacer is not None:
             self.protocol.pacer.limit_channel(channel_id, forward)
-        self._add(channel)
+        self._channel_table.add(channel)
         self.wake_writer()
         return channel
 
@@ -482,7 +445,7 @@ class TunnelTransport:
 
     async def wait_idle(self) -> None:
         """Wait until no channel is open."""
-        await self._idle.wait()
+        await self._channel_table.wait_idle()
 
     async def close(
         self, code: int = ws.CloseCode.NORMAL, reason: str = "", timeout: float = 2.0
@@ -573,22 +536,10 @@ class TunnelTransport:
                 if protocol.pacer is None:  # (only when idle: nothing per write)
                     await self._wake.wait()
                 else:
-                    await self._wait_paced(protocol.pacer)
+                    await wait_paced(protocol, protocol.pacer, self._wake)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._lost = True
             self._end(f"connection lost while sending: {exc.__cause__ or exc}")
-
-    async def _wait_paced(self, pacer: mux.Pacer) -> None:
-        """Wait for the writer's wake-up, or until the rate limits let held-back
-        output go (docs/PROTOCOL.md section 10.1); the buckets are refilled after."""
-        pacer.refill(trio.current_time())
-        delay = self.protocol.paced_delay()
-        if delay is None:
-            await self._wake.wait()
-        elif delay > 0:
-            with trio.move_on_after(delay + _PACE_SLACK):
-                await self._wake.wait()
-        pacer.refill(trio.current_time())
 
     async def _send_joined(self, parts: list[bytes | bytearray | memoryview]) -> None:
         """For streams that cannot gather (``send_parts``): one joined write."""
@@ -601,47 +552,26 @@ class TunnelTransport:
         if timer is None or not timer.running:
             timer = KeepaliveTimer()
             nursery.start_soon(timer.run)
-        interval = self._ping_interval
-        self._next_ping = trio.current_time() + interval
-        self._waiting_since = None
-        return timer.schedule(self._keepalive_check, self._next_ping,
-                              interval * KEEPALIVE_SLACK)
+        keepalive = self._keepalive
+        return timer.schedule(self._keepalive_check, keepalive.start(trio.current_time()),
+                              keepalive.slack)
 
     def _keepalive_check(self, now: float, deadline: float) -> Due:
-        """Ping when nothing has arrived for ``ping_interval`` (and every interval while
-        a pong is awaited, so proxies that cut idle connections see traffic that
-        often); end the session when nothing at all arrived within ``ping_timeout``
-        of the oldest unanswered ping. Returns when to check next.
-
-        Anything from the peer within the interval (its own ping, which we answer)
-        proves the link alive and moved bytes both ways, so our ping would add
-        nothing: two ends with the same interval then ping about once an interval
-        between them, not twice. On a relay with many idle agents that halves the
-        ping exchanges and takes about a third off what idle sessions cost it
-        (docs/PERFORMANCE.md, "One relay, many agents"). A check run early (the
-        timer's slack) acts as at its ``deadline``; the timeout counts from when the
-        ping really went out."""
-        interval, timeout = self._ping_interval, self._ping_timeout
-        at = max(now, deadline)
-        waiting_since = self._waiting_since
-        if waiting_since is not None and self._last_received >= waiting_since:
-            waiting_since = self._waiting_since = None
-        if waiting_since is not None and now >= waiting_since + timeout:
+        """The timer's check (``SessionKeepalive`` decides): ping, or acknowledge what
+        came (a resumable session), or end the carrier as lost. Returns when to
+        check next."""
+        keepalive = self._keepalive
+        action = keepalive.check(now, deadline, self._last_received)
+        if action is KeepaliveAction.GIVE_UP:
             self._lost = True
-            self._end(f"no answer to ping within {timeout:g} s")
+            self._end(f"no answer to ping within {keepalive.timeout:g} s")
             return None
-        if at >= self._next_ping:
+        if action is not KeepaliveAction.WAIT:
             self.protocol.send_ack()  # (a resumable session: what came, since the last)
-            self._next_ping = at + interval
-            if waiting_since is not None or at - self._last_received >= interval:
+            if action is KeepaliveAction.PING:
                 self.protocol.ping(b"wstunnel")
-                if waiting_since is None:
-                    self._waiting_since = waiting_since = now
             self.wake_writer()  # (the ping, or the ack if there was one)
-        slack = interval * KEEPALIVE_SLACK
-        if waiting_since is not None and waiting_since + timeout < self._next_ping:
-            return waiting_since + timeout, 0.0  # (never early: the drop is exact)
-        return self._next_ping, slack
+        return keepalive.due()
 
     # -- event dispatch -------------------------------------------------------------
 
@@ -668,13 +598,13 @@ class TunnelTransport:
         if isinstance(event, (mux.EndOfStream, mux.ChannelOpenFailed, mux.ChannelReset)):
             channel = self.channels.get(event.channel_id)
             if channel is not None:
-                self._channel_ending(channel, event)
+                end_channel(self.name, self.observer, channel, event)
         elif isinstance(event, mux.ChannelOpened):
             channel = self.channels.get(event.channel_id)
             if channel is not None:
                 channel._opened()
         elif isinstance(event, mux.ChannelClosed):
-            self._remove(event.channel_id)
+            self._channel_table.remove(event.channel_id, self.protocol.pacer)
         elif isinstance(event, mux.ChannelOpenRequested):
             self._incoming(event)
         elif isinstance(event, mux.GoAwayReceived):
@@ -682,41 +612,9 @@ class TunnelTransport:
             log.info("%s: the peer is going away (%s); no new channels", self.name,
                      event.text or "no reason")
         elif isinstance(event, mux.OutboundBudgetExhausted):
-            self._budget_exhausted(event)
+            self._budget_warning.report(self.name, event)
         elif isinstance(event, mux.SessionFailed):
             log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
-
-    def _channel_ending(self, channel: ChannelStream,
-                        event: mux.EndOfStream | mux.ChannelOpenFailed | mux.ChannelReset) -> None:
-        if isinstance(event, mux.EndOfStream):
-            channel._deliver_eof()
-        elif isinstance(event, mux.ChannelOpenFailed):
-            text = event.text or _failure_name(event.reason)
-            if self.observer is not None:
-                self.observer.open_failed(event.reason)
-            channel._break(ChannelRefused(text, int(event.reason)))
-        else:
-            text = f"reset by the peer ({reset_name(event.code)}" + (
-                f": {event.text})" if event.text else ")")
-            log.info("%s: channel %d to %s %s", self.name, channel.channel_id,
-                     channel.destination, text)
-            channel._break(ChannelReset(text, event.code))
-
-    def _budget_exhausted(self, event: mux.OutboundBudgetExhausted) -> None:
-        """Log the first time, then at most once a minute with a count: a peer on a
-        slow link may fill the budget often, and each time is no news."""
-        self._budget_hits += 1
-        now = trio.current_time()
-        if self._budget_logged_at is not None and now < self._budget_logged_at + 60.0:
-            return
-        times = f" ({self._budget_hits} times since the last report)" if (
-            self._budget_logged_at is not None) else ""
-        self._budget_logged_at = now
-        self._budget_hits = 0
-        log.warning("%s: outbound budget full: %d KiB queued for the peer (max_queued_size); "
-                    "its channels stop reading from their sources until it has taken half "
-                    "-- it reads slower than they send, or not at all%s", self.name,
-                    event.held_size >> 10, times)
 
     def _incoming(self, event: mux.ChannelOpenRequested) -> None:
         nursery = self._session_nursery  # (open tasks outlive a carrier: resumption)
@@ -730,7 +628,7 @@ class TunnelTransport:
             self.protocol.refuse_channel(event.channel_id, refusal[0], refusal[1])
             return
         channel = ChannelStream(self, event.channel_id, event.host, event.port, event.kind)
-        self._add(channel)
+        self._channel_table.add(channel)
         if self._open_now is None:
             assert self._on_open is not None
             nursery.start_soon(self._on_open, self, channel)
@@ -738,24 +636,6 @@ class TunnelTransport:
         rest = self._open_now(self, channel)
         if rest is not None:
             nursery.start_soon(rest)
-
-    def _add(self, channel: ChannelStream) -> None:
-        self.channels[channel.channel_id] = channel
-        self.opened_total += 1
-        self._idle = trio.Event()
-        if self.observer is not None:
-            self.observer.channel_opened(channel)
-
-    def _remove(self, channel_id: int) -> None:
-        channel = self.channels.pop(channel_id, None)
-        if self.protocol.pacer is not None:
-            self.protocol.pacer.forget_channel(channel_id)
-        if channel is not None:
-            channel._forget()
-            if self.observer is not None:
-                self.observer.channel_closed(channel)
-        if not self.channels:
-            self._idle.set()
 
     # -- ending -----------------------------------------------------------------------
 
@@ -779,30 +659,3 @@ class TunnelTransport:
         protocol = self.protocol
         return (self.resumer is not None and not self._closing
                 and protocol.replay is not None and protocol.session.failure is None)
-
-    def _break_all(self, reason: str) -> None:
-        if self.channels:
-            log.warning("%s: session lost with %d channels open, all reset: %s", self.name,
-                        len(self.channels), reason)
-        error = SessionClosed(f"the session ended: {reason}")
-        for channel in list(self.channels.values()):
-            channel._break(error)
-            if self.observer is not None:
-                self.observer.channel_closed(channel)
-        self.channels.clear()
-        self._idle.set()
-
-
-def reset_name(code: int) -> str:
-    """A RESET code in words, for logs ("connection reset", "code 77")."""
-    try:
-        return mux.ResetCode(code).name.lower().replace("_", " ")
-    except ValueError:
-        return f"code {code}"
-
-
-def _failure_name(reason: int) -> str:
-    try:
-        return mux.OpenFailure(reason).name.lower().replace("_", " ")
-    except ValueError:
-        return f"failure code {reason}"

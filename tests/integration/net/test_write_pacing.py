@@ -1,8 +1,8 @@
-"""Write sizing of the transport's writer (wstunnel.net.transport.next_write_size)."""
+"""Write sizing of the transport's writer (wstunnel.net.write_pacing.next_write_size)."""
 
 from __future__ import annotations
 
-from wstunnel.net.transport import (
+from wstunnel.net.write_pacing import (
     MAX_WRITE_SIZE,
     MIN_WRITE_SIZE,
     WRITE_TIME_TARGET,
