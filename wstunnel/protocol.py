@@ -181,7 +181,9 @@ class TunnelProtocol:
             if isinstance(event, ws.BytesMessage):
                 if replay is not None and self._replay_record(replay, event.data):
                     continue
-                if not session.closed:
+                # (a session done by GOAWAY still reads: an OPEN that crossed it must
+                # be refused, or its opener waits until the connection ends)
+                if session.failure is None:
                     session.receive_record(event.data)
                     self._events.extend(session.events_received())
                     if session.failure is not None:

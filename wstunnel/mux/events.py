@@ -25,6 +25,7 @@ __all__ = [
     "GoAwayReceived",
     "SessionFailed",
     "OutboundBudgetExhausted",
+    "PeerOpenRefused",
     "Event",
 ]
 
@@ -161,6 +162,18 @@ class OutboundBudgetExhausted(Slotted):
         self.max_queued_size: Final = max_queued_size
 
 
+class PeerOpenRefused(Slotted):
+    """The session refused a peer's OPEN by itself and answered it (after GOAWAY,
+    past its channel limit, an unknown kind): the application never hears of the
+    channel. For counting and logs; ``Session.refused_opens`` has the totals."""
+
+    __slots__ = ("channel_id", "reason")
+
+    def __init__(self, channel_id: int, reason: int) -> None:
+        self.channel_id: Final = channel_id
+        self.reason: Final = reason
+
+
 Event = (SettingsReceived | ChannelOpenRequested | ChannelOpened | ChannelOpenFailed
          | DataReceived | EndOfStream | ChannelReset | WindowUpdated | ChannelClosed
-         | GoAwayReceived | SessionFailed | OutboundBudgetExhausted)
+         | GoAwayReceived | SessionFailed | OutboundBudgetExhausted | PeerOpenRefused)

@@ -100,6 +100,7 @@ from .events import (
     Event,
     GoAwayReceived,
     OutboundBudgetExhausted,
+    PeerOpenRefused,
     SessionFailed,
     SettingsReceived,
     WindowUpdated,
@@ -547,6 +548,7 @@ class Session:
         if reason is not None:  # answered here: the application never hears of it
             self._control.append(encode_record(wire.OpenFailed(channel_id, reason, reason.name)))
             self.refused_opens[reason] = self.refused_opens.get(reason, 0) + 1
+            self._events.append(PeerOpenRefused(channel_id, reason))
             return
         self._channels[channel_id] = Channel(
             channel_id, opener=False, send_window=self._peer_window,

@@ -38,3 +38,7 @@ class SessionObserver(Protocol):
     def open_failed(self, reason: int) -> None:
         """The peer refused a channel we opened (``mux.OpenFailure`` code, or an
         unknown one)."""
+
+    def peer_open_refused(self, session: object, reason: int) -> None:
+        """``session``'s multiplexer refused a peer's OPEN by itself (after GOAWAY,
+        past its channel limit): the application never saw that channel."""

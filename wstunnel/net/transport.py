@@ -613,6 +613,9 @@ class TunnelTransport:
                      event.text or "no reason")
         elif isinstance(event, mux.OutboundBudgetExhausted):
             self._budget_warning.report(self.name, event)
+        elif isinstance(event, mux.PeerOpenRefused):
+            if self.observer is not None:
+                self.observer.peer_open_refused(self, event.reason)
         elif isinstance(event, mux.SessionFailed):
             log.warning("%s: multiplexer protocol error from the peer: %s", self.name, event.text)
 

@@ -21,9 +21,11 @@ Refused channels are counted by reason, and logged through a ``RefusalLog``
 (refusals.py: the first of a kind at once, then a count at most once a second
 per session and cause; ``sample`` writes the counts that are due). The relay
 reports its own refusals with ``channel_refused``; OPENs the multiplexer
-refuses by itself (after GOAWAY, past its channel limit) are read from each
-session's ``refused_opens``: live sessions when asked, and folded into the
-totals when the session ends.
+refuses by itself (after GOAWAY, past its channel limit) are counted in each
+session's ``refused_opens``, read for live sessions when asked and folded into
+the totals when the session ends; a session reports each such refusal
+(``peer_open_refused``), so that ``sample`` logs only the sessions that had one
+instead of walking all of them every second.
 """
 
 from __future__ import annotations
@@ -150,6 +152,9 @@ class TunnelStats:
         self.refusals = RefusalLog(logging.getLogger(f"wstunnel.{role}"))
         # Multiplexer refusals already logged, per session.
         self._mux_refusals_logged: dict[TunnelTransport, dict[mux.OpenFailure, int]] = {}
+        #: Sessions whose multiplexer refused an OPEN since the last sample (told by
+        #: ``peer_open_refused``): the sampler logs those, and walks no other session.
+        self._mux_refusing: dict[TunnelTransport, None] = {}
         #: Sessions whose meters the sampler ticks: those with channels, until a tick
         #: finds them with none and nothing moved (an idle one costs it nothing).
         self._metered: dict[TunnelTransport, None] = {}
@@ -175,6 +180,7 @@ class TunnelStats:
                 self.open_failures[_reason_name(reason)] += count
             self.ended_budget_exhaustions += transport.protocol.session.budget_exhaustions
             self._mux_refusals_logged.pop(transport, None)
+            self._mux_refusing.pop(transport, None)
             self.refusals.session_ended(transport)
             self._changed()
 
@@ -287,6 +293,11 @@ class TunnelStats:
                 self.refusals.note(transport, transport.name, f"multiplexer {reason.name}",
                                    summary, None, summary, now, new)
 
+    def peer_open_refused(self, session: object, reason: int) -> None:
+        """Logged by the next ``sample`` (or the next OPEN the relay admits), counted
+        with the session's others: a flood of refused OPENs is one line a second."""
+        self._mux_refusing[cast("TunnelTransport", session)] = None
+
     def _remember_refusal(self, refusal: Refusal) -> None:
         self.recent_refusals.append(refusal)
 
@@ -315,7 +326,8 @@ class TunnelStats:
         meters each time cost it about half a percent of a core (docs/PERFORMANCE.md,
         "One relay, many agents")."""
         now = trio.current_time()
-        for transport in self.sessions:
+        refusing, self._mux_refusing = self._mux_refusing, {}
+        for transport in refusing:
             self.log_mux_refusals(transport)
         self.refusals.tick(now)
         for transport in list(self._metered):

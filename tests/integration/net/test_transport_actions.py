@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 import trio.testing
 
@@ -112,6 +113,9 @@ class _Recorder:
     def open_failed(self, reason: int) -> None:
         self.calls.append(("open failed", reason))
 
+    def peer_open_refused(self, session: object, reason: int) -> None:
+        self.calls.append(("peer open refused", reason))
+
 
 async def test_the_observer_hears_a_refused_channel_open_and_close() -> None:
     """The opener's transport reports the channel's opening, the refusal's reason,
@@ -135,3 +139,29 @@ async def test_the_observer_hears_a_refused_channel_open_and_close() -> None:
             nursery.cancel_scope.cancel()
     assert recorder.calls == [("opened", 1), ("open failed", mux.OpenFailure.REFUSED),
                               ("closed", 1)]
+
+
+async def test_the_observer_hears_an_open_the_multiplexer_refused_by_itself() -> None:
+    """An OPEN that crossed the relay's GOAWAY is refused by its multiplexer, which
+    the application never sees as a channel: the transport tells its observer (the
+    metrics log it from there), and the opener hears GOING_AWAY."""
+    agent_end, relay_end = trio.testing.memory_stream_pair()
+    recorder = _Recorder()
+    agent = TunnelTransport(agent_end, TunnelProtocol(mux.Role.AGENT), name="agent",
+                            ping_interval=0)
+    relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            on_open=_never_called, ping_interval=0, observer=recorder)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.run)
+            relay.go_away("restarting")
+            await nursery.start(agent.run)  # (its OPEN is on the way before it reads GOAWAY)
+            channel = agent.open_channel("db", 5432)
+            with pytest.raises(trio.BrokenResourceError):
+                await channel.receive_some()
+            nursery.cancel_scope.cancel()
+    assert recorder.calls == [("peer open refused", mux.OpenFailure.GOING_AWAY)]
+
+
+async def _never_called(transport: TunnelTransport, channel: ChannelStream) -> None:
+    raise AssertionError("the relay's application saw a refused channel")

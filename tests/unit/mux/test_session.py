@@ -33,6 +33,7 @@ from wstunnel.mux import (
     ErrorCode,
     GoAwayReceived,
     OpenFailure,
+    PeerOpenRefused,
     ResetCode,
     Role,
     Session,
@@ -222,10 +223,11 @@ def test_refused_open_reports_the_reason_and_closes() -> None:
 
 
 def test_open_with_an_unknown_kind_is_refused_not_fatal() -> None:
-    """An OPEN of a kind we do not support gets OPEN_FAILED(UNSUPPORTED_KIND)."""
+    """An OPEN of a kind we do not support gets OPEN_FAILED(UNSUPPORTED_KIND); the
+    application hears only that it was refused, not of a channel."""
     agent, relay = connected_pair()
     relay.receive_record(encode_record(Open(1, 9, "h", 1)))
-    assert relay.events_received() == []
+    assert relay.events_received() == [PeerOpenRefused(1, OpenFailure.UNSUPPORTED_KIND)]
     record = decode_record(relay.next_record() or b"")
     assert record.reason == OpenFailure.UNSUPPORTED_KIND  # type: ignore[union-attr]
     assert relay.failure is None
@@ -626,12 +628,12 @@ def test_window_after_our_fin_is_accepted() -> None:
 
 
 def test_open_after_our_goaway_is_refused_not_fatal() -> None:
-    """An OPEN crossing our GOAWAY gets OPEN_FAILED(GOING_AWAY) and no event."""
+    """An OPEN crossing our GOAWAY gets OPEN_FAILED(GOING_AWAY), and no channel."""
     agent, relay = connected_pair()
     relay.go_away()
     channel_id = agent.open_channel("h", 1, early_data=b"x")
     pump(agent, relay)
-    assert relay.events_received() == []
+    assert relay.events_received() == [PeerOpenRefused(channel_id, OpenFailure.GOING_AWAY)]
     events = agent.events_received()
     assert GoAwayReceived(0, "", 0) in events
     assert ChannelOpenFailed(channel_id, OpenFailure.GOING_AWAY, "GOING_AWAY") in events
@@ -916,17 +918,22 @@ def test_a_solo_chunk_gathers_several_queued_pieces() -> None:
 
 def test_opens_the_session_refuses_by_itself_are_counted_by_reason() -> None:
     """OPENs past max_channels and OPENs that crossed our GOAWAY never reach the
-    application; ``refused_opens`` counts them by reason, for the relay's metrics."""
+    application as channels; ``refused_opens`` counts them by reason, for the relay's
+    metrics, and each is reported as it happens (PeerOpenRefused), so that the relay
+    logs it without polling every session."""
     relay = Session(Role.RELAY, max_channels=2)
     agent = Session(Role.AGENT)
     pump(agent, relay)
-    for _ in range(5):
-        agent.open_channel("db", 5432)
+    ids = [agent.open_channel("db", 5432) for _ in range(5)]
     pump(agent, relay)
-    assert len(events_of(relay, ChannelOpenRequested)) == 2
+    events = relay.events_received()
+    assert len([e for e in events if isinstance(e, ChannelOpenRequested)]) == 2
+    assert [e for e in events if isinstance(e, PeerOpenRefused)] == [
+        PeerOpenRefused(channel_id, OpenFailure.LIMIT_REACHED) for channel_id in ids[2:]]
     assert len(events_of(agent, ChannelOpenFailed)) == 3
     assert relay.refused_opens == {OpenFailure.LIMIT_REACHED: 3}
     relay.go_away()
-    agent.open_channel("db", 5432)  # crosses the GOAWAY
+    late = agent.open_channel("db", 5432)  # crosses the GOAWAY
     pump(agent, relay)
+    assert events_of(relay, PeerOpenRefused) == [PeerOpenRefused(late, OpenFailure.GOING_AWAY)]
     assert relay.refused_opens == {OpenFailure.LIMIT_REACHED: 3, OpenFailure.GOING_AWAY: 1}

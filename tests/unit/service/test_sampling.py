@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import trio
 
+from wstunnel import mux
 from wstunnel.service.metrics import TunnelStats
 
 
@@ -76,3 +77,25 @@ async def test_a_session_idle_for_long_shows_its_new_rate_then_zero(
     assert info.meter.sent == 150_000
     assert info.meter.sent_rate == 0.0
     assert stats.bytes_carried() == (150_000, 0)
+
+
+async def test_an_idle_sessions_multiplexer_refusal_shows_at_the_next_sample(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """OPENs a session's multiplexer refuses by itself (here: after GOAWAY) reach the
+    recent refusals at the next sample, counted together, also for a session with no
+    channels; the session reports them as they happen (``peer_open_refused``), so
+    the sampler does not have to look at every idle session each second."""
+    stats = TunnelStats("relay")
+    quiet, refusing = FakeTransport(name="quiet"), FakeTransport(name="refusing")
+    for transport in (quiet, refusing):
+        stats.session_started(cast(Any, transport), agent="a", peer="127.0.0.1:1")
+    await _samples(stats, 2)
+    refusing.refused_opens[mux.OpenFailure.GOING_AWAY] = 3
+    for _ in range(3):
+        stats.peer_open_refused(refusing, mux.OpenFailure.GOING_AWAY)
+    await _samples(stats, 1)
+    assert [(r.session, r.reason, r.count) for r in stats.recent_refusals] == [
+        ("refusing", "going_away", 3)]
+    await _samples(stats, 2)  # (nothing new: nothing more)
+    assert len(stats.recent_refusals) == 1
