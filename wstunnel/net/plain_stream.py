@@ -20,7 +20,7 @@ from typing import Final, TypeVar
 
 import trio
 
-__all__ = ["MAX_PIECES", "PlainSocketStream", "drop_sent", "take_over"]
+__all__ = ["MAX_PIECES", "PlainSocketStream", "drop_sent", "nowait_sender", "take_over"]
 
 #: receive_some without max_bytes.
 DEFAULT_RECEIVE_SIZE = 65536
@@ -50,6 +50,15 @@ def take_over(tcp: trio.SocketStream) -> PlainSocketStream:
     sock = socket.socket(fileno=tcp.socket.detach())
     sock.setblocking(False)
     return PlainSocketStream(sock)
+
+
+def nowait_sender(stream: trio.abc.Stream) -> Callable[[Sequence[Buffer]], list[Buffer]] | None:
+    """``stream.send_nowait`` where it writes a bare socket; None for any other
+    stream, TLS included (``TLSSocketStream`` inherits the method, but its bytes
+    must go through OpenSSL, which only the writer task's ``send_parts`` does)."""
+    if isinstance(stream, PlainSocketStream) and type(stream._sock) is socket.socket:
+        return stream.send_nowait
+    return None
 
 
 class PlainSocketStream(trio.abc.Stream):
@@ -113,6 +122,23 @@ class PlainSocketStream(trio.abc.Stream):
             raise self._broken(exc) from exc
         if not waited:
             await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, parts: Sequence[Buffer]) -> list[Buffer]:
+        """Hand the kernel what it takes of ``parts`` now, without waiting or a
+        checkpoint; returns what it did not take (empty: all sent), which must go
+        before anything else sent later. Lets a task write while the stream's writer
+        is parked (the session reader's pong, net/transport.py: no writer wake-up)."""
+        self._check_open()
+        sock = self._sock
+        pieces: list[Buffer] = [part for part in parts if len(part)]
+        try:
+            while pieces:
+                drop_sent(pieces, sock.sendmsg(pieces[:MAX_PIECES]))
+        except BlockingIOError:
+            return pieces  # (the kernel's buffer is full)
+        except OSError as exc:
+            raise self._broken(exc) from exc
+        return pieces
 
     async def wait_send_all_might_not_block(self) -> None:
         self._check_open()

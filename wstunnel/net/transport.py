@@ -7,7 +7,10 @@ objects; every state change wakes the single writer task, which pulls
 it. Since the writer pulls at most one write's worth at a time and the kernel's
 unsent bytes are capped by TCP_NOTSENT_LOWAT, queued bulk data waits in our
 scheduler, where an interactive channel can overtake it. One write's worth
-adapts to the link (net/write_pacing.py).
+adapts to the link (net/write_pacing.py). One exception to "the writer
+writes": a pong for an idle session over a bare socket, which the reader sends
+itself while the writer is parked (``_answer_in_place``), saving the writer's
+wake-up on every ping a relay's idle agents send.
 
 Local TCP connections are carried by the session's ``SocketPump`` (net/pump.py)
 once handed over with ``attach``: no task per channel; the reader calls the
@@ -48,7 +51,8 @@ from .budget_warning import BudgetWarning
 from .channel_stream import ChannelStream
 from .channel_table import ChannelTable, end_channel
 from .keepalive import Due, KeepaliveAction, KeepaliveTimer, Scheduled, SessionKeepalive
-from .write_pacing import START_WRITE_SIZE, next_write_size, wait_paced
+from .plain_stream import Buffer, nowait_sender
+from .write_pacing import MIN_WRITE_SIZE, START_WRITE_SIZE, next_write_size, wait_paced
 
 if TYPE_CHECKING:
     from .observer import SessionObserver
@@ -137,6 +141,12 @@ class TunnelTransport:
         #: each carrier runs a timer of its own (``_start_keepalive``).
         self._keepalive_timer = keepalive
         self._wake = trio.Event()
+        #: True only while the writer waits for ``_wake`` with nothing to do (not
+        #: paced): the reader may then write a reply itself (``_answer_in_place``).
+        self._writer_parked = False
+        #: What the kernel did not take of the reader's reply: the writer sends it
+        #: first, before anything else (this carrier's bytes only).
+        self._unsent: list[Buffer] = []
         self._last_received = 0.0
         self._end_reason: str | None = None
         self._nursery: trio.Nursery | None = None
@@ -471,6 +481,8 @@ class TunnelTransport:
         # A big message's payload is read straight into its own buffer
         # (protocol.receive_buffer): no copy to join reads and cut it out.
         receive_into = getattr(self.stream, "receive_into", None)
+        # (None, as for TLS and the HTTP transports: the writer sends everything)
+        send_nowait = nowait_sender(self.stream)
         while True:
             into = protocol.receive_buffer() if receive_into is not None else None
             try:
@@ -492,7 +504,11 @@ class TunnelTransport:
                 protocol.receive_data(data)
             else:
                 protocol.buffer_filled(got)
-            self._dispatch(protocol.events_received())
+            events = protocol.events_received()
+            if events:  # (DATA, OPEN, WINDOW: always some; so never the branch below)
+                self._dispatch(events)
+            elif self._writer_parked and send_nowait is not None:
+                self._answer_in_place(send_nowait)  # (a ping: the pong, without the writer)
             if self._pump is not None:
                 self._pump.flush()
             self.wake_writer()
@@ -503,12 +519,36 @@ class TunnelTransport:
             if protocol.closed:
                 return  # the writer flushes our close reply, then ends the session
 
+    def _answer_in_place(self, send_nowait: Callable[[list[Buffer]], list[Buffer]]) -> None:
+        """Write what a read that raised no event queued (a pong) from the reader, while
+        the writer is parked: an idle session's ping then costs no writer wake-up (two
+        task steps and an epoll round, issue 22). Only a small reply and only when no
+        record waits (the writer sizes and orders those); what the kernel does not take
+        is left in ``_unsent`` for the writer, which sends it first. No checkpoint
+        between the writer-parked check and the send: the writer cannot be sending."""
+        protocol = self.protocol
+        if self._unsent or protocol.wants_to_send() or not protocol.wants_to_write():
+            return  # (an earlier reply waits for the writer: this one goes behind it)
+        parts = protocol.parts_to_send(MIN_WRITE_SIZE)
+        if sum(map(len, parts)) > MIN_WRITE_SIZE:
+            self._unsent = parts  # (more than a reply: the writer's)
+        else:
+            try:
+                self._unsent = send_nowait(parts)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._lost = True  # (as the writer's error path)
+                self._end(f"connection lost while sending: {exc.__cause__ or exc}")
+                return
+        if self._unsent:
+            self._wake.set()
+
     async def _writer(self) -> None:
         protocol = self.protocol
         send_parts = getattr(self.stream, "send_parts", None) or self._send_joined
         clock = trio.current_time
         wait_writable = self.stream.wait_send_all_might_not_block
         write_size = START_WRITE_SIZE
+        self._unsent = []  # (a lost carrier's: never onto the next one)
         try:
             while True:
                 self._wake = trio.Event()
@@ -534,7 +574,14 @@ class TunnelTransport:
                     self._end(self._closed_reason("session closed"))
                     return
                 if protocol.pacer is None:  # (only when idle: nothing per write)
-                    await self._wake.wait()
+                    self._writer_parked = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._writer_parked = False
+                    if self._unsent:  # (what the reader's reply left goes first)
+                        unsent, self._unsent = self._unsent, []
+                        await send_parts(unsent)
                 else:
                     await wait_paced(protocol, protocol.pacer, self._wake)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -1,0 +1,130 @@
+"""An idle session's pong is written by the reader itself (issue 22: 1,000 idle agents
+on one relay cost a ping exchange each, and the writer's wake-up was a fifth of it).
+
+What users rely on: the peer gets its pong, and every byte of the session arrives in
+order and correctly framed even when the kernel takes the pong only in part. Which
+task sends is the point of the change, so the first test counts the stream's calls.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Sequence
+
+import trio
+import trio.testing
+
+from wstunnel import mux, ws
+from wstunnel.net.plain_stream import Buffer, PlainSocketStream, nowait_sender
+from wstunnel.net.tls_stream import TLSSocketStream
+from wstunnel.net.transport import TunnelTransport
+from wstunnel.protocol import TunnelProtocol
+
+
+class CountingStream(PlainSocketStream):
+    """Counts which path sends; ``nowait_limit`` bytes at most per ``send_nowait``
+    (the kernel taking a reply in part), ``on_nowait`` runs right after one."""
+
+    def __init__(self, sock: socket.socket, nowait_limit: int | None = None) -> None:
+        super().__init__(sock)
+        self.nowait_calls = 0
+        self.parts_calls = 0
+        self.nowait_limit = nowait_limit
+        self.on_nowait: Callable[[], object] = lambda: None
+
+    def send_nowait(self, parts: Sequence[Buffer]) -> list[Buffer]:
+        self.nowait_calls += 1
+        if self.nowait_limit is None:
+            return super().send_nowait(parts)
+        joined = b"".join(parts)
+        head, rest = joined[:self.nowait_limit], joined[self.nowait_limit:]
+        left = super().send_nowait([head])
+        self.on_nowait()
+        return [*left, rest] if rest else left
+
+    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+        self.parts_calls += 1
+        await super().send_parts(parts)
+
+
+async def _ping_the_idle_relay(nowait_limit: int | None = None,
+                               queued_after_the_pong: bytes = b""
+                               ) -> tuple[bytes, CountingStream]:
+    """Start a relay session over a socket pair, let it go idle, ping it as a bare
+    WebSocket client; return every byte the relay sent after the ping up to the pong
+    (and, where given, the ping it queued right after the pong's first bytes), and
+    the relay's stream."""
+    peer_sock, relay_sock = socket.socketpair()
+    relay_sock.setblocking(False)
+    relay_stream = CountingStream(relay_sock, nowait_limit)
+    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=0)
+    if queued_after_the_pong:
+        relay_stream.on_nowait = lambda: relay.protocol.ping(queued_after_the_pong)
+    peer = ws.WebSocketConnection(ws.Role.CLIENT)
+    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
+    expected_events = 2 if queued_after_the_pong else 1
+    received = bytearray()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                # (what the relay sent on its own first: its SETTINGS)
+                peer.receive_data(await peer_stream.receive_some())
+                assert peer.events_received()
+                await trio.testing.wait_all_tasks_blocked()
+                relay_stream.parts_calls = 0
+                peer.ping(b"agent")
+                await peer_stream.send_all(peer.data_to_send())
+                events: list[ws.Event] = []
+                while len(events) < expected_events:
+                    data = await peer_stream.receive_some()
+                    assert data, "the relay closed the connection"
+                    received += data
+                    peer.receive_data(data)
+                    events += peer.events_received()
+            assert [type(event) for event in events] == (
+                [ws.PongReceived, ws.PingReceived] if queued_after_the_pong
+                else [ws.PongReceived])
+            nursery.cancel_scope.cancel()
+    finally:
+        await peer_stream.aclose()
+        await relay_stream.aclose()
+    return bytes(received), relay_stream
+
+
+def _server_frame(opcode: int, payload: bytes) -> bytes:
+    return bytes([0x80 | opcode, len(payload)]) + payload
+
+
+async def test_an_idle_sessions_pong_is_sent_by_the_reader_not_the_writer() -> None:
+    received, stream = await _ping_the_idle_relay()
+    assert received == _server_frame(0xA, b"agent")
+    assert (stream.nowait_calls, stream.parts_calls) == (1, 0)
+
+
+async def test_a_pong_the_kernel_took_in_part_is_finished_before_what_follows() -> None:
+    """Three bytes of the pong go from the reader; a ping queued at that moment must
+    still leave after the rest of the pong: byte-exact, one correctly framed sequence."""
+    received, stream = await _ping_the_idle_relay(3, queued_after_the_pong=b"later")
+    assert received == _server_frame(0xA, b"agent") + _server_frame(0x9, b"later")
+    assert stream.nowait_calls == 1
+
+
+async def test_only_a_bare_socket_stream_writes_in_place() -> None:
+    """TLS inherits send_nowait from the plain stream, but its bytes must go through
+    OpenSSL: the session's writer keeps sending everything there."""
+    a, b = socket.socketpair()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls = TLSSocketStream(context.wrap_socket(a, server_hostname="relay.example",
+                                              do_handshake_on_connect=False))
+    plain = PlainSocketStream(b)
+    try:
+        assert nowait_sender(tls) is None
+        assert nowait_sender(trio.testing.memory_stream_pair()[0]) is None
+        assert nowait_sender(plain) == plain.send_nowait
+    finally:
+        tls.close()
+        plain.close()
