@@ -14,7 +14,7 @@ One trio task per session; each waits for bytes from the relay or its next
 ping, whichever comes first, so a session costs this process nothing between
 the two.
 
-    python benchmarks/_idle_agents.py --port PORT [--ping-interval S]
+    python benchmarks/_idle_agents.py --port PORT [--ping-interval S] [--tls]
         reads commands on stdin, one per line, and answers each with a JSON line:
         ``grow N``  open sessions until N are up (``--batch`` upgrades at a time);
                     answers {"up": n, "failed": f, "pongs": p, "ended": e, "seconds": s}
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -58,8 +59,15 @@ class Holder:
     """The sessions, their counters, and the event that a grow waits on."""
 
     def __init__(self, port: int, ping_interval: float, batch: int, *,
-                 always: bool = False) -> None:
+                 always: bool = False, tls: bool = False) -> None:
         self.port = port
+        # wss:// to the relay's self-signed certificate: this is load, not a client
+        # anyone trusts, so nothing is verified.
+        self.tls: ssl.SSLContext | None = None
+        if tls:
+            self.tls = ssl.create_default_context()
+            self.tls.check_hostname = False
+            self.tls.verify_mode = ssl.CERT_NONE
         self.ping_interval = ping_interval
         self.always = always
         self.opening = trio.CapacityLimiter(batch)
@@ -101,8 +109,11 @@ class Holder:
         finally:
             self.counters.ended += 1
 
-    async def _upgrade(self) -> tuple[trio.SocketStream, TunnelProtocol]:
-        stream = await trio.open_tcp_stream(LOOPBACK, self.port)
+    async def _upgrade(self) -> tuple[trio.abc.Stream, TunnelProtocol]:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(LOOPBACK, self.port)
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_hostname="relay.invalid")
+            await stream.do_handshake()
         handshake = ws.ClientHandshake(f"{LOOPBACK}:{self.port}", "/tunnel")
         await stream.send_all(handshake.data_to_send())
         while (event := handshake.next_event()) is None:
@@ -118,7 +129,7 @@ class Holder:
         await stream.send_all(protocol.data_to_send())  # our SETTINGS
         return stream, protocol
 
-    async def _serve(self, stream: trio.SocketStream, protocol: TunnelProtocol) -> None:
+    async def _serve(self, stream: trio.abc.Stream, protocol: TunnelProtocol) -> None:
         interval = self.ping_interval
         next_ping = trio.current_time() + random.uniform(0, interval)  # noqa: S311
         last_received = -interval
@@ -162,9 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=50, help="upgrades in flight at once")
     parser.add_argument("--keepalive", choices=("idle", "always"), default="idle",
                         help="ping when nothing arrived for an interval, or every interval")
+    parser.add_argument("--tls", action="store_true", help="wss:// (nothing verified)")
     args = parser.parse_args(argv)
     trio.run(_commands, Holder(args.port, args.ping_interval, args.batch,
-                               always=args.keepalive == "always"))
+                               always=args.keepalive == "always", tls=args.tls))
     return 0
 
 

@@ -7,7 +7,8 @@ cost < 50 MiB and < 1 % of a core, and do not move the active agent's p99.
 
 Processes (127.0.0.1, all stopped on the way out, Ctrl-C included):
     targets  benchmarks/_targets.py serve (the echo)
-    relay    ``wstunnel relay`` (ws://), defaults; ``ping_interval`` from a
+    relay    ``wstunnel relay`` (ws://, or wss:// with ``--scheme wss``: a fresh
+             self-signed certificate), defaults; ``ping_interval`` from a
              config file when ``--ping-intervals`` names a short one
     active   ``wstunnel agent -L`` to the echo: the agent whose round trip is timed
     idle     benchmarks/_idle_agents.py: the idle sessions, one process, one TCP
@@ -32,6 +33,7 @@ Run from the repository root (about 3 minutes with the defaults):
     .venv/bin/python benchmarks/many_agents.py
     .venv/bin/python benchmarks/many_agents.py --ping-intervals 1 --repeat 3
     .venv/bin/python benchmarks/many_agents.py --levels 0,100 --ping-intervals 2 --cpu-window 5
+    .venv/bin/python benchmarks/many_agents.py --levels 0,1000 --ping-intervals 20 --scheme wss
 """
 
 from __future__ import annotations
@@ -68,11 +70,12 @@ class Holder:
     """The idle-sessions process, driven by lines on its stdin."""
 
     def __init__(self, stack: contextlib.ExitStack, port: int, ping_interval: float,
-                 log: Path, keepalive: str) -> None:
+                 log: Path, keepalive: str, tls: bool) -> None:
         sink = stack.enter_context(log.open("ab"))
         self.proc = subprocess.Popen(
             [sys.executable, str(HOLDER_SCRIPT), "--port", str(port),
-             "--ping-interval", str(ping_interval), "--keepalive", keepalive],
+             "--ping-interval", str(ping_interval), "--keepalive", keepalive,
+             *(["--tls"] if tls else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=sink, env=_procs.CHILD_ENV)
         stack.callback(_procs._close_then_stop, self.proc)  # noqa: SLF001
 
@@ -101,16 +104,19 @@ def _start(stack: contextlib.ExitStack, tmp: Path, args: argparse.Namespace,
     command = shlex.split(args.wstunnel)
     relay_args = ["--log-level=warning", *_config(tmp, "relay", ping_interval)]
     targets = _procs.start_targets(stack, tmp)
+    tls = args.scheme == "wss"
     route = _procs.start_wstunnel(stack, tmp, targets, command, relay_args,
-                                  ["--log-level=warning", *_config(tmp, "agent", ping_interval)])
+                                  ["--log-level=warning", *_config(tmp, "agent", ping_interval)],
+                                  tls=tls)
     relay_port = _relay_port(route)
     if args.idle_elsewhere:  # the control: same load on the machine, not on this relay
         relay_port = _procs.free_port()
-        other = _procs.spawn(stack, [*command, *relay_argv(relay_port, *relay_args)],
+        tls_args = _procs.relay_tls(command, tmp, "tls-other")[0] if tls else []
+        other = _procs.spawn(stack, [*command, *relay_argv(relay_port, *tls_args, *relay_args)],
                              tmp / "other-relay.log")
         _procs.wait_listening(relay_port, other, "the idle sessions' relay")
     return route, Holder(stack, relay_port, ping_interval, tmp / "idle-agents.log",
-                         args.idle_keepalive)
+                         args.idle_keepalive, tls)
 
 
 def _relay_port(route: _procs.Route) -> int:
@@ -215,6 +221,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-elsewhere", action="store_true",
                         help="the control: the idle sessions go to a second relay process, "
                              "so the machine carries them but the measured relay does not")
+    parser.add_argument("--scheme", choices=("ws", "wss"), default="ws",
+                        help="the relay serves ws://, or wss:// (the agents then use TLS)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--settle", type=float, default=2.0,
                         help="seconds after a level's sessions are up, before measuring")

@@ -53,10 +53,9 @@ def take_over(tcp: trio.SocketStream) -> PlainSocketStream:
 
 
 def nowait_sender(stream: trio.abc.Stream) -> Callable[[Sequence[Buffer]], list[Buffer]] | None:
-    """``stream.send_nowait`` where it writes a bare socket; None for any other
-    stream, TLS included (``TLSSocketStream`` inherits the method, but its bytes
-    must go through OpenSSL, which only the writer task's ``send_parts`` does)."""
-    if isinstance(stream, PlainSocketStream) and type(stream._sock) is socket.socket:
+    """``stream.send_nowait`` for a stream on a socket of ours (plain, or TLS, which
+    has its own); None for any other (the HTTP transports' pipe, a memory stream)."""
+    if isinstance(stream, PlainSocketStream):
         return stream.send_nowait
     return None
 

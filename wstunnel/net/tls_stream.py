@@ -206,6 +206,21 @@ class TLSSocketStream(PlainSocketStream):
                 self._set_cork(False)
         await trio.lowlevel.checkpoint()
 
+    def send_nowait(self, parts: Sequence[Buffer]) -> list[Buffer]:
+        """What OpenSSL took of ``parts`` now: all of it, or nothing, since SSL_write
+        without partial writes either writes every byte or, on WANT_WRITE, wants the
+        same bytes again, which the caller (the session's writer, net/transport.py)
+        then sends first with ``send_parts``. Never waits; no checkpoint."""
+        self._check_open()
+        data = b"".join(parts)
+        try:
+            self._ssl_write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return [data]
+        except (ssl.SSLError, OSError) as exc:
+            raise self._broken(exc) from exc
+        return []
+
     def _set_cork(self, on: bool) -> None:
         try:
             if _TCP_CORK is not None:

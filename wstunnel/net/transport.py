@@ -8,8 +8,8 @@ it. Since the writer pulls at most one write's worth at a time and the kernel's
 unsent bytes are capped by TCP_NOTSENT_LOWAT, queued bulk data waits in our
 scheduler, where an interactive channel can overtake it. One write's worth
 adapts to the link (net/write_pacing.py). One exception to "the writer
-writes": a pong for an idle session over a bare socket, which the reader sends
-itself while the writer is parked (``_answer_in_place``), saving the writer's
+writes": a pong for an idle session on a socket of ours (ws:// or wss://), which
+the reader sends itself while the writer is parked (``_answer_in_place``), saving the writer's
 wake-up on every ping a relay's idle agents send.
 
 Local TCP connections are carried by the session's ``SocketPump`` (net/pump.py)
@@ -481,7 +481,7 @@ class TunnelTransport:
         # A big message's payload is read straight into its own buffer
         # (protocol.receive_buffer): no copy to join reads and cut it out.
         receive_into = getattr(self.stream, "receive_into", None)
-        # (None, as for TLS and the HTTP transports: the writer sends everything)
+        # (None for the HTTP transports' pipe: the writer sends everything)
         send_nowait = nowait_sender(self.stream)
         while True:
             into = protocol.receive_buffer() if receive_into is not None else None

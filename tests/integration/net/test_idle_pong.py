@@ -11,15 +11,17 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import trio
 import trio.testing
 
 from wstunnel import mux, ws
 from wstunnel.net.plain_stream import Buffer, PlainSocketStream, nowait_sender
-from wstunnel.net.tls_stream import TLSSocketStream
+from wstunnel.net.tls_stream import TLSSocketStream, start_tls
 from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
+from wstunnel.security.tls import ClientTLS, client_context, self_signed_certificate, server_context
 
 
 class CountingStream(PlainSocketStream):
@@ -113,18 +115,80 @@ async def test_a_pong_the_kernel_took_in_part_is_finished_before_what_follows() 
     assert stream.nowait_calls == 1
 
 
-async def test_only_a_bare_socket_stream_writes_in_place() -> None:
-    """TLS inherits send_nowait from the plain stream, but its bytes must go through
-    OpenSSL: the session's writer keeps sending everything there."""
+async def test_only_a_stream_on_our_own_socket_writes_in_place() -> None:
+    """Plain and TLS streams send a reply themselves (TLS through OpenSSL: its own
+    send_nowait); a stream of another kind (the HTTP transports' pipe) leaves every
+    byte to the session's writer."""
     a, b = socket.socketpair()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     tls = TLSSocketStream(context.wrap_socket(a, server_hostname="relay.example",
                                               do_handshake_on_connect=False))
     plain = PlainSocketStream(b)
     try:
-        assert nowait_sender(tls) is None
+        assert nowait_sender(tls) == tls.send_nowait
         assert nowait_sender(trio.testing.memory_stream_pair()[0]) is None
         assert nowait_sender(plain) == plain.send_nowait
     finally:
         tls.close()
         plain.close()
+
+
+async def test_over_tls_the_reader_sends_the_pong_through_openssl(tmp_path: Path) -> None:
+    """wss://: the idle relay's pong is written by the reader, encrypted, and the peer
+    reads it as the one pong it expects."""
+    key_pem, cert_pem = self_signed_certificate(["relay.test"])
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    a, b = socket.socketpair()
+    raw_relay = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    raw_peer = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    streams: dict[str, TLSSocketStream] = {}
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            async def relay_side() -> None:
+                streams["relay"] = await start_tls(
+                    raw_relay, server_context(str(tmp_path / "cert.pem"),
+                                              str(tmp_path / "key.pem")), server_side=True)
+
+            async def peer_side() -> None:
+                streams["peer"] = await start_tls(
+                    raw_peer, client_context(ClientTLS(ca_file=str(tmp_path / "cert.pem"))),
+                    server_hostname="relay.test")
+
+            nursery.start_soon(relay_side)
+            nursery.start_soon(peer_side)
+    relay_stream, peer_stream = streams["relay"], streams["peer"]
+    calls = {"nowait": 0, "parts": 0}
+    send_nowait, send_parts = relay_stream.send_nowait, relay_stream.send_parts
+
+    def counting_nowait(parts: Sequence[Buffer]) -> list[Buffer]:
+        calls["nowait"] += 1
+        return send_nowait(parts)
+
+    async def counting_parts(parts: Sequence[Buffer]) -> None:
+        calls["parts"] += 1
+        await send_parts(parts)
+
+    relay_stream.send_nowait = counting_nowait  # type: ignore[method-assign]
+    relay_stream.send_parts = counting_parts  # type: ignore[method-assign]
+    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=0)
+    peer = ws.WebSocketConnection(ws.Role.CLIENT)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
+                assert peer.events_received()
+                await trio.testing.wait_all_tasks_blocked()
+                calls["parts"] = 0
+                peer.ping(b"agent")
+                await peer_stream.send_all(peer.data_to_send())
+                peer.receive_data(await peer_stream.receive_some())
+                assert peer.events_received() == [ws.PongReceived(b"agent")]
+            nursery.cancel_scope.cancel()
+    finally:
+        await peer_stream.aclose()
+        await relay_stream.aclose()
+    assert calls == {"nowait": 1, "parts": 0}
