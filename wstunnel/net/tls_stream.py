@@ -113,12 +113,21 @@ class TLSSocketStream(PlainSocketStream):
         if wanted < 1:
             raise ValueError("max_bytes must be >= 1")
         size = min(wanted, self._buffer_size)
-        buffer = new_buffer(size)  # not zeroed: only the bytes read are kept
-        view = memoryview(buffer)
-        try:
-            filled = await self._fill(view)
-        finally:
-            view.release()
+        waited = False
+        while True:
+            buffer = new_buffer(size)  # not zeroed: only the bytes read are kept
+            view = memoryview(buffer)
+            try:
+                filled = await self._fill(view, wait=False, waited=waited)
+            finally:
+                view.release()
+            if filled is not None:
+                break
+            # Nothing to decrypt yet: wait without the buffer, so that an idle
+            # session does not hold 64 KiB of it (1,000 idle wss:// agents on a relay).
+            del buffer
+            waited = True
+            await trio.lowlevel.wait_readable(self._sock)
         if filled == size and size < wanted:
             self._buffer_size = size * 2
         elif filled < size // 4 and size > MIN_RECEIVE_BUFFER:
@@ -131,16 +140,19 @@ class TLSSocketStream(PlainSocketStream):
         self._check_open()
         if not len(buffer):
             raise ValueError("the buffer is empty")
-        return await self._fill(buffer)
+        filled = await self._fill(buffer)
+        assert filled is not None  # (it waits)
+        return filled
 
-    async def _fill(self, view: memoryview) -> int:
+    async def _fill(self, view: memoryview, *, wait: bool = True,
+                    waited: bool = False) -> int | None:
         """Decrypt into ``view`` until it is full or no whole record is left;
-        wait only while nothing at all has come."""
+        wait only while nothing at all has come, or (``wait`` false) return None
+        then. ``waited``: the caller has just waited (no checkpoint is due)."""
         sock = self._sock
         read = self._ssl_read
         size = len(view)
         filled = 0
-        waited = False
         try:
             while filled < size:
                 try:
@@ -150,6 +162,8 @@ class TLSSocketStream(PlainSocketStream):
                 except ssl.SSLWantReadError:
                     if filled:
                         break
+                    if not wait:
+                        return None
                     waited = True
                     await trio.lowlevel.wait_readable(sock)
                     continue

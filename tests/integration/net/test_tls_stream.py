@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import tracemalloc
 import ssl
 from pathlib import Path
 
@@ -221,3 +222,30 @@ async def test_receive_into_reads_into_the_given_view(
     finally:
         await client.aclose()
         await server.aclose()
+
+
+async def test_a_reader_waiting_on_an_idle_connection_holds_no_buffer(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """A relay keeps a reader waiting on every idle agent's connection: while nothing
+    has come, ``receive_some`` must not hold its 64 KiB receive buffer (1,000 idle
+    wss:// agents would cost 64 MiB of it), and it still returns what comes next."""
+    client, server = await tls_pair(contexts)
+    got: list[bytes | bytearray] = []
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:
+                got.append(await server.receive_some())
+
+            before = tracemalloc.get_traced_memory()[0]
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            held = tracemalloc.get_traced_memory()[0] - before
+            await client.send_all(b"ping")
+    finally:
+        tracemalloc.stop()
+        await client.aclose()
+        await server.aclose()
+    assert got == [b"ping"]
+    assert held < 16 * 1024, f"{held} bytes held while waiting"
