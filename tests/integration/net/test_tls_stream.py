@@ -12,8 +12,8 @@ import contextlib
 import hashlib
 import os
 import socket
-import tracemalloc
 import ssl
+import tracemalloc
 from pathlib import Path
 
 import pytest
