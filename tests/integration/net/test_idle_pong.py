@@ -13,6 +13,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
@@ -133,9 +134,14 @@ async def test_only_a_stream_on_our_own_socket_writes_in_place() -> None:
         plain.close()
 
 
-async def test_over_tls_the_reader_sends_the_pong_through_openssl(tmp_path: Path) -> None:
+@pytest.mark.parametrize("want_write", [False, True])
+async def test_over_tls_the_reader_sends_the_pong_through_openssl(
+    tmp_path: Path, want_write: bool,
+) -> None:
     """wss://: the idle relay's pong is written by the reader, encrypted, and the peer
-    reads it as the one pong it expects."""
+    reads it as the one pong it expects. When OpenSSL cannot take it at once
+    (WANT_WRITE), the writer sends the same bytes instead, and the peer still reads
+    one pong."""
     key_pem, cert_pem = self_signed_certificate(["relay.test"])
     (tmp_path / "cert.pem").write_bytes(cert_pem)
     (tmp_path / "key.pem").write_bytes(key_pem)
@@ -169,6 +175,15 @@ async def test_over_tls_the_reader_sends_the_pong_through_openssl(tmp_path: Path
         calls["parts"] += 1
         await send_parts(parts)
 
+    ssl_write = relay_stream._ssl_write
+    refusals: list[ssl.SSLWantWriteError] = []  # (armed once the relay is idle)
+
+    def write_refused_when_armed(data: Buffer) -> int:
+        if refusals:
+            raise refusals.pop()
+        return ssl_write(data)
+
+    relay_stream._ssl_write = write_refused_when_armed
     relay_stream.send_nowait = counting_nowait  # type: ignore[method-assign]
     relay_stream.send_parts = counting_parts  # type: ignore[method-assign]
     relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
@@ -183,6 +198,8 @@ async def test_over_tls_the_reader_sends_the_pong_through_openssl(tmp_path: Path
                 assert peer.events_received()
                 await trio.testing.wait_all_tasks_blocked()
                 calls["parts"] = 0
+                if want_write:
+                    refusals.append(ssl.SSLWantWriteError())
                 peer.ping(b"agent")
                 await peer_stream.send_all(peer.data_to_send())
                 peer.receive_data(await peer_stream.receive_some())
@@ -191,4 +208,4 @@ async def test_over_tls_the_reader_sends_the_pong_through_openssl(tmp_path: Path
     finally:
         await peer_stream.aclose()
         await relay_stream.aclose()
-    assert calls == {"nowait": 1, "parts": 0}
+    assert calls == {"nowait": 1, "parts": 1 if want_write else 0}
