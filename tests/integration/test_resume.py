@@ -17,7 +17,7 @@ import trio
 from benchmarks._cutter import PathCutter
 from wstunnel.addresses import HostPort
 from wstunnel.agent.connect import open_websocket
-from wstunnel.agent.http_transport import RETRY_BUDGET
+from wstunnel.agent.http_polling import RETRY_BUDGET
 from wstunnel.config import parse_relay_url
 from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 

@@ -31,7 +31,7 @@ from .connect import Dialer, HandshakeTimeout, UpgradeBlocked, open_stream, open
 from .proxy import ProxyDialer, ProxyError
 
 if TYPE_CHECKING:  # (loaded when WebSocket does not pass: --stdio over ws:// never needs it)
-    from .http_transport import HttpRoute
+    from .http_client import HttpRoute
 
 __all__ = ["TransportChooser", "Opened", "WEBSOCKET", "ORDER", "DEFAULT_USER_AGENT"]
 
@@ -152,7 +152,7 @@ def http_route(request: Request) -> HttpRoute:
     """Where the HTTP transports' requests go, and with which headers: through a
     proxy, an http:// relay is reached by plain forwarded requests (absolute form, no
     CONNECT, which many proxies allow to port 443 only); wss:// through CONNECT."""
-    from .http_transport import HttpRoute
+    from .http_client import HttpRoute
 
     config, relay, dial = request.config, request.relay, request.dial
     host = config.host_header or relay.host_header

@@ -19,7 +19,7 @@ from typing import Final
 
 import trio
 
-__all__ = ["BytePipe", "Buffer", "DEFAULT_BUFFERED_SIZE"]
+__all__ = ["BytePipe", "Buffer", "DEFAULT_BUFFERED_SIZE", "write_parts"]
 
 #: What each direction holds at most before its writer waits.
 DEFAULT_BUFFERED_SIZE: Final = 4 * 1024 * 1024
@@ -170,3 +170,13 @@ class BytePipe(trio.abc.Stream):
         """Wait until every byte written has been taken."""
         while self._outbound:
             await self._wait()
+
+
+async def write_parts(stream: trio.abc.Stream, parts: list[Buffer]) -> None:
+    """Write ``parts`` (an HTTP body's chunks, either end of the HTTP transports)
+    unjoined where the stream can (``send_parts``), else joined."""
+    send_parts = getattr(stream, "send_parts", None)
+    if send_parts is not None:
+        await send_parts(parts)
+    else:
+        await stream.send_all(b"".join(parts))

@@ -197,7 +197,7 @@ class TunnelTransport:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 # A stream carried by requests has work of its own while the session
-                # runs (the agent's HTTP polling loops, agent/http_transport.py).
+                # runs (the agent's HTTP polling loops, agent/http_polling.py).
                 background = getattr(self.stream, "run_background", None)
                 if background is not None:
                     nursery.start_soon(background)

@@ -39,6 +39,7 @@ from ..framing import (
     STREAMING,
     chunked,
 )
+from ..net.byte_pipe import write_parts
 from ..net.tls_stream import TLSSocketStream
 from ..net.transport import NewCarrier
 from ..protocol import TunnelProtocol
@@ -200,7 +201,7 @@ async def _stream_down(reader: HttpReader, session: HttpSession) -> None:
             parts = await session.take(MAX_BATCH_SIZE)
             if not parts:
                 break
-            await _send_parts(stream, chunked(parts) if framed else parts)
+            await write_parts(stream, chunked(parts) if framed else parts)
         if framed:
             await stream.send_all(b"0\r\n\r\n")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -279,16 +280,8 @@ async def _reply(reader: HttpReader, body: list[Buffer]) -> bool:
         ("Content-Length", str(size)), *_NO_STORE])) or b""]
     pieces.extend(_passed(conn, body))
     pieces.append(conn.send(h11.EndOfMessage()) or b"")
-    await _send_parts(reader.stream, pieces)
+    await write_parts(reader.stream, pieces)
     return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-
-async def _send_parts(stream: trio.abc.Stream, parts: list[Buffer]) -> None:
-    send_parts = getattr(stream, "send_parts", None)
-    if send_parts is not None:
-        await send_parts(parts)
-    else:
-        await stream.send_all(b"".join(parts))
 
 
 # -- small pieces -------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""HTTP polling rides out a short outage (agent/http_transport.py, ``_Retries``).
+"""HTTP polling rides out a short outage (agent/http_polling.py, ``_Retries``).
 
 A polling request whose connection breaks is sent again, with the same number,
 after growing waits for up to ``RETRY_BUDGET`` (docs/PROTOCOL.md §11.2). The
@@ -13,7 +13,7 @@ from __future__ import annotations
 import trio
 
 from benchmarks._cutter import PathCutter
-from wstunnel.agent.http_transport import RETRY_BUDGET
+from wstunnel.agent.http_polling import RETRY_BUDGET
 
 from ..log_watch import LogWatch
 from ..tunnel_helpers import (

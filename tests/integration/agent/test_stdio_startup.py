@@ -40,7 +40,7 @@ main_entry()
 NOT_NEEDED = (
     "wstunnel.agent.forwards", "wstunnel.agent.dynamic", "wstunnel.agent.socks",
     "wstunnel.agent.udp", "wstunnel.agent.kinds",  # the -L/-D listeners
-    "wstunnel.agent.http_transport",  # only when WebSocket does not pass
+    "wstunnel.agent.http_",  # http_transport/_client/_polling: only when WebSocket does not pass
     "wstunnel.security.tls",  # wss:// only
     "wstunnel.security.policy", "wstunnel.security.listen_policy",  # the relay's rules
     "wstunnel.config.relay_model",  # the relay's config classes

@@ -1,0 +1,209 @@
+"""HTTP polling: the session as ordinary request/response pairs (docs/PROTOCOL.md §11.2).
+
+``PollingStream`` is a ``BytePipe`` fed and drained by two loops of ordinary
+requests (its ``run_background``, started by the transport): POSTs carry what
+the session wrote, batched (one in flight), and long-poll GETs fetch what the
+relay has (held by it up to 25 s while there is nothing). Each request is
+numbered (``X-Wstunnel-Seq``), so one whose connection broke is sent again on a
+new connection without losing or repeating bytes: after growing waits, for up
+to ``RETRY_BUDGET``, so that a short outage does not end the session
+(``_Retries``). http_transport.py opens the session and hands it over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import h11
+import trio
+
+from ..errors import HandshakeError
+from ..framing import CONTENT_TYPE, POLLING, SEQUENCE_HEADER, SESSION_HEADER
+from ..net.byte_pipe import Buffer, BytePipe
+from .http_client import (
+    BODY_EXCERPT_SIZE,
+    SESSION_GONE,
+    UNKNOWN_SESSION,
+    HttpClient,
+    HttpRoute,
+    close_all,
+)
+
+__all__ = ["PollingStream", "RETRY_DELAYS", "RETRY_BUDGET"]
+
+log = logging.getLogger("wstunnel.agent")
+
+MAX_POST_SIZE: Final = 1_000_000  # (under nginx's default client_max_body_size, 1 MiB)
+#: Polling: the waits before each retry of a request whose connection broke (the
+#: last one repeats), and how long after the first break retries go on. A blip (a
+#: NAT or proxy restarting, a Wi-Fi hand-over) shorter than that passes without the
+#: session ending or resuming. The first retry goes at once (the usual break is a
+#: kept-alive connection a proxy closed meanwhile: a new one is all it takes), the
+#: next ones soon (most blips are short). 3 s stays well under the keepalive's
+#: default ping_timeout (10 s): a dead relay is still given up on before the
+#: keepalive would (and a shorter ping_timeout still ends the session first).
+RETRY_DELAYS: Final = (0.0, 0.05, 0.2, 0.5, 1.0)
+RETRY_BUDGET: Final = 3.0
+
+
+class PollingStream(BytePipe):
+    """A polling session: a pipe the two request loops feed and drain."""
+
+    transport_name = POLLING
+
+    def __init__(self, route: HttpRoute, session_id: str) -> None:
+        super().__init__()
+        self.tls = route.relay.secure
+        self.route = route
+        self.session_id = session_id
+        self._clients: dict[str, HttpClient] = {}
+        self._sequence = {"GET": 0, "POST": 0}
+        self._answered = False  # a request was answered (a 401 then means the session is gone)
+
+    async def run_background(self) -> None:
+        """The request loops; run by the session's transport (net/transport.py) while it
+        runs. A failure breaks the pipe: the session then ends like a lost WebSocket."""
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guarded, self._upstream)
+                nursery.start_soon(self._guarded, self._downstream)
+        finally:
+            await self._close_clients()
+
+    async def _guarded(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """A loop's failure breaks the pipe (the session ends) and stops both loops."""
+        try:
+            await loop()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                HandshakeError, trio.TooSlowError) as exc:
+            self.break_(f"HTTP polling failed: {exc}")
+        except Exception as exc:  # (a task root: the session ends, the agent goes on)
+            log.error("HTTP polling failed", exc_info=True)
+            self.break_(f"HTTP polling failed: {exc!r}")
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._close_clients()
+
+    async def _close_clients(self) -> None:
+        clients = list(self._clients.values())
+        self._clients.clear()
+        await close_all(clients)
+
+    async def _upstream(self) -> None:
+        while True:
+            parts = await self.take(MAX_POST_SIZE)
+            if not parts:
+                return
+            if await self._exchange("POST", parts) is None:
+                self.break_("the relay has ended the session")
+                return
+
+    async def _downstream(self) -> None:
+        while not self.ended:
+            await self.wait_for_room()
+            body = await self._exchange("GET", None)
+            if body is None:
+                self.feed_eof()
+                return
+            if body and not await self.feed(body):
+                return
+
+    async def _exchange(self, method: str, parts: list[Buffer] | None) -> bytes | None:
+        """One numbered request, sent again on a new connection if its connection
+        breaks (``_Retries``); its answer's body, or None when the relay says the
+        session ended."""
+        sequence = self._sequence[method]
+        retries = _Retries(f"{method} {SEQUENCE_HEADER} {sequence}")
+        while True:
+            try:
+                status, body = await self._request(method, parts, sequence)
+            except (trio.BrokenResourceError, OSError, trio.TooSlowError) as exc:
+                await self._drop(method)
+                if self.ended:
+                    raise trio.BrokenResourceError(f"{retries.what} failed: {exc}") from exc
+                await retries.wait(exc)
+                continue
+            retries.went_through()
+            if status == 410:
+                return None
+            if status == 401:
+                raise trio.BrokenResourceError(SESSION_GONE if self._answered else UNKNOWN_SESSION)
+            if status != 200:
+                raise trio.BrokenResourceError(f"the relay answered {method} with {status}: "
+                                               f"{body[:BODY_EXCERPT_SIZE]!r}")
+            self._answered = True
+            if method == "POST" or body:
+                self._sequence[method] = sequence + 1
+            return body
+
+    async def _request(self, method: str, parts: list[Buffer] | None,
+                       sequence: int) -> tuple[int, bytes]:
+        client = self._clients.get(method)
+        if client is None:
+            client = self._clients[method] = HttpClient(await self.route.connect())
+        extra = [(SESSION_HEADER, self.session_id), (SEQUENCE_HEADER, str(sequence))]
+        if parts is None:
+            request = self.route.request("GET", POLLING, [*extra, ("Cache-Control", "no-cache")])
+            await client.send(request, h11.EndOfMessage())
+        else:
+            size = sum(map(len, parts))
+            request = self.route.request("POST", POLLING, [
+                *extra, ("Content-Length", str(size)), ("Content-Type", CONTENT_TYPE)])
+            await client.send_body(request, parts)
+        answer = await client.response()
+        body = await client.body()
+        if client.reusable:
+            client.conn.start_next_cycle()
+        else:
+            await self._drop(method)
+        return answer.status_code, body
+
+    async def _drop(self, method: str) -> None:
+        client = self._clients.pop(method, None)
+        if client is not None:
+            await client.aclose()
+
+
+class _Retries:
+    """One polling request's retries: waits growing along ``RETRY_DELAYS``, for up to
+    ``RETRY_BUDGET`` after its first break, so a short outage passes unnoticed while
+    a relay that stays away is given up on (the session then resumes or ends). The
+    same number each time: the relay serves a retry that races its original once
+    (docs/PROTOCOL.md §11.2). Each request starts afresh."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.count = 0
+        self._first_break: float | None = None
+
+    async def wait(self, exc: BaseException) -> None:
+        """Sleep before the next retry; ``trio.BrokenResourceError`` once over budget."""
+        now = trio.current_time()
+        if self._first_break is None:
+            self._first_break = now
+        left = self._first_break + RETRY_BUDGET - now
+        if left <= 0:
+            raise self._given_up(now - self._first_break, exc) from exc
+        delay = min(RETRY_DELAYS[min(self.count, len(RETRY_DELAYS) - 1)], left)
+        self.count += 1
+        log.debug("HTTP polling: %s: its connection broke (%s); retry %d in %.2f s",
+                  self.what, exc, self.count, delay)
+        await trio.sleep(delay)
+
+    def went_through(self) -> None:
+        """Log an outage ridden out (at debug a lone retry: a closed kept-alive one)."""
+        if self._first_break is not None:
+            level = logging.INFO if self.count > 1 else logging.DEBUG
+            log.log(level, "HTTP polling: %s went through again after %.2f s (%d retries)",
+                    self.what, trio.current_time() - self._first_break, self.count)
+
+    def _given_up(self, elapsed: float, exc: BaseException) -> trio.BrokenResourceError:
+        message = (f"the relay could not be reached for {elapsed:.1f} s ({self.what}: "
+                   f"{self.count + 1} attempts, the last: {exc})")
+        log.warning("HTTP polling: %s; giving up on this session's requests: the session "
+                    "resumes if the relay allows it, else its connections are reset and the "
+                    "agent reconnects", message)
+        return trio.BrokenResourceError(message)
