@@ -522,23 +522,20 @@ class TunnelTransport:
     def _answer_in_place(self, send_nowait: Callable[[list[Buffer]], list[Buffer]]) -> None:
         """Write what a read that raised no event queued (a pong) from the reader, while
         the writer is parked: an idle session's ping then costs no writer wake-up (two
-        task steps and an epoll round, issue 22). Only a small reply and only when no
-        record waits (the writer sizes and orders those); what the kernel does not take
-        is left in ``_unsent`` for the writer, which sends it first. No checkpoint
-        between the writer-parked check and the send: the writer cannot be sending."""
+        task steps and an epoll round, issue 22). Only when no record waits (the writer
+        sizes and orders those), so what goes is WebSocket control frames; what the
+        kernel does not take is left in ``_unsent`` for the writer, which sends it
+        first. No checkpoint between the writer-parked check and the send: the writer
+        cannot be sending."""
         protocol = self.protocol
         if self._unsent or protocol.wants_to_send() or not protocol.wants_to_write():
             return  # (an earlier reply waits for the writer: this one goes behind it)
-        parts = protocol.parts_to_send(MIN_WRITE_SIZE)
-        if sum(map(len, parts)) > MIN_WRITE_SIZE:
-            self._unsent = parts  # (more than a reply: the writer's)
-        else:
-            try:
-                self._unsent = send_nowait(parts)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._lost = True  # (as the writer's error path)
-                self._end(f"connection lost while sending: {exc.__cause__ or exc}")
-                return
+        try:
+            self._unsent = send_nowait(protocol.parts_to_send(MIN_WRITE_SIZE))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._lost = True  # (as the writer's error path)
+            self._end(f"connection lost while sending: {exc.__cause__ or exc}")
+            return
         if self._unsent:
             self._wake.set()
 

@@ -209,3 +209,36 @@ async def test_over_tls_the_reader_sends_the_pong_through_openssl(
         await peer_stream.aclose()
         await relay_stream.aclose()
     assert calls == {"nowait": 1, "parts": 1 if want_write else 0}
+
+
+class BrokenOnReply(PlainSocketStream):
+    """The connection breaks just as the reader writes its reply."""
+
+    def send_nowait(self, parts: Sequence[Buffer]) -> list[Buffer]:
+        raise trio.BrokenResourceError("connection reset by peer")
+
+
+async def test_a_reply_into_a_broken_connection_ends_the_carrier_as_lost() -> None:
+    """The reader's write failing is the writer's failure: the session ends (or, when
+    resumable, waits for a new carrier) with the reason, not with a silent stall."""
+    peer_sock, relay_sock = socket.socketpair()
+    relay_sock.setblocking(False)
+    relay_stream = BrokenOnReply(relay_sock)
+    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=0)
+    peer = ws.WebSocketConnection(ws.Role.CLIENT)
+    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                async def ping_when_idle() -> None:
+                    await trio.testing.wait_all_tasks_blocked()
+                    peer.ping(b"agent")
+                    await peer_stream.send_all(peer.data_to_send())
+
+                nursery.start_soon(ping_when_idle)
+                reason = await relay.run()
+    finally:
+        await peer_stream.aclose()
+        await relay_stream.aclose()
+    assert reason.startswith("connection lost while sending: connection reset by peer")
