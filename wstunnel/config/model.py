@@ -50,7 +50,7 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = ws.DEFAULT_MAX_MESSAGE_SIZE
 DEFAULT_MAX_PENDING_OPENS: Final = 64
 #: What one session may make the relay buffer (received, not yet written to its
 #: destinations): 1024 channels at the 256 KiB window, or 10,240 channels of
-#: which the first ~400 open at 256 KiB and the rest at 16 KiB (mux/session.py).
+#: which the first ~400 open at 256 KiB and the rest at 16 KiB (mux/flow.py).
 DEFAULT_MAX_BUFFERED_SIZE: Final = 256 * MiB
 DEFAULT_MAX_SESSIONS_PER_AGENT: Final = 8
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")

@@ -23,18 +23,10 @@ from .events import (
     SettingsReceived,
     WindowUpdated,
 )
+from .flow import DEFAULT_MAX_AUTO_WINDOW, DEFAULT_OPEN_WINDOW, WindowPlan, plan_windows
 from .pacing import Pacer, TokenBucket
-from .session import (
-    DEFAULT_MAX_AUTO_WINDOW,
-    DEFAULT_MAX_CHANNELS,
-    DEFAULT_MAX_QUEUED_SIZE,
-    DEFAULT_MAX_SEND_WINDOW,
-    DEFAULT_OPEN_WINDOW,
-    Role,
-    Session,
-    WindowPlan,
-    plan_windows,
-)
+from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW
+from .session import DEFAULT_MAX_CHANNELS, Role, Session
 from .wire import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,

@@ -178,17 +178,16 @@ class Outbox:
     channel with a pending FIN drains, ``on_drained(channel)`` lets the session
     queue the FIN (it must follow the data, never overtake it).
 
-    The outbound budget (Session's ``max_queued_size``): :attr:`held_size`
-    is what all queues hold (``Channel.held_size`` summed); the session adds
-    what it queues, each cut here subtracts what it frees. While the session
-    has told channels to wait for room (:attr:`watching` is not 0), each cut
-    calls ``on_room(channel)`` so that it can wake them; otherwise a cut
-    costs one subtraction and one test more.
+    The outbound budget (send_budget.py): :attr:`held_size` is what all
+    queues hold (``Channel.held_size`` summed); the session adds what it
+    queues, each cut here subtracts what it frees. While channels wait for
+    room (:attr:`watching` is not 0), each cut calls ``on_room(channel)`` so
+    that the budget can wake them; otherwise a cut costs one subtraction and
+    one test more. Both counters live here because every cut reads them.
     """
 
     __slots__ = ("control", "drr", "chunk_size", "solo_chunk_size", "adaptive_quantum",
-                 "held_size", "watching", "wake_below", "waiters", "exhaustions", "_channels",
-                 "_on_drained", "_on_room")
+                 "held_size", "watching", "_channels", "_on_drained", "_on_room")
 
     def __init__(self, channels: dict[int, Channel], *, quantum: int, chunk_size: int,
                  on_drained: Callable[[Channel], None],
@@ -202,14 +201,9 @@ class Outbox:
         self.adaptive_quantum = False
         #: What the channels' queues hold, all together (see the class docstring).
         self.held_size = 0
-        #: The session's: reasons to call on_room after a cut (channels held back
-        #: by max_send_window, plus 1 while any wait for the budget), the budget's
-        #: wake-up mark, its waiters in order (an ordered set), and how many times
-        #: it ran out.
+        #: Reasons to call on_room after a cut (the budget's: channels held back
+        #: by max_send_window, plus 1 while any wait for max_queued_size).
         self.watching = 0
-        self.wake_below = 0
-        self.waiters: dict[int, None] = {}
-        self.exhaustions = 0
         self._channels = channels
         self._on_drained = on_drained
         self._on_room = on_room
@@ -221,8 +215,7 @@ class Outbox:
         """Forget all pending output (the session failed, its channels with it)."""
         self.control.clear()
         self.drr.clear()
-        self.held_size = self.watching = self.wake_below = 0
-        self.waiters.clear()
+        self.held_size = self.watching = 0
 
     def next_record(self, max_size: int | None = None) -> bytes | None:
         """``next_parts`` joined into one record."""

@@ -21,48 +21,13 @@ each strictly increasing.  A record for an id that was used but is no longer
 live is one of the races in docs/PROTOCOL.md and is dropped; a record for an
 id never opened is a protocol error.
 
-Memory: only ``acknowledge`` returns credit, so received-but-unacknowledged
-bytes never exceed the sum of the live channels' windows.  Each channel is
-granted ``open_window`` at OPEN (the window our SETTINGS announce); the rest
-of a window is credit we add with WINDOW records, from a session-wide pool.
-Two regimes (:func:`plan_windows`):
-
-* ``max_buffered_size`` covers ``max_channels x initial_window``: the open
-  window is ``initial_window`` and the pool (for auto-tuning) is
-  ``max_buffered_size // 8``; bound: live channels x initial_window +
-  max_buffered_size / 8.
-* It does not (10,000 channels of 256 KiB would be 2.5 GiB): the open window
-  is DEFAULT_OPEN_WINDOW (16 KiB), the channel limit is at most 3/4 of
-  max_buffered_size // open_window, and the pool is what the floor of every
-  possible channel leaves: max_buffered_size - limit x open_window.  A channel
-  we accept (OPEN_OK) or whose OPEN the peer accepted gets one WINDOW of
-  ``initial_window - open_window`` from the pool, while the pool has it;
-  later channels start small and grow from the pool when they are busy (auto-
-  tuning, as below).  Bound: max_buffered_size, whatever the peer does.  A
-  peer that opens channels and does not read costs the pool nothing beyond
-  what it was granted; an idle channel holds its grant until it ends.
-
-Windows auto-tune (``ReceiveWindow.acknowledge``): a busy channel whose
-window is what limits it doubles it, up to ``max_window`` (alone) or
-``initial_window`` (in company), while the pool has room.  Once another
-channel is live, windows grown beyond ``initial_window`` shrink back to it
-(consumed credit is kept back).  Why: all channels share
-one TCP connection, and what a big window lets into flight queues in kernel
-buffers ahead of the other channels' bytes, where the scheduler cannot
-reorder it (measured: 64-byte round trips under a bulk upload doubled).
-
-The other direction is bounded by us, not by the peer's windows (a peer may
-grant MAX_WINDOW per channel and then not read): a channel queues at most
-``max_send_window`` of its credit, and all queues together hold at most
-``max_queued_size`` (``held_size``: queued bytes, plus PIECE_OVERHEAD_SIZE per
-piece and what a cut piece still pins, see Channel).  :meth:`send_capacity`
-says so, and remembers whom it told to wait; a cut that makes room emits
-WindowUpdated for them (the I/O layer then reads from its sources again).
-Room for the budget's waiters means below half the budget: each wake-up
-then has half the budget to fill, and a read-wake-read cycle per chunk on a
-session at its budget is avoided; the queue never runs dry meanwhile.  A
-channel held back by the cap wakes when its queue is below half the cap.
-Every episode at the budget emits one OutboundBudgetExhausted.
+Memory, both ways.  Inbound: only ``acknowledge`` returns credit, so what
+we buffer is bounded by the windows we grant; how ``max_buffered_size`` sizes
+them, the pool they grow from and auto-tuning are in flow.py
+(:func:`plan_windows`; the session keeps ``window_growth`` against the pool).
+Outbound: we bound it, not the peer's windows: ``max_send_window`` per
+channel, ``max_queued_size`` per session; :meth:`send_capacity` says so and
+send_budget.py wakes whom it told to wait.
 
 Peer violations never raise out of ``receive_record``: the session keeps the
 exception in :attr:`failure`, replaces pending output with a GOAWAY carrying
@@ -78,7 +43,6 @@ import struct
 from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SessionClosed
-from ..slotted import Slotted
 from . import wire
 from .channel import (
     PIECE_OVERHEAD_SIZE,
@@ -99,13 +63,14 @@ from .events import (
     EndOfStream,
     Event,
     GoAwayReceived,
-    OutboundBudgetExhausted,
     PeerOpenRefused,
     SessionFailed,
     SettingsReceived,
     WindowUpdated,
 )
+from .flow import DEFAULT_MAX_AUTO_WINDOW, DEFAULT_OPEN_WINDOW, WindowPlan, plan_windows
 from .scheduler import Outbox, Parts
+from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW, SendBudget
 from .wire import (
     DATA_HEADER_SIZE,
     DEFAULT_INITIAL_WINDOW,
@@ -118,27 +83,15 @@ from .wire import (
     encode_record,
 )
 
+# The window plan (flow.py) and the budget defaults (send_budget.py) are
+# importable from here too, where they were first defined.
 __all__ = ["Role", "Session", "DEFAULT_MAX_CHANNELS", "DEFAULT_OPEN_WINDOW", "WindowPlan",
            "plan_windows", "DEFAULT_MAX_AUTO_WINDOW", "DEFAULT_MAX_SEND_WINDOW",
            "DEFAULT_MAX_QUEUED_SIZE"]
 
 #: Live channels per session: 10,000 channels and room to spare.  What bounds
-#: their memory is ``max_buffered_size`` (see the module docstring), not this.
+#: their memory is ``max_buffered_size`` (flow.py, plan_windows), not this.
 DEFAULT_MAX_CHANNELS: Final = 10240
-#: The window every channel gets at OPEN when ``max_buffered_size`` cannot
-#: cover ``initial_window`` for every channel: the smallest SETTINGS value a
-#: peer accepts, enough for a request, a TLS handshake flight, a prompt.
-DEFAULT_OPEN_WINDOW: Final = wire.MIN_WINDOW
-#: Ceiling of an auto-tuned receive window: the bandwidth-delay product of
-#: 1 Gbit/s at 30 ms round trip.
-DEFAULT_MAX_AUTO_WINDOW: Final = 4 * 1024 * 1024
-#: The most one channel queues, whatever window the peer grants: a peer of
-#: ours grows a window to DEFAULT_MAX_AUTO_WINDOW at most, so it is never cut.
-DEFAULT_MAX_SEND_WINDOW: Final = DEFAULT_MAX_AUTO_WINDOW
-#: What all channels of a session together queue for the peer: four times
-#: the largest window a peer of ours grants one channel, so a bulk channel
-#: never waits for it; 64 channels' worth at the default window.
-DEFAULT_MAX_QUEUED_SIZE: Final = 16 * 1024 * 1024
 _DATA: Final = int(wire.RecordType.DATA)
 _WINDOW: Final = int(wire.RecordType.WINDOW)
 _WINDOW_SIZE: Final = 9
@@ -164,43 +117,6 @@ class Role(enum.Enum):
 def _check_range(name: str, value: int, low: int, high: int) -> None:
     if not low <= value <= high:
         raise LocalProtocolError(f"{name} must be in {low}-{high}, got {value}")
-
-
-class WindowPlan(Slotted):
-    """How a session's receive budget is spent (module docstring, "Memory")."""
-
-    __slots__ = ("open_window", "max_channels", "pool", "max_buffered_size")
-
-    def __init__(
-        self, open_window: int, max_channels: int, pool: int, max_buffered_size: int
-    ) -> None:
-        #: What our SETTINGS announce: every channel's window at OPEN.
-        self.open_window: Final = open_window
-        #: Live channels the budget allows (at most the max_channels asked for).
-        self.max_channels: Final = max_channels
-        #: What windows together may grow beyond open_window (top-ups, auto-tuning).
-        self.pool: Final = pool
-        #: The bound on received-but-unacknowledged bytes.
-        self.max_buffered_size: Final = max_buffered_size
-
-
-def plan_windows(max_channels: int, initial_window: int,
-                 max_buffered_size: int | None) -> WindowPlan:
-    """Windows open at ``initial_window`` while ``max_buffered_size`` covers it for
-    every one of ``max_channels`` channels (the pool is then an eighth of the
-    budget, for auto-tuning); otherwise at DEFAULT_OPEN_WINDOW, with at most 3/4
-    of the budget for those floors, so that busy channels always have a pool."""
-    covered = max_channels * initial_window
-    if max_buffered_size is None or covered <= max_buffered_size:
-        budget = covered if max_buffered_size is None else min(covered, max_buffered_size)
-        return WindowPlan(initial_window, budget // initial_window, budget // 8, budget)
-    open_window = min(initial_window, DEFAULT_OPEN_WINDOW)
-    if open_window == initial_window:  # a small initial_window: nothing to top up
-        limit = max_buffered_size // open_window
-        return WindowPlan(open_window, limit, max_buffered_size // 8, limit * open_window)
-    limit = max(1, min(max_channels, max_buffered_size * 3 // 4 // open_window))
-    return WindowPlan(open_window, limit, max_buffered_size - limit * open_window,
-                      max_buffered_size)
 
 
 class Session:
@@ -231,14 +147,14 @@ class Session:
             max_buffered_size: bound on received-but-unacknowledged bytes.  When
                 it covers max_channels x initial_window, windows open at
                 initial_window; otherwise they open at DEFAULT_OPEN_WINDOW and
-                grow from what is left (module docstring), and the channel
+                grow from what is left (flow.py), and the channel
                 limit is at most 3/4 of max_buffered_size // DEFAULT_OPEN_WINDOW.
             quantum: bytes per scheduler turn; default one chunk.
             max_window: ceiling for auto-tuned receive windows (initial_window..
                 MAX_WINDOW; default DEFAULT_MAX_AUTO_WINDOW, at least
                 initial_window).  A channel whose peer runs out of credit while
                 our reader keeps up doubles its window, up to this; all
-                growth together stays within the pool (module docstring).
+                growth together stays within the pool (flow.py).
                 ``max_window=initial_window`` turns auto-tuning off.
             max_send_window: the most one channel queues (MIN_WINDOW..MAX_WINDOW),
                 whatever window the peer grants it; the rest of its credit
@@ -288,9 +204,12 @@ class Session:
         self._fixed_quantum = quantum is not None
         if quantum is not None:
             _check_range("quantum", quantum, 1, 1 << 30)
-        self._outbox = Outbox(self._channels, quantum=quantum or chunk_size,
-                              chunk_size=chunk_size, on_drained=self._queue_fin,
-                              on_room=self._on_room)
+        self._budget = budget = SendBudget(self._channels, self._emit,
+                                           max_send_window=max_send_window,
+                                           max_queued_size=max_queued_size)
+        self._outbox = budget.outbox = Outbox(
+            self._channels, quantum=quantum or chunk_size, chunk_size=chunk_size,
+            on_drained=self._queue_fin, on_room=budget.on_room)
         self._outbox.adaptive_quantum = quantum is None
         self._control = self._outbox.control
         # The scheduler's containers, for the per-chunk fast paths (they are
@@ -345,7 +264,7 @@ class Session:
     @property
     def budget_exhaustions(self) -> int:
         """OutboundBudgetExhausted episodes so far."""
-        return self._outbox.exhaustions
+        return self._budget.exhaustions
 
     @property
     def has_events(self) -> bool:
@@ -371,6 +290,10 @@ class Session:
         """Return and clear the events produced so far."""
         events, self._events = self._events, []
         return events
+
+    def _emit(self, event: Event) -> None:
+        """For the SendBudget: ``_events`` is replaced, not cleared, when drained."""
+        self._events.append(event)
 
     def wants_to_send(self) -> bool:
         """True when :meth:`next_record` would return a record."""
@@ -503,7 +426,7 @@ class Session:
                                              settings.max_chunk_size))
         for ch in self._channels.values():  # all ours: the peer could not open any yet
             if ch.credit.resize(self._peer_window) and ch.send_state is SendState.OPEN:
-                self._events.append(WindowUpdated(ch.channel_id, self._own_capacity(ch)))
+                self._events.append(WindowUpdated(ch.channel_id, self._budget.capacity(ch)))
             if ch.ready():
                 self._drr.add(ch.channel_id)
 
@@ -579,7 +502,7 @@ class Session:
             return  # (OPEN, WINDOW) -> ADD_CREDIT needs no lookup on the hot path
         ch.credit.grant(increment)
         if state is SendState.OPEN:
-            self._events.append(WindowUpdated(channel_id, self._own_capacity(ch)))
+            self._events.append(WindowUpdated(channel_id, self._budget.capacity(ch)))
         if ch.queued_size:
             self._drr.add(channel_id)
 
@@ -595,6 +518,7 @@ class Session:
         self._running = False
         keep_settings = bool(self._control) and self._control[0] is self._settings
         self._outbox.clear()
+        self._budget.clear()
         if keep_settings:
             self._control.append(self._settings)
         code = exc.code if exc.code in _ERROR_CODES else int(ErrorCode.PROTOCOL_ERROR)
@@ -628,14 +552,8 @@ class Session:
             self._resets_after_data.pop(ch.channel_id, None)
         self.window_growth -= ch.window.size - self.open_window
         self._drr.discard(ch.channel_id)
-        if ch.wake_below:
-            self._outbox.watching -= 1
-        if ch.queued_size:
-            outbox = self._outbox
-            outbox.held_size -= ch.held_size
-            ch.discard_queue()
-            if outbox.waiters and outbox.held_size < outbox.wake_below:
-                self._wake_budget_waiters()
+        if ch.wake_below or ch.queued_size:
+            self._budget.release(ch)
         self._events.append(ChannelClosed(ch.channel_id))
 
     def _queue_fin(self, ch: Channel) -> None:
@@ -745,52 +663,12 @@ class Session:
         left = self.max_queued_size - self._outbox.held_size - PIECE_OVERHEAD_SIZE
         if own <= left or own <= 0:
             if own <= 0 and credit > cap and not ch.wake_below:
-                ch.wake_below = cap // 2 + 1  # the cap holds it back: wake at half the cap
-                self._outbox.watching += 1
+                self._budget.hold_at_cap(ch)
             return own
         if left > 0:
             return left
-        self._wait_for_budget(channel_id)
+        self._budget.wait(channel_id)
         return 0
-
-    def _own_capacity(self, ch: Channel) -> int:
-        """send_capacity before the session's budget (for WindowUpdated)."""
-        if ch.send_state is not _SEND_OPEN:
-            return 0
-        credit = ch.credit.credit
-        cap = self.max_send_window
-        return (credit if credit < cap else cap) - ch.queued_size
-
-    def _wait_for_budget(self, channel_id: int) -> None:
-        outbox = self._outbox
-        if not outbox.waiters:  # a new episode
-            outbox.watching += 1
-            outbox.wake_below = self.max_queued_size // 2
-            outbox.exhaustions += 1
-            self._events.append(OutboundBudgetExhausted(outbox.held_size,
-                                                        self.max_queued_size))
-        outbox.waiters[channel_id] = None
-
-    def _on_room(self, ch: Channel) -> None:
-        """A cut while channels wait for room (Outbox's on_room): wake those it is for."""
-        outbox = self._outbox
-        if ch.queued_size < ch.wake_below:
-            ch.wake_below = 0
-            outbox.watching -= 1
-            if ch.send_state is _SEND_OPEN:
-                self._events.append(WindowUpdated(ch.channel_id, self._own_capacity(ch)))
-        if outbox.waiters and outbox.held_size < outbox.wake_below:
-            self._wake_budget_waiters()
-
-    def _wake_budget_waiters(self) -> None:
-        outbox = self._outbox
-        outbox.watching -= 1
-        outbox.wake_below = 0
-        waiters, outbox.waiters = outbox.waiters, {}
-        for channel_id in waiters:
-            ch = self._channels.get(channel_id)
-            if ch is not None and ch.send_state is _SEND_OPEN:
-                self._events.append(WindowUpdated(channel_id, self._own_capacity(ch)))
 
     def send_data(self, channel_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data`` (bytes are not copied); then drain :meth:`next_record`.
@@ -901,7 +779,7 @@ class Session:
         window = ch.window
         if len(self._channels) == 1:
             room = min(self.max_window - window.size, self._growth_budget - self.window_growth)
-        else:  # in company: up to, or back to, the initial window (module docstring)
+        else:  # in company: up to, or back to, the initial window (flow.py)
             room = min(self.initial_window - window.size,
                        self._growth_budget - self.window_growth)
         before = window.size

@@ -1,6 +1,6 @@
 """What a Session holds for a peer that grants big windows and reads slowly, or not
 at all: max_send_window per channel, max_queued_size per session, and the wake-ups
-that resume reading once there is room (wstunnel.mux.session)."""
+that resume reading once there is room (wstunnel.mux.session, wstunnel.mux.send_budget)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
-"""Flow-control windows (wstunnel.mux.flow)."""
+"""Flow-control windows, and how a session's receive budget sizes them (wstunnel.mux.flow)."""
 
 from __future__ import annotations
 
 import pytest
 
 from wstunnel.errors import FlowControlError, LocalProtocolError
-from wstunnel.mux.flow import ReceiveWindow, SendCredit
+from wstunnel.mux.flow import DEFAULT_OPEN_WINDOW, ReceiveWindow, SendCredit, plan_windows
 from wstunnel.mux.wire import MAX_WINDOW
+
+KIB = 1024
+MIB = 1024 * KIB
 
 
 def test_send_credit_is_spent_and_refilled() -> None:
@@ -142,3 +145,32 @@ def test_negative_room_shrinks_by_keeping_back_consumed_credit() -> None:
     window.receive(400)
     assert window.acknowledge(400, room=-300) == 100
     assert (window.size, window.available, window.threshold) == (100, 100, 25)
+
+
+def test_a_budget_that_covers_every_channel_opens_them_at_initial_window() -> None:
+    """While max_buffered_size covers max_channels x initial_window (or there is no
+    budget), windows open at initial_window and an eighth of that is the pool."""
+    for budget in (None, 100 * 256 * KIB, 1 << 40):
+        plan = plan_windows(100, 256 * KIB, budget)
+        assert (plan.open_window, plan.max_channels) == (256 * KIB, 100)
+        assert (plan.pool, plan.max_buffered_size) == (100 * 32 * KIB, 100 * 256 * KIB)
+
+
+@pytest.mark.parametrize("budget, channels", [(256 * MIB, 10240), (64 * MIB, 3072)])
+def test_a_budget_too_small_opens_windows_small_and_bounds_them_all(budget: int,
+                                                                     channels: int) -> None:
+    """Past the budget, windows open at DEFAULT_OPEN_WINDOW, their floors take at most
+    3/4 of the budget (fewer channels if need be), and the pool is the rest: the
+    windows together never exceed max_buffered_size."""
+    plan = plan_windows(10240, 256 * KIB, budget)
+    assert (plan.open_window, plan.max_channels) == (DEFAULT_OPEN_WINDOW, channels)
+    assert plan.max_channels * plan.open_window <= budget * 3 // 4
+    assert plan.max_channels * plan.open_window + plan.pool == plan.max_buffered_size == budget
+
+
+def test_a_small_initial_window_past_the_budget_caps_the_channels() -> None:
+    """With initial_window at DEFAULT_OPEN_WINDOW there is nothing to top up: the
+    channel limit is what the budget holds of them."""
+    plan = plan_windows(1000, DEFAULT_OPEN_WINDOW, MIB)
+    assert (plan.open_window, plan.max_channels) == (DEFAULT_OPEN_WINDOW, 64)
+    assert (plan.pool, plan.max_buffered_size) == (MIB // 8, MIB)

@@ -3,7 +3,7 @@
 When max_buffered_size cannot cover every channel at initial_window, channels open
 at DEFAULT_OPEN_WINDOW (what our SETTINGS announce) and get the rest of
 initial_window in one WINDOW from a session-wide pool while it lasts; busy channels
-grow from the pool. See mux/session.py and docs/PROTOCOL.md section 5.
+grow from the pool. See mux/flow.py (plan_windows) and docs/PROTOCOL.md section 5.
 """
 
 from __future__ import annotations
