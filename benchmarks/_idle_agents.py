@@ -17,7 +17,8 @@ the two.
     python benchmarks/_idle_agents.py --port PORT [--ping-interval S] [--tls]
         reads commands on stdin, one per line, and answers each with a JSON line:
         ``grow N``  open sessions until N are up (``--batch`` upgrades at a time);
-                    answers {"up": n, "failed": f, "pongs": p, "ended": e, "seconds": s}
+                    answers {"up": n, "failed": f, "pongs": p, "reads": r, "ended": e,
+                    "seconds": s}
         ``stats``   the same counters now
         EOF         close every session and exit
 """
@@ -51,6 +52,7 @@ class Counters:
     up: int = 0
     failed: int = 0
     pongs: int = 0
+    reads: int = 0  # reads with bytes from the relay: its pongs and its pings
     ended: int = 0
     seconds: float = 0.0
 
@@ -145,6 +147,7 @@ class Holder:
                 return
             else:
                 last_received = now
+                self.counters.reads += 1
                 protocol.receive_data(data)
                 self.counters.pongs += sum(
                     type(event) is ws.PongReceived for event in protocol.events_received())

@@ -13,7 +13,8 @@ Processes (127.0.0.1, all stopped on the way out, Ctrl-C included):
     active   ``wstunnel agent -L`` to the echo: the agent whose round trip is timed
     idle     benchmarks/_idle_agents.py: the idle sessions, one process, one TCP
              connection and one WebSocket upgrade each, pinging the relay and
-             answering its pings at the same interval (its docstring says why)
+             answering its pings at the same interval (its docstring says why);
+             the table counts the relay's pongs to them and its own pings
     load     this process: the round trips, blocking socket
 
 Per ping interval and repetition (fresh processes): for each ``--levels``
@@ -136,13 +137,14 @@ def measure_level(route: _procs.Route, holder: Holder, idle: int,
     time.sleep(args.settle)
     figures: Figures = {"idle": idle, "open_s": grown["seconds"],
                         "rss_kib": _procs.vm_rss_kib(relay), "fds": _procs.open_fds(relay)}
-    pongs = holder.ask("stats")["pongs"]
+    before = holder.ask("stats")
     cpu, start = _procs.cpu_seconds([relay]), time.perf_counter()
     time.sleep(window)
     elapsed = time.perf_counter() - start
     figures["cpu_core"] = (_procs.cpu_seconds([relay]) - cpu) / elapsed
     after = holder.ask("stats")
-    figures["pongs_per_s"] = (after["pongs"] - pongs) / elapsed
+    figures["pongs_per_s"] = (after["pongs"] - before["pongs"]) / elapsed
+    figures["pings_per_s"] = (after["reads"] - before["reads"]) / elapsed - figures["pongs_per_s"]
     if after["ended"]:
         raise BenchError(f"{after['ended']:.0f} idle sessions ended\n{_procs.log_tail(route)}")
     samples = sorted(_load.round_trips(route.ports["echo"], args.round_trips, 30.0))
@@ -184,7 +186,8 @@ COLUMNS: Final = (
     ("fds_per_session", "fds/session", 2, 1.0),
     ("cpu_core", "relay CPU % core", 2, 100.0),
     ("cpu_s_per_session_min", "CPU ms/session/min", 3, 1000.0),
-    ("pongs_per_s", "pongs/s", 0, 1.0),
+    ("pongs_per_s", "relay pongs/s", 0, 1.0),
+    ("pings_per_s", "relay pings/s", 0, 1.0),
     ("p50_ms", "RTT p50 ms", 3, 1.0),
     ("p99_ms", "RTT p99 ms", 3, 1.0),
     ("p99_ratio", "p99 / 0 idle", 2, 1.0),

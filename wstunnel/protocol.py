@@ -34,6 +34,8 @@ __all__ = ["TunnelProtocol", "SessionLimits", "TunnelEvent", "RecordCarrier",
 
 DEFAULT_WRITE_SIZE: Final = 256 * 1024
 _DATA_HEADER_SIZE: Final = mux.wire.DATA_HEADER_SIZE
+#: (a global, not an attribute lookup through the enum class: checked per read and write)
+_WS_OPEN: Final = ws.ConnectionState.OPEN
 
 #: What ``TunnelProtocol.events_received`` yields: the multiplexer's events, and
 #: from the carrier a pong (keepalive), the peer's close and the terminal close.
@@ -226,7 +228,7 @@ class TunnelProtocol:
     def send_ack(self) -> None:
         """Acknowledge what was received, if anything new (each keepalive calls it)."""
         replay = self.replay
-        if replay is not None and self._carrier.state is ws.ConnectionState.OPEN:
+        if replay is not None and self._carrier.state is _WS_OPEN:
             ack = replay.take_ack()
             if ack is not None:
                 self._carrier.send_binary_parts(ack, b"")
@@ -269,7 +271,7 @@ class TunnelProtocol:
         self._close_carrier(ws.CloseCode.PROTOCOL_ERROR, "multiplexer protocol error")
 
     def _close_carrier(self, code: int, reason: str) -> None:
-        if self._carrier.state is ws.ConnectionState.OPEN:
+        if self._carrier.state is _WS_OPEN:
             self._carrier.close(code, reason)
 
     # -- output ------------------------------------------------------------
@@ -320,13 +322,13 @@ class TunnelProtocol:
         """Seconds until output the rate limits hold back may go (the buckets just
         refilled); None when nothing is held back or nothing may be sent any more
         (the WebSocket is closing): then only a wake-up brings more to write."""
-        if self.pacer is None or self._carrier.state is not ws.ConnectionState.OPEN:
+        if self.pacer is None or self._carrier.state is not _WS_OPEN:
             return None
         return self.pacer.delay()
 
     def _frame_records(self, max_size: int) -> None:
         carrier = self._carrier
-        if carrier.state is ws.ConnectionState.OPEN:
+        if carrier.state is _WS_OPEN:
             size = 0
             pacer = self.pacer  # (no limit: one test per write, nothing per record)
             next_parts = self.session.next_record_parts if pacer is None else pacer.next_parts
@@ -344,14 +346,22 @@ class TunnelProtocol:
 
     def wants_to_send(self) -> bool:
         """True when ``data_to_send`` would return bytes (cheap check)."""
-        return self._carrier.state is ws.ConnectionState.OPEN and self.session.wants_to_send()
+        return self._carrier.state is _WS_OPEN and self.session.wants_to_send()
+
+    def only_control_frames(self) -> bool:
+        """True when the WebSocket is open, has frames of its own queued (a pong, an
+        ACK) and no record waits: output a transport may write at once, outside its
+        writer's order (net/transport.py ``_answer_in_place``)."""
+        carrier = self._carrier
+        return (carrier.has_output and carrier.state is _WS_OPEN
+                and not self.session.wants_to_send())
 
     def wants_to_write(self) -> bool:
         """True when the writer has anything to do: bytes for ``data_to_send`` (queued
         WebSocket frames or records), or the WebSocket is no longer open (a close to
         send or the transport to drop)."""
         carrier = self._carrier
-        return (carrier.has_output or carrier.state is not ws.ConnectionState.OPEN
+        return (carrier.has_output or carrier.state is not _WS_OPEN
                 or self.session.wants_to_send())
 
     # -- session-level actions ---------------------------------------------
@@ -421,7 +431,7 @@ class TunnelProtocol:
     def _check_open(self) -> None:
         if self.replay is not None and self.carrier_lost:
             return  # (a resumable session between carriers: the OPEN waits for the next)
-        if self._terminal or self._carrier.state is not ws.ConnectionState.OPEN:
+        if self._terminal or self._carrier.state is not _WS_OPEN:
             raise LocalProtocolError("the session is closing; no new channels")
 
 

@@ -134,6 +134,14 @@ class KeepaliveAction(enum.Enum):
     GIVE_UP = enum.auto()  # nothing arrived within ping_timeout of a ping: the carrier is lost
 
 
+#: (globals, not attribute lookups through the enum class: one check per session
+#: and ping interval, on a relay with thousands of sessions)
+_WAIT: Final = KeepaliveAction.WAIT
+_ACK: Final = KeepaliveAction.ACK
+_PING: Final = KeepaliveAction.PING
+_GIVE_UP: Final = KeepaliveAction.GIVE_UP
+
+
 class SessionKeepalive:
     """When one session pings, and when it gives up on a silent peer.
 
@@ -172,15 +180,15 @@ class SessionKeepalive:
         if waiting_since is not None and last_received >= waiting_since:
             waiting_since = self._waiting_since = None
         if waiting_since is not None and now >= waiting_since + self.timeout:
-            return KeepaliveAction.GIVE_UP
+            return _GIVE_UP
         if at < self._next_ping:
-            return KeepaliveAction.WAIT
+            return _WAIT
         self._next_ping = at + self.interval
         if waiting_since is None and at - last_received < self.interval:
-            return KeepaliveAction.ACK
+            return _ACK
         if waiting_since is None:
             self._waiting_since = now
-        return KeepaliveAction.PING
+        return _PING
 
     def due(self) -> Due:
         """When to check next (after a check that did not give up)."""

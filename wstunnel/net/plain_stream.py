@@ -69,23 +69,45 @@ class PlainSocketStream(trio.abc.Stream):
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._closed = False
+        #: The last read took less than it asked for: the kernel had nothing more.
+        self._drained = False
+        #: ``wait_receivable`` waited: the next read is no checkpoint of its own.
+        self._waited = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         size = max_bytes if max_bytes is not None else DEFAULT_RECEIVE_SIZE
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        return await self._read(self._sock.recv, size)
+        data = await self._read(self._sock.recv, size)
+        self._drained = len(data) < size
+        return data
 
     async def receive_into(self, buffer: memoryview) -> int:
         """Like ``receive_some``, into ``buffer``: bytes read (0 at EOF)."""
         if not len(buffer):
             raise ValueError("the buffer is empty")
-        return await self._read(self._sock.recv_into, buffer)
+        got = await self._read(self._sock.recv_into, buffer)
+        self._drained = got < len(buffer)
+        return got
+
+    async def wait_receivable(self) -> None:
+        """Before a read, when the last one left the kernel's buffer empty: wait for
+        bytes first, instead of a read that fails (a system call and an exception).
+
+        For a reader that expects nothing soon: an idle session's reader after a
+        ping, once per wake-up on a relay with many idle agents (issue 22). The read
+        that follows is then no checkpoint of its own; when the last read did not
+        drain the buffer this returns at once and is none either.
+        """
+        if self._drained:
+            self._check_open()
+            await trio.lowlevel.wait_readable(self._sock)
+            self._waited = True
 
     async def _read(self, read: Callable[[_A], _R], arg: _A) -> _R:
         self._check_open()
         sock = self._sock
-        waited = False
+        waited, self._waited = self._waited, False
         while True:
             try:
                 result = read(arg)

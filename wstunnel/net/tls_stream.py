@@ -113,7 +113,7 @@ class TLSSocketStream(PlainSocketStream):
         if wanted < 1:
             raise ValueError("max_bytes must be >= 1")
         size = min(wanted, self._buffer_size)
-        waited = False
+        waited, self._waited = self._waited, False
         while True:
             buffer = new_buffer(size)  # not zeroed: only the bytes read are kept
             view = memoryview(buffer)
@@ -140,7 +140,8 @@ class TLSSocketStream(PlainSocketStream):
         self._check_open()
         if not len(buffer):
             raise ValueError("the buffer is empty")
-        filled = await self._fill(buffer)
+        waited, self._waited = self._waited, False
+        filled = await self._fill(buffer, waited=waited)
         assert filled is not None  # (it waits)
         return filled
 
@@ -153,6 +154,7 @@ class TLSSocketStream(PlainSocketStream):
         read = self._ssl_read
         size = len(view)
         filled = 0
+        self._drained = False  # (True below: OpenSSL found no whole record left)
         try:
             while filled < size:
                 try:
@@ -161,6 +163,7 @@ class TLSSocketStream(PlainSocketStream):
                     break  # EOF without close_notify: fine here (module docstring)
                 except ssl.SSLWantReadError:
                     if filled:
+                        self._drained = True
                         break
                     if not wait:
                         return None

@@ -39,7 +39,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -65,6 +65,11 @@ log = logging.getLogger("wstunnel.session")
 #: Largest read (as the largest write, write_pacing.MAX_WRITE_SIZE): 1 MiB, not
 #: 256 KiB, took a quarter off the CPU per GiB uploading (docs/PERFORMANCE.md).
 RECEIVE_SIZE = 1024 * 1024
+# (globals, not attribute lookups through the enum class: a check per session and
+# ping interval, on a relay with thousands of sessions)
+_WAIT: Final = KeepaliveAction.WAIT
+_PING: Final = KeepaliveAction.PING
+_GIVE_UP: Final = KeepaliveAction.GIVE_UP
 
 
 OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
@@ -483,9 +488,15 @@ class TunnelTransport:
         receive_into = getattr(self.stream, "receive_into", None)
         # (None for the HTTP transports' pipe: the writer sends everything)
         send_nowait = nowait_sender(self.stream)
+        # After a read that raised no event (a ping, a pong), the next bytes are
+        # not due soon: wait for them rather than try a read that fails first.
+        wait_receivable = getattr(self.stream, "wait_receivable", None)
+        quiet = False
         while True:
             into = protocol.receive_buffer() if receive_into is not None else None
             try:
+                if quiet and into is None and wait_receivable is not None:
+                    await wait_receivable()  # (not within a big frame: bulk reads at once)
                 if into is None or receive_into is None:
                     data = await receive_some(RECEIVE_SIZE)
                 else:
@@ -505,10 +516,12 @@ class TunnelTransport:
             else:
                 protocol.buffer_filled(got)
             events = protocol.events_received()
+            quiet = not events
             if events:  # (DATA, OPEN, WINDOW: always some; so never the branch below)
                 self._dispatch(events)
             elif self._writer_parked and send_nowait is not None:
                 self._answer_in_place(send_nowait)  # (a ping: the pong, without the writer)
+                continue  # (it wakes the writer if need be; no event: nothing to pump)
             if self._pump is not None:
                 self._pump.flush()
             self.wake_writer()
@@ -520,16 +533,17 @@ class TunnelTransport:
                 return  # the writer flushes our close reply, then ends the session
 
     def _answer_in_place(self, send_nowait: Callable[[list[Buffer]], list[Buffer]]) -> None:
-        """Write what a read that raised no event queued (a pong) from the reader, while
-        the writer is parked: an idle session's ping then costs no writer wake-up (two
-        task steps and an epoll round, issue 22). Only when no record waits (the writer
-        sizes and orders those), so what goes is WebSocket control frames; what the
-        kernel does not take is left in ``_unsent`` for the writer, which sends it
-        first. No checkpoint between the writer-parked check and the send: the writer
-        cannot be sending."""
+        """Write the WebSocket's own frames (the reader's pong to a ping, the keepalive's
+        ping) from the task that queued them, while the writer is parked: an idle
+        session's ping exchange then costs no writer wake-up (two task steps and an
+        epoll round, issue 22). Only when no record waits (the writer sizes and orders
+        those); what the kernel does not take is left in ``_unsent`` for the writer,
+        which sends it first. No checkpoint between the writer-parked check and the
+        send: the writer cannot be sending."""
         protocol = self.protocol
-        if self._unsent or protocol.wants_to_send() or not protocol.wants_to_write():
-            return  # (an earlier reply waits for the writer: this one goes behind it)
+        if self._unsent or not protocol.only_control_frames():
+            self.wake_writer()  # (an earlier reply, records, a close: the writer's, in order)
+            return
         try:
             self._unsent = send_nowait(protocol.parts_to_send(MIN_WRITE_SIZE))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -606,15 +620,19 @@ class TunnelTransport:
         check next."""
         keepalive = self._keepalive
         action = keepalive.check(now, deadline, self._last_received)
-        if action is KeepaliveAction.GIVE_UP:
+        if action is _GIVE_UP:
             self._lost = True
             self._end(f"no answer to ping within {keepalive.timeout:g} s")
             return None
-        if action is not KeepaliveAction.WAIT:
+        if action is not _WAIT:
             self.protocol.send_ack()  # (a resumable session: what came, since the last)
-            if action is KeepaliveAction.PING:
+            if action is _PING:
                 self.protocol.ping(b"wstunnel")
-            self.wake_writer()  # (the ping, or the ack if there was one)
+            send_nowait = nowait_sender(self.stream) if self._writer_parked else None
+            if send_nowait is not None:  # (the ping, or the ack: as the reader's pong)
+                self._answer_in_place(send_nowait)
+            else:
+                self.wake_writer()
         return keepalive.due()
 
     # -- event dispatch -------------------------------------------------------------

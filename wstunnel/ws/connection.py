@@ -76,6 +76,20 @@ class ConnectionState(enum.Enum):
     CLOSED = "closed"
 
 
+# Enum members as module constants: ``ConnectionState.OPEN`` is an attribute
+# lookup through the enum metaclass's ``__getattr__`` hook (several hundred
+# machine instructions on CPython 3.11), paid on every read and frame; a
+# global is a dict hit.
+_OPEN: Final = ConnectionState.OPEN
+_CLOSING: Final = ConnectionState.CLOSING
+_CLOSED: Final = ConnectionState.CLOSED
+_TEXT: Final = Opcode.TEXT
+_BINARY: Final = Opcode.BINARY
+_PING: Final = Opcode.PING
+_PONG: Final = Opcode.PONG
+_CLOSE: Final = Opcode.CLOSE
+
+
 def is_valid_close_code(code: int) -> bool:
     """True for codes a peer may put in a close frame (RFC 6455 7.4, IANA registry).
 
@@ -173,7 +187,7 @@ class WebSocketConnection:
         )
         self._events: list[Event] = []
         self._output: list[bytes | bytearray | memoryview] = []
-        self.state = ConnectionState.OPEN
+        self.state = _OPEN
         self.failure: RemoteProtocolError | None = None
         self.close_code: int | None = None
         self.close_reason = ""
@@ -192,7 +206,7 @@ class WebSocketConnection:
         Afterwards call ``events_received()`` and ``data_to_send()`` (a pong or
         close may be queued), then check ``should_close_transport``.
         """
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return
         self._decoder.receive_data(data)
         self._decode()
@@ -204,13 +218,13 @@ class WebSocketConnection:
         copied (``FrameDecoder.receive_buffer``). Release the view, then call
         ``buffer_filled`` with the count read.
         """
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return None
         return self._decoder.receive_buffer()
 
     def buffer_filled(self, size: int) -> None:
         """``size`` bytes were read into ``receive_buffer()``; process as ``receive_data``."""
-        if self.state is ConnectionState.CLOSED:
+        if self.state is _CLOSED:
             return
         self._decoder.buffer_filled(size)
         self._decode()
@@ -231,7 +245,7 @@ class WebSocketConnection:
 
         Without a close handshake this ends the connection with code 1006.
         """
-        if self.state is not ConnectionState.CLOSED:
+        if self.state is not _CLOSED:
             self._finish(_ABNORMAL, "connection lost without a close frame")
 
     # -- output --------------------------------------------------------------
@@ -278,7 +292,7 @@ class WebSocketConnection:
             LocalProtocolError: we already sent a close or the connection is closed.
         """
         self._check_can_send()
-        self._send_frame(Opcode.BINARY, bytes(data))
+        self._send_frame(_BINARY, bytes(data))
 
     def send_binary_parts(self, prefix: bytes, payload: bytes | bytearray | memoryview) -> None:
         """Queue one binary message ``prefix + payload`` without joining the two
@@ -294,7 +308,7 @@ class WebSocketConnection:
     def send_text(self, text: str) -> None:
         """Queue one text message as a single final frame (see ``send_bytes``)."""
         self._check_can_send()
-        self._send_frame(Opcode.TEXT, text.encode("utf-8"))
+        self._send_frame(_TEXT, text.encode("utf-8"))
 
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping; the answer arrives as ``PongReceived``.
@@ -303,12 +317,12 @@ class WebSocketConnection:
             LocalProtocolError: payload over 125 bytes, or sending is over.
         """
         self._check_can_send()
-        self._send_frame(Opcode.PING, self._control_payload(payload))
+        self._send_frame(_PING, self._control_payload(payload))
 
     def pong(self, payload: bytes = b"") -> None:
         """Queue an unsolicited pong (pings are answered automatically)."""
         self._check_can_send()
-        self._send_frame(Opcode.PONG, self._control_payload(payload))
+        self._send_frame(_PONG, self._control_payload(payload))
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; a no-op once closing or closed.
@@ -324,15 +338,15 @@ class WebSocketConnection:
         Raises:
             LocalProtocolError: the code may not be sent or the reason is too long.
         """
-        if self.state is not ConnectionState.OPEN:
+        if self.state is not _OPEN:
             return
-        self._send_frame(Opcode.CLOSE, _close_payload(code, reason))
-        self.state = ConnectionState.CLOSING
+        self._send_frame(_CLOSE, _close_payload(code, reason))
+        self.state = _CLOSING
 
     # -- internals -----------------------------------------------------------
 
     def _check_can_send(self) -> None:
-        if self.state is not ConnectionState.OPEN:
+        if self.state is not _OPEN:
             raise LocalProtocolError(f"cannot send: connection is {self.state.value}")
 
     @staticmethod
@@ -361,15 +375,15 @@ class WebSocketConnection:
 
     def _handle_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode <= Opcode.BINARY:
+        if opcode <= _BINARY:
             self._handle_data(frame)
             return
         payload = bytes(frame.payload)  # control payloads are short bytes already: no copy
-        if opcode is Opcode.PING:
+        if opcode is _PING:
             self._events.append(PingReceived(payload))
-            if self.state is ConnectionState.OPEN:
-                self._send_frame(Opcode.PONG, payload)  # 5.5.2: MUST answer
-        elif opcode is Opcode.PONG:
+            if self.state is _OPEN:
+                self._send_frame(_PONG, payload)  # 5.5.2: MUST answer
+        elif opcode is _PONG:
             self._events.append(PongReceived(payload))
         else:
             self._handle_close(payload)
@@ -377,18 +391,18 @@ class WebSocketConnection:
     def _handle_data(self, frame: Frame) -> None:
         """Deliver or reassemble; the decoder has already checked sequencing."""
         opcode, payload, fin = frame.opcode, frame.payload, frame.fin
-        if fin and opcode is Opcode.BINARY:
+        if fin and opcode is _BINARY:
             self._events.append(BytesMessage(payload))
-        elif fin and opcode is Opcode.TEXT:
+        elif fin and opcode is _TEXT:
             self._events.append(TextMessage(_decode_utf8(payload)))
         else:
             self._handle_fragment(opcode, payload, fin)
 
     def _handle_fragment(self, opcode: Opcode, payload: bytes | bytearray, fin: bool) -> None:
         """One fragment of a message; text is validated as it arrives (fail fast)."""
-        if opcode is Opcode.TEXT:
+        if opcode is _TEXT:
             self._utf8 = codecs.getincrementaldecoder("utf-8")()
-        elif opcode is Opcode.BINARY:
+        elif opcode is _BINARY:
             self._utf8 = None
         if self._utf8 is not None:
             try:
@@ -411,21 +425,21 @@ class WebSocketConnection:
         """The peer's close: echo it if we have not closed yet (RFC 6455 5.5.1)."""
         code, reason = _parse_close(payload)
         self._events.append(CloseReceived(code, reason))
-        if self.state is ConnectionState.OPEN:
+        if self.state is _OPEN:
             echo = b"" if code == _NO_STATUS else code.to_bytes(2, "big")
-            self._send_frame(Opcode.CLOSE, echo)
+            self._send_frame(_CLOSE, echo)
         self._finish(code, reason)
 
     def _fail(self, exc: RemoteProtocolError) -> None:
         """_Fail the WebSocket Connection_ (7.1.7): send our close, go terminal."""
         self.failure = exc
-        if self.state is ConnectionState.OPEN:
+        if self.state is _OPEN:
             # The reason stays local: never send exception text to the peer.
-            self._send_frame(Opcode.CLOSE, exc.code.to_bytes(2, "big"))
+            self._send_frame(_CLOSE, exc.code.to_bytes(2, "big"))
         self._finish(exc.code, str(exc))
 
     def _finish(self, code: int, reason: str) -> None:
-        self.state = ConnectionState.CLOSED
+        self.state = _CLOSED
         self.close_code = code
         self.close_reason = reason
         self.should_close_transport = True

@@ -359,6 +359,9 @@ class FrameDecoder:
         if header is None:
             if self._failure is not None:
                 raise self._failure
+            buf = self._buffer
+            if len(buf.storage) - buf.offset < 2:
+                return None  # (no header: the usual end of a read, without a call)
             try:
                 header = self._parse_header()
             except RemoteProtocolError as exc:

@@ -242,3 +242,86 @@ async def test_a_reply_into_a_broken_connection_ends_the_carrier_as_lost() -> No
         await peer_stream.aclose()
         await relay_stream.aclose()
     assert reason.startswith("connection lost while sending: connection reset by peer")
+
+
+class FailedReads(socket.socket):
+    """A socket that counts the reads the kernel had nothing for."""
+
+    failed = 0
+
+    def recv(self, *args: int) -> bytes:
+        try:
+            return super().recv(*args)
+        except BlockingIOError:
+            self.failed += 1
+            raise
+
+
+async def test_an_idle_session_reads_each_ping_once() -> None:
+    """After a read that raised no event (a ping) the reader waits for the next bytes
+    instead of trying a read first: one read per ping, none that finds nothing (a
+    system call and an exception per wake-up, on a relay with many idle agents)."""
+    peer_sock, relay_sock = socket.socketpair()
+    relay_sock.setblocking(False)
+    counted = FailedReads(fileno=relay_sock.detach())
+    relay_stream = CountingStream(counted)
+    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=0)
+    peer = ws.WebSocketConnection(ws.Role.CLIENT)
+    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
+                peer.events_received()
+                await _ping_and_wait_for_the_pong(peer, peer_stream, b"first")
+                counted.failed = 0
+                for payload in (b"second", b"third", b"fourth"):
+                    await _ping_and_wait_for_the_pong(peer, peer_stream, payload)
+                    await trio.testing.wait_all_tasks_blocked()  # (the reader waits again)
+            assert counted.failed == 0
+            assert relay_stream.nowait_calls == 4  # (and every pong went out in place)
+            nursery.cancel_scope.cancel()
+    finally:
+        await peer_stream.aclose()
+        await relay_stream.aclose()
+
+
+async def _ping_and_wait_for_the_pong(peer: ws.WebSocketConnection,
+                                      peer_stream: trio.SocketStream, payload: bytes) -> None:
+    peer.ping(payload)
+    await peer_stream.send_all(peer.data_to_send())
+    peer.receive_data(await peer_stream.receive_some())
+    assert peer.events_received() == [ws.PongReceived(payload)]
+
+
+async def test_the_keepalives_ping_is_sent_in_place_too() -> None:
+    """A relay's keepalive ping to a quiet agent goes out from the keepalive timer
+    itself, as the reader's pong does: no writer wake-up per ping either."""
+    peer_sock, relay_sock = socket.socketpair()
+    relay_sock.setblocking(False)
+    relay_stream = CountingStream(relay_sock)
+    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=0.05)
+    peer = ws.WebSocketConnection(ws.Role.CLIENT)
+    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
+                assert peer.events_received()
+                relay_stream.parts_calls = 0
+                events: list[ws.Event] = []
+                while not events:
+                    peer.receive_data(await peer_stream.receive_some())
+                    events = peer.events_received()
+            assert events == [ws.PingReceived(b"wstunnel")]
+            assert (relay_stream.nowait_calls, relay_stream.parts_calls) == (1, 0)
+            nursery.cancel_scope.cancel()
+    finally:
+        await peer_stream.aclose()
+        await relay_stream.aclose()

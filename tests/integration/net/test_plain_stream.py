@@ -71,3 +71,51 @@ async def test_receive_into_reads_into_the_given_view() -> None:
     finally:
         await sender.aclose()
         await receiver.aclose()
+
+
+class FailedReads(socket.socket):
+    """A socket that counts the reads the kernel had nothing for."""
+
+    failed = 0
+
+    def recv(self, *args: int) -> bytes:
+        try:
+            return super().recv(*args)
+        except BlockingIOError:
+            self.failed += 1
+            raise
+
+
+async def test_after_a_drained_read_the_next_bytes_are_awaited_not_tried_for() -> None:
+    """An idle session's reader (net/transport.py) calls wait_receivable after a read
+    that left the socket empty: the next bytes cost one read, not a failed one first
+    (a system call and an exception per ping on a relay with many idle agents). After
+    a read that filled its buffer the bytes left are read at once, without a wait."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    counted = FailedReads(fileno=b.detach())
+    stream = PlainSocketStream(counted)
+    try:
+        with trio.fail_after(5):
+            a.send(b"ping")
+            assert await stream.receive_some(100) == b"ping"  # (short: drained)
+            got: list[bytes | bytearray] = []
+
+            async def read_when_receivable() -> None:
+                await stream.wait_receivable()
+                got.append(await stream.receive_some(100))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_when_receivable)
+                await trio.testing.wait_all_tasks_blocked()
+                a.send(b"next")
+            assert got == [b"next"]
+            assert counted.failed == 0
+            a.send(b"0123456789")
+            assert await stream.receive_some(4) == b"0123"  # (full: more may be there)
+            await stream.wait_receivable()  # (returns at once: the rest is buffered)
+            assert await stream.receive_some(100) == b"456789"
+            assert counted.failed == 0
+    finally:
+        a.close()
+        await stream.aclose()

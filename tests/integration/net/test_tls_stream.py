@@ -249,3 +249,35 @@ async def test_a_reader_waiting_on_an_idle_connection_holds_no_buffer(
         await server.aclose()
     assert got == [b"ping"]
     assert held < 16 * 1024, f"{held} bytes held while waiting"
+
+
+async def test_wait_receivable_waits_only_when_openssl_holds_nothing(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    """The session reader waits for bytes after a read that left nothing (an idle
+    ping): over TLS that is only when OpenSSL found no whole record left. A read that
+    filled its buffer may leave records inside OpenSSL with the socket empty; waiting
+    for the socket then would stall the session."""
+    client, server = await tls_pair(contexts)
+    try:
+        with trio.fail_after(5):
+            for word in (b"one", b"two"):
+                await client.send_all(word)
+            assert await server.receive_some(3) == b"one"
+            await server.wait_receivable()  # ("two" is inside OpenSSL: no wait)
+            assert await server.receive_some(100) == b"two"
+            woke = trio.Event()
+
+            async def wait_then_note() -> None:
+                await server.wait_receivable()
+                woke.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_then_note)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not woke.is_set()  # (drained: it waits for the socket)
+                await client.send_all(b"three")
+            assert await server.receive_some(100) == b"three"
+    finally:
+        await client.aclose()
+        await server.aclose()
