@@ -488,8 +488,10 @@ class TunnelTransport:
         receive_into = getattr(self.stream, "receive_into", None)
         # (None for the HTTP transports' pipe: the writer sends everything)
         send_nowait = nowait_sender(self.stream)
-        # After a read that raised no event (a ping, a pong), the next bytes are
-        # not due soon: wait for them rather than try a read that fails first.
+        # After a read that raised no event (a ping, a pong) while nothing waited to
+        # be written, the next bytes are not due soon: wait for them rather than try
+        # a read that fails first. (A sender's reads of the peer's ACKs raise no
+        # event either, and the next WINDOW is often there already.)
         wait_receivable = getattr(self.stream, "wait_receivable", None)
         quiet = False
         while True:
@@ -516,7 +518,7 @@ class TunnelTransport:
             else:
                 protocol.buffer_filled(got)
             events = protocol.events_received()
-            quiet = not events
+            quiet = not events and self._writer_parked  # (idle: not a busy sender's ACK)
             if events:  # (DATA, OPEN, WINDOW: always some; so never the branch below)
                 self._dispatch(events)
             elif self._writer_parked and send_nowait is not None:
