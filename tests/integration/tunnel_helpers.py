@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -283,3 +284,17 @@ async def echo_exact(stream: trio.abc.Stream, payload: bytes) -> bytes:
         assert data, "closed early"
         got += data
     return got
+
+
+class FailedReads(socket.socket):
+    """A socket that counts the reads the kernel had nothing for (a failed ``recv``:
+    a system call and an exception that a reader waiting first would not pay)."""
+
+    failed = 0
+
+    def recv(self, *args: int) -> bytes:
+        try:
+            return super().recv(*args)
+        except BlockingIOError:
+            self.failed += 1
+            raise

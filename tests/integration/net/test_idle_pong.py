@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from wstunnel.net.tls_stream import TLSSocketStream, start_tls
 from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
 from wstunnel.security.tls import ClientTLS, client_context, self_signed_certificate, server_context
+
+from ..tunnel_helpers import FailedReads
 
 
 class CountingStream(PlainSocketStream):
@@ -244,17 +247,29 @@ async def test_a_reply_into_a_broken_connection_ends_the_carrier_as_lost() -> No
     assert reason.startswith("connection lost while sending: connection reset by peer")
 
 
-class FailedReads(socket.socket):
-    """A socket that counts the reads the kernel had nothing for."""
-
-    failed = 0
-
-    def recv(self, *args: int) -> bytes:
-        try:
-            return super().recv(*args)
-        except BlockingIOError:
-            self.failed += 1
-            raise
+@asynccontextmanager
+async def _idle_relay(relay_stream: PlainSocketStream, peer_sock: socket.socket,
+                      ping_interval: float = 0) -> AsyncIterator[tuple[ws.WebSocketConnection,
+                                                                      trio.SocketStream]]:
+    """A relay session on ``relay_stream``, gone idle once its SETTINGS reached the
+    bare WebSocket peer on ``peer_sock``; yields that peer and its stream, and
+    stops the session and closes both on the way out."""
+    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=ping_interval)
+    peer = ws.WebSocketConnection(ws.Role.CLIENT)
+    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            with trio.fail_after(5):
+                await trio.testing.wait_all_tasks_blocked()
+                peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
+                assert peer.events_received()
+                yield peer, peer_stream
+            nursery.cancel_scope.cancel()
+    finally:
+        await peer_stream.aclose()
+        await relay_stream.aclose()
 
 
 async def test_an_idle_session_reads_each_ping_once() -> None:
@@ -265,28 +280,14 @@ async def test_an_idle_session_reads_each_ping_once() -> None:
     relay_sock.setblocking(False)
     counted = FailedReads(fileno=relay_sock.detach())
     relay_stream = CountingStream(counted)
-    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
-                            ping_interval=0)
-    peer = ws.WebSocketConnection(ws.Role.CLIENT)
-    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay.run)
-            with trio.fail_after(5):
-                await trio.testing.wait_all_tasks_blocked()
-                peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
-                peer.events_received()
-                await _ping_and_wait_for_the_pong(peer, peer_stream, b"first")
-                counted.failed = 0
-                for payload in (b"second", b"third", b"fourth"):
-                    await _ping_and_wait_for_the_pong(peer, peer_stream, payload)
-                    await trio.testing.wait_all_tasks_blocked()  # (the reader waits again)
-            assert counted.failed == 0
-            assert relay_stream.nowait_calls == 4  # (and every pong went out in place)
-            nursery.cancel_scope.cancel()
-    finally:
-        await peer_stream.aclose()
-        await relay_stream.aclose()
+    async with _idle_relay(relay_stream, peer_sock) as (peer, peer_stream):
+        await _ping_and_wait_for_the_pong(peer, peer_stream, b"first")
+        counted.failed = 0
+        for payload in (b"second", b"third", b"fourth"):
+            await _ping_and_wait_for_the_pong(peer, peer_stream, payload)
+            await trio.testing.wait_all_tasks_blocked()  # (the reader waits again)
+    assert counted.failed == 0
+    assert relay_stream.nowait_calls == 4  # (and every pong went out in place)
 
 
 async def _ping_and_wait_for_the_pong(peer: ws.WebSocketConnection,
@@ -303,25 +304,12 @@ async def test_the_keepalives_ping_is_sent_in_place_too() -> None:
     peer_sock, relay_sock = socket.socketpair()
     relay_sock.setblocking(False)
     relay_stream = CountingStream(relay_sock)
-    relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
-                            ping_interval=0.05)
-    peer = ws.WebSocketConnection(ws.Role.CLIENT)
-    peer_stream = trio.SocketStream(trio.socket.from_stdlib_socket(peer_sock))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(relay.run)
-            with trio.fail_after(5):
-                await trio.testing.wait_all_tasks_blocked()
-                peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
-                assert peer.events_received()
-                relay_stream.parts_calls = 0
-                events: list[ws.Event] = []
-                while not events:
-                    peer.receive_data(await peer_stream.receive_some())
-                    events = peer.events_received()
-            assert events == [ws.PingReceived(b"wstunnel")]
-            assert (relay_stream.nowait_calls, relay_stream.parts_calls) == (1, 0)
-            nursery.cancel_scope.cancel()
-    finally:
-        await peer_stream.aclose()
-        await relay_stream.aclose()
+    async with _idle_relay(relay_stream, peer_sock, ping_interval=0.2) as (peer, peer_stream):
+        relay_stream.parts_calls = 0
+        events: list[ws.Event] = []
+        while not events:
+            peer.receive_data(await peer_stream.receive_some())
+            events = peer.events_received()
+    assert events == [ws.PingReceived(b"wstunnel")]
+    assert relay_stream.parts_calls == 0  # (none from the writer)
+    assert relay_stream.nowait_calls >= 1

@@ -10,7 +10,11 @@ import trio.testing
 
 from wstunnel.net.plain_stream import PlainSocketStream, take_over
 
-from ..tunnel_helpers import assert_parts_arrive_joined, assert_receive_into_fills_views
+from ..tunnel_helpers import (
+    FailedReads,
+    assert_parts_arrive_joined,
+    assert_receive_into_fills_views,
+)
 
 
 def plain_pair() -> tuple[PlainSocketStream, PlainSocketStream]:
@@ -71,19 +75,6 @@ async def test_receive_into_reads_into_the_given_view() -> None:
     finally:
         await sender.aclose()
         await receiver.aclose()
-
-
-class FailedReads(socket.socket):
-    """A socket that counts the reads the kernel had nothing for."""
-
-    failed = 0
-
-    def recv(self, *args: int) -> bytes:
-        try:
-            return super().recv(*args)
-        except BlockingIOError:
-            self.failed += 1
-            raise
 
 
 async def test_after_a_drained_read_the_next_bytes_are_awaited_not_tried_for() -> None:
