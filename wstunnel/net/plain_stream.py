@@ -124,8 +124,13 @@ class PlainSocketStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.send_parts((data,))
 
-    async def send_parts(self, parts: Sequence[Buffer]) -> None:
-        """``send_all`` of the parts joined, without joining them (``sendmsg``)."""
+    async def send_parts(self, parts: Sequence[Buffer], *, checkpoint: bool = True) -> None:
+        """``send_all`` of the parts joined, without joining them (``sendmsg``).
+
+        ``checkpoint=False``: no checkpoint at the end when the kernel took it all
+        at once, for a writer whose next step is a wait or a checkpoint of its own
+        (the session's writer: one scheduler round less per write, net/transport.py).
+        """
         self._check_open()
         sock = self._sock
         pieces: list[Buffer] = [part for part in parts if len(part)]
@@ -141,7 +146,7 @@ class PlainSocketStream(trio.abc.Stream):
                 drop_sent(pieces, sent)
         except OSError as exc:
             raise self._broken(exc) from exc
-        if not waited:
+        if checkpoint and not waited:
             await trio.lowlevel.checkpoint()
 
     def send_nowait(self, parts: Sequence[Buffer]) -> list[Buffer]:

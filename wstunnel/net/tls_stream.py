@@ -185,9 +185,10 @@ class TLSSocketStream(PlainSocketStream):
             await trio.lowlevel.checkpoint()
         return filled
 
-    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+    async def send_parts(self, parts: Sequence[Buffer], *, checkpoint: bool = True) -> None:
         """``send_all`` (inherited) of the parts joined; only what fills one TLS record around
-        a small part (a frame header) is copied (``_records``)."""
+        a small part (a frame header) is copied (``_records``). ``checkpoint``: as for
+        the plain stream (a wait for the socket is one)."""
         self._check_open()
         sock = self._sock
         # OpenSSL writes each 16 KiB record with its own write(): corked, the
@@ -221,7 +222,8 @@ class TLSSocketStream(PlainSocketStream):
         finally:
             if cork and not self._closed:
                 self._set_cork(False)
-        await trio.lowlevel.checkpoint()
+        if checkpoint:
+            await trio.lowlevel.checkpoint()
 
     def send_nowait(self, parts: Sequence[Buffer]) -> list[Buffer]:
         """What OpenSSL took of ``parts`` now: all of it, or nothing, since SSL_write

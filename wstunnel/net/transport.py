@@ -39,6 +39,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
@@ -51,7 +52,7 @@ from .budget_warning import BudgetWarning
 from .channel_stream import ChannelStream
 from .channel_table import ChannelTable, end_channel
 from .keepalive import Due, KeepaliveAction, KeepaliveTimer, Scheduled, SessionKeepalive
-from .plain_stream import Buffer, nowait_sender
+from .plain_stream import Buffer, PlainSocketStream, nowait_sender
 from .write_pacing import MIN_WRITE_SIZE, START_WRITE_SIZE, next_write_size, wait_paced
 
 if TYPE_CHECKING:
@@ -558,6 +559,9 @@ class TunnelTransport:
     async def _writer(self) -> None:
         protocol = self.protocol
         send_parts = getattr(self.stream, "send_parts", None) or self._send_joined
+        stream = self.stream  # (plain or TLS, ours: no checkpoint after a write it took)
+        send_unchecked = (partial(stream.send_parts, checkpoint=False)
+                          if isinstance(stream, PlainSocketStream) else None)
         clock = trio.current_time
         wait_writable = self.stream.wait_send_all_might_not_block
         write_size = START_WRITE_SIZE
@@ -579,9 +583,17 @@ class TunnelTransport:
                         # channels read from their sources again while this write runs.
                         self.dispatch_local_events()
                     # (a frame's header and payload go out without being joined)
-                    await send_parts(parts)
+                    if send_unchecked is None:
+                        await send_parts(parts)
+                    else:
+                        await send_unchecked(parts)
                     written = sum(map(len, parts))
                     write_size = next_write_size(write_size, written, clock() - started)
+                    if send_unchecked is not None and protocol.wants_to_write():
+                        # Back-to-back writes: the others run in between. Otherwise the
+                        # wait below is the checkpoint, and an interactive write costs
+                        # one scheduler round, not two.
+                        await trio.sleep(0)  # (a checkpoint)
                     continue
                 if protocol.should_close_transport:
                     self._end(self._closed_reason("session closed"))

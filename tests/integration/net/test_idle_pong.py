@@ -49,9 +49,9 @@ class CountingStream(PlainSocketStream):
         self.on_nowait()
         return [*left, rest] if rest else left
 
-    async def send_parts(self, parts: Sequence[Buffer]) -> None:
+    async def send_parts(self, parts: Sequence[Buffer], *, checkpoint: bool = True) -> None:
         self.parts_calls += 1
-        await super().send_parts(parts)
+        await super().send_parts(parts, checkpoint=checkpoint)
 
 
 async def _ping_the_idle_relay(nowait_limit: int | None = None,
@@ -174,9 +174,9 @@ async def test_over_tls_the_reader_sends_the_pong_through_openssl(
         calls["nowait"] += 1
         return send_nowait(parts)
 
-    async def counting_parts(parts: Sequence[Buffer]) -> None:
+    async def counting_parts(parts: Sequence[Buffer], *, checkpoint: bool = True) -> None:
         calls["parts"] += 1
-        await send_parts(parts)
+        await send_parts(parts, checkpoint=checkpoint)
 
     ssl_write = relay_stream._ssl_write
     refusals: list[ssl.SSLWantWriteError] = []  # (armed once the relay is idle)
@@ -249,11 +249,11 @@ async def test_a_reply_into_a_broken_connection_ends_the_carrier_as_lost() -> No
 
 @asynccontextmanager
 async def _idle_relay(relay_stream: PlainSocketStream, peer_sock: socket.socket,
-                      ping_interval: float = 0) -> AsyncIterator[tuple[ws.WebSocketConnection,
-                                                                      trio.SocketStream]]:
+                      ping_interval: float = 0) -> AsyncIterator[tuple[
+                          TunnelTransport, ws.WebSocketConnection, trio.SocketStream]]:
     """A relay session on ``relay_stream``, gone idle once its SETTINGS reached the
-    bare WebSocket peer on ``peer_sock``; yields that peer and its stream, and
-    stops the session and closes both on the way out."""
+    bare WebSocket peer on ``peer_sock``; yields the session, that peer and its
+    stream, and stops the session and closes both on the way out."""
     relay = TunnelTransport(relay_stream, TunnelProtocol(mux.Role.RELAY), name="relay",
                             ping_interval=ping_interval)
     peer = ws.WebSocketConnection(ws.Role.CLIENT)
@@ -265,7 +265,7 @@ async def _idle_relay(relay_stream: PlainSocketStream, peer_sock: socket.socket,
                 await trio.testing.wait_all_tasks_blocked()
                 peer.receive_data(await peer_stream.receive_some())  # (its SETTINGS)
                 assert peer.events_received()
-                yield peer, peer_stream
+                yield relay, peer, peer_stream
             nursery.cancel_scope.cancel()
     finally:
         await peer_stream.aclose()
@@ -280,7 +280,7 @@ async def test_an_idle_session_reads_each_ping_once() -> None:
     relay_sock.setblocking(False)
     counted = FailedReads(fileno=relay_sock.detach())
     relay_stream = CountingStream(counted)
-    async with _idle_relay(relay_stream, peer_sock) as (peer, peer_stream):
+    async with _idle_relay(relay_stream, peer_sock) as (_, peer, peer_stream):
         await _ping_and_wait_for_the_pong(peer, peer_stream, b"first")
         counted.failed = 0
         for payload in (b"second", b"third", b"fourth"):
@@ -304,7 +304,8 @@ async def test_the_keepalives_ping_is_sent_in_place_too() -> None:
     peer_sock, relay_sock = socket.socketpair()
     relay_sock.setblocking(False)
     relay_stream = CountingStream(relay_sock)
-    async with _idle_relay(relay_stream, peer_sock, ping_interval=0.2) as (peer, peer_stream):
+    async with _idle_relay(relay_stream, peer_sock, ping_interval=0.2) as (
+            _, peer, peer_stream):
         relay_stream.parts_calls = 0
         events: list[ws.Event] = []
         while not events:
@@ -313,3 +314,35 @@ async def test_the_keepalives_ping_is_sent_in_place_too() -> None:
     assert events == [ws.PingReceived(b"wstunnel")]
     assert relay_stream.parts_calls == 0  # (none from the writer)
     assert relay_stream.nowait_calls >= 1
+
+
+class WriterSteps(trio.abc.Instrument):
+    """Counts the scheduler steps of the session writer tasks."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("._writer"):
+            self.steps += 1
+
+
+async def test_a_write_with_nothing_behind_it_costs_the_writer_one_step() -> None:
+    """After a write the kernel took at once, a writer with nothing more to send goes
+    straight back to waiting (itself a checkpoint) instead of passing a checkpoint
+    first and then waiting: one scheduler round per interactive write, not two (a
+    tenth of an idle round trip's instructions, issue 22)."""
+    peer_sock, relay_sock = socket.socketpair()
+    relay_sock.setblocking(False)
+    async with _idle_relay(CountingStream(relay_sock), peer_sock) as (relay, peer, peer_stream):
+        counter = WriterSteps()
+        trio.lowlevel.add_instrument(counter)
+        try:
+            relay.protocol.ping(b"interactive")
+            relay.wake_writer()
+            peer.receive_data(await peer_stream.receive_some())
+            assert peer.events_received() == [ws.PingReceived(b"interactive")]
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+    assert counter.steps == 1
