@@ -71,6 +71,7 @@ RECEIVE_SIZE = 1024 * 1024
 _WAIT: Final = KeepaliveAction.WAIT
 _PING: Final = KeepaliveAction.PING
 _GIVE_UP: Final = KeepaliveAction.GIVE_UP
+_PONG: Final = ws.PongReceived
 
 
 OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
@@ -519,7 +520,10 @@ class TunnelTransport:
             else:
                 protocol.buffer_filled(got)
             events = protocol.events_received()
-            quiet = not events and self._writer_parked  # (idle: not a busy sender's ACK)
+            # (idle: nothing but a pong came, and nothing waits to go; not a busy
+            # sender's read of an ACK)
+            quiet = self._writer_parked and (
+                not events or (len(events) == 1 and type(events[0]) is _PONG))
             if events:  # (DATA, OPEN, WINDOW: always some; so never the branch below)
                 self._dispatch(events)
             elif self._writer_parked and send_nowait is not None:

@@ -300,10 +300,12 @@ async def _ping_and_wait_for_the_pong(peer: ws.WebSocketConnection,
 
 async def test_the_keepalives_ping_is_sent_in_place_too() -> None:
     """A relay's keepalive ping to a quiet agent goes out from the keepalive timer
-    itself, as the reader's pong does: no writer wake-up per ping either."""
+    itself, as the reader's pong does: no writer wake-up per ping either; and the
+    agent's pong to it costs the relay one read, none that finds nothing."""
     peer_sock, relay_sock = socket.socketpair()
     relay_sock.setblocking(False)
-    relay_stream = CountingStream(relay_sock)
+    counted = FailedReads(fileno=relay_sock.detach())
+    relay_stream = CountingStream(counted)
     async with _idle_relay(relay_stream, peer_sock, ping_interval=0.2) as (
             _, peer, peer_stream):
         relay_stream.parts_calls = 0
@@ -311,9 +313,13 @@ async def test_the_keepalives_ping_is_sent_in_place_too() -> None:
         while not events:
             peer.receive_data(await peer_stream.receive_some())
             events = peer.events_received()
+        counted.failed = 0
+        await peer_stream.send_all(peer.data_to_send())  # (the pong)
+        await trio.testing.wait_all_tasks_blocked()  # (the relay read it, and waits)
     assert events == [ws.PingReceived(b"wstunnel")]
     assert relay_stream.parts_calls == 0  # (none from the writer)
     assert relay_stream.nowait_calls >= 1
+    assert counted.failed == 0
 
 
 class WriterSteps(trio.abc.Instrument):
