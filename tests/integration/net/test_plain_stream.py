@@ -110,3 +110,28 @@ async def test_after_a_drained_read_the_next_bytes_are_awaited_not_tried_for() -
     finally:
         a.close()
         await stream.aclose()
+
+
+async def test_closing_the_stream_wakes_a_reader_waiting_for_bytes() -> None:
+    """A session that ends while its idle reader waits in wait_receivable: the reader
+    gets ClosedResourceError (which ends its loop), not a hang."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    stream = PlainSocketStream(b)
+    try:
+        with trio.fail_after(5):
+            a.send(b"ping")
+            assert await stream.receive_some(100) == b"ping"  # (drained)
+            async with trio.open_nursery() as nursery:
+                async def wait_and_expect_closed() -> None:
+                    with pytest.raises(trio.ClosedResourceError):
+                        await stream.wait_receivable()
+
+                nursery.start_soon(wait_and_expect_closed)
+                await trio.testing.wait_all_tasks_blocked()
+                stream.close()
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.wait_receivable()
+    finally:
+        a.close()
+        await stream.aclose()
