@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wstunnel.config import AgentAccount, RelayTLS
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.auth import hash_token, new_token, scrypt_hash
-from wstunnel.security.policy import AllowRule
 from wstunnel.security.tls import pem_fingerprint, self_signed_certificate
 
 UTC = datetime.timezone.utc

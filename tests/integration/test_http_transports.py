@@ -17,6 +17,7 @@ from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
 from wstunnel.framing import SESSION_HEADER, TRANSPORT_HEADER
 from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.metrics_output import snapshot
 
 from .log_watch import LogWatch
 from .security_helpers import account
@@ -81,7 +82,7 @@ async def test_a_cut_ends_the_session_and_the_agent_reconnects(mode: str,
             async with await trio.open_tcp_stream(LOOPBACK, local) as stream:
                 await stream.send_all(b"before")
                 assert await stream.receive_some() == b"before"
-                assert [s["transport"] for s in stats.snapshot()["sessions"]] == [mode]
+                assert [s["transport"] for s in snapshot(stats)["sessions"]] == [mode]
                 relay.kill()
                 with pytest.raises(trio.BrokenResourceError):
                     while await stream.receive_some():

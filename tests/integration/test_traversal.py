@@ -264,7 +264,7 @@ async def test_haproxy_moves_the_session_to_the_other_relay(
 
 
 def _allow(port: int) -> dict[str, object]:
-    from wstunnel.security.policy import AllowRule
+    from wstunnel.security.allow_rule import AllowRule
 
     return {"allow": (AllowRule.parse(f"{LOOPBACK}:{port}"),)}
 

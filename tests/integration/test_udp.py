@@ -22,8 +22,8 @@ from wstunnel.config import Forward
 from wstunnel.config.textforms import REVERSE, UDP, parse_forward
 from wstunnel.net.udp_flow import udp_stats
 from wstunnel.relay.relay import Relay
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.listen_policy import ListenRule
-from wstunnel.security.policy import AllowRule
 
 from .log_watch import LogWatch
 from .tunnel_helpers import agent_config, relay_config, start_agent, start_relay

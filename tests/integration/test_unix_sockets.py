@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from wstunnel.config import Forward
-from wstunnel.security.policy import AllowRule
+from wstunnel.security.allow_rule import AllowRule
 
 from .log_watch import LogWatch
 from .tunnel_helpers import (

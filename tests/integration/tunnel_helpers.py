@@ -19,7 +19,7 @@ from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
 from wstunnel.config import AgentConfig, Forward, RelayConfig
 from wstunnel.relay import run_relay
-from wstunnel.security.policy import AllowRule
+from wstunnel.security.allow_rule import AllowRule
 
 LOOPBACK = "127.0.0.1"
 

@@ -1,15 +1,15 @@
 """The agent: local listeners whose connections ride one session to the relay.
 
-Theory of operation: the listeners live for the whole run; the session comes
-and goes. ``_maintain_session`` connects, serves the session until it ends,
-then reconnects with exponential backoff and jitter. The agent is the
-``ChannelOpener`` of every forward kind (kinds.py): a local connection opens a
-channel on the session (its first bytes travel right behind the OPEN) and is
-handed to the session's socket pump (net/pump.py; no task per connection from
-then on), at once in the accepting task when a session is up
-(``carry_now``), else from a task that waits up to ``connect_wait_timeout``
-for one (``carry``), and is spliced until both sides finish where there is
-no pump.
+Theory of operation: the listeners (bound by ``run_agent``, run.py) live for
+the whole run; the session comes and goes. ``maintain_session`` connects,
+serves the session until it ends, then reconnects with exponential backoff
+and jitter. The agent is the ``ChannelOpener`` of every forward kind
+(kinds.py): a local connection opens a channel on the session (its first
+bytes travel right behind the OPEN) and is handed to the session's socket
+pump (net/pump.py; no task per connection from then on), at once in the
+accepting task when a session is up (``carry_now``), else from a task that
+waits up to ``connect_wait_timeout`` for one (``carry``), and is spliced
+until both sides finish where there is no pump.
 When the session drops, its channels break and their local sockets are
 closed, never left hanging.
 """
@@ -21,13 +21,12 @@ import random
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import Final
 
 import trio
 
 from .. import mux, ws
-from ..config import AgentConfig, Forward, RelayURL
-from ..config.textforms import REVERSE
+from ..config import AgentConfig, RelayURL
 from ..errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from ..net.channel_stream import ChannelStream
 from ..net.ending import abort_stream
@@ -37,7 +36,7 @@ from ..protocol import SessionLimits, TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, parse_ticket
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
-from .connect import open_stream
+from .connect import failure_reason, open_stream, refused_on_purpose
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
 from .resume import AgentResumer
@@ -45,17 +44,13 @@ from .reverse import ReverseForwards
 from .transports import Opened, TransportChooser
 from .transports import Request as TransportRequest
 
-if TYPE_CHECKING:  # (the listeners and TLS load where used: --stdio needs neither, ws://)
-    from ..service.reload import ReloadRequest
-    from .forwards import ForwardSet
-
 #: Channels one agent session may hold. The relay's ``max_channels`` is the
 #: limit that matters (it refuses, and logs, past it); the agent only caps the
 #: same id range the relay's setting allows, instead of the sans-IO default of
 #: 1024, which is below what a busy relay may be configured to carry.
 MAX_CHANNELS: Final = 65536
 
-__all__ = ["run_agent", "Agent"]
+__all__ = ["Agent"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -119,12 +114,12 @@ class Agent:
                 if getattr(exc, "status", None) in (401, 403):
                     self.stats.auth_failures += 1
                 delay = self._backoff(count)
-                if _refused(exc):
+                if refused_on_purpose(exc):
                     delay = max(delay, REJECTED_RETRY_INTERVAL)
                     log.error("%s", self._refusal_message(exc))
                 ready_at[self.relay] = trio.current_time() + delay
                 log.warning("cannot reach relay %s (attempt %d): %s; %s", self.relay.url, count,
-                            _reason(exc), self._next_step(ready_at, delay))
+                            failure_reason(exc), self._next_step(ready_at, delay))
                 continue
             failures.pop(self.relay, None)
             ready_at.pop(self.relay, None)
@@ -225,9 +220,9 @@ class Agent:
     def connect_failure(self, exc: BaseException) -> tuple[str, bool]:
         """(what went wrong and what to check, whether a retry might help) for a
         failed ``connect_once``."""
-        if _refused(exc):
+        if refused_on_purpose(exc):
             return self._refusal_message(exc), False
-        return _reason(exc), True
+        return failure_reason(exc), True
 
     async def _connect(self) -> TunnelTransport:
         fresh, self._fresh = self._fresh, None  # (the relay gave it instead of a resume)
@@ -462,12 +457,6 @@ def _target_text(host: str, port: int, kind: int) -> str:
     return f"unix:{host}" if kind == mux.ChannelKind.UNIX else f"{host}:{port}"
 
 
-def local_forwards(config: AgentConfig) -> tuple[Forward, ...]:
-    """The forwards this agent listens for itself (all but ``-R``, which the relay
-    listens for: reverse.py)."""
-    return tuple(forward for forward in config.forwards if forward.kind != REVERSE)
-
-
 def session_limits(config: AgentConfig) -> SessionLimits:
     """The limits of the agent's sessions (built per load or reload)."""
     return SessionLimits(initial_window=config.initial_window,
@@ -487,119 +476,4 @@ def _check_tls_files(config: AgentConfig) -> None:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ConfigError(f"cannot load {getattr(config, key)}: {reason}",
                           source=config.source, key_path=key) from exc
-
-
-def _refused(exc: BaseException) -> bool:
-    """The relay turned us away on purpose (401/403/429): retrying soon will not help."""
-    return isinstance(exc, AuthenticationError) or (
-        isinstance(exc, HandshakeError) and exc.status == 429)
-
-
-def _reason(exc: BaseException) -> str:
-    """One line saying why connecting failed, and what to check."""
-    if isinstance(exc, trio.TooSlowError):  # (open_websocket names the step that stalled)
-        return "not connected within handshake_timeout"
-    if isinstance(exc, OSError):
-        cause = _root_os_error(exc)
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused: is the relay running and listening there?"
-        if cause.strerror:
-            return cause.strerror.lower()
-    if isinstance(exc, trio.BrokenResourceError):
-        broke = exc.__cause__
-        detail = f": {broke}" if broke is not None and str(broke) else ""
-        return f"the connection broke during the TLS handshake or the upgrade{detail}"
-    return str(exc) or type(exc).__name__
-
-
-def _root_os_error(exc: OSError) -> OSError:
-    """trio reports "all attempts failed" with the real errors in ``__cause__``."""
-    cause = exc.__cause__
-    grouped = getattr(cause, "exceptions", None)  # an exception group (3.11+ or backport)
-    if grouped is not None:
-        errors = [e for e in grouped if isinstance(e, OSError)]
-        return errors[0] if errors else exc
-    return cause if isinstance(cause, OSError) else exc
-
-
-async def run_agent(
-    config: AgentConfig,
-    *,
-    shutdown: trio.Event,
-    task_status: Any = trio.TASK_STATUS_IGNORED,
-    stats: TunnelStats | None = None,
-    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
-) -> None:
-    """Serve the forwards until ``shutdown`` is set, then drain and return.
-
-    ``task_status.started`` receives one list of bound (host, port) per forward.
-    Every forward is bound before the relay is contacted: one that cannot be
-    is an error (a ``ConfigError`` when the configuration cannot work on this
-    machine) and the agent never connects. Each ``ReloadRequest`` from
-    ``reloads`` is applied without touching the session or the connections
-    already open (see forwards.py).
-    """
-    from .forwards import ForwardSet
-
-    agent = Agent(config, stats)
-    async with trio.open_nursery() as outer:
-        async with trio.open_nursery() as connections:
-            forwards = ForwardSet(agent, connections)
-            async with trio.open_nursery() as accepting:
-                bound_all = await _bind_forwards(accepting, forwards, config)
-                if agent.reverse.forwards:
-                    log.info("%d reverse forwards: %s", len(agent.reverse.forwards),
-                             ", ".join(str(forward) for forward in agent.reverse.forwards))
-                outer.start_soon(agent.maintain_session)
-                log.info("%d forwards via %s", len(bound_all), agent.relay.url)
-                if reloads is not None:
-                    accepting.start_soon(_apply_reloads, agent, forwards, reloads)
-                task_status.started(bound_all)
-                await shutdown.wait()
-                accepting.cancel_scope.cancel()
-            log.info(
-                "agent stopping: %d open connections may finish (up to %g s)",
-                agent.open_connections,
-                agent.config.drain_timeout,
-            )
-            await agent.drain(agent.config.drain_timeout)
-            connections.cancel_scope.cancel()
-        outer.cancel_scope.cancel()
-
-
-async def _bind_forwards(
-    accepting: trio.Nursery, forwards: ForwardSet, config: AgentConfig
-) -> list[list[tuple[str, int]]]:
-    from .forwards import ListenError
-
-    try:
-        bound: list[list[tuple[str, int]]] = await accepting.start(forwards.serve,
-                                                                   local_forwards(config))
-    except ListenError as exc:
-        if exc.config_problem:
-            raise ConfigError(exc.detail, source=config.source, key_path=exc.key_path) from exc
-        raise
-    return bound
-
-
-async def _apply_reloads(
-    agent: Agent, forwards: ForwardSet, reloads: trio.MemoryReceiveChannel[ReloadRequest]
-) -> None:
-    from .forwards import ListenError
-
-    async for request in reloads:
-        new: AgentConfig = request.config
-        try:
-            bound = await forwards.apply(local_forwards(new))
-        except ListenError as exc:  # all or nothing: the running forwards stay
-            request.finish(f"{exc}; kept the old forwards")
-            continue
-        if new.relay_urls != agent.config.relay_urls:
-            log.warning("relay is now %s: used from the next reconnect; the current "
-                        "session stays up", ", ".join(url.url for url in new.relay_urls))
-        agent.reverse.update(new.forwards)
-        agent.config = new
-        agent.limits = session_limits(new)  # (for the next session)
-        agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect
-        request.finish(result=bound)
 

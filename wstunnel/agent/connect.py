@@ -11,7 +11,9 @@ packets, a full accept queue) is not a relay that accepted and never answered
 (stopped, overloaded, or a proxy holding the request). A scheme that does not
 match the port is named as such: a ws:// upgrade that got no HTTP answer is
 retried as a TLS hello on a second connection, and a TLS hello answered with
-plain bytes means the relay serves ws:// there.
+plain bytes means the relay serves ws:// there. What a failed connect means
+for the agent's retry (``refused_on_purpose``) and its log line
+(``failure_reason``) is decided here too, beside the steps that fail.
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from .explain import _RELAY_404, BLOCKING_STATUSES, brief, explain_rejection
 __all__ = [
     "HandshakeTimeout",
     "UpgradeBlocked",
+    "failure_reason",
     "open_stream",
     "open_websocket",
+    "refused_on_purpose",
 ]
 
 READ_SIZE = 65536
@@ -290,3 +294,38 @@ def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
             event.status == 404 and _RELAY_404 in event.body):
         return UpgradeBlocked(explain_rejection(where, event), event.status, brief(event))
     return HandshakeError(explain_rejection(where, event), event.status)
+
+
+# -- what a failed connect means: for the retry, and for the log line ----------------
+
+def refused_on_purpose(exc: BaseException) -> bool:
+    """The relay turned us away on purpose (401/403/429): retrying soon will not help."""
+    return isinstance(exc, AuthenticationError) or (
+        isinstance(exc, HandshakeError) and exc.status == 429)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line saying why connecting failed, and what to check."""
+    if isinstance(exc, trio.TooSlowError):  # (open_websocket names the step that stalled)
+        return "not connected within handshake_timeout"
+    if isinstance(exc, OSError):
+        cause = _root_os_error(exc)
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused: is the relay running and listening there?"
+        if cause.strerror:
+            return cause.strerror.lower()
+    if isinstance(exc, trio.BrokenResourceError):
+        broke = exc.__cause__
+        detail = f": {broke}" if broke is not None and str(broke) else ""
+        return f"the connection broke during the TLS handshake or the upgrade{detail}"
+    return str(exc) or type(exc).__name__
+
+
+def _root_os_error(exc: OSError) -> OSError:
+    """trio reports "all attempts failed" with the real errors in ``__cause__``."""
+    cause = exc.__cause__
+    grouped = getattr(cause, "exceptions", None)  # an exception group (3.11+ or backport)
+    if grouped is not None:
+        errors = [e for e in grouped if isinstance(e, OSError)]
+        return errors[0] if errors else exc
+    return cause if isinstance(cause, OSError) else exc

@@ -1,6 +1,6 @@
 """What ``wstunnel --help`` and each ``wstunnel COMMAND --help`` say.
 
-Kept apart from the parser so that main.py stays about parsing and running; a
+Kept apart from the parser so that parser.py stays about which options exist; a
 test walks the parser and fails on any option without a help text and on any
 command whose help has no example.
 """

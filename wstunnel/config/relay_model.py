@@ -30,10 +30,11 @@ from .rate_limit import RateLimit
 from .textforms import DEFAULT_BIND_HOST, DEFAULT_PATH, Forward
 
 if TYPE_CHECKING:  # (loaded where a relay's rules are built)
+    from ..security.allow_rule import AllowRule
     from ..security.auth import TokenHash
     from ..security.forwarded import IPNetwork
     from ..security.listen_policy import ListenPolicy, ListenRule
-    from ..security.policy import AllowRule, Policy
+    from ..security.policy import Policy
 
 __all__ = ["AgentAccount", "RelayConfig", "RelayTLS", "demo_configs"]
 
@@ -129,7 +130,7 @@ def demo_configs(echo_port: int, sink_port: int, *,
     targets (no_auth: nothing but this process can reach it in the demo's few
     seconds, and it only opens those two loopback ports), and an agent
     forwarding a free local port to each of them."""
-    from ..security.policy import AllowRule
+    from ..security.allow_rule import AllowRule
 
     loopback = DEFAULT_BIND_HOST
     relay = RelayConfig(listen=HostPort(loopback, relay_port), source="<demo>", no_auth=True,

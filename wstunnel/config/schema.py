@@ -8,7 +8,8 @@ or, for a value given on the command line, the flag (``-L: ...``).
 Each config class (model.py) is paired with a table ``{key: parser}``; the
 dataclass field defaults are the YAML defaults, so the two cannot drift apart.
 A parser (values.py) gets ``(document, key_path, raw_value)`` and returns the
-typed value or raises through ``document.error``. Cross-field rules run after
+typed value or raises through ``document.error``; a nested mapping (a forward,
+an agent entry, tls, rate_limit) is parsed in sections.py. Cross-field rules run after
 all fields parsed. A document is a YAML file, a mapping, or a file with
 command-line flags merged over it (flags.py): all go through ``agent_from``/
 ``relay_from``, so every rule applies however a value was given.
@@ -18,35 +19,19 @@ otherwise ``relay:`` means an agent config and ``listen:`` a relay config.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import mux
-from ..addresses import HostPort
-from . import values
-from ._yaml import Document, join_index, join_key, load_document, parse_document
-from .model import LOG_FORMATS, LOG_LEVELS, AgentConfig, RateLimit
+from . import sections, values
+from ._yaml import Document, join_index, load_document, parse_document
+from .model import LOG_FORMATS, LOG_LEVELS, AgentConfig
 
 if TYPE_CHECKING:  # (loaded where a relay config is built: see relay_model.py)
-    from .relay_model import AgentAccount, RelayConfig, RelayTLS
-from .textforms import (
-    DEFAULT_UDP_IDLE_TIMEOUT,
-    LOCAL,
-    REVERSE,
-    TCP,
-    UDP,
-    Forward,
-    KiB,
-    MiB,
-    check_reverse_listen,
-    parse_forward,
-    parse_listen,
-    parse_socket_path,
-)
+    from .relay_model import RelayConfig
+from .textforms import REVERSE, KiB, MiB
 from .values import Parser
 
 __all__ = [
@@ -60,165 +45,9 @@ __all__ = [
 ]
 
 _RECORD_OVERHEAD: Final = 64  # room for a mux record header around a chunk
-_RESERVED_KEYS: Final = {
-    "token": "a token is a secret and does not belong in a config file: put it in a file "
-             "(token_file), an environment variable (token_env) or a systemd credential "
-             "(token_credential)",
-}
 
 
 # ---------------------------------------------------------------- the tables
-
-def _agent_account(doc: Document, path: str, value: Any) -> AgentAccount:
-    from .relay_model import AgentAccount
-
-    found = _build(doc, path, value, _ACCOUNT_FIELDS,
-                   {"token_hash": False, "allow": False, "listen_allow": False,
-                    "rate_limit": False}, "an agent entry")
-    return AgentAccount(**found)
-
-
-def _rate_limit(doc: Document, path: str, value: Any) -> RateLimit:
-    """``{down: 10MiB, up: 5MiB, burst: 1MiB}``: bytes per second, at least one way."""
-    found = _build(doc, path, value, _RATE_LIMIT_FIELDS, dict.fromkeys(_RATE_LIMIT_FIELDS, False),
-                   "a rate_limit section (down, up: bytes per second; burst: bytes)")
-    if "down" not in found and "up" not in found:
-        raise doc.error(path, "expected down, up or both (bytes per second, e.g. down: 10MiB)")
-    return RateLimit(**found)
-
-
-def _relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
-    from .relay_model import RelayTLS
-
-    found = _build(doc, path, value, _TLS_FIELDS, {"client_ca_file": False}, "a tls section")
-    return RelayTLS(**{key: _beside(doc, join_key(path, key), name)
-                       for key, name in found.items()})
-
-
-def _forward(doc: Document, path: str, value: Any) -> Forward:
-    """One ``forwards`` entry: ``-L``'s text, or a mapping whose first key says the
-    kind (``listen``, ``dynamic``, ``reverse``); each mapping may carry a ``name``."""
-    if isinstance(value, str):
-        return values.checked(doc, path, parse_forward, value,
-                              "[bind:]port:host:port, or a mapping")
-    if isinstance(value, dict) and "dynamic" in value:
-        return _dynamic_forward(doc, path, value)
-    if isinstance(value, dict) and "reverse" in value:
-        return _reverse_forward(doc, path, value)
-    found = _build(doc, path, value, _FORWARD_FIELDS, _OPTIONAL_FORWARD_KEYS, "a forward")
-    listen, target = found["listen"], found["target"]
-    forward = dataclasses.replace(_joined(listen, target), name=found.get("name"),
-                                  rate_limit=found.get("rate_limit"))
-    return _with_protocol(doc, path, forward, found)
-
-
-#: Keys a ``listen`` or ``reverse`` forward mapping may leave out.
-_OPTIONAL_FORWARD_KEYS: Final = {"name": False, "protocol": False, "udp_idle_timeout": False,
-                                  "rate_limit": False}
-
-
-def _with_protocol(doc: Document, path: str, forward: Forward,
-                   found: dict[str, Any]) -> Forward:
-    """``protocol: udp`` (or ``udp:`` in the text form) and ``udp_idle_timeout``."""
-    protocol = found.get("protocol", forward.protocol)
-    if protocol != forward.protocol and forward.protocol == UDP:
-        raise doc.error(join_key(path, "protocol"), "the forward is written udp:...; "
-                        "leave protocol out or write protocol: udp")
-    if protocol == UDP and (forward.listen_path is not None or forward.target_path is not None):
-        raise doc.error(join_key(path, "protocol"), "a UDP forward needs host:port at both "
-                        "ends (unix sockets are streams)")
-    if "udp_idle_timeout" in found and protocol != UDP:
-        raise doc.error(join_key(path, "udp_idle_timeout"),
-                        "udp_idle_timeout is for UDP forwards only (protocol: udp)")
-    return dataclasses.replace(forward, protocol=protocol, udp_idle_timeout=found.get(
-        "udp_idle_timeout", forward.udp_idle_timeout))
-
-
-def _joined(listen: HostPort | str, target: HostPort | str, kind: str = LOCAL) -> Forward:
-    """A forward from a listen address or path and a target address or ``unix:`` path."""
-    forward = Forward("", 0, "", 0, kind)
-    if isinstance(listen, str):
-        forward = dataclasses.replace(forward, listen_path=listen)
-    else:
-        forward = dataclasses.replace(forward, listen_host=listen.host, listen_port=listen.port)
-    if isinstance(target, str):
-        return dataclasses.replace(forward, target_path=target)
-    return dataclasses.replace(forward, target_host=target.host, target_port=target.port)
-
-
-def _dynamic_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
-    """``{dynamic: "[bind:]port", users_file: FILE}`` (``-D``): a SOCKS/HTTP proxy."""
-    found = _build(doc, path, value, _DYNAMIC_FIELDS,
-                   {"users_file": False, "name": False, "udp_idle_timeout": False,
-                    "rate_limit": False}, "a dynamic forward")
-    users = None
-    if "users_file" in found:
-        name = _beside(doc, join_key(path, "users_file"), found["users_file"])
-        users = values.users_file(doc, join_key(path, "users_file"), name)
-    return dataclasses.replace(Forward.dynamic(found["dynamic"], users), name=found.get("name"),
-                               rate_limit=found.get("rate_limit"),
-                               udp_idle_timeout=found.get("udp_idle_timeout",
-                                                          DEFAULT_UDP_IDLE_TIMEOUT))
-
-
-def _reverse_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward:
-    """``{reverse: "[bind:]port", target: "host:port"}`` or ``-R``'s whole text as
-    ``reverse`` (the relay listens; this agent dials the target)."""
-    found = _build(doc, path, value, _REVERSE_FIELDS,
-                   {"target": False, **_OPTIONAL_FORWARD_KEYS}, "a reverse forward")
-    where = join_key(path, "reverse")
-    if "target" not in found:
-        forward = values.checked(doc, where, partial(parse_forward, kind=REVERSE),
-                                 found["reverse"], "[bind:]port:host:port")
-    else:
-        listen = values.checked(doc, where, _reverse_listen, found["reverse"], "[bind:]port")
-        forward = _joined(listen, found["target"], REVERSE)
-        try:
-            check_reverse_listen(forward)
-        except ValueError as exc:
-            raise doc.error(where, str(exc)) from exc
-    forward = dataclasses.replace(forward, name=found.get("name"),
-                                  rate_limit=found.get("rate_limit"))
-    return _with_protocol(doc, path, forward, found)
-
-
-def _reverse_listen(text: str) -> HostPort | str:
-    return parse_socket_path(text) if text.startswith("/") else parse_listen(text)
-
-
-_PROTOCOL_FIELDS: Final[dict[str, Parser]] = {"protocol": values.choice((TCP, UDP)),
-                                              "udp_idle_timeout": values.duration(0.001),
-                                              "rate_limit": _rate_limit}
-_FORWARD_FIELDS: Final[dict[str, Parser]] = {"listen": values.listen_or_path,
-                                             "target": values.target_or_path,
-                                             "name": values.forward_name,
-                                             **_PROTOCOL_FIELDS}
-_DYNAMIC_FIELDS: Final[dict[str, Parser]] = {"dynamic": values.listen,
-                                             "users_file": values.file_path,
-                                             "name": values.forward_name,
-                                             "udp_idle_timeout": values.duration(0.001),
-                                             "rate_limit": _rate_limit}
-_REVERSE_FIELDS: Final[dict[str, Parser]] = {"reverse": values.port_text,
-                                             "target": values.target_or_path,
-                                             "name": values.forward_name,
-                                             **_PROTOCOL_FIELDS}
-_ACCOUNT_FIELDS: Final[dict[str, Parser]] = {
-    "name": values.agent_name,
-    "token_hash": values.token_hash,
-    "allow": values.list_of(values.allow_rule),
-    "listen_allow": values.list_of(values.listen_rule),
-    "rate_limit": _rate_limit,
-}
-_RATE_LIMIT_FIELDS: Final[dict[str, Parser]] = {
-    "down": values.size(KiB, 1 << 40, "a rate in bytes per second"),
-    "up": values.size(KiB, 1 << 40, "a rate in bytes per second"),
-    "burst": values.size(KiB, 1 << 40),
-}
-_TLS_FIELDS: Final[dict[str, Parser]] = {
-    "cert_file": values.file_path,
-    "key_file": values.file_path,
-    "client_ca_file": values.file_path,
-}
 
 _ACCESS_LOG_WORDS: Final = {"off": "off", "false": "off", "no": "off",
                              "on": "on", "true": "on", "yes": "on", "stderr": "on"}
@@ -232,7 +61,7 @@ def _access_log(doc: Document, path: str, value: Any) -> str:
         raise doc.error(path, "expected off, on (the log stream) or a file path, got "
                               f"{values.describe(value)}")
     word = _ACCESS_LOG_WORDS.get(value.strip().lower())
-    return word if word is not None else _beside(doc, path, value.strip())
+    return word if word is not None else sections.beside(doc, path, value.strip())
 
 
 _COMMON_FIELDS: Final[dict[str, Parser]] = {
@@ -254,7 +83,7 @@ _COMMON_FIELDS: Final[dict[str, Parser]] = {
 
 _AGENT_FIELDS: Final[dict[str, Parser]] = {
     "relay": values.urls,
-    "forwards": values.list_of(_forward, at_least=1),
+    "forwards": values.list_of(sections.forward, at_least=1),
     "stdio": values.optional(values.stdio_target),
     "connect_wait_timeout": values.duration(0.0),
     "reconnect_min_interval": values.duration(0.001),
@@ -287,42 +116,16 @@ _RELAY_FIELDS: Final[dict[str, Parser]] = {
     "max_message_size": values.size(4 * KiB, 64 * MiB),
     "trusted_proxies": values.list_of(values.trusted_proxy),
     **_COMMON_FIELDS,
-    "tls": _relay_tls,
-    "agents": values.list_of(_agent_account),
+    "tls": sections.relay_tls,
+    "agents": values.list_of(sections.agent_account),
     "no_auth": values.boolean,
     "max_pending_opens": values.size(1, 65536, "a count"),
     "max_buffered_size": values.size(16 * KiB, 64 * 1024 * MiB),
     "max_sessions_per_agent": values.size(1, 65536, "a count"),
-    "rate_limit": _rate_limit,
+    "rate_limit": sections.rate_limit,
     "idle_timeout": values.duration(0.0),
     "resume_grace": values.duration(0.0),
 }
-
-
-def _build(doc: Document, path: str, value: Any, table: Mapping[str, Parser],
-           required: Mapping[str, bool], what: str) -> dict[str, Any]:
-    """Parse a mapping against ``table``; every key is required unless ``required`` says not."""
-    if not isinstance(value, dict):
-        raise doc.error(path, f"expected {what} (a mapping of keys), "
-                              f"got {values.describe(value)}")
-    for key in value:
-        if key not in table:
-            raise doc.error(join_key(path, key), _unknown_key_message(key, table))
-    missing = [k for k in table if k not in value and required.get(k, True)]
-    if missing:
-        raise doc.missing(join_key(path, missing[0]), what)
-    return {k: parse(doc, join_key(path, k), value[k]) for k, parse in table.items()
-            if k in value}
-
-
-def _unknown_key_message(key: str, table: Mapping[str, object]) -> str:
-    if key in _RESERVED_KEYS:
-        return _RESERVED_KEYS[key]
-    import difflib  # (only for a mistyped key: an agent's start does not pay for it)
-
-    close = difflib.get_close_matches(key, list(table), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key {key!r}; {hint}allowed keys: {', '.join(table)}"
 
 
 def _config_values(doc: Document, cls: type[Any], table: Mapping[str, Parser],
@@ -336,7 +139,7 @@ def _config_values(doc: Document, cls: type[Any], table: Mapping[str, Parser],
         data = {k: v for k, v in data.items() if k != "role"}
     required = {f.name: f.default is MISSING for f in fields(cls) if f.init}
     article = "an" if role == "agent" else "a"
-    found = _build(doc, "", data, table, required, f"{article} {role} config")
+    found = sections.build(doc, "", data, table, required, f"{article} {role} config")
     return {"source": doc.source, **found}
 
 
@@ -488,7 +291,7 @@ def agent_from(doc: Document) -> AgentConfig:
     found = _config_values(doc, AgentConfig, _AGENT_FIELDS, "agent")
     for key in _AGENT_PATH_KEYS:
         if found.get(key) is not None:
-            found[key] = _beside(doc, key, found[key])
+            found[key] = sections.beside(doc, key, found[key])
     return _check_agent(doc, AgentConfig(**found))
 
 
@@ -505,13 +308,6 @@ def relay_from(doc: Document) -> RelayConfig:
 
 
 _AGENT_PATH_KEYS: Final = ("token_file", "ca_file", "client_cert_file", "client_key_file")
-
-
-def _beside(doc: Document, key_path: str, name: str) -> str:
-    """A relative file name in a config file is relative to that file's directory."""
-    if name.startswith("$") or Path(name).is_absolute() or not doc.in_file(key_path):
-        return name
-    return str(Path(doc.source).parent / name)
 
 
 def _texts(relay: str | tuple[str, ...]) -> tuple[str, ...]:

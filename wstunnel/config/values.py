@@ -35,10 +35,10 @@ from .textforms import (
 
 if TYPE_CHECKING:  # (the relay's rule and login parsers load them when used: an agent's
     # flags need none of them, and ``--stdio`` pays for every import at each ssh)
+    from ..security.allow_rule import AllowRule
     from ..security.auth import TokenHash
     from ..security.forwarded import IPNetwork
     from ..security.listen_policy import ListenRule
-    from ..security.policy import AllowRule
 
 _MAX_DURATION: Final = 86400.0  # larger values are almost surely milliseconds
 _MAX_SOCKET_PATH: Final = MAX_SOCKET_PATH
@@ -266,7 +266,7 @@ def list_of(item: Parser, *, at_least: int = 0) -> Parser:
 
 
 def allow_rule(doc: Document, path: str, value: Any) -> AllowRule:
-    from ..security.policy import AllowRule
+    from ..security.allow_rule import AllowRule
 
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # a bare YAML number cannot be a rule, but say why below

@@ -68,7 +68,7 @@ _TRANSIENT_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ECONNRE
 
 
 class UdpStats:
-    """Process-wide UDP counters; service/metrics.py shows them.
+    """Process-wide UDP counters; service/metrics_output.py shows them.
 
     ``dropped`` by reason: ``queue_full`` (no send capacity and the flow's queue
     full: the oldest went), ``too_big`` (over 65,507 bytes), ``refused`` (the

@@ -14,13 +14,12 @@ handshake, the upgrade request and the login all run under one
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -30,15 +29,12 @@ from ..config import RelayConfig
 from ..net.channel_stream import ChannelStream
 from ..net.ending import set_abortive
 from ..net.keepalive import KeepaliveTimer
-from ..net.local_addresses import local_addresses
 from ..net.sockopts import tune_plain_socket, tune_socket
 from ..net.splice import splice_to_end
 from ..net.transport import NewCarrier, TunnelTransport
 from ..protocol import TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, RESUMED_HEADER, parse_resume
-from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
-from ..service.reload import ReloadRequest
 from . import rate_limits
 from .dial import Connecting, Connector, DialError, TcpConnector
 from .dial_udp import UdpConnector, carry_flow
@@ -50,7 +46,7 @@ from .resume import Admission, Held, HeldSessions, RelayResumer
 from .reverse import LISTEN_KINDS, ReverseListeners
 from .upgrade import HttpRequest, read_request
 
-__all__ = ["run_relay", "Relay", "CLOSE_IDLE"]
+__all__ = ["Relay", "CLOSE_IDLE"]
 
 log = logging.getLogger("wstunnel.relay")
 
@@ -411,106 +407,3 @@ def _peer_name(stream: trio.SocketStream) -> str:
     except OSError:
         return "unknown peer"
     return join_host_port(host, port)
-
-
-async def run_relay(
-    config: RelayConfig,
-    *,
-    shutdown: trio.Event,
-    task_status: Any = trio.TASK_STATUS_IGNORED,
-    stats: TunnelStats | None = None,
-    reloads: trio.MemoryReceiveChannel[ReloadRequest] | None = None,
-    sockets: list[socket.socket] | None = None,
-) -> None:
-    """Serve until ``shutdown`` is set, then drain and return.
-
-    ``task_status.started`` receives the bound (host, port) pairs. ``sockets``
-    (systemd socket activation) replace binding ``config.listen``. Each
-    ``ReloadRequest`` from ``reloads`` applies to channels opened after it.
-    """
-    relay = Relay(config, stats)
-    listeners = await _listeners(config, sockets)
-    bound = [listener.socket.getsockname()[:2] for listener in listeners]
-    _warn_about_access(config)
-    async with trio.open_nursery() as connections:
-        await connections.start(_known_as_this_host, bound)
-        await connections.start(relay.keepalive.run)
-        async with trio.open_nursery() as accepting:
-            serve = partial(trio.serve_listeners, handler_nursery=connections)
-            await accepting.start(serve, relay.handle_connection, listeners)
-            scheme = "wss" if config.tls is not None else "ws"
-            log.info("relay listening on %s, tunnel path %s (%s://)", _addrs(bound), config.path,
-                     scheme)
-            if reloads is not None:
-                accepting.start_soon(_apply_reloads, relay, reloads)
-            task_status.started(bound)
-            await shutdown.wait()
-            accepting.cancel_scope.cancel()
-        log.info(
-            "relay stopping: draining %d sessions (up to %g s)",
-            len(relay.sessions),
-            relay.config.drain_timeout,
-        )
-        await relay.drain(relay.config.drain_timeout)
-        connections.cancel_scope.cancel()
-
-
-async def _known_as_this_host(
-    bound: list[tuple[str, int]], *, task_status: Any = trio.TASK_STATUS_IGNORED
-) -> None:
-    """While the relay runs, its listening sockets and this host's addresses are
-    destinations that only a rule naming them exactly unlocks (policy.py)."""
-    listeners = [Listener.bound(host, port, "tunnel port") for host, port in bound]
-    this_host.set_addresses(local_addresses())
-    this_host.add_listeners(listeners)
-    own = sorted(str(a) for a in this_host.current.addresses if not a.is_loopback)
-    log.info("this host's own addresses (%s) and ports (%s) are refused as destinations "
-             "unless an allow rule names them exactly", ", ".join(own) or "none found",
-             ", ".join(sorted({str(listener.port) for listener in this_host.current.listeners})))
-    try:
-        task_status.started()
-        await trio.sleep_forever()
-    finally:
-        this_host.remove_listeners(listeners)
-
-
-def _warn_about_access(config: RelayConfig) -> None:
-    if config.no_auth:
-        log.warning("no_auth: ANY client that reaches this port may open channels (allow "
-                    "rules still apply); use it for tests and loopback only")
-        if not config.allow:
-            log.warning("no 'allow' rules: every channel will be refused "
-                        "(add --allow HOST[:PORT])")
-    elif not config.agents:
-        log.warning("no agents configured: every agent will be refused with 401; add "
-                    "agents (wstunnel keygen --token NAME) or, for tests, --no-auth")
-
-
-async def _listeners(
-    config: RelayConfig, sockets: list[socket.socket] | None
-) -> list[trio.SocketListener]:
-    if not sockets:
-        return await trio.open_tcp_listeners(config.listen.port, host=config.listen.host)
-    log.info("using %d socket(s) from systemd; 'listen' is ignored", len(sockets))
-    return [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-
-
-async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[ReloadRequest]) -> None:
-    """New policy, path and limits for new sessions and channels; open ones keep theirs.
-
-    ``listen`` keeps its old value: the listeners stay bound (the service layer
-    logs that the change needs a restart).
-    """
-    async for request in reloads:
-        new: RelayConfig = request.config
-        relay.config = dataclasses.replace(new, listen=relay.config.listen)
-        relay.gate.reconfigure(relay.config)
-        rate_limits.reconfigure(relay.stats.agent_buckets, relay.config)
-        this_host.set_addresses(local_addresses())  # (interfaces may have changed)
-        if not new.allow:
-            log.warning("no 'allow' rules after the reload: every new channel will be refused")
-        request.finish()
-
-
-def _addrs(bound: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{h}:{p}" for h, p in bound)

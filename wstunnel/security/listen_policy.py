@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..addresses import IPNetwork, bracketed, parse_ip
-from .policy import AllowRule, RuleKind, is_normal_path
+from .allow_rule import AllowRule, RuleKind, is_normal_path
 
 __all__ = ["ListenPolicy", "ListenRule", "UNIX_RULE_PREFIX"]
 

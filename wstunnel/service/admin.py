@@ -5,9 +5,9 @@ Theory of operation
 The running agent or relay listens on a unix stream socket (``admin_socket``)
 created with mode 0600, so only its own user (and root) may connect. The
 protocol is JSON lines: the client sends ``{"command": "status"}`` and gets
-one line back, the :meth:`TunnelStats.snapshot` with ``"ok": true`` (or
-``"ok": false`` and an ``"error"``). A connection may ask again and again;
-``--watch`` does exactly that once a second.
+one line back, the ``snapshot`` of its ``TunnelStats`` (metrics_output.py)
+with ``"ok": true`` (or ``"ok": false`` and an ``"error"``). A connection may
+ask again and again; ``--watch`` does exactly that once a second.
 
 The client side is plain blocking ``socket`` code: it runs outside trio.
 """
@@ -28,6 +28,7 @@ from typing import Any, Final, NoReturn, TextIO
 import trio
 
 from .metrics import TunnelStats
+from .metrics_output import snapshot
 
 __all__ = ["AdminError", "StatusClient", "format_status", "query_status", "serve_admin",
            "show_status"]
@@ -135,7 +136,7 @@ def _answer(line: bytes, stats: TunnelStats) -> dict[str, Any]:
         return {"ok": False, "error": "expected one JSON object per line"}
     command = request.get("command") if isinstance(request, dict) else None
     if command == "status":
-        return {"ok": True, **stats.snapshot()}
+        return {"ok": True, **snapshot(stats)}
     return {"ok": False, "error": f"unknown command {command!r}; known: status"}
 
 

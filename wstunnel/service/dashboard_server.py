@@ -30,6 +30,7 @@ from ..security.policy import Listener, this_host
 from .dashboard_auth import REALM, BasicAuth
 from .dashboard_page import CONTENT_SECURITY_POLICY, PAGE
 from .dashboard_status import DocumentCache
+from .metrics_output import render_prometheus
 
 if TYPE_CHECKING:
     from ..addresses import HostPort
@@ -96,7 +97,7 @@ class _Site:
         if request.method not in (b"GET", b"HEAD"):
             return 405, _TEXT, b"use GET /metrics, GET / or GET /api/status\n"
         if path == b"/metrics":
-            return 200, _PROMETHEUS, self.stats.render_prometheus().encode()
+            return 200, _PROMETHEUS, render_prometheus(self.stats).encode()
         if path in (b"/", b"/dashboard"):
             return 200, _HTML, _PAGE
         if path == b"/api/status":

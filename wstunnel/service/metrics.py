@@ -1,4 +1,4 @@
-"""Counters and gauges of one agent or relay, as Prometheus text and as JSON.
+"""Counters and gauges of one agent or relay: what the roles report, and readers over it.
 
 Theory of operation
 -------------------
@@ -10,8 +10,8 @@ bytes of the channels still open) is read from the live transports when
 asked, so it can never drift from the truth. Bytes of closed channels are
 folded into running totals when the channel is closed.
 
-``render_prometheus`` produces the text exposition format (version 0.0.4);
-``snapshot`` the per-session, per-channel view that ``wstunnel status`` shows.
+metrics_output.py renders them (``render_prometheus``: the text exposition
+format; ``snapshot``: the per-session, per-channel view of ``wstunnel status``).
 ``sample`` (called about once a second) turns byte counts into rates and
 feeds the dashboard's bounded history (dashboard.py); nothing here runs per
 DATA record. The HTTP listener for ``GET /metrics`` and the dashboard is in
@@ -31,7 +31,6 @@ instead of walking all of them every second.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -40,9 +39,8 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 
-from .. import __version__, mux
+from .. import mux
 from ..net.tls_stream import TLSSocketStream
-from ..net.udp_flow import UDP_DROP_REASONS, udp_stats
 from .access_log import AccessLog
 from .dashboard import History, Refusal, SessionInfo, new_refusals
 from .refusals import RefusalLog
@@ -51,52 +49,9 @@ if TYPE_CHECKING:
     from ..net.channel_stream import ChannelStream
     from ..net.transport import TunnelTransport
 
-__all__ = ["METRICS", "TunnelStats"]
+__all__ = ["TunnelStats"]
 
 log = logging.getLogger("wstunnel.metrics")
-
-# name -> (type, help). Every name is always exposed, so dashboards and alerts
-# never see a series appear out of nowhere.
-METRICS: Final = {
-    "wstunnel_info": ("gauge", "Constant 1, labelled with the role and version."),
-    "wstunnel_sessions": ("gauge", "WebSocket sessions currently up."),
-    "wstunnel_sessions_total": ("counter", "WebSocket sessions established."),
-    "wstunnel_channels_open": ("gauge", "Tunnelled TCP connections currently open."),
-    "wstunnel_channels_total": ("counter", "Tunnelled TCP connections opened."),
-    "wstunnel_forward_channels_open": ("gauge", "Channels open now, by forward name (its "
-                                       "name:, else its command-line form)."),
-    "wstunnel_forward_channels_total": ("counter", "Channels opened, by forward name."),
-    "wstunnel_bytes_total": ("counter", "Payload bytes carried; direction=outbound is "
-                             "local socket to tunnel, inbound is tunnel to local socket."),
-    "wstunnel_channel_open_failures_total": ("counter", "Channel opens refused, by reason."),
-    "wstunnel_auth_failures_total": ("counter", "Handshakes refused for bad or missing "
-                                     "credentials (HTTP 401/403)."),
-    "wstunnel_reconnects_total": ("counter", "Times the agent re-established a lost session."),
-    "wstunnel_buffered_bytes": ("gauge", "Bytes held in memory: inbound = received and not "
-                                "yet written locally, outbound = accepted and not yet sent."),
-    "wstunnel_scheduler_queue_depth": ("gauge", "Channels waiting for a send turn."),
-    "wstunnel_outbound_budget_exhaustions_total": ("counter", "Times a session's outbound "
-                                                   "budget (max_queued_size) was used up "
-                                                   "and reading from its sources paused."),
-    "wstunnel_reloads_total": ("counter", "Configuration reloads, by result."),
-    "wstunnel_agent_bytes_total": ("counter", "Payload bytes carried for each agent (relay); "
-                                   "direction=down is to the agent, up from it."),
-    "wstunnel_agent_rate_limit_bytes": ("gauge", "An agent's rate_limit in bytes per second, "
-                                        "by direction (relay; agents with a limit only)."),
-    "wstunnel_agent_throttled_seconds_total": ("counter", "Seconds an agent's rate_limit held "
-                                               "its traffic back, by direction (relay)."),
-    "wstunnel_forward_rate_limit_bytes": ("gauge", "A forward's rate_limit in bytes per "
-                                          "second, by direction (agent)."),
-    "wstunnel_forward_throttled_seconds_total": ("counter", "Seconds a forward's rate_limit "
-                                                 "held its traffic back, by direction (agent)."),
-    "wstunnel_udp_flows_open": ("gauge", "UDP flows (one channel each) open now."),
-    "wstunnel_udp_flows_total": ("counter", "UDP flows opened."),
-    "wstunnel_udp_datagrams_total": ("counter", "UDP datagrams carried; direction=outbound "
-                                     "is local socket to tunnel, inbound the other way."),
-    "wstunnel_udp_dropped_total": ("counter", "UDP datagrams dropped, by reason (UDP is "
-                                   "lossy: a flow drops rather than waits or grows)."),
-}
-_REASONS: Final = [reason.name.lower() for reason in mux.OpenFailure]
 
 
 @dataclass
@@ -357,38 +312,14 @@ class TunnelStats:
             last.sent_rate, last.received_rate = sent / elapsed, received / elapsed
             last.at, last.sent, last.received = now, channel.bytes_sent, channel.bytes_received
 
-    def samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
-        """(metric name, labels, value) for every series in :data:`METRICS`."""
-        yield "wstunnel_info", {"role": self.role, "version": __version__}, 1
-        yield "wstunnel_sessions", {}, len(self.sessions)
-        yield "wstunnel_sessions_total", {}, self.sessions_total
-        yield "wstunnel_channels_open", {}, sum(1 for _ in self.live_channels())
-        yield "wstunnel_channels_total", {}, self.channels_total
-        open_by_forward = Counter(channel.forward for channel in self.live_channels())
-        for forward in sorted(name for name in self.forward_channels if name is not None):
-            yield ("wstunnel_forward_channels_open", {"forward": forward},
-                   open_by_forward[forward])
-            yield ("wstunnel_forward_channels_total", {"forward": forward},
-                   self.forward_channels[forward])
-        outbound, inbound = self.bytes_carried()
-        yield "wstunnel_bytes_total", {"direction": "outbound"}, outbound
-        yield "wstunnel_bytes_total", {"direction": "inbound"}, inbound
-        failures = self.open_failure_counts()
-        for reason in sorted({*_REASONS, *failures}):
-            yield "wstunnel_channel_open_failures_total", {"reason": reason}, failures[reason]
-        yield "wstunnel_auth_failures_total", {}, self.auth_failures
-        yield "wstunnel_reconnects_total", {}, self.reconnects
-        sessions = [transport.protocol.session for transport in self.sessions]
-        yield ("wstunnel_buffered_bytes", {"direction": "inbound"},
-               sum(s.buffered_size for s in sessions))
-        yield ("wstunnel_buffered_bytes", {"direction": "outbound"},
-               sum(s.queued_size for s in sessions))
-        yield "wstunnel_scheduler_queue_depth", {}, sum(s.ready_count for s in sessions)
-        yield ("wstunnel_outbound_budget_exhaustions_total", {},
-               self.ended_budget_exhaustions + sum(s.budget_exhaustions for s in sessions))
-        for result in sorted(self.reloads):
-            yield "wstunnel_reloads_total", {"result": result}, self.reloads[result]
-        yield from self._agent_samples()
+    def channel_age(self, channel: ChannelStream, now: float) -> float:
+        """Seconds ``channel`` has been open at trio time ``now`` (0 if not counted)."""
+        return now - self._opened_at.get(channel, now)
+
+    def channel_rates(self, channel: ChannelStream) -> tuple[float, float]:
+        """(sent, received) bytes per second over the last ``sample`` interval."""
+        rate = self._rates.get(channel)
+        return (rate.sent_rate, rate.received_rate) if rate else (0.0, 0.0)
 
     def agent_bytes(self) -> Counter[tuple[str, str]]:
         """Bytes carried per (agent, "down" or "up") on the relay: closed channels and
@@ -402,19 +333,6 @@ class TunnelStats:
                         totals[info.agent, "up"] += channel.bytes_received
         return totals
 
-    def _agent_samples(self) -> Iterator[tuple[str, dict[str, str], float]]:
-        for (agent, direction), count in sorted(self.agent_bytes().items()):
-            yield "wstunnel_agent_bytes_total", {"agent": agent, "direction": direction}, count
-        for (agent, direction), bucket in sorted(self.agent_buckets.items()):
-            labels = {"agent": agent, "direction": direction}
-            yield "wstunnel_agent_rate_limit_bytes", labels, bucket.rate
-            yield "wstunnel_agent_throttled_seconds_total", labels, bucket.throttled_time
-        for (forward, direction), bucket in sorted(self.forward_buckets.items()):
-            labels = {"forward": forward, "direction": direction}
-            yield "wstunnel_forward_rate_limit_bytes", labels, bucket.rate
-            yield "wstunnel_forward_throttled_seconds_total", labels, bucket.throttled_time
-        yield from _udp_samples()
-
     def open_failure_counts(self) -> Counter[str]:
         """Refused opens by reason: reported ones, and those the live sessions'
         multiplexers refused by themselves."""
@@ -423,50 +341,6 @@ class TunnelStats:
             for reason, count in transport.protocol.session.refused_opens.items():
                 counts[_reason_name(reason)] += count
         return counts
-
-    def render_prometheus(self) -> str:
-        """The Prometheus text exposition of :meth:`samples`."""
-        lines: list[str] = []
-        seen: set[str] = set()
-        for name, labels, value in self.samples():
-            if name not in seen:
-                seen.add(name)
-                kind, text = METRICS[name]
-                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-            lines.append(f"{name}{_labels(labels)} {_number(value)}")
-        return "\n".join(lines) + "\n"
-
-    def snapshot(self) -> dict[str, Any]:
-        """Sessions and channels as plain data for ``wstunnel status``."""
-        now = trio.current_time()
-        outbound, inbound = self.bytes_carried()
-        return {
-            "role": self.role, "pid": os.getpid(), "version": __version__,
-            "uptime": time.time() - self.started_at,
-            "channels_total": self.channels_total, "reconnects": self.reconnects,
-            "bytes_sent": outbound, "bytes_received": inbound,
-            "open_failures": dict(+self.open_failure_counts()),
-            "sessions": [self._session_view(t, since, now) for t, since in self.sessions.items()],
-            "reverse_forwards": self.reverse_forwards() if self.reverse_forwards else [],
-        }
-
-    def _session_view(self, transport: TunnelTransport, since: float, now: float) -> dict[str, Any]:
-        channels = [self._channel_view(c, now) for c in transport.channels.values()]
-        return {"name": transport.name, "age": now - since,
-                "transport": getattr(transport.stream, "transport_name", "websocket"),
-                "channels_total":
-                transport.opened_total, "channels": channels}
-
-    def _channel_view(self, channel: ChannelStream, now: float) -> dict[str, Any]:
-        rate = self._rates.get(channel)
-        return {
-            "id": channel.channel_id, "destination": channel.destination,
-            "forward": channel.forward,
-            "age": now - self._opened_at.get(channel, now),
-            "bytes_sent": channel.bytes_sent, "bytes_received": channel.bytes_received,
-            "rate_sent": rate.sent_rate if rate else 0.0,
-            "rate_received": rate.received_rate if rate else 0.0,
-        }
 
 
 _MUX_REFUSALS: Final = {
@@ -487,29 +361,3 @@ def _reason_name(reason: int) -> str:
         return mux.OpenFailure(reason).name.lower()
     except ValueError:
         return "other"
-
-
-def _udp_samples() -> Iterator[tuple[str, dict[str, str], float]]:
-    """The process's UDP counters (net/udp_flow.py: one set per process)."""
-    yield "wstunnel_udp_flows_open", {}, udp_stats.flows_active
-    yield "wstunnel_udp_flows_total", {}, udp_stats.flows_opened
-    yield "wstunnel_udp_datagrams_total", {"direction": "outbound"}, udp_stats.datagrams_sent
-    yield ("wstunnel_udp_datagrams_total", {"direction": "inbound"},
-           udp_stats.datagrams_received)
-    for reason in sorted({*UDP_DROP_REASONS, *udp_stats.dropped}):
-        yield "wstunnel_udp_dropped_total", {"reason": reason}, udp_stats.dropped[reason]
-
-
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    escaped = (f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return "{" + ",".join(escaped) + "}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))

@@ -20,6 +20,7 @@ from wstunnel.relay import run_relay
 from wstunnel.security.listen_policy import ListenRule
 from wstunnel.service.admin import format_status
 from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.metrics_output import snapshot
 from wstunnel.service.reload import ReloadRequest
 
 from ..log_watch import LogWatch
@@ -310,10 +311,10 @@ async def test_status_shows_reverse_forwards_on_both_sides(logs: LogWatch) -> No
                                         stats=agent_stats))
             await logs.wait_for(f"relay listening on {LOOPBACK}:{port}")
             await logs.wait_for("the relay will not listen on")
-            mine = format_status(agent_stats.snapshot())
+            mine = format_status(snapshot(agent_stats))
             assert f"web: relay {LOOPBACK}:{port} -> {LOOPBACK}:{echo}: listening" in mine
             assert f"relay {LOOPBACK}:{forbidden} -> {LOOPBACK}:{echo}: refused:" in mine
-            theirs = format_status(relay_stats.snapshot())
+            theirs = format_status(snapshot(relay_stats))
             assert f"agent anonymous: {LOOPBACK}:{port} -> session" in theirs
             nursery.cancel_scope.cancel()
 

@@ -42,7 +42,8 @@ NOT_NEEDED = (
     "wstunnel.agent.udp", "wstunnel.agent.kinds",  # the -L/-D listeners
     "wstunnel.agent.http_",  # http_transport/_client/_polling: only when WebSocket does not pass
     "wstunnel.security.tls",  # wss:// only
-    "wstunnel.security.policy", "wstunnel.security.listen_policy",  # the relay's rules
+    "wstunnel.security.policy", "wstunnel.security.allow_rule",  # the relay's rules
+    "wstunnel.security.listen_policy",
     "wstunnel.config.relay_model",  # the relay's config classes
     "wstunnel.relay", "wstunnel.service.runner", "wstunnel.service.reload",
     "wstunnel.service.dashboard_server", "difflib", "yaml", "cryptography",

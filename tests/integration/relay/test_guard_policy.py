@@ -6,8 +6,8 @@ import dataclasses
 
 from wstunnel.config import RelayConfig, parse_config
 from wstunnel.relay.guard import Gatekeeper, Identity
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.auth import hash_token, new_token
-from wstunnel.security.policy import AllowRule
 
 HASH = str(hash_token(new_token("a1")))
 RELAY = f"listen: 127.0.0.1:0\nagents: [{{name: a1, token_hash: '{HASH}', allow: [db:1]}}]\n"

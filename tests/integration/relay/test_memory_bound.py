@@ -21,6 +21,7 @@ from wstunnel.protocol import SessionLimits, TunnelProtocol
 from wstunnel.relay import run_relay
 from wstunnel.security.auth import hash_token, new_token
 from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.metrics_output import samples
 
 from ..process_helpers import wstunnel
 from ..security_helpers import watch_logs
@@ -195,6 +196,6 @@ async def test_channels_held_back_by_the_budget_resume_and_finish() -> None:
             nursery.cancel_scope.cancel()
     assert results == [_pattern(4 * MIB)] * 8
     assert logs.matching("outbound budget full")
-    (exhaustions,) = [value for name, _, value in stats.samples()
+    (exhaustions,) = [value for name, _, value in samples(stats)
                       if name == "wstunnel_outbound_budget_exhaustions_total"]
     assert exhaustions >= 1

@@ -18,6 +18,7 @@ from wstunnel.agent import run_agent
 from wstunnel.config import Forward, RateLimit
 from wstunnel.relay import run_relay
 from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.metrics_output import render_prometheus
 
 from ..security_helpers import account
 from ..tunnel_helpers import (
@@ -59,7 +60,7 @@ async def test_a_limited_agent_moves_its_data_whole_and_is_counted(
     assert moved["a1", "up"] == size
     assert stats.agent_buckets["a1", "down"].throttled_time > 0
     assert stats.agent_buckets["a1", "up"].throttled_time > 0
-    text = stats.render_prometheus()
+    text = render_prometheus(stats)
     assert f'wstunnel_agent_bytes_total{{agent="a1",direction="down"}} {size + 32}' in text
     assert 'wstunnel_agent_rate_limit_bytes{agent="a1",direction="up"} 1048576' in text
     assert 'wstunnel_agent_throttled_seconds_total{agent="a1",direction="down"}' in text
@@ -87,5 +88,5 @@ async def test_a_limited_forward_of_the_agent_moves_its_data_whole_beside_a_free
     assert set(stats.forward_buckets) == {("slow", "up"), ("slow", "down")}
     assert stats.forward_buckets["slow", "up"].throttled_time > 0
     assert stats.forward_buckets["slow", "down"].throttled_time > 0
-    text = stats.render_prometheus()
+    text = render_prometheus(stats)
     assert 'wstunnel_forward_rate_limit_bytes{forward="slow",direction="down"} 1048576' in text

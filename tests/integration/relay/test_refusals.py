@@ -13,6 +13,7 @@ from wstunnel.config import parse_relay_url
 from wstunnel.protocol import TunnelProtocol
 from wstunnel.relay import run_relay
 from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.metrics_output import render_prometheus
 
 from ..security_helpers import watch_logs
 from ..tunnel_helpers import LOOPBACK, relay_config, serve_target
@@ -78,13 +79,13 @@ async def test_a_flood_past_max_channels_is_counted_and_logged_in_few_lines() ->
             refused = await _open_many(stream, agent, target)
             elapsed = trio.current_time() - started
             assert refused == BATCHES * BATCH - MAX_CHANNELS
-            live = stats.render_prometheus()
+            live = render_prometheus(stats)
             await stream.aclose()
             await logs.wait_for("wstunnel.relay", "session down")
             nursery.cancel_scope.cancel()
     series = 'wstunnel_channel_open_failures_total{reason="limit_reached"}'
     assert f"{series} {refused}\n" in live  # counted while the session is up
-    assert f"{series} {refused}\n" in stats.render_prometheus()  # and after it ended
+    assert f"{series} {refused}\n" in render_prometheus(stats)  # and after it ended
     lines = logs.matching("wstunnel.relay", "refused")
     assert _refusals_in(lines) == refused
     # Per cause (the relay's max_channels, the multiplexer's own limit): the first at

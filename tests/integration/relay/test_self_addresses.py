@@ -11,7 +11,8 @@ import trio
 from wstunnel.addresses import HostPort, IPAddress
 from wstunnel.config import Forward
 from wstunnel.net.local_addresses import local_addresses
-from wstunnel.security.policy import AllowRule, special_block
+from wstunnel.security.allow_rule import AllowRule
+from wstunnel.security.policy import special_block
 from wstunnel.service.dashboard_server import serve_metrics
 from wstunnel.service.metrics import TunnelStats
 

@@ -16,7 +16,7 @@ from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
 from wstunnel.config import Forward, RelayTLS
 from wstunnel.relay import run_relay
-from wstunnel.security.policy import AllowRule
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.service.dashboard_server import serve_metrics
 from wstunnel.service.dashboard_status import status_document
 from wstunnel.service.metrics import TunnelStats

@@ -18,10 +18,11 @@ from wstunnel.agent import run_agent
 from wstunnel.config import Forward
 from wstunnel.errors import ConfigError
 from wstunnel.relay import run_relay
-from wstunnel.security.policy import AllowRule
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.service.admin import format_status, query_status
 from wstunnel.service.dashboard_server import serve_metrics
 from wstunnel.service.metrics import TunnelStats
+from wstunnel.service.metrics_output import render_prometheus
 from wstunnel.service.reload import ReloadRequest
 from wstunnel.service.runner import run_service
 
@@ -307,7 +308,7 @@ async def test_agent_metrics_count_channels_per_forward_name() -> None:
                                                 stats=stats))
             async with await trio.open_tcp_stream(LOOPBACK, agent[0][0][1]) as stream:
                 await _echo_once(stream, b"x" * 100)
-                text = stats.render_prometheus()
+                text = render_prometheus(stats)
             assert _value(text, 'wstunnel_forward_channels_total{forward="web"}') == 1
             assert _value(text, 'wstunnel_forward_channels_open{forward="web"}') == 1
             unnamed = f'{{forward="-L {LOOPBACK}:0:{LOOPBACK}:{echo}"}}'

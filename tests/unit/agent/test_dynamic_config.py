@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from wstunnel.cli.main import agent_config_from_args, build_parser, main
+from wstunnel.cli.main import agent_config_from_args, main
+from wstunnel.cli.parser import build_parser
 from wstunnel.config import load_agent_config
 from wstunnel.config.textforms import DYNAMIC, LOCAL
 from wstunnel.errors import ConfigError

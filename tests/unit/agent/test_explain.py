@@ -115,7 +115,8 @@ def test_rejections_are_explained_in_one_line(status: int, fragment: str) -> Non
 
 def test_cli_flags_for_proxies_headers_and_trusted_proxies(tmp_path: object) -> None:
     """--proxy/--no-proxy, --header, --host-header and --trusted-proxy reach the configs."""
-    from wstunnel.cli.main import agent_config_from_args, build_parser, relay_config_from_args
+    from wstunnel.cli.main import agent_config_from_args, relay_config_from_args
+    from wstunnel.cli.parser import build_parser
 
     base = ["agent", "--relay", "wss://r:443/t", "-L", "1:a:2"]
     args = build_parser().parse_args([*base, "--proxy", "http://u@p:3128", "--header",

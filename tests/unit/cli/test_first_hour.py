@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from wstunnel.cli import main
-from wstunnel.cli.main import build_parser
+from wstunnel.cli.parser import build_parser
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from wstunnel.cli.main import agent_config_from_args, build_parser, relay_config_from_args
+from wstunnel.cli.main import agent_config_from_args, relay_config_from_args
+from wstunnel.cli.parser import build_parser
 from wstunnel.config import load_relay_config, parse_config
 from wstunnel.errors import ConfigError
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from wstunnel.cli.main import agent_config_from_args, build_parser, relay_config_from_args
+from wstunnel.cli.main import agent_config_from_args, relay_config_from_args
+from wstunnel.cli.parser import build_parser
 from wstunnel.config import AgentConfig, RelayConfig, load_agent_config, load_relay_config
 from wstunnel.config.flags import AGENT_FLAGS, RELAY_FLAGS
 from wstunnel.errors import ConfigError

@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import pytest
 
 from wstunnel.addresses import HostPort
-from wstunnel.cli.main import agent_config_from_args, build_parser, relay_config_from_args
+from wstunnel.cli.main import agent_config_from_args, relay_config_from_args
+from wstunnel.cli.parser import build_parser
 from wstunnel.config import AgentConfig, RelayConfig, parse_config
 from wstunnel.errors import ConfigError
 

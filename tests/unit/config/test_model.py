@@ -8,8 +8,8 @@ import ipaddress
 import pytest
 
 from wstunnel.config import AgentConfig, RelayConfig, parse_config
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.auth import hash_token, new_token
-from wstunnel.security.policy import AllowRule
 
 HASH = str(hash_token(new_token("a1")))
 RELAY = f"""\

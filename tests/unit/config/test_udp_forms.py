@@ -12,8 +12,9 @@ import pytest
 from wstunnel.config import load_agent_config
 from wstunnel.config.textforms import REVERSE, TCP, UDP, Forward, parse_forward
 from wstunnel.errors import ConfigError
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.listen_policy import ListenPolicy, ListenRule
-from wstunnel.security.policy import AllowRule, HostSelf, Policy
+from wstunnel.security.policy import HostSelf, Policy
 
 HEAD = "relay: ws://relay.example:8080/tunnel\nforwards:\n"
 

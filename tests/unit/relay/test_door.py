@@ -28,9 +28,9 @@ from wstunnel.relay.door import (
     Visitor,
     server_handshake,
 )
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.auth import hash_token, new_token, scrypt_hash
 from wstunnel.security.forwarded import parse_trusted_proxy
-from wstunnel.security.policy import AllowRule
 
 PEER = "192.0.2.1:40000"
 VISITOR = Visitor(PEER, "192.0.2.1")

@@ -9,12 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wstunnel.addresses import IPAddress, IPNetwork, is_hostname
+from wstunnel.security.allow_rule import AllowRule, RuleKind
 from wstunnel.security.policy import (
-    AllowRule,
     HostSelf,
     Listener,
     Policy,
-    RuleKind,
     special_block,
     this_host,
 )
