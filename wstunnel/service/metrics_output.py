@@ -132,15 +132,17 @@ def _udp_samples() -> Iterator[tuple[str, dict[str, str], float]]:
 
 
 def render_prometheus(stats: TunnelStats) -> str:
-    """The Prometheus text exposition of :func:`samples`."""
-    lines: list[str] = []
-    seen: set[str] = set()
+    """The Prometheus text exposition of :func:`samples`, each metric's samples in
+    one group after its HELP and TYPE: the format asks for that, and strict
+    parsers (OpenMetrics) reject a metric whose lines are interleaved with
+    another's, as per-forward and per-agent pairs would otherwise come."""
+    grouped: dict[str, list[str]] = {}
     for name, labels, value in samples(stats):
-        if name not in seen:
-            seen.add(name)
-            kind, text = METRICS[name]
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        grouped.setdefault(name, []).append(f"{name}{_labels(labels)} {_number(value)}")
+    lines: list[str] = []
+    for name, series in grouped.items():
+        kind, text = METRICS[name]
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *series]
     return "\n".join(lines) + "\n"
 
 
