@@ -11,15 +11,18 @@ replies.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
+import pytest
 import trio
 
 from wstunnel.config import Forward
 from wstunnel.config.textforms import REVERSE, UDP, parse_forward
+from wstunnel.net import udp_flow
 from wstunnel.net.udp_flow import udp_stats
 from wstunnel.relay.relay import Relay
 from wstunnel.security.allow_rule import AllowRule
@@ -35,6 +38,7 @@ from .udp_helpers import (
     dns_query,
     dnsmasq,
     exchange,
+    forge_icmp_unreachable,
     free_udp_port,
     require,
     serve_udp_echo,
@@ -159,6 +163,68 @@ async def test_an_idle_flow_ends_with_fin_and_the_next_datagram_opens_a_new_one(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(("host", "code"), [
+    ("::1", 1),  # ICMPv6 administratively prohibited (ip6tables REJECT): EACCES
+    (LOOPBACK, 2),  # ICMP protocol unreachable: ENOPROTOOPT
+])
+async def test_an_icmp_error_for_one_flow_leaves_the_relay_and_every_flow_up(
+        host: str, code: int) -> None:
+    """An ICMP error about one flow's datagram (a firewall's REJECT, a router) is
+    that flow's lost datagram, nothing more: the relay stays up, the flow and the
+    flow of another client beside it still carry replies."""
+    target = trio.socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                socket.SOCK_DGRAM)
+    with target:
+        await target.bind((host, 0))
+        target_address = target.getsockname()[:2]
+        forward = replace(udp_forward(target_address[1]), target_host=host)
+        allowed = f"udp:[{host}]:{target_address[1]}" if ":" in host else \
+            f"udp:{host}:{target_address[1]}"
+        async with udp_tunnel(forward, [allowed]) as port:
+            clients = [trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+            with clients[0], clients[1], trio.fail_after(10):
+                relay_sides = []
+                for client in clients:
+                    await client.sendto(b"hello", (LOOPBACK, port))
+                    relay_sides.append((await target.recvfrom(100))[1][:2])
+                forge_icmp_unreachable(relay_sides[0], target_address, code)
+                for client, relay_side in zip(clients, relay_sides, strict=True):
+                    await target.sendto(b"reply", relay_side)
+                    assert await client.recv(100) == b"reply"
+
+
+async def test_a_socket_error_nobody_foresaw_resets_only_its_flow(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination socket's error outside the list of ICMP errors (stood in for by
+    ENOPROTOOPT taken off the list) resets that one flow: the relay stays up, the
+    other client's flow carries on, and the client's next datagram opens a new flow."""
+    monkeypatch.setattr(udp_flow, "_TRANSIENT_ERRNOS",
+                        udp_flow._TRANSIENT_ERRNOS - {errno.ENOPROTOOPT})
+    target = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with target:
+        await target.bind((LOOPBACK, 0))
+        target_address = target.getsockname()[:2]
+        forward = udp_forward(target_address[1])
+        async with udp_tunnel(forward, [f"udp:{LOOPBACK}:{target_address[1]}"]) as port:
+            clients = [trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+            with clients[0], clients[1], trio.fail_after(10):
+                relay_sides = []
+                for client in clients:
+                    await client.sendto(b"hello", (LOOPBACK, port))
+                    relay_sides.append((await target.recvfrom(100))[1][:2])
+                forge_icmp_unreachable(relay_sides[0], target_address, 2)  # ENOPROTOOPT
+                await target.sendto(b"reply", relay_sides[1])
+                assert await clients[1].recv(100) == b"reply"
+                while True:  # until a datagram of client 0 comes through a new flow
+                    await clients[0].sendto(b"again", (LOOPBACK, port))
+                    with trio.move_on_after(0.1):
+                        data, source = await target.recvfrom(100)
+                        if data == b"again" and source[:2] != relay_sides[0]:
+                            break
+                await target.sendto(b"welcome back", source)
+                assert await clients[0].recv(100) == b"welcome back"
+
+
 async def test_reverse_udp_routes_replies_to_each_of_two_clients() -> None:
     """-R udp: two clients of the relay's port each get the replies to their own
     datagrams from the server beside the agent, never the other's."""
@@ -252,3 +318,32 @@ async def test_socks5_udp_associate_carries_dns_and_refuses_what_the_relay_refus
                         except ConnectionRefusedError:
                             break
             nursery.cancel_scope.cancel()
+
+
+async def test_socks5_udp_refusal_is_logged_once_and_held(logs: LogWatch) -> None:
+    """A destination the relay refuses (a TCP rule never allows UDP): the agent logs
+    why, and like -L udp: drops the client's next datagrams to it for a while
+    (counted as refused) instead of opening a flow for each (docs/PROTOCOL.md 4.2)."""
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_udp_echo)
+        relay = await start_relay(nursery, relay_config(allow=(
+            AllowRule.parse(f"{LOOPBACK}:{echo}"),)))
+        dynamic = Forward.dynamic(parse_forward("0:h:1").listen)
+        agent = await start_agent(nursery, agent_config(relay.ports[0], [],
+                                                        forwards=(dynamic,)))
+        stream, relay_address = await socks5_associate(agent.ports[0])
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock, trio.fail_after(10):
+            await sock.sendto(socks_udp(LOOPBACK, echo, b"one"), relay_address)
+            line = await logs.wait_for("SOCKS5 udp flow to")
+            assert "refused" in line and "not allowed" in line
+            opened, refused = udp_stats.flows_opened, udp_stats.dropped["refused"]
+            for payload in (b"two", b"three"):
+                await sock.sendto(socks_udp(LOOPBACK, echo, payload), relay_address)
+            with trio.move_on_after(0.5) as quiet:
+                await sock.recv(100)
+            assert quiet.cancelled_caught, "a refused destination gets no answer"
+            assert udp_stats.flows_opened == opened, "no new flow while the refusal holds"
+            assert udp_stats.dropped["refused"] == refused + 2
+            await stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -112,6 +112,45 @@ def _started(process: subprocess.Popen[bytes], port: int) -> int:
     return port
 
 
+def forge_icmp_unreachable(flow_source: tuple[str, int], flow_destination: tuple[str, int],
+                           code: int) -> None:
+    """Send the ICMP (IPv4: type 3) or ICMPv6 (type 1) "destination unreachable" error,
+    with ``code``, that a router or firewall sends about a UDP datagram from
+    ``flow_source`` to ``flow_destination``: the kernel then reports it on the
+    connected socket of ``flow_source``. Needs CAP_NET_RAW (else the test skips)."""
+    v6 = ":" in flow_source[0]
+    family, proto = ((socket.AF_INET6, socket.IPPROTO_ICMPV6) if v6
+                     else (socket.AF_INET, socket.IPPROTO_ICMP))
+    try:
+        raw = socket.socket(family, socket.SOCK_RAW, proto)
+    except PermissionError:
+        pytest.skip("sending a forged ICMP error needs CAP_NET_RAW (run as root)")
+    udp = struct.pack("!HHHH", flow_source[1], flow_destination[1], 8, 0)
+    with raw:
+        if v6:  # (the kernel fills in an ICMPv6 checksum)
+            inner = struct.pack("!IHBB16s16s", 6 << 28, 8, 17, 64,
+                                socket.inet_pton(family, flow_source[0]),
+                                socket.inet_pton(family, flow_destination[0]))
+            raw.sendto(struct.pack("!BBHI", 1, code, 0, 0) + inner + udp,
+                       (flow_source[0], 0))
+            return
+        inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0,
+                            socket.inet_aton(flow_source[0]),
+                            socket.inet_aton(flow_destination[0]))
+        inner = inner[:10] + struct.pack("!H", _checksum(inner)) + inner[12:]
+        body = struct.pack("!BBHI", 3, code, 0, 0) + inner + udp
+        icmp = body[:2] + struct.pack("!H", _checksum(body)) + body[4:]
+        raw.sendto(icmp, (flow_source[0], 0))
+
+
+def _checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071) of ``data`` (even length)."""
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
 async def serve_udp_echo(*, host: str = LOOPBACK, prefix: bytes = b"",
                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Echo each datagram back to its sender (``prefix`` first); ``started(port)``."""

@@ -16,7 +16,8 @@ wrote them: a name goes to the relay unresolved, so its policy and DNS apply)
 is one flow, a channel of kind UDP like ``-L udp:`` (net/udp_flow.py); its
 replies go back to the client with the header naming that destination.
 Fragments (FRAG != 0) are dropped, as the RFC allows a server that does not
-reassemble. Flows end after the forward's ``udp_idle_timeout``.
+reassemble. Flows end after the forward's ``udp_idle_timeout``. A refused
+destination is logged once and held as ``-L udp:`` holds it (udp.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import mux
+from ..errors import ChannelRefused
 from ..net.udp_flow import RECEIVE_SIZE, DatagramFlow, send_or_drop, udp_stats
 from .socks import ProxyHandshake, ProxyRequest, parse_udp_datagram, udp_datagram
+from .udp import REFUSED_HOLD_INTERVAL
 
 if TYPE_CHECKING:
     from .kinds import ChannelOpener
@@ -99,6 +102,14 @@ class _Association:
                 flow.discard("no_session")
                 return
             why = await flow.run(channel)
+            if isinstance(channel.error, ChannelRefused):  # (held as -L udp: holds it)
+                flow.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
+                udp_stats.drop("refused", 1)
+                log.warning("SOCKS5 udp flow to %s:%d via %s refused: %s; its datagrams are "
+                            "dropped for %g s", *destination, self.label, channel.error,
+                            REFUSED_HOLD_INTERVAL)
+                await trio.sleep(REFUSED_HOLD_INTERVAL)
+                return
             log.debug("SOCKS5 udp flow to %s:%d ended: %s", *destination, why)
         finally:
             if self.flows.get(destination) is flow:

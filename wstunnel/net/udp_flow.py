@@ -61,10 +61,15 @@ RECEIVE_SIZE: Final = 65536
 #: Datagrams read per wake-up at most (then other tasks get their turn).
 RECEIVE_BATCH: Final = 64
 
-#: Local send errors that mean "drop this datagram", not "the flow is broken".
+#: Local send errors that mean "drop this datagram", not "the flow is broken"; and
+#: every errno Linux turns an ICMP/ICMPv6 error into (a connected socket's recv or
+#: send reports it once, about an earlier datagram): EACCES is ICMPv6
+#: "administratively prohibited", what ip6tables REJECT sends by default.
 _TRANSIENT_ERRNOS: Final = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED,
                                       errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE,
-                                      errno.EPERM})
+                                      errno.EPERM, errno.EACCES, errno.ENOPROTOOPT,
+                                      errno.EHOSTDOWN, errno.ENONET, errno.EOPNOTSUPP,
+                                      errno.EPROTO})
 
 
 class UdpStats:
@@ -305,7 +310,7 @@ async def carry_connected(channel: ChannelStream, sock: socket.socket, *,
     reader = trio.socket.from_stdlib_socket(sock)  # (the same socket object)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_read_connected, reader, sock, flow)
+            nursery.start_soon(_read_connected, reader, sock, flow, channel)
             why = await flow.run(channel)
             nursery.cancel_scope.cancel()
         return why
@@ -350,14 +355,19 @@ def receive_more(sock: socket.socket,
 
 
 async def _read_connected(sock: trio.socket.SocketType, plain: socket.socket,
-                          flow: DatagramFlow) -> None:
+                          flow: DatagramFlow, channel: ChannelStream) -> None:
+    """Datagrams from the destination into ``flow``. An ICMP error about an earlier
+    datagram costs only that datagram; any other socket error resets this flow's
+    channel, saying why, and leaves the session and its other flows alone."""
     while True:
         try:
             first = await sock.recv(RECEIVE_SIZE)
         except OSError as exc:  # an ICMP error from an earlier send (port unreachable)
-            if exc.errno not in _TRANSIENT_ERRNOS:
-                raise
-            continue
+            if exc.errno in _TRANSIENT_ERRNOS:
+                continue
+            channel.abort(f"the UDP socket to the destination failed: {exc}",
+                          mux.ResetCode.CONNECTION_RESET)
+            return
         flow.send(first)
         for data, _ in receive_more(plain):
             flow.send(data)
