@@ -50,7 +50,7 @@ from .transports import Request as TransportRequest
 #: 1024, which is below what a busy relay may be configured to carry.
 MAX_CHANNELS: Final = 65536
 
-__all__ = ["Agent"]
+__all__ = ["Agent", "check_tls_files", "session_limits"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -81,7 +81,7 @@ class Agent:
         self.transports = TransportChooser()  # (remembers per relay what passed)
         self.forward_limits = ForwardLimits(self.stats.forward_buckets)  # (rate_limits.py)
         if self.relay.secure:
-            _check_tls_files(config)
+            check_tls_files(config)
 
     def _load_token(self) -> str | None:
         config = self.config
@@ -465,8 +465,9 @@ def session_limits(config: AgentConfig) -> SessionLimits:
                          max_queued_size=config.max_queued_size, max_channels=MAX_CHANNELS)
 
 
-def _check_tls_files(config: AgentConfig) -> None:
-    """Fail at start, not at every reconnect, when a CA or client certificate file is bad."""
+def check_tls_files(config: AgentConfig) -> None:
+    """Fail at start (and refuse a reload: run.py), not at every reconnect, when a CA or
+    client certificate file is bad."""
     from ..security import tls
 
     try:

@@ -16,8 +16,9 @@ import trio
 from ..config import AgentConfig, Forward
 from ..config.textforms import REVERSE
 from ..errors import ConfigError
+from ..security.auth import load_token
 from ..service.metrics import TunnelStats
-from .agent import Agent, session_limits
+from .agent import Agent, check_tls_files, session_limits
 from .proxy import proxy_dialer, proxy_environment
 
 if TYPE_CHECKING:  # (the listeners load where used: --stdio needs none)
@@ -97,7 +98,11 @@ async def _apply_reloads(
     async for request in reloads:
         new: AgentConfig = request.config
         try:
+            _startable(new)
             bound = await forwards.apply(local_forwards(new))
+        except ConfigError as exc:
+            request.finish(str(exc))
+            continue
         except ListenError as exc:  # all or nothing: the running forwards stay
             request.finish(f"{exc}; kept the old forwards")
             continue
@@ -109,6 +114,24 @@ async def _apply_reloads(
         agent.limits = session_limits(new)  # (for the next session)
         agent.dial = proxy_dialer(new, proxy_environment())  # token, TLS: read at each connect
         request.finish(result=bound)
+
+
+def _startable(config: AgentConfig) -> None:
+    """What stops the agent from starting refuses a reload too (an Agent reads them):
+    a token source that cannot be read, a CA or client certificate that does not load.
+
+    Raises:
+        ConfigError: naming the file and key.
+    """
+    try:
+        load_token(token_file=config.token_file, token_env=config.token_env,
+                   token_credential=config.token_credential)
+        if config.relay_url.secure:
+            check_tls_files(config)
+    except ConfigError as exc:
+        if exc.source is not None:
+            raise
+        raise ConfigError(exc.detail, source=config.source, key_path=exc.key_path) from exc
 
 
 def local_forwards(config: AgentConfig) -> tuple[Forward, ...]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..errors import ConfigError
 
@@ -76,6 +76,9 @@ class Document:
         return not self.source.startswith("<")
 
 
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+
+
 def parent_path(path: str) -> str:
     """Key path of the mapping or list holding ``path`` ("" for a top-level key)."""
     cut = max(path.rfind("."), path.rfind("["))
@@ -110,19 +113,40 @@ def parse_document(text: str, source: str) -> Document:
         raise ConfigError(f"not valid YAML: character U+{char:04X} is not allowed",
                           source=source, line=line) from exc
     try:
+        aliases = _note_aliases(loader)
         node = loader.get_single_node()
         if node is None:
             raise ConfigError("the file is empty; expected a mapping of settings",
                               source=source, line=1)
-        builder = _Builder(loader, source)
+        builder = _Builder(loader, source, aliases)
         data = builder.build(node, "")
         return Document(source, data, builder.lines)
     except yaml.MarkedYAMLError as exc:
         raise _syntax_error(exc, source) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", source=source) from exc
+    except RecursionError as exc:  # (PyYAML composes, and we build, recursively)
+        raise ConfigError("the YAML is nested too deeply; a config needs a few levels, "
+                          "check the brackets", source=source) from exc
     finally:
         loader.dispose()
+
+
+def _note_aliases(loader: Any) -> dict[tuple[int, object], int]:
+    """Where each alias was written, by (id of its list node, position): PyYAML gives an
+    alias the anchored node itself, which only knows where the anchor is."""
+    import yaml  # type: ignore[import-untyped, unused-ignore]
+
+    lines: dict[tuple[int, object], int] = {}
+    compose = loader.compose_node
+
+    def compose_node(parent: Any, index: object) -> Any:
+        if loader.check_event(yaml.AliasEvent):
+            lines[(id(parent), index)] = loader.peek_event().start_mark.line + 1
+        return compose(parent, index)
+
+    loader.compose_node = compose_node
+    return lines
 
 
 def _syntax_error(exc: Any, source: str) -> ConfigError:
@@ -139,10 +163,12 @@ def _syntax_error(exc: Any, source: str) -> ConfigError:
 class _Builder:
     """Turns composed nodes into plain values, remembering lines per key path."""
 
-    def __init__(self, loader: Any, source: str) -> None:
+    def __init__(self, loader: Any, source: str, aliases: dict[tuple[int, object], int]) -> None:
         self._loader = loader
         self._source = source
+        self._aliases = aliases  # (list node id, index) -> line of an alias item
         self._active: set[int] = set()  # node ids on the current path: alias loops
+        self._merged: dict[int, int] = {}  # mapping node id -> how many pairs "<<" merged in
         self.lines: dict[str, int] = {}
 
     def build(self, node: Any, path: str) -> object:
@@ -156,27 +182,46 @@ class _Builder:
             if isinstance(node, yaml.MappingNode):
                 return self._mapping(node, path)
             if isinstance(node, yaml.SequenceNode):
-                return [self.build(item, join_index(path, i)) for i, item in enumerate(node.value)]
+                return [self._item(node, i, item, path) for i, item in enumerate(node.value)]
             return self._scalar(node)
         finally:
             self._active.discard(id(node))
 
+    def _item(self, node: Any, index: int, item: Any, path: str) -> object:
+        child = join_index(path, index)
+        alias_line = self._aliases.get((id(node), index))
+        if alias_line is not None:
+            self.lines[child] = alias_line
+        return self.build(item, child)
+
     def _mapping(self, node: Any, path: str) -> dict[str, object]:
         import yaml  # type: ignore[import-untyped, unused-ignore]
 
-        self._loader.flatten_mapping(node)  # resolves "<<" merge keys like safe_load
+        merged = self._flatten(node)
         result: dict[str, object] = {}
-        for key_node, value_node in node.value:
+        written: set[str] = set()  # keys of this mapping's own (a merged one may be overridden)
+        for index, (key_node, value_node) in enumerate(node.value):
             key = self._scalar(key_node) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
                 raise self._error(key_node, path, "keys must be plain names (strings)")
             child = join_key(path, key)
-            if key in result:
+            if key in written:
                 first = self.lines.get(child)
                 raise self._error(key_node, child, f"duplicate key (first set on line {first})")
+            if index >= merged:
+                written.add(key)
             self.lines[child] = key_node.start_mark.line + 1
             result[key] = self.build(value_node, child)
         return result
+
+    def _flatten(self, node: Any) -> int:
+        """Resolve "<<" merge keys like safe_load, once per node (an alias meets it
+        again); the number of merged pairs, which come first and may be overridden."""
+        if id(node) not in self._merged:
+            own = sum(key.tag != _MERGE_TAG for key, _ in node.value)
+            self._loader.flatten_mapping(node)
+            self._merged[id(node)] = len(node.value) - own
+        return self._merged[id(node)]
 
     def _scalar(self, node: Any) -> object:
         value = self._loader.construct_object(node, deep=True)

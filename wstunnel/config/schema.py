@@ -61,7 +61,7 @@ def _access_log(doc: Document, path: str, value: Any) -> str:
         raise doc.error(path, "expected off, on (the log stream) or a file path, got "
                               f"{values.describe(value)}")
     word = _ACCESS_LOG_WORDS.get(value.strip().lower())
-    return word if word is not None else sections.beside(doc, path, value.strip())
+    return word if word is not None else values.beside(doc, path, value.strip())
 
 
 _COMMON_FIELDS: Final[dict[str, Parser]] = {
@@ -89,11 +89,11 @@ _AGENT_FIELDS: Final[dict[str, Parser]] = {
     "reconnect_min_interval": values.duration(0.001),
     "reconnect_max_interval": values.duration(0.001),
     "proxy": values.proxy,
-    "proxy_password_file": values.readable_file,
+    "proxy_password_file": values.password_file,
     "headers": values.headers,
     "host_header": values.host_header,
     "transport": values.choice(("auto", "websocket", "streaming", "polling")),
-    "user_agent": values.text("a User-Agent text"),
+    "user_agent": values.user_agent,
     **_COMMON_FIELDS,
     "token_file": values.file_path,
     "token_env": values.text("an environment variable name"),
@@ -268,15 +268,18 @@ def parse_config(data: str | Mapping[str, Any],
 def any_from(doc: Document) -> AgentConfig | RelayConfig:
     """The config ``doc`` describes: ``role:`` decides, else ``relay:`` or ``listen:``."""
     data = doc.data
-    role = data.get("role") if isinstance(data, dict) else None
-    if role is None and isinstance(data, dict):
+    if not isinstance(data, dict):  # (no role: to add to a list)
+        raise doc.error("", "expected a mapping of settings (key: value lines), "
+                            f"got {values.describe(data)}")
+    role = data.get("role")
+    if role is None:
         guesses = [r for r, key in (("agent", "relay"), ("relay", "listen")) if key in data]
         role = guesses[0] if len(guesses) == 1 else None
     if role == "agent":
         return agent_from(doc)
     if role == "relay":
         return relay_from(doc)
-    if isinstance(data, dict) and "role" in data:
+    if "role" in data:
         raise doc.error("role", f"expected agent or relay, got {values.describe(role)}")
     raise doc.error("", "cannot tell an agent config from a relay config; "
                         "add `role: agent` or `role: relay`")
@@ -291,7 +294,7 @@ def agent_from(doc: Document) -> AgentConfig:
     found = _config_values(doc, AgentConfig, _AGENT_FIELDS, "agent")
     for key in _AGENT_PATH_KEYS:
         if found.get(key) is not None:
-            found[key] = sections.beside(doc, key, found[key])
+            found[key] = values.beside(doc, key, found[key])
     return _check_agent(doc, AgentConfig(**found))
 
 

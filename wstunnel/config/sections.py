@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from ..addresses import HostPort
@@ -37,7 +36,7 @@ from .textforms import (
 )
 from .values import Parser
 
-__all__ = ["agent_account", "beside", "build", "forward", "rate_limit", "relay_tls"]
+__all__ = ["agent_account", "build", "forward", "rate_limit", "relay_tls"]
 
 _RESERVED_KEYS: Final = {
     "token": "a token is a secret and does not belong in a config file: put it in a file "
@@ -68,7 +67,7 @@ def relay_tls(doc: Document, path: str, value: Any) -> RelayTLS:
     from .relay_model import RelayTLS
 
     found = build(doc, path, value, _TLS_FIELDS, {"client_ca_file": False}, "a tls section")
-    return RelayTLS(**{key: beside(doc, join_key(path, key), name)
+    return RelayTLS(**{key: values.beside(doc, join_key(path, key), name)
                        for key, name in found.items()})
 
 
@@ -130,7 +129,7 @@ def _dynamic_forward(doc: Document, path: str, value: dict[str, Any]) -> Forward
                     "rate_limit": False}, "a dynamic forward")
     users = None
     if "users_file" in found:
-        name = beside(doc, join_key(path, "users_file"), found["users_file"])
+        name = values.beside(doc, join_key(path, "users_file"), found["users_file"])
         users = values.users_file(doc, join_key(path, "users_file"), name)
     return dataclasses.replace(Forward.dynamic(found["dynamic"], users), name=found.get("name"),
                                rate_limit=found.get("rate_limit"),
@@ -223,9 +222,3 @@ def _unknown_key_message(key: str, table: Mapping[str, object]) -> str:
     hint = f"did you mean {close[0]!r}? " if close else ""
     return f"unknown key {key!r}; {hint}allowed keys: {', '.join(table)}"
 
-
-def beside(doc: Document, key_path: str, name: str) -> str:
-    """A relative file name in a config file is relative to that file's directory."""
-    if name.startswith("$") or Path(name).is_absolute() or not doc.in_file(key_path):
-        return name
-    return str(Path(doc.source).parent / name)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..addresses import HostPort, split_fields
@@ -57,8 +58,10 @@ __all__ = [
     "listen_rule",
     "port_text",
     "urls",
+    "user_agent",
     "target_or_path",
     "allow_rule",
+    "beside",
     "boolean",
     "checked",
     "choice",
@@ -73,6 +76,7 @@ __all__ = [
     "listen",
     "optional",
     "proxy",
+    "password_file",
     "readable_file",
     "size",
     "socket_path",
@@ -329,11 +333,34 @@ def proxy(doc: Document, path: str, value: Any) -> str:
 
 
 def readable_file(doc: Document, path: str, value: Any) -> str:
+    """A file the role reads (``metrics_auth_file``): relative to the config file."""
+    return _readable(doc, path, value, credential=False)
+
+
+def password_file(doc: Document, path: str, value: Any) -> str:
+    """``proxy_password_file``: as ``readable_file``, but a ``$CREDENTIALS_DIRECTORY/NAME``
+    is left for the agent to expand when it reads it (only systemd's unit has it)."""
+    return _readable(doc, path, value, credential=True)
+
+
+def beside(doc: Document, key_path: str, name: str) -> str:
+    """A relative file name in a config file is relative to that file's directory."""
+    if name.startswith("$") or Path(name).is_absolute() or not doc.in_file(key_path):
+        return name
+    return str(Path(doc.source).parent / name)
+
+
+def _readable(doc: Document, path: str, value: Any, *, credential: bool) -> str:
     if not isinstance(value, str) or not value.strip():
         raise doc.error(path, f"expected a file name, got {describe(value)}")
-    if not os.access(value, os.R_OK) or not os.path.isfile(value):
-        raise doc.error(path, f"cannot read {json.dumps(value)}: no such file, or no permission")
-    return value
+    name = beside(doc, path, value.strip())
+    if credential and name.startswith("$"):
+        return name
+    if not os.access(name, os.R_OK) or not os.path.isfile(name):
+        raise doc.error(path, f"cannot read {json.dumps(name)}: no such file, or no "
+                              f"permission; fix the path (relative names are relative to "
+                              f"the config file) or the file's permissions")
+    return name
 
 
 def users_file(doc: Document, path: str, name: str) -> frozenset[tuple[str, str]]:
@@ -367,6 +394,13 @@ def headers(doc: Document, path: str, value: Any) -> tuple[tuple[str, str], ...]
         pairs.append(checked(doc, join_key(path, str(name)),
                               functools.partial(check_header, str(name)), raw, "text"))
     return tuple(pairs)
+
+
+def user_agent(doc: Document, path: str, value: Any) -> str:
+    """A header value: a line break would break every request to the relay."""
+    written: str = text("a User-Agent text")(doc, path, value)
+    return checked(doc, path, lambda t: check_header("User-Agent", t)[1], written,
+                   "a User-Agent text")
 
 
 def host_header(doc: Document, path: str, value: Any) -> str:

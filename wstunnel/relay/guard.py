@@ -65,37 +65,9 @@ class Gatekeeper:
         self.ssl_context: ssl.SSLContext | None = None
         self._slow = _SlowChecks()
         self._anonymous = Identity(ANONYMOUS, config.policy)
-        if config.tls is not None:
-            try:
-                self.ssl_context = self._load_tls()
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"cannot load the TLS certificate {config.tls.cert_file} and "
-                                  f"key {config.tls.key_file}: {_ssl_reason(exc)}",
-                                  source=config.source, key_path="tls") from exc
+        self.ssl_context = _tls_context(config)
 
     # -- TLS ------------------------------------------------------------------
-
-    def _load_tls(self) -> ssl.SSLContext:
-        tls = self.config.tls
-        assert tls is not None
-        client_ca = expand_credentials(tls.client_ca_file) if tls.client_ca_file else None
-        return server_context(expand_credentials(tls.cert_file),
-                              expand_credentials(tls.key_file), client_ca)
-
-    def reload_tls(self) -> bool:
-        """Re-read the certificate and key for new connections; keep the old ones on error."""
-        if self.config.tls is None:
-            log.info("reload requested, but the relay serves plain ws:// (no tls section)")
-            return False
-        try:
-            self.ssl_context = self._load_tls()
-        except (OSError, ssl.SSLError) as exc:
-            log.error("TLS reload failed, still serving the previous certificate: %s",
-                      _ssl_reason(exc))
-            return False
-        log.info("TLS certificate reloaded from %s; new connections use it",
-                 self.config.tls.cert_file)
-        return True
 
     def current_policy(self, identity: Identity) -> Policy | None:
         """The agent's policy in the config as it is now (a reload may have changed it).
@@ -123,17 +95,22 @@ class Gatekeeper:
 
         Sessions already up keep what they logged in with; failed-login counts
         and per-agent session counts carry over.
+
+        Raises:
+            ConfigError: the certificate or key does not load; nothing was changed.
         """
+        context = _tls_context(config)  # (first: a bad certificate refuses the whole reload)
         had_tls = self.config.tls is not None
         self.config = config
         self.door.reconfigure(config)
         self.accounts = self.door.accounts
         self._anonymous = Identity(ANONYMOUS, config.policy)
+        self.ssl_context = context
         if config.tls is not None:
-            self.reload_tls()
+            log.info("TLS certificate reloaded from %s; new connections use it",
+                     config.tls.cert_file)
         elif had_tls:
             log.warning("the reloaded config has no tls section: new connections are plain ws://")
-            self.ssl_context = None
 
     async def secure(self, tcp: trio.SocketStream) -> tuple[trio.abc.Stream, str | None]:
         """The stream to speak HTTP on, and the client certificate's name (mutual TLS)."""
@@ -244,6 +221,25 @@ class _SlowChecks:
             turn.woken.set()
         else:
             self._free += 1
+
+
+def _tls_context(config: RelayConfig) -> ssl.SSLContext | None:
+    """The server context for ``config.tls`` (None: plain ws://), read from its files now.
+
+    Raises:
+        ConfigError: a file is missing or unreadable, or not a PEM certificate and key.
+    """
+    tls = config.tls
+    if tls is None:
+        return None
+    client_ca = expand_credentials(tls.client_ca_file) if tls.client_ca_file else None
+    try:
+        return server_context(expand_credentials(tls.cert_file),
+                              expand_credentials(tls.key_file), client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate {tls.cert_file} and key "
+                          f"{tls.key_file}: {_ssl_reason(exc)}", source=config.source,
+                          key_path="tls") from exc
 
 
 def _ssl_reason(exc: OSError) -> str:

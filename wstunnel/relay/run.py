@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from ..config import RelayConfig
+from ..errors import ConfigError
 from ..net.local_addresses import local_addresses
 from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
@@ -118,12 +119,16 @@ async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[Reload
     logs that the change needs a restart).
     """
     async for request in reloads:
-        new: RelayConfig = request.config
-        relay.config = dataclasses.replace(new, listen=relay.config.listen)
-        relay.gate.reconfigure(relay.config)
+        new = dataclasses.replace(request.config, listen=relay.config.listen)
+        try:
+            relay.gate.reconfigure(new)  # (first: it refuses TLS files that do not load)
+        except ConfigError as exc:
+            request.finish(str(exc))
+            continue
+        relay.config = new
         rate_limits.reconfigure(relay.stats.agent_buckets, relay.config)
         this_host.set_addresses(local_addresses())  # (interfaces may have changed)
-        if not new.allow:
+        if new.no_auth and not new.allow:  # (with agents, their own allow lists apply)
             log.warning("no 'allow' rules after the reload: every new channel will be refused")
         request.finish()
 

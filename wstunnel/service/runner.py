@@ -19,6 +19,7 @@ anything.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -206,9 +207,13 @@ class _Reloader:
             log.error("reload refused, still running the previous configuration: %s",
                       request.error)
             return False
-        for key in restart_only_changes(old, new):
-            log.warning("'%s' changed: that takes a restart; keeping %s",
-                        key, getattr(old, key))
+        kept = restart_only_changes(old, new)
+        for key in kept:
+            running = getattr(old, key)
+            log.warning("'%s' changed: that takes a restart; keeping %s (restart the service "
+                        "to apply it)", key, "none" if running is None else running)
+        # What runs is the old value: the next reload compares with it, not with the file's.
+        new = dataclasses.replace(new, **{key: getattr(old, key) for key in kept})
         self.role.config = new
         _set_access_log(self.stats, new)
         if self.on_reload is not None:

@@ -15,7 +15,7 @@ import trio
 
 from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
-from wstunnel.config import Forward
+from wstunnel.config import Forward, RelayTLS
 from wstunnel.errors import ConfigError
 from wstunnel.relay import run_relay
 from wstunnel.security.allow_rule import AllowRule
@@ -26,6 +26,7 @@ from wstunnel.service.metrics_output import render_prometheus
 from wstunnel.service.reload import ReloadRequest
 from wstunnel.service.runner import run_service
 
+from ..security_helpers import account
 from ..tunnel_helpers import (
     LOOPBACK,
     agent_config,
@@ -96,6 +97,28 @@ async def test_agent_reload_that_cannot_bind_changes_nothing() -> None:
             taken = Forward(LOOPBACK, echo, LOOPBACK, echo)  # the echo server's own port
             request = await _reload(send, replace(config, forwards=(taken,)))
             assert request.error is not None and "cannot listen" in request.error
+            async with await trio.open_tcp_stream(LOOPBACK, bound[0][0][1]) as stream:
+                await _echo_once(stream, b"still here")
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("broken", [{"token_file": "/nonexistent/agent.token"},
+                                    {"token_env": "WSTUNNEL_TEST_UNSET_TOKEN"}])
+async def test_agent_reload_the_start_would_refuse_changes_nothing(
+        broken: dict[str, str]) -> None:
+    """A token source that cannot be read stops ``wstunnel agent`` from starting; a
+    reload to it is refused the same way, naming the key, and the forwards stay."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            config = agent_config(relay.ports[0], [echo])
+            send, receive = trio.open_memory_channel[ReloadRequest](0)
+            bound = await nursery.start(partial(run_agent, config, shutdown=trio.Event(),
+                                                reloads=receive))
+            other = Forward(LOOPBACK, 0, LOOPBACK, await serve_target(nursery, echo_handler))
+            request = await _reload(send, replace(config, forwards=(other,), **broken))
+            assert request.error is not None and next(iter(broken)) in request.error
             async with await trio.open_tcp_stream(LOOPBACK, bound[0][0][1]) as stream:
                 await _echo_once(stream, b"still here")
             nursery.cancel_scope.cancel()
@@ -314,3 +337,59 @@ async def test_agent_metrics_count_channels_per_forward_name() -> None:
             unnamed = f'{{forward="-L {LOOPBACK}:0:{LOOPBACK}:{echo}"}}'
             assert _value(text, "wstunnel_forward_channels_total" + unnamed) == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_restart_only_change_is_kept_out_until_a_restart(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A changed ``metrics`` is warned about at each reload and its running value kept;
+    writing the running value back is then no change to warn about."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            config = relay_config()
+            upcoming: list[Any] = [replace(config, metrics=HostPort(LOOPBACK, 9))]
+            _, notes, hangup, shutdown = await _serve_relay_service(nursery, config, upcoming)
+            for count, reload in enumerate([upcoming[0], upcoming[0], config], start=2):
+                upcoming[0] = reload
+                await hangup.send(None)
+                await notes.wait_for("ready", count)
+            warnings = [r.getMessage() for r in caplog.records if "restart" in r.getMessage()]
+            assert warnings == ["'metrics' changed: that takes a restart; keeping none "
+                                "(restart the service to apply it)"] * 2
+            shutdown.set()
+            nursery.cancel_scope.cancel()
+
+
+async def test_relay_reload_whose_certificate_cannot_load_changes_nothing(
+        tmp_path: Path) -> None:
+    """A reload naming TLS files that do not load is refused as a whole, as a file that
+    does not load is: the relay goes on as before (here plain ws:// on the old path)."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[ReloadRequest](0)
+            config = relay_config()
+            bound = await nursery.start(partial(run_relay, config, shutdown=trio.Event(),
+                                                reloads=receive))
+            missing = str(tmp_path / "missing.crt")
+            request = await _reload(send, replace(config, path="/new",
+                                                  tls=RelayTLS(missing, missing)))
+            assert request.error is not None and missing in request.error
+            assert (await _http_get(bound[0][1], "/tunnel"))[0] == 426
+            assert (await _http_get(bound[0][1], "/new"))[0] == 404
+            nursery.cancel_scope.cancel()
+
+
+async def test_relay_reload_with_agents_does_not_warn_of_missing_allow_rules(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With agents the global ``allow`` is always empty (their rules are in
+    ``agents[].allow``): a reload says nothing about it, as the start does not."""
+    config = relay_config(no_auth=False, allow=(), agents=(account("a", LOOPBACK)[0],))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[ReloadRequest](0)
+            await nursery.start(partial(run_relay, config, shutdown=trio.Event(),
+                                        reloads=receive))
+            assert (await _reload(send, config)).error is None
+            assert (await _reload(send, relay_config(allow=()))).error is None
+            nursery.cancel_scope.cancel()
+    refusing = [r.getMessage() for r in caplog.records if "will be refused" in r.getMessage()]
+    assert refusing == ["no 'allow' rules after the reload: every new channel will be refused"]
