@@ -24,6 +24,7 @@ import trio
 from ..errors import ChannelRefused
 from ..mux import OpenFailure
 from ..net.ending import abort_stream, clear_abortive
+from .request_body import RequestBody
 from .socks import ProxyFailed, ProxyHandshake, ProxyRequest, Users
 from .socks_udp import serve_association
 
@@ -67,6 +68,8 @@ async def _serve_client(users: Users | None, sock: socket.socket,
             return await serve_association(stream, handshake, request, opener, label,
                                            udp_idle_timeout)
         channel = await opener.open_channel(request.host, request.port, forward=label)
+        if channel is None:  # (no session, or the open was refused at once: logged)
+            handshake.reply_refused(None)
         if channel is None or not await _opened(channel, request, handshake):
             return await _close_after_reply(stream, handshake)
         await stream.send_all(handshake.data_to_send())
@@ -81,7 +84,48 @@ async def _serve_client(users: Users | None, sock: socket.socket,
             channel.abort("the agent is stopping")
         await abort_stream(stream)
         raise
-    await opener.carry_channel(channel, stream)
+    if request.body is None:
+        await opener.carry_channel(channel, stream)
+    else:  # (a plain HTTP request: its body, not a pipelined request after it)
+        await opener.carry_channel(channel, _OneRequest(stream, request.body))
+
+
+class _OneRequest(trio.abc.HalfCloseableStream):
+    """A plain HTTP request's client side: the rest of its body reaches the
+    destination; what follows it (a pipelined request, perhaps for another host and
+    with the client's proxy login) is read and dropped until the client closes. The
+    destination was sent ``Connection: close``, so its answer ends the exchange and
+    the client sends what went unanswered again, on a new connection."""
+
+    def __init__(self, stream: trio.SocketStream, body: RequestBody) -> None:
+        self._stream = stream
+        self._body = body
+        self.socket = stream.socket  # (for the access log and an abortive close)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        while data := await self._stream.receive_some(max_bytes):
+            if self._body.done:
+                continue
+            try:
+                kept = self._body.take(data)
+            except ValueError as exc:
+                log.info("HTTP proxy client: %s; resetting its connection", exc)
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if kept:
+                return kept
+        return b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def _read_request(stream: trio.SocketStream,

@@ -23,7 +23,9 @@ write the header each datagram to and from that socket carries.
 An HTTP ``CONNECT`` is answered like SOCKS; any other method with an
 absolute-form URL (``GET http://host/path``) is sent to the destination in
 origin form with ``Connection: close`` (the next request may be for another
-host, so the connection carries one request) and the proxy headers removed.
+host, so the connection carries one request), the proxy and hop-by-hop headers
+removed and ``Host`` taken from the URL; bytes after its body (a pipelined
+request) are not sent (request_body.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from ..mux import OpenFailure
+from .request_body import RequestBody, request_body
 
 __all__ = ["DEFAULT_MAX_REQUEST_SIZE", "ProxyFailed", "ProxyHandshake", "ProxyRequest",
            "parse_udp_datagram", "udp_datagram"]
@@ -59,7 +62,8 @@ _HTTP_REPLIES: Final = {OpenFailure.FORBIDDEN: (403, "Forbidden", "the relay's p
                         OpenFailure.TIMEOUT: (504, "Gateway Timeout", "the relay timed out "
                                               "connecting to the destination")}
 _DROPPED_HEADERS: Final = frozenset({b"proxy-authorization", b"proxy-connection",
-                                     b"connection", b"keep-alive"})
+                                     b"connection", b"keep-alive", b"host", b"te",
+                                     b"upgrade"})
 
 
 class Protocol(enum.Enum):
@@ -78,6 +82,9 @@ class ProxyRequest:
     port: int
     early: bytes
     udp_associate: bool = False  # SOCKS5 UDP ASSOCIATE: no channel; reply_associated
+    #: A plain HTTP request (HTTP_FORWARD): the rest of its body, to take from the
+    #: client's later bytes; what follows it is not sent (request_body.py).
+    body: RequestBody | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,8 +188,10 @@ class ProxyHandshake:
             self._out += b"\x00\x5b\x00\x00\x00\x00\x00\x00"
         else:
             status = _HTTP_REPLIES.get(failure) if failure else None
-            self._out += _http_error(*(status or (502, "Bad Gateway",
-                                                  "the relay could not connect")))
+            self._out += _http_error(*(status or (
+                502, "Bad Gateway", "the relay could not connect" if failure else
+                "the agent could not open a channel to the relay (no session, or the "
+                "open was refused at once): see the agent's log")))
 
     def _finish(self) -> None:
         if self._state is not _State.REQUESTED:
@@ -337,12 +346,21 @@ class ProxyHandshake:
             self.protocol = Protocol.HTTP_CONNECT
             host, port = _authority(target)
             return self._requested(host, port, head_end + 4)
-        host, port, path = _absolute_url(target)
+        host, port, path, authority = _absolute_url(target)
+        try:
+            body = request_body(headers)
+        except ValueError as exc:
+            raise _bad_request(f"cannot tell where the request body ends: {exc}") from exc
+        # (RFC 9112 section 3.2.2: Host MUST be replaced by the URL's authority; RFC 9110
+        # section 7.6.1: the headers Connection names are this hop's, as TE and Upgrade)
+        dropped = _DROPPED_HEADERS | {name.strip().lower() for n, v in headers
+                                      if n.lower() == b"connection" for name in v.split(b",")}
         kept = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers
-                        if name.lower() not in _DROPPED_HEADERS)
-        head = (b"%s %s %s\r\n" % (method, path, lines[0].rsplit(b" ", 1)[1])
+                        if name.lower() not in dropped)
+        head = (b"%s %s %s\r\nHost: %s\r\n" % (method, path, lines[0].rsplit(b" ", 1)[1],
+                                                authority)
                 + kept + b"Connection: close\r\n\r\n")
-        return self._requested(host, port, head_end + 4, head)
+        return self._requested(host, port, head_end + 4, head, body)
 
     def _check_http_login(self, headers: list[tuple[bytes, bytes]]) -> None:
         if self._users is None:
@@ -358,14 +376,20 @@ class ProxyHandshake:
                 407, "Proxy Authentication Required", "this proxy needs a user and password",
                 b'Proxy-Authenticate: Basic realm="wstunnel"\r\n'))
 
-    def _requested(self, host: str, port: int, end: int, head: bytes = b"") -> ProxyRequest:
+    def _requested(self, host: str, port: int, end: int, head: bytes = b"",
+                   body: RequestBody | None = None) -> ProxyRequest:
         if port == 0:
             raise _Bad("destination port 0", self._refusal())
-        early = head + bytes(self._buffer[end:])
+        rest = bytes(self._buffer[end:])
+        if body is not None and rest:
+            try:
+                rest = body.take(rest)  # (a pipelined request behind it stays here)
+            except ValueError as exc:
+                raise _bad_request(str(exc)) from exc
         self._buffer.clear()
         self._state = _State.REQUESTED
         assert self.protocol is not None
-        return ProxyRequest(self.protocol, host, port, early)
+        return ProxyRequest(self.protocol, host, port, head + rest, body=body)
 
     def _refusal(self) -> bytes:
         if self.protocol is Protocol.SOCKS5:
@@ -478,8 +502,9 @@ def _authority(target: bytes) -> tuple[str, int]:
     return host, port
 
 
-def _absolute_url(target: bytes) -> tuple[str, int, bytes]:
-    """host, port and the origin-form path of ``http://host[:port]/path?query``."""
+def _absolute_url(target: bytes) -> tuple[str, int, bytes, bytes]:
+    """host, port, the origin-form path and the authority (``host[:port]``, for Host)
+    of ``http://host[:port]/path?query``."""
     try:
         parts = urlsplit(target.decode("ascii"))
         host, port = parts.hostname, parts.port or 80
@@ -488,4 +513,4 @@ def _absolute_url(target: bytes) -> tuple[str, int, bytes]:
     if parts.scheme.lower() != "http" or not host:
         raise _bad_request("expected CONNECT or an absolute http:// URL (a proxy request)")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return host, port, path.encode("ascii")
+    return host, port, path.encode("ascii"), parts.netloc.rpartition("@")[2].encode("ascii")

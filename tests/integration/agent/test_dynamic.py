@@ -18,7 +18,14 @@ from wstunnel.config import Forward
 
 from ..log_watch import LogWatch
 from ..real_peers import Pki
-from ..tunnel_helpers import LOOPBACK, agent_config, relay_config, start_agent, start_relay
+from ..tunnel_helpers import (
+    LOOPBACK,
+    agent_config,
+    receive_all,
+    relay_config,
+    start_agent,
+    start_relay,
+)
 
 BODY = os.urandom(200_000).hex().encode()  # 400 KB: several records and pump turns
 FORBIDDEN = "192.0.2.1"  # TEST-NET-1: outside the test relay's policy (127.0.0.1 only)
@@ -180,3 +187,90 @@ async def test_socks4a_by_name(pki: Pki) -> None:
                 response += piece
             assert response.endswith(BODY) and seen[-1].startswith(b"GET /h ")
             await stream.aclose()
+
+
+async def _ask_and_read_to_end(port: int, request: bytes) -> bytes:
+    """Send ``request`` to the proxy, read until it closes; a reset fails the test."""
+    stream = await trio.open_tcp_stream(LOOPBACK, port)
+    try:
+        await stream.send_all(request)
+        return await receive_all(stream)
+    finally:
+        await stream.aclose()
+
+
+async def test_no_session_is_answered_in_the_clients_protocol() -> None:
+    """With no session to the relay (none within connect_wait_timeout), each client
+    still hears a failure in its own protocol (SOCKS5 0x01, SOCKS4 0x5B, HTTP 502),
+    then a clean close, rather than a connection reset."""
+    with trio.socket.socket() as unused:  # (a port nothing listens on: refused at once)
+        await unused.bind((LOOPBACK, 0))
+        relay_port = unused.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            agent = await start_agent(nursery, replace(
+                agent_config(relay_port, [], connect_wait_timeout=0.2),
+                forwards=(Forward.dynamic(HostPort(LOOPBACK, 0)),)))
+            try:
+                with trio.fail_after(10):
+                    socks5 = await _ask_and_read_to_end(
+                        agent.ports[0], b"\x05\x01\x00" + b"\x05\x01\x00\x03\x09localhost\x00\x50")
+                    assert socks5 == b"\x05\x00" + b"\x05\x01\x00\x01" + bytes(6)
+                    socks4 = await _ask_and_read_to_end(
+                        agent.ports[0], b"\x04\x01\x00\x50\0\0\0\x01\0localhost\0")
+                    assert socks4 == b"\x00\x5b" + bytes(6)
+                    http = await _ask_and_read_to_end(
+                        agent.ports[0], b"CONNECT localhost:80 HTTP/1.1\r\n\r\n")
+                    assert http.startswith(b"HTTP/1.1 502 ")
+                    assert b"see the agent's log" in http  # (not "the relay could not")
+            finally:
+                agent.stop.set()
+                await agent.finished.wait()
+
+
+async def test_a_pipelined_request_never_reaches_the_first_requests_server() -> None:
+    """A plain HTTP request through -D reaches its server with its body; requests the
+    client pipelines behind it, in the same write or later, with its proxy login, do
+    not (they could be for another host): the server sees one request, and the client
+    gets its answer and a clean end."""
+    received = bytearray()
+    answered = trio.Event()
+
+    async def server(stream: trio.SocketStream) -> None:
+        while b"hello" not in received:  # (the head and the 5-byte body)
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            received.extend(data)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                              b"Connection: close\r\n\r\nok")
+        answered.set()
+        while data := await stream.receive_some(65536):  # (all else, until the EOF)
+            received.extend(data)
+        await stream.aclose()
+
+    login = b"Proxy-Authorization: Basic c2VjcmV0\r\n\r\n"
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, server, 0, host=LOOPBACK))
+        url = b"http://%s:%d" % (LOOPBACK.encode(), listeners[0].socket.getsockname()[1])
+        relay = await start_relay(nursery, relay_config())
+        agent = await start_agent(nursery, replace(
+            agent_config(relay.ports[0], []), forwards=(Forward.dynamic(HostPort(LOOPBACK, 0)),)))
+        try:
+            with trio.fail_after(10):
+                client = await trio.open_tcp_stream(LOOPBACK, agent.ports[0])
+                await client.send_all(b"POST " + url + b"/one HTTP/1.1\r\nContent-Length: 5\r\n"
+                                      b"\r\nhello" + b"GET " + url + b"/two HTTP/1.1\r\n" + login)
+                await answered.wait()
+                await client.send_all(b"GET " + url + b"/three HTTP/1.1\r\n" + login)
+                await client.send_eof()
+                answer = await receive_all(client)
+                await client.aclose()
+            assert answer.endswith(b"\r\n\r\nok")
+            assert bytes(received) == (b"POST /one HTTP/1.1\r\nHost: " + url[7:] +
+                                       b"\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+        finally:
+            agent.stop.set()
+            relay.stop.set()
+            await agent.finished.wait()
+            await relay.finished.wait()
+            nursery.cancel_scope.cancel()

@@ -149,6 +149,40 @@ def test_http_absolute_form_is_sent_in_origin_form(bytewise: bool) -> None:
     assert handshake.data_to_send() == b""
 
 
+@pytest.mark.parametrize("host_header", [b"", b"Host: elsewhere.example\r\n"])
+def test_http_absolute_form_host_comes_from_the_url(host_header: bytes) -> None:
+    """RFC 9112 section 3.2.2: a proxy MUST replace Host with the absolute URL's
+    authority, so an HTTP/1.0 client that sends none (or a stale one) still
+    reaches the right virtual host."""
+    event, _ = _feed(ProxyHandshake(), b"GET http://[::1]:8080/x HTTP/1.0\r\nAccept: */*\r\n"
+                     + host_header + b"\r\n", bytewise=False)
+    assert isinstance(event, ProxyRequest) and (event.host, event.port) == ("::1", 8080)
+    assert event.early == (b"GET /x HTTP/1.0\r\nHost: [::1]:8080\r\nAccept: */*\r\n"
+                           b"Connection: close\r\n\r\n")
+
+
+def test_http_forward_sends_one_request_and_only_this_hops_headers() -> None:
+    """A plain HTTP request's early bytes are its head and body: a pipelined request
+    behind it (with the client's proxy login) is not among them; headers the
+    Connection header names, TE and Upgrade are this hop's and are dropped."""
+    event, _ = _feed(ProxyHandshake(), b"POST http://a.example/x HTTP/1.1\r\nHost: a.example\r\n"
+                     b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\n"
+                     b"Content-Length: 5\r\n\r\nhello"
+                     b"GET http://b.example/ HTTP/1.1\r\nProxy-Authorization: Basic eDp5\r\n\r\n",
+                     bytewise=False)
+    assert isinstance(event, ProxyRequest) and event.body is not None and event.body.done
+    assert event.early == (b"POST /x HTTP/1.1\r\nHost: a.example\r\nContent-Length: 5\r\n"
+                           b"Connection: close\r\n\r\nhello")
+
+
+def test_http_forward_with_framing_a_proxy_cannot_trust_is_a_bad_request() -> None:
+    """Transfer-Encoding beside Content-Length (request smuggling's shape): 400."""
+    event, reply = _feed(ProxyHandshake(), b"POST http://a.example/ HTTP/1.1\r\n"
+                         b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+                         bytewise=False)
+    assert isinstance(event, ProxyFailed) and reply.startswith(b"HTTP/1.1 400 ")
+
+
 @pytest.mark.parametrize(("reason", "status"), [
     (OpenFailure.FORBIDDEN, b"403"), (OpenFailure.REFUSED, b"502"),
     (OpenFailure.UNREACHABLE, b"502"), (OpenFailure.DNS_FAILURE, b"502"),
