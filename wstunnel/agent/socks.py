@@ -207,6 +207,8 @@ class ProxyHandshake:
     def _too_big(self) -> bytes:
         if self.protocol in (Protocol.HTTP_CONNECT, Protocol.HTTP_FORWARD):
             return _http_error(431, "Request Header Fields Too Large", "the request is too long")
+        if self.protocol is Protocol.SOCKS4:  # (a user id or name with no end in sight)
+            return b"\x00\x5b\x00\x00\x00\x00\x00\x00"
         return b""
 
     # -- the protocols ---------------------------------------------------------
@@ -338,6 +340,8 @@ class ProxyHandshake:
         head_end = buf.find(b"\r\n\r\n")
         if head_end < 0:
             return None
+        if head_end + 4 > self._max:  # (a head that came whole in one read is no exception)
+            raise _Bad(f"request longer than {self._max} bytes", self._too_big())
         lines = bytes(buf[:head_end]).split(b"\r\n")
         method, target = _request_line(lines[0])
         headers = [_header(line) for line in lines[1:]]
@@ -507,7 +511,7 @@ def _absolute_url(target: bytes) -> tuple[str, int, bytes, bytes]:
     of ``http://host[:port]/path?query``."""
     try:
         parts = urlsplit(target.decode("ascii"))
-        host, port = parts.hostname, parts.port or 80
+        host, port = parts.hostname, 80 if parts.port is None else parts.port
     except (UnicodeDecodeError, ValueError):
         raise _bad_request("bad URL") from None
     if parts.scheme.lower() != "http" or not host:

@@ -175,6 +175,29 @@ def test_http_forward_sends_one_request_and_only_this_hops_headers() -> None:
                            b"Connection: close\r\n\r\nhello")
 
 
+def test_an_http_head_over_the_limit_is_refused_however_it_arrives() -> None:
+    """A head longer than max_request_size gets 431 also when it arrives whole in one
+    read (the limit is the head's, not the buffer's before its end was seen)."""
+    head = b"GET http://a.example/ HTTP/1.1\r\nX-Big: " + b"x" * 2000 + b"\r\n\r\n"
+    event, reply = _feed(ProxyHandshake(max_request_size=1024), head, bytewise=False)
+    assert isinstance(event, ProxyFailed) and reply.startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_socks4_request_over_the_limit_is_answered_0x5b() -> None:
+    """A SOCKS4 user id with no end within max_request_size: the client hears
+    "rejected" (0x5B), not a bare reset."""
+    event, reply = _feed(ProxyHandshake(max_request_size=1024),
+                         b"\x04\x01\x00\x50\x7f\x00\x00\x01" + b"u" * 2000, bytewise=False)
+    assert isinstance(event, ProxyFailed) and reply == b"\x00\x5b" + bytes(6)
+
+
+def test_an_http_url_with_port_0_is_a_bad_request() -> None:
+    """Port 0 in a URL is refused, not read as the default port 80."""
+    event, reply = _feed(ProxyHandshake(), b"GET http://a.example:0/ HTTP/1.1\r\n\r\n",
+                         bytewise=False)
+    assert isinstance(event, ProxyFailed) and reply.startswith(b"HTTP/1.1 400 ")
+
+
 def test_http_forward_with_framing_a_proxy_cannot_trust_is_a_bad_request() -> None:
     """Transfer-Encoding beside Content-Length (request smuggling's shape): 400."""
     event, reply = _feed(ProxyHandshake(), b"POST http://a.example/ HTTP/1.1\r\n"
