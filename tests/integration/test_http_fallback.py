@@ -79,6 +79,55 @@ async def test_nginx_without_upgrade_headers(path: str, transport: str, pki: Pki
         assert "HTTP streaming did not pass (no answer within 3 s" in line
 
 
+async def test_a_front_end_that_forbids_the_upgrade(pki: Pki, trust_test_ca: None,
+                                                    logs: LogWatch) -> None:
+    """A front end that answers every WebSocket upgrade 403 (a WAF's or proxy's rule:
+    the relay itself never answers 403) and passes plain requests: the agent says so
+    and carries the session over HTTP streaming instead of retrying the login forever."""
+    forbid = """
+    location /nows { if ($http_upgrade) { return 403; }
+                     proxy_pass http://127.0.0.1:RELAY/tunnel; proxy_http_version 1.1;
+                     proxy_buffering off; proxy_request_buffering off; }
+"""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            with nginx(pki, relay.ports[0],
+                       extra_server=forbid.replace("RELAY", str(relay.ports[0]))) as front:
+                url = f"wss://{LOOPBACK}:{front.port}/nows"
+                agent = await start_agent(nursery, agent_config(0, [target], relay=url))
+                line = await logs.wait_for("; using HTTP")
+                await echo_round_trips(agent.ports[0], 3)
+                nursery.cancel_scope.cancel()
+    assert line.startswith("the WebSocket upgrade was refused (403 Forbidden")
+    assert line.endswith("using HTTP streaming")
+
+
+async def test_polling_through_a_proxy_that_times_out_held_gets(pki: Pki, trust_test_ca: None,
+                                                                logs: LogWatch) -> None:
+    """nginx with a read timeout (1 s) shorter than the relay holds an idle polling GET
+    answers it 504: the agent asks again, and the session (no resume here) and its open
+    channel live on instead of ending at every timeout."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config(resume_grace=0))
+            with nginx(pki, relay.ports[0], read_timeout="1s") as front:
+                url = f"wss://{LOOPBACK}:{front.port}/tunnel"
+                agent = await start_agent(nursery, agent_config(0, [target], relay=url,
+                                                                transport="polling"))
+                async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                    await stream.send_all(b"before")
+                    assert await stream.receive_some() == b"before"
+                    with trio.fail_after(10):  # (the session used to end here)
+                        await logs.wait_for("answered 504: asking again")
+                    await stream.send_all(b"after")
+                    assert await stream.receive_some() == b"after"
+                nursery.cancel_scope.cancel()
+    assert not [line for line in logs.lines if "connection lost" in line]
+
+
 async def test_squid_forwarding_a_plain_http_relay(logs: LogWatch) -> None:
     """squid with Basic auth, refusing CONNECT to the relay's port: the WebSocket cannot
     pass, plain requests forwarded by squid (absolute form, Proxy-Authorization) do."""

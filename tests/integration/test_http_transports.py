@@ -115,8 +115,8 @@ async def test_unknown_session_refused_like_a_bad_login(logs: LogWatch) -> None:
             assert answer.startswith(b"HTTP/1.1 401 "), answer
 
 
-async def _open_session(port: int, token: str) -> str:
-    request = (f"POST /tunnel HTTP/1.1\r\nHost: x\r\n{TRANSPORT_HEADER}: polling\r\n"
+async def _open_session(port: int, token: str, mode: str = "polling") -> str:
+    request = (f"POST /tunnel HTTP/1.1\r\nHost: x\r\n{TRANSPORT_HEADER}: {mode}\r\n"
                f"Authorization: Bearer {token}\r\nContent-Length: 0\r\n\r\n").encode()
     answer = await _raw(port, request)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
@@ -149,3 +149,39 @@ async def test_a_session_id_works_only_with_its_agents_login(logs: LogWatch) -> 
     assert as_bob.startswith(b"HTTP/1.1 401 ") and as_bob == wrong_token
     assert as_alice.startswith(b"HTTP/1.1 200 "), as_alice
     assert len(session_id) >= 32
+
+
+async def test_a_garbled_sequence_number_is_refused_and_other_sessions_go_on(
+        logs: LogWatch) -> None:
+    """An X-Wstunnel-Seq that Python calls a digit but int() refuses ("²", a Latin-1
+    byte a proxy may pass) gets 400, and the relay goes on serving the agent's
+    session beside it (it used to take the whole relay down)."""
+    with trio.fail_after(TIMEOUT):
+        async with tunnel([echo_handler], agent_overrides={"transport": "polling"}) as (
+                ports, relay, _):
+            session_id = await _open_session(relay.ports[0], "any")
+            garbled = _poll(session_id, "any").replace(b"Seq: 0", b"Seq: \xb2")
+            answer = await _raw(relay.ports[0], garbled)
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            await echo_round_trips(ports[0], 3)
+
+
+async def test_a_second_streaming_get_for_one_session_is_refused(logs: LogWatch) -> None:
+    """Two streaming GETs for one session would split its downstream between them
+    (records lost from both): the second one gets 409 while the first is open."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config())
+            port = relay.ports[0]
+            session_id = await _open_session(port, "any", "streaming")
+            get = (f"GET /tunnel HTTP/1.1\r\nHost: x\r\n{TRANSPORT_HEADER}: streaming\r\n"
+                   f"{SESSION_HEADER}: {session_id}\r\n\r\n").encode()
+            async with await trio.open_tcp_stream(LOOPBACK, port) as first:
+                await first.send_all(get)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await first.receive_some()
+                assert head.startswith(b"HTTP/1.1 200 "), head
+                second = await _raw(port, get)
+                assert second.startswith(b"HTTP/1.1 409 "), second
+            nursery.cancel_scope.cancel()

@@ -46,6 +46,11 @@ MAX_POST_SIZE: Final = 1_000_000  # (under nginx's default client_max_body_size,
 #: keepalive would (and a shorter ping_timeout still ends the session first).
 RETRY_DELAYS: Final = (0.0, 0.05, 0.2, 0.5, 1.0)
 RETRY_BUDGET: Final = 3.0
+#: Polling: a request a proxy answered 504 (it gave up waiting for the relay: its read
+#: timeout is shorter than a GET's hold, or than a POST's wait for room) is sent again
+#: with the same number (safe: numbered) after this pause, so a proxy that answers 504
+#: at once is not flooded; the keepalive still ends a session that gets nothing through.
+GATEWAY_TIMEOUT_PAUSE: Final = 0.05
 
 
 class PollingStream(BytePipe):
@@ -127,6 +132,10 @@ class PollingStream(BytePipe):
                 await retries.wait(exc)
                 continue
             retries.went_through()
+            if status == 504:  # (a proxy's read timeout shorter than the relay's hold)
+                log.debug("HTTP polling: %s: a proxy answered 504: asking again", retries.what)
+                await trio.sleep(GATEWAY_TIMEOUT_PAUSE)
+                continue
             if status == 410:
                 return None
             if status == 401:

@@ -191,6 +191,10 @@ def _passes_elsewhere(exc: BaseException, relay: RelayURL, name: str) -> str | N
     """Why ``name`` failed, if another transport may pass; None when none would."""
     from .http_transport import HttpBlocked
 
+    if isinstance(exc, AuthenticationError) and exc.status == 403 and name == WEBSOCKET:
+        # (the relay refuses a login with 401, never 403: this is the path's rule)
+        return "the WebSocket upgrade was refused (403 Forbidden: a proxy or firewall " \
+               "on the path may block WebSocket)"
     if isinstance(exc, AuthenticationError) or getattr(exc, "status", None) == 429:
         return None
     if isinstance(exc, (UpgradeBlocked, HttpBlocked)):

@@ -133,7 +133,14 @@ class HttpFront:
             return await _status(reader, 405, "GET or POST")
         if session.mode == STREAMING:
             if request.method == "GET":
-                await _stream_down(reader, session)
+                if session.streaming_down:  # (a second one would take half the bytes)
+                    return await _status(reader, 409, "this session's streaming GET is "
+                                                      "already open")
+                session.streaming_down = True
+                try:
+                    await _stream_down(reader, session)
+                finally:
+                    session.streaming_down = False
                 return False
             return await _stream_up(reader, session)
         sequence = _sequence(request)
@@ -313,7 +320,8 @@ async def _drain_body(reader: HttpReader) -> bool:
 
 def _sequence(request: ws.RequestReceived) -> int | None:
     value = (request.header(SEQUENCE_HEADER.lower()) or "").strip()
-    return int(value) if value.isdigit() and len(value) < 19 else None
+    # (isascii: "²" is a digit to isdigit, not to int(); that would crash the relay)
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
 
 
 async def _expire_when_idle(session: HttpSession) -> None:

@@ -48,6 +48,7 @@ class HttpSession(BytePipe):
         self.transport_name = mode  # (what status and the dashboard call the transport)
         self.last_active = trio.current_time()
         self.in_progress = 0  # requests being served now
+        self.streaming_down = False  # streaming: its GET is being answered (one at a time)
         #: polling: the next upstream body's number, the next batch's, the last batch
         self.up_sequence = 0
         self.down_sequence = 0
