@@ -63,7 +63,8 @@ _Key = tuple[int, str, int]
 #: What each OPEN_FAILED reason means for a lease, and what to do about it.
 _ADVICE: Final[dict[int, str]] = {
     mux.OpenFailure.FORBIDDEN: "add it to this agent's listen_allow on the relay "
-                               "(or --listen-allow with --no-auth)",
+                               "(or --listen-allow with --no-auth), then restart this agent "
+                               "(it asks once per session)",
     mux.OpenFailure.REFUSED: "something else holds that address on the relay host; "
                              f"asking again every {RETRY_INTERVAL:g} s",
     mux.OpenFailure.UNSUPPORTED_KIND: "the relay is older than reverse forwards: upgrade it",
@@ -199,6 +200,8 @@ class ReverseForwards:
     def _refused(self, forward: Forward, error: BaseException | None) -> bool:
         reason = error.reason if isinstance(error, ChannelRefused) else None
         advice = _ADVICE.get(reason) if reason is not None else None
+        if reason == mux.OpenFailure.FORBIDDEN and "listen_allow" not in str(error):
+            advice = None  # (the relay host refused the bind: the relay's text says why)
         self.state[forward] = f"refused: {error}"
         log.error("the relay will not listen on %s for %s: %s%s", forward.listen_text,
                   forward.label, error, f" \N{EM DASH} {advice}" if advice else "")

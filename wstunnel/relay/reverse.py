@@ -64,11 +64,22 @@ Rest = Callable[[], Awaitable[None]]
 #: bind() errors: what the agent is told.
 _BIND_FAILURES: Final = {
     errno.EADDRINUSE: (mux.OpenFailure.REFUSED, "address already in use on the relay host"),
-    errno.EACCES: (mux.OpenFailure.FORBIDDEN, "permission denied on the relay host (ports "
-                   "below 1024 need privileges there)"),
+    errno.EACCES: (mux.OpenFailure.FORBIDDEN, "permission denied on the relay host: ports "
+                   "below 1024 need root or CAP_NET_BIND_SERVICE there; pick a port above 1023"),
     errno.EADDRNOTAVAIL: (mux.OpenFailure.UNREACHABLE, "no such address on the relay host"),
+}
+#: The same for a unix socket path.
+_PATH_BIND_FAILURES: Final = {
+    **_BIND_FAILURES,
+    errno.EADDRINUSE: (mux.OpenFailure.REFUSED, "a program on the relay host listens on that "
+                       "path"),
+    errno.EACCES: (mux.OpenFailure.FORBIDDEN, "permission denied on the relay host: the relay's "
+                   "user may not create a socket file in that directory; pick one it may "
+                   "write to"),
     errno.EEXIST: (mux.OpenFailure.REFUSED, "a file that is not a socket is at that path"),
     errno.ENOENT: (mux.OpenFailure.UNREACHABLE, "no such directory on the relay host"),
+    errno.ENOTDIR: (mux.OpenFailure.UNREACHABLE, "a part of the path is not a directory on "
+                    "the relay host"),
 }
 
 
@@ -137,7 +148,8 @@ class ReverseListeners:
         try:
             listener, socket_file = _bind(channel.host, channel.port, path, udp)
         except OSError as exc:
-            reason, text = _BIND_FAILURES.get(exc.errno or 0, (
+            failures = _BIND_FAILURES if path is None else _PATH_BIND_FAILURES
+            reason, text = failures.get(exc.errno or 0, (
                 mux.OpenFailure.INTERNAL_ERROR, (exc.strerror or str(exc)).lower()))
             log.warning("%s: cannot listen on %s for agent %s: %s", transport.name, where,
                         agent, text)

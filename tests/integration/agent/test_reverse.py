@@ -3,6 +3,8 @@ connection there reaches a server beside the agent."""
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import socket
 from dataclasses import replace
@@ -16,6 +18,7 @@ from benchmarks._children import agent_argv
 from wstunnel.agent import run_agent
 from wstunnel.config import Forward
 from wstunnel.config.textforms import REVERSE, parse_forward
+from wstunnel.relay import reverse as relay_reverse
 from wstunnel.relay import run_relay
 from wstunnel.security.listen_policy import ListenRule
 from wstunnel.service.admin import format_status
@@ -172,12 +175,36 @@ async def test_a_listen_address_outside_listen_allow_is_refused_and_other_forwar
                 Forward(LOOPBACK, 0, LOOPBACK, echo), reverse(port, echo))))
             told = await logs.wait_for("the relay will not listen on")
             assert "not allowed by listen_allow" in told and "add it to this agent" in told
+            assert "then restart this agent" in told  # (it asks once per session)
             assert await logs.wait_for(f"refused to listen for agent anonymous: listening on "
                                        f"{LOOPBACK}:{port}")
             assert await refused(port)
             async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
                 assert await echo_exact(stream, b"local") == b"local"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_bind_the_relay_host_denies_is_told_as_such_not_as_listen_allow(
+        tmp_path: Path, logs: LogWatch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An allowed address the relay host will not let the relay bind (EACCES: a port
+    below 1024, a directory it may not write to) is not a listen_allow problem: the
+    agent's log says what to do about it, for a port and for a path each."""
+    def denied(*args: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(relay_reverse, "_bind", denied)  # (tests run as root)
+    path = str(tmp_path / "relay.sock")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(listen_allow=listen_allow(
+                f"{LOOPBACK}:80", f"unix:{tmp_path}/*")))
+            await start_agent(nursery, agent_config(relay.ports[0], [], forwards=(
+                reverse(80, 22), parse_forward(f"{path}:{LOOPBACK}:22", kind=REVERSE))))
+            port = await logs.wait_for(f"the relay will not listen on {LOOPBACK}:80 ")
+            unix = await logs.wait_for(f"the relay will not listen on {path} ")
+            nursery.cancel_scope.cancel()
+    assert "CAP_NET_BIND_SERVICE" in port and "listen_allow" not in port
+    assert "may not create" in unix and "listen_allow" not in unix and "1024" not in unix
 
 
 async def test_target_refused_beside_the_agent_resets_the_client(logs: LogWatch) -> None:
