@@ -44,8 +44,15 @@ def write_certificate(out: str, names: Sequence[str], *, days: int, force: bool,
     """
     if not names:
         raise ConfigError("give at least one --name (the relay's DNS name or IP address)")
+    if days < 1:
+        raise ConfigError(f"--days: give 1 or more (a certificate valid {days} days has "
+                          f"expired before it is used)")
     directory = Path(out)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the directory {directory}: {exc.strerror or exc} "
+                          f"(--out names the directory for relay.key and relay.crt)") from exc
     key_pem, cert_pem = self_signed_certificate(names, days=days)
     _write_private(directory / KEY_NAME, key_pem, force)
     _write_private(directory / CERT_NAME, cert_pem, force)

@@ -226,6 +226,9 @@ class Door:
         if outcome is None:
             outcome = self._log_in(handshake, request, visitor.cert_name, source, peer, now,
                                    joining)
+        if isinstance(outcome, Answer) and request.method == "HEAD":  # (RFC 9110 9.3.2)
+            head = outcome.response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+            outcome = dataclasses.replace(outcome, response=head)
         return dataclasses.replace(outcome, log=log + outcome.log) if log else outcome
 
     def finish_login(self, handshake: ws.ServerHandshake, login: NeedsLogin, good: bool | None,
@@ -353,10 +356,19 @@ class Door:
                  account: AgentAccount | None, good: bool, source: str, peer: str,
                  now: float, joining: bool = False) -> Answer | Accepted:
         if not good or account is None:
-            problem = (f"wrong token for agent {name!r}" if account is not None
-                       else f"token for unknown agent {name!r}")
-            return self._refused(handshake, problem, source, peer, now)
+            return self._refused(handshake, self._token_problem(name, account), source, peer,
+                                 now)
         return self._admitted(handshake, account, peer, source, joining)
+
+    def _token_problem(self, name: str | None, account: AgentAccount | None) -> str:
+        """For the log: what was wrong with a refused token (never the token itself)."""
+        if account is not None:
+            return f"wrong token for agent {name!r}"
+        if name is None:
+            return "not a wstunnel token (NAME.SECRET)"
+        if name in self.accounts:  # (only when a client certificate names another agent)
+            return f"token for agent {name!r} with another agent's client certificate"
+        return f"token for unknown agent {name!r}"
 
     def _admitted(self, handshake: ws.ServerHandshake, account: AgentAccount,
                   peer: str, source: str, joining: bool) -> Answer | Accepted:

@@ -111,6 +111,10 @@ class Relay:
                 log.info("%s: TLS handshake failed: %s", peer, cause)
             else:
                 log.debug("%s: connection lost during the handshake: %s", peer, cause)
+        except Exception:  # (as net/pump.py per socket: one connection's bug ends it alone)
+            log.error("%s: unexpected error serving this connection (a bug; please report it "
+                      "with this traceback); it is closed, the relay serves on", peer,
+                      exc_info=True)
         finally:
             await trio.aclose_forcefully(stream)
 

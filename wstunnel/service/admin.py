@@ -172,7 +172,10 @@ class StatusClient:
             answer = json.loads(line)
         except ValueError as exc:
             raise AdminError(f"{self.path}: not a wstunnel admin socket") from exc
-        if not isinstance(answer, dict) or not answer.get("ok"):
+        if not isinstance(answer, dict):
+            raise AdminError(f"{self.path}: not a wstunnel admin socket (it answered "
+                             f"{type(answer).__name__} JSON); check the admin_socket path")
+        if not answer.get("ok"):
             raise AdminError(f"{self.path}: {answer.get('error', answer)}")
         return answer
 
@@ -230,6 +233,10 @@ def _connect_advice(path: str, exc: OSError) -> str:
     if isinstance(exc, PermissionError):
         return f"permission denied on {path}: it is mode 0600; run as the service's user or root"
     if isinstance(exc, ConnectionRefusedError):
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                return (f"{path} is not a socket: give the path of the process's "
+                        f"admin_socket")
         return f"nothing listens on {path}: the process that made it has exited"
     return f"cannot connect to {path}: {exc.strerror or exc}"
 

@@ -27,8 +27,9 @@ REALM: Final = "wstunnel"
 _SHA256: Final = re.compile(r"sha256:([0-9a-fA-F]{64})")
 
 
-def _digest(password: str) -> bytes:
-    return hashlib.sha256(password.encode()).digest()
+def _digest(password: bytes) -> bytes:
+    """Over the password's bytes: a header may carry any, not only UTF-8."""
+    return hashlib.sha256(password).digest()
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class BasicAuth:
                 raise ConfigError("expected user:password or user:sha256:HEX",
                                   source=source, line=number, key_path="metrics_auth_file")
             hashed = _SHA256.fullmatch(password)
-            digest = bytes.fromhex(hashed.group(1)) if hashed else _digest(password)
+            digest = bytes.fromhex(hashed.group(1)) if hashed else _digest(password.encode())
             users.append((user.encode(), digest))
         if not users:
             raise ConfigError("no user:password line; add one, or remove metrics_auth_file",
@@ -88,7 +89,7 @@ class BasicAuth:
         return ok
 
 
-def _credentials(authorization: bytes | None) -> tuple[bytes, str] | None:
+def _credentials(authorization: bytes | None) -> tuple[bytes, bytes] | None:
     if authorization is None:
         return None
     scheme, _, encoded = authorization.strip().partition(b" ")
@@ -101,4 +102,4 @@ def _credentials(authorization: bytes | None) -> tuple[bytes, str] | None:
     user, colon, password = decoded.partition(b":")
     if not colon:
         return None
-    return user, password.decode("utf-8", "surrogateescape")
+    return user, password

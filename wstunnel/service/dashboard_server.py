@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import h11
@@ -119,6 +120,9 @@ def _handler(site: _Site) -> Callable[[trio.SocketStream], Any]:
                 await _converse(stream, site)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             log.debug("metrics client went away: %s", exc)
+        except Exception:  # (one request's bug must not end the relay or agent it watches)
+            log.error("metrics request failed (a bug; please report it with this "
+                      "traceback); that connection is closed", exc_info=True)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -153,7 +157,9 @@ async def _respond(stream: trio.SocketStream, connection: h11.Connection, respon
                     (b"Referrer-Policy", b"no-referrer")]
     if status == 401:
         headers.append((b"WWW-Authenticate", f'Basic realm="{REALM}", charset="UTF-8"'.encode()))
-    data = connection.send(h11.Response(status_code=status, headers=headers)) or b""
+    reason = HTTPStatus(status).phrase.encode()  # (h11 sends none unless given one)
+    data = connection.send(h11.Response(status_code=status, headers=headers,
+                                        reason=reason)) or b""
     if not head:
         data += connection.send(h11.Data(data=body)) or b""
     data += connection.send(h11.EndOfMessage()) or b""

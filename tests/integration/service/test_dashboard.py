@@ -17,6 +17,7 @@ from wstunnel.agent import run_agent
 from wstunnel.config import Forward, RelayTLS
 from wstunnel.relay import run_relay
 from wstunnel.security.allow_rule import AllowRule
+from wstunnel.service import dashboard_server
 from wstunnel.service.dashboard_server import serve_metrics
 from wstunnel.service.dashboard_status import status_document
 from wstunnel.service.metrics import TunnelStats
@@ -115,6 +116,66 @@ async def test_page_and_status_over_http_behind_basic_auth(tmp_path: Path) -> No
             assert document["refusals"]["by_reason"] == {"forbidden": 1}
             assert (await _get(port, "/metrics"))[0] == 200
             assert (await _get(port, "/nowhere"))[0] == 404
+            nursery.cancel_scope.cancel()
+
+
+async def _status_line(port: int, request: bytes) -> bytes:
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        await stream.send_all(request)
+        response = b""
+        while chunk := await stream.receive_some():
+            response += chunk
+    return response.partition(b"\r\n")[0]
+
+
+async def test_metrics_answers_carry_a_reason_and_survive_any_password(tmp_path: Path) -> None:
+    """Every answer of the metrics listener has its reason phrase (curl -v, proxies and
+    people read the status line); a password that is not UTF-8 is a plain 401, and
+    the listener answers the next request as before."""
+    not_utf8 = "Basic " + base64.b64encode(b"ops:\xff").decode()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            metrics = await nursery.start(partial(serve_metrics, TunnelStats("relay"),
+                                                  HostPort(LOOPBACK, 0),
+                                                  auth_file=_auth_file(tmp_path)))
+            port = metrics[0][1]
+            auth = f"Authorization: {AUTH}\r\n".encode()
+            for request, line in [
+                (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 401 Unauthorized"),
+                (f"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: {not_utf8}\r\n\r\n".encode(),
+                 b"HTTP/1.1 401 Unauthorized"),
+                (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", b"HTTP/1.1 200 OK"),
+                (b"GET /x HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n", b"HTTP/1.1 404 Not Found"),
+                (b"DELETE / HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n",
+                 b"HTTP/1.1 405 Method Not Allowed"),
+                (b"\x16\x03\x01 not http\r\n\r\n", b"HTTP/1.1 400 Bad Request"),
+            ]:
+                assert await _status_line(port, request) == line
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_bug_in_one_metrics_request_closes_it_and_the_listener_serves_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error while answering one request (a bug) closes that connection
+    and is logged; the process it watches and the next request are untouched."""
+    stats = TunnelStats("relay")
+    calls = 0
+    original = dashboard_server._Site.answer
+
+    def first_one_fails(self: Any, request: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a request nobody foresaw")
+        return original(self, request)
+
+    monkeypatch.setattr(dashboard_server._Site, "answer", first_one_fails)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            metrics = await nursery.start(partial(serve_metrics, stats, HostPort(LOOPBACK, 0)))
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert await _status_line(metrics[0][1], request) == b""
+            assert await _status_line(metrics[0][1], request) == b"HTTP/1.1 200 OK"
             nursery.cancel_scope.cancel()
 
 

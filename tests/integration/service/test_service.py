@@ -19,7 +19,7 @@ from wstunnel.config import Forward, RelayTLS
 from wstunnel.errors import ConfigError
 from wstunnel.relay import run_relay
 from wstunnel.security.allow_rule import AllowRule
-from wstunnel.service.admin import format_status, query_status
+from wstunnel.service.admin import AdminError, format_status, query_status
 from wstunnel.service.dashboard_server import serve_metrics
 from wstunnel.service.metrics import TunnelStats
 from wstunnel.service.metrics_output import render_prometheus
@@ -291,6 +291,27 @@ async def test_status_lists_channels_over_a_0600_admin_socket(tmp_path: Path) ->
             text = format_status(status)
             assert f"{LOOPBACK}:{echo}" in text and "4.9 KiB" in text
             nursery.cancel_scope.cancel()
+
+
+async def test_status_against_a_socket_of_another_program_says_so(tmp_path: Path) -> None:
+    """A program on the admin_socket path that answers JSON of another shape (a list):
+    `status` says it is not a wstunnel admin socket, no AttributeError."""
+    path = str(tmp_path / "other.sock")
+    with trio.fail_after(10), trio.socket.socket(trio.socket.AF_UNIX) as listener:
+        await listener.bind(path)
+        listener.listen()
+
+        async def answer_a_list() -> None:
+            conn, _ = await listener.accept()
+            with conn:
+                await conn.recv(1024)
+                await conn.send(b"[1, 2]\n")
+                await conn.recv(1024)  # (until the client closes)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_a_list)
+            with pytest.raises(AdminError, match="not a wstunnel admin socket"):
+                await trio.to_thread.run_sync(query_status, path)
 
 
 async def test_agent_status_follows_the_session() -> None:

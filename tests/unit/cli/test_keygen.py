@@ -80,3 +80,21 @@ def test_keygen_says_what_it_needs(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "--token NAME" in capsys.readouterr().err
     assert main(["keygen", "--token", "a1", "--out", str(tmp_path / "no" / "t")]) == 2
     assert "cannot create" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("days", ["0", "-5"])
+def test_a_certificate_valid_for_no_day_is_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], days: str) -> None:
+    """--days 0 made a certificate already expired, a negative one a traceback: both are
+    a usage error saying what to give, and nothing is written."""
+    assert main(["keygen", "--out", str(tmp_path / "c"), "--name", "relay", "--days", days]) == 2
+    assert "--days: give 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_certificate_out_that_is_a_file_is_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--out naming a file (say, a token written before) is one line, not a traceback."""
+    (tmp_path / "t").write_text("x\n")
+    assert main(["keygen", "--out", str(tmp_path / "t"), "--name", "relay"]) == 2
+    assert f"cannot create the directory {tmp_path / 't'}" in capsys.readouterr().err

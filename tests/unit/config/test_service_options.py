@@ -77,3 +77,14 @@ def test_buffer_thresholds_are_set_where_libc_is_glibc() -> None:
     from wstunnel.service.malloc_tuning import keep_buffers_in_heap
 
     assert keep_buffers_in_heap() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_status_on_a_path_that_is_no_socket_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`status --socket` naming a regular file or a directory (a typo, or the config's
+    directory) says it is not a socket, instead of blaming a process that exited."""
+    (tmp_path / "relay.yaml").write_text("listen: 127.0.0.1:8080\n")
+    for path in (tmp_path / "relay.yaml", tmp_path):
+        assert main(["status", "--socket", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{path} is not a socket" in err and "admin_socket" in err, err

@@ -128,6 +128,17 @@ def test_health_is_200_ok_for_a_plain_request(target: str) -> None:
         assert answer == Answer(200, _text_answer("200 OK", "ok"))
 
 
+@pytest.mark.parametrize(("target", "status"), [("/health", "200 OK"),
+                                                ("/elsewhere", "404 Not Found")])
+def test_a_head_request_gets_the_head_of_the_answer_only(target: str, status: str) -> None:
+    """HEAD (some load balancers' health check) gets the status and headers a GET gets,
+    Content-Length included, and no body (RFC 9110 9.3.2)."""
+    answer = _answer(Door(OPEN), _request(target, method="HEAD", upgrade=False))
+    head = _text_answer(status, "nothing here; the tunnel is at /tunnel" if "404" in status
+                        else "ok").partition(b"\r\n\r\n")[0]
+    assert answer.response == head + b"\r\n\r\n"
+
+
 @pytest.mark.parametrize("target", ["/", "/tunnel/x", "/health", "*"])
 def test_another_path_is_404_naming_the_tunnel_path(target: str) -> None:
     """Any other path (and an upgrade to /health) is 404 naming the tunnel's path."""
@@ -247,7 +258,7 @@ def test_x_forwarded_for_from_a_trusted_proxy_names_the_client() -> None:
     (("Authorization: Basic YTE6eA==",), "not a Bearer token"),
     (_login(WRONG_TOKEN), "wrong token for agent 'a1'"),
     (_login("b9.c2VjcmV0"), "token for unknown agent 'b9'"),
-    (_login("no-dot"), "token for unknown agent None"),
+    (_login("no-dot"), "not a wstunnel token (NAME.SECRET)"),
 ])
 def test_every_failed_login_gets_the_same_401_and_the_log_says_why(
     headers: tuple[str, ...], problem: str
@@ -287,7 +298,7 @@ def test_an_agent_at_max_sessions_per_agent_gets_429() -> None:
     ("a1", _login(TOKEN), "a1"),
     ("zz", _login(TOKEN), "client certificate for unknown agent 'zz'"),
     ("a1", (), "no Authorization header"),
-    ("c1", _login(TOKEN), "token for unknown agent 'a1'"),
+    ("c1", _login(TOKEN), "token for agent 'a1' with another agent's client certificate"),
 ])
 def test_a_client_certificate_names_the_agent_and_a_token_must_match_it(
     cert_name: str, headers: tuple[str, ...], result: str

@@ -59,3 +59,13 @@ def test_an_empty_or_missing_file_says_what_to_do(tmp_path: Path) -> None:
         BasicAuth.load(str(path))
     with pytest.raises(ConfigError, match="metrics_auth_file: cannot read"):
         BasicAuth.load(str(tmp_path / "missing"))
+
+
+def test_a_password_that_is_not_utf8_is_refused_not_a_crash() -> None:
+    """Anyone who reaches the metrics port may send any bytes as a password: one that is
+    not UTF-8 is simply wrong (it used to raise, which took the listener down); a
+    UTF-8 password still matches the file's line byte for byte."""
+    auth = BasicAuth.parse("ops:plain secret\nü:pässword\n")
+    assert not auth.allows(b"Basic " + base64.b64encode(b"ops:\xff\xfe"))
+    assert not auth.allows(b"Basic " + base64.b64encode(b"\xff:plain secret"))
+    assert auth.allows(b"Basic " + base64.b64encode("ü:pässword".encode()))
