@@ -127,16 +127,29 @@ async def run_stdio(config: AgentConfig, target: HostPort,
         agent = Agent(config)
         transport = await _connect(agent, config.connect_wait_timeout)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(agent.serve, transport)
+            session_scope = trio.CancelScope(shield=True)
+            nursery.start_soon(_serve_until_closed, agent, transport, session_scope)
             try:
                 await _carry(transport, target, stream)
             finally:
-                with trio.CancelScope(shield=True):
-                    await transport.close(ws.CloseCode.GOING_AWAY, "stdio channel done",
-                                          timeout=CLOSE_TIMEOUT)
-                nursery.cancel_scope.cancel()
+                try:
+                    with trio.CancelScope(shield=True):
+                        await transport.close(ws.CloseCode.GOING_AWAY, "stdio channel done",
+                                              timeout=CLOSE_TIMEOUT)
+                finally:  # (whatever close did: the shielded session must not hold on)
+                    session_scope.cancel()
+                    nursery.cancel_scope.cancel()
     finally:
         await trio.aclose_forcefully(stream)
+
+
+async def _serve_until_closed(agent: Agent, transport: TunnelTransport,
+                              scope: trio.CancelScope) -> None:
+    """Shielded: when run_stdio is cancelled (SIGHUP from ssh, SIGTERM, Ctrl-C), the
+    session still sends its close, or the relay would keep the destination open for
+    a resume that never comes."""
+    with scope:
+        await agent.serve(transport)
 
 
 async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
@@ -152,7 +165,9 @@ async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
             delay = min(agent.config.reconnect_min_interval * 2 ** (attempt - 1),
                         agent.config.reconnect_max_interval)
             remaining = deadline - trio.current_time()
-            if not retry or remaining <= 0:
+            if not retry:  # (reached, and turned away: no timeout or attempts to blame)
+                raise StdioFailed(f"relay {agent.relay.url} refused us: {reason}") from exc
+            if remaining <= 0:
                 raise StdioFailed(f"cannot reach relay {agent.relay.url}: {reason} (gave up "
                                   f"after {attempt} attempt{'s' * (attempt != 1)}; "
                                   f"connect_wait_timeout is {timeout:g} s)") from exc
@@ -167,7 +182,12 @@ async def _carry(transport: TunnelTransport, target: HostPort,
         channel = transport.open_channel(target.host, target.port, forward="--stdio")
     except (SessionClosed, ChannelRefused) as exc:
         raise StdioFailed(f"cannot open a channel to {target}: {exc}") from exc
-    if not await splice(stream, channel):
+    try:
+        clean = await splice(stream, channel)
+    except BaseException:  # cancelled: reset before the session closes, not "lost" with it
+        channel.abort("the agent was stopped")
+        raise
+    if not clean:
         raise StdioFailed(_failure(target, channel))
 
 

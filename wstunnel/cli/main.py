@@ -62,6 +62,10 @@ class _ForcedExit(Exception):
     """A second SIGINT/SIGTERM arrived while draining."""
 
 
+class _Stopped(Exception):
+    """``--stdio`` ended by SIGTERM or SIGHUP, its cleanup done."""
+
+
 # ------------------------------------------------------------------ config
 
 def relay_config_from_args(args: argparse.Namespace) -> RelayConfig:
@@ -217,10 +221,30 @@ def _run_stdio(config: AgentConfig, log_level: str | None) -> int:
     target = config.stdio
 
     def run() -> int:
-        trio.run(run_stdio, config, target)
+        trio.run(_stdio_until_signal, run_stdio, config, target)
         return EXIT_OK
 
     return _guarded(run, config)
+
+
+async def _stdio_until_signal(run_stdio: Runner, config: AgentConfig, target: object) -> None:
+    """ssh sends its ProxyCommand SIGHUP when it exits: dying of it (or of SIGTERM)
+    would skip run_stdio's cleanup, leaving stdin/stdout non-blocking and the relay
+    holding the destination open for a resume that never comes. So these signals
+    cancel it instead, and end in ``_Stopped`` (exit 1, quietly: ssh has gone)."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, signals)
+            await run_stdio(config, target)
+            nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(signals: Any) -> NoReturn:
+    async for signum in signals:
+        raise _Stopped(signal.Signals(signum).name)
+    raise AssertionError("signal receiver ended")  # pragma: no cover
 
 
 async def _supervise(runner: Runner, config: Config, reread: Callable[[], Config]) -> None:
@@ -310,6 +334,10 @@ def _report(exc: BaseException, config: Config | None) -> int:
     leaves = _leaves(exc)
     if any(isinstance(e, _ForcedExit) for e in leaves):
         log.error("second signal received: exiting without waiting for channels to drain")
+        return EXIT_FAILURE
+    stopped = [e for e in leaves if isinstance(e, _Stopped)]
+    if stopped:
+        log.info("%s received: channel closed", stopped[0])
         return EXIT_FAILURE
     if any(isinstance(e, KeyboardInterrupt) for e in leaves):
         log.error("interrupted")

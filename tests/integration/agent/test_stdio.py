@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from ..real_peers import free_port, sshd
@@ -54,10 +56,12 @@ async def half_close_target(stream: trio.SocketStream) -> None:
         await stream.send_all(b"digest " + digest)
 
 
-async def run_agent(argv: list[str], stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+async def run_agent(argv: list[str], stdin: bytes = b"",
+                    env_token: str | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = None if env_token is None else {**os.environ, "STDIO_TEST_TOKEN": env_token}
     with trio.fail_after(30):
         return await trio.run_process(argv, stdin=stdin, capture_stdout=True,
-                                      capture_stderr=True, check=False, cwd=ROOT)
+                                      capture_stderr=True, check=False, cwd=ROOT, env=env)
 
 
 async def test_echo_is_byte_exact_and_stdout_carries_only_channel_bytes() -> None:
@@ -113,6 +117,22 @@ async def test_unreachable_relay_gives_up_within_connect_wait_timeout(tmp_path: 
     assert trio.current_time() - started < 10
 
 
+async def test_refused_token_exits_1_at_once_with_one_line() -> None:
+    """A refused token is final: exit 1 at once, one line saying the relay refused it
+    and what to check, not that the relay could not be reached or a timeout expired."""
+    async with trio.open_nursery() as nursery:
+        running = await start_relay(nursery, relay_config(no_auth=False, allow=()))
+        relay_port = running.ports[0]
+        result = await run_agent([*stdio_argv(relay_port, f"{LOOPBACK}:22"), "--token-env",
+                                  "STDIO_TEST_TOKEN"], env_token="laptop.not-the-right-one")
+        nursery.cancel_scope.cancel()
+    lines = result.stderr.decode().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, lines
+    assert "rejected the token for agent laptop" in lines[0]
+    assert "cannot reach" not in lines[0] and "connect_wait_timeout" not in lines[0]
+
+
 async def test_stdin_and_stdout_are_left_blocking() -> None:
     """stdin/stdout are shared with the parent (ssh, a shell): the non-blocking mode
     the agent sets while it runs is undone when it exits."""
@@ -136,6 +156,43 @@ async def test_stdin_and_stdout_are_left_blocking() -> None:
         for fd in (stdin_read, stdin_write, stdout_read, stdout_write):
             if fd >= 0:
                 os.close(fd)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM])
+async def test_sighup_and_sigterm_close_the_session_and_restore_blocking(
+        signum: signal.Signals) -> None:
+    """ssh sends its ProxyCommand SIGHUP when it exits: the agent ends the channel
+    (the destination sees it at once, not after the relay's resume grace), closes the
+    session, restores stdin/stdout's blocking mode, and exits 1 without a word."""
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
+    ended = trio.Event()
+
+    async def echo_until_end(stream: trio.SocketStream) -> None:
+        try:
+            await echo_handler(stream)
+        finally:
+            ended.set()
+    try:
+        async with relay() as (nursery, relay_port):
+            echo = await serve_target(nursery, echo_until_end)
+            with trio.fail_after(30):
+                process = await trio.lowlevel.open_process(
+                    stdio_argv(relay_port, f"{LOOPBACK}:{echo}"), stdin=stdin_read,
+                    stdout=stdout_write, stderr=subprocess.PIPE, cwd=ROOT)
+                os.write(stdin_write, b"ping")
+                async with trio.lowlevel.FdStream(os.dup(stdout_read)) as stdout:
+                    assert await stdout.receive_some(4) == b"ping"
+                process.send_signal(signum)
+                assert await process.wait() == 1
+                assert process.stderr is not None
+                assert await receive_all(process.stderr) == b""
+            with trio.fail_after(5):
+                await ended.wait()
+        assert os.get_blocking(stdin_read) and os.get_blocking(stdout_write)
+    finally:
+        for fd in (stdin_read, stdin_write, stdout_read, stdout_write):
+            os.close(fd)
 
 
 # ---------------------------------------------------------------- real ssh and scp
