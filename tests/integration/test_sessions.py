@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import pytest
 import trio
@@ -11,6 +12,7 @@ import trio
 from wstunnel import ws
 from wstunnel.addresses import HostPort
 
+from .log_watch import LogWatch
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
@@ -98,3 +100,43 @@ async def test_bad_frame_closes_only_that_session() -> None:
                 assert await _garbage_session(relay.ports[0]) == ws.CloseCode.PROTOCOL_ERROR
                 await stream.send_all(b"after")
                 assert await stream.receive_some() == b"after"
+
+
+async def _upgrade_then_close(stream: trio.SocketStream) -> None:
+    """A relay (or a middlebox) that accepts each WebSocket upgrade and hangs up at once."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some()
+    key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:"))
+    await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                          b"Connection: Upgrade\r\nSec-WebSocket-Protocol: wstunnel.v1\r\n"
+                          b"Sec-WebSocket-Accept: " + ws.accept_key(key.decode()).encode()
+                          + b"\r\n\r\n")
+    await stream.aclose()
+
+
+async def test_sessions_that_end_at_once_back_off_instead_of_retrying_each_interval(
+    logs: LogWatch,
+) -> None:
+    """Each session ends right after the upgrade: the reconnect delay still doubles (up
+    to reconnect_max_interval), and each log line says when the next try is; before,
+    a session that came up reset the backoff, so it retried (and logged) every
+    reconnect_min_interval for as long as that lasted."""
+    upgrades = 0
+
+    async def count(stream: trio.SocketStream) -> None:
+        nonlocal upgrades
+        upgrades += 1
+        await _upgrade_then_close(stream)
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, count, 0, host=LOOPBACK))
+            port = listeners[0].socket.getsockname()[1]
+            await start_agent(nursery, agent_config(port, [9], reconnect_min_interval=0.02,
+                                                    reconnect_max_interval=0.32))
+            await trio.sleep(1.5)  # (the window measured: 1.5 s / 0.02 s would be ~70)
+            nursery.cancel_scope.cancel()
+    assert 3 <= upgrades <= 15
+    assert any("; reconnecting in 0.3 s" in line for line in logs.lines)

@@ -121,14 +121,21 @@ class Agent:
                 log.warning("cannot reach relay %s (attempt %d): %s; %s", self.relay.url, count,
                             failure_reason(exc), self._next_step(ready_at, delay))
                 continue
-            failures.pop(self.relay, None)
             ready_at.pop(self.relay, None)
+            started = trio.current_time()
             reason = await self._serve(transport)
             if self.stopping:
                 return
             self.stats.reconnects += 1
-            log.warning("session to %s down: %s; reconnecting", self.relay.url, reason)
-            ready_at[self.relay] = trio.current_time() + self._backoff(1)
+            # A session that did not last (a relay or a middlebox that ends each one at
+            # once) counts as a failure: the backoff keeps growing, not one retry a second.
+            if trio.current_time() - started >= self.config.reconnect_max_interval:
+                failures.pop(self.relay, None)
+            count = failures[self.relay] = failures.get(self.relay, 0) + 1
+            delay = self._backoff(count)
+            log.warning("session to %s down: %s; reconnecting in %.1f s", self.relay.url,
+                        reason, delay)
+            ready_at[self.relay] = trio.current_time() + delay
 
     async def _choose_relay(self, ready_at: dict[RelayURL, float]) -> RelayURL:
         """The first relay, in the configured order, whose backoff is over (waiting for

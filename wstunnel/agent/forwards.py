@@ -315,5 +315,7 @@ def _stdlib_socket(listener: trio.SocketListener) -> socket.socket:
 
 
 def _addrs(bound: Bound) -> str:
-    """``host:port, ...``; a unix socket listener's path alone (bound as (path, 0))."""
-    return ", ".join(h if h.startswith("/") else f"{h}:{p}" for h, p in bound)
+    """``host:port, ...`` (``[v6]:port``); a unix socket listener's path alone (bound
+    as (path, 0))."""
+    return ", ".join(h if h.startswith("/") else f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                     for h, p in bound)

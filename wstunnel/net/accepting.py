@@ -41,6 +41,7 @@ async def accept_forever(listener: socket.socket,
     """Hand each accepted connection (non-blocking) to ``on_accept``, which runs in
     this task and must not block; until cancelled. Closes ``listener`` on the way
     out. Raises the OSError of a listener that broke for good."""
+    short = False  # (a shortage is logged once, at its start, and once at its end)
     try:
         while True:
             await trio.lowlevel.wait_readable(listener)
@@ -53,14 +54,27 @@ async def accept_forever(listener: socket.socket,
                     continue
                 if exc.errno not in _CAPACITY_ERRNOS:
                     raise
-                log.error("accept returned %s (%s); retrying in %s seconds",
-                          errno.errorcode[exc.errno], os.strerror(exc.errno), _RETRY_INTERVAL)
+                if not short:
+                    log.error("%s", _shortage(exc.errno))
+                short = True
                 await trio.sleep(_RETRY_INTERVAL)
                 continue
+            if short:
+                log.warning("accepting connections again")
+                short = False
             sock.setblocking(False)
             on_accept(sock)
     finally:
         close_listener(listener)
+
+
+def _shortage(number: int) -> str:
+    """What a lack of ``number`` (an errno) means for new connections, and what helps."""
+    advice = {errno.EMFILE: "raise the open-files limit (ulimit -n; systemd LimitNOFILE=)",
+              errno.ENFILE: "the whole system is out of them (sysctl fs.file-max)"}
+    return (f"accept returned {errno.errorcode[number]} ({os.strerror(number)}); retrying "
+            f"in {_RETRY_INTERVAL} seconds until it passes, new connections waiting meanwhile"
+            f"; {advice.get(number, 'free some memory')}")
 
 
 def close_listener(listener: socket.socket) -> None:

@@ -17,6 +17,7 @@ from wstunnel.config import Forward
 from wstunnel.net.channel_stream import ChannelStream
 from wstunnel.net.sockopts import NOTSENT_LOWAT
 
+from ..log_watch import LogWatch
 from ..tunnel_helpers import LOOPBACK
 
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
@@ -174,3 +175,16 @@ async def test_occupied_listen_path_is_an_error_naming_the_forward(
     finally:
         if live is not None:
             live.close()
+
+
+async def test_an_ipv6_listener_is_logged_with_brackets(logs: LogWatch) -> None:
+    """``-L [::1]:PORT:...`` is logged as ``[::1]:PORT``, the form the user wrote and
+    can paste, not as the ambiguous ``::1:PORT``."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            forwards = ForwardSet(_Opener(), nursery)
+            bound = await nursery.start(forwards.serve, [Forward("::1", 0, LOOPBACK, 9)])
+            forwards.close()
+    assert f"forwarding [::1]:{bound[0][0][1]} -> {LOOPBACK}:9" in logs.lines
