@@ -95,7 +95,10 @@ def _warn_about_access(config: RelayConfig) -> None:
     if config.no_auth:
         log.warning("no_auth: ANY client that reaches this port may open channels (allow "
                     "rules still apply); use it for tests and loopback only")
-        if not config.allow:
+        if not config.allow and config.listen_allow:  # (a relay for -R alone)
+            log.info("no 'allow' rules: agents may not open channels of their own (-L, -D); "
+                     "their -R listeners per listen_allow work")
+        elif not config.allow:
             log.warning("no 'allow' rules: every channel will be refused "
                         "(add --allow HOST[:PORT])")
     elif not config.agents:
@@ -134,4 +137,5 @@ async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[Reload
 
 
 def _addrs(bound: list[tuple[str, int]]) -> str:
-    return ", ".join(f"{h}:{p}" for h, p in bound)
+    """``host:port, ...``, an IPv6 host in brackets (as it would be typed)."""
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in bound)
