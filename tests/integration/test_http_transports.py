@@ -13,9 +13,12 @@ from functools import partial
 import pytest
 import trio
 
+from wstunnel import mux
 from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
 from wstunnel.framing import SESSION_HEADER, TRANSPORT_HEADER
+from wstunnel.protocol import TunnelProtocol
+from wstunnel.relay.http_front import MAX_POST_SIZE
 from wstunnel.service.metrics import TunnelStats
 from wstunnel.service.metrics_output import snapshot
 
@@ -164,6 +167,60 @@ async def test_a_garbled_sequence_number_is_refused_and_other_sessions_go_on(
             answer = await _raw(relay.ports[0], garbled)
             assert answer.startswith(b"HTTP/1.1 400 "), answer
             await echo_round_trips(ports[0], 3)
+
+
+def _post(session_id: str, length: int, *headers: str) -> bytes:
+    """A polling POST's head (number 0) announcing a body of ``length`` bytes."""
+    return "\r\n".join([
+        "POST /tunnel HTTP/1.1", "Host: x", f"{TRANSPORT_HEADER}: polling",
+        f"{SESSION_HEADER}: {session_id}", "X-Wstunnel-Seq: 0", f"Content-Length: {length}",
+        *headers, "", ""]).encode()
+
+
+async def _head(stream: trio.SocketStream) -> bytes:
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = await stream.receive_some()
+        assert data, f"closed after {head!r}"
+        head += data
+    return head
+
+
+async def test_a_body_waiting_for_100_continue_gets_it(logs: LogWatch) -> None:
+    """A client that sends ``Expect: 100-continue`` and waits for the 100 before its
+    body (curl waits a second, others longer) gets it at once, then its answer; one
+    refused on its head (a body too large) gets the refusal, no 100 first."""
+    opening = TunnelProtocol(mux.Role.AGENT, framed=True)
+    opening.ping(b"x")
+    body = bytes(opening.data_to_send())  # (the agent's first records)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config())
+            port = relay.ports[0]
+            session_id = await _open_session(port, "any")
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                await stream.send_all(_post(session_id, len(body), "Expect: 100-Continue"))
+                with trio.fail_after(0.5):  # (it comes at once, or never)
+                    assert await _head(stream) == b"HTTP/1.1 100 Continue\r\n\r\n"
+                await stream.send_all(body)
+                assert (await _head(stream)).startswith(b"HTTP/1.1 200 ")
+            too_large = _post(session_id, MAX_POST_SIZE + 1, "Expect: 100-continue")
+            assert (await _raw(port, too_large)).startswith(b"HTTP/1.1 413 ")
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_refusal_reaches_a_client_still_sending_its_body(logs: LogWatch) -> None:
+    """A POST refused on its head (too large) while its body comes gets the answer,
+    not a reset: the relay reads what still comes (bounded) before it closes."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config())
+            port = relay.ports[0]
+            session_id = await _open_session(port, "any")
+            async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+                await stream.send_all(_post(session_id, MAX_POST_SIZE + 1) + b"x" * 500_000)
+                assert (await _head(stream)).startswith(b"HTTP/1.1 413 ")
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_second_streaming_get_for_one_session_is_refused(logs: LogWatch) -> None:

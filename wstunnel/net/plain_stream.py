@@ -170,6 +170,16 @@ class PlainSocketStream(trio.abc.Stream):
         self._check_open()
         await trio.lowlevel.wait_writable(self._sock)
 
+    def shutdown_write(self) -> None:
+        """Send FIN after what was written, and go on reading: the peer sees the end of
+        an answer while it still sends (a refusal's linger, relay/upgrade.py). Not for
+        TLS: there a FIN without close_notify reads as a truncation."""
+        self._check_open()
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise self._broken(exc) from exc
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -46,7 +46,7 @@ from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Visitor, http_transport, server_handshake
 from .http_sessions import SESSION_IDLE_TIMEOUT, Buffer, HttpSession, HttpSessions
 from .resume import Admission, Held, HeldSessions
-from .upgrade import HttpReader, HttpRequest
+from .upgrade import HttpReader, HttpRequest, send_refusal
 
 __all__ = ["HttpFront"]
 
@@ -100,7 +100,7 @@ class HttpFront:
             request = next_request
             outcome = await self.host.login(server_handshake(), request, visitor)
             if isinstance(outcome, Answer):
-                await reader.stream.send_all(outcome.response)
+                await send_refusal(reader.stream, outcome.response)
                 return
             accepted = outcome
 
@@ -118,7 +118,7 @@ class HttpFront:
         if session is None:
             answer = self.host.refuse_session(server_handshake(), accepted,
                                               f"{mode} request for an unknown session")
-            await reader.stream.send_all(answer.response)
+            await send_refusal(reader.stream, answer.response)
             return False
         session.in_progress += 1
         try:
@@ -161,7 +161,7 @@ class HttpFront:
         admission = await self.host.admit_resume(request, accepted)
         if admission.refused is not None:  # not this agent's: a bad login's answer
             answer = self.host.refuse_session(server_handshake(), accepted, admission.refused)
-            await reader.stream.send_all(answer.response)
+            await send_refusal(reader.stream, answer.response)
             return
         session = self.sessions.create(accepted.identity.name, mode)
         session.tls = isinstance(reader.stream, TLSSocketStream)  # (a TLS listener's requests)
@@ -295,7 +295,7 @@ async def _reply(reader: HttpReader, body: list[Buffer]) -> bool:
 
 async def _status(reader: HttpReader, status: int, text: str) -> bool:
     """A short text answer; the connection closes after it."""
-    await reader.stream.send_all(server_handshake().reject(status, text))
+    await send_refusal(reader.stream, server_handshake().reject(status, text))
     return False
 
 

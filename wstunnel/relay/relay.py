@@ -44,7 +44,7 @@ from .guard import Gatekeeper, Identity, SessionGuard
 from .http_front import HttpFront
 from .resume import Admission, Held, HeldSessions, RelayResumer
 from .reverse import LISTEN_KINDS, ReverseListeners
-from .upgrade import HttpRequest, read_request
+from .upgrade import HttpRequest, read_request, send_refusal
 
 __all__ = ["Relay", "CLOSE_IDLE"]
 
@@ -94,6 +94,9 @@ class Relay:
                 accepted = await self._handshake(stream, peer, peer_host, cert_name)
                 if accepted is None:
                     return
+            if isinstance(accepted, Answer):  # (its linger is not the handshake's time)
+                await send_refusal(stream, accepted.response)
+                return
             if accepted is None:
                 log.info("%s: no complete upgrade request within %g s; dropped",
                          peer, self.config.handshake_timeout)
@@ -121,11 +124,11 @@ class Relay:
     async def _handshake(
         self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
     ) -> (tuple[TunnelProtocol, Identity, str, Held | None]
-          | tuple[HttpRequest, Accepted, Visitor] | trio.Event | None):
+          | tuple[HttpRequest, Accepted, Visitor] | trio.Event | Answer | None):
         """The protocol, the agent, the client's name for logs and, for a resumable
         session, its entry in ``held``; or an HTTP-transport request let in, for
         ``self.http``; or, for a resume, the event that ends this connection's part;
-        None when not upgraded.
+        the answer to send when refused; None when the client went away.
 
         The decisions are the door's (door.py); this reads, waits and writes.
         """
@@ -139,8 +142,7 @@ class Relay:
         outcome = await self.login(
             handshake, request.request if isinstance(request, HttpRequest) else request, visitor)
         if isinstance(outcome, Answer):
-            await stream.send_all(outcome.response)
-            return None
+            return outcome
         if http is not None:
             return http, outcome, visitor
         assert isinstance(request, ws.RequestReceived)  # (a failed one got an Answer)
@@ -149,14 +151,12 @@ class Relay:
     async def _start_or_resume(
         self, stream: trio.abc.Stream, handshake: ws.ServerHandshake,
         request: ws.RequestReceived, accepted: Accepted,
-    ) -> tuple[TunnelProtocol, Identity, str, Held | None] | trio.Event | None:
+    ) -> tuple[TunnelProtocol, Identity, str, Held | None] | trio.Event | Answer:
         """A new session (resumable if the agent asks and ``resume_grace`` allows), or
         the next carrier of a held one (resume.py)."""
         admission = await self.admit_resume(request, accepted)
         if admission.refused is not None:  # not this agent's: exactly a bad login's answer
-            await stream.send_all(
-                self.refuse_session(handshake, accepted, admission.refused).response)
-            return None
+            return self.refuse_session(handshake, accepted, admission.refused)
         if admission.resumes is not None:
             await stream.send_all(handshake.accept(admission.headers))
             return self.held.deliver(admission.resumes, NewCarrier(

@@ -11,19 +11,26 @@ head; when the head carries the marker, that connection reads the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 import h11
 import trio
 
 from .. import ws
 from ..framing import TRANSPORT_HEADER
+from ..net.plain_stream import PlainSocketStream
+from ..net.tls_stream import TLSSocketStream
 from ..ws._http import decode_headers
 
-__all__ = ["read_request", "HttpRequest", "HttpReader"]
+__all__ = ["read_request", "HttpRequest", "HttpReader", "send_refusal"]
 
 READ_SIZE = 65536
 BODY_READ_SIZE = 256 * 1024  # an HTTP transport's bodies: bulk, read in big pieces
 MAX_HEADER_SIZE = 16384
+#: After a refusal, how long what the client still sends is read (and dropped) ...
+REFUSAL_LINGER_TIMEOUT: Final = 2.0
+#: ... and how much of it; past either the connection closes anyway (with a reset).
+REFUSAL_LINGER_SIZE: Final = 1024 * 1024
 _MARKER = TRANSPORT_HEADER.lower().encode()
 
 
@@ -45,12 +52,19 @@ class HttpReader:
 
     async def next_event(self) -> object:
         """The next h11 event of the request being read (``h11.Data``, ``EndOfMessage``,
-        ``ConnectionClosed``); raises ``h11.RemoteProtocolError`` on garbage."""
+        ``ConnectionClosed``); raises ``h11.RemoteProtocolError`` on garbage.
+
+        A client that sent ``Expect: 100-continue`` may wait for a 100 before its body
+        (curl a second): it gets one when the body is first read, not when the request
+        is refused on its head (the body is not read then)."""
         conn = self.conn
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
+            if conn.they_are_waiting_for_100_continue:  # (a body read: ask for it)
+                await self.send(h11.InformationalResponse(status_code=100, headers=[],
+                                                        reason=b"Continue"))
             conn.receive_data(bytes(await self.stream.receive_some(BODY_READ_SIZE)))
 
     async def next_request(self) -> ws.RequestReceived | None:
@@ -62,10 +76,33 @@ class HttpReader:
             return None
         return _describe(event) if isinstance(event, h11.Request) else None
 
-    async def send(self, *events: h11.Response | h11.Data | h11.EndOfMessage) -> None:
+    async def send(self, *events: h11.InformationalResponse | h11.Response | h11.Data
+                   | h11.EndOfMessage) -> None:
         """Send our response events."""
         data = b"".join(self.conn.send(event) for event in events)
         await self.stream.send_all(data)
+
+
+async def send_refusal(stream: trio.abc.Stream, response: bytes) -> None:
+    """Send the answer to a refused request, end our side, and read what the client
+    still sends until it closes, for a bounded time and size; the caller then closes.
+
+    A close with unread bytes resets the connection, and a client still sending (a
+    body, or a head too large) would lose the answer: its send fails first.
+    """
+    with trio.move_on_after(REFUSAL_LINGER_TIMEOUT):
+        await stream.send_all(response)
+        try:
+            if isinstance(stream, PlainSocketStream) and not isinstance(stream, TLSSocketStream):
+                stream.shutdown_write()  # (the answer ends here; TLS cannot say so)
+            left = REFUSAL_LINGER_SIZE
+            while left > 0:
+                data = await stream.receive_some(READ_SIZE)
+                if not data:
+                    return
+                left -= len(data)
+        except trio.BrokenResourceError:  # (the client went away: nothing left to lose)
+            return
 
 
 async def read_request(

@@ -16,11 +16,12 @@ import trio
 
 from wstunnel.config import AgentAccount, RelayConfig
 from wstunnel.relay import Relay
+from wstunnel.relay.upgrade import REFUSAL_LINGER_TIMEOUT
 from wstunnel.security.auth import hash_token, new_token, scrypt_hash
 from wstunnel.service.metrics import TunnelStats
 
 from ..log_watch import LogWatch
-from ..tunnel_helpers import LOOPBACK, http_status, relay_config
+from ..tunnel_helpers import LOOPBACK, http_status, receive_all, relay_config
 
 TIMEOUT = 10.0
 TOKEN = new_token("a1")
@@ -81,3 +82,27 @@ async def test_a_draining_relay_refuses_new_sessions_with_503() -> None:
         async with _serving(relay) as port:
             await relay.drain(0.0)
             assert await http_status(port, _request(token=TOKEN)) == 503
+
+
+async def _status_while_sending(port: int, head: bytes, body: bytes) -> int:
+    """The status of a request whose sender writes all of it, then reads to the end."""
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        await stream.send_all(head + body)  # (a reset here: the answer is lost)
+        # (the relay ends its side after the answer: not only once it closes)
+        with trio.fail_after(REFUSAL_LINGER_TIMEOUT / 2):
+            answer = await receive_all(stream)
+        assert answer, "the relay closed without answering"
+        return int(answer.split()[1])
+
+
+async def test_a_refusal_reaches_a_client_that_is_still_sending() -> None:
+    """A refused request with bytes still coming (a body the relay will not read, a head
+    too large) is answered, then read to its end before the close: closing with unread
+    bytes would reset the connection, and the client would lose the answer."""
+    filler = b"x" * 500_000
+    with trio.fail_after(TIMEOUT):
+        async with _serving(Relay(_config())) as port:
+            assert await _status_while_sending(
+                port, _request(token=new_token("a1")), filler) == 401
+            too_large = _request(token=TOKEN).replace(b"\r\n\r\n", b"\r\nX-Filler: ", 1)
+            assert await _status_while_sending(port, too_large, filler + b"\r\n\r\n") == 431
