@@ -262,6 +262,42 @@ async def test_reverse_udp_routes_replies_to_each_of_two_clients() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_reverse_udp_refusal_is_held_per_client(logs: LogWatch) -> None:
+    """-R udp: the agent cannot reach its target (a UDP socket cannot be connected to
+    the broadcast address) and refuses the flow: the relay logs it once and drops that
+    client's next datagrams for a while (counted as refused) instead of opening a flow,
+    and the agent a warning, for each, as -L udp: and SOCKS5 UDP do."""
+    async with trio.open_nursery() as nursery:
+        relay_port = free_udp_port()
+        forward = parse_forward(f"udp:{relay_port}:255.255.255.255:9", kind=REVERSE)
+        relay = await start_relay(nursery, relay_config(
+            listen_allow=(ListenRule.parse(f"udp:{LOOPBACK}:{relay_port}"),)))
+        await start_agent(nursery, agent_config(relay.ports[0], [], forwards=(forward,)))
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock, trio.fail_after(10):
+            await logs.wait_for("for -R udp:")  # (the agent: the lease is up)
+            await sock.sendto(b"one", (LOOPBACK, relay_port))
+            line = await logs.wait_for("udp flow from")  # (the relay's)
+            assert "cannot reach" in line
+            opened, refused = udp_stats.flows_opened, udp_stats.dropped["refused"]
+            for payload in (b"two", b"three"):
+                await sock.sendto(payload, (LOOPBACK, relay_port))
+            with trio.move_on_after(0.5) as quiet:
+                await sock.recv(100)
+            assert quiet.cancelled_caught, "a refused flow gets no answer"
+            assert udp_stats.flows_opened == opened, "no new flow while the refusal holds"
+            assert udp_stats.dropped["refused"] == refused + 2
+            assert sum("cannot reach" in line and "reverse udp flow" in line
+                       for line in logs.lines) == 1, "the agent warns once"
+            other = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            with other:  # another client: its own flow, refused and held for it alone
+                await other.bind((LOOPBACK, 0))
+                await other.sendto(b"four", (LOOPBACK, relay_port))
+                await logs.wait_for(f"udp flow from {LOOPBACK}:{other.getsockname()[1]}")
+                assert udp_stats.flows_opened == opened + 1  # (the relay's: the agent refused)
+        nursery.cancel_scope.cancel()
+
+
 async def socks5_associate(proxy_port: int) -> tuple[trio.SocketStream, tuple[str, int]]:
     """A SOCKS5 UDP ASSOCIATE (no login) on the -D port: the TCP connection that keeps
     the association, and the UDP relay address the agent named."""

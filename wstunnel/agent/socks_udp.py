@@ -31,9 +31,14 @@ import trio
 
 from .. import mux
 from ..errors import ChannelRefused
-from ..net.udp_flow import RECEIVE_SIZE, DatagramFlow, send_or_drop, udp_stats
+from ..net.udp_flow import (
+    RECEIVE_SIZE,
+    REFUSED_HOLD_INTERVAL,
+    DatagramFlow,
+    send_or_drop,
+    udp_stats,
+)
 from .socks import ProxyHandshake, ProxyRequest, parse_udp_datagram, udp_datagram
-from .udp import REFUSED_HOLD_INTERVAL
 
 if TYPE_CHECKING:
     from .kinds import ChannelOpener

@@ -26,7 +26,7 @@ import logging
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,6 +34,7 @@ from .. import mux
 from ..errors import ChannelRefused
 from ..net.udp_flow import (
     RECEIVE_SIZE,
+    REFUSED_HOLD_INTERVAL,
     DatagramFlow,
     receive_more,
     send_or_drop,
@@ -44,12 +45,9 @@ if TYPE_CHECKING:
     from ..config import Forward
     from .kinds import ChannelOpener
 
-__all__ = ["REFUSED_HOLD_INTERVAL", "bind_udp", "serve_udp_forward"]
+__all__ = ["bind_udp", "serve_udp_forward"]
 
 log = logging.getLogger("wstunnel.agent")
-
-#: How long a refused flow drops its client's datagrams before it asks again.
-REFUSED_HOLD_INTERVAL: Final = 5.0
 
 Client = tuple[str, int]
 

@@ -28,7 +28,9 @@ channel's two directions:
 Idle flows end cleanly: with ``idle_timeout``, no datagram either way for
 that long sends FIN, waits up to ``FIN_WAIT_TIMEOUT`` for the peer's FIN
 (datagrams that crossed are still delivered), and ends. A peer's FIN is
-answered with ours. Drops are counted in ``udp_stats`` by reason.
+answered with ours, after the datagrams still queued (those that get no credit
+within half the peer's FIN wait are dropped: the FIN must reach it). Drops
+are counted in ``udp_stats`` by reason.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .. import mux
 from ..mux.datagram import MAX_DATAGRAM_SIZE, DatagramDecoder, frame_datagram
 from .channel_stream import ChannelStream
 
-__all__ = ["FIN_WAIT_TIMEOUT", "FLOW_QUEUE_SIZE", "RECEIVE_SIZE",
+__all__ = ["FIN_WAIT_TIMEOUT", "FLOW_QUEUE_SIZE", "RECEIVE_SIZE", "REFUSED_HOLD_INTERVAL",
            "UDP_DROP_REASONS", "DatagramFlow", "UdpStats", "carry_connected", "connect_udp",
            "receive_more", "send_or_drop", "udp_stats"]
 
@@ -56,6 +58,11 @@ log = logging.getLogger("wstunnel.udp")
 FLOW_QUEUE_SIZE: Final = 64 * 1024
 #: After an idle FIN, how long the peer has to answer with its own.
 FIN_WAIT_TIMEOUT: Final = 5.0
+#: How long a refused flow drops its client's datagrams before a new flow asks again.
+REFUSED_HOLD_INTERVAL: Final = 5.0
+#: Answering the peer's FIN, how long queued datagrams may wait for credit before our
+#: FIN goes anyway (well within the peer's FIN_WAIT_TIMEOUT, so it is never reset).
+_FIN_ANSWER_TIMEOUT: Final = FIN_WAIT_TIMEOUT / 2
 #: recv buffer: above MAX_DATAGRAM_SIZE, so that a larger datagram is seen (and dropped).
 RECEIVE_SIZE: Final = 65536
 #: Datagrams read per wake-up at most (then other tasks get their turn).
@@ -77,7 +84,8 @@ class UdpStats:
 
     ``dropped`` by reason: ``queue_full`` (no send capacity and the flow's queue
     full: the oldest went), ``too_big`` (over 65,507 bytes), ``refused`` (the
-    destination was refused; the flow drops for a while, see agent/udp.py),
+    destination was refused; the flow drops for a while, see agent/udp.py and
+    relay/reverse_udp.py),
     ``no_session`` (no channel could be opened), ``local_send`` (the local
     socket would not take a datagram from the tunnel), ``closing`` (arrived
     while the flow ended).
@@ -125,6 +133,7 @@ class DatagramFlow:
         self._head: memoryview | None = None  # a datagram partly in the channel already
         self._channel = channel
         self._wake: trio.Event | None = None
+        self._drained: trio.Event | None = None  # set by _flush once the queue is empty
         self._idle_scope: trio.CancelScope | None = None
         #: False once the flow has ended or is ending: the owner starts a new one.
         self.accepting = True
@@ -221,13 +230,30 @@ class DatagramFlow:
             while True:
                 data = await channel.receive_some()
                 if not data:
-                    await channel.send_eof()
+                    await self._answer_fin(channel)
                     return "the peer ended the flow"
                 if not self._deliver_all(channel, decoder, data):
                     return "the peer sent a datagram over the limit; reset"
                 self._touch()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             return str(channel.error or exc)
+
+    async def _answer_fin(self, channel: ChannelStream) -> None:
+        """Our FIN after the datagrams we had queued (docs/PROTOCOL.md 4.2), unless
+        they get no credit in time: then they are dropped and the FIN goes anyway."""
+        self.accepting = False  # (the client's next datagram opens a new flow)
+        if self._head is not None or self._queue:
+            self._drained = trio.Event()
+            with trio.move_on_after(_FIN_ANSWER_TIMEOUT):
+                await self._drained.wait()
+            self.discard("closing")
+        if self._head is not None:  # (a FIN would cut a datagram begun: reset instead)
+            self._head = None
+            self._stats.drop("closing")
+            channel.abort("a datagram could not be finished before the flow ended",
+                          mux.ResetCode.CANCELLED)
+            return
+        await channel.send_eof()
 
     def _deliver_all(self, channel: ChannelStream, decoder: DatagramDecoder,
                      data: bytes) -> bool:
@@ -260,11 +286,15 @@ class DatagramFlow:
         try:
             while True:
                 while self._head is None and not self._queue:
+                    if self._drained is not None:
+                        self._drained.set()
                     self._wake = trio.Event()
                     await self._wake.wait()
                 self._send_some(channel, await channel.send_capacity())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.discard("closing")
+            if self._drained is not None:
+                self._drained.set()
 
     def _send_some(self, channel: ChannelStream, capacity: int) -> None:
         host = channel.session

@@ -9,6 +9,11 @@ from the listener's socket: two clients of one port each get their own
 replies. The agent runs the flow's idle timer (its forward's
 ``udp_idle_timeout``) and ends it with FIN; the client's next datagram opens a
 new flow. Flows end with the lease (their channels get FIN).
+
+A flow the agent refuses (its target does not resolve, cannot be reached) is
+logged once and held for that client for ``REFUSED_HOLD_INTERVAL``, its
+datagrams dropped (counted as ``refused``), as the agent's ``-L udp:`` holds
+one: no new OPEN, nor warning at the agent, for each datagram.
 """
 
 from __future__ import annotations
@@ -20,10 +25,18 @@ from functools import partial
 import trio
 
 from .. import mux
+from ..addresses import join_host_port
 from ..errors import ChannelRefused, SessionClosed
 from ..net.channel_stream import ChannelStream
 from ..net.transport import TunnelTransport
-from ..net.udp_flow import RECEIVE_SIZE, DatagramFlow, receive_more, send_or_drop, udp_stats
+from ..net.udp_flow import (
+    RECEIVE_SIZE,
+    REFUSED_HOLD_INTERVAL,
+    DatagramFlow,
+    receive_more,
+    send_or_drop,
+    udp_stats,
+)
 
 __all__ = ["bind_udp", "serve_datagrams"]
 
@@ -64,7 +77,7 @@ async def serve_datagrams(transport: TunnelTransport, listener: socket.socket,
                 continue  # an ICMP error for an earlier reply
             for data, client in batch:
                 flow = flows.get(client)
-                if flow is None or not flow.accepting:
+                if flow is None or not flow.accepting and not flow.refused_until:
                     flow = _open_flow(transport, listener, lease, where, client)
                     if flow is None:
                         continue
@@ -89,10 +102,20 @@ def _open_flow(transport: TunnelTransport, listener: socket.socket, lease: Chann
 
 async def _run(transport: TunnelTransport, flow: DatagramFlow, client: Client,
                flows: dict[Client, DatagramFlow]) -> None:
+    channel = flow.channel
+    assert channel is not None
     try:
-        assert flow.channel is not None
-        why = await flow.run(flow.channel)
-        log.debug("%s: udp flow from %s ended: %s", transport.name, client, why)
+        why = await flow.run(channel)
+        if isinstance(channel.error, ChannelRefused):  # (held as the agent's -L udp: holds it)
+            flow.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
+            udp_stats.drop("refused", 1)
+            log.warning("%s: udp flow from %s via %s refused by the agent: %s; its datagrams "
+                        "are dropped for %g s", transport.name, join_host_port(*client[:2]),
+                        channel.forward, channel.error, REFUSED_HOLD_INTERVAL)
+            await trio.sleep(REFUSED_HOLD_INTERVAL)
+            return
+        log.debug("%s: udp flow from %s ended: %s", transport.name,
+                  join_host_port(*client[:2]), why)
     finally:
         if flows.get(client) is flow:
             del flows[client]

@@ -9,7 +9,7 @@ import trio
 from wstunnel import mux
 from wstunnel.mux.datagram import DatagramDecoder, frame_datagram
 from wstunnel.net.channel_stream import ChannelStream
-from wstunnel.net.udp_flow import DatagramFlow, UdpStats
+from wstunnel.net.udp_flow import FIN_WAIT_TIMEOUT, DatagramFlow, UdpStats
 
 
 class FakeHost:
@@ -21,19 +21,24 @@ class FakeHost:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.sent = bytearray()
+        self.eof_at: int | None = None  # len(sent) when the FIN was queued
+        self.reset_code: mux.ResetCode | None = None
 
     def send_capacity(self, channel: ChannelStream) -> int:
-        return self.capacity
+        return 0 if self.eof_at is not None else self.capacity
 
     def send_data(self, channel: ChannelStream, data: bytes) -> None:
         assert len(data) <= self.capacity, "a flow must never send past its capacity"
+        assert self.eof_at is None, "no DATA after FIN"
         self.capacity -= len(data)
         self.sent += data
 
-    def send_eof(self, channel: ChannelStream) -> None: ...
+    def send_eof(self, channel: ChannelStream) -> None:
+        self.eof_at = len(self.sent)
 
     def reset(self, channel: ChannelStream, code: mux.ResetCode, text: str, *,
               after_data: bool = False) -> bool:
+        self.reset_code = code
         return True
 
     def acknowledge(self, channel: ChannelStream, size: int) -> None: ...
@@ -82,3 +87,60 @@ async def test_with_capacity_a_datagram_leaves_at_once() -> None:
     flow.send(b"query")
     assert bytes(host.sent) == frame_datagram(b"query")
     assert flow.queued_size == 0
+
+
+async def test_the_fin_answering_the_peers_follows_the_queued_datagrams() -> None:
+    """The peer's FIN arrives while datagrams wait for credit: they go first, then our
+    FIN (docs/PROTOCOL.md 4.2: "after the datagrams it had queued")."""
+    host = FakeHost(capacity=0)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=None, stats=stats, channel=channel)
+    for n in range(3):
+        flow.send(datagram(n))
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flow.run, channel)
+            await trio.testing.wait_all_tasks_blocked()
+            channel._deliver_eof()  # (the peer's FIN)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not flow.accepting, "a new datagram goes to a new flow"
+            host.capacity = 1 << 20  # (the peer's WINDOW, after its FIN)
+            channel._wake_writable()
+    assert host.eof_at == len(host.sent), "our FIN was sent, after the datagrams"
+    assert DatagramDecoder().receive_data(bytes(host.sent)) == [datagram(n) for n in range(3)]
+    assert stats.datagrams_sent == 3
+
+
+async def test_without_credit_the_answering_fin_still_leaves_within_the_fin_wait(
+        autojump_clock: trio.abc.Clock) -> None:
+    """The queued datagrams never get credit: the FIN goes anyway before the peer's FIN
+    wait (FIN_WAIT_TIMEOUT) runs out, and the datagrams left are counted as dropped."""
+    host = FakeHost(capacity=0)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=None, stats=stats, channel=channel)
+    for n in range(3):
+        flow.send(datagram(n))
+    channel._deliver_eof()  # (the peer's FIN)
+    with trio.fail_after(FIN_WAIT_TIMEOUT - 1):
+        assert await flow.run(channel) == "the peer ended the flow"
+    assert host.eof_at == 0 and host.sent == b""
+    assert stats.dropped["closing"] == 3
+
+
+async def test_a_datagram_begun_when_the_fin_must_go_resets_the_flow_instead(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Credit ran out inside a datagram and never comes back: a FIN would end the flow
+    cleanly with half a datagram sent, so the flow is reset instead (a datagram once
+    begun is finished, or the channel fails)."""
+    host = FakeHost(capacity=300)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=None, stats=stats, channel=channel)
+    flow.send(datagram(1))  # (300 of its 1,002 framed bytes fit)
+    channel._deliver_eof()  # (the peer's FIN)
+    with trio.fail_after(FIN_WAIT_TIMEOUT - 1):
+        await flow.run(channel)
+    assert host.eof_at is None and host.reset_code is mux.ResetCode.CANCELLED
+    assert len(host.sent) == 300 and stats.dropped["closing"] == 1
