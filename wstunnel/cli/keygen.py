@@ -12,14 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
+from ..addresses import is_hostname, parse_ip
 from ..errors import ConfigError
 from ..security.auth import hash_token, new_token
 from ..security.tls import pem_fingerprint, self_signed_certificate
 
-__all__ = ["KEY_NAME", "CERT_NAME", "write_certificate", "print_token"]
+__all__ = ["KEY_NAME", "CERT_NAME", "DEFAULT_CERT_DAYS", "write_certificate", "print_token",
+           "refuse_certificate_options"]
 
 KEY_NAME: Final = "relay.key"
 CERT_NAME: Final = "relay.crt"
+DEFAULT_CERT_DAYS: Final = 825
 
 
 def _write_private(path: Path, data: bytes, force: bool) -> None:
@@ -44,6 +47,8 @@ def write_certificate(out: str, names: Sequence[str], *, days: int, force: bool,
     """
     if not names:
         raise ConfigError("give at least one --name (the relay's DNS name or IP address)")
+    for name in names:
+        _check_name(name)
     if days < 1:
         raise ConfigError(f"--days: give 1 or more (a certificate valid {days} days has "
                           f"expired before it is used)")
@@ -53,6 +58,8 @@ def write_certificate(out: str, names: Sequence[str], *, days: int, force: bool,
     except OSError as exc:
         raise ConfigError(f"cannot create the directory {directory}: {exc.strerror or exc} "
                           f"(--out names the directory for relay.key and relay.crt)") from exc
+    if not force:
+        _refuse_existing(directory)
     key_pem, cert_pem = self_signed_certificate(names, days=days)
     _write_private(directory / KEY_NAME, key_pem, force)
     _write_private(directory / CERT_NAME, cert_pem, force)
@@ -62,6 +69,37 @@ def write_certificate(out: str, names: Sequence[str], *, days: int, force: bool,
           f"# relay config:  tls: {{cert_file: {directory / CERT_NAME}, "
           f"key_file: {directory / KEY_NAME}}}\n"
           f"# agent config:  relay_fingerprint: \"{pem_fingerprint(cert_pem)}\"", file=stdout)
+
+
+def _check_name(name: str) -> None:
+    """A name a client can check the certificate against: a DNS name (a wildcard
+    first label too) or an IP address."""
+    host = name[2:] if name.startswith("*.") else name
+    if parse_ip(name) is None and not is_hostname(host):
+        raise ConfigError(f"--name {name!r} is not a DNS name or an IP address: give the "
+                          f"relay's host name as agents dial it (letters, digits, hyphens "
+                          f"and dots, *.example.com for a wildcard) or its IP address")
+
+
+def _refuse_existing(directory: Path) -> None:
+    """The key and the certificate are a pair: write both or neither (a new key beside
+    an old certificate would not match it)."""
+    existing = [str(directory / name) for name in (KEY_NAME, CERT_NAME)
+                if (directory / name).exists()]
+    if existing:
+        also = f" (so does {existing[1]})" if len(existing) > 1 else ""
+        raise ConfigError(f"{existing[0]} already exists{also}; nothing was written: "
+                          f"--force replaces both {KEY_NAME} and {CERT_NAME} (or give "
+                          f"another --out)")
+
+
+def refuse_certificate_options(names: Sequence[str], days: int | None) -> None:
+    """``--token`` makes no certificate: ``--name`` and ``--days`` would be ignored."""
+    given = "--name" if names else "--days" if days is not None else None
+    if given is not None:
+        raise ConfigError(f"{given} is for a relay certificate (keygen --out DIR --name HOST "
+                          f"[--days N]); --token NAME [--out FILE] makes an agent token and "
+                          f"takes neither: run keygen once for each")
 
 
 def print_token(name: str, *, out: str | None = None, force: bool = False,

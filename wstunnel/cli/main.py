@@ -153,16 +153,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    from .keygen import print_token, write_certificate
+    from .keygen import (
+        DEFAULT_CERT_DAYS,
+        print_token,
+        refuse_certificate_options,
+        write_certificate,
+    )
 
     if args.token is not None:
+        refuse_certificate_options(args.name, args.days)
         print_token(args.token, out=args.out, force=args.force, stdout=sys.stdout,
                     stderr=sys.stderr)
     elif args.out is None:
         raise ConfigError("say what to make: --out DIR (a relay certificate) or --token NAME "
                           "[--out FILE] (an agent token)")
     else:
-        write_certificate(args.out, args.name, days=args.days, force=args.force,
+        days = DEFAULT_CERT_DAYS if args.days is None else args.days
+        write_certificate(args.out, args.name, days=days, force=args.force,
                           stdout=sys.stdout)
     return EXIT_OK
 

@@ -66,7 +66,7 @@ def _add_keygen(keygen: argparse.ArgumentParser) -> None:
                         help="make a new token for agent NAME (printed, or written to --out)")
     keygen.add_argument("--name", action="append", default=[], metavar="NAME",
                         help="DNS name or IP address the certificate is for (repeatable)")
-    keygen.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    keygen.add_argument("--days", type=int, help="validity of the certificate (default 825)")
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
 
 

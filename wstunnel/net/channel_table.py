@@ -12,7 +12,7 @@ per record. The transport's reader looks channels up in ``channels`` directly
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["ChannelTable", "end_channel", "reset_name", "failure_name"]
 
 log = logging.getLogger("wstunnel.session")
+
+#: The kinds of a channel that carries no data: a reverse forward's lease.
+_LEASE_KINDS: Final = frozenset({mux.ChannelKind.TCP_LISTEN, mux.ChannelKind.UNIX_LISTEN,
+                                 mux.ChannelKind.UDP_LISTEN})
 
 
 class ChannelTable:
@@ -59,12 +63,17 @@ class ChannelTable:
         if not self.channels:
             self._idle.set()
 
-    def break_all(self, session: str, reason: str) -> None:
+    def break_all(self, session: str, reason: str, *, clean: bool = False) -> None:
         """The session ended: every channel still open breaks with ``SessionClosed``,
-        so its users see ``BrokenResourceError`` rather than hang."""
-        if self.channels:
-            log.warning("%s: session lost with %d channels open, all reset: %s", session,
-                        len(self.channels), reason)
+        so its users see ``BrokenResourceError`` rather than hang.
+
+        ``clean``: the session was closed on purpose (close handshake, GOAWAY). Then
+        reverse-forward leases still open are no loss worth a warning: an agent that
+        stops holds them to the end (the relay logs each listener it stops)."""
+        if self.channels and not (clean and self._only_leases()):
+            count = len(self.channels)
+            log.warning("%s: session lost with %d channel%s open, all reset: %s", session,
+                        count, "" if count == 1 else "s", reason)
         error = SessionClosed(f"the session ended: {reason}")
         for channel in list(self.channels.values()):
             channel._break(error)
@@ -72,6 +81,9 @@ class ChannelTable:
                 self._observer.channel_closed(channel)
         self.channels.clear()
         self._idle.set()
+
+    def _only_leases(self) -> bool:
+        return all(channel.kind in _LEASE_KINDS for channel in self.channels.values())
 
     async def wait_idle(self) -> None:
         """Wait until no channel is open."""

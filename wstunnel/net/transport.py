@@ -72,6 +72,7 @@ _WAIT: Final = KeepaliveAction.WAIT
 _PING: Final = KeepaliveAction.PING
 _GIVE_UP: Final = KeepaliveAction.GIVE_UP
 _PONG: Final = ws.PongReceived
+_CLEAN_CLOSE_CODES: Final = frozenset({ws.CloseCode.NORMAL, ws.CloseCode.GOING_AWAY})
 
 
 OpenHandler = Callable[["TunnelTransport", ChannelStream], Awaitable[None]]
@@ -188,7 +189,8 @@ class TunnelTransport:
                 session_nursery.cancel_scope.cancel()
         finally:
             self._nursery = self._session_nursery = None
-            self._channel_table.break_all(self.name, self._end_reason or "session ended")
+            self._channel_table.break_all(self.name, self._end_reason or "session ended",
+                                          clean=self._ended_cleanly())
             self._detached.set()
             socket_pump, self._pump = self._pump, None
             if socket_pump is not None:
@@ -736,6 +738,13 @@ class TunnelTransport:
             self.protocol.carrier_broken()  # (records queue for the next carrier)
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+    def _ended_cleanly(self) -> bool:
+        """Closed on purpose (a close handshake saying normal or going away, or after
+        the peer's GOAWAY), not lost: channels left then need no warning of loss."""
+        if self._lost or self.protocol.failure is not None:
+            return False
+        return self.goaway_received or self.protocol.close_code in _CLEAN_CLOSE_CODES
 
     def _resumable(self) -> bool:
         """A lost carrier would be replaced (not a session that is over)."""

@@ -388,3 +388,27 @@ async def test_a_relay_shutting_down_stops_listening_first(logs: LogWatch) -> No
                 assert await refused(port)
                 assert await echo_exact(held, b"still") == b"still"
             nursery.cancel_scope.cancel()
+
+
+
+@pytest.mark.parametrize("ending", ["stop", "vanish"])
+async def test_only_a_session_really_lost_with_channels_open_is_a_warning(
+        logs: LogWatch, ending: str) -> None:
+    """An agent whose only channel is its -R lease: stopping (SIGTERM: GOAWAY, drain,
+    close) is no loss, so the relay warns of none; vanishing (no close) is, and the
+    warning counts the lease in words that fit one ("1 channel open")."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = free_port()
+            relay = await start_relay(nursery, relay_config(
+                listen_allow=listen_allow(f"{LOOPBACK}:{port}"), resume_grace=0.0))
+            agent = await start_agent(nursery, agent_config(
+                relay.ports[0], [], forwards=(reverse(port, free_port()),)))
+            await logs.wait_for(f"relay listening on {LOOPBACK}:{port}")
+            agent.stop.set() if ending == "stop" else agent.kill()
+            await logs.wait_for("session down")
+            nursery.cancel_scope.cancel()
+    lost = [line for line in logs.lines if "(agent anonymous): session lost" in line]  # relay's
+    assert lost == ([] if ending == "stop" else [lost[0]])
+    if ending == "vanish":
+        assert "session lost with 1 channel open, all reset: " in lost[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,3 +99,55 @@ def test_a_certificate_out_that_is_a_file_is_a_usage_error(
     (tmp_path / "t").write_text("x\n")
     assert main(["keygen", "--out", str(tmp_path / "t"), "--name", "relay"]) == 2
     assert f"cannot create the directory {tmp_path / 't'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("present", [keygen.CERT_NAME, keygen.KEY_NAME])
+def test_a_lone_key_or_certificate_is_left_alone_and_named(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], present: str) -> None:
+    """One of relay.key and relay.crt already there: nothing is written (a new key beside
+    the old certificate would not match it), the error names the file that exists and
+    says --force replaces both; with --force both are new and match."""
+    (tmp_path / present).write_text("old\n")
+    assert main(["keygen", "--out", str(tmp_path), "--name", "relay"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / present) in err and "--force replaces both" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [present]
+    assert (tmp_path / present).read_text() == "old\n"
+    assert main(["keygen", "--out", str(tmp_path), "--name", "relay", "--force"]) == 0
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / keygen.CERT_NAME, tmp_path / keygen.KEY_NAME)
+
+
+@pytest.mark.parametrize("name", ["bad name!", "relay..example.com", "-relay", "", "a/b",
+                                  "10.0.0.300", "*"])
+def test_a_certificate_name_must_be_a_dns_name_or_an_ip_address(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    """A name no client could ever check against is a usage error saying what a name
+    may be, and nothing is written."""
+    assert main(["keygen", "--out", str(tmp_path / "c"), "--name", "relay.example.com",
+                 f"--name={name}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--name {name!r}" in err and "a DNS name or an IP address" in err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("name", ["relay", "relay.example.com", "*.example.com",
+                                  "192.0.2.1", "2001:db8::1", "my_host.internal"])
+def test_dns_names_ip_addresses_and_wildcards_make_a_certificate(
+        tmp_path: Path, name: str) -> None:
+    """What the certificate's names may be: DNS names (a wildcard first label too) and
+    IPv4 or IPv6 addresses."""
+    assert main(["keygen", "--out", str(tmp_path), "--name", name]) == 0
+    assert (tmp_path / keygen.CERT_NAME).exists()
+
+
+@pytest.mark.parametrize("extra", [["--name", "relay"], ["--days", "30"]])
+def test_certificate_options_with_token_are_a_usage_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str]) -> None:
+    """--name and --days shape a certificate; with --token (which makes none) they
+    would be ignored silently, so keygen says which flags go with which form."""
+    out = tmp_path / "laptop.token"
+    assert main(["keygen", "--token", "laptop", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{extra[0]} is for a relay certificate" in err and "--token" in err
+    assert not out.exists()
