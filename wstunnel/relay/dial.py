@@ -36,8 +36,8 @@ from .. import mux
 if TYPE_CHECKING:
     from ..security.policy import Policy
 
-__all__ = ["Connector", "Connecting", "TcpConnector", "DialError", "dial", "literal_address",
-           "start_connect", "finish_connect"]
+__all__ = ["Connector", "Connecting", "TcpConnector", "DialError", "dial", "dns_failure",
+           "literal_address", "start_connect", "finish_connect"]
 
 ATTEMPT_DELAY = 0.25
 
@@ -224,14 +224,19 @@ async def _resolve(host: str, port: int) -> list[Address]:
         return [address]
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise DialError(
-            mux.OpenFailure.DNS_FAILURE, f"cannot resolve {host}: {exc.strerror}"
-        ) from exc
+    except (socket.gaierror, UnicodeError) as exc:
+        raise dns_failure(host, exc) from exc
     seen: dict[Address, None] = {}
     for _family, _type, _proto, _name, sockaddr in infos:
         seen[ipaddress.ip_address(str(sockaddr[0]).split("%")[0])] = None
     return list(seen)
+
+
+def dns_failure(host: str, exc: socket.gaierror | UnicodeError) -> DialError:
+    """The DialError of a name that did not resolve; UnicodeError: the name cannot
+    even be encoded for DNS (an empty label, one over 63 characters)."""
+    why = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid DNS name"
+    return DialError(mux.OpenFailure.DNS_FAILURE, f"cannot resolve {host}: {why}")
 
 
 def _interleave(addresses: list[Address]) -> list[Address]:

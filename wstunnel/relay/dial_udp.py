@@ -28,7 +28,7 @@ import trio
 
 from .. import mux
 from ..net.udp_flow import carry_connected
-from .dial import Address, Connecting, DialError, literal_address
+from .dial import Address, Connecting, DialError, dns_failure, literal_address
 
 if TYPE_CHECKING:
     from ..net.channel_stream import ChannelStream
@@ -71,9 +71,8 @@ async def _resolve_and_connect(host: str, port: int, policy: Policy,
     with trio.move_on_after(timeout):
         try:
             infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-        except socket.gaierror as exc:
-            raise DialError(mux.OpenFailure.DNS_FAILURE,
-                            f"cannot resolve {host}: {exc.strerror}") from exc
+        except (socket.gaierror, UnicodeError) as exc:
+            raise dns_failure(host, exc) from exc
         addresses = list(dict.fromkeys(
             ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
         return _connect(host, port, _allowed(host, port, addresses, policy))

@@ -66,6 +66,9 @@ _SPECIAL_BLOCKS: Final[tuple[tuple[IPNetwork, str], ...]] = tuple(
     for net, label in (
         ("169.254.169.254/32", "cloud metadata"),  # AWS, GCP, Azure, OpenStack
         ("fd00:ec2::254/128", "cloud metadata"),  # AWS over IPv6
+        ("169.254.170.2/32", "cloud metadata"),  # AWS ECS task role credentials
+        ("169.254.170.23/32", "cloud metadata"),  # AWS EKS pod identity credentials
+        ("fd00:ec2::23/128", "cloud metadata"),  # the same over IPv6
         ("100.100.100.200/32", "cloud metadata"),  # Alibaba Cloud
         ("168.63.129.16/32", "cloud metadata"),  # Azure WireServer
         ("127.0.0.0/8", "loopback"),
@@ -239,8 +242,9 @@ class Policy:
         self, host: str, port: int, address: IPAddress | None, facts: HostSelf, udp: bool
     ) -> str | None:
         literal = parse_ip(host.strip("[]"))
+        literal = None if literal is None else _bare(literal)
         name = None if literal is not None else normalize_hostname(host)
-        target = unmap_ipv4(address) if address is not None else literal
+        target = _bare(address) if address is not None else literal
         matching = [rule for rule in self.rules if rule.matches(name, port, target, udp=udp)]
         shown = host if target is None or target == literal else f"{host} ({target})"
         if not matching:
@@ -253,6 +257,16 @@ class Policy:
             return None
         return (_block_refusal(shown, target, matching)
                 or _self_refusal(shown, target, port, matching, facts))
+
+
+def _bare(address: IPAddress) -> IPAddress:
+    """``address`` as the host it reaches: IPv4 unmapped, and without an IPv6 zone
+    (``fd00::2%eth0`` is ``fd00::2``; the zone only picks a link, yet it makes the
+    address compare unequal to the relay's own ones and to exact rules)."""
+    address = unmap_ipv4(address)
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        return ipaddress.IPv6Address(int(address))
+    return address
 
 
 def _block_refusal(shown: str, target: IPAddress, matching: list[AllowRule]) -> str | None:

@@ -18,7 +18,8 @@ from wstunnel.relay.dial import (
     literal_address,
     start_connect,
 )
-from wstunnel.security.policy import Policy
+from wstunnel.relay.dial_udp import UdpConnector
+from wstunnel.security.policy import HostSelf, Listener, Policy
 
 from ..tunnel_helpers import LOOPBACK, echo_exact, echo_handler, tunnel
 
@@ -167,3 +168,94 @@ async def test_tcp_connector_literal_at_once_name_in_a_task_forbidden_refused() 
         with pytest.raises(DialError) as forbidden:
             connector.connect(LOOPBACK, port + 1 if port < 65535 else port - 1, policy, timeout=5)
     assert forbidden.value.reason is mux.OpenFailure.FORBIDDEN
+
+
+def _loopback_zone() -> int:
+    try:
+        return socket.if_nametoindex("lo")
+    except OSError:
+        pytest.skip("no interface named lo to give ::1 a zone")
+
+
+async def test_a_zone_id_does_not_reach_the_relays_own_port() -> None:
+    """``::1%1`` connects to ``::1`` (the kernel ignores the zone there): with loopback
+    allowed, the relay's own port on ::1 is refused with a zone as without one."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    zone = _loopback_zone()
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with listener:
+        port = listener.getsockname()[1]
+        own = HostSelf(listeners=(Listener(ipaddress.ip_address("::1"), port, "tunnel port"),))
+        policy = Policy(["::1"], host=own)
+        for host in ("::1", f"::1%{zone}"):
+            with pytest.raises(DialError) as forbidden:
+                TcpConnector().connect(host, port, policy, timeout=5)
+            assert forbidden.value.reason is mux.OpenFailure.FORBIDDEN, host
+            assert "this relay's own tunnel port" in forbidden.value.text
+
+
+@pytest.mark.parametrize("connector", [TcpConnector(), UdpConnector()])
+@pytest.mark.parametrize("host", ["a..example.com", "x" * 64 + ".example.com"])
+async def test_a_name_dns_cannot_encode_is_a_dns_failure(
+    connector: TcpConnector | UdpConnector, host: str
+) -> None:
+    """A name the resolver refuses to encode (an empty or over-long label) is an
+    OPEN_FAILED for that one channel, not an exception out of the relay's task."""
+    policy = Policy(["*.example.com", "udp:*.example.com"])
+    later = connector.connect(host, 80, policy, timeout=5)
+    assert not isinstance(later, socket.socket)
+    with trio.fail_after(5), pytest.raises(DialError) as failed:
+        await later()
+    assert failed.value.reason is mux.OpenFailure.DNS_FAILURE
+    assert f"cannot resolve {host}" in failed.value.text
+
+
+class _Answers(trio.abc.HostnameResolver):
+    """A resolver whose every lookup of a name is counted and answered with ``answers``."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = answers
+        self.lookups = 0
+
+    async def getaddrinfo(self, host: bytes | None | str, port: object, family: int = 0,
+                          type: int = 0, proto: int = 0, flags: int = 0) -> list[
+                              tuple[int, int, int, str, tuple[str, int]]]:
+        self.lookups += 1
+        assert isinstance(port, int)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in self.answers]
+
+    async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int],
+                          flags: int) -> tuple[str, str]:
+        raise NotImplementedError
+
+
+async def test_a_name_is_resolved_once_and_only_allowed_answers_are_dialled() -> None:
+    """Of the answers for a name, a forbidden one (127.0.0.1: a name rule is no loopback
+    rule) is never dialled, even listed first; the allowed one is; DNS is asked once."""
+    with socket.create_server((LOOPBACK, 0)) as forbidden:
+        port = forbidden.getsockname()[1]
+        try:
+            allowed = socket.create_server(("127.0.0.2", port))
+        except OSError:
+            pytest.skip("127.0.0.2 is not usable here")
+        with allowed:
+            resolver = _Answers([LOOPBACK, "127.0.0.2"])
+            previous = trio.socket.set_custom_hostname_resolver(resolver)
+            try:
+                policy = Policy(["multi.example", f"127.0.0.2:{port}"])
+                later = TcpConnector().connect("multi.example", port, policy, timeout=5)
+                assert not isinstance(later, socket.socket)
+                with trio.fail_after(5):
+                    sock = await later()
+            finally:
+                trio.socket.set_custom_hostname_resolver(previous)
+            with sock:
+                assert sock.getpeername()[:2] == ("127.0.0.2", port)
+            assert resolver.lookups == 1
+            forbidden.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                forbidden.accept()

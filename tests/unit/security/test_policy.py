@@ -114,6 +114,10 @@ def test_broad_rules_do_not_reach_dangerous_addresses(address: str) -> None:
     ("169.254.0.0/16", "169.254.1.1", True),
     ("169.254.0.0/16", "169.254.169.254", False),  # metadata needs its own rule
     ("169.254.169.254", "169.254.169.254", True),
+    ("169.254.0.0/16", "169.254.170.2", False),  # AWS ECS task credentials
+    ("169.254.0.0/16", "169.254.170.23", False),  # AWS EKS pod identity
+    ("fd00::/8", "fd00:ec2::23", False),
+    ("169.254.170.2", "169.254.170.2", True),
     ("fd00::/8", "fd00:ec2::254", False),
     ("fd00:ec2::254", "fd00:ec2::254", True),
     ("fd00::/8", "fd00::5", True),  # ordinary unique-local address
@@ -326,6 +330,21 @@ def test_an_exact_address_and_port_rule_allows_an_own_listener(
 ) -> None:
     """A rule for exactly that address and port is the deliberate opt-in."""
     assert Policy([rule], host=HOST).allows(host, port, ip(host))
+
+
+@pytest.mark.parametrize(("rules", "host", "port"), [
+    (["::/0"], "fd00::2%1", 22),  # an own address, with a zone
+    (["::/0"], "fd00::2%eth0", 8080),
+    (["::1"], "::1%1", 8080),  # loopback allowed, the tunnel port is not
+])
+def test_a_zone_id_does_not_hide_the_relay_host(rules: list[str], host: str, port: int) -> None:
+    """``fd00::2%1`` is the same host as ``fd00::2`` (the kernel ignores the zone of a
+    global address and loops ``::1%1`` back): it is refused the same way, and the
+    exact rule allows it."""
+    why = Policy(rules, host=HOST).refusal(host, port, ip(host))
+    assert why is not None and ("relay host itself" in why or "this relay's own" in why), why
+    exact = f"[{host.split('%')[0]}]:{port}"
+    assert Policy([exact], host=HOST).allows(host, port, ip(host))
 
 
 def test_a_listener_on_one_address_does_not_cover_others() -> None:
