@@ -98,7 +98,7 @@ def parse_resume(value: str) -> tuple[str, str, int] | None:
     if value == "new":
         return None
     parts = value.split()
-    if len(parts) != 3 or not parts[2].isdigit():
+    if len(parts) != 3 or not (parts[2].isascii() and parts[2].isdigit()):
         raise ValueError(f"expected 'new' or 'ID SECRET RECEIVED', got {value[:80]!r}")
     return parts[0], parts[1], int(parts[2])
 

@@ -19,11 +19,13 @@ from wstunnel.addresses import HostPort
 from wstunnel.agent.connect import open_websocket
 from wstunnel.agent.http_polling import RETRY_BUDGET
 from wstunnel.config import parse_relay_url
+from wstunnel.errors import HandshakeError
 from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 
 from .log_watch import LogWatch
 from .process_helpers import stop
 from .real_peers import free_port, sshd
+from .security_helpers import account
 from .tunnel_helpers import (
     LOOPBACK,
     agent_config,
@@ -299,4 +301,26 @@ async def test_a_connection_made_during_an_outage_waits_only_connect_wait_timeou
                         assert await receive_until_reset(new) == b""
                 cutter.down = False
                 assert await echo_exact(old, b"after") == b"after"
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("ticket", ["stale", "malformed"])
+async def test_a_resume_that_starts_a_new_session_counts_against_the_limit(
+        ticket: str) -> None:
+    """A resume the relay cannot honour (an id it no longer knows, or a header it cannot
+    read) gets a new session, and a new session counts: an agent at
+    max_sessions_per_agent is refused, not let past the limit by a resume header."""
+    entry, token = account("a1", LOOPBACK)
+    auth = ("Authorization", f"Bearer {token}")
+    value = "gone secret 0" if ticket == "stale" else "not a ticket at all"
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(
+                no_auth=False, allow=(), agents=(entry,), max_sessions_per_agent=1))
+            url = parse_relay_url(f"ws://{LOOPBACK}:{relay.ports[0]}/tunnel")
+            first, _ = await open_websocket(url, headers=[auth, (RESUME_HEADER, "new")])
+            with pytest.raises(HandshakeError) as info:
+                await open_websocket(url, headers=[auth, (RESUME_HEADER, value)])
+            assert info.value.status == 429
+            await first.aclose()
             nursery.cancel_scope.cancel()

@@ -106,3 +106,63 @@ def test_acknowledgements_keep_what_is_kept_small() -> None:
         _exchange(agent, relay, got)
     assert len(got["relay"][channel]) > 16 << 20
     assert agent.replay is not None and agent.replay.kept_size < 2 << 20
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from(["cut", "answer-lost", "half-resumed"]),
+                                st.integers(0, 300_000), st.integers(0, 3000)),
+                      min_size=1, max_size=6),
+       size=st.integers(1, 600_000))
+def test_cuts_during_the_resume_handshake_lose_and_repeat_nothing(
+        steps: list[tuple[str, int, int]], size: int) -> None:
+    """The path breaks again while resuming: the relay resumed and began its replay
+    but the agent never got the answer (it asks again with the same count), or the
+    agent resumed with part of the replay and sent part of its own. Each direction
+    still carries exactly the bytes sent, in order, once."""
+    agent, relay = _pair()
+    up = (hashlib.sha256(b"up").digest() * (size // 32 + 1))[:size]
+    down = (hashlib.sha256(b"down").digest() * (size // 32 + 1))[:size]
+    got: dict[str, dict[int, bytearray]] = {"agent": {}, "relay": {}}
+    channel = agent.open_channel("db", 5432)
+    sent = {"up": 0, "down": 0}
+
+    def feed() -> None:
+        room = agent.send_capacity(channel) if sent["up"] < size else 0
+        if room:
+            agent.send_data(channel, up[sent["up"]:sent["up"] + room])
+            sent["up"] += min(room, size - sent["up"])
+        if channel in relay.session.channel_ids() and sent["down"] < size:
+            room = relay.send_capacity(channel)
+            if room:
+                relay.send_data(channel, down[sent["down"]:sent["down"] + room])
+                sent["down"] += min(room, size - sent["down"])
+
+    agent_log, relay_log = agent.replay, relay.replay
+    assert agent_log is not None and relay_log is not None
+    for kind, moved, partial in steps:
+        feed()
+        _exchange(agent, relay, got, limit=moved)
+        agent.carrier_broken()
+        relay.carrier_broken()
+        if kind != "cut":  # the relay answers the agent's resume and replays at once
+            answer = relay_log.received
+            relay.resume(b"", agent_log.received)
+            feed()
+            replayed = bytes(relay.data_to_send())
+            if kind == "half-resumed":  # the agent got the answer and part of the replay
+                agent.resume(replayed[:partial], answer)
+                _received(agent, got["agent"])
+                relay.receive_data(bytes(agent.data_to_send())[:partial])
+                _received(relay, got["relay"])
+                agent.carrier_broken()
+            relay.carrier_broken()
+        agent_received, relay_received = agent_log.received, relay_log.received
+        agent.resume(b"", relay_received)
+        relay.resume(b"", agent_received)
+    for _ in range(10_000):
+        feed()
+        if not _exchange(agent, relay, got) and sent["up"] == sent["down"] == size:
+            break
+    assert bytes(got["relay"].get(channel, b"")) == up
+    assert bytes(got["agent"].get(channel, b"")) == down
+    assert agent.failure is None and relay.failure is None

@@ -82,7 +82,7 @@ class AgentResumer:
                 delay = min(MAX_RETRY, delay * 2)
                 continue
             answer = opened.headers.get(RESUMED_HEADER.lower(), "")
-            if answer.isdigit():
+            if answer.isascii() and answer.isdigit():  # (not "²", a digit to str)
                 return NewCarrier(opened.stream, opened.trailing, int(answer),
                                   framed=opened.framed)
             self._fresh(opened)

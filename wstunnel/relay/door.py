@@ -374,12 +374,26 @@ class Door:
                   peer: str, source: str, joining: bool) -> Answer | Accepted:
         """The agent is who it says: in, unless it has too many sessions already (a
         request joining an HTTP-transport session it holds is not a new one)."""
-        held = self._sessions[account.name]
-        if held < self.config.max_sessions_per_agent or joining:
+        refusal = None if joining else self._over_limit(handshake, account.name, peer)
+        if refusal is None:
             return Accepted(Identity(account.name, account.policy), peer, source=source)
-        line = LogLine(logging.WARNING, f"{peer}: agent {account.name} already has {held} "
+        return refusal
+
+    def admit_new_session(self, handshake: ws.ServerHandshake, accepted: Accepted, *,
+                          stopping: bool) -> Answer | None:
+        """A resume let in past the drain and the session limit that gets a new session
+        instead (the relay no longer knows it): a new session must pass both."""
+        if stopping:
+            return _answer(handshake, 503, "the relay is shutting down")
+        return self._over_limit(handshake, accepted.identity.name, accepted.peer)
+
+    def _over_limit(self, handshake: ws.ServerHandshake, name: str, peer: str) -> Answer | None:
+        held = self._sessions[name]
+        if held < self.config.max_sessions_per_agent:
+            return None
+        line = LogLine(logging.WARNING, f"{peer}: agent {name} already has {held} "
                                         f"sessions (max_sessions_per_agent); refused")
-        response = handshake.reject(429, f"agent {account.name} has too many sessions",
+        response = handshake.reject(429, f"agent {name} has too many sessions",
                                     (("Retry-After", "30"),))
         return Answer(429, response, (line,))
 

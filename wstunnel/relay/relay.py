@@ -39,7 +39,7 @@ from . import rate_limits
 from .dial import Connecting, Connector, DialError, TcpConnector
 from .dial_udp import UdpConnector, carry_flow
 from .dial_unix import UnixConnector
-from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, server_handshake
+from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, resuming, server_handshake
 from .guard import Gatekeeper, Identity, SessionGuard
 from .http_front import HttpFront
 from .resume import Admission, Held, HeldSessions, RelayResumer
@@ -161,6 +161,14 @@ class Relay:
             await stream.send_all(handshake.accept(admission.headers))
             return self.held.deliver(admission.resumes, NewCarrier(
                 stream, handshake.trailing_data, admission.peer_received, framed=False))
+        if resuming(request):  # (let in as a resume, past the drain and the session limit)
+            refusal = self.gate.door.admit_new_session(handshake, accepted,
+                                                       stopping=self.stopping)
+            if refusal is not None:
+                if admission.held is not None:
+                    self.held.drop(admission.held)
+                _log_lines(refusal.log)
+                return refusal
         response, protocol = self.gate.door.start_session(
             handshake, admission.headers, resumable=admission.held is not None)
         await stream.send_all(response)
