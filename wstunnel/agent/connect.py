@@ -249,6 +249,12 @@ async def _start_tls(
                 f"{join_host_port(dialled.host, dialled.port)} (it answered the TLS hello with "
                 f"plain bytes): use {dialled._replace(secure=False).url}, or the port where "
                 f"it serves TLS") from exc
+        if isinstance(cause, ssl.SSLEOFError) or (
+                isinstance(cause, ssl.SSLError) and cause.reason == "UNEXPECTED_EOF_WHILE_READING"):
+            raise HandshakeError(
+                f"{relay.url}: the connection closed during the TLS handshake: the relay, or "
+                f"a proxy or firewall on the path, hung up (a proxy may accept CONNECT and then "
+                f"fail to reach the relay)") from exc
         if isinstance(cause, ssl.SSLError):
             raise HandshakeError(f"{relay.url}: TLS handshake failed: {cause}") from exc
         raise

@@ -135,13 +135,20 @@ class ProxyDialer:
         if self._probed and not self._per_connection:
             return stream
         try:
-            await self._probe(stream, probe)
+            kept = await self._probe(stream, probe)
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
-        return stream
+        if kept:
+            return stream
+        await trio.aclose_forcefully(stream)
+        if self._per_connection:
+            raise self._error("closed the connection after the login: it cannot forward "
+                              "the tunnel's requests on it")
+        return await self._open()  # (no login to keep: an HTTP/1.0 proxy closes after each)
 
-    async def _probe(self, stream: trio.SocketStream, probe: str) -> None:
+    async def _probe(self, stream: trio.SocketStream, probe: str) -> bool:
+        """Whether the connection stays open after the probe's answer."""
         client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_SIZE)
         headers = self._headers(_host_of(probe))
         answer = await self._ask(stream, client, "GET", probe, headers)
@@ -152,9 +159,7 @@ class ProxyDialer:
         if answer.status_code == 407:
             raise self._refusal(answer, probe)
         await _finish_answer(stream, client)
-        if client.our_state is not h11.DONE or client.their_state is not h11.DONE:
-            raise self._error("closed the connection after the login: it cannot forward "
-                              "the tunnel's requests on it")
+        return client.our_state is h11.DONE and client.their_state is h11.DONE
 
     def forwarding_headers(self) -> list[tuple[str, str]]:
         """``Proxy-Authorization`` for a request forwarded by the proxy, if it has a user."""
@@ -278,6 +283,8 @@ class ProxyDialer:
         hint = {
             400: "it does not understand CONNECT: is this an HTTP proxy?",
             405: "it does not allow CONNECT: is this an HTTP proxy?",
+            500: "it could not open the tunnel (tinyproxy: could not connect to the relay): "
+                 "is the relay running and reachable?",
             501: "it does not implement CONNECT",
             502: "it could not connect to the relay: is the relay running and reachable?",
             503: "it could not connect to the relay: is the relay running and reachable?",
@@ -324,7 +331,10 @@ def _host_of(url: str) -> str:
 
 
 async def _read_answer(stream: trio.SocketStream, client: h11.Connection) -> h11.Response | None:
-    """The proxy's final response to CONNECT, or None if it closed first."""
+    """The proxy's final response to CONNECT, or None if it closed before a byte of it
+    (h11 calls that a protocol error, but it is a proxy hanging up, not one that is
+    not HTTP)."""
+    answered = False
     while True:
         event = client.next_event()
         if isinstance(event, h11.Response):
@@ -333,6 +343,9 @@ async def _read_answer(stream: trio.SocketStream, client: h11.Connection) -> h11
             return None
         if event is h11.NEED_DATA:
             data = await stream.receive_some(READ_SIZE)
+            if not data and not answered:
+                return None
+            answered = True
             client.receive_data(data)  # b"" marks EOF
             continue
         # InformationalResponse (1xx) precedes the real answer: keep reading.

@@ -43,6 +43,10 @@ ORDER: Final = (WEBSOCKET, *HTTP_TRANSPORTS)
 STREAM_PROBE_TIMEOUT: Final = 3.0
 DEFAULT_USER_AGENT: Final = f"Mozilla/5.0 (compatible; wstunnel/{__version__})"
 _NAMES: Final = {WEBSOCKET: "WebSocket", STREAMING: "HTTP streaming", POLLING: "HTTP polling"}
+#: Proxy answers to CONNECT that no other transport cures: a login it refuses (it
+#: refuses every request), a relay it cannot reach (500 from tinyproxy, 502, 503, 504:
+#: nor will its forwarded requests).
+_NO_CURE: Final = (None, 0, 401, 407, 500, 502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -199,8 +203,7 @@ def _passes_elsewhere(exc: BaseException, relay: RelayURL, name: str) -> str | N
         return None
     if isinstance(exc, (UpgradeBlocked, HttpBlocked)):
         return exc.brief if name == WEBSOCKET else f"{_NAMES[name]} did not pass ({exc.brief})"
-    if isinstance(exc, ProxyError) and not relay.secure and exc.status not in (
-            None, 0, 401, 407):  # (a login the proxy refused, it refuses for every request)
+    if isinstance(exc, ProxyError) and not relay.secure and exc.status not in _NO_CURE:
         return f"the proxy refused the WebSocket's CONNECT (status {exc.status})"
     if isinstance(exc, HandshakeTimeout) and exc.connected:
         return f"{_NAMES[name]}: no answer in time (a proxy may hold it)"
