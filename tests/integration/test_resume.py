@@ -20,6 +20,7 @@ from wstunnel.agent.connect import open_websocket
 from wstunnel.agent.http_polling import RETRY_BUDGET
 from wstunnel.config import parse_relay_url
 from wstunnel.errors import HandshakeError
+from wstunnel.framing import TRANSPORT_HEADER
 from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 
 from .log_watch import LogWatch
@@ -322,5 +323,64 @@ async def test_a_resume_that_starts_a_new_session_counts_against_the_limit(
             with pytest.raises(HandshakeError) as info:
                 await open_websocket(url, headers=[auth, (RESUME_HEADER, value)])
             assert info.value.status == 429
+            await first.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("transport", ["streaming", "polling"])
+async def test_an_http_resume_is_not_a_new_session(transport: str, logs: LogWatch,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An agent at max_sessions_per_agent (its held session still counts) resumes over
+    the HTTP transports as over a WebSocket: the resume's opening POST is not refused
+    429, and the open connection carries on."""
+    entry, token = account("a1", LOOPBACK)
+    monkeypatch.setenv("A1_TOKEN", token)
+    with trio.fail_after(15 + RETRY_BUDGET):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config(
+                no_auth=False, allow=(), agents=(entry,), max_sessions_per_agent=1))
+            cutter = PathCutter(relay.ports[0])
+            await nursery.start(cutter.serve)
+            agent = await start_agent(nursery, agent_config(
+                cutter.port, [echo], transport=transport, token_env="A1_TOKEN"))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                assert await echo_exact(stream, b"before") == b"before"
+                if transport == "polling":  # (polling retries a broken request first)
+                    cutter.down = True
+                cutter.cut()
+                if transport == "polling":
+                    await logs.wait_for("giving up on this session's requests")
+                    cutter.down = False
+                assert await echo_exact(stream, b"after") == b"after"
+            assert any("session resumed" in line for line in logs.lines)
+            assert not any("too many sessions" in line or "max_sessions_per_agent" in line
+                           for line in logs.lines)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("ticket", ["stale", "malformed"])
+async def test_an_http_resume_that_starts_a_new_session_counts_against_the_limit(
+        ticket: str) -> None:
+    """The same for an HTTP-transport opening request with a resume header: it gets
+    429, not a session past the limit."""
+    entry, token = account("a1", LOOPBACK)
+    auth = ("Authorization", f"Bearer {token}")
+    value = "gone secret 0" if ticket == "stale" else "not a ticket at all"
+    opening = (f"POST /tunnel HTTP/1.1\r\nHost: x\r\n{TRANSPORT_HEADER}: polling\r\n"
+               f"Authorization: Bearer {token}\r\n{RESUME_HEADER}: {value}\r\n"
+               f"Content-Length: 0\r\n\r\n").encode()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(
+                no_auth=False, allow=(), agents=(entry,), max_sessions_per_agent=1))
+            url = parse_relay_url(f"ws://{LOOPBACK}:{relay.ports[0]}/tunnel")
+            first, _ = await open_websocket(url, headers=[auth, (RESUME_HEADER, "new")])
+            async with await trio.open_tcp_stream(LOOPBACK, relay.ports[0]) as stream:
+                await stream.send_all(opening)
+                answer = b""
+                while b"\r\n\r\n" not in answer and (data := await stream.receive_some()):
+                    answer += data
+            assert answer.startswith(b"HTTP/1.1 429 "), answer
             await first.aclose()
             nursery.cancel_scope.cancel()

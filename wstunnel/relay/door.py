@@ -448,10 +448,12 @@ def _origin_path(target: str) -> str:
 
 
 def resuming(request: ws.RequestReceived) -> bool:
-    """An upgrade that resumes a session the agent holds (not a new session: it does
-    not count against max_sessions_per_agent, and passes while the relay drains)."""
+    """An upgrade or HTTP-transport request that resumes a session the agent holds (not
+    a new session: it does not count against max_sessions_per_agent, and passes while
+    the relay drains, on every transport: docs/PROTOCOL.md §12)."""
     value = request.header(RESUME_HEADER.lower())
-    return request.is_upgrade and value is not None and value.strip() != "new"
+    carrier = request.is_upgrade or http_transport(request) is not None
+    return carrier and value is not None and value.strip() != "new"
 
 
 def http_transport(request: ws.RequestReceived) -> str | None:

@@ -76,6 +76,8 @@ class _Host(Protocol):
                             ) -> None: ...
     async def admit_resume(self, request: ws.RequestReceived,
                            accepted: Accepted) -> Admission: ...
+    def refuse_new_session(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
+                           accepted: Accepted, admission: Admission) -> Answer | None: ...
     @property
     def held(self) -> HeldSessions: ...
 
@@ -163,6 +165,12 @@ class HttpFront:
             answer = self.host.refuse_session(server_handshake(), accepted, admission.refused)
             await send_refusal(reader.stream, answer.response)
             return
+        if admission.resumes is None:  # (a resume that gets a new session counts as one)
+            refusal = self.host.refuse_new_session(server_handshake(), request, accepted,
+                                                   admission)
+            if refusal is not None:
+                await send_refusal(reader.stream, refusal.response)
+                return
         session = self.sessions.create(accepted.identity.name, mode)
         session.tls = isinstance(reader.stream, TLSSocketStream)  # (a TLS listener's requests)
         protocol = None

@@ -161,14 +161,9 @@ class Relay:
             await stream.send_all(handshake.accept(admission.headers))
             return self.held.deliver(admission.resumes, NewCarrier(
                 stream, handshake.trailing_data, admission.peer_received, framed=False))
-        if resuming(request):  # (let in as a resume, past the drain and the session limit)
-            refusal = self.gate.door.admit_new_session(handshake, accepted,
-                                                       stopping=self.stopping)
-            if refusal is not None:
-                if admission.held is not None:
-                    self.held.drop(admission.held)
-                _log_lines(refusal.log)
-                return refusal
+        refusal = self.refuse_new_session(handshake, request, accepted, admission)
+        if refusal is not None:
+            return refusal
         response, protocol = self.gate.door.start_session(
             handshake, admission.headers, resumable=admission.held is not None)
         await stream.send_all(response)
@@ -204,6 +199,20 @@ class Relay:
             admission.held = self.held.new(identity.name, self.config.resume_grace)
             admission.headers.append((RESUMABLE_HEADER, str(admission.held.ticket)))
         return admission
+
+    def refuse_new_session(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
+                           accepted: Accepted, admission: Admission) -> Answer | None:
+        """A resume the door let past the drain and the session limit that gets a new
+        session instead must pass both (any transport): the answer when it does not."""
+        if not resuming(request):
+            return None
+        refusal = self.gate.door.admit_new_session(handshake, accepted,
+                                                   stopping=self.stopping)
+        if refusal is not None:
+            if admission.held is not None:
+                self.held.drop(admission.held)
+            _log_lines(refusal.log)
+        return refusal
 
     async def login(self, handshake: ws.ServerHandshake,
                     request: ws.RequestReceived | ws.HandshakeFailed,

@@ -437,6 +437,22 @@ def test_joining_a_session_is_not_a_new_session() -> None:
     assert _answer(door, _http("POST", "polling", *_login(TOKEN)), stopping=True).status == 503
 
 
+@pytest.mark.parametrize("transport", ["polling", "streaming"])
+def test_an_http_resume_passes_like_an_upgrade_resume(transport: str) -> None:
+    """An HTTP-transport opening request with a resume ticket, from an agent at
+    max_sessions_per_agent, passes the limit and the drain as an upgrade with one does
+    (docs/PROTOCOL.md §12); one asking for a new resumable session does not."""
+    door = Door(LOGINS)
+    door.session_started("a1")
+    door.session_started("a1")
+    resume = _http("POST", transport, *_login(TOKEN), "X-Wstunnel-Resume: id secret 0")
+    assert isinstance(_knock(door, resume)[0], Accepted)
+    assert isinstance(_knock(door, resume, stopping=True)[0], Accepted)
+    fresh = _http("POST", transport, *_login(TOKEN), "X-Wstunnel-Resume: new")
+    assert _answer(door, fresh).status == 429
+    assert _answer(door, fresh, stopping=True).status == 503
+
+
 def test_a_session_not_yours_is_refused_like_a_bad_login() -> None:
     """``refuse_session`` gives exactly the bytes of a wrong token's 401."""
     door = Door(LOGINS)
