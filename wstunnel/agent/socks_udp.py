@@ -30,10 +30,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import mux
-from ..errors import ChannelRefused
 from ..net.udp_flow import (
     RECEIVE_SIZE,
-    REFUSED_HOLD_INTERVAL,
     DatagramFlow,
     send_or_drop,
     udp_stats,
@@ -107,13 +105,9 @@ class _Association:
                 flow.discard("no_session")
                 return
             why = await flow.run(channel)
-            if isinstance(channel.error, ChannelRefused):  # (held as -L udp: holds it)
-                flow.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
-                udp_stats.drop("refused", 1)
-                log.warning("SOCKS5 udp flow to %s:%d via %s refused: %s; its datagrams are "
-                            "dropped for %g s", *destination, self.label, channel.error,
-                            REFUSED_HOLD_INTERVAL)
-                await trio.sleep(REFUSED_HOLD_INTERVAL)
+            host, port = destination
+            if await flow.hold_if_refused(
+                    channel, f"SOCKS5 udp flow to {host}:{port} via {self.label} refused", log):
                 return
             log.debug("SOCKS5 udp flow to %s:%d ended: %s", *destination, why)
         finally:

@@ -31,14 +31,11 @@ from typing import TYPE_CHECKING
 import trio
 
 from .. import mux
-from ..errors import ChannelRefused
 from ..net.udp_flow import (
     RECEIVE_SIZE,
-    REFUSED_HOLD_INTERVAL,
     DatagramFlow,
     receive_more,
     send_or_drop,
-    udp_stats,
 )
 
 if TYPE_CHECKING:
@@ -114,14 +111,8 @@ async def _run_flow(flow: DatagramFlow, client: Client, forward: Forward,
             flow.discard("no_session")
             return
         why = await flow.run(channel)
-        if isinstance(channel.error, ChannelRefused):
-            flow.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
-            udp_stats.drop("refused", 1)
-            log.warning("udp flow from %s via %s refused: %s; its datagrams are dropped for "
-                        "%g s", _client_text(client), forward.label, channel.error,
-                        REFUSED_HOLD_INTERVAL)
-            await trio.sleep(REFUSED_HOLD_INTERVAL)
-        else:
+        what = f"udp flow from {_client_text(client)} via {forward.label}"
+        if not await flow.hold_if_refused(channel, f"{what} refused", log):
             log.debug("udp flow from %s via %s ended: %s", _client_text(client),
                       forward.label, why)
     finally:

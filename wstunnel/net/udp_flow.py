@@ -45,6 +45,7 @@ from typing import Any, Final
 import trio
 
 from .. import mux
+from ..errors import ChannelRefused
 from ..mux.datagram import MAX_DATAGRAM_SIZE, DatagramDecoder, frame_datagram
 from .channel_stream import ChannelStream
 
@@ -169,6 +170,21 @@ class DatagramFlow:
                 self._stats.datagrams_sent += 1
                 return
         self._enqueue(framed)
+
+    async def hold_if_refused(self, channel: ChannelStream, what: str,
+                              logger: logging.Logger) -> bool:
+        """After ``run``: if the peer refused ``channel``, say so once (``what`` names
+        the flow for ``logger``), then drop this flow's datagrams for
+        ``REFUSED_HOLD_INTERVAL`` (counted as ``refused``) rather than ask again for
+        each (docs/PROTOCOL.md 4.2); True. Else False at once."""
+        if not isinstance(channel.error, ChannelRefused):
+            return False
+        self.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
+        self._stats.drop("refused", 1)
+        logger.warning("%s: %s; its datagrams are dropped for %g s", what, channel.error,
+                       REFUSED_HOLD_INTERVAL)
+        await trio.sleep(REFUSED_HOLD_INTERVAL)
+        return True
 
     def discard(self, reason: str) -> None:
         """Drop what waits (the channel could not be opened), counted as ``reason``."""

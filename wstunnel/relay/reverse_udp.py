@@ -31,7 +31,6 @@ from ..net.channel_stream import ChannelStream
 from ..net.transport import TunnelTransport
 from ..net.udp_flow import (
     RECEIVE_SIZE,
-    REFUSED_HOLD_INTERVAL,
     DatagramFlow,
     receive_more,
     send_or_drop,
@@ -106,13 +105,9 @@ async def _run(transport: TunnelTransport, flow: DatagramFlow, client: Client,
     assert channel is not None
     try:
         why = await flow.run(channel)
-        if isinstance(channel.error, ChannelRefused):  # (held as the agent's -L udp: holds it)
-            flow.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
-            udp_stats.drop("refused", 1)
-            log.warning("%s: udp flow from %s via %s refused by the agent: %s; its datagrams "
-                        "are dropped for %g s", transport.name, join_host_port(*client[:2]),
-                        channel.forward, channel.error, REFUSED_HOLD_INTERVAL)
-            await trio.sleep(REFUSED_HOLD_INTERVAL)
+        what = (f"{transport.name}: udp flow from {join_host_port(*client[:2])} via "
+                f"{channel.forward} refused by the agent")
+        if await flow.hold_if_refused(channel, what, log):
             return
         log.debug("%s: udp flow from %s ended: %s", transport.name,
                   join_host_port(*client[:2]), why)
