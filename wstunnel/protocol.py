@@ -27,7 +27,7 @@ from typing import Final, Protocol, TypeAlias
 from . import mux, ws
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FramedConnection
-from .replay import ACK, ReplayLog, parse_ack
+from .replay import ACK, ReplayLimitReached, ReplayLog, parse_ack
 
 __all__ = ["TunnelProtocol", "SessionLimits", "TunnelEvent", "RecordCarrier",
            "DEFAULT_WRITE_SIZE"]
@@ -39,7 +39,8 @@ _WS_OPEN: Final = ws.ConnectionState.OPEN
 
 #: What ``TunnelProtocol.events_received`` yields: the multiplexer's events, and
 #: from the carrier a pong (keepalive), the peer's close and the terminal close.
-TunnelEvent: TypeAlias = mux.Event | ws.PongReceived | ws.CloseReceived | ws.ConnectionClosed
+TunnelEvent: TypeAlias = (mux.Event | ws.PongReceived | ws.CloseReceived | ws.ConnectionClosed
+                          | ReplayLimitReached)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,8 +219,9 @@ class TunnelProtocol:
 
     def enable_resume(self) -> None:
         """Both sides agreed in the handshake: number records, acknowledge, keep what
-        the peer has not acknowledged. Call before the first record is sent."""
-        self.replay = ReplayLog()
+        the peer has not acknowledged, at most about ``max_queued_size`` (then wait
+        for its ACK). Call before the first record is sent."""
+        self.replay = ReplayLog(self.limits.max_queued_size)
 
     def carrier_broken(self) -> None:
         """The transport lost the carrier under it (an error, not an end of stream)."""
@@ -333,8 +335,11 @@ class TunnelProtocol:
             pacer = self.pacer  # (no limit: one test per write, nothing per record)
             next_parts = self.session.next_record_parts if pacer is None else pacer.next_parts
             send_parts = carrier.send_binary_parts
-            replay = self.replay  # (not resumable: one test per write)
+            replay = self.replay  # (not resumable: one test per record)
             while size < max_size:
+                if replay is not None and replay.full:
+                    self._hold(replay)
+                    break
                 parts = next_parts(max_size)
                 if parts is None:
                     break
@@ -343,10 +348,24 @@ class TunnelProtocol:
                 if replay is not None:
                     replay.sent_record(head, payload)
                 size += len(head) + len(payload) + 14
+            if replay is not None and replay.full:
+                self._hold(replay)
+
+    def _hold(self, replay: ReplayLog) -> None:
+        """Nothing new goes out until the peer acknowledges (replay.py ``full``): say
+        so once per episode."""
+        event = replay.hold()
+        if event is not None:
+            self._events.append(event)
 
     def wants_to_send(self) -> bool:
         """True when ``data_to_send`` would return bytes (cheap check)."""
-        return self._carrier.state is _WS_OPEN and self.session.wants_to_send()
+        return self._carrier.state is _WS_OPEN and self._records_may_go()
+
+    def _records_may_go(self) -> bool:
+        """A record waits, and the replay log has room for it (replay.py ``full``)."""
+        replay = self.replay
+        return self.session.wants_to_send() and (replay is None or not replay.full)
 
     def only_control_frames(self) -> bool:
         """True when the WebSocket is open, has frames of its own queued (a pong, an
@@ -354,7 +373,7 @@ class TunnelProtocol:
         writer's order (net/transport.py ``_answer_in_place``)."""
         carrier = self._carrier
         return (carrier.has_output and carrier.state is _WS_OPEN
-                and not self.session.wants_to_send())
+                and not self._records_may_go())
 
     def wants_to_write(self) -> bool:
         """True when the writer has anything to do: bytes for ``data_to_send`` (queued
@@ -362,7 +381,7 @@ class TunnelProtocol:
         send or the transport to drop)."""
         carrier = self._carrier
         return (carrier.has_output or carrier.state is not _WS_OPEN
-                or self.session.wants_to_send())
+                or self._records_may_go())
 
     # -- session-level actions ---------------------------------------------
 

@@ -20,10 +20,15 @@ records the other has not received. That needs three things, all here:
   (all that was not received is re-sent) and nothing is duplicated (all that
   was received is not).
 
-What is kept is bounded by what the peer has not acknowledged: records in
-flight (about a bandwidth-delay product) plus the acknowledgement interval;
-during an outage nothing new is written, so nothing new is kept, and the
-multiplexer's own budgets (``max_queued_size``) hold what waits.
+What is kept is what the peer has not acknowledged: records in flight (about a
+bandwidth-delay product) plus the acknowledgement interval. That holds only for
+a peer that acknowledges; one that grants window but never does would make us
+keep all we send. So the log has a ``limit`` (the session's ``max_queued_size``,
+at least twice ``ACK_BYTES``): once that much is kept, no new record goes out
+until an ACK makes room (``full``; the peer's own ACKs and our pongs still go).
+An honest peer always gets there: whatever it received, it has acknowledged all
+but less than ``ACK_BYTES`` of it. During an outage nothing new is written, so
+nothing new is kept, and the multiplexer's own budgets hold what waits.
 
 Only a session both sides agreed to make resumable (PROTOCOL.md section 12)
 has ACK records; on any other, record type 0x0a is a protocol error as before.
@@ -40,8 +45,8 @@ from .errors import RemoteProtocolError
 from .mux import ErrorCode
 
 __all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "RESUMABLE_HEADER", "RESUMED_HEADER",
-           "RESUME_HEADER", "ReplayLog", "Ticket", "ack_record", "parse_ack", "parse_resume",
-           "parse_ticket"]
+           "RESUME_HEADER", "ReplayLimitReached", "ReplayLog", "Ticket", "ack_record",
+           "parse_ack", "parse_resume", "parse_ticket"]
 
 #: The ACK record's type byte (mux/wire.py's types end at 0x09).
 ACK: Final = 0x0A
@@ -120,10 +125,23 @@ def parse_ack(record: bytes | bytearray | memoryview) -> int:
     return int(_ACK.unpack(bytes(record))[1])
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayLimitReached:
+    """The peer has not acknowledged ``kept_size`` bytes, ``limit`` or more: nothing
+    new goes out until it does. Once per episode (the log was below the limit
+    before): a peer that does not acknowledge, or a link whose bandwidth-delay
+    product is above the limit."""
+
+    kept_size: int
+    limit: int
+
+
 class ReplayLog:
     """One side's sequence numbers, kept records and acknowledgement duty."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 2 * ACK_BYTES) -> None:
+        #: Keep at most about this much (bytes; the record that crosses it goes).
+        self.limit = max(limit, 2 * ACK_BYTES)
         self._kept: deque[Record] = deque()
         self._kept_size = 0
         self.first_kept = 1  # the sequence number of _kept[0]
@@ -131,6 +149,7 @@ class ReplayLog:
         self.received = 0  # records received (numbered)
         self._acked_received = 0  # the count our last ACK said
         self._bytes_since_ack = 0
+        self._holding = False  # (full stopped a send, and no ACK made room since)
 
     @property
     def kept_size(self) -> int:
@@ -140,6 +159,11 @@ class ReplayLog:
     @property
     def kept_count(self) -> int:
         return len(self._kept)
+
+    @property
+    def full(self) -> bool:
+        """True when ``limit`` bytes wait for the peer's ACK: send no new record."""
+        return self._kept_size >= self.limit
 
     # -- sending -------------------------------------------------------------------
 
@@ -167,6 +191,15 @@ class ReplayLog:
             head, payload = kept.popleft()
             self._kept_size -= len(head) + len(payload)
             self.first_kept += 1
+        if self._holding and self._kept_size < self.limit:
+            self._holding = False
+
+    def hold(self) -> ReplayLimitReached | None:
+        """``full`` stopped a send: the event to report, once per episode."""
+        if self._holding:
+            return None
+        self._holding = True
+        return ReplayLimitReached(self._kept_size, self.limit)
 
     def replay(self, peer_received: int) -> list[Record]:
         """The records to send again on a new carrier, in order: those after the

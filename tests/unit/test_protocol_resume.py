@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from tests.helpers import counting_random_bytes
 from wstunnel import mux
-from wstunnel.protocol import TunnelProtocol
+from wstunnel.protocol import SessionLimits, TunnelProtocol
+from wstunnel.replay import ReplayLimitReached
 
 
 def _pair() -> tuple[TunnelProtocol, TunnelProtocol]:
@@ -21,9 +22,12 @@ def _pair() -> tuple[TunnelProtocol, TunnelProtocol]:
     return agent, relay
 
 
-def _received(protocol: TunnelProtocol, into: dict[int, bytearray]) -> None:
+def _received(protocol: TunnelProtocol, into: dict[int, bytearray],
+              held: list[ReplayLimitReached] | None = None) -> None:
     for event in protocol.events_received():
-        if isinstance(event, mux.DataReceived):
+        if isinstance(event, ReplayLimitReached) and held is not None:
+            held.append(event)
+        elif isinstance(event, mux.DataReceived):
             into.setdefault(event.channel_id, bytearray()).extend(event.data)
             protocol.acknowledge(event.channel_id, len(event.data))
         elif isinstance(event, mux.ChannelOpenRequested):
@@ -31,7 +35,7 @@ def _received(protocol: TunnelProtocol, into: dict[int, bytearray]) -> None:
 
 
 def _exchange(agent: TunnelProtocol, relay: TunnelProtocol, got: dict[str, dict[int, bytearray]],
-              *, limit: int | None = None) -> int:
+              *, limit: int | None = None, held: list[ReplayLimitReached] | None = None) -> int:
     """Move bytes both ways until quiet, or until ``limit`` bytes moved (a cut may then
     fall anywhere, mid-frame included); returns the bytes moved."""
     moved = 0
@@ -45,7 +49,7 @@ def _exchange(agent: TunnelProtocol, relay: TunnelProtocol, got: dict[str, dict[
                 receiver.receive_data(data)
                 moved += len(data)
                 progress = True
-            _received(receiver, got[name])
+            _received(receiver, got[name], held)
             if limit is not None and moved >= limit:
                 return moved
         if not progress:
@@ -106,6 +110,67 @@ def test_acknowledgements_keep_what_is_kept_small() -> None:
         _exchange(agent, relay, got)
     assert len(got["relay"][channel]) > 16 << 20
     assert agent.replay is not None and agent.replay.kept_size < 2 << 20
+
+
+def _download(relay: TunnelProtocol, agent: TunnelProtocol, got: dict[str, dict[int, bytearray]],
+              channel: int, blocks: int) -> None:
+    """The relay sends up to ``blocks`` x 16 KiB on ``channel`` as fast as the agent
+    reads (and returns window)."""
+    block = bytes(16384)
+    for _ in range(blocks):
+        room = relay.send_capacity(channel)
+        if room:
+            relay.send_data(channel, block[:room])
+        _exchange(agent, relay, got)
+
+
+def test_a_peer_that_never_acknowledges_stops_what_it_is_sent_at_the_limit() -> None:
+    """An agent that reads and returns window but sends no ACK: the relay keeps at
+    most max_queued_size (and one record) for a replay, sends nothing more, and
+    says why once; when the agent acknowledges again, the transfer goes on."""
+    agent = TunnelProtocol(mux.Role.AGENT, random_bytes=counting_random_bytes())
+    relay = TunnelProtocol(mux.Role.RELAY, limits=SessionLimits(max_queued_size=4 << 20))
+    agent.enable_resume()
+    relay.enable_resume()
+    assert agent.replay is not None and relay.replay is not None
+    honest = agent.replay.take_ack
+    agent.replay.take_ack = lambda: None  # type: ignore[method-assign]
+    got: dict[str, dict[int, bytearray]] = {"agent": {}, "relay": {}}
+    channel = agent.open_channel("db", 5432)
+    _exchange(agent, relay, got)
+    events: list[ReplayLimitReached] = []
+    for _ in range(1000):  # 16 MiB offered
+        room = relay.send_capacity(channel)
+        if room:
+            relay.send_data(channel, bytes(room))
+        _exchange(agent, relay, got, held=events)
+    limit = 4 << 20
+    assert limit <= relay.replay.kept_size <= limit + (1 << 20) + 64
+    assert len(got["agent"][channel]) <= relay.replay.kept_size
+    assert not relay.wants_to_write()  # (the writer parks: nothing may go)
+    assert [(e.limit, e.kept_size) for e in events] == [(limit, relay.replay.kept_size)]
+    agent.replay.take_ack = honest  # type: ignore[method-assign]
+    agent.send_ack()
+    before = len(got["agent"][channel])
+    _download(relay, agent, got, channel, 200)
+    assert len(got["agent"][channel]) > before + (2 << 20)
+    assert relay.replay.kept_size < 1 << 20
+
+
+def test_an_honest_peer_is_never_held_by_the_smallest_limit() -> None:
+    """The smallest outbound budget (16 KiB): the replay limit is then twice the
+    acknowledgement interval, so an honest peer's ACKs, sent every 256 KiB it
+    receives, always make room; a 32 MiB transfer needs no keepalive to finish."""
+    agent = TunnelProtocol(mux.Role.AGENT, random_bytes=counting_random_bytes())
+    relay = TunnelProtocol(mux.Role.RELAY, limits=SessionLimits(max_queued_size=16 << 10))
+    agent.enable_resume()
+    relay.enable_resume()
+    got: dict[str, dict[int, bytearray]] = {"agent": {}, "relay": {}}
+    channel = agent.open_channel("db", 5432)
+    _exchange(agent, relay, got)
+    _download(relay, agent, got, channel, 4000)
+    assert len(got["agent"][channel]) >= 32 << 20
+    assert relay.replay is not None and relay.replay.kept_size <= relay.replay.limit + (1 << 20)
 
 
 @settings(max_examples=40, deadline=None)

@@ -47,10 +47,11 @@ import trio
 from .. import mux, ws
 from ..errors import LocalProtocolError, SessionClosed
 from ..protocol import TunnelEvent, TunnelProtocol
+from ..replay import ReplayLimitReached
 from . import pump
 from .budget_warning import BudgetWarning
 from .channel_stream import ChannelStream
-from .channel_table import ChannelTable, end_channel
+from .channel_table import SESSION_LOSS, ChannelTable, end_channel
 from .keepalive import Due, KeepaliveAction, KeepaliveTimer, Scheduled, SessionKeepalive
 from .plain_stream import Buffer, PlainSocketStream, nowait_sender
 from .write_pacing import MIN_WRITE_SIZE, START_WRITE_SIZE, next_write_size, wait_paced
@@ -162,6 +163,7 @@ class TunnelTransport:
         self._pump: pump.SocketPump | None = None  # made on first use (_socket_pump)
         self._pump_failed = False
         self._budget_warning = BudgetWarning()
+        self._replay_warning = BudgetWarning()
         #: Resumption (replay.py): who brings a new carrier when this one is lost.
         self.resumer = resumer
         self._session_nursery: trio.Nursery | None = None
@@ -227,8 +229,9 @@ class TunnelTransport:
         if resumer is None or not self._lost or not self._resumable():
             return False
         lost = self._end_reason or "connection lost"
-        log.warning("%s: %s; keeping %d channels open to resume (up to %g s)", self.name,
-                    lost, len(self.channels), resumer.grace)
+        count = len(self.channels)
+        log.warning("%s: %s; keeping %d channel%s open to resume (up to %g s)", self.name,
+                    lost, count, "" if count == 1 else "s", resumer.grace, extra=SESSION_LOSS)
         old_stream = self.stream
         self._end_reason, self._resuming = None, True
         self._carrier_up = trio.Event()
@@ -255,7 +258,9 @@ class TunnelTransport:
         if isinstance(carrier, str):
             self._end_reason = carrier
             return False
-        log.info("%s: session resumed; %d channels carry on", self.name, len(self.channels))
+        count = len(self.channels)
+        log.info("%s: session resumed; %d channel%s on", self.name, count,
+                 " carries" if count == 1 else "s carry")
         self.dispatch_local_events()  # (records that came with the answer: trailing data)
         if self._pump is not None:
             self._pump.flush()  # (as the reader does after each read's events)
@@ -604,6 +609,8 @@ class TunnelTransport:
                 if protocol.should_close_transport:
                     self._end(self._closed_reason("session closed"))
                     return
+                if protocol.has_events:  # (ReplayLimitReached: the peer owes an ACK)
+                    self.dispatch_local_events()
                 if protocol.pacer is None:  # (only when idle: nothing per write)
                     self._writer_parked = True
                     try:
@@ -695,6 +702,8 @@ class TunnelTransport:
                      event.text or "no reason")
         elif isinstance(event, mux.OutboundBudgetExhausted):
             self._budget_warning.report(self.name, event)
+        elif isinstance(event, ReplayLimitReached):
+            self._replay_warning.report(self.name, event)
         elif isinstance(event, mux.PeerOpenRefused):
             if self.observer is not None:
                 self.observer.peer_open_refused(self, event.reason)

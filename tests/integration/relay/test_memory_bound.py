@@ -19,6 +19,7 @@ from wstunnel.config import parse_relay_url
 from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import SessionLimits, TunnelProtocol
 from wstunnel.relay import run_relay
+from wstunnel.replay import RESUMABLE_HEADER, RESUME_HEADER
 from wstunnel.security.auth import hash_token, new_token
 from wstunnel.service.metrics import TunnelStats
 from wstunnel.service.metrics_output import samples
@@ -145,6 +146,58 @@ async def test_an_agent_that_never_reads_holds_no_more_than_the_budget(tmp_path:
                 print(f"relay RSS: +{(stalled - before) / MIB:.1f} MiB stalled, "
                       f"+{(after - before) / MIB:.1f} MiB after the download")
             await held.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _unacknowledging_session(port: int, token: str, source: int,
+                                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+                                   ) -> None:
+    """A resumable session whose agent reads all it is sent (so returns window) but
+    never acknowledges a record (PROTOCOL.md section 12): runs until cancelled."""
+    url = parse_relay_url(f"ws://{LOOPBACK}:{port}/tunnel")
+    answer: dict[str, str] = {}
+    stream, trailing = await open_websocket(
+        url, headers=[("Authorization", f"Bearer {token}"), (RESUME_HEADER, "new")],
+        answer=answer)
+    assert RESUMABLE_HEADER.lower() in answer, answer
+    protocol = TunnelProtocol(mux.Role.AGENT)
+    protocol.enable_resume()
+    assert protocol.replay is not None
+    protocol.replay.take_ack = lambda: None  # type: ignore[method-assign]
+    protocol.receive_data(trailing)
+    transport = TunnelTransport(stream, protocol, name="unacknowledging", ping_interval=0)
+    async with stream, trio.open_nursery() as nursery:
+        await nursery.start(transport.run)
+        channel = transport.open_channel(LOOPBACK, source)
+        task_status.started()
+        while await channel.receive_some():
+            pass
+
+
+async def test_an_agent_that_never_acknowledges_holds_no_more_than_the_budget(
+        tmp_path: Path) -> None:
+    """A resumable session's agent reads all it is sent but never acknowledges a
+    record: the relay keeps at most max_queued_size for a replay, stops sending,
+    says so naming the session, and its RSS stops growing within twice the budget
+    (what it keeps, and what it queues) + SLACK."""
+    greedy, normal = new_token("greedy"), new_token("normal")
+    config = _write_config(tmp_path / "relay.yaml", greedy, normal)
+    async with trio.open_nursery() as nursery:
+        flood = await serve_target(nursery, _flood)
+        async with wstunnel("relay", "-c", str(config)) as relay:
+            with trio.fail_after(15):
+                port = int((await relay.wait_for(rb"relay listening on [\d.]+:(\d+)"))[1])
+            pid = relay.process.pid
+            before = await _wait_until_steady(pid, settle=0.5)
+            with trio.fail_after(30):
+                await nursery.start(_unacknowledging_session, port, greedy, flood)
+                await relay.wait_for(rb"agent greedy\): the peer has not acknowledged \d+ KiB")
+                stalled = await _wait_until_steady(pid)
+            growth = stalled - before
+            assert growth <= 2 * MAX_QUEUED_SIZE + SLACK, (
+                f"relay RSS grew by {growth / MIB:.1f} MiB\n{relay.text()}")
+            if os.environ.get("WSTUNNEL_MEMORY_REPORT"):
+                print(f"relay RSS: +{growth / MIB:.1f} MiB, never acknowledged")
         nursery.cancel_scope.cancel()
 
 
