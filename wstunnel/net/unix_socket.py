@@ -10,9 +10,10 @@ removed, while an accepted connection (or a full backlog) means a live
 program, which is left alone. Only a socket file is ever removed; any other
 file at the path is an error. The file is created ``0660`` less the umask
 (``0640`` under the usual 022, ``0660`` under systemd's ``UMask=0007``):
-owner and, if the umask allows, group may connect, nobody else. The mode is
-set between ``bind`` and ``listen``, while connects are still refused, so
-there is no moment with looser permissions. ``SocketFile.remove`` deletes
+owner and, if the umask allows, group may connect, nobody else. ``bind``
+creates the file with that mode (under a umask widened just around it), so
+there is no moment with looser permissions, and no chmod by path afterwards
+that a symlink swapped in at the path could redirect. ``SocketFile.remove`` deletes
 the file when the listener stops, unless it has been replaced meanwhile (it
 checks the inode first).
 
@@ -79,10 +80,9 @@ def bind_listener(path: str) -> tuple[socket.socket, SocketFile]:
     _clear_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        _bind_with_mode(sock, path)
         socket_file = SocketFile(path)
         try:
-            os.chmod(path, os.stat(path).st_mode & SOCKET_MODE)  # bind applied the umask
             sock.listen(_BACKLOG)
         except BaseException:
             socket_file.remove()
@@ -92,6 +92,25 @@ def bind_listener(path: str) -> tuple[socket.socket, SocketFile]:
         raise
     sock.setblocking(False)
     return sock, socket_file
+
+
+def _bind_with_mode(sock: socket.socket, path: str) -> None:
+    """Bind ``sock`` to ``path``, creating the file ``SOCKET_MODE`` less the umask.
+
+    bind applies the umask to 0777, so the bits ``SOCKET_MODE`` lacks are added
+    to the umask just around it. Not a chmod after bind: that goes by path and
+    follows a symlink, and in a directory others may write to, the file can be
+    swapped for a link to one of ours in between (a socket has no fchmod). The
+    umask is process-wide: for these few microseconds another thread's new
+    file gets no more bits than a socket's; this program's threads (DNS, token
+    checks) create no files.
+    """
+    umask = os.umask(0o777 & ~SOCKET_MODE)  # (the umask is read by setting it)
+    try:
+        os.umask(umask | (0o777 & ~SOCKET_MODE))
+        sock.bind(path)
+    finally:
+        os.umask(umask)
 
 
 def _clear_stale(path: str) -> None:

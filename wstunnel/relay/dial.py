@@ -2,8 +2,11 @@
 
 The destination check runs after DNS, against each address we would connect
 to, and only checked addresses are dialled (no second lookup that a DNS
-rebinding could answer differently). Addresses are raced happy-eyeballs style
-(RFC 8305: a new attempt every 250 ms, first success wins).
+rebinding could answer differently). Before DNS, a name that no rule could
+allow whatever it resolves to is refused without a lookup
+(``Policy.refusal_before_dns``): no DNS queries of an agent's choosing.
+Addresses are raced happy-eyeballs style (RFC 8305: a new attempt every
+250 ms, first success wins).
 
 An IP literal needs neither DNS nor a race, so it has a task-free path for
 the relay to run right where the OPEN is read (``start_connect``): the
@@ -37,7 +40,8 @@ if TYPE_CHECKING:
     from ..security.policy import Policy
 
 __all__ = ["Connector", "Connecting", "TcpConnector", "DialError", "dial", "dns_failure",
-           "literal_address", "start_connect", "finish_connect"]
+           "forbidden", "literal_address", "refuse_before_dns", "start_connect",
+           "finish_connect"]
 
 ATTEMPT_DELAY = 0.25
 
@@ -80,6 +84,7 @@ class TcpConnector:
 
         address = literal_address(host)
         if address is None:
+            refuse_before_dns(host, port, policy.refusal_before_dns(host, port))
             return partial(_dial_socket, host, port, allows, explain, timeout)
         sock, connected = start_connect(host, address, port, allows=allows, explain=explain)
         if connected:
@@ -130,12 +135,29 @@ def _permitted(
     if not permitted:
         shown = ", ".join(str(a) for a in addresses[:3])
         why = explain(addresses[0]) if explain is not None and addresses else None
-        raise DialError(
-            mux.OpenFailure.FORBIDDEN,
-            f"{host}:{port} is not allowed by the relay's policy (resolves to {shown})"
-            + (f": {why}" if why else ""),
-        )
+        raise forbidden(f"{host}:{port}", why, f"resolves to {shown}")
     return permitted
+
+
+def refuse_before_dns(host: str, port: int, why: str | None, *, udp: bool = False) -> None:
+    """Refuse host:port before resolving ``host`` when the policy already says why
+    (``Policy.refusal_before_dns``): no lookup for a name no rule could allow.
+
+    Raises:
+        DialError: FORBIDDEN, when ``why`` is not None.
+    """
+    if why is not None:
+        raise forbidden(f"{'udp ' if udp else ''}{host}:{port}", why)
+
+
+def forbidden(destination: str, why: str | None, resolved: str | None = None) -> DialError:
+    """The DialError of a destination the policy refuses (the agent sees its text);
+    ``resolved``: what the name resolved to, when it was resolved."""
+    return DialError(
+        mux.OpenFailure.FORBIDDEN,
+        f"{destination} is not allowed by the relay's policy"
+        + (f" ({resolved})" if resolved else "") + (f": {why}" if why else ""),
+    )
 
 
 def _timed_out(host: str, port: int, timeout: float) -> DialError:

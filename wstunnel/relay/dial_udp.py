@@ -2,7 +2,8 @@
 
 An OPEN of kind UDP names the flow's destination (host, port). As for TCP, a
 name is resolved here and every address is checked against the agent's
-``udp:`` allow rules after DNS (a TCP rule never allows UDP); the flow uses
+``udp:`` allow rules after DNS (a TCP rule never allows UDP; a name no rule
+could allow is refused before DNS, without a lookup); the flow uses
 the first allowed address (UDP has no handshake to race). The socket is a
 UDP socket ``connect``-ed to it, so the kernel passes up only that
 destination's replies. An IP literal is checked and connected at once, in the
@@ -28,7 +29,15 @@ import trio
 
 from .. import mux
 from ..net.udp_flow import carry_connected
-from .dial import Address, Connecting, DialError, dns_failure, literal_address
+from .dial import (
+    Address,
+    Connecting,
+    DialError,
+    dns_failure,
+    forbidden,
+    literal_address,
+    refuse_before_dns,
+)
 
 if TYPE_CHECKING:
     from ..net.channel_stream import ChannelStream
@@ -62,6 +71,8 @@ class UdpConnector:
         """
         address = literal_address(host)
         if address is None:
+            refuse_before_dns(host, port, policy.refusal_before_dns(host, port, udp=True),
+                              udp=True)
             return partial(_resolve_and_connect, host, port, policy, timeout)
         return _connect(host, port, _allowed(host, port, [address], policy))
 
@@ -86,10 +97,8 @@ def _allowed(host: str, port: int, addresses: list[Address], policy: Policy) -> 
             return address
     shown = ", ".join(str(a) for a in addresses[:3])
     why = policy.refusal(host, port, addresses[0], udp=True) if addresses else None
-    resolved = f" (resolves to {shown})" if literal_address(host) is None else ""
-    raise DialError(mux.OpenFailure.FORBIDDEN,
-                    f"udp {host}:{port} is not allowed by the relay's policy{resolved}"
-                    + (f": {why}" if why else ""))
+    resolved = f"resolves to {shown}" if literal_address(host) is None else None
+    raise forbidden(f"udp {host}:{port}", why, resolved)
 
 
 def _connect(host: str, port: int, address: Address) -> socket.socket:

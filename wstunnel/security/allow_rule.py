@@ -18,7 +18,8 @@ for unix socket paths:
   already a literal IP;
 * a unix socket path (``unix:/run/postgresql/.s.PGSQL.5432``) - matches that
   path exactly, or with a trailing ``/*`` (``unix:/run/app/*``) any socket
-  directly in that directory (not in its subdirectories). The requested path
+  directly in that directory (not in its subdirectories); ``unix:/run/app/``
+  is refused with that hint, since it would match nothing. The requested path
   must be normal (absolute, no ``.``/``..`` components, no ``//``): it is
   compared as text and the kernel resolves it, so ``/run/app/x/../y`` could
   leave the directory through a symlink ``x``. Symbolic links inside an
@@ -58,6 +59,8 @@ __all__ = [
     "AllowRule",
     "RuleKind",
     "is_normal_path",
+    "parse_path_rule",
+    "path_matches",
     "UDP_RULE_PREFIX",
     "UNIX_RULE_PREFIX",
 ]
@@ -110,7 +113,7 @@ class AllowRule:
         if text.strip().startswith(UDP_RULE_PREFIX):
             return _udp_rule(text.strip())
         if text.strip().startswith(UNIX_RULE_PREFIX):
-            return cls(RuleKind.PATH, _parse_path_rule(text.strip()))
+            return cls(RuleKind.PATH, parse_path_rule(text.strip()))
         host, ports = _split_rule(text.strip())
         low, high = _parse_port_range(ports) if ports is not None else (1, 65535)
         if "/" in host or parse_ip(host) is not None:
@@ -167,16 +170,16 @@ class AllowRule:
             and address in self.network
         )
 
+    def may_match_after_dns(self, port: int, *, udp: bool = False) -> bool:
+        """True for an IP/CIDR rule covering ``port`` (and the protocol): whether it
+        matches a host name depends on what the name resolves to, so only DNS tells."""
+        return (self.kind is RuleKind.NETWORK and self.udp is udp
+                and self.port_low <= port <= self.port_high)
+
     def matches_path(self, path: str) -> bool:
         """True if this rule covers the unix socket ``path`` (a normal absolute path,
         ``is_normal_path``)."""
-        if self.kind is not RuleKind.PATH:
-            return False
-        if not self.host.endswith(_DIRECTORY_GLOB):
-            return path == self.host
-        directory = self.host[:-1]  # (with its trailing "/")
-        name = path[len(directory):]
-        return path.startswith(directory) and "/" not in name and name not in ("", ".", "..")
+        return self.kind is RuleKind.PATH and path_matches(self.host, path)
 
     def names_explicitly(self, block: IPNetwork, label: str) -> bool:
         """True if this rule deliberately targets the dangerous ``block``."""
@@ -214,15 +217,39 @@ def _udp_rule(text: str) -> AllowRule:
     return AllowRule(rule.kind, rule.host, rule.network, rule.port_low, rule.port_high, udp=True)
 
 
-def _parse_path_rule(text: str) -> str:
-    """The path of a ``unix:`` rule (see ``AllowRule.parse``)."""
+def parse_path_rule(text: str) -> str:
+    """The path of a ``unix:`` rule, ``unix:/path`` or ``unix:/directory/*`` (the
+    destination and the listen policy share it; ``path_matches`` is what it means).
+
+    Raises:
+        ValueError: not such a rule; for ``unix:/directory/`` (which no socket path
+            would ever equal), what to write instead.
+    """
     path = text[len(UNIX_RULE_PREFIX):]
     directory = path.removesuffix(_DIRECTORY_GLOB) if path != _DIRECTORY_GLOB else "/"
+    bare = path.rstrip("/") or "/"
+    if path.endswith("/") and is_normal_path(bare) and "*" not in bare:
+        glob = UNIX_RULE_PREFIX + bare.rstrip("/") + _DIRECTORY_GLOB
+        raise ValueError(
+            f"{text!r} names a directory, and no socket path equals a directory: write "
+            f"{glob} for any socket directly in {bare} (not in its subdirectories), or "
+            f"the socket's own path")
     if not is_normal_path(directory) or "*" in directory:
         raise ValueError(
             f"expected unix:/absolute/path or unix:/directory/* (no *, '.' or '..' "
             f"elsewhere, no trailing '/'), got {text!r}")
     return path
+
+
+def path_matches(rule_path: str, path: str) -> bool:
+    """True if the rule path (``parse_path_rule``) covers the socket ``path`` (a
+    normal absolute path): that path exactly, or for ``/directory/*`` any name
+    directly in that directory."""
+    if not rule_path.endswith(_DIRECTORY_GLOB):
+        return path == rule_path
+    directory = rule_path[:-1]  # (with its trailing "/")
+    name = path[len(directory):]
+    return path.startswith(directory) and "/" not in name and name not in ("", ".", "..")
 
 
 def is_normal_path(path: str) -> bool:

@@ -8,25 +8,24 @@ A rule is an IP address or CIDR with an optional port or port range
 (``127.0.0.1:2222``, ``0.0.0.0:8000-8099``, ``[::1]:2222``), matched against the
 address the agent asks to bind; or a unix socket path, ``unix:/run/app.sock``
 exactly, or ``unix:/run/wstunnel/*`` for any socket directly in that
-directory. A rule for a UDP listener (``-R udp:``) starts with ``udp:``
-(``udp:127.0.0.1:5353``): TCP rules never allow UDP listeners, nor the other
-way round. Binding the unspecified address (``0.0.0.0``, ``::``: every
-interface) needs a rule that contains it, such as ``0.0.0.0:8080`` or
-``0.0.0.0/0:8080``; ``10.0.0.0/8`` does not. Host names are not rules here: the
-relay binds literal addresses only (config/textforms.py refuses names in
-``-R``).
+directory (allow_rule.py's syntax and meaning). A rule for a UDP listener
+(``-R udp:``) starts with ``udp:`` (``udp:127.0.0.1:5353``): TCP rules never
+allow UDP listeners, nor the other way round. Binding the unspecified
+address (``0.0.0.0``, ``::``: every interface) needs a rule that contains
+it, such as ``0.0.0.0:8080`` or ``0.0.0.0/0:8080``; ``10.0.0.0/8`` does not.
+Host names are not rules here: the relay binds literal addresses only
+(config/textforms.py refuses names in ``-R``).
 
 Pure: no sockets.
 """
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..addresses import IPNetwork, bracketed, parse_ip
-from .allow_rule import AllowRule, RuleKind, is_normal_path
+from .allow_rule import AllowRule, RuleKind, is_normal_path, parse_path_rule, path_matches
 
 __all__ = ["ListenPolicy", "ListenRule", "UNIX_RULE_PREFIX"]
 
@@ -52,11 +51,7 @@ class ListenRule:
         """
         text = text.strip()
         if text.startswith(UNIX_RULE_PREFIX):
-            path = text[len(UNIX_RULE_PREFIX):]
-            if not path.startswith("/") or "*" in path.removesuffix("/*"):
-                raise ValueError(f"expected unix:/absolute/path or unix:/directory/*, got "
-                                 f"{text!r}")
-            return cls(path=path)
+            return cls(path=parse_path_rule(text))  # (the same syntax as in ``allow``)
         rule = AllowRule.parse(text)
         if rule.kind is not RuleKind.NETWORK:
             raise ValueError(f"expected an IP address or CIDR with an optional port (the "
@@ -84,11 +79,7 @@ class ListenRule:
                 and self.port_low <= port <= self.port_high)
 
     def allows_path(self, path: str) -> bool:
-        if self.path is None:
-            return False
-        if self.path.endswith("/*"):
-            return posixpath.dirname(path) == self.path[:-2]
-        return path == self.path
+        return self.path is not None and path_matches(self.path, path)
 
 
 class ListenPolicy:

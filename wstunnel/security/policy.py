@@ -221,6 +221,23 @@ class Policy:
         verdicts[key] = verdict
         return verdict
 
+    def refusal_before_dns(self, host: str, port: int, *, udp: bool = False) -> str | None:
+        """Why ``host:port`` is refused whatever ``host`` resolves to, or None when
+        only the resolved addresses can tell (then resolve, and ask ``refusal``).
+
+        The relay asks this before resolving a name, so that an agent cannot make
+        it look up names no rule could allow (a DNS side channel: exfiltration,
+        probing internal DNS). A name is looked up only when a name or pattern
+        rule matches it, or an IP/CIDR rule covers the port (and protocol).
+        The text is ``refusal``'s for the name without an address.
+        """
+        why = self.refusal(host, port, udp=udp)
+        if why is None or parse_ip(host.strip("[]")) is not None:
+            return why  # (a literal needs no DNS: that verdict is final)
+        if any(rule.may_match_after_dns(port, udp=udp) for rule in self.rules):
+            return None
+        return why
+
     def allows_path(self, path: str) -> bool:
         """True if the agent may connect to the unix socket ``path``."""
         return self.path_refusal(path) is None

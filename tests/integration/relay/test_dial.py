@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from functools import partial
+from typing import NoReturn
 
 import pytest
 import trio
 
 from wstunnel import mux
+from wstunnel.agent.connect import open_websocket
+from wstunnel.config import parse_relay_url
 from wstunnel.net import pump
-from wstunnel.relay import dial
+from wstunnel.protocol import TunnelProtocol
+from wstunnel.relay import dial, run_relay
 from wstunnel.relay.dial import (
     DialError,
     TcpConnector,
@@ -19,9 +24,12 @@ from wstunnel.relay.dial import (
     start_connect,
 )
 from wstunnel.relay.dial_udp import UdpConnector
+from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.policy import HostSelf, Listener, Policy
+from wstunnel.service.metrics import TunnelStats
 
-from ..tunnel_helpers import LOOPBACK, echo_exact, echo_handler, tunnel
+from ..security_helpers import watch_logs
+from ..tunnel_helpers import LOOPBACK, echo_exact, echo_handler, relay_config, tunnel
 
 ADDRESS = ipaddress.ip_address(LOOPBACK)
 
@@ -259,3 +267,127 @@ async def test_a_name_is_resolved_once_and_only_allowed_answers_are_dialled() ->
             forbidden.setblocking(False)
             with pytest.raises(BlockingIOError):
                 forbidden.accept()
+
+
+class _Lookups(trio.abc.HostnameResolver):
+    """A resolver that records every name it is asked and answers none of them."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    async def getaddrinfo(self, host: bytes | None | str, port: object, family: int = 0,
+                          type: int = 0, proto: int = 0, flags: int = 0) -> NoReturn:
+        self.names.append(host.decode() if isinstance(host, bytes) else str(host))
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def getnameinfo(self, sockaddr: tuple[str, int] | tuple[str, int, int, int],
+                          flags: int) -> tuple[str, str]:
+        raise NotImplementedError
+
+
+_NO_NAME_RULE = ["db.internal:5432", "10.0.0.0/8:22", "udp:10.0.0.53:53"]
+
+
+async def _connect_or_refusal(connector: TcpConnector | UdpConnector, host: str, port: int,
+                              policy: Policy) -> DialError:
+    """The DialError ``connector`` ends with for host:port, at once or after its task."""
+    with trio.fail_after(5), pytest.raises(DialError) as failed:
+        later = connector.connect(host, port, policy, timeout=5)
+        assert not isinstance(later, socket.socket)
+        await later()
+    return failed.value
+
+
+@pytest.mark.parametrize(("connector", "port", "shown"), [
+    (TcpConnector(), 80, "secret-1234.exfil.example:80 is not allowed by the relay's "
+     "policy: no allow rule matches secret-1234.exfil.example port 80"),
+    (TcpConnector(), 53, "secret-1234.exfil.example:53 is not allowed by the relay's "
+     "policy: no allow rule matches secret-1234.exfil.example port 53"),
+    (UdpConnector(), 5353, "udp secret-1234.exfil.example:5353 is not allowed by the "
+     "relay's policy: no allow rule matches udp secret-1234.exfil.example port 5353 (UDP "
+     "needs a udp: rule, e.g. udp:secret-1234.exfil.example:5353; TCP rules never allow "
+     "UDP)"),
+])
+async def test_a_name_no_rule_could_allow_is_refused_without_a_lookup(
+    connector: TcpConnector | UdpConnector, port: int, shown: str
+) -> None:
+    """No DNS side channel: a name that no name or pattern rule matches, on a port
+    (and protocol) no IP/CIDR rule covers, is refused as forbidden without the relay
+    ever resolving it, so an agent cannot make the relay look up names of its choice."""
+    resolver = _Lookups()
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    try:
+        refused = await _connect_or_refusal(connector, "secret-1234.exfil.example", port,
+                                            Policy(_NO_NAME_RULE))
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    assert resolver.names == []
+    assert (refused.reason, refused.text) == (mux.OpenFailure.FORBIDDEN, shown)
+
+
+@pytest.mark.parametrize(("connector", "host", "port"), [
+    (TcpConnector(), "db.internal", 5432),  # a name rule matches: its address is checked
+    (TcpConnector(), "anything.example", 22),  # 10.0.0.0/8:22 may match what it resolves to
+    (UdpConnector(), "anything.example", 53),  # udp:10.0.0.53:53 likewise
+])
+async def test_a_name_a_rule_may_allow_is_resolved_then_checked(
+    connector: TcpConnector | UdpConnector, host: str, port: int
+) -> None:
+    """What still needs DNS (default deny after DNS): a name that a name rule matches,
+    or any name on a port an IP/CIDR rule covers, is looked up, once."""
+    resolver = _Lookups()
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    try:
+        failed = await _connect_or_refusal(connector, host, port, Policy(_NO_NAME_RULE))
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    assert resolver.names == [host]
+    assert failed.reason is mux.OpenFailure.DNS_FAILURE
+
+
+async def test_the_relay_refuses_such_a_name_as_forbidden_and_logs_it_unresolved() -> None:
+    """Through a running relay: the agent's OPEN to a name no rule could allow gets
+    OPEN_FAILED forbidden with the policy's reason, the relay logs the refusal with
+    the destination and the reason, it is counted, and the name is never looked up."""
+    resolver = _Lookups()
+    previous = trio.socket.set_custom_hostname_resolver(resolver)
+    stats = TunnelStats("relay")
+    try:
+        with watch_logs() as logs, trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                config = relay_config(allow=tuple(AllowRule.parse(r) for r in _NO_NAME_RULE))
+                bound = await nursery.start(partial(run_relay, config,
+                                                    shutdown=trio.Event(), stats=stats))
+                url = parse_relay_url(f"ws://{LOOPBACK}:{bound[0][1]}/tunnel")
+                stream, trailing = await open_websocket(url)
+                agent = TunnelProtocol(mux.Role.AGENT, trailing_data=trailing)
+                agent.open_channel("secret-1234.exfil.example", 80)
+                await stream.send_all(agent.data_to_send())
+                (failed,) = await _open_failures(stream, agent)
+                (line,) = await logs.wait_for("wstunnel.relay",
+                                              "refused channel to secret-1234.exfil.example:80")
+                await stream.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        trio.socket.set_custom_hostname_resolver(previous)
+    why = ("secret-1234.exfil.example:80 is not allowed by the relay's policy: no allow "
+           "rule matches secret-1234.exfil.example port 80")
+    assert (failed.reason, failed.text) == (mux.OpenFailure.FORBIDDEN, why)
+    assert line.endswith(f"refused channel to secret-1234.exfil.example:80: {why}")
+    assert stats.open_failures["forbidden"] == 1
+    assert resolver.names == []
+
+
+async def _open_failures(stream: trio.abc.Stream,
+                         agent: TunnelProtocol) -> list[mux.ChannelOpenFailed]:
+    """Read until the relay answers the OPEN; its OPEN_FAILED events."""
+    while True:
+        data = await stream.receive_some()
+        assert data, "the relay closed the session"
+        agent.receive_data(data)
+        events = agent.events_received()
+        if failed := [e for e in events if isinstance(e, mux.ChannelOpenFailed)]:
+            return failed
+        assert not any(isinstance(e, mux.ChannelOpened) for e in events)
+        if out := agent.data_to_send():
+            await stream.send_all(out)

@@ -113,6 +113,8 @@ def test_listen_allow_in_relay_yaml(tmp_path: Path) -> None:
     (["unix:/run/w/*"], "", 1, "/run/w/a.sock", True),
     (["unix:/run/w/*"], "", 1, "/run/w/sub/a.sock", False),
     (["unix:/run/w/*"], "", 1, "/run/w/../x.sock", False),
+    (["unix:/*"], "", 1, "/x.sock", True),
+    (["unix:/*"], "", 1, "/run/x.sock", False),
     (["unix:/run/x.sock"], "127.0.0.1", 2222, None, False),
 ])
 def test_listen_policy(rules: list[str], host: str, port: int, path: str | None,
@@ -122,10 +124,28 @@ def test_listen_policy(rules: list[str], host: str, port: int, path: str | None,
 
 
 @pytest.mark.parametrize("text", ["db.example", "*.example.com", "unix:relative",
-                                  "unix:/a/*/b", "127.0.0.1:0", "10.0.0.1/8"])
+                                  "unix:/a/*/b", "127.0.0.1:0", "10.0.0.1/8",
+                                  "unix:/run/w/../*", "unix:/run//w/*", "unix:/run/./x.sock"])
 def test_bad_listen_rules(text: str) -> None:
     with pytest.raises(ValueError):
         ListenRule.parse(text)
+
+
+@pytest.mark.parametrize(("key", "rule", "write"), [
+    ("listen_allow", "unix:/run/w/", "unix:/run/w/*"),
+    ("listen_allow", "unix:/", "unix:/*"),
+    ("allow", "unix:/run/app/", "unix:/run/app/*"),
+])
+def test_a_unix_rule_ending_in_a_slash_is_a_located_error(
+        tmp_path: Path, key: str, rule: str, write: str) -> None:
+    """``unix:/dir/`` would match no socket path (it names the directory): loading
+    the config fails at that rule's line, saying what to write instead."""
+    path = tmp_path / "relay.yaml"
+    path.write_text(f"listen: 127.0.0.1:8080\nno_auth: true\n{key}:\n  - '{rule}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_relay_config(path)
+    assert (info.value.key_path, info.value.line) == (f"{key}[0]", 4)
+    assert f"write {write} for any socket directly in" in str(info.value)
 
 
 def test_listen_rules_print_as_written() -> None:

@@ -435,10 +435,62 @@ def test_unix_rule_parsing(text: str, canonical: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    "unix:", "unix:run/app.sock", "unix:/run/*/app.sock", "unix:/run/app*", "unix:/run/app/",
-    "unix:/run/../etc/x.sock", "unix://run/app.sock", "unix:/run/a\0b", "unix:/run/app/**",
+    "unix:", "unix:run/app.sock", "unix:/run/*/app.sock", "unix:/run/app*",
+    "unix:/run/../etc/x.sock", "unix:/run/../x/", "unix:/run/app//*", "unix://run/app.sock",
+    "unix:/run/a\0b", "unix:/run/app/**",
 ])
 def test_bad_unix_rules_are_rejected_with_a_reason(text: str) -> None:
     """A unix: rule is an absolute normal path, or a directory followed by /*."""
     with pytest.raises(ValueError, match="expected unix:/absolute/path or unix:/directory/"):
         AllowRule.parse(text)
+
+
+@pytest.mark.parametrize(("text", "write"), [
+    ("unix:/run/app/", "unix:/run/app/*"),
+    ("unix:/run/app//", "unix:/run/app/*"),
+    ("unix:/", "unix:/*"),
+])
+def test_a_unix_rule_ending_in_a_slash_is_refused_saying_what_to_write(
+        text: str, write: str) -> None:
+    """``unix:/dir/`` names a directory, which no socket path equals: it would
+    never match, so it is refused, and the error says how to allow sockets in it."""
+    with pytest.raises(ValueError, match="names a directory") as refused:
+        AllowRule.parse(text)
+    assert f"write {write} for any socket directly in" in str(refused.value)
+
+
+@pytest.mark.parametrize(("rules", "host", "port", "udp", "needs_dns"), [
+    (["db.internal:5432"], "db.internal", 5432, False, True),  # a name rule matches
+    (["*.corp.example"], "a.corp.example", 443, False, True),  # a pattern matches
+    (["10.0.0.0/8:22"], "anything.example", 22, False, True),  # may resolve into it
+    (["0.0.0.0/0"], "anything.example", 1, False, True),
+    (["udp:10.0.0.53:53"], "anything.example", 53, True, True),
+    ([], "anything.example", 443, False, False),  # no rule at all
+    (["db.internal:5432"], "db.internal", 80, False, False),  # no rule for the port
+    (["db.internal", "*.corp.example"], "evil.example", 443, False, False),  # names only
+    (["10.0.0.0/8:22"], "anything.example", 80, False, False),  # CIDR on another port
+    (["10.0.0.0/8"], "anything.example", 53, True, False),  # a TCP CIDR for UDP
+    (["udp:10.0.0.0/8"], "anything.example", 53, False, False),  # a UDP CIDR for TCP
+])
+def test_refusal_before_dns_only_when_no_rule_could_allow_the_name(
+    rules: list[str], host: str, port: int, udp: bool, needs_dns: bool
+) -> None:
+    """Before DNS a name is refused when no rule could allow it, whatever it resolves
+    to: no name or pattern rule matches it and no IP/CIDR rule covers its port and
+    protocol; the reason is the one ``refusal`` gives for the name."""
+    policy = Policy(rules)
+    why = policy.refusal_before_dns(host, port, udp=udp)
+    if needs_dns:
+        assert why is None
+    else:
+        assert why == policy.refusal(host, port, udp=udp)
+        assert why is not None and why.startswith("no allow rule matches")
+
+
+def test_refusal_before_dns_of_an_ip_literal_is_the_final_verdict() -> None:
+    """An IP literal needs no DNS: before DNS it gets its final verdict, a dangerous
+    block included."""
+    policy = Policy(["0.0.0.0/0"])
+    assert policy.refusal_before_dns("10.1.2.3", 80) is None
+    assert "loopback" in (policy.refusal_before_dns("127.0.0.1", 80) or "")
+    assert policy.refusal_before_dns("10.1.2.3", 80, udp=True) is not None
