@@ -31,6 +31,7 @@ from .. import mux
 from ..addresses import join_host_port
 from ..errors import ChannelReset
 from ..mux import ChannelKind, ResetCode
+from .pieces import queue_piece
 
 __all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE", "until_ended"]
 
@@ -83,7 +84,7 @@ _PATH_KINDS = frozenset({ChannelKind.UNIX, ChannelKind.UNIX_LISTEN})
 class ChannelSink(Protocol):
     """Takes over an attached channel's dispatch hooks (see net/pump.py)."""
 
-    def deliver(self, data: bytes | memoryview) -> None: ...
+    def deliver(self, data: bytes | bytearray | memoryview) -> None: ...
     def deliver_eof(self) -> None: ...
     def credit_granted(self) -> None: ...
     def broken(self) -> None: ...
@@ -109,7 +110,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self.forward = forward
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._inbound: deque[bytes | memoryview] | None = None
+        self._inbound: deque[bytes | bytearray | memoryview] | None = None
         self._eof_received = False
         self._eof_sent = False
         self._closed = False
@@ -153,7 +154,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             return
         if self._inbound is None:
             self._inbound = deque()
-        self._inbound.append(data)
+        queue_piece(self._inbound, data)
         self._wake_readable()
 
     def _deliver_eof(self) -> None:
@@ -376,7 +377,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._readable = readable = trio.Event()
             await readable.wait()
 
-    def _take(self, inbound: deque[bytes | memoryview], max_bytes: int | None) -> bytes:
+    def _take(self, inbound: deque[bytes | bytearray | memoryview], max_bytes: int | None) -> bytes:
         """Up to ``max_bytes`` of queued chunks at once, so that the caller
         makes one socket write per read instead of one per 16 KiB chunk."""
         limit = max_bytes or DEFAULT_RECEIVE_SIZE

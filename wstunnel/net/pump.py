@@ -56,6 +56,7 @@ import trio
 from ..errors import ChannelReset
 from ..mux import ResetCode
 from .ending import clear_abortive, set_abortive, unsent_size, watch_all_sent
+from .pieces import queue_piece
 from .plain_stream import MAX_PIECES, Buffer, drop_sent
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ class _PumpedSocket:
 
     # -- ChannelSink: called by the transport's reader task ----------------------
 
-    def deliver(self, data: bytes | memoryview) -> None:
+    def deliver(self, data: bytes | bytearray | memoryview) -> None:
         if self._done:
             return
         pending = self._pending
@@ -179,7 +180,7 @@ class _PumpedSocket:
             self._pending = [data]
             self._pump._dirty.append(self)
         else:  # already dirty, or waiting for EPOLLOUT
-            pending.append(data)
+            queue_piece(pending, data)
 
     def deliver_eof(self) -> None:
         if self._done:

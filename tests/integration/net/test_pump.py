@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -269,6 +271,79 @@ async def test_data_and_fin_that_came_before_the_attach_go_first() -> None:
             await ours.send_all(b"answer")
             await ours.send_eof()
             assert await receive_all(agent_channel) == b"answer"
+
+
+async def _held_waiting(payloads: list[bytes]) -> int:
+    """Send ``payloads`` as one DATA record each to a relay-side socket that does not
+    read; return the bytes the relay's objects hold once all is in, after checking
+    that it all arrives in order when the socket is read."""
+    agent_end, relay_end = trio.testing.memory_stream_pair()
+    attached: list[trio.SocketStream] = []
+    ready = trio.Event()
+
+    async def on_open(transport: TunnelTransport, channel: ChannelStream) -> None:
+        assert transport.accept(channel)
+        local, ours = await tcp_pair()
+        local.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        attached.append(ours)
+        assert transport.attach(local, channel, lambda: None)
+        ready.set()
+
+    relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            on_open=on_open, ping_interval=0)
+    agent = TunnelProtocol(mux.Role.AGENT)  # (the test's: one record per payload)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(relay.run)
+                agent.receive_data(await agent_end.receive_some())  # (its SETTINGS)
+                channel = agent.open_channel("example.net", 80)
+                records = [bytes(agent.data_to_send())]
+                for payload in payloads:
+                    agent.send_data(channel, payload)
+                    records.append(bytes(agent.data_to_send()))
+                wire = b"".join(records)
+                del records
+                agent.send_data(channel, b".")
+                last = bytes(agent.data_to_send())
+                tracemalloc.start()
+                try:
+                    before = tracemalloc.get_traced_memory()[0]
+                    for start in range(0, len(wire), 1 << 16):
+                        await agent_end.send_all(wire[start:start + (1 << 16)])
+                    await ready.wait()
+                    await trio.testing.wait_all_tasks_blocked()
+                    # (a last read of its own: the reader's last batch of events stays
+                    # referenced until the next read, and is not what waits)
+                    await agent_end.send_all(last)
+                    await trio.testing.wait_all_tasks_blocked()
+                    held = tracemalloc.get_traced_memory()[0] - before
+                finally:
+                    tracemalloc.stop()
+                expected = b"".join(payloads) + b"."
+                got = bytearray()
+                while len(got) < len(expected):
+                    got += await attached[0].receive_some(1 << 16)
+                assert got == expected
+                nursery.cancel_scope.cancel()
+    finally:
+        for stream in attached:
+            await trio.aclose_forcefully(stream)
+    return held
+
+
+async def test_tiny_records_waiting_for_a_slow_socket_cost_about_their_size() -> None:
+    """A peer sends 40,000 2-byte DATA records to a destination that does not read
+    (docs/SECURITY.md, "Memory per session"): what waits in the pump costs about
+    its size, not ~50 bytes per record, measured against the same bytes sent in
+    16 KiB records."""
+    tiny = [bytes([n % 256, 7]) for n in range(40_000)]
+    joined = b"".join(tiny)
+    bulk = [joined[start:start + 16384] for start in range(0, len(joined), 16384)]
+    baseline = await _held_waiting(bulk)  # (first: what a first session imports is in it)
+    extra = await _held_waiting(tiny) - baseline
+    assert extra < len(joined) // 2, f"{extra} bytes more for {len(tiny)} records of 2 bytes"
 
 
 async def test_attaching_a_broken_channel_closes_the_socket_at_once() -> None:
