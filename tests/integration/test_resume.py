@@ -283,7 +283,8 @@ async def test_a_connection_made_during_an_outage_waits_only_connect_wait_timeou
         logs: LogWatch) -> None:
     """A new local connection while the session is resuming waits for it up to
     connect_wait_timeout (here 0.5 s; the grace is 60 s), then is reset; the
-    connections the session already carried go on once the path is back."""
+    connections the session already carried go on once the path is back. The log
+    lines count them in good English ("1 channel", not "1 channels")."""
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             echo = await serve_target(nursery, echo_handler)
@@ -296,12 +297,13 @@ async def test_a_connection_made_during_an_outage_waits_only_connect_wait_timeou
                 assert await echo_exact(old, b"before") == b"before"
                 cutter.down = True
                 cutter.cut()
-                await logs.wait_for("keeping 1 channels open to resume")
+                await logs.wait_for("keeping 1 channel open to resume")
                 async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as new:
                     with trio.fail_after(5):
                         assert await receive_until_reset(new) == b""
                 cutter.down = False
                 assert await echo_exact(old, b"after") == b"after"
+            assert any("session resumed; 1 channel carries on" in line for line in logs.lines)
             nursery.cancel_scope.cancel()
 
 

@@ -17,7 +17,6 @@ closed, never left hanging.
 from __future__ import annotations
 
 import logging
-import random
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -36,9 +35,10 @@ from ..protocol import SessionLimits, TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, parse_ticket
 from ..security.auth import load_token, token_agent
 from ..service.metrics import TunnelStats
-from .connect import failure_reason, open_stream, refused_on_purpose
+from .connect import failure_reason, refused_on_purpose
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
+from .reconnect import Reconnect, answers
 from .resume import AgentResumer
 from .reverse import ReverseForwards
 from .transports import Opened, TransportChooser
@@ -53,8 +53,6 @@ MAX_CHANNELS: Final = 65536
 __all__ = ["Agent", "check_tls_files", "session_limits"]
 
 log = logging.getLogger("wstunnel.agent")
-
-REJECTED_RETRY_INTERVAL = 30.0  # a refused token or a 429: never hammer the relay faster
 
 
 class Agent:
@@ -100,60 +98,36 @@ class Agent:
     async def maintain_session(self) -> None:
         """Keep one session up until cancelled, reconnecting with backoff. With several
         relays, the first one that is not backing off is tried (the first listed is
-        preferred), each relay with a backoff of its own."""
-        failures: dict[RelayURL, int] = {}
-        ready_at: dict[RelayURL, float] = {}
+        preferred), each relay with a backoff of its own (reconnect.py)."""
+        reconnect = Reconnect(lambda: self.config)
         if self.dial is not None:
             log.info("reaching the relay through the proxy %s", self.dial)
         while not self.stopping:
-            self.relay = await self._choose_relay(ready_at)
+            self.relay = await reconnect.choose()
             try:
                 transport = await self._connect()
             except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                count = failures[self.relay] = failures.get(self.relay, 0) + 1
-                if getattr(exc, "status", None) in (401, 403):
-                    self.stats.auth_failures += 1
-                delay = self._backoff(count)
-                if refused_on_purpose(exc):
-                    delay = max(delay, REJECTED_RETRY_INTERVAL)
-                    log.error("%s", self._refusal_message(exc))
-                ready_at[self.relay] = trio.current_time() + delay
-                log.warning("cannot reach relay %s (attempt %d): %s; %s", self.relay.url, count,
-                            failure_reason(exc), self._next_step(ready_at, delay))
+                self._connect_failed(reconnect, exc)
                 continue
-            ready_at.pop(self.relay, None)
+            reconnect.connected(self.relay)
             started = trio.current_time()
             reason = await self._serve(transport)
             if self.stopping:
                 return
             self.stats.reconnects += 1
-            # A session that did not last (a relay or a middlebox that ends each one at
-            # once) counts as a failure: the backoff keeps growing, not one retry a second.
-            if trio.current_time() - started >= self.config.reconnect_max_interval:
-                failures.pop(self.relay, None)
-            count = failures[self.relay] = failures.get(self.relay, 0) + 1
-            delay = self._backoff(count)
+            delay = reconnect.session_ended(self.relay, trio.current_time() - started)
             log.warning("session to %s down: %s; reconnecting in %.1f s", self.relay.url,
                         reason, delay)
-            ready_at[self.relay] = trio.current_time() + delay
 
-    async def _choose_relay(self, ready_at: dict[RelayURL, float]) -> RelayURL:
-        """The first relay, in the configured order, whose backoff is over (waiting for
-        the earliest when none is)."""
-        while True:
-            relays = self.config.relay_urls
-            now = trio.current_time()
-            for relay in relays:
-                if ready_at.get(relay, 0.0) <= now:
-                    return relay
-            await trio.sleep(min(ready_at.get(relay, now) for relay in relays) - now)
-
-    def _next_step(self, ready_at: dict[RelayURL, float], delay: float) -> str:
-        now = trio.current_time()
-        for relay in self.config.relay_urls:
-            if ready_at.get(relay, 0.0) <= now:
-                return f"trying {relay.url}"
-        return f"retrying in {delay:.1f} s"
+    def _connect_failed(self, reconnect: Reconnect, exc: BaseException) -> None:
+        if getattr(exc, "status", None) in (401, 403):
+            self.stats.auth_failures += 1
+        refused = refused_on_purpose(exc)
+        count, delay = reconnect.connect_failed(self.relay, refused)
+        if refused:
+            log.error("%s", self._refusal_message(exc))
+        log.warning("cannot reach relay %s (attempt %d): %s; %s", self.relay.url, count,
+                    failure_reason(exc), reconnect.next_step(delay))
 
     async def _back_to_preferred(self, transport: TunnelTransport) -> None:
         """While a session is up on a fallback relay: once the preferred one answers
@@ -162,40 +136,12 @@ class Agent:
         preferred = self.config.relay_urls[0]
         while True:
             await trio.sleep(self.config.reconnect_max_interval)
-            if self._channels == 0 and await self._answers(preferred):
+            if self._channels == 0 and await answers(preferred, self.config, self.dial):
                 log.info("the preferred relay %s answers again; moving this idle session "
                          "back to it", preferred.url)
                 transport.go_away("moving to the preferred relay")
                 await transport.close(ws.CloseCode.GOING_AWAY, "moving to the preferred relay")
                 return
-
-    async def _answers(self, relay: RelayURL) -> bool:
-        """The relay answers GET /health with 200 (through the proxy and TLS the agent
-        would use)."""
-        from ..security import tls
-
-        config = self.config
-        context = tls.client_context(config.client_tls) if relay.secure else None
-        try:
-            with trio.fail_after(config.handshake_timeout):
-                stream = await open_stream(relay, ssl_context=context, dial=self.dial,
-                                           server_hostname=config.server_name,
-                                           pin=config.relay_fingerprint)
-                async with stream:
-                    host = config.host_header or relay.host_header
-                    await stream.send_all(f"GET /health HTTP/1.1\r\nHost: {host}\r\n"
-                                          "Connection: close\r\n\r\n".encode())
-                    head = await stream.receive_some(1024)
-        except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError):
-            return False
-        return head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
-
-    def _backoff(self, failures: int) -> float:
-        config = self.config
-        delay = min(
-            config.reconnect_max_interval, config.reconnect_min_interval * 2 ** (failures - 1)
-        )
-        return float(delay) * random.uniform(0.8, 1.0)
 
     def _refusal_message(self, exc: BaseException) -> str:
         name = token_agent(self.token) if self.token else None

@@ -130,7 +130,7 @@ async def run_stdio(config: AgentConfig, target: HostPort,
             session_scope = trio.CancelScope(shield=True)
             nursery.start_soon(_serve_until_closed, agent, transport, session_scope)
             try:
-                await _carry(transport, target, stream)
+                await _carry(transport, target, stream, agent.relay.url)
             finally:
                 try:
                     with trio.CancelScope(shield=True):
@@ -177,7 +177,7 @@ async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
 
 
 async def _carry(transport: TunnelTransport, target: HostPort,
-                 stream: trio.abc.HalfCloseableStream) -> None:
+                 stream: trio.abc.HalfCloseableStream, relay: str) -> None:
     try:
         channel = transport.open_channel(target.host, target.port, forward="--stdio")
     except (SessionClosed, ChannelRefused) as exc:
@@ -188,18 +188,21 @@ async def _carry(transport: TunnelTransport, target: HostPort,
         channel.abort("the agent was stopped")
         raise
     if not clean:
-        raise StdioFailed(_failure(target, channel))
+        raise StdioFailed(_failure(target, channel, relay))
 
 
-def _failure(target: HostPort, channel: ChannelStream) -> str:
-    """One line: how the channel ended badly, and what to check."""
+def _failure(target: HostPort, channel: ChannelStream, relay: str) -> str:
+    """One line: how the channel ended badly, and what to check. (The only line: the
+    session's own warnings about losing its channels are hidden, cli/main.py.)"""
     error = channel.error
     if isinstance(error, ChannelRefused):
         return (f"the relay could not connect to {target}: {error} (check that {target} "
                 f"is up and that the relay's allow rules permit it)")
     if isinstance(error, ChannelReset):
         return f"the connection to {target} was reset: {error}"
-    if error is not None:
-        return (f"the session to the relay was lost while connected to {target}: {error} "
-                f"(check the relay's log and the network to it)")
+    if error is not None:  # (SessionClosed: nothing else breaks a channel)
+        reason = error.reason if isinstance(error, SessionClosed) and error.reason else error
+        return (f"lost the session to relay {relay} while connected to {target}: {reason} "
+                f"\N{EM DASH} check the relay's log and the network to it, then connect "
+                f"again")
     return f"reading stdin or writing stdout failed; the connection to {target} was reset"

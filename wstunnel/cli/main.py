@@ -223,6 +223,13 @@ def _run_stdio(config: AgentConfig, log_level: str | None) -> int:
     import trio
 
     from ..agent.stdio import run_stdio
+    from ..net.channel_table import is_session_loss
+
+    if logging.getLogger("wstunnel").getEffectiveLevel() > logging.INFO:
+        # The one channel's end is the one line StdioFailed gives; the session's lines
+        # about losing (or keeping) its channels would say it before, twice.
+        for handler in logging.getLogger("wstunnel").handlers:
+            handler.addFilter(lambda record: not is_session_loss(record))
 
     assert config.stdio is not None
     target = config.stdio

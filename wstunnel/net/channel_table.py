@@ -23,9 +23,20 @@ from .channel_stream import ChannelStream
 if TYPE_CHECKING:
     from .observer import SessionObserver
 
-__all__ = ["ChannelTable", "end_channel", "reset_name", "failure_name"]
+__all__ = ["SESSION_LOSS", "ChannelTable", "end_channel", "failure_name", "is_session_loss",
+           "reset_name"]
 
 log = logging.getLogger("wstunnel.session")
+
+#: ``extra`` of the lines that say what a broken session does to its channels.
+#: ``--stdio`` (cli) hides them: its one channel's fate is its one exit line.
+#: (A leading ``_``: not printed as a field, service/logs.py.)
+SESSION_LOSS: Final = {"_session_loss": True}
+
+
+def is_session_loss(record: logging.LogRecord) -> bool:
+    """A line logged with ``extra=SESSION_LOSS``."""
+    return bool(getattr(record, "_session_loss", False))
 
 #: The kinds of a channel that carries no data: a reverse forward's lease.
 _LEASE_KINDS: Final = frozenset({mux.ChannelKind.TCP_LISTEN, mux.ChannelKind.UNIX_LISTEN,
@@ -73,8 +84,8 @@ class ChannelTable:
         if self.channels and not (clean and self._only_leases()):
             count = len(self.channels)
             log.warning("%s: session lost with %d channel%s open, all reset: %s", session,
-                        count, "" if count == 1 else "s", reason)
-        error = SessionClosed(f"the session ended: {reason}")
+                        count, "" if count == 1 else "s", reason, extra=SESSION_LOSS)
+        error = SessionClosed(f"the session ended: {reason}", reason=reason)
         for channel in list(self.channels.values()):
             channel._break(error)
             if self._observer is not None:

@@ -28,9 +28,9 @@ channel's two directions:
 Idle flows end cleanly: with ``idle_timeout``, no datagram either way for
 that long sends FIN, waits up to ``FIN_WAIT_TIMEOUT`` for the peer's FIN
 (datagrams that crossed are still delivered), and ends. A peer's FIN is
-answered with ours, after the datagrams still queued (those that get no credit
-within half the peer's FIN wait are dropped: the FIN must reach it). Drops
-are counted in ``udp_stats`` by reason.
+answered with ours. Either FIN follows the datagrams still queued (those that
+get no credit within half the peer's FIN wait are dropped: the FIN must reach
+it). Drops are counted in ``udp_stats`` by reason.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ FLOW_QUEUE_SIZE: Final = 64 * 1024
 FIN_WAIT_TIMEOUT: Final = 5.0
 #: How long a refused flow drops its client's datagrams before a new flow asks again.
 REFUSED_HOLD_INTERVAL: Final = 5.0
-#: Answering the peer's FIN, how long queued datagrams may wait for credit before our
-#: FIN goes anyway (well within the peer's FIN_WAIT_TIMEOUT, so it is never reset).
+#: How long queued datagrams may wait for credit before our FIN goes anyway (answering
+#: the peer's: well within its FIN_WAIT_TIMEOUT, so it is never reset; or ours, idle).
 _FIN_ANSWER_TIMEOUT: Final = FIN_WAIT_TIMEOUT / 2
 #: recv buffer: above MAX_DATAGRAM_SIZE, so that a larger datagram is seen (and dropped).
 RECEIVE_SIZE: Final = 65536
@@ -255,21 +255,28 @@ class DatagramFlow:
             return str(channel.error or exc)
 
     async def _answer_fin(self, channel: ChannelStream) -> None:
-        """Our FIN after the datagrams we had queued (docs/PROTOCOL.md 4.2), unless
-        they get no credit in time: then they are dropped and the FIN goes anyway."""
+        """Our FIN after the datagrams we had queued (docs/PROTOCOL.md 4.2)."""
         self.accepting = False  # (the client's next datagram opens a new flow)
+        if await self._send_queued(channel):
+            await channel.send_eof()
+
+    async def _send_queued(self, channel: ChannelStream) -> bool:
+        """Before either FIN (answering, or ours for an idle flow): let the datagrams
+        still queued go, unless they get no credit within ``_FIN_ANSWER_TIMEOUT``:
+        then they are dropped. False: a datagram was left half sent, and a FIN would
+        cut it, so the channel is reset instead."""
         if self._head is not None or self._queue:
             self._drained = trio.Event()
             with trio.move_on_after(_FIN_ANSWER_TIMEOUT):
                 await self._drained.wait()
             self.discard("closing")
-        if self._head is not None:  # (a FIN would cut a datagram begun: reset instead)
-            self._head = None
-            self._stats.drop("closing")
-            channel.abort("a datagram could not be finished before the flow ended",
-                          mux.ResetCode.CANCELLED)
-            return
-        await channel.send_eof()
+        if self._head is None:
+            return True
+        self._head = None
+        self._stats.drop("closing")
+        channel.abort("a datagram could not be finished before the flow ended",
+                      mux.ResetCode.CANCELLED)
+        return False
 
     def _deliver_all(self, channel: ChannelStream, decoder: DatagramDecoder,
                      data: bytes) -> bool:
@@ -285,6 +292,8 @@ class DatagramFlow:
         """FIN for an idle flow; deliver what crosses it until the peer's FIN."""
         why = f"idle for {self._idle_timeout:g} s"
         try:
+            if not await self._send_queued(channel):
+                return why
             await channel.send_eof()
             with trio.move_on_after(FIN_WAIT_TIMEOUT):
                 while data := await channel.receive_some():

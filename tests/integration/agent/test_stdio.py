@@ -100,6 +100,38 @@ async def test_refused_destination_exits_1_with_one_line() -> None:
     assert result.stdout == b""
 
 
+@pytest.mark.parametrize("resume_grace", [0.0, 0.5])
+async def test_relay_gone_mid_channel_exits_1_with_one_line(resume_grace: float) -> None:
+    """The relay vanishes while the channel is up (with and without a resume to try
+    first): exit 1 and exactly one stderr line, naming the relay and the destination,
+    saying the session was lost and what to check; no separate warnings before it."""
+    stdin_read, stdin_write = os.pipe()
+    stdout_read, stdout_write = os.pipe()
+    try:
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            running = await start_relay(nursery, relay_config(resume_grace=resume_grace))
+            with trio.fail_after(30):
+                process = await trio.lowlevel.open_process(
+                    stdio_argv(running.ports[0], f"{LOOPBACK}:{echo}"), stdin=stdin_read,
+                    stdout=stdout_write, stderr=subprocess.PIPE, cwd=ROOT)
+                os.write(stdin_write, b"ping")
+                async with trio.lowlevel.FdStream(os.dup(stdout_read)) as stdout:
+                    assert await stdout.receive_some(4) == b"ping"
+                running.kill()
+                assert await process.wait() == 1
+                assert process.stderr is not None
+                lines = (await receive_all(process.stderr)).decode().splitlines()
+            nursery.cancel_scope.cancel()
+    finally:
+        for fd in (stdin_read, stdin_write, stdout_read, stdout_write):
+            os.close(fd)
+    assert len(lines) == 1, lines
+    assert f"lost the session to relay ws://{LOOPBACK}:{running.ports[0]}/tunnel" in lines[0]
+    assert f"while connected to {LOOPBACK}:{echo}" in lines[0]
+    assert "check the relay's log and the network to it" in lines[0]
+
+
 async def test_unreachable_relay_gives_up_within_connect_wait_timeout(tmp_path: Path) -> None:
     """No relay: the agent does not retry forever; exit 1 once connect_wait_timeout
     has passed, naming the relay and the reason. (-c without forwards works with --stdio.)"""

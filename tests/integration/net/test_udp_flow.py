@@ -144,3 +144,45 @@ async def test_a_datagram_begun_when_the_fin_must_go_resets_the_flow_instead(
         await flow.run(channel)
     assert host.eof_at is None and host.reset_code is mux.ResetCode.CANCELLED
     assert len(host.sent) == 300 and stats.dropped["closing"] == 1
+
+
+async def test_the_idle_fin_follows_the_queued_datagrams(
+        autojump_clock: trio.abc.Clock) -> None:
+    """A flow goes idle while datagrams still wait for credit: the side that starts the
+    close sends them before its FIN too (as the answering side does), not drops them."""
+    host = FakeHost(capacity=0)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=1.0, stats=stats, channel=channel)
+    for n in range(3):
+        flow.send(datagram(n))
+    with trio.fail_after(FIN_WAIT_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flow.run, channel)
+            await trio.sleep(1.5)  # (idle since 1.0 s: the close has begun)
+            assert not flow.accepting, "a new datagram goes to a new flow"
+            host.capacity = 1 << 20  # (a WINDOW, late)
+            channel._wake_writable()
+            await trio.testing.wait_all_tasks_blocked()
+            assert host.eof_at == len(host.sent), "our FIN was sent, after the datagrams"
+            channel._deliver_eof()  # (the peer's answering FIN)
+    assert DatagramDecoder().receive_data(bytes(host.sent)) == [datagram(n) for n in range(3)]
+    assert stats.datagrams_sent == 3 and not stats.dropped
+
+
+async def test_without_credit_the_idle_fin_still_leaves_in_bounded_time(
+        autojump_clock: trio.abc.Clock) -> None:
+    """The queued datagrams never get credit: the idle FIN waits for them no longer than
+    an answering FIN would (half of FIN_WAIT_TIMEOUT), and they are counted as dropped."""
+    host = FakeHost(capacity=0)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=1.0, stats=stats, channel=channel)
+    for n in range(3):
+        flow.send(datagram(n))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flow.run, channel)
+        await trio.sleep(1.0 + FIN_WAIT_TIMEOUT / 2 + 0.1)
+        assert host.eof_at == 0 and host.sent == b""
+        assert stats.dropped["closing"] == 3
+        channel._deliver_eof()  # (the peer's answering FIN)
