@@ -31,7 +31,8 @@ from typing import Final
 
 import trio
 
-__all__ = ["set_abortive", "clear_abortive", "unsent_size", "watch_all_sent", "abort_stream"]
+__all__ = ["set_abortive", "clear_abortive", "unsent_size", "watch_all_sent", "abort_stream",
+           "socket_of"]
 
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 _LINGER_OFF: Final = struct.pack("ii", 0, 0)
@@ -77,18 +78,41 @@ def watch_all_sent(sock: socket.socket | trio.socket.SocketType) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, 1)
 
 
+def socket_of(stream: trio.abc.Stream) -> socket.socket | trio.socket.SocketType | None:
+    """The socket under ``stream``: its own (``trio.SocketStream``, the ws:// and wss://
+    streams of net/plain_stream.py and net/tls_stream.py), or the one under the stream
+    it wraps (``trio.SSLStream.transport_stream``); None for a stream on no socket."""
+    for _ in range(8):  # (a bound: wrappers of wrappers, never a cycle)
+        sock = getattr(stream, "socket", None)
+        if isinstance(sock, (socket.socket, trio.socket.SocketType)):
+            return sock
+        inner = getattr(stream, "transport_stream", None)
+        if not isinstance(inner, trio.abc.Stream):
+            return None
+        stream = inner
+    return None
+
+
 async def abort_stream(stream: trio.abc.Stream, *, after_sent: bool = False) -> None:
     """Close ``stream`` with RST; with ``after_sent``, once what was written to it
     has left (bounded by SENT_WAIT_TIMEOUT). Streams without a socket just close;
     a stream already closed stays as it is."""
-    sock = getattr(stream, "socket", None)
+    sock = socket_of(stream)
     try:
         if sock is not None and after_sent and unsent_size(sock):
             watch_all_sent(sock)
             with trio.move_on_after(SENT_WAIT_TIMEOUT):
                 while unsent_size(sock):
-                    await sock.wait_writable()
+                    await _wait_writable(stream, sock)
     finally:  # (also when cancelled: a cancelled carrier must not look like a clean end)
         if sock is not None:
             set_abortive(sock)
         await trio.aclose_forcefully(stream)
+
+
+async def _wait_writable(stream: trio.abc.Stream,
+                         sock: socket.socket | trio.socket.SocketType) -> None:
+    if isinstance(sock, trio.socket.SocketType):
+        await sock.wait_writable()
+    else:  # (the stream's own wait: a socket of net/plain_stream.py's streams)
+        await stream.wait_send_all_might_not_block()

@@ -74,6 +74,12 @@ class PlainSocketStream(trio.abc.Stream):
         #: ``wait_receivable`` waited: the next read is no checkpoint of its own.
         self._waited = False
 
+    @property
+    def socket(self) -> socket.socket:
+        """The socket, as ``trio.SocketStream.socket``: for its options (an abortive
+        close, net/ending.py), never to read or write around the stream."""
+        return self._sock
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         size = max_bytes if max_bytes is not None else DEFAULT_RECEIVE_SIZE
         if size < 1:

@@ -54,6 +54,8 @@ log = logging.getLogger("wstunnel.relay")
 
 #: The largest polling POST body (the agent sends at most 1 MiB and a frame).
 MAX_POST_SIZE: Final = 8 * 1024 * 1024
+#: The largest body read and dropped where none is expected (an opening POST, a GET).
+MAX_UNUSED_BODY_SIZE: Final = 64 * 1024
 #: The largest polling GET answer.
 MAX_BATCH_SIZE: Final = 4 * 1024 * 1024
 #: A kept-alive connection with no new request for this long is closed.
@@ -66,7 +68,8 @@ _NO_STORE: Final = [("Cache-Control", "no-store"), ("Content-Type", CONTENT_TYPE
 class _Host(Protocol):
     """What the front needs from the relay (relay.py)."""
 
-    async def login(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
+    async def login(self, handshake: ws.ServerHandshake,
+                    request: ws.RequestReceived | ws.HandshakeFailed,
                     visitor: Visitor) -> Answer | Accepted: ...
     def start_framed_session(self, *, resumable: bool = False) -> TunnelProtocol: ...
     def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted,
@@ -94,21 +97,31 @@ class HttpFront:
         reader, request = first.reader, first.request
         while await self._one(reader, request, accepted):
             reader.conn.start_next_cycle()
-            next_request = None
+            handshake = server_handshake()
+            next_request: ws.RequestReceived | ws.HandshakeFailed | Answer | None = None
             with trio.move_on_after(KEEPALIVE_TIMEOUT):
-                next_request = await reader.next_request()
-            if next_request is None or http_transport(next_request) is None:
+                next_request = await _next_request(reader, handshake)
+            if next_request is None:
                 return
-            request = next_request
-            outcome = await self.host.login(server_handshake(), request, visitor)
+            # (any request: a front end reuses the connection for its health check too)
+            outcome = next_request if isinstance(next_request, Answer) else (
+                await self.host.login(handshake, next_request, visitor))
             if isinstance(outcome, Answer):
                 await send_refusal(reader.stream, outcome.response)
                 return
-            accepted = outcome
+            assert isinstance(next_request, ws.RequestReceived)  # (the door answers others)
+            if http_transport(next_request) is None:  # a good upgrade: not on this one
+                await _status(reader, 400, "a WebSocket upgrade on a connection kept alive "
+                                           "for HTTP-transport requests; use a new connection")
+                return
+            request, accepted = next_request, outcome
 
     async def _one(self, reader: HttpReader, request: ws.RequestReceived,
                    accepted: Accepted) -> bool:
         """Serve one request; True when the connection may carry another."""
+        if request.header("content-length") is not None and request.header(
+                "transfer-encoding") is not None:  # (RFC 9112 6.3: request smuggling)
+            return await _status(reader, 400, "Content-Length and Transfer-Encoding together")
         mode = http_transport(request) or ""
         session_id = request.header(SESSION_HEADER.lower())
         if session_id is None:
@@ -122,12 +135,10 @@ class HttpFront:
                                               f"{mode} request for an unknown session")
             await send_refusal(reader.stream, answer.response)
             return False
-        session.in_progress += 1
-        try:
-            return await self._serve(reader, request, session)
-        finally:
-            session.in_progress -= 1
-            session.touch()
+        keep_alive = False  # (a request cut short when its session ended: close)
+        with session.serving():
+            keep_alive = await self._serve(reader, request, session)
+        return keep_alive
 
     async def _serve(self, reader: HttpReader, request: ws.RequestReceived,
                      session: HttpSession) -> bool:
@@ -172,6 +183,19 @@ class HttpFront:
                 await send_refusal(reader.stream, refusal.response)
                 return
         session = self.sessions.create(accepted.identity.name, mode)
+        try:  # (the answer may fail to send: the client is gone, nothing may stay behind)
+            await self._start(reader, session, accepted, admission)
+        finally:
+            session.break_("session ended")
+            self.sessions.remove(session)
+            session.end_requests(LINGER_TIMEOUT)
+            if admission.held is not None:  # (serve_session drops it too; a second drop is none)
+                self.host.held.drop(admission.held)
+
+    async def _start(self, reader: HttpReader, session: HttpSession, accepted: Accepted,
+                     admission: Admission) -> None:
+        """The opening's answer, then the session (or a resumed one's carrier) until
+        it ends; ``_open`` removes it whichever way this ends."""
         session.tls = isinstance(reader.stream, TLSSocketStream)  # (a TLS listener's requests)
         protocol = None
         if admission.resumes is None:
@@ -180,24 +204,21 @@ class HttpFront:
             (SESSION_HEADER, session.id), ("Content-Length", "0"), ("Connection", "close"),
             *admission.headers, *_NO_STORE]), h11.EndOfMessage())
         await trio.aclose_forcefully(reader.stream)
-        log.info("%s: %s session for agent %s %s", accepted.peer, mode,
+        log.info("%s: %s session for agent %s %s", accepted.peer, session.mode,
                  accepted.identity.name, "opened" if protocol is not None else "resumed")
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_expire_when_idle, session)
-                if admission.resumes is not None:
-                    await self.host.held.deliver(admission.resumes, NewCarrier(
-                        session, b"", admission.peer_received, framed=True)).wait()
-                else:
-                    assert protocol is not None
-                    await self.host.serve_session(session, protocol, accepted.identity,
-                                                  f"{accepted.peer} ({mode})", admission.held)
-                nursery.cancel_scope.cancel()
-            with trio.move_on_after(LINGER_TIMEOUT):  # the last bytes: the close
-                await session.wait_drained()
-        finally:
-            session.break_("session ended")
-            self.sessions.remove(session)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_expire_when_idle, session)
+            if admission.resumes is not None:
+                await self.host.held.deliver(admission.resumes, NewCarrier(
+                    session, b"", admission.peer_received, framed=True)).wait()
+            else:
+                assert protocol is not None
+                await self.host.serve_session(session, protocol, accepted.identity,
+                                              f"{accepted.peer} ({session.mode})",
+                                              admission.held)
+            nursery.cancel_scope.cancel()
+        with trio.move_on_after(LINGER_TIMEOUT):  # the last bytes: the close
+            await session.wait_drained()
 
 
 # -- streaming ----------------------------------------------------------------------------
@@ -307,13 +328,18 @@ async def _status(reader: HttpReader, status: int, text: str) -> bool:
     return False
 
 
-async def _read_body(reader: HttpReader) -> bytes | None:
+async def _read_body(reader: HttpReader, limit: int = MAX_POST_SIZE) -> bytes | None:
+    """The request's body; None when the connection is done: closed, garbled, or a
+    body past ``limit`` (a chunked one, which no Content-Length bounds: answered 413)."""
     body = bytearray()
     try:
         while True:
             event = await reader.next_event()
             if isinstance(event, h11.Data):
                 body += event.data
+                if len(body) > limit:
+                    await _status(reader, 413, f"a request body here is at most {limit} bytes")
+                    return None
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(body)
             else:
@@ -322,8 +348,21 @@ async def _read_body(reader: HttpReader) -> bytes | None:
         return None
 
 
+async def _next_request(reader: HttpReader, handshake: ws.ServerHandshake
+                        ) -> ws.RequestReceived | ws.HandshakeFailed | Answer | None:
+    """The next request on a kept-alive connection; the answer to one that is not
+    HTTP (400, or 431 for a head too large, as on a fresh connection); None when the
+    client closed the connection."""
+    try:
+        return await reader.next_request(handshake)
+    except h11.RemoteProtocolError as exc:
+        status = 431 if exc.error_status_hint == 431 else 400
+        return Answer(status, server_handshake().reject(status, "malformed HTTP request"))
+
+
 async def _drain_body(reader: HttpReader) -> bool:
-    return await _read_body(reader) is not None
+    """Read a body the request should not have (an opening POST's, a GET's)."""
+    return await _read_body(reader, MAX_UNUSED_BODY_SIZE) is not None
 
 
 def _sequence(request: ws.RequestReceived) -> int | None:

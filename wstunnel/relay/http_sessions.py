@@ -17,13 +17,18 @@ or another agent's is refused like a bad login, so ids cannot be probed.
 
 A session breaks (the transport then ends like a lost WebSocket) when a
 streaming request's connection is lost, or when no request was in progress
-for ``SESSION_IDLE_TIMEOUT``.
+for ``SESSION_IDLE_TIMEOUT``. Once it has ended, requests of it still in
+progress get a few seconds to finish, then are cut short (``serving``): one on
+a half-open connection would otherwise wait for its body forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import math
 import secrets
+from collections.abc import Iterator
 from typing import Final
 
 import trio
@@ -54,9 +59,38 @@ class HttpSession(BytePipe):
         self.down_sequence = 0
         self.last_batch: list[Buffer] = []
         self._feeding = trio.Lock()  # (upstream bodies are fed one at a time: poll_feed)
+        self._requests: set[trio.CancelScope] = set()  # (those in progress: serving)
+        self._requests_deadline = math.inf
 
     def touch(self) -> None:
         self.last_active = trio.current_time()
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """A request of this session in progress, until ``end_requests`` cuts it short.
+
+        A request whose client is gone with its connection half-open (no FIN, no
+        RST: a dead agent's host, a dropped path) waits forever for the rest of its
+        body; it must not outlive its session, nor keep it from idling out.
+        """
+        scope = trio.CancelScope(deadline=self._requests_deadline)
+        self.in_progress += 1
+        self._requests.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._requests.discard(scope)
+            self.in_progress -= 1
+            self.touch()
+
+    def end_requests(self, grace: float) -> None:
+        """The session is over: its requests (and any that comes for it now) get
+        ``grace`` seconds to finish (a streaming GET writing the session's last
+        bytes), then are cancelled."""
+        self._requests_deadline = trio.current_time() + grace
+        for scope in self._requests:
+            scope.deadline = min(scope.deadline, self._requests_deadline)
 
     async def poll_feed(self, sequence: int, body: bytes) -> bool | None:
         """Polling: upstream body ``sequence``, fed if it is the next number, dropped

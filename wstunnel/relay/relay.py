@@ -166,7 +166,12 @@ class Relay:
             return refusal
         response, protocol = self.gate.door.start_session(
             handshake, admission.headers, resumable=admission.held is not None)
-        await stream.send_all(response)
+        try:
+            await stream.send_all(response)
+        except BaseException:  # (the client is gone: no session will ever drop it)
+            if admission.held is not None:
+                self.held.drop(admission.held)
+            raise
         return protocol, accepted.identity, accepted.peer, admission.held
 
     async def admit_resume(self, request: ws.RequestReceived,

@@ -32,6 +32,7 @@ REFUSAL_LINGER_TIMEOUT: Final = 2.0
 #: ... and how much of it; past either the connection closes anyway (with a reset).
 REFUSAL_LINGER_SIZE: Final = 1024 * 1024
 _MARKER = TRANSPORT_HEADER.lower().encode()
+_BODY_HEADERS: Final = (b"content-length", b"transfer-encoding")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,14 +68,25 @@ class HttpReader:
                                                         reason=b"Continue"))
             conn.receive_data(bytes(await self.stream.receive_some(BODY_READ_SIZE)))
 
-    async def next_request(self) -> ws.RequestReceived | None:
-        """The next request on a kept-alive connection (after ``start_next_cycle``);
-        None when the client closed it or sent something else than a request."""
-        try:
-            event = await self.next_event()
-        except h11.RemoteProtocolError:
+    async def next_request(self, handshake: ws.ServerHandshake
+                           ) -> ws.RequestReceived | ws.HandshakeFailed | None:
+        """The next request on a kept-alive connection (after ``start_next_cycle``), read
+        as ``read_request`` reads one on a fresh connection: an HTTP-transport request
+        as h11 read it, any other as ``handshake`` does (it is given the head: a front
+        end's health check, an upgrade). None when the client closed the connection.
+        Raises ``h11.RemoteProtocolError`` for bytes that are no HTTP request
+        (``error_status_hint``: the status to answer)."""
+        event = await self.next_event()
+        if not isinstance(event, h11.Request):
             return None
-        return _describe(event) if isinstance(event, h11.Request) else None
+        handshake.receive_data(_head(event))
+        request = _describe(event)
+        marked = any(name == _MARKER for name, _ in event.headers)
+        if marked and not request.is_upgrade:
+            return request
+        answer = handshake.next_event()
+        assert answer is not None  # (a whole head)
+        return answer
 
     async def send(self, *events: h11.InformationalResponse | h11.Response | h11.Data
                    | h11.EndOfMessage) -> None:
@@ -144,6 +156,16 @@ def _marked_request(conn: h11.Connection, data: bytes | bytearray
         if not request.is_upgrade:
             return conn, request
     return None, None
+
+
+def _head(request: h11.Request) -> bytes:
+    """The request's head again, as h11 read it (the names as they were sent), without
+    a body: the handshake would wait for one that h11 has (its chunks unframed), and
+    the refusal that answers such a request reads and drops what is left."""
+    lines = [b"%s %s HTTP/%s" % (request.method, request.target, request.http_version)]
+    lines += [name + b": " + value for name, value in request.headers.raw_items()
+              if name.lower() not in _BODY_HEADERS]
+    return b"\r\n".join([*lines, b"", b""])
 
 
 def _describe(request: h11.Request) -> ws.RequestReceived:
