@@ -9,6 +9,9 @@ are stopped in ``finally``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import trio
 
@@ -26,6 +29,7 @@ from .tunnel_helpers import (
     upload_and_download,
 )
 
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 SIZE = 64 * MiB
 TIMEOUT = 60
@@ -74,9 +78,37 @@ async def test_nginx_without_upgrade_headers(path: str, transport: str, pki: Pki
                 nursery.cancel_scope.cancel()
     assert line.startswith("WebSocket upgrade stripped by nginx/")
     assert "(got 426 Upgrade Required without Upgrade)" in line
-    assert line.endswith(f"using HTTP {transport}")
+    assert f"; using HTTP {transport} (set transport: {transport} or --transport" in line
     if transport == "polling":
         assert "HTTP streaming did not pass (no answer within 3 s" in line
+
+
+async def test_stdio_behind_a_stripped_upgrade_says_one_line_that_says_how_to_skip_it(
+        pki: Pki, trust_test_ca: None) -> None:
+    """``--stdio`` (ssh's ProxyCommand, run per connection: the choice is not kept
+    between runs) behind nginx that drops the upgrade: one stderr line per run, saying
+    which transport carried it and the setting that skips the WebSocket attempt; with
+    that setting, nothing at all."""
+    agent = [sys.executable, "-m", "wstunnel", "agent", "--no-proxy"]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config())
+            with nginx(pki, relay.ports[0],
+                       extra_server=LOCATIONS.replace("RELAY", str(relay.ports[0]))) as front:
+                argv = [*agent, "--relay", f"wss://{LOOPBACK}:{front.port}/plain",
+                        "--stdio", f"{LOOPBACK}:{echo}"]
+                runs = [await trio.run_process(command, stdin=b"ping", capture_stdout=True,
+                                               capture_stderr=True, check=False, cwd=ROOT)
+                        for command in (argv, [*argv, "--transport", "streaming"])]
+            nursery.cancel_scope.cancel()
+    assert [(run.returncode, run.stdout) for run in runs] == [(0, b"ping")] * 2, runs
+    lines = runs[0].stderr.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert "WebSocket upgrade stripped by nginx/" in lines[0]
+    assert lines[0].endswith("; using HTTP streaming (set transport: streaming or "
+                             "--transport streaming to skip the WebSocket attempt)")
+    assert runs[1].stderr == b""
 
 
 async def test_a_front_end_that_forbids_the_upgrade(pki: Pki, trust_test_ca: None,
@@ -101,7 +133,8 @@ async def test_a_front_end_that_forbids_the_upgrade(pki: Pki, trust_test_ca: Non
                 await echo_round_trips(agent.ports[0], 3)
                 nursery.cancel_scope.cancel()
     assert line.startswith("the WebSocket upgrade was refused (403 Forbidden")
-    assert line.endswith("using HTTP streaming")
+    assert line.endswith("using HTTP streaming (set transport: streaming or --transport "
+                         "streaming to skip the WebSocket attempt)")
 
 
 async def test_polling_through_a_proxy_that_times_out_held_gets(pki: Pki, trust_test_ca: None,

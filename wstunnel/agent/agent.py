@@ -26,19 +26,19 @@ import trio
 
 from .. import mux, ws
 from ..config import AgentConfig, RelayURL
-from ..errors import AuthenticationError, ChannelRefused, ConfigError, HandshakeError, SessionClosed
+from ..errors import ChannelRefused, ConfigError, HandshakeError, SessionClosed
 from ..net.channel_stream import ChannelStream
 from ..net.ending import abort_stream
 from ..net.splice import close_spliced, splice
 from ..net.transport import TunnelTransport
 from ..protocol import SessionLimits, TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, parse_ticket
-from ..security.auth import load_token, token_agent
+from ..security.auth import load_token
 from ..service.metrics import TunnelStats
-from .connect import failure_reason, refused_on_purpose
+from .connect import check_tls_files, failure_reason, refusal_message, refused_on_purpose
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
-from .reconnect import Reconnect, answers
+from .reconnect import Reconnect
 from .resume import AgentResumer
 from .reverse import ReverseForwards
 from .transports import Opened, TransportChooser
@@ -50,7 +50,7 @@ from .transports import Request as TransportRequest
 #: 1024, which is below what a busy relay may be configured to carry.
 MAX_CHANNELS: Final = 65536
 
-__all__ = ["Agent", "check_tls_files", "session_limits"]
+__all__ = ["Agent", "session_limits"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -77,6 +77,7 @@ class Agent:
             self.stats.forward_channels[forward.label] += 0
         self.token = self._load_token()
         self.transports = TransportChooser()  # (remembers per relay what passed)
+        self._reconnect = Reconnect(lambda: self.config)  # (per relay: reconnect.py)
         self.forward_limits = ForwardLimits(self.stats.forward_buckets)  # (rate_limits.py)
         if self.relay.secure:
             check_tls_files(config)
@@ -99,7 +100,7 @@ class Agent:
         """Keep one session up until cancelled, reconnecting with backoff. With several
         relays, the first one that is not backing off is tried (the first listed is
         preferred), each relay with a backoff of its own (reconnect.py)."""
-        reconnect = Reconnect(lambda: self.config)
+        reconnect = self._reconnect
         if self.dial is not None:
             log.info("reaching the relay through the proxy %s", self.dial)
         while not self.stopping:
@@ -125,41 +126,9 @@ class Agent:
         refused = refused_on_purpose(exc)
         count, delay = reconnect.connect_failed(self.relay, refused)
         if refused:
-            log.error("%s", self._refusal_message(exc))
+            log.error("%s", refusal_message(exc, self.relay, self.config, self.token))
         log.warning("cannot reach relay %s (attempt %d): %s; %s", self.relay.url, count,
                     failure_reason(exc), reconnect.next_step(delay))
-
-    async def _back_to_preferred(self, transport: TunnelTransport) -> None:
-        """While a session is up on a fallback relay: once the preferred one answers
-        again and no connection is open here, end this session (GOAWAY, close) so the
-        next one goes to the preferred relay. Checked every reconnect_max_interval."""
-        preferred = self.config.relay_urls[0]
-        while True:
-            await trio.sleep(self.config.reconnect_max_interval)
-            if self._channels == 0 and await answers(preferred, self.config, self.dial):
-                log.info("the preferred relay %s answers again; moving this idle session "
-                         "back to it", preferred.url)
-                transport.go_away("moving to the preferred relay")
-                await transport.close(ws.CloseCode.GOING_AWAY, "moving to the preferred relay")
-                return
-
-    def _refusal_message(self, exc: BaseException) -> str:
-        name = token_agent(self.token) if self.token else None
-        if isinstance(exc, AuthenticationError) and name is None:
-            return (f"the relay {self.relay.url} requires a token and we have none: set "
-                    f"token_file, token_env or token_credential")
-        if isinstance(exc, AuthenticationError):
-            return (f"the relay rejected the token for agent {name}: check the token "
-                    f"({self._token_source()}) against the relay's agents entry for {name} "
-                    f"(wstunnel keygen --token {name} makes a new pair)")
-        return f"{exc}"
-
-    def _token_source(self) -> str:
-        config = self.config
-        for key in ("token_file", "token_env", "token_credential"):
-            if getattr(config, key):
-                return f"{key} {getattr(config, key)}"
-        return "no token configured"
 
     async def connect_once(self) -> TunnelTransport:
         """One connection attempt, no retry: for callers that give up instead of
@@ -174,7 +143,7 @@ class Agent:
         """(what went wrong and what to check, whether a retry might help) for a
         failed ``connect_once``."""
         if refused_on_purpose(exc):
-            return self._refusal_message(exc), False
+            return refusal_message(exc, self.relay, self.config, self.token), False
         return failure_reason(exc), True
 
     async def _connect(self) -> TunnelTransport:
@@ -234,7 +203,8 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.reverse.hold, transport)  # (a reload may add -R)
                 if self.relay != self.config.relay_urls[0]:
-                    nursery.start_soon(self._back_to_preferred, transport)
+                    nursery.start_soon(self._reconnect.back_to_preferred, transport,
+                                       lambda: self._channels == 0, lambda: self.dial)
                 reason = await transport.run()
                 nursery.cancel_scope.cancel()
             return reason
@@ -416,18 +386,4 @@ def session_limits(config: AgentConfig) -> SessionLimits:
                          max_chunk_size=config.max_chunk_size,
                          max_send_window=config.max_send_window,
                          max_queued_size=config.max_queued_size, max_channels=MAX_CHANNELS)
-
-
-def check_tls_files(config: AgentConfig) -> None:
-    """Fail at start (and refuse a reload: run.py), not at every reconnect, when a CA or
-    client certificate file is bad."""
-    from ..security import tls
-
-    try:
-        tls.client_context(config.client_tls)
-    except (OSError, ValueError) as exc:
-        key = "ca_file" if config.ca_file else "client_cert_file"
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise ConfigError(f"cannot load {getattr(config, key)}: {reason}",
-                          source=config.source, key_path=key) from exc
 

@@ -12,8 +12,9 @@ packets, a full accept queue) is not a relay that accepted and never answered
 match the port is named as such: a ws:// upgrade that got no HTTP answer is
 retried as a TLS hello on a second connection, and a TLS hello answered with
 plain bytes means the relay serves ws:// there. What a failed connect means
-for the agent's retry (``refused_on_purpose``) and its log line
-(``failure_reason``) is decided here too, beside the steps that fail.
+for the agent's retry (``refused_on_purpose``), its log line
+(``failure_reason``) and what a refusal tells the user (``refusal_message``)
+is decided here too, beside the steps that fail.
 """
 
 from __future__ import annotations
@@ -28,19 +29,22 @@ import trio
 
 from .. import ws
 from ..addresses import join_host_port
-from ..config import RelayURL
-from ..errors import AuthenticationError, HandshakeError
+from ..config import AgentConfig, RelayURL
+from ..errors import AuthenticationError, ConfigError, HandshakeError
 from ..net.plain_stream import take_over
 from ..net.sockopts import tune_socket
 from ..net.tls_stream import TLSSocketStream, start_tls
+from ..security.auth import token_agent
 from .explain import _RELAY_404, BLOCKING_STATUSES, brief, explain_rejection
 
 __all__ = [
     "HandshakeTimeout",
+    "check_tls_files",
     "UpgradeBlocked",
     "failure_reason",
     "open_stream",
     "open_websocket",
+    "refusal_message",
     "refused_on_purpose",
 ]
 
@@ -302,12 +306,47 @@ def _rejection(relay: RelayURL, event: ws.HandshakeRejected) -> HandshakeError:
     return HandshakeError(explain_rejection(where, event), event.status)
 
 
+def check_tls_files(config: AgentConfig) -> None:
+    """Fail at start (and refuse a reload: run.py), not at every reconnect, when a CA or
+    client certificate file is bad."""
+    from ..security import tls
+
+    try:
+        tls.client_context(config.client_tls)
+    except (OSError, ValueError) as exc:
+        key = "ca_file" if config.ca_file else "client_cert_file"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ConfigError(f"cannot load {getattr(config, key)}: {reason}",
+                          source=config.source, key_path=key) from exc
+
+
 # -- what a failed connect means: for the retry, and for the log line ----------------
 
 def refused_on_purpose(exc: BaseException) -> bool:
     """The relay turned us away on purpose (401/403/429): retrying soon will not help."""
     return isinstance(exc, AuthenticationError) or (
         isinstance(exc, HandshakeError) and exc.status == 429)
+
+
+def refusal_message(exc: BaseException, relay: RelayURL, config: AgentConfig,
+                    token: str | None) -> str:
+    """What to fix when ``refused_on_purpose(exc)``: a token to set, or to check."""
+    name = token_agent(token) if token else None
+    if isinstance(exc, AuthenticationError) and name is None:
+        return (f"the relay {relay.url} requires a token and we have none: set "
+                f"token_file, token_env or token_credential")
+    if isinstance(exc, AuthenticationError):
+        return (f"the relay rejected the token for agent {name}: check the token "
+                f"({_token_source(config)}) against the relay's agents entry for {name} "
+                f"(wstunnel keygen --token {name} makes a new pair)")
+    return f"{exc}"
+
+
+def _token_source(config: AgentConfig) -> str:
+    for key in ("token_file", "token_env", "token_credential"):
+        if getattr(config, key):
+            return f"{key} {getattr(config, key)}"
+    return "no token configured"
 
 
 def failure_reason(exc: BaseException) -> str:

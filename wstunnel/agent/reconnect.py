@@ -9,23 +9,29 @@ preferred and a fallback is used only while it backs off. A refused token or a
 429 waits at least ``REJECTED_RETRY_INTERVAL``: never hammer the relay. A
 session that did not last counts as a failure. The config is read at each use,
 because a reload replaces it (run.py). ``answers`` is the probe that tells a
-session on a fallback relay that the preferred one is back.
+session on a fallback relay that the preferred one is back
+(``back_to_preferred``).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 
 import trio
 
+from .. import ws
 from ..config import AgentConfig, RelayURL
 from ..errors import HandshakeError
+from ..net.transport import TunnelTransport
 from .connect import Dialer, open_stream
 
 __all__ = ["REJECTED_RETRY_INTERVAL", "Reconnect", "answers"]
 
 REJECTED_RETRY_INTERVAL = 30.0  # a refused token or a 429: never hammer the relay faster
+
+log = logging.getLogger("wstunnel.agent")
 
 
 class Reconnect:
@@ -89,6 +95,22 @@ class Reconnect:
             config.reconnect_max_interval, config.reconnect_min_interval * 2 ** (failures - 1)
         )
         return float(delay) * random.uniform(0.8, 1.0)
+
+    async def back_to_preferred(self, transport: TunnelTransport, idle: Callable[[], bool],
+                                dial: Callable[[], Dialer | None]) -> None:
+        """While a session is up on a fallback relay: once the preferred one answers
+        again and no connection is open here (``idle``), end this session (GOAWAY,
+        close) so the next one goes to the preferred relay. Checked every
+        reconnect_max_interval."""
+        preferred = self._config().relay_urls[0]
+        while True:
+            await trio.sleep(self._config().reconnect_max_interval)
+            if idle() and await answers(preferred, self._config(), dial()):
+                log.info("the preferred relay %s answers again; moving this idle session "
+                         "back to it", preferred.url)
+                transport.go_away("moving to the preferred relay")
+                await transport.close(ws.CloseCode.GOING_AWAY, "moving to the preferred relay")
+                return
 
 
 async def answers(relay: RelayURL, config: AgentConfig, dial: Dialer | None) -> bool:

@@ -18,7 +18,8 @@ from ..config.textforms import REVERSE
 from ..errors import ConfigError
 from ..security.auth import load_token
 from ..service.metrics import TunnelStats
-from .agent import Agent, check_tls_files, session_limits
+from .agent import Agent, session_limits
+from .connect import check_tls_files
 from .proxy import proxy_dialer, proxy_environment
 
 if TYPE_CHECKING:  # (the listeners load where used: --stdio needs none)

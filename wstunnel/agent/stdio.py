@@ -42,6 +42,7 @@ from ..net.channel_stream import ChannelStream
 from ..net.splice import splice
 from ..net.transport import TunnelTransport
 from .agent import Agent
+from .reconnect import Reconnect
 
 __all__ = ["StdioFailed", "StdioStream", "run_stdio"]
 
@@ -153,20 +154,20 @@ async def _serve_until_closed(agent: Agent, transport: TunnelTransport,
 
 
 async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
-    """The first session, retrying until ``timeout``; a refusal is final at once."""
+    """The first session, retrying until ``timeout`` with the agent's jittered backoff
+    (many ProxyCommands started together must not retry in step); a refusal is final
+    at once."""
     deadline = trio.current_time() + timeout
-    attempt = 0
+    backoff = Reconnect(lambda: agent.config)
     while True:
-        attempt += 1
         try:
             return await agent.connect_once()
         except (OSError, TunnelError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason, retry = agent.connect_failure(exc)
-            delay = min(agent.config.reconnect_min_interval * 2 ** (attempt - 1),
-                        agent.config.reconnect_max_interval)
-            remaining = deadline - trio.current_time()
             if not retry:  # (reached, and turned away: no timeout or attempts to blame)
                 raise StdioFailed(f"relay {agent.relay.url} refused us: {reason}") from exc
+            attempt, delay = backoff.connect_failed(agent.relay, refused=False)
+            remaining = deadline - trio.current_time()
             if remaining <= 0:
                 raise StdioFailed(f"cannot reach relay {agent.relay.url}: {reason} (gave up "
                                   f"after {attempt} attempt{'s' * (attempt != 1)}; "

@@ -9,8 +9,9 @@ over HTTP streaming, whose probe (a PING that must come back within
 polling, which passes wherever ordinary requests do. What worked is
 remembered per relay URL and tried first at the next reconnect. Failures
 that another transport cannot cure (a refused login, a relay that is down, a
-bad certificate) end the attempt at once. One line says which transport is
-used and why.
+bad certificate) end the attempt at once. One warning says which transport
+is used, why, and the setting that goes straight to it (the memory ends with
+the process: an ssh ProxyCommand's ``--stdio`` agent chooses at every run).
 """
 
 from __future__ import annotations
@@ -113,17 +114,21 @@ class TransportChooser:
                 if index == len(order) - 1:
                     self._worked.pop(request.relay.url, None)
                     raise _none_passed(first, reasons) from exc
-                log.warning("%s; trying %s", why, _NAMES[order[index + 1]])
+                # (info: the outcome's line repeats the reason, so where only warnings
+                # show, as with --stdio, that one line says it all)
+                log.info("%s; trying %s", why, _NAMES[order[index + 1]])
                 continue
-            self._chosen(request.relay, name, reasons, remembered)
+            self._chosen(request.relay, order[:index + 1], reasons, remembered)
             return opened
         raise AssertionError("unreachable")
 
-    def _chosen(self, relay: RelayURL, name: str, reasons: list[str],
+    def _chosen(self, relay: RelayURL, tried: tuple[str, ...], reasons: list[str],
                 remembered: str | None) -> None:
+        *failed, name = tried
         self._worked[relay.url] = name
         if reasons:
-            log.warning("%s; using %s", "; ".join(reasons), _NAMES[name])
+            log.warning("%s; using %s (%s)", "; ".join(reasons), _NAMES[name],
+                        _how_to_skip(failed, name))
         elif name != WEBSOCKET:
             log.info("using %s (it passed last time%s)", _NAMES[name],
                      "" if remembered == name else ", remembered")
@@ -181,6 +186,14 @@ def http_route(request: Request) -> HttpRoute:
                                      server_hostname=config.server_name, dial=dial,
                                      pin=config.relay_fingerprint)
     return HttpRoute(relay, direct, relay.path, tuple(headers))
+
+
+def _how_to_skip(failed: list[str], name: str) -> str:
+    """The setting that goes straight to ``name``: what is remembered here is lost when
+    the process ends (an ssh ProxyCommand's agent lives for one connection)."""
+    attempts = " and ".join(_NAMES[tried] for tried in failed)
+    return (f"set transport: {name} or --transport {name} to skip the {attempts} "
+            f"attempt{'s' * (len(failed) > 1)}")
 
 
 def _none_passed(first: BaseException, reasons: list[str]) -> HandshakeError:

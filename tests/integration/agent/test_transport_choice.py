@@ -37,8 +37,8 @@ def _fake(monkeypatch: pytest.MonkeyPatch, failures: dict[str, Exception]) -> li
 
 async def test_auto_falls_back_in_order_and_remembers(monkeypatch: pytest.MonkeyPatch,
                                                       logs: LogWatch) -> None:
-    """WebSocket stripped, streaming buffered: polling is used and said so in one line;
-    the next connect starts with polling."""
+    """WebSocket stripped, streaming buffered: polling is used and said so in one line,
+    with the setting that goes straight to it; the next connect starts with polling."""
     tried = _fake(monkeypatch, {
         "websocket": UpgradeBlocked("...", 426, "WebSocket upgrade stripped by x"),
         "streaming": HttpBlocked("...", "no answer within 3 s")})
@@ -47,7 +47,8 @@ async def test_auto_falls_back_in_order_and_remembers(monkeypatch: pytest.Monkey
     assert tried == ["websocket", "streaming", "polling"]
     line = await logs.wait_for("using HTTP polling")
     assert line == ("WebSocket upgrade stripped by x; HTTP streaming did not pass (no answer "
-                    "within 3 s); using HTTP polling")
+                    "within 3 s); using HTTP polling (set transport: polling or --transport "
+                    "polling to skip the WebSocket and HTTP streaming attempts)")
     tried.clear()
     assert (await chooser.open(_request())).transport == "polling"
     assert tried == ["polling"]

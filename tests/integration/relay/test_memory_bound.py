@@ -190,9 +190,12 @@ async def test_an_agent_that_never_acknowledges_holds_no_more_than_the_budget(
             pid = relay.process.pid
             before = await _wait_until_steady(pid, settle=0.5)
             with trio.fail_after(30):
-                await nursery.start(_unacknowledging_session, port, greedy, flood)
-                await relay.wait_for(rb"agent greedy\): the peer has not acknowledged \d+ KiB")
-                stalled = await _wait_until_steady(pid)
+                async with trio.open_nursery() as session:
+                    await session.start(_unacknowledging_session, port, greedy, flood)
+                    await relay.wait_for(
+                        rb"agent greedy\): the peer has not acknowledged \d+ KiB")
+                    stalled = await _wait_until_steady(pid)
+                    session.cancel_scope.cancel()  # (before the relay goes)
             growth = stalled - before
             assert growth <= 2 * MAX_QUEUED_SIZE + SLACK, (
                 f"relay RSS grew by {growth / MIB:.1f} MiB\n{relay.text()}")
