@@ -338,6 +338,7 @@ class TunnelProtocol:
             replay = self.replay  # (not resumable: one test per record)
             while size < max_size:
                 if replay is not None and replay.full:
+                    self._frame_control(replay)
                     self._hold(replay)
                     break
                 parts = next_parts(max_size)
@@ -351,6 +352,20 @@ class TunnelProtocol:
             if replay is not None and replay.full:
                 self._hold(replay)
 
+    def _frame_control(self, replay: ReplayLog) -> None:
+        """Held (``replay.full``): the control records still go, within
+        ``replay.room_for_control``. They are the answers a transport waits to see
+        go before it reads on (net/transport.py), and the ACK that ends the hold
+        comes by that read."""
+        next_control = self.session.next_control_record
+        send_parts = self._carrier.send_binary_parts
+        while replay.room_for_control:
+            record = next_control()
+            if record is None:
+                return
+            send_parts(record, b"")
+            replay.sent_record(record, b"")
+
     def _hold(self, replay: ReplayLog) -> None:
         """Nothing new goes out until the peer acknowledges (replay.py ``full``): say
         so once per episode."""
@@ -363,9 +378,13 @@ class TunnelProtocol:
         return self._carrier.state is _WS_OPEN and self._records_may_go()
 
     def _records_may_go(self) -> bool:
-        """A record waits, and the replay log has room for it (replay.py ``full``)."""
+        """A record waits, and the replay log has room for it (replay.py ``full``;
+        a control record: ``room_for_control``)."""
         replay = self.replay
-        return self.session.wants_to_send() and (replay is None or not replay.full)
+        session = self.session
+        return session.wants_to_send() and (
+            replay is None or not replay.full
+            or (session.control_backlog > 0 and replay.room_for_control))
 
     def only_control_frames(self) -> bool:
         """True when the WebSocket is open, has frames of its own queued (a pong, an

@@ -25,7 +25,8 @@ bandwidth-delay product) plus the acknowledgement interval. That holds only for
 a peer that acknowledges; one that grants window but never does would make us
 keep all we send. So the log has a ``limit`` (the session's ``max_queued_size``,
 at least twice ``ACK_BYTES``): once that much is kept, no new record goes out
-until an ACK makes room (``full``; the peer's own ACKs and our pongs still go).
+until an ACK makes room (``full``; the peer's own ACKs and our pongs still go,
+and control records up to ``CONTROL_ROOM`` more: ``room_for_control``).
 An honest peer always gets there: whatever it received, it has acknowledged all
 but less than ``ACK_BYTES`` of it. During an outage nothing new is written, so
 nothing new is kept, and the multiplexer's own budgets hold what waits.
@@ -44,7 +45,7 @@ from typing import Final
 from .errors import RemoteProtocolError
 from .mux import ErrorCode
 
-__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "RESUMABLE_HEADER", "RESUMED_HEADER",
+__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "CONTROL_ROOM", "RESUMABLE_HEADER", "RESUMED_HEADER",
            "RESUME_HEADER", "ReplayLimitReached", "ReplayLog", "Ticket", "ack_record",
            "parse_ack", "parse_resume", "parse_ticket"]
 
@@ -55,6 +56,12 @@ _PROTOCOL_ERROR: Final = int(ErrorCode.PROTOCOL_ERROR)
 #: Acknowledge at least this often (records, bytes received since the last ACK).
 ACK_RECORDS: Final = 64
 ACK_BYTES: Final = 256 * 1024
+
+#: While ``full``, control records (the answers to the peer's OPENs, RESETs, its
+#: data: OPEN_OK, WINDOW...) still go, as long as this much more is kept: a
+#: transport that stops reading while too many answers wait (net/transport.py)
+#: must still read the ACK that ends the hold.
+CONTROL_ROOM: Final = 1024 * 1024
 
 Record = tuple[bytes, "bytes | memoryview"]
 
@@ -164,6 +171,11 @@ class ReplayLog:
     def full(self) -> bool:
         """True when ``limit`` bytes wait for the peer's ACK: send no new record."""
         return self._kept_size >= self.limit
+
+    @property
+    def room_for_control(self) -> bool:
+        """True while a control record may go although ``full`` (``CONTROL_ROOM``)."""
+        return self._kept_size < self.limit + CONTROL_ROOM
 
     # -- sending -------------------------------------------------------------------
 

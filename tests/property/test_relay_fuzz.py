@@ -282,7 +282,8 @@ def _login_request(target: str, authorization: str | None, forwarded: str | None
 def _knock(door: Door, data: bytes, cert_name: str | None, peer_host: str,
            scrypt_says: bool | None) -> Answer | Accepted:
     """One request through the door, a scrypt check answered with ``scrypt_says``; the
-    answer is checked for form, and the session started when it is accepted."""
+    answer is checked for form, and the session started when it is accepted (and
+    ended: its seat released)."""
     handshake = server_handshake()
     handshake.receive_data(data)
     event = handshake.next_event()
@@ -297,6 +298,7 @@ def _knock(door: Door, data: bytes, cert_name: str | None, peer_host: str,
         assert outcome.failed_login == (outcome.status == 401)
     else:
         assert door.start_session(handshake)[0].startswith(b"HTTP/1.1 101 ")
+        outcome.seat.release()
     return outcome
 
 

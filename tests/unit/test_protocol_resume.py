@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.helpers import counting_random_bytes
-from wstunnel import mux
+from wstunnel import mux, replay
 from wstunnel.protocol import SessionLimits, TunnelProtocol
-from wstunnel.replay import ReplayLimitReached
+from wstunnel.replay import CONTROL_ROOM, ReplayLimitReached
 
 
 def _pair() -> tuple[TunnelProtocol, TunnelProtocol]:
@@ -155,6 +156,43 @@ def test_a_peer_that_never_acknowledges_stops_what_it_is_sent_at_the_limit() -> 
     _download(relay, agent, got, channel, 200)
     assert len(got["agent"][channel]) > before + (2 << 20)
     assert relay.replay.kept_size < 1 << 20
+
+
+def test_answers_still_go_while_held_within_the_control_room(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held at the limit, the relay still answers the agent's OPENs (a transport
+    reads no more while thousands of answers wait, and must read on to get the ACK
+    that ends the hold), but only within CONTROL_ROOM past the limit."""
+    agent = TunnelProtocol(mux.Role.AGENT, random_bytes=counting_random_bytes())
+    relay = TunnelProtocol(mux.Role.RELAY, limits=SessionLimits(max_queued_size=1 << 20))
+    agent.enable_resume()
+    relay.enable_resume()
+    assert agent.replay is not None and relay.replay is not None
+    agent.replay.take_ack = lambda: None  # type: ignore[method-assign]
+    got: dict[str, dict[int, bytearray]] = {"agent": {}, "relay": {}}
+    channel = agent.open_channel("db", 5432)
+    _exchange(agent, relay, got)
+    _download(relay, agent, got, channel, 200)
+    assert relay.replay.full
+    opened = [agent.open_channel("db", 5432) for _ in range(3000)]
+    relay.receive_data(agent.data_to_send(1 << 30))
+    _received(relay, got["relay"])  # (accepts each)
+    assert relay.session.control_backlog == 3000
+    agent.receive_data(relay.data_to_send(1 << 30))
+    answered = {e.channel_id for e in agent.events_received() if isinstance(e, mux.ChannelOpened)}
+    assert answered == set(opened)
+    assert relay.replay.kept_size < relay.replay.limit + CONTROL_ROOM
+    assert not relay.wants_to_write()
+    room = relay.replay.kept_size - relay.replay.limit + 4096  # (4 KiB more: ~450 answers)
+    monkeypatch.setattr(replay, "CONTROL_ROOM", room)
+    many = [agent.open_channel("db", 5432) for _ in range(3000)]
+    relay.receive_data(agent.data_to_send(1 << 30))
+    _received(relay, got["relay"])
+    agent.receive_data(relay.data_to_send(1 << 30))
+    answered = {e.channel_id for e in agent.events_received() if isinstance(e, mux.ChannelOpened)}
+    assert 0 < len(answered) < len(many)  # (the room is used up: the rest wait)
+    assert relay.replay.kept_size <= relay.replay.limit + room + 64
+    assert not relay.wants_to_write()
 
 
 def test_an_honest_peer_is_never_held_by_the_smallest_limit() -> None:

@@ -255,6 +255,14 @@ class Session:
         return sum(ch.queued_size for ch in self._channels.values())
 
     @property
+    def control_backlog(self) -> int:
+        """Control records queued and not sent yet. Most answer a record of the peer's
+        (OPEN_OK or OPEN_FAILED per OPEN, RESET, WINDOW): a transport reads no more
+        while too many wait, or a peer that sends OPENs and never reads would make
+        them pile up without bound (net/transport.py)."""
+        return len(self._control)
+
+    @property
     def held_size(self) -> int:
         """What the send queues hold, as ``max_queued_size`` counts it: queued bytes,
         PIECE_OVERHEAD_SIZE per queued piece, and the sent part of a piece cut

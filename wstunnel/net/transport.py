@@ -67,6 +67,10 @@ log = logging.getLogger("wstunnel.session")
 #: Largest read (as the largest write, write_pacing.MAX_WRITE_SIZE): 1 MiB, not
 #: 256 KiB, took a quarter off the CPU per GiB uploading (docs/PERFORMANCE.md).
 RECEIVE_SIZE = 1024 * 1024
+#: The reader reads no more while this many control records wait to be sent (the
+#: answers to a peer's OPENs, RESETs...), until half have gone: a peer that sends
+#: and never reads is then held back by TCP instead of filling our memory.
+MAX_CONTROL_BACKLOG: Final = 4096
 # (globals, not attribute lookups through the enum class: a check per session and
 # ping interval, on a relay with thousands of sessions)
 _WAIT: Final = KeepaliveAction.WAIT
@@ -156,6 +160,9 @@ class TunnelTransport:
         #: What the kernel did not take of the reader's reply: the writer sends it
         #: first, before anything else (this carrier's bytes only).
         self._unsent: list[Buffer] = []
+        #: Set by the writer after a write, while the reader waits for the control
+        #: backlog to go (``_wait_backlog_sent``).
+        self._wrote: trio.Event | None = None
         self._last_received = 0.0
         self._end_reason: str | None = None
         self._nursery: trio.Nursery | None = None
@@ -503,7 +510,10 @@ class TunnelTransport:
         # event either, and the next WINDOW is often there already.)
         wait_receivable = getattr(self.stream, "wait_receivable", None)
         quiet = False
+        session = protocol.session
         while True:
+            if session.control_backlog > MAX_CONTROL_BACKLOG:
+                await self._wait_backlog_sent()
             into = protocol.receive_buffer() if receive_into is not None else None
             try:
                 if quiet and into is None and wait_receivable is not None:
@@ -545,6 +555,20 @@ class TunnelTransport:
                 return
             if protocol.closed:
                 return  # the writer flushes our close reply, then ends the session
+
+    async def _wait_backlog_sent(self) -> None:
+        """Read nothing more until half the control backlog has been written: what the
+        peer sends only queues more answers for it, and it takes none (it stays
+        held back while it does not read; the keepalive ends a peer that never does)."""
+        protocol = self.protocol
+        try:
+            while (protocol.session.control_backlog > MAX_CONTROL_BACKLOG // 2
+                   and not self._closing and not protocol.closed):
+                self._wrote = wrote = trio.Event()
+                self.wake_writer()
+                await wrote.wait()
+        finally:
+            self._wrote = None
 
     def _answer_in_place(self, send_nowait: Callable[[list[Buffer]], list[Buffer]]) -> None:
         """Write the WebSocket's own frames (the reader's pong to a ping, the keepalive's
@@ -599,6 +623,8 @@ class TunnelTransport:
                     else:
                         await send_unchecked(parts)
                     written = sum(map(len, parts))
+                    if self._wrote is not None:  # (the reader waits for the backlog to go)
+                        self._wrote.set()
                     write_size = next_write_size(write_size, written, clock() - started)
                     if send_unchecked is not None and protocol.wants_to_write():
                         # Back-to-back writes: the others run in between. Otherwise the

@@ -66,6 +66,9 @@ REFUSED_HOLD_INTERVAL: Final = 5.0
 _FIN_ANSWER_TIMEOUT: Final = FIN_WAIT_TIMEOUT / 2
 #: recv buffer: above MAX_DATAGRAM_SIZE, so that a larger datagram is seen (and dropped).
 RECEIVE_SIZE: Final = 65536
+#: What a queued datagram costs beyond its bytes (its object, its place in the
+#: queue), counted against ``queue_size`` (as mux PIECE_OVERHEAD_SIZE per piece).
+_DATAGRAM_OVERHEAD_SIZE: Final = 64
 #: Datagrams read per wake-up at most (then other tasks get their turn).
 RECEIVE_BATCH: Final = 64
 
@@ -197,7 +200,10 @@ class DatagramFlow:
     def _enqueue(self, framed: bytes) -> None:
         self._queue.append(framed)
         self._queued_size += len(framed)
-        while self._queued_size > self._queue_limit:
+        # (each datagram but the newest counts its object too: tiny ones would otherwise
+        # cost ~20x their size; a lone datagram of MAX_DATAGRAM_SIZE still fits)
+        while (self._queued_size + _DATAGRAM_OVERHEAD_SIZE * (len(self._queue) - 1)
+               > self._queue_limit):
             self._queued_size -= len(self._queue.popleft())
             self._stats.drop("queue_full")
         if self._wake is not None:

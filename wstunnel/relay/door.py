@@ -37,7 +37,13 @@ The login rules:
 * with mutual TLS the certificate's common name names the agent; a token, if
   sent, must belong to the same agent (and is required when the agent's
   entry has a ``token_hash``);
-* an agent already holding ``max_sessions_per_agent`` sessions gets 429.
+* an agent already holding ``max_sessions_per_agent`` sessions gets 429. The
+  check takes the place it grants (a ``Seat``) in the same step, so a session
+  still being opened (its body not yet read, its 101 not yet sent) counts and
+  logins racing it cannot pass the limit; the relay gives the place back when
+  the session ends, or when the opening fails. A request joining a session
+  the agent holds, or resuming one, takes none (docs/PROTOCOL.md §12); a relay
+  with ``no_auth`` has no per-agent limit.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from .. import mux, ws
@@ -76,6 +82,7 @@ __all__ = [
     "LogLine",
     "NeedsLogin",
     "Outcome",
+    "Seat",
     "Visitor",
     "http_transport",
     "server_handshake",
@@ -104,6 +111,41 @@ class Visitor:
     peer: str
     peer_host: str
     cert_name: str | None = None
+
+
+class Seat:
+    """One connection's place among its agent's ``max_sessions_per_agent`` sessions.
+
+    The door takes it when it lets a new session in; whoever holds the
+    connection gives it back (``release``, idempotent) when the session ends or
+    when it never starts: the answer not sent, the client gone, cancelled.
+    """
+
+    __slots__ = ("_agent", "_held")
+
+    def __init__(self) -> None:
+        self._agent: str | None = None
+        self._held: Counter[str] | None = None
+
+    @property
+    def taken(self) -> bool:
+        return self._agent is not None
+
+    def take(self, held: Counter[str], agent: str) -> None:
+        """Count one more session of ``agent`` in ``held`` (the door's count) until
+        ``release``; a place this seat already held is given back first."""
+        self.release()
+        held[agent] += 1
+        self._agent, self._held = agent, held
+
+    def release(self) -> None:
+        agent, held = self._agent, self._held
+        if agent is None or held is None:
+            return
+        self._agent = self._held = None
+        held[agent] -= 1
+        if held[agent] <= 0:
+            del held[agent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,21 +182,36 @@ class NeedsLogin:
     peer: str
     log: tuple[LogLine, ...] = ()
     joining: bool = False  # an HTTP-transport request for a session the agent holds
+    seat: Seat = field(default_factory=Seat, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
     """Switch to WebSocket (``start_session``) for agent ``identity``, or serve the HTTP
     transport request; ``peer`` names the client in the session's logs ("client via
-    proxy" behind a trusted proxy), ``source`` is its address (failures count by it)."""
+    proxy" behind a trusted proxy), ``source`` is its address (failures count by it).
+    ``seat``: taken when this is a new session (release it when it ends, or fails)."""
 
     identity: Identity
     peer: str
     log: tuple[LogLine, ...] = ()
     source: str = ""
+    seat: Seat = field(default_factory=Seat, compare=False, repr=False)
 
 
 Outcome: TypeAlias = Answer | NeedsLogin | Accepted
+
+
+@dataclass(frozen=True, slots=True)
+class _Login:
+    """One login being decided: the client's address, its name for logs, the time,
+    whether it joins (or resumes) a session the agent holds, the connection's seat."""
+
+    source: str
+    peer: str
+    now: float
+    joining: bool
+    seat: Seat
 
 
 def server_handshake() -> ws.ServerHandshake:
@@ -179,9 +236,8 @@ class Door:
     """The relay's routing and login decisions, and what they remember between connections.
 
     One per relay. It remembers failed logins per source, tokens that passed a
-    scrypt check and how many sessions each agent holds (the caller reports
-    sessions starting and ending); ``reconfigure`` replaces the config and
-    keeps all three.
+    scrypt check and how many sessions each agent holds (the ``Seat``s taken and
+    not yet released); ``reconfigure`` replaces the config and keeps all three.
     """
 
     def __init__(self, config: RelayConfig) -> None:
@@ -201,7 +257,8 @@ class Door:
         self._anonymous = Identity(ANONYMOUS, config.policy)
 
     def enter(self, handshake: ws.ServerHandshake, request: ws.RequestReceived | ws.HandshakeFailed,
-              visitor: Visitor, *, now: float, stopping: bool = False) -> Outcome:
+              visitor: Visitor, *, now: float, stopping: bool = False,
+              seat: Seat | None = None) -> Outcome:
         """What to do with one request: answer it, check its scrypt token, or accept it.
 
         Args:
@@ -210,6 +267,8 @@ class Door:
             visitor: who sent it.
             now: the time, in seconds (for counting failed logins).
             stopping: the relay is draining (503 to new sessions).
+            seat: the connection's place, taken here for a new session (and
+                carried in ``NeedsLogin`` and ``Accepted``); a new one if None.
 
         Returns:
             An ``Answer`` to send, a ``NeedsLogin`` to check and hand to
@@ -224,8 +283,8 @@ class Door:
             SESSION_HEADER) is not None) or resuming(request)
         outcome: Outcome | None = self._route(handshake, request, peer, stopping and not joining)
         if outcome is None:
-            outcome = self._log_in(handshake, request, visitor.cert_name, source, peer, now,
-                                   joining)
+            login = _Login(source, peer, now, joining, seat or Seat())
+            outcome = self._log_in(handshake, request, visitor.cert_name, login)
         if isinstance(outcome, Answer) and request.method == "HEAD":  # (RFC 9110 9.3.2)
             head = outcome.response.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
             outcome = dataclasses.replace(outcome, response=head)
@@ -240,8 +299,8 @@ class Door:
             return self._busy(handshake, account.name, now)
         if good and account.token_hash is not None:
             self._verified.remember(account.name, account.token_hash, login.token)
-        return self._verdict(handshake, account.name, account, good, login.source, login.peer,
-                             now, login.joining)
+        return self._verdict(handshake, account.name, account, good,
+                             _Login(login.source, login.peer, now, login.joining, login.seat))
 
     def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted, problem: str,
                        *, now: float) -> Answer:
@@ -249,15 +308,6 @@ class Door:
         is not this agent's: exactly a bad login's (``problem`` goes to the log only)."""
         return self._refused(handshake, problem, accepted.source or accepted.peer,
                              accepted.peer, now)
-
-    def session_started(self, name: str) -> None:
-        """Agent ``name`` has one more session (it counts against max_sessions_per_agent)."""
-        self._sessions[name] += 1
-
-    def session_ended(self, name: str) -> None:
-        self._sessions[name] -= 1
-        if self._sessions[name] <= 0:
-            del self._sessions[name]
 
     def start_session(self, handshake: ws.ServerHandshake,
                       extra_headers: Sequence[tuple[str, str]] = (), *,
@@ -315,27 +365,27 @@ class Door:
         return None
 
     def _log_in(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
-                cert_name: str | None, source: str, peer: str, now: float,
-                joining: bool) -> Outcome:
-        """Who the agent is, from its client certificate and its token."""
+                cert_name: str | None, login: _Login) -> Outcome:
+        """Who the agent is, from its client certificate and its token (with ``no_auth``
+        anybody, with no per-agent limit)."""
         if self.config.no_auth:
-            return Accepted(self._anonymous, peer, source=source)
+            return Accepted(self._anonymous, login.peer, source=login.source, seat=login.seat)
         header = request.header("authorization")
         token = bearer_token(header)
         if cert_name is not None:
             account = self.accounts.get(cert_name)
             if account is None:
                 problem = f"client certificate for unknown agent {cert_name!r}"
-                return self._refused(handshake, problem, source, peer, now)
+                return self._refused(handshake, problem, login.source, login.peer, login.now)
             if token is None and account.token_hash is None:
-                return self._admitted(handshake, account, peer, source, joining)
+                return self._admitted(handshake, account, login)
         if token is None:
             problem = "no Authorization header" if header is None else "not a Bearer token"
-            return self._refused(handshake, problem, source, peer, now)
-        return self._check_token(handshake, token, cert_name, source, peer, now, joining)
+            return self._refused(handshake, problem, login.source, login.peer, login.now)
+        return self._check_token(handshake, token, cert_name, login)
 
     def _check_token(self, handshake: ws.ServerHandshake, token: str, cert_name: str | None,
-                     source: str, peer: str, now: float, joining: bool) -> Outcome:
+                     login: _Login) -> Outcome:
         """Check a token inline, or say it needs a scrypt check (never remembered as wrong)."""
         name = token_agent(token)
         account = self.accounts.get(name) if name is not None else None
@@ -347,18 +397,19 @@ class Door:
         elif self._verified.known(account.name, stored, token):
             good = True
         else:
+            source, now = login.source, login.now
             lane = 0 if self._limiter.is_clean(source, now) else 1
             self._limiter.charge(source, now)  # at once: a flood's next try from here is lane 1
-            return NeedsLogin(account, token, source, lane, peer, joining=joining)
-        return self._verdict(handshake, name, account, good, source, peer, now, joining)
+            return NeedsLogin(account, token, source, lane, login.peer, joining=login.joining,
+                              seat=login.seat)
+        return self._verdict(handshake, name, account, good, login)
 
     def _verdict(self, handshake: ws.ServerHandshake, name: str | None,
-                 account: AgentAccount | None, good: bool, source: str, peer: str,
-                 now: float, joining: bool = False) -> Answer | Accepted:
+                 account: AgentAccount | None, good: bool, login: _Login) -> Answer | Accepted:
         if not good or account is None:
-            return self._refused(handshake, self._token_problem(name, account), source, peer,
-                                 now)
-        return self._admitted(handshake, account, peer, source, joining)
+            return self._refused(handshake, self._token_problem(name, account), login.source,
+                                 login.peer, login.now)
+        return self._admitted(handshake, account, login)
 
     def _token_problem(self, name: str | None, account: AgentAccount | None) -> str:
         """For the log: what was wrong with a refused token (never the token itself)."""
@@ -371,25 +422,34 @@ class Door:
         return f"token for unknown agent {name!r}"
 
     def _admitted(self, handshake: ws.ServerHandshake, account: AgentAccount,
-                  peer: str, source: str, joining: bool) -> Answer | Accepted:
-        """The agent is who it says: in, unless it has too many sessions already (a
-        request joining an HTTP-transport session it holds is not a new one)."""
-        refusal = None if joining else self._over_limit(handshake, account.name, peer)
-        if refusal is None:
-            return Accepted(Identity(account.name, account.policy), peer, source=source)
-        return refusal
+                  login: _Login) -> Answer | Accepted:
+        """The agent is who it says: in, its seat taken, unless it has too many sessions
+        already (a request joining or resuming a session it holds is not a new one)."""
+        if not login.joining:
+            refusal = self._take_seat(handshake, login.seat, account.name, login.peer)
+            if refusal is not None:
+                return refusal
+        return Accepted(Identity(account.name, account.policy), login.peer, source=login.source,
+                        seat=login.seat)
 
     def admit_new_session(self, handshake: ws.ServerHandshake, accepted: Accepted, *,
                           stopping: bool) -> Answer | None:
         """A resume let in past the drain and the session limit that gets a new session
-        instead (the relay no longer knows it): a new session must pass both."""
+        instead (the relay no longer knows it): a new session must pass both (the
+        limit takes ``accepted.seat``)."""
         if stopping:
             return _answer(handshake, 503, "the relay is shutting down")
-        return self._over_limit(handshake, accepted.identity.name, accepted.peer)
+        if self.config.no_auth:
+            return None
+        return self._take_seat(handshake, accepted.seat, accepted.identity.name, accepted.peer)
 
-    def _over_limit(self, handshake: ws.ServerHandshake, name: str, peer: str) -> Answer | None:
+    def _take_seat(self, handshake: ws.ServerHandshake, seat: Seat, name: str,
+                   peer: str) -> Answer | None:
+        """Take ``seat`` for agent ``name``; 429 when it holds its limit already.
+        (Check and take are one step: no other login can pass in between.)"""
         held = self._sessions[name]
         if held < self.config.max_sessions_per_agent:
+            seat.take(self._sessions, name)
             return None
         line = LogLine(logging.WARNING, f"{peer}: agent {name} already has {held} "
                                         f"sessions (max_sessions_per_agent); refused")

@@ -130,14 +130,6 @@ class Gatekeeper:
         good = await self._slow.run(login.source, login.lane, check)
         return self.door.finish_login(handshake, login, good, now=trio.current_time())
 
-    # -- sessions ---------------------------------------------------------------
-
-    def session_started(self, identity: Identity) -> None:
-        self.door.session_started(identity.name)
-
-    def session_ended(self, identity: Identity) -> None:
-        self.door.session_ended(identity.name)
-
 
 class _Turn:
     """One scrypt check waiting for a worker."""

@@ -31,6 +31,7 @@ import h11
 import trio
 
 from .. import ws
+from ..config import RelayConfig
 from ..framing import (
     CONTENT_TYPE,
     POLL_HOLD_TIMEOUT,
@@ -43,8 +44,14 @@ from ..net.byte_pipe import write_parts
 from ..net.tls_stream import TLSSocketStream
 from ..net.transport import NewCarrier
 from ..protocol import TunnelProtocol
-from .door import Accepted, Answer, Identity, Visitor, http_transport, server_handshake
-from .http_sessions import SESSION_IDLE_TIMEOUT, Buffer, HttpSession, HttpSessions
+from .door import Accepted, Answer, Identity, Seat, Visitor, http_transport, server_handshake
+from .http_sessions import (
+    MAX_REQUESTS_IN_PROGRESS,
+    SESSION_IDLE_TIMEOUT,
+    Buffer,
+    HttpSession,
+    HttpSessions,
+)
 from .resume import Admission, Held, HeldSessions
 from .upgrade import HttpReader, HttpRequest, send_refusal
 
@@ -52,8 +59,10 @@ __all__ = ["HttpFront"]
 
 log = logging.getLogger("wstunnel.relay")
 
-#: The largest polling POST body (the agent sends at most 1 MiB and a frame).
-MAX_POST_SIZE: Final = 8 * 1024 * 1024
+#: The largest polling POST body: the agent sends at most 1,000,000 bytes (under
+#: nginx's default client_max_body_size); each stalled POST holds this much
+#: (MAX_REQUESTS_IN_PROGRESS of them per session).
+MAX_POST_SIZE: Final = 1024 * 1024
 #: The largest body read and dropped where none is expected (an opening POST, a GET).
 MAX_UNUSED_BODY_SIZE: Final = 64 * 1024
 #: The largest polling GET answer.
@@ -70,19 +79,21 @@ class _Host(Protocol):
 
     async def login(self, handshake: ws.ServerHandshake,
                     request: ws.RequestReceived | ws.HandshakeFailed,
-                    visitor: Visitor) -> Answer | Accepted: ...
+                    visitor: Visitor, seat: Seat) -> Answer | Accepted: ...
     def start_framed_session(self, *, resumable: bool = False) -> TunnelProtocol: ...
     def refuse_session(self, handshake: ws.ServerHandshake, accepted: Accepted,
                        problem: str) -> Answer: ...
     async def serve_session(self, stream: trio.abc.Stream, protocol: TunnelProtocol,
-                            identity: Identity, peer: str, held: Held | None = None
-                            ) -> None: ...
+                            identity: Identity, peer: str, held: Held | None = None, *,
+                            seat: Seat) -> None: ...
     async def admit_resume(self, request: ws.RequestReceived,
                            accepted: Accepted) -> Admission: ...
     def refuse_new_session(self, handshake: ws.ServerHandshake, request: ws.RequestReceived,
                            accepted: Accepted, admission: Admission) -> Answer | None: ...
     @property
     def held(self) -> HeldSessions: ...
+    @property
+    def config(self) -> RelayConfig: ...
 
 
 class HttpFront:
@@ -93,7 +104,9 @@ class HttpFront:
         self.sessions = HttpSessions()
 
     async def serve(self, first: HttpRequest, accepted: Accepted, visitor: Visitor) -> None:
-        """This request and the ones after it on the same connection."""
+        """This request and the ones after it on the same connection (which has one seat:
+        ``accepted``'s, taken by the login of an opening; the caller gives it back)."""
+        seat = accepted.seat
         reader, request = first.reader, first.request
         while await self._one(reader, request, accepted):
             reader.conn.start_next_cycle()
@@ -105,7 +118,7 @@ class HttpFront:
                 return
             # (any request: a front end reuses the connection for its health check too)
             outcome = next_request if isinstance(next_request, Answer) else (
-                await self.host.login(handshake, next_request, visitor))
+                await self.host.login(handshake, next_request, visitor, seat))
             if isinstance(outcome, Answer):
                 await send_refusal(reader.stream, outcome.response)
                 return
@@ -135,6 +148,9 @@ class HttpFront:
                                               f"{mode} request for an unknown session")
             await send_refusal(reader.stream, answer.response)
             return False
+        if session.busy:  # (each may hold a body: memory no other limit bounds)
+            return await _status(reader, 429, f"this session has {MAX_REQUESTS_IN_PROGRESS} "
+                                              f"requests in progress already")
         keep_alive = False  # (a request cut short when its session ended: close)
         with session.serving():
             keep_alive = await self._serve(reader, request, session)
@@ -168,8 +184,13 @@ class HttpFront:
     async def _open(self, reader: HttpReader, request: ws.RequestReceived, mode: str,
                     accepted: Accepted) -> None:
         """Answer with a new session's id, then run the session in this task (or, for a
-        resume, carry a held session's records until it moves on: resume.py)."""
-        if not await _drain_body(reader):
+        resume, carry a held session's records until it moves on: resume.py). Its body
+        (none, normally) must come within handshake_timeout: a new session's place among
+        its agent's is taken already."""
+        drained = False
+        with trio.move_on_after(self.host.config.handshake_timeout):
+            drained = await _drain_body(reader)
+        if not drained:
             return
         admission = await self.host.admit_resume(request, accepted)
         if admission.refused is not None:  # not this agent's: a bad login's answer
@@ -215,7 +236,7 @@ class HttpFront:
                 assert protocol is not None
                 await self.host.serve_session(session, protocol, accepted.identity,
                                               f"{accepted.peer} ({session.mode})",
-                                              admission.held)
+                                              admission.held, seat=accepted.seat)
             nursery.cancel_scope.cancel()
         with trio.move_on_after(LINGER_TIMEOUT):  # the last bytes: the close
             await session.wait_drained()

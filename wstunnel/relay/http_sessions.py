@@ -35,11 +35,16 @@ import trio
 
 from ..net.byte_pipe import Buffer, BytePipe
 
-__all__ = ["HttpSession", "HttpSessions", "SESSION_IDLE_TIMEOUT", "Buffer"]
+__all__ = ["HttpSession", "HttpSessions", "SESSION_IDLE_TIMEOUT", "MAX_REQUESTS_IN_PROGRESS",
+           "Buffer"]
 
 #: A session with no request in progress for this long is over (polling: the agent
 #: has a GET held nearly all the time; streaming: both requests stay open).
 SESSION_IDLE_TIMEOUT: Final = 60.0
+#: The most requests one session serves at once (a 429 beyond): a polling POST holds
+#: its whole body (up to 1 MiB, MAX_POST_SIZE) until it is fed, and nothing else bounds how many an
+#: agent sends. An agent has a GET and a POST out, plus retries of broken ones.
+MAX_REQUESTS_IN_PROGRESS: Final = 16
 
 
 class HttpSession(BytePipe):
@@ -83,6 +88,11 @@ class HttpSession(BytePipe):
             self._requests.discard(scope)
             self.in_progress -= 1
             self.touch()
+
+    @property
+    def busy(self) -> bool:
+        """MAX_REQUESTS_IN_PROGRESS requests are being served: refuse one more."""
+        return self.in_progress >= MAX_REQUESTS_IN_PROGRESS
 
     def end_requests(self, grace: float) -> None:
         """The session is over: its requests (and any that comes for it now) get

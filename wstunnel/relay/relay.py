@@ -39,7 +39,16 @@ from . import rate_limits
 from .dial import Connecting, Connector, DialError, TcpConnector
 from .dial_udp import UdpConnector, carry_flow
 from .dial_unix import UnixConnector
-from .door import Accepted, Answer, LogLine, NeedsLogin, Visitor, resuming, server_handshake
+from .door import (
+    Accepted,
+    Answer,
+    LogLine,
+    NeedsLogin,
+    Seat,
+    Visitor,
+    resuming,
+    server_handshake,
+)
 from .guard import Gatekeeper, Identity, SessionGuard
 from .http_front import HttpFront
 from .resume import Admission, Held, HeldSessions, RelayResumer
@@ -82,16 +91,22 @@ class Relay:
         self.keepalive = KeepaliveTimer()
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
-        """One TCP connection: TLS, the upgrade and login, then the session, then close."""
+        """One TCP connection: TLS, the upgrade and login, then the session, then close.
+
+        The connection's ``seat`` is its place among its agent's sessions once a login
+        takes one (door.py): given back when its session ends or, whatever happens
+        before that, when the connection does."""
         peer = _peer_name(tcp)
         peer_host = _peer_host(tcp)  # (TLS takes the socket over)
         stream: trio.abc.Stream = tcp
+        seat = Seat()
         try:
             tune_socket(tcp, notsent_lowat=True)
             accepted = None
             with trio.move_on_after(self.config.handshake_timeout):
                 stream, cert_name = await self.gate.secure(tcp)
-                accepted = await self._handshake(stream, peer, peer_host, cert_name)
+                accepted = await self._handshake(stream, Visitor(peer, peer_host, cert_name),
+                                                 seat)
                 if accepted is None:
                     return
             if isinstance(accepted, Answer):  # (its linger is not the handshake's time)
@@ -107,7 +122,7 @@ class Relay:
             if isinstance(accepted[0], HttpRequest):  # the HTTP transports (http_front.py)
                 await self.http.serve(accepted[0], accepted[1], accepted[2])
                 return
-            await self._serve_session(stream, *accepted)
+            await self._serve_session(stream, *accepted, seat=seat)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             cause = exc.__cause__ or exc
             if isinstance(cause, ssl.SSLError):
@@ -119,10 +134,11 @@ class Relay:
                       "with this traceback); it is closed, the relay serves on", peer,
                       exc_info=True)
         finally:
+            seat.release()
             await trio.aclose_forcefully(stream)
 
     async def _handshake(
-        self, stream: trio.abc.Stream, peer: str, peer_host: str, cert_name: str | None
+        self, stream: trio.abc.Stream, visitor: Visitor, seat: Seat
     ) -> (tuple[TunnelProtocol, Identity, str, Held | None]
           | tuple[HttpRequest, Accepted, Visitor] | trio.Event | Answer | None):
         """The protocol, the agent, the client's name for logs and, for a resumable
@@ -137,10 +153,10 @@ class Relay:
         request = await read_request(stream, handshake)
         if request is None:
             return None
-        visitor = Visitor(peer, peer_host, cert_name)
         http = request if isinstance(request, HttpRequest) else None
         outcome = await self.login(
-            handshake, request.request if isinstance(request, HttpRequest) else request, visitor)
+            handshake, request.request if isinstance(request, HttpRequest) else request, visitor,
+            seat)
         if isinstance(outcome, Answer):
             return outcome
         if http is not None:
@@ -221,11 +237,12 @@ class Relay:
 
     async def login(self, handshake: ws.ServerHandshake,
                     request: ws.RequestReceived | ws.HandshakeFailed,
-                    visitor: Visitor) -> Answer | Accepted:
+                    visitor: Visitor, seat: Seat) -> Answer | Accepted:
         """The door's answer to one request (an upgrade, or an HTTP-transport request),
-        with a scrypt token checked under the relay's budget; logged and counted."""
-        outcome = self.gate.door.enter(handshake, request, visitor,
-                                       now=trio.current_time(), stopping=self.stopping)
+        with a scrypt token checked under the relay's budget; logged and counted. A new
+        session takes ``seat``, the connection's (``handle_connection`` gives it back)."""
+        outcome = self.gate.door.enter(handshake, request, visitor, now=trio.current_time(),
+                                       stopping=self.stopping, seat=seat)
         _log_lines(outcome.log)
         if isinstance(outcome, NeedsLogin):  # a scrypt token: checked under the relay's budget
             outcome = await self.gate.authenticate(handshake, outcome)
@@ -251,14 +268,17 @@ class Relay:
         return answer
 
     async def serve_session(self, stream: trio.abc.Stream, protocol: TunnelProtocol,
-                            identity: Identity, peer: str, held: Held | None = None) -> None:
+                            identity: Identity, peer: str, held: Held | None = None, *,
+                            seat: Seat) -> None:
         """Run one session over ``stream`` until it ends (http_front.py's sessions)."""
-        await self._serve_session(stream, protocol, identity, peer, held)
+        await self._serve_session(stream, protocol, identity, peer, held, seat=seat)
 
     async def _serve_session(
         self, stream: trio.abc.Stream, protocol: TunnelProtocol, identity: Identity, peer: str,
-        held: Held | None = None,
+        held: Held | None = None, *, seat: Seat,
     ) -> None:
+        """Run the session until it ends; its ``seat`` (its place among its agent's
+        sessions, taken at login) is given back then, not when the connection closes."""
         config = self.config
         guard = SessionGuard(identity, config)
         rate_limits.pace_session(protocol, identity.name, config, self.stats.agent_buckets,
@@ -278,7 +298,6 @@ class Relay:
         if held is not None:
             held.transport = transport
         self.sessions.add(transport)
-        self.gate.session_started(identity)
         self.stats.session_started(transport, agent=identity.name, peer=peer)
         log.info("%s: session up for agent %s", peer, identity.name)
         try:
@@ -290,7 +309,7 @@ class Relay:
         finally:
             if held is not None:
                 self.held.drop(held)
-            self.gate.session_ended(identity)
+            seat.release()
             self.stats.session_ended(transport)
             self.sessions.discard(transport)
         log.info("%s: session down: %s (%d channels served)", transport.name, reason,

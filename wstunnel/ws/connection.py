@@ -87,6 +87,11 @@ _TEXT: Final = Opcode.TEXT
 _BINARY: Final = Opcode.BINARY
 _PING: Final = Opcode.PING
 _PONG: Final = Opcode.PONG
+#: Fragments smaller than this are joined as they arrive (``_add_fragment``).
+_JOIN_BELOW_SIZE: Final = 4096
+#: Pongs queued, not yet drained, before the last one is replaced (``_answer_ping``);
+#: a burst of pings below it is answered ping for ping (Autobahn 2.10, 2.11).
+_MAX_PONGS_QUEUED: Final = 32
 _CLOSE: Final = Opcode.CLOSE
 
 
@@ -192,9 +197,15 @@ class WebSocketConnection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.should_close_transport = False
+        # The message being assembled: big fragments as they came, small ones joined
+        # into ``_tail`` (``_add_fragment``).
         self._fragments: list[bytes | bytearray] = []
-        self._text_parts: list[str] = []
+        self._tail: bytearray | None = None
         self._utf8: codecs.IncrementalDecoder | None = None  # set while a text message is open
+        #: Where in ``_output`` the last pong not yet drained is, and how many are
+        #: queued (``_answer_ping``).
+        self._pong_at: int | None = None
+        self._pongs_queued = 0
         if trailing_data:
             self.receive_data(trailing_data)
 
@@ -268,6 +279,7 @@ class WebSocketConnection:
         if not output:
             return b""
         self._output = []
+        self._pong_at, self._pongs_queued = None, 0
         first = output[0]
         if len(output) > 1 or type(first) is memoryview:
             return b"".join(output)
@@ -281,6 +293,7 @@ class WebSocketConnection:
         bytes and read-only views as given and copies anything writable)."""
         output = self._output
         self._output = []
+        self._pong_at, self._pongs_queued = None, 0
         return output
 
     # -- local actions -------------------------------------------------------
@@ -382,11 +395,26 @@ class WebSocketConnection:
         if opcode is _PING:
             self._events.append(PingReceived(payload))
             if self.state is _OPEN:
-                self._send_frame(_PONG, payload)  # 5.5.2: MUST answer
+                self._answer_ping(payload)
         elif opcode is _PONG:
             self._events.append(PongReceived(payload))
         else:
             self._handle_close(payload)
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """Queue the pong (5.5.2: MUST answer); past ``_MAX_PONGS_QUEUED`` not yet
+        drained, replace the last one instead: a peer that pings and does not read
+        would otherwise make our output grow without bound (5.5.3: "MAY elect to
+        send a Pong frame for only the most recently processed Ping frame"). Each
+        pong is one piece, so that it can be replaced."""
+        mask_key = self._random_bytes(4) if self._client else None
+        pong = b"".join(encode_frame_parts(_PONG, payload, mask_key=mask_key))
+        if self._pong_at is not None and self._pongs_queued >= _MAX_PONGS_QUEUED:
+            self._output[self._pong_at] = pong
+            return
+        self._pong_at = len(self._output)
+        self._pongs_queued += 1
+        self._output.append(pong)
 
     def _handle_data(self, frame: Frame) -> None:
         """Deliver or reassemble; the decoder has already checked sequencing."""
@@ -406,20 +434,34 @@ class WebSocketConnection:
             self._utf8 = None
         if self._utf8 is not None:
             try:
-                self._text_parts.append(self._utf8.decode(payload, fin))
+                self._utf8.decode(payload, fin)  # (checked as it comes; decoded at the end)
             except UnicodeDecodeError as exc:
                 raise RemoteProtocolError("text message is not valid UTF-8", 1007) from exc
-        else:
-            self._fragments.append(payload)
+        self._add_fragment(payload)
         if not fin:
             return
+        message = b"".join(self._fragments)
+        self._fragments = []
+        self._tail = None
         if self._utf8 is not None:
-            self._events.append(TextMessage("".join(self._text_parts)))
-            self._text_parts = []
+            self._events.append(TextMessage(message.decode("utf-8")))
             self._utf8 = None
         else:
-            self._events.append(BytesMessage(b"".join(self._fragments)))
-            self._fragments = []
+            self._events.append(BytesMessage(message))
+
+    def _add_fragment(self, payload: bytes | bytearray) -> None:
+        """Keep a fragment; small ones are joined as they come, so a message costs about
+        its size however the peer cuts it (max_message_size counts bytes, not frames:
+        empty or 1-byte continuation frames would each cost an object)."""
+        if len(payload) >= _JOIN_BELOW_SIZE:
+            self._fragments.append(payload)
+            self._tail = None
+        elif payload:
+            tail = self._tail
+            if tail is None:
+                tail = self._tail = bytearray()
+                self._fragments.append(tail)
+            tail += payload
 
     def _handle_close(self, payload: bytes) -> None:
         """The peer's close: echo it if we have not closed yet (RFC 6455 5.5.1)."""
@@ -444,7 +486,7 @@ class WebSocketConnection:
         self.close_reason = reason
         self.should_close_transport = True
         self._fragments = []
-        self._text_parts = []
+        self._tail = None
         self._utf8 = None
         self._events.append(ConnectionClosed(code, reason))
 

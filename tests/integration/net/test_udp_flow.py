@@ -7,7 +7,7 @@ from __future__ import annotations
 import trio
 
 from wstunnel import mux
-from wstunnel.mux.datagram import DatagramDecoder, frame_datagram
+from wstunnel.mux.datagram import MAX_DATAGRAM_SIZE, DatagramDecoder, frame_datagram
 from wstunnel.net.channel_stream import ChannelStream
 from wstunnel.net.udp_flow import FIN_WAIT_TIMEOUT, DatagramFlow, UdpStats
 
@@ -186,3 +186,36 @@ async def test_without_credit_the_idle_fin_still_leaves_in_bounded_time(
         assert host.eof_at == 0 and host.sent == b""
         assert stats.dropped["closing"] == 3
         channel._deliver_eof()  # (the peer's answering FIN)
+
+
+async def test_tiny_datagrams_cost_no_more_than_the_queue_bound() -> None:
+    """100,000 empty datagrams into a flow whose channel has no credit: what the queue
+    holds, objects included, stays near its bound (64 KiB), as for big ones; counted
+    by size alone, each 2-byte datagram would cost an object of ~35 bytes (~1.2 MB)."""
+    import tracemalloc
+
+    host = FakeHost(capacity=0)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=None, stats=stats, channel=channel)
+    tracemalloc.start()
+    try:
+        for _ in range(100_000):
+            flow.send(b"")
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * 64 * 1024
+    assert stats.dropped["queue_full"] > 90_000
+
+
+async def test_a_datagram_of_the_largest_size_is_queued() -> None:
+    """The queue bound counts objects, yet a lone datagram of MAX_DATAGRAM_SIZE still
+    waits for credit rather than being dropped."""
+    host = FakeHost(capacity=0)
+    channel = ChannelStream(host, 1, "10.0.0.53", 53, kind=mux.ChannelKind.UDP)
+    stats = UdpStats()
+    flow = DatagramFlow(lambda data: None, idle_timeout=None, stats=stats, channel=channel)
+    flow.send(b"\x00" * MAX_DATAGRAM_SIZE)
+    assert flow.queued_size == len(frame_datagram(b"\x00" * MAX_DATAGRAM_SIZE))
+    assert not stats.dropped

@@ -8,6 +8,7 @@ response bytes, the log lines) and at nothing inside it.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from wstunnel.relay.door import (
     LogLine,
     NeedsLogin,
     Outcome,
+    Seat,
     Visitor,
     server_handshake,
 )
@@ -64,12 +66,14 @@ def _login(token: str) -> tuple[str, ...]:
 
 
 def _knock(door: Door, data: bytes, visitor: Visitor = VISITOR, *, now: float = 0.0,
-           stopping: bool = False) -> tuple[Outcome, ws.ServerHandshake]:
+           stopping: bool = False, seat: Seat | None = None
+           ) -> tuple[Outcome, ws.ServerHandshake]:
     handshake = server_handshake()
     handshake.receive_data(data)
     request = handshake.next_event()
     assert request is not None
-    return door.enter(handshake, request, visitor, now=now, stopping=stopping), handshake
+    return door.enter(handshake, request, visitor, now=now, stopping=stopping,
+                      seat=seat), handshake
 
 
 def _answer(door: Door, data: bytes, visitor: Visitor = VISITOR, *, now: float = 0.0,
@@ -277,19 +281,48 @@ def test_the_right_token_lets_its_agent_in_with_its_policy() -> None:
         assert _accepted(outcome) == ("a1", "Policy(['127.0.0.1/32:22'])", PEER, ())
 
 
+def _hold_sessions(door: Door, token: str, count: int) -> list[Seat]:
+    """``count`` new sessions let in for ``token``'s agent: their seats, taken."""
+    seats = [_accepted_seat(_knock(door, _request(headers=_login(token)))[0])
+             for _ in range(count)]
+    assert all(seat.taken for seat in seats)
+    return seats
+
+
+def _accepted_seat(outcome: Outcome) -> Seat:
+    assert isinstance(outcome, Accepted), outcome
+    return outcome.seat
+
+
 def test_an_agent_at_max_sessions_per_agent_gets_429() -> None:
-    """The right token is refused with 429 (Retry-After 30, not a failed login) while its
-    agent holds max_sessions_per_agent sessions, and let in again once one ends."""
+    """The right token is refused with 429 (Retry-After 30, not a failed login) once its
+    agent's logins have taken max_sessions_per_agent seats (sessions not started yet
+    count), and let in again once one is released (twice is once)."""
     door = Door(LOGINS)
-    for _ in range(2):
-        door.session_started("a1")
-    door.session_started("c1")
+    seats = _hold_sessions(door, TOKEN, 2)
+    assert _accepted_seat(_knock(door, _request(), Visitor(PEER, "192.0.2.1", "c1"))[0]).taken
     answer = _answer(door, _request(headers=_login(TOKEN)))
     assert answer == Answer(429, _text_answer(
         "429 Too Many Requests", "agent a1 has too many sessions", "Retry-After: 30"),
         _warning(f"{PEER}: agent a1 already has 2 sessions (max_sessions_per_agent); refused"))
-    door.session_ended("a1")
-    assert isinstance(_knock(door, _request(headers=_login(TOKEN)))[0], Accepted)
+    seats[0].release()
+    seats[0].release()
+    assert not seats[0].taken
+    assert _accepted_seat(_knock(door, _request(headers=_login(TOKEN)))[0]).taken
+    assert _answer(door, _request(headers=_login(TOKEN))).status == 429
+
+
+def test_a_seat_passed_in_is_the_one_taken_and_no_auth_takes_none() -> None:
+    """The connection's seat (``enter(seat=...)``) is the one a new session takes, also
+    after a scrypt check; a relay with no_auth has no per-agent limit (takes none)."""
+    door, seat = Door(LOGINS), Seat()
+    outcome, handshake = _knock(door, _request(headers=_login(OLD_TOKEN)), seat=seat)
+    assert isinstance(outcome, NeedsLogin) and not seat.taken
+    assert _accepted_seat(door.finish_login(handshake, outcome, True, now=0.0)) is seat
+    assert seat.taken
+    open_door = Door(dataclasses.replace(OPEN, max_sessions_per_agent=1))
+    for _ in range(3):
+        assert not _accepted_seat(_knock(open_door, _request())[0]).taken
 
 
 @pytest.mark.parametrize(("cert_name", "headers", "result"), [
@@ -428,10 +461,9 @@ def test_joining_a_session_is_not_a_new_session() -> None:
     holds (they carry a session id), and they pass while the relay drains; a new
     session is refused (429, 503)."""
     door = Door(LOGINS)
-    door.session_started("a1")
-    door.session_started("a1")
+    _hold_sessions(door, TOKEN, 2)
     joining = _http("GET", "polling", *_login(TOKEN), "X-Wstunnel-Session: abc")
-    assert isinstance(_knock(door, joining)[0], Accepted)
+    assert not _accepted_seat(_knock(door, joining)[0]).taken
     assert isinstance(_knock(door, joining, stopping=True)[0], Accepted)
     assert _answer(door, _http("POST", "polling", *_login(TOKEN))).status == 429
     assert _answer(door, _http("POST", "polling", *_login(TOKEN)), stopping=True).status == 503
@@ -443,14 +475,35 @@ def test_an_http_resume_passes_like_an_upgrade_resume(transport: str) -> None:
     max_sessions_per_agent, passes the limit and the drain as an upgrade with one does
     (docs/PROTOCOL.md §12); one asking for a new resumable session does not."""
     door = Door(LOGINS)
-    door.session_started("a1")
-    door.session_started("a1")
+    _hold_sessions(door, TOKEN, 2)
     resume = _http("POST", transport, *_login(TOKEN), "X-Wstunnel-Resume: id secret 0")
-    assert isinstance(_knock(door, resume)[0], Accepted)
+    assert not _accepted_seat(_knock(door, resume)[0]).taken
     assert isinstance(_knock(door, resume, stopping=True)[0], Accepted)
     fresh = _http("POST", transport, *_login(TOKEN), "X-Wstunnel-Resume: new")
     assert _answer(door, fresh).status == 429
     assert _answer(door, fresh, stopping=True).status == 503
+
+
+def test_a_resume_that_gets_a_new_session_takes_a_seat_when_there_is_one() -> None:
+    """A resume the relay cannot honour becomes a new session (``admit_new_session``):
+    it takes the request's seat below the limit, gets 429 at it (seat not taken), and
+    503 while the relay drains."""
+    door = Door(LOGINS)
+    seats = _hold_sessions(door, TOKEN, 1)
+    outcome, handshake = _knock(door, _request(headers=(*_login(TOKEN),
+                                                        "X-Wstunnel-Resume: id secret 0")))
+    assert isinstance(outcome, Accepted) and not outcome.seat.taken
+    draining = door.admit_new_session(handshake, outcome, stopping=True)
+    assert draining is not None and draining.status == 503 and not outcome.seat.taken
+    assert door.admit_new_session(handshake, outcome, stopping=False) is None
+    assert outcome.seat.taken
+    other, handshake = _knock(door, _request(headers=(*_login(TOKEN),
+                                                      "X-Wstunnel-Resume: id secret 0")))
+    assert isinstance(other, Accepted)
+    refusal = door.admit_new_session(handshake, other, stopping=False)
+    assert refusal is not None and refusal.status == 429 and not other.seat.taken
+    seats[0].release()
+    assert door.admit_new_session(handshake, other, stopping=False) is None
 
 
 def test_a_session_not_yours_is_refused_like_a_bad_login() -> None:

@@ -356,3 +356,74 @@ def test_binary_parts_arrive_as_one_message(role: Role) -> None:
     receiver.receive_data(sender.data_to_send())
     frame = receiver.next_frame()
     assert frame is not None and frame.payload == b"\x05head"
+
+
+def test_unanswered_pings_queue_a_bounded_number_of_pongs() -> None:
+    """A peer that pings and never reads gets the pongs of its first pings and one
+    for its latest (RFC 6455 5.5.3 allows it): pongs never pile up in our output,
+    however many pings come; a burst of 10 (Autobahn 2.10) is answered ping for ping."""
+    srv = server()
+    srv.send_bytes(b"before")
+    srv.receive_data(client_frames(*[(Opcode.PING, b"%d" % i, True) for i in range(10_000)]))
+    srv.send_bytes(b"after")
+    assert len(srv.events_received()) == 10_000
+    frames = sent_frames(srv.data_to_send(), by_client=False)
+    assert frames[0] == (Opcode.BINARY, b"before") and frames[-1] == (Opcode.BINARY, b"after")
+    pongs = [payload for opcode, payload in frames[1:-1] if opcode == Opcode.PONG]
+    assert len(frames) == len(pongs) + 2 and len(pongs) <= 32
+    assert pongs[-1] == b"9999" and pongs[:-1] == [b"%d" % i for i in range(len(pongs) - 1)]
+    srv.receive_data(client_frames(*[(Opcode.PING, b"%d" % i, True) for i in range(10)]))
+    assert sent_frames(srv.data_to_send(), by_client=False) == [
+        (Opcode.PONG, b"%d" % i) for i in range(10)]
+
+
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+def test_a_flood_of_pings_costs_a_bounded_number_of_pongs(role: Role) -> None:
+    """Either end: 50,000 pings in one read leave at most 32 pongs to write."""
+    conn = WebSocketConnection(role)
+    mask = KEY if role is Role.SERVER else None
+    conn.receive_data(b"".join(encode_frame(Opcode.PING, b"x" * 125, mask_key=mask)
+                               for _ in range(50_000)))
+    parts = conn.data_to_send_parts()
+    assert sum(map(len, parts)) <= 32 * (2 + 4 + 125)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7])
+def test_tiny_continuation_frames_cost_their_size(size: int) -> None:
+    """A message built of many tiny (or empty) continuation frames is held at about its
+    size while it is assembled, not as an object per frame: max_message_size bounds
+    what a peer can make us hold, however it fragments."""
+    import tracemalloc
+
+    srv = WebSocketConnection(Role.SERVER, max_message_size=1024 * 1024)
+    frame = encode_frame(Opcode.CONTINUATION, b"z" * size, fin=False, mask_key=KEY)
+    srv.receive_data(encode_frame(Opcode.BINARY, b"a", fin=False, mask_key=KEY))
+    tracemalloc.start()
+    try:
+        for _ in range(20):
+            srv.receive_data(frame * 5_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 100_000 * size * 2 + 64 * 1024
+    srv.receive_data(encode_frame(Opcode.CONTINUATION, b"!", mask_key=KEY))
+    assert srv.events_received() == [BytesMessage(b"a" + b"z" * size * 100_000 + b"!")]
+
+
+def test_tiny_text_fragments_cost_their_size() -> None:
+    """As for binary: a text message of 1-byte fragments is held at about its size,
+    and still checked as UTF-8 on the way."""
+    import tracemalloc
+
+    srv = WebSocketConnection(Role.SERVER, max_message_size=1024 * 1024)
+    srv.receive_data(encode_frame(Opcode.TEXT, b"a", fin=False, mask_key=KEY))
+    frame = encode_frame(Opcode.CONTINUATION, b"b", fin=False, mask_key=KEY)
+    tracemalloc.start()
+    try:
+        srv.receive_data(frame * 100_000)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 300_000
+    srv.receive_data(encode_frame(Opcode.CONTINUATION, "é".encode(), mask_key=KEY))
+    assert srv.events_received() == [TextMessage("a" + "b" * 100_000 + "é")]
