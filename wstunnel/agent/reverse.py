@@ -245,7 +245,8 @@ class ReverseForwards:
             return
         finished = self._tracked()
         try:
-            why = await carry_connected(channel, sock, idle_timeout=forward.udp_idle_timeout)
+            why = await carry_connected(channel, sock, idle_timeout=forward.udp_idle_timeout,
+                                        budget=transport.datagram_budget)
             log.debug("reverse udp flow via %s (%s) ended: %s", forward.listen_text,
                       forward.label, why)
         finally:

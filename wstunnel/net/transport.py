@@ -54,6 +54,7 @@ from .channel_stream import ChannelStream
 from .channel_table import SESSION_LOSS, ChannelTable, end_channel
 from .keepalive import Due, KeepaliveAction, KeepaliveTimer, Scheduled, SessionKeepalive
 from .plain_stream import Buffer, PlainSocketStream, nowait_sender
+from .udp_flow import DatagramBudget
 from .write_pacing import MIN_WRITE_SIZE, START_WRITE_SIZE, next_write_size, wait_paced
 
 if TYPE_CHECKING:
@@ -146,6 +147,8 @@ class TunnelTransport:
         #: The open channels by id (the table's dict, looked up directly per record).
         self.channels = self._channel_table.channels
         self.goaway_received = False
+        #: What this session's UDP flows may hold back in their own queues together.
+        self.datagram_budget = DatagramBudget(protocol.limits.max_queued_size)
         self._on_open = on_open
         self._open_now = open_now
         self._admit = admit

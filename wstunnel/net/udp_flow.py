@@ -19,7 +19,9 @@ channel's two directions:
   takes credit beyond its own channel's window, and holds at most
   ``queue_size`` of its own plus its window in the session's queue (where the
   session's ``max_queued_size`` bounds all channels together, and a flow told
-  0 drops rather than waits).
+  0 drops rather than waits). All flows of a session together hold at most
+  their ``DatagramBudget`` (the session's ``max_queued_size`` again) in their
+  own queues: thousands of flows would otherwise hold 64 KiB each.
 * inbound (``run``): the channel's bytes are decoded and each datagram is
   handed to ``deliver`` (a non-blocking send on the local socket; it drops
   when the socket's buffer is full). Credit is returned as the bytes are read,
@@ -50,8 +52,8 @@ from ..mux.datagram import MAX_DATAGRAM_SIZE, DatagramDecoder, frame_datagram
 from .channel_stream import ChannelStream
 
 __all__ = ["FIN_WAIT_TIMEOUT", "FLOW_QUEUE_SIZE", "RECEIVE_SIZE", "REFUSED_HOLD_INTERVAL",
-           "UDP_DROP_REASONS", "DatagramFlow", "UdpStats", "carry_connected", "connect_udp",
-           "receive_more", "send_or_drop", "udp_stats"]
+           "UDP_DROP_REASONS", "DatagramBudget", "DatagramFlow", "UdpStats", "carry_connected",
+           "connect_udp", "receive_more", "send_or_drop", "udp_stats"]
 
 log = logging.getLogger("wstunnel.udp")
 
@@ -112,6 +114,18 @@ UDP_DROP_REASONS: Final = ("closing", "local_send", "no_session", "queue_full", 
                            "too_big")
 
 
+class DatagramBudget:
+    """What the flows of one session hold in their own queues together, at most
+    ``limit`` bytes (each datagram counted with its overhead): past it, the flow
+    that queues one more drops its oldest, as past its own ``queue_size``."""
+
+    __slots__ = ("limit", "held")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+
 class DatagramFlow:
     """One flow's datagrams over one channel; see the module docstring.
 
@@ -123,17 +137,20 @@ class DatagramFlow:
         queue_size: bytes of whole datagrams held while the channel has no room.
         channel: the flow's channel when it is already open (datagrams then go
             into it at once, before ``run``); else ``run`` brings it.
+        budget: shared with the session's other flows; None: only ``queue_size``.
     """
 
     def __init__(self, deliver: Callable[[bytes], None], *, idle_timeout: float | None,
                  queue_size: int = FLOW_QUEUE_SIZE, stats: UdpStats = udp_stats,
-                 channel: ChannelStream | None = None) -> None:
+                 channel: ChannelStream | None = None,
+                 budget: DatagramBudget | None = None) -> None:
         self._deliver = deliver
         self._idle_timeout = idle_timeout
         self._queue_limit = queue_size
         self._stats = stats
         self._queue: deque[bytes] = deque()
         self._queued_size = 0
+        self._budget = budget if budget is not None else DatagramBudget(1 << 62)
         self._head: memoryview | None = None  # a datagram partly in the channel already
         self._channel = channel
         self._wake: trio.Event | None = None
@@ -193,21 +210,31 @@ class DatagramFlow:
         """Drop what waits (the channel could not be opened), counted as ``reason``."""
         if self._queue:
             self._stats.drop(reason, len(self._queue))
-        self._queue.clear()
-        self._queued_size = 0
+        while self._queue:
+            self._pop()
         self.accepting = False
 
     def _enqueue(self, framed: bytes) -> None:
         self._queue.append(framed)
         self._queued_size += len(framed)
+        budget = self._budget
+        budget.held += len(framed) + _DATAGRAM_OVERHEAD_SIZE
         # (each datagram but the newest counts its object too: tiny ones would otherwise
         # cost ~20x their size; a lone datagram of MAX_DATAGRAM_SIZE still fits)
-        while (self._queued_size + _DATAGRAM_OVERHEAD_SIZE * (len(self._queue) - 1)
-               > self._queue_limit):
-            self._queued_size -= len(self._queue.popleft())
+        while self._queue and (
+                self._queued_size + _DATAGRAM_OVERHEAD_SIZE * (len(self._queue) - 1)
+                > self._queue_limit or budget.held > budget.limit):
+            self._pop()
             self._stats.drop("queue_full")
-        if self._wake is not None:
+        if self._wake is not None and self._queue:
             self._wake.set()
+
+    def _pop(self) -> bytes:
+        """The oldest queued datagram, out of the queue and the budget."""
+        framed = self._queue.popleft()
+        self._queued_size -= len(framed)
+        self._budget.held -= len(framed) + _DATAGRAM_OVERHEAD_SIZE
+        return framed
 
     def _touch(self) -> None:
         scope = self._idle_scope
@@ -230,7 +257,7 @@ class DatagramFlow:
                 nursery.cancel_scope.cancel()
             return why
         finally:
-            self.accepting = False
+            self.discard("closing")  # (what a reset or cancelled flow still queued)
             self._stats.flows_active -= 1
             if channel.error is None:
                 await channel.aclose()  # (FIN if not sent yet; after cancellation too)
@@ -334,9 +361,7 @@ class DatagramFlow:
             if head is None:
                 if not self._queue:
                     return
-                framed = self._queue.popleft()
-                self._queued_size -= len(framed)
-                head = memoryview(framed)
+                head = memoryview(self._pop())
             piece = bytes(head[:capacity])
             host.send_data(channel, piece)
             channel.bytes_sent += len(piece)
@@ -364,10 +389,13 @@ def send_or_drop(sock: socket.socket, data: bytes,
 
 
 async def carry_connected(channel: ChannelStream, sock: socket.socket, *,
-                          idle_timeout: float | None) -> str:
+                          idle_timeout: float | None,
+                          budget: DatagramBudget | None = None) -> str:
     """Carry a flow between ``channel`` and ``sock``, a UDP socket connected to the
-    flow's destination (the relay for ``-L``, the agent for ``-R``); closes ``sock``."""
-    flow = DatagramFlow(lambda data: send_or_drop(sock, data), idle_timeout=idle_timeout)
+    flow's destination (the relay for ``-L``, the agent for ``-R``); closes ``sock``.
+    ``budget``: the session's, shared by its flows."""
+    flow = DatagramFlow(lambda data: send_or_drop(sock, data), idle_timeout=idle_timeout,
+                        budget=budget)
     reader = trio.socket.from_stdlib_socket(sock)  # (the same socket object)
     try:
         async with trio.open_nursery() as nursery:

@@ -130,6 +130,7 @@ def carry_flow(transport: TunnelTransport, channel: ChannelStream,
 
 async def _carry(transport: TunnelTransport, channel: ChannelStream,
                  sock: socket.socket) -> None:
-    why = await carry_connected(channel, sock, idle_timeout=None)
+    why = await carry_connected(channel, sock, idle_timeout=None,
+                                budget=transport.datagram_budget)
     log.debug("%s: udp flow %d to %s ended: %s", transport.name, channel.channel_id,
               channel.destination, why)

@@ -96,7 +96,7 @@ def _open_flow(transport: TunnelTransport, listener: socket.socket, lease: Chann
                   where, exc)
         return None
     return DatagramFlow(partial(send_or_drop, listener, address=client), idle_timeout=None,
-                        channel=channel)
+                        channel=channel, budget=transport.datagram_budget)
 
 
 async def _run(transport: TunnelTransport, flow: DatagramFlow, client: Client,

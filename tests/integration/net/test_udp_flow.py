@@ -9,7 +9,7 @@ import trio
 from wstunnel import mux
 from wstunnel.mux.datagram import MAX_DATAGRAM_SIZE, DatagramDecoder, frame_datagram
 from wstunnel.net.channel_stream import ChannelStream
-from wstunnel.net.udp_flow import FIN_WAIT_TIMEOUT, DatagramFlow, UdpStats
+from wstunnel.net.udp_flow import FIN_WAIT_TIMEOUT, DatagramBudget, DatagramFlow, UdpStats
 
 
 class FakeHost:
@@ -219,3 +219,34 @@ async def test_a_datagram_of_the_largest_size_is_queued() -> None:
     flow.send(b"\x00" * MAX_DATAGRAM_SIZE)
     assert flow.queued_size == len(frame_datagram(b"\x00" * MAX_DATAGRAM_SIZE))
     assert not stats.dropped
+
+
+async def test_the_flows_of_a_session_hold_no_more_than_its_budget_together() -> None:
+    """1,000 flows, none with credit, each sent 64 KiB: together they hold at most the
+    session's budget (256 KiB here), not 1,000 x 64 KiB; a flow that ends gives back
+    what it held, however it ends (here: cancelled, as when its -R udp lease ends)."""
+    budget = DatagramBudget(256 * 1024)
+    stats = UdpStats()
+    flows = []
+    for n in range(1000):
+        channel = ChannelStream(FakeHost(capacity=0), 2 * n + 1, "10.0.0.53", 53,
+                                kind=mux.ChannelKind.UDP)
+        flow = DatagramFlow(lambda data: None, idle_timeout=None, stats=stats,
+                            channel=channel, budget=budget)
+        for i in range(64):
+            flow.send(datagram(i))
+        flows.append((flow, channel))
+        assert sum(f.queued_size for f, _ in flows) <= budget.limit
+    assert stats.dropped["queue_full"] > 60_000
+    assert budget.held <= budget.limit
+    flow, channel = flows[0]
+    for i in range(64):
+        flow.send(datagram(i))
+    held, before = flow.queued_size, budget.held
+    assert held > 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flow.run, channel)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()  # (as when its -R udp lease ends)
+    assert flow.queued_size == 0
+    assert budget.held <= before - held
