@@ -18,7 +18,7 @@ import trio.testing
 from wstunnel.addresses import HostPort
 from wstunnel.agent import run_agent
 from wstunnel.config import AgentConfig, Forward, RelayConfig
-from wstunnel.relay import run_relay
+from wstunnel.relay import Relay, run_relay
 from wstunnel.security.allow_rule import AllowRule
 
 LOOPBACK = "127.0.0.1"
@@ -89,6 +89,18 @@ async def _start(
 
     bound = await nursery.start(body)
     return Running(ports_of(bound), stop, scope, finished)
+
+
+@asynccontextmanager
+async def serving_relay(relay: Relay) -> AsyncIterator[int]:
+    """``relay``'s connection handler on a loopback port (yielded), for the duration."""
+    async with trio.open_nursery() as nursery:
+        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
+        await nursery.start(trio.serve_listeners, relay.handle_connection, listeners)
+        try:
+            yield listeners[0].socket.getsockname()[1]
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def serve_target(

@@ -9,9 +9,6 @@ that come after a scrypt check in a worker thread), only failed logins count in
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import trio
 
 from wstunnel.config import AgentAccount, RelayConfig
@@ -21,7 +18,7 @@ from wstunnel.security.auth import hash_token, new_token, scrypt_hash
 from wstunnel.service.metrics import TunnelStats
 
 from ..log_watch import LogWatch
-from ..tunnel_helpers import LOOPBACK, http_status, receive_all, relay_config
+from ..tunnel_helpers import LOOPBACK, http_status, receive_all, relay_config, serving_relay
 
 TIMEOUT = 10.0
 TOKEN = new_token("a1")
@@ -42,18 +39,6 @@ def _request(target: str = "/tunnel", token: str | None = None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-@asynccontextmanager
-async def _serving(relay: Relay) -> AsyncIterator[int]:
-    """``relay`` answering connections on a loopback port, for the duration."""
-    async with trio.open_nursery() as nursery:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        await nursery.start(trio.serve_listeners, relay.handle_connection, listeners)
-        try:
-            yield listeners[0].socket.getsockname()[1]
-        finally:
-            nursery.cancel_scope.cancel()
-
-
 async def test_answers_reach_the_client_and_only_failed_logins_are_counted(
     logs: LogWatch,
 ) -> None:
@@ -61,7 +46,7 @@ async def test_answers_reach_the_client_and_only_failed_logins_are_counted(
     the failures' warnings reach the log; only the two 401s are counted."""
     stats = TunnelStats("relay")
     with trio.fail_after(TIMEOUT):
-        async with _serving(Relay(_config(), stats)) as port:
+        async with serving_relay(Relay(_config(), stats)) as port:
             assert await http_status(port, _request("/elsewhere", TOKEN)) == 404
             assert stats.auth_failures == 0
             assert await http_status(port, _request(token=new_token("a1"))) == 401
@@ -79,7 +64,7 @@ async def test_a_draining_relay_refuses_new_sessions_with_503() -> None:
     """Once the relay drains, a request that reaches it gets 503, however good its token."""
     relay = Relay(_config())
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             await relay.drain(0.0)
             assert await http_status(port, _request(token=TOKEN)) == 503
 
@@ -101,7 +86,7 @@ async def test_a_refusal_reaches_a_client_that_is_still_sending() -> None:
     bytes would reset the connection, and the client would lose the answer."""
     filler = b"x" * 500_000
     with trio.fail_after(TIMEOUT):
-        async with _serving(Relay(_config())) as port:
+        async with serving_relay(Relay(_config())) as port:
             assert await _status_while_sending(
                 port, _request(token=new_token("a1")), filler) == 401
             too_large = _request(token=TOKEN).replace(b"\r\n\r\n", b"\r\nX-Filler: ", 1)

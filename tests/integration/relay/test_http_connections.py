@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
@@ -22,21 +20,9 @@ from wstunnel.framing import SESSION_HEADER, TRANSPORT_HEADER
 from wstunnel.protocol import TunnelProtocol
 from wstunnel.relay import Relay
 
-from ..tunnel_helpers import LOOPBACK, relay_config
+from ..tunnel_helpers import LOOPBACK, relay_config, serving_relay
 
 TIMEOUT = 10.0
-
-
-@asynccontextmanager
-async def _serving(relay: Relay) -> AsyncIterator[int]:
-    """``relay`` answering connections on a loopback port, for the duration."""
-    async with trio.open_nursery() as nursery:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        await nursery.start(trio.serve_listeners, relay.handle_connection, listeners)
-        try:
-            yield listeners[0].socket.getsockname()[1]
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 _UPGRADE = "\r\n".join([
@@ -101,7 +87,7 @@ async def test_a_health_check_on_a_kept_alive_polling_connection_is_answered() -
     GET of the tunnel path, 400 for bytes that are no request; an upgrade gets a 400
     that says to use a new connection (all of them used to get the connection closed)."""
     with trio.fail_after(TIMEOUT):
-        async with _serving(Relay(relay_config())) as port:
+        async with serving_relay(Relay(relay_config())) as port:
             session_id = await _open_session(port)
             for request, status in [
                     (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b" 200 "),
@@ -131,7 +117,7 @@ async def test_an_opening_whose_client_is_gone_leaves_no_session_behind() -> Non
     session (they used to stay for the relay's lifetime)."""
     relay = Relay(relay_config(resume_grace=30.0))
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             for headers in [(), ("X-Wstunnel-Resume: new",)]:
                 sock = socket.create_connection((LOOPBACK, port))
                 sock.sendall(_opening("polling", *headers))
@@ -163,7 +149,7 @@ async def test_a_request_body_the_relay_does_not_need_is_bounded() -> None:
     Transfer-Encoding (unbounded, and a request-smuggling vector behind a proxy) gets
     400."""
     with trio.fail_after(TIMEOUT):
-        async with _serving(Relay(relay_config())) as port:
+        async with serving_relay(Relay(relay_config())) as port:
             session_id = await _open_session(port)
             get = _post(session_id, b"").replace(b"POST", b"GET", 1)
             chunked = b"Transfer-Encoding: chunked"
@@ -186,7 +172,7 @@ async def test_an_upgrade_whose_client_is_gone_leaves_no_held_session_behind() -
     relay = Relay(relay_config(resume_grace=30.0))
     upgrade = _UPGRADE.replace(b"\r\n\r\n", b"\r\nX-Wstunnel-Resume: new\r\n\r\n")
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             sock = socket.create_connection((LOOPBACK, port))
             sock.sendall(upgrade)
             _reset(sock)
@@ -200,7 +186,7 @@ async def test_requests_still_open_when_their_session_ends_are_closed(
     closed when its session ends (here: no pong within the keepalive's timeout),
     not left open, with its task, for the relay's lifetime."""
     with trio.fail_after(600):
-        async with _serving(Relay(relay_config(ping_interval=5.0, ping_timeout=5.0))) as port:
+        async with serving_relay(Relay(relay_config(ping_interval=5.0, ping_timeout=5.0))) as port:
             session_id = await _open_session(port)
             async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
                 await stream.send_all(_post(session_id, b"x" * 100)[:-99])  # (1 of 100)

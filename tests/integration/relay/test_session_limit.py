@@ -21,7 +21,7 @@ from wstunnel.protocol import TunnelProtocol
 from wstunnel.relay import Relay
 
 from ..security_helpers import account
-from ..tunnel_helpers import LOOPBACK, relay_config
+from ..tunnel_helpers import LOOPBACK, relay_config, serving_relay
 
 TIMEOUT = 10.0
 ENTRY, TOKEN = account("a1", LOOPBACK)
@@ -41,18 +41,6 @@ def _opening(body: bytes = b"", *headers: str) -> bytes:
     """An opening POST (polling) whose Content-Length announces ``body``, without it."""
     return "\r\n".join(["POST /tunnel HTTP/1.1", "Host: x", f"{TRANSPORT_HEADER}: polling",
                         _LOGIN, f"Content-Length: {len(body)}", *headers, "", ""]).encode()
-
-
-@asynccontextmanager
-async def _serving(relay: Relay) -> AsyncIterator[int]:
-    """``relay`` answering connections on a loopback port, for the duration."""
-    async with trio.open_nursery() as nursery:
-        listeners = await trio.open_tcp_listeners(0, host=LOOPBACK)
-        await nursery.start(trio.serve_listeners, relay.handle_connection, listeners)
-        try:
-            yield listeners[0].socket.getsockname()[1]
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 async def _status(stream: trio.SocketStream) -> bytes:
@@ -90,7 +78,7 @@ async def test_http_openings_whose_bodies_come_late_pass_the_limit_once() -> Non
     relay holds one session (it used to let all five in)."""
     relay = _limited_relay()
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             async with _connected(port, 5) as streams:
                 for stream in streams:
                     await stream.send_all(_opening(b"x"))
@@ -108,7 +96,7 @@ async def test_upgrades_in_a_burst_pass_the_limit_once() -> None:
     exactly one 101 and four 429s, round after round."""
     relay = _limited_relay()
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             for _ in range(10):
                 async with _connected(port, 5) as streams:
                     for stream in streams:
@@ -129,7 +117,7 @@ async def test_an_opening_that_fails_gives_its_place_back() -> None:
     failures = [_opening(b"x"), _opening(b"x", resumable), _UPGRADE,
                 _UPGRADE.replace(b"\r\n\r\n", f"\r\n{resumable}\r\n\r\n".encode())]
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             for request in failures:
                 sock = socket.create_connection((LOOPBACK, port))
                 sock.sendall(request)
@@ -156,7 +144,7 @@ async def test_a_session_gives_its_place_back_when_it_ends() -> None:
     closing.close()
     body = bytes(closing.data_to_send())
     with trio.fail_after(TIMEOUT):
-        async with _serving(relay) as port:
+        async with serving_relay(relay) as port:
             async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
                 await stream.send_all(_opening())
                 answer = (await stream.receive_some()).decode("latin-1")
