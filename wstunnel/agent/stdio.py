@@ -190,6 +190,21 @@ async def _carry(transport: TunnelTransport, target: HostPort,
         raise
     if not clean:
         raise StdioFailed(_failure(target, channel, relay))
+    await _wait_sent(transport, channel, target, relay)
+
+
+async def _wait_sent(transport: TunnelTransport, channel: ChannelStream, target: HostPort,
+                     relay: str) -> None:
+    """Both directions ended, but our last bytes and FIN may still wait to be sent,
+    for a resume while the path is down: the close handshake must go after them, or
+    they are lost and we exit 0. The channel is forgotten once its FIN is sent (or
+    when the session is over: the relay's grace bounds the wait)."""
+    await transport.wait_idle()
+    if channel.error is not None or transport.end_reason is not None:
+        reason = transport.end_reason or channel.error
+        raise StdioFailed(f"lost the session to relay {relay} before it had the last bytes "
+                          f"for {target}: {reason} \N{EM DASH} check the relay's log and the "
+                          f"network to it, then connect again")
 
 
 def _failure(target: HostPort, channel: ChannelStream, relay: str) -> str:

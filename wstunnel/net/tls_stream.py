@@ -19,6 +19,8 @@ the tunnel; docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +45,9 @@ CORK_MIN_SIZE: Final = 32 * 1024
 #: message does not pay for zeroing a 1 MiB buffer.
 MIN_RECEIVE_BUFFER: Final = 64 * 1024
 _TCP_CORK: Final[int | None] = getattr(socket, "TCP_CORK", None)
+#: Linux: getsockopt TCP_INFO, whose first byte is the TCP state; TCP_CLOSE is 7.
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", 11)
+_TCP_STATE_CLOSE: Final = 7
 
 
 async def start_tls(
@@ -82,6 +87,8 @@ class TLSSocketStream(PlainSocketStream):
         super().__init__(sock)
         self._cork = _TCP_CORK is not None
         self._buffer_size = MIN_RECEIVE_BUFFER
+        #: At the first ragged EOF: whether it was a reset (``_peer_reset``).
+        self._reset: bool | None = None
         # A call per 16 KiB record: straight to the C object, not through the
         # SSLSocket methods' two Python frames of checks (wss:// upload CPU
         # -5 %, docs/PERFORMANCE.md). Plain SSLSocket calls if it is missing.
@@ -159,8 +166,13 @@ class TLSSocketStream(PlainSocketStream):
             while filled < size:
                 try:
                     got = read(size - filled, view[filled:])
-                except ssl.SSLEOFError:
-                    break  # EOF without close_notify: fine here (module docstring)
+                except ssl.SSLEOFError as exc:
+                    if self._reset is None:  # (decided once: later reads say otherwise)
+                        self._reset = _peer_reset(sock, exc)
+                    if filled or not self._reset:
+                        break  # EOF without close_notify: fine here (module docstring)
+                    reset = errno.ECONNRESET
+                    raise ConnectionResetError(reset, os.strerror(reset)) from exc
                 except ssl.SSLWantReadError:
                     if filled:
                         self._drained = True
@@ -246,6 +258,25 @@ class TLSSocketStream(PlainSocketStream):
                 self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, on)
         except OSError:
             self._cork = False  # not TCP, or not Linux: write uncorked from now on
+
+
+def _peer_reset(sock: ssl.SSLSocket, exc: ssl.SSLEOFError) -> bool:
+    """Whether the first ragged EOF was the peer's reset rather than its FIN.
+
+    Python reports both as SSLEOFError and loses the errno (SSL_read_ex), yet a
+    reset must read as a failure, as on ws:// ("connection lost: ... reset by
+    peer", not "closed with code 1006"). OpenSSL 3 names a FIN
+    (UNEXPECTED_EOF_WHILE_READING) and answers it with an alert, which the
+    closed peer answers with RST; a reset it does not name. OpenSSL 1.1 names
+    neither but sends no alert. So: unnamed, and the TCP state is CLOSE (a
+    reset; a FIN leaves CLOSE_WAIT)."""
+    if exc.reason is not None:
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except (OSError, TypeError):  # (not TCP, or no TCP_INFO: an EOF, as before)
+        return False
+    return state[0] == _TCP_STATE_CLOSE
 
 
 def _records(parts: Sequence[Buffer]) -> Iterator[memoryview]:

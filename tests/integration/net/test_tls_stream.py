@@ -13,6 +13,7 @@ import hashlib
 import os
 import socket
 import ssl
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -146,6 +147,33 @@ async def test_peer_close_is_eof_and_our_close_wakes_a_reader(
         await peer.aclose()
         assert woken == [trio.ClosedResourceError]
     finally:
+        await server.aclose()
+
+
+@pytest.mark.parametrize("read_first", [True, False], ids=["read-then-reset", "data-and-reset"])
+async def test_peer_reset_is_a_failure_after_the_data_not_an_eof(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], read_first: bool,
+) -> None:
+    """OpenSSL reports a TCP reset like a ragged EOF (SSLEOFError, errno lost): the
+    stream must still say "reset" as the plain stream does, so a wss:// session's
+    log reads "connection lost: ... reset by peer", like ws://, not "closed"; the
+    bytes before the reset come first, whether or not they were read before it."""
+    client, server = await tls_pair(contexts, tcp=True)
+    try:
+        with trio.fail_after(5):
+            await server.send_all(b"last words")
+            if read_first:
+                assert await client.receive_some(100) == b"last words"
+            server.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+            await server.aclose()  # RST
+            if not read_first:
+                assert await client.receive_some(100) == b"last words"
+            with pytest.raises(trio.BrokenResourceError) as caught:
+                await client.receive_some(100)
+        assert isinstance(caught.value.__cause__, ConnectionResetError)
+    finally:
+        await client.aclose()
         await server.aclose()
 
 

@@ -1,0 +1,84 @@
+"""``--stdio`` and resumption: exit 0 only once the relay can have what stdin gave.
+
+ssh reads the ProxyCommand's exit status and stdout; the last bytes it wrote and
+its EOF may still wait in the session's replay log while the path is down. The
+agent must wait for the resume (within the relay's grace) before it closes the
+session, or those bytes are lost and the exit status says all went well.
+In-process relay and ``run_stdio`` (stdin/stdout are a memory stream here); the
+path is a forwarder the test cuts (benchmarks/_cutter.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from benchmarks._cutter import PathCutter
+from wstunnel.addresses import HostPort
+from wstunnel.agent.stdio import run_stdio
+from wstunnel.config import AgentConfig
+
+from ..log_watch import LogWatch
+from ..tunnel_helpers import LOOPBACK, relay_config, serve_target, start_relay
+
+
+@pytest.mark.parametrize("down", [0.5, 3.0], ids=["resumed", "past-grace"])
+async def test_the_last_bytes_written_while_the_path_is_down_arrive_before_exit(
+        logs: LogWatch, down: float) -> None:
+    """Resumed: the target gets them, then EOF, and the agent exits 0. The path down
+    past the relay's grace (1 s): the target is reset and the agent fails (exit 1)."""
+    received = bytearray()
+    target_done = trio.Event()
+
+    async def target(stream: trio.SocketStream) -> None:
+        """Answers at once and half-closes, then reads the client's last words."""
+        try:
+            await stream.send_all(b"hello")
+            await stream.send_eof()
+            async for data in stream:
+                received.extend(data)
+            received.extend(b" <EOF>")
+        except trio.BrokenResourceError:
+            received.extend(b" <RESET>")
+        finally:
+            target_done.set()
+            await trio.aclose_forcefully(stream)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(resume_grace=1.0))
+            cutter = PathCutter(relay.ports[0])
+            await nursery.start(cutter.serve)
+            port = await serve_target(nursery, target)
+            config = AgentConfig(relay=f"ws://{LOOPBACK}:{cutter.port}/tunnel", proxy="none",
+                                 reconnect_min_interval=0.05, reconnect_max_interval=0.2)
+            stdio, ssh = trio.testing.memory_stream_pair()
+            exited = trio.Event()
+
+            failed: list[str] = []
+
+            async def agent() -> None:
+                try:
+                    await run_stdio(config, HostPort(LOOPBACK, port), stdio)  # (exit 0)
+                except Exception as exc:  # (exit 1: a StdioFailed, in run_stdio's group)
+                    failed.append(repr(exc))
+                exited.set()
+
+            nursery.start_soon(agent)
+            got = b""
+            while data := await ssh.receive_some():
+                got += data
+            assert got == b"hello"  # (and stdout's EOF: the target's half-close)
+            cutter.cut(down=down)
+            await logs.wait_for("open to resume")  # the agent knows the path is down
+            await ssh.send_all(b"bye")
+            await ssh.send_eof()
+            await target_done.wait()
+            await exited.wait()
+            if down < 1.0:
+                assert (bytes(received), failed) == (b"bye <EOF>", [])
+            else:
+                assert bytes(received) == b" <RESET>"
+                assert "StdioFailed" in failed[0] and "lost the session" in failed[0]
+            nursery.cancel_scope.cancel()
