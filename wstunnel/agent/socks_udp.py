@@ -31,7 +31,9 @@ import trio
 
 from .. import mux
 from ..net.udp_flow import (
+    FORWARD_DATAGRAM_BUDGET,
     RECEIVE_SIZE,
+    DatagramBudget,
     DatagramFlow,
     send_or_drop,
     udp_stats,
@@ -60,6 +62,7 @@ class _Association:
         self.label = label
         self.idle_timeout = idle_timeout
         self.flows: dict[Destination, DatagramFlow] = {}
+        self.budget = DatagramBudget(FORWARD_DATAGRAM_BUDGET)  # (all its flows together)
 
     def from_client(self, source: tuple[str, int]) -> bool:
         """True for a datagram from the client (its IP; its port once known)."""
@@ -92,7 +95,8 @@ class _Association:
                 flow.send(payload)
 
     def _new_flow(self, destination: Destination, nursery: trio.Nursery) -> DatagramFlow:
-        flow = DatagramFlow(partial(self.deliver, destination), idle_timeout=self.idle_timeout)
+        flow = DatagramFlow(partial(self.deliver, destination), idle_timeout=self.idle_timeout,
+                            budget=self.budget)
         self.flows[destination] = flow
         nursery.start_soon(self._run_flow, destination, flow)
         return flow

@@ -32,7 +32,9 @@ import trio
 
 from .. import mux
 from ..net.udp_flow import (
+    FORWARD_DATAGRAM_BUDGET,
     RECEIVE_SIZE,
+    DatagramBudget,
     DatagramFlow,
     receive_more,
     send_or_drop,
@@ -80,6 +82,7 @@ async def serve_udp_forward(sock: socket.socket, current: Callable[[], Forward],
     forward now (a reload may change its target: new flows take the new one)."""
     reader = trio.socket.from_stdlib_socket(sock)  # (the same socket object)
     flows: dict[Client, DatagramFlow] = {}
+    budget = DatagramBudget(FORWARD_DATAGRAM_BUDGET)
     async with trio.open_nursery() as nursery:
         while True:
             try:
@@ -89,14 +92,15 @@ async def serve_udp_forward(sock: socket.socket, current: Callable[[], Forward],
             for data, client in batch:
                 flow = flows.get(client)
                 if flow is None or not flow.accepting and not flow.refused_until:
-                    flow = _new_flow(sock, client, current(), opener, flows, nursery)
+                    flow = _new_flow(sock, client, current(), opener, flows, nursery, budget)
                 flow.send(data)
 
 
 def _new_flow(sock: socket.socket, client: Client, forward: Forward, opener: ChannelOpener,
-              flows: dict[Client, DatagramFlow], nursery: trio.Nursery) -> DatagramFlow:
+              flows: dict[Client, DatagramFlow], nursery: trio.Nursery,
+              budget: DatagramBudget) -> DatagramFlow:
     flow = DatagramFlow(partial(send_or_drop, sock, address=client),
-                        idle_timeout=forward.udp_idle_timeout)
+                        idle_timeout=forward.udp_idle_timeout, budget=budget)
     flows[client] = flow
     nursery.start_soon(_run_flow, flow, client, forward, opener, flows)
     return flow

@@ -51,14 +51,19 @@ from ..errors import ChannelRefused
 from ..mux.datagram import MAX_DATAGRAM_SIZE, DatagramDecoder, frame_datagram
 from .channel_stream import ChannelStream
 
-__all__ = ["FIN_WAIT_TIMEOUT", "FLOW_QUEUE_SIZE", "RECEIVE_SIZE", "REFUSED_HOLD_INTERVAL",
-           "UDP_DROP_REASONS", "DatagramBudget", "DatagramFlow", "UdpStats", "carry_connected",
-           "connect_udp", "receive_more", "send_or_drop", "udp_stats"]
+__all__ = ["FIN_WAIT_TIMEOUT", "FLOW_QUEUE_SIZE", "FORWARD_DATAGRAM_BUDGET", "RECEIVE_SIZE",
+           "REFUSED_HOLD_INTERVAL", "UDP_DROP_REASONS", "DatagramBudget", "DatagramFlow",
+           "UdpStats", "carry_connected", "connect_udp", "receive_more", "send_or_drop",
+           "udp_stats"]
 
 log = logging.getLogger("wstunnel.udp")
 
 #: What one flow holds back while its channel has no send capacity (whole datagrams).
 FLOW_QUEUE_SIZE: Final = 64 * 1024
+#: What the flows of one agent UDP socket (a ``-L udp:`` forward's, a SOCKS UDP
+#: association's) hold back together, as a relay session's flows hold at most its
+#: ``max_queued_size`` (``DatagramBudget``): the multiplexer's default of that.
+FORWARD_DATAGRAM_BUDGET: Final = mux.DEFAULT_MAX_QUEUED_SIZE
 #: After an idle FIN, how long the peer has to answer with its own.
 FIN_WAIT_TIMEOUT: Final = 5.0
 #: How long a refused flow drops its client's datagrams before a new flow asks again.
