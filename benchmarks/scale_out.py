@@ -86,6 +86,7 @@ def haproxy_config(front: int, relays: Sequence[int]) -> str:
         "    server relay1 127.0.0.1:8081 check\n": "".join(
             f"    server relay{n} 127.0.0.1:{port} check\n" for n, port in enumerate(relays, 1)),
         "    server relay2 127.0.0.1:8082 check\n": "",
+        "peer haproxy1 127.0.0.1:10000": f"peer haproxy1 127.0.0.1:{_procs.free_port()}",
     }
     for old, new in replacements.items():
         if text.count(old) != 1:

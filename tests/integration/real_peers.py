@@ -206,19 +206,22 @@ class Nginx:
 
 @contextmanager
 def nginx(pki: Pki, relay_port: int, *, extra_server: str = "",
-          server_settings: str = "", read_timeout: str | None = None) -> Iterator[Nginx]:
+          server_settings: str = "", read_timeout: str | None = None,
+          upstream: str = "") -> Iterator[Nginx]:
     """nginx running configs/nginx-relay.conf (TLS on a free port) in front of the relay.
 
     ``extra_server`` adds locations to the server block (e.g. a broken one);
-    ``server_settings`` adds server-level directives.
+    ``server_settings`` adds server-level directives; ``upstream``, an
+    ``upstream wstunnel_relays { ... }`` block, replaces ``relay_port`` with it.
     """
     binary = require("nginx")
     port = free_port()
-    snippet = substitute((CONFIGS / "nginx-relay.conf").read_text(), {
+    relay = "wstunnel_relays" if upstream else f"{LOOPBACK}:{relay_port}"
+    snippet = upstream + substitute((CONFIGS / "nginx-relay.conf").read_text(), {
         "listen 443 ssl;": f"listen {LOOPBACK}:{port} ssl;",
         "/etc/ssl/certs/relay.example.com.crt": str(pki.cert),
         "/etc/ssl/private/relay.example.com.key": str(pki.key),
-        "proxy_pass http://127.0.0.1:8080;": f"proxy_pass http://{LOOPBACK}:{relay_port};",
+        "proxy_pass http://127.0.0.1:8080;": f"proxy_pass http://{relay};",
     })
     if read_timeout is not None:
         snippet = substitute(snippet, {"proxy_read_timeout 60s;":
@@ -312,6 +315,29 @@ def tinyproxy(user: str, password: str) -> Iterator[int]:
             yield port
 
 
+def _haproxy_config(pki: Pki, port: int, relay_ports: list[int],
+                    changes: dict[str, str] | None) -> str:
+    """configs/haproxy-relay.cfg with TLS on ``port``, the relays' and peer's addresses."""
+    return substitute((CONFIGS / "haproxy-relay.cfg").read_text(), {
+        "bind :443 ssl crt /etc/haproxy/relay.example.com.pem":
+            f"bind {LOOPBACK}:{port} ssl crt {pki.pem}",
+        "127.0.0.1:8081": f"{LOOPBACK}:{relay_ports[0]}",
+        "127.0.0.1:8082": f"{LOOPBACK}:{relay_ports[1]}",
+        "peer haproxy1 127.0.0.1:10000": f"peer haproxy1 {LOOPBACK}:{free_port()}",
+        **(changes or {}),
+    })
+
+
+def _checked_haproxy_config(binary: str, directory: Path, config: str) -> Path:
+    conf = directory / "haproxy.cfg"
+    conf.write_text(config)
+    checked = subprocess.run([binary, "-c", "-f", str(conf)], capture_output=True,
+                             text=True, timeout=START_TIMEOUT)
+    if checked.returncode != 0:
+        pytest.fail(f"haproxy rejected the config: {checked.stdout}{checked.stderr}")
+    return conf
+
+
 @contextmanager
 def haproxy(pki: Pki, relay_ports: list[int],
             changes: dict[str, str] | None = None) -> Iterator[int]:
@@ -319,23 +345,57 @@ def haproxy(pki: Pki, relay_ports: list[int],
     ``changes``: more text replacements (e.g. without the stickiness lines)."""
     binary = require("haproxy")
     port = free_port()
-    config = substitute((CONFIGS / "haproxy-relay.cfg").read_text(), {
-        "bind :443 ssl crt /etc/haproxy/relay.example.com.pem":
-            f"bind {LOOPBACK}:{port} ssl crt {pki.pem}",
-        "127.0.0.1:8081": f"{LOOPBACK}:{relay_ports[0]}",
-        "127.0.0.1:8082": f"{LOOPBACK}:{relay_ports[1]}",
-        **(changes or {}),
-    })
     with peer_dir() as directory:
-        conf = directory / "haproxy.cfg"
-        conf.write_text(config)
-        checked = subprocess.run([binary, "-c", "-f", str(conf)], capture_output=True,
-                                 text=True, timeout=START_TIMEOUT)
-        if checked.returncode != 0:
-            pytest.fail(f"haproxy rejected the config: {checked.stdout}{checked.stderr}")
+        conf = _checked_haproxy_config(
+            binary, directory, _haproxy_config(pki, port, relay_ports, changes))
         with foreground([binary, "-f", str(conf), "-db"], "haproxy", port,
                         directory / "haproxy.log"):
             yield port
+
+
+@dataclass
+class ReloadableHaproxy:
+    """haproxy that can be reloaded as ``systemctl reload`` does: a new process
+    takes over the listeners and the old one (``-sf``) finishes what it holds."""
+
+    binary: str
+    conf: Path
+    port: int
+    admin: Path  # the admin socket: always the newest process's
+    directory: Path
+    processes: list[subprocess.Popen[bytes]]
+
+    def reload(self) -> None:
+        """Start a process (the first, or one that replaces the newest)."""
+        older = ["-sf", str(self.processes[-1].pid)] if self.processes else []
+        log = self.directory / f"haproxy-{len(self.processes)}.log"
+        with log.open("wb") as sink:
+            self.processes.append(subprocess.Popen(
+                [self.binary, "-f", str(self.conf), "-db", *older],
+                stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True))
+        wait_listening(self.port, "haproxy", self.processes[-1], log)
+
+
+@contextmanager
+def reloadable_haproxy(pki: Pki, relay_ports: list[int]) -> Iterator[ReloadableHaproxy]:
+    """configs/haproxy-relay.cfg as ``haproxy`` runs it, with an admin socket, and
+    ``reload()``; every process started is stopped by its pid on the way out."""
+    binary = require("haproxy")
+    port = free_port()
+    with peer_dir() as directory:
+        admin = directory / "admin.sock"
+        config = _haproxy_config(pki, port, relay_ports, {
+            "\nglobal\n": f"\nglobal\n    stats socket {admin} level admin\n"})
+        front = ReloadableHaproxy(binary, _checked_haproxy_config(binary, directory, config),
+                                  port, admin, directory, [])
+        try:
+            front.reload()
+            yield front
+        finally:
+            for process in front.processes:
+                stop_pid(process.pid)
+                process.wait()
 
 
 SSHD = "/usr/sbin/sshd"

@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from .log_watch import LogWatch
-from .real_peers import LOOPBACK, Pki, haproxy, nginx, squid
+from .real_peers import LOOPBACK, Pki, haproxy, nginx, squid, substitute
+from .security_helpers import account
 from .test_http_transports import echo_round_trips
 from .tunnel_helpers import (
     agent_config,
@@ -179,7 +180,7 @@ async def test_squid_forwarding_a_plain_http_relay(logs: LogWatch) -> None:
     assert line.startswith("the proxy refused the WebSocket's CONNECT (status 403)")
 
 
-STICKINESS = """    stick-table type string len 64 size 100k expire 10m
+STICKINESS = """    stick-table type string len 64 size 100k expire 24h peers wstunnel_tables
     stick store-response res.hdr(X-Wstunnel-Session)
     stick match req.hdr(X-Wstunnel-Session)
 """
@@ -204,11 +205,12 @@ async def _churn(port: int, count: int, parallel: int = 20) -> None:
                 nursery.start_soon(one, index)
 
 
+@pytest.mark.parametrize("transport", ["polling", "streaming"])
 @pytest.mark.parametrize("sticky", [True, False], ids=["sticky", "not-sticky"])
-async def test_haproxy_two_relays_polling(sticky: bool, pki: Pki, trust_test_ca: None,
-                                          logs: LogWatch) -> None:
+async def test_haproxy_two_relays(sticky: bool, transport: str, pki: Pki, trust_test_ca: None,
+                                  logs: LogWatch) -> None:
     """haproxy (configs/haproxy-relay.cfg) balances over two relays: with its
-    stickiness on X-Wstunnel-Session a polling session carries 200 churning channels;
+    stickiness on X-Wstunnel-Session an HTTP session carries 200 churning channels;
     without it the agent says in one line that the session's requests reached another
     relay and what to configure (it then resumes or reconnects, as luck routes it)."""
     changes = {} if sticky else {STICKINESS: ""}
@@ -218,7 +220,7 @@ async def test_haproxy_two_relays_polling(sticky: bool, pki: Pki, trust_test_ca:
             relays = [await start_relay(nursery, relay_config()) for _ in range(2)]
             with haproxy(pki, [relay.ports[0] for relay in relays], changes) as front:
                 config = agent_config(0, [target], relay=f"wss://{LOOPBACK}:{front}/tunnel",
-                                      transport="polling")
+                                      transport=transport)
                 agent = await start_agent(nursery, config)
                 if sticky:
                     await _churn(agent.ports[0], 200)
@@ -246,3 +248,36 @@ async def test_the_shipped_nginx_config_carries_the_http_transports(
                 agent = await start_agent(nursery, config)
                 await _carry_both(agent.ports)
                 nursery.cancel_scope.cancel()
+
+
+def _readme_nginx_upstream(ports: list[int]) -> str:
+    """README's nginx upstream for several relays, as written there, ports filled in."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("upstream wstunnel_relays {"):]
+    block = block[:block.index("}") + 1]
+    return substitute(block, {"127.0.0.1:8081": f"{LOOPBACK}:{ports[0]}",
+                              "127.0.0.1:8082": f"{LOOPBACK}:{ports[1]}"}) + "\n"
+
+
+@pytest.mark.parametrize("transport", ["polling", "streaming"])
+async def test_the_readme_nginx_upstream_keeps_an_agent_on_one_relay(
+        transport: str, pki: Pki, trust_test_ca: None, logs: LogWatch,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's nginx block for several relays (hash on the agent's login) in
+    configs/nginx-relay.conf: an HTTP session's requests all reach one relay, 200
+    churning channels pass and nobody is told about stickiness."""
+    entry, token = account("a1", LOOPBACK)
+    monkeypatch.setenv("A1_TOKEN", token)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relays = [await start_relay(nursery, relay_config(
+                no_auth=False, allow=(), agents=(entry,))) for _ in range(2)]
+            upstream = _readme_nginx_upstream([relay.ports[0] for relay in relays])
+            with nginx(pki, 0, upstream=upstream) as front:
+                config = agent_config(0, [target], relay=f"wss://{LOOPBACK}:{front.port}/tunnel",
+                                      transport=transport, token_env="A1_TOKEN")
+                agent = await start_agent(nursery, config)
+                await _churn(agent.ports[0], 200)
+                nursery.cancel_scope.cancel()
+    assert not [line for line in logs.lines if "stickiness" in line]

@@ -9,17 +9,34 @@ README, "Running several relays", is what these tests hold to.
 
 from __future__ import annotations
 
+import signal
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from benchmarks._cutter import PathCutter
+
+from .log_watch import LogWatch
 from .process_helpers import Program, relay_process
-from .real_peers import LOOPBACK, Pki, haproxy
-from .tunnel_helpers import agent_config, echo_handler, serve_target, start_agent
+from .real_peers import LOOPBACK, Pki, ReloadableHaproxy, haproxy, reloadable_haproxy
+from .test_http_fallback import _churn
+from .tunnel_helpers import (
+    agent_config,
+    digest_handler,
+    echo_handler,
+    relay_config,
+    serve_target,
+    start_agent,
+    start_relay,
+    upload_and_download,
+)
 
 TIMEOUT = 60
+MiB = 1 << 20
 #: One attempt through an agent whose relay just died: a connection accepted while
 #: the agent still tries to resume on the dead relay may stall (reported; then the
 #: next attempt, on the new session, must work).
@@ -131,6 +148,156 @@ async def test_a_resume_reaches_the_relay_holding_the_session(
                         await stream.send_all(b"after")
                         assert await stream.receive_some() == b"after"
                     nursery.cancel_scope.cancel()
+
+
+async def test_a_cut_in_front_of_haproxy_resumes_on_the_relay_holding_the_session(
+    pki: Pki, trust_test_ca: None, logs: LogWatch
+) -> None:
+    """The path between agent and haproxy is cut twice in the middle of 8 MiB each
+    way; round robin would send each reconnect to the other relay, but the resume
+    reaches the holder by the id haproxy stored (table resume_ids): every byte
+    arrives once, in order, and no channel is reset."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            digest = await serve_target(nursery, digest_handler(8 * MiB, b"down"))
+            async with relay_process() as (first, first_port), \
+                    relay_process() as (second, second_port):
+                with haproxy(pki, [first_port, second_port],
+                             {"balance leastconn": "balance roundrobin"}) as front:
+                    cutter = PathCutter(front)
+                    await nursery.start(cutter.serve)
+                    config = agent_config(0, [digest],
+                                          relay=f"wss://{LOOPBACK}:{cutter.port}/tunnel")
+                    agent = await start_agent(nursery, config)
+                    for mark in (2, 9):
+                        cutter.cut_after(mark * MiB)
+                    await upload_and_download(agent.ports[0], 8 * MiB, 8 * MiB)
+                    assert cutter.cuts == 2
+                    resumes = [bytes(relay.log).count(b"resumes its session")
+                               for relay in (first, second)]
+                    sessions = _sessions(first) + _sessions(second)
+                nursery.cancel_scope.cancel()
+    assert sorted(resumes) == [0, 2] and sessions == 1, (resumes, sessions)
+    assert not [line for line in logs.lines if "all reset" in line]
+
+
+DRAIN = 2.0
+
+
+@asynccontextmanager
+async def _holder_stopped(pki: Pki, tmp_path: Path
+                          ) -> AsyncIterator[tuple[int, trio.SocketStream, Program]]:
+    """Two relay processes (drain_timeout DRAIN) behind haproxy and an agent with an
+    echo connection open through it; the relay holding the session has just got
+    SIGTERM (and logged it). Yields the agent's port, that connection, the relay."""
+    config = tmp_path / "relay.yaml"
+    config.write_text(f"drain_timeout: {DRAIN}\n")
+    async with trio.open_nursery() as nursery:
+        target = await serve_target(nursery, echo_handler)
+        async with relay_process("-c", str(config)) as (first, first_port), \
+                relay_process("-c", str(config)) as (second, second_port):
+            with haproxy(pki, [first_port, second_port]) as front:
+                agent = await start_agent(nursery, agent_config(
+                    0, [target], relay=f"wss://{LOOPBACK}:{front}/tunnel",
+                    reconnect_min_interval=0.2, reconnect_max_interval=1.0))
+                async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                    assert await _echo_on(stream, b"before")
+                    holder = first if _sessions(first) else second
+                    holder.process.send_signal(signal.SIGTERM)
+                    await holder.wait_for(rb"relay stopping: draining 1 sessions")
+                    yield agent.ports[0], stream, holder
+        nursery.cancel_scope.cancel()
+
+
+async def _echo_on(stream: trio.SocketStream, payload: bytes) -> bool:
+    await stream.send_all(payload)
+    echoed = b""
+    while len(echoed) < len(payload):
+        data = await stream.receive_some()
+        if not data:
+            return False
+        echoed += data
+    return echoed == payload
+
+
+async def test_a_relay_stopped_behind_haproxy_lets_channels_finish_then_resets_them(
+    pki: Pki, trust_test_ca: None, tmp_path: Path
+) -> None:
+    """SIGTERM to the relay holding the session (README: stop accepting, GOAWAY,
+    open channels finish for up to drain_timeout): the open connection carries on
+    during the drain, is reset when it is over (never a clean end of stream, which
+    would pass for a complete transfer), the relay exits 0, and the agent's next
+    session is on the other relay."""
+    with trio.fail_after(TIMEOUT):
+        async with _holder_stopped(pki, tmp_path) as (port, stream, holder):
+            assert await _echo_on(stream, b"during the drain")
+            with pytest.raises(trio.BrokenResourceError):
+                with trio.fail_after(DRAIN + 5):
+                    data = await stream.receive_some()
+                    pytest.fail(f"a clean end of stream ({data!r}) on a cut connection")
+            assert await holder.process.wait() == 0
+            await _echo_until_ok(port)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the agent holds one session at a time: after a relay's GOAWAY it opens the next "
+    "only once the draining one has ended (agent.py wait_session), so new connections "
+    "wait up to the relay's drain_timeout (reset past connect_wait_timeout)"))
+async def test_a_new_connection_during_a_relay_drain_goes_to_another_relay_at_once(
+    pki: Pki, trust_test_ca: None, tmp_path: Path
+) -> None:
+    """While the stopped relay drains (DRAIN), a new connection through the agent is
+    carried within a second, by a new session through haproxy to the other relay."""
+    with trio.fail_after(TIMEOUT):
+        async with _holder_stopped(pki, tmp_path) as (port, _stream, _holder):
+            with trio.fail_after(DRAIN / 2):
+                assert await _echo_once(port, b"a new connection")
+
+
+async def test_a_haproxy_reload_keeps_the_sessions_on_their_relays(
+    pki: Pki, trust_test_ca: None, logs: LogWatch
+) -> None:
+    """A reload (a new haproxy process, the old one told to finish) keeps which relay
+    holds which session: the shipped config's peers section hands the stick tables
+    over, so a polling session's requests after it still reach its relay. Without
+    it the new process starts empty and a request lands on the other relay (401:
+    the session is lost, or at best resumed)."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relays = [await start_relay(nursery, relay_config()) for _ in range(2)]
+            with reloadable_haproxy(pki, [relay.ports[0] for relay in relays]) as front:
+                config = agent_config(0, [target], relay=f"wss://{LOOPBACK}:{front.port}/tunnel",
+                                      transport="polling")
+                agent = await start_agent(nursery, config)
+                await _churn(agent.ports[0], 20)
+                await _wait_until_haproxy_can_hand_over(front)
+                front.reload()
+                await _wait_for_newest_haproxy(front)
+                await _churn(agent.ports[0], 200)
+                tables = [await _haproxy_command(front.admin, f"show table {name}")
+                          for name in ("relays", "resume_ids")]
+                nursery.cancel_scope.cancel()
+    assert not [line for line in logs.lines if "does not know this session" in line]
+    assert all("used:1" in table for table in tables), tables
+
+
+async def _wait_until_haproxy_can_hand_over(front: ReloadableHaproxy) -> None:
+    """A haproxy hands its tables over only once it has finished taking them over
+    itself (from its predecessor, or after waiting 5 s for one): polled."""
+    while "resync_timeout=<PAST>" not in await _haproxy_command(front.admin, "show peers"):
+        await trio.sleep(0.2)
+
+
+async def _wait_for_newest_haproxy(front: ReloadableHaproxy) -> None:
+    """The newest process answers the admin socket, with the tables handed over (or
+    given up on: then the test's assertions say what is missing)."""
+    newest = f"Pid: {front.processes[-1].pid}\n"
+    while newest not in await _haproxy_command(front.admin, "show info"):
+        await trio.sleep(0.05)
+    with trio.move_on_after(3):
+        while "used:0" in await _haproxy_command(front.admin, "show table relays"):
+            await trio.sleep(0.05)
 
 
 async def _haproxy_command(path: Path, command: str) -> str:
