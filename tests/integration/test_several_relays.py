@@ -67,14 +67,7 @@ async def _echo(port: int, payload: bytes = b"through haproxy") -> bool:
 async def _echo_once(port: int, payload: bytes) -> bool:
     try:
         async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-            await stream.send_all(payload)
-            echoed = b""
-            while len(echoed) < len(payload):
-                data = await stream.receive_some()
-                if not data:
-                    return False
-                echoed += data
-            return echoed == payload
+            return await _echo_on(stream, payload)
     except (trio.BrokenResourceError, OSError):
         return False
 
@@ -210,6 +203,7 @@ async def _holder_stopped(pki: Pki, tmp_path: Path
 
 
 async def _echo_on(stream: trio.SocketStream, payload: bytes) -> bool:
+    """Send ``payload`` on ``stream``; True when it comes back whole (False: EOF first)."""
     await stream.send_all(payload)
     echoed = b""
     while len(echoed) < len(payload):
