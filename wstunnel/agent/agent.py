@@ -3,13 +3,15 @@
 Theory of operation: the listeners (bound by ``run_agent``, run.py) live for
 the whole run; the session comes and goes. ``maintain_session`` connects,
 serves the session until it ends, then reconnects with exponential backoff
-and jitter. The agent is the ``ChannelOpener`` of every forward kind
-(kinds.py): a local connection opens a channel on the session (its first
-bytes travel right behind the OPEN) and is handed to the session's socket
-pump (net/pump.py; no task per connection from then on), at once in the
-accepting task when a session is up (``carry_now``), else from a task that
-waits up to ``connect_wait_timeout`` for one (``carry``), and is spliced
-until both sides finish where there is no pump.
+and jitter; at the relay's GOAWAY it connects again at once, and the old
+session drains beside the new one (its open channels finish there). The
+agent is the ``ChannelOpener`` of every forward kind (kinds.py): a local
+connection opens a channel on the session (its first bytes travel right
+behind the OPEN) and is handed to the session's socket pump (net/pump.py; no
+task per connection from then on), at once in the accepting task when a
+session is up (``carry_now``), else from a task that waits up to
+``connect_wait_timeout`` for one (``carry``), and is spliced until both sides
+finish where there is no pump.
 When the session drops, its channels break and their local sockets are
 closed, never left hanging.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -65,6 +67,8 @@ class Agent:
         self.limits = session_limits(config)
         self.dial = proxy_dialer(config, proxy_environment())
         self.session: TunnelTransport | None = None
+        #: Sessions whose relay sent GOAWAY: they run until their channels are done.
+        self._draining: set[TunnelTransport] = set()
         self.stopping = False
         self._session_up = trio.Event()
         self._channels = 0
@@ -103,22 +107,30 @@ class Agent:
         reconnect = self._reconnect
         if self.dial is not None:
             log.info("reaching the relay through the proxy %s", self.dial)
-        while not self.stopping:
-            self.relay = await reconnect.choose()
-            try:
-                transport = await self._connect()
-            except (OSError, HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                self._connect_failed(reconnect, exc)
-                continue
-            reconnect.connected(self.relay)
-            started = trio.current_time()
-            reason = await self._serve(transport)
-            if self.stopping:
-                return
-            self.stats.reconnects += 1
-            delay = reconnect.session_ended(self.relay, trio.current_time() - started)
-            log.warning("session to %s down: %s; reconnecting in %.1f s", self.relay.url,
-                        reason, delay)
+        async with trio.open_nursery() as draining:  # (sessions whose relay goes away)
+            while not self.stopping:
+                self.relay = await reconnect.choose()
+                try:
+                    transport = await self._connect()
+                except (OSError, HandshakeError, trio.TooSlowError,
+                        trio.BrokenResourceError) as exc:
+                    self._connect_failed(reconnect, exc)
+                    continue
+                reconnect.connected(self.relay)
+                started = trio.current_time()
+                reason = await self._serve(transport, draining)
+                if self.stopping:
+                    return
+                self.stats.reconnects += 1
+                # (a session that did not last backs off: no loop of GOAWAYs at once)
+                delay = reconnect.session_ended(self.relay, trio.current_time() - started)
+                if reason is None:  # (GOAWAY: it drains on its own beside the next one)
+                    log.info("session to %s: the relay is going away; its open channels "
+                             "finish on it, new connections go to a new session in %.1f s",
+                             self.relay.url, delay)
+                    continue
+                log.warning("session to %s down: %s; reconnecting in %.1f s", self.relay.url,
+                            reason, delay)
 
     def _connect_failed(self, reconnect: Reconnect, exc: BaseException) -> None:
         if getattr(exc, "status", None) in (401, 403):
@@ -137,7 +149,9 @@ class Agent:
 
     async def serve(self, transport: TunnelTransport) -> str:
         """Make ``transport`` the current session and serve it; return why it ended."""
-        return await self._serve(transport)
+        reason = await self._serve(transport)
+        assert reason is not None  # (no draining nursery: it runs to its end)
+        return reason
 
     def connect_failure(self, exc: BaseException) -> tuple[str, bool]:
         """(what went wrong and what to check, whether a retry might help) for a
@@ -191,14 +205,47 @@ class Agent:
 
     def _take_fresh(self, opened: Opened) -> None:
         """The relay answered a resume with a new session: the next ``_connect`` uses it
-        (one session at a time: nothing else can be waiting there)."""
+        (a draining session's resume may leave one here; a dead one fails that connect,
+        which is retried)."""
         self._fresh = opened
 
-    async def _serve(self, transport: TunnelTransport) -> str:
+    async def _serve(self, transport: TunnelTransport,
+                     draining: trio.Nursery | None = None) -> str | None:
+        """Make ``transport`` the current session and serve it; why it ended. With
+        ``draining``, return None at the relay's GOAWAY instead: the session goes on
+        there until its channels are done, and the next one may start at once (a
+        relay behind a balancer is stopping; another takes new connections)."""
         self.session = transport
         self._session_up.set()
         self.stats.session_started(transport)
         log.info("session up to %s", self.relay.url)
+        if draining is None:
+            return await self._run_session(transport)
+        ended: list[str] = []
+        done = trio.Event()
+
+        async def run() -> None:
+            try:
+                ended.append(await self._run_session(transport))
+            finally:
+                done.set()
+
+        draining.start_soon(run)
+        async with trio.open_nursery() as first:
+            first.start_soon(_cancel_after, done.wait, first.cancel_scope)
+            first.start_soon(_cancel_after, transport.wait_goaway, first.cancel_scope)
+        if ended:
+            return ended[0]
+        self._forget_session(transport)  # (new connections wait for the next one)
+        self._draining.add(transport)
+        return None
+
+    def _forget_session(self, transport: TunnelTransport) -> None:
+        if self.session is transport:
+            self.session = None
+            self._session_up = trio.Event()
+
+    async def _run_session(self, transport: TunnelTransport) -> str:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.reverse.hold, transport)  # (a reload may add -R)
@@ -210,8 +257,8 @@ class Agent:
             return reason
         finally:
             self.stats.session_ended(transport)
-            self.session = None
-            self._session_up = trio.Event()
+            self._forget_session(transport)
+            self._draining.discard(transport)
             await trio.aclose_forcefully(transport.stream)
 
     async def wait_session(self, timeout: float) -> TunnelTransport | None:
@@ -371,8 +418,13 @@ class Agent:
             session.go_away("the agent is shutting down")
         with trio.move_on_after(timeout):
             await self._idle.wait()
-        if self.session is not None:
-            await self.session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+        for session in [*self._draining, *([self.session] if self.session else [])]:
+            await session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+
+
+async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 def _target_text(host: str, port: int, kind: int) -> str:

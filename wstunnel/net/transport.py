@@ -147,6 +147,7 @@ class TunnelTransport:
         #: The open channels by id (the table's dict, looked up directly per record).
         self.channels = self._channel_table.channels
         self.goaway_received = False
+        self._goaway = trio.Event()  # (set with goaway_received: wait_goaway)
         #: What this session's UDP flows may hold back in their own queues together.
         self.datagram_budget = DatagramBudget(protocol.limits.max_queued_size)
         self._on_open = on_open
@@ -473,6 +474,11 @@ class TunnelTransport:
             self.protocol.go_away(0, text)
             self.wake_writer()
 
+    async def wait_goaway(self) -> None:
+        """Until the peer's GOAWAY: it opens no channel more, and ends the session once
+        its open ones are done (a relay that drains)."""
+        await self._goaway.wait()
+
     async def wait_ended(self) -> None:
         """Wait until ``run()`` has finished."""
         await self._done.wait()
@@ -727,6 +733,7 @@ class TunnelTransport:
             self._incoming(event)
         elif isinstance(event, mux.GoAwayReceived):
             self.goaway_received = True
+            self._goaway.set()
             log.info("%s: the peer is going away (%s); no new channels", self.name,
                      event.text or "no reason")
         elif isinstance(event, mux.OutboundBudgetExhausted):
