@@ -28,7 +28,7 @@ PACKAGE = ROOT / "wstunnel"
 LAYERS: tuple[tuple[str, ...], ...] = (
     # The version string only: every import of a submodule runs this file first.
     ("__init__",),
-    ("errors", "addresses", "slotted"),
+    ("errors", "addresses", "slotted", "pieces"),
     ("ws", "mux", "security"),
     # records in a byte stream (the HTTP transports' carrier, uses ws events); the
     # resumption log (numbered records, acknowledgements, replay)
@@ -42,8 +42,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 
 # Bytes in, events and bytes out: no I/O, clock, randomness, threads or logging.
-SANS_IO_ROOMS = frozenset({"__init__", "errors", "addresses", "slotted", "ws", "mux", "framing",
-                           "replay", "protocol"})
+SANS_IO_ROOMS = frozenset({"__init__", "errors", "addresses", "slotted", "pieces", "ws", "mux",
+                           "framing", "replay", "protocol"})
 NEVER_REACHABLE_FROM_SANS_IO = frozenset({
     "trio", "socket", "_socket", "ssl", "_ssl", "time", "yaml", "logging", "random",
     "select", "threading", "asyncio",

@@ -338,8 +338,7 @@ class TunnelProtocol:
             replay = self.replay  # (not resumable: one test per record)
             while size < max_size:
                 if replay is not None and replay.full:
-                    self._frame_control(replay)
-                    self._hold(replay)
+                    self._frame_control(replay)  # (then held: below)
                     break
                 parts = next_parts(max_size)
                 if parts is None:

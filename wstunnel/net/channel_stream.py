@@ -31,7 +31,7 @@ from .. import mux
 from ..addresses import join_host_port
 from ..errors import ChannelReset
 from ..mux import ChannelKind, ResetCode
-from .pieces import queue_piece
+from ..pieces import queue_piece
 
 __all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE", "until_ended"]
 

@@ -55,8 +55,8 @@ import trio
 
 from ..errors import ChannelReset
 from ..mux import ResetCode
+from ..pieces import queue_piece
 from .ending import clear_abortive, set_abortive, unsent_size, watch_all_sent
-from .pieces import queue_piece
 from .plain_stream import MAX_PIECES, Buffer, drop_sent
 
 if TYPE_CHECKING:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import LocalProtocolError, RemoteProtocolError
+from ..pieces import queue_piece
 from .events import (
     BytesMessage,
     CloseReceived,
@@ -87,8 +88,6 @@ _TEXT: Final = Opcode.TEXT
 _BINARY: Final = Opcode.BINARY
 _PING: Final = Opcode.PING
 _PONG: Final = Opcode.PONG
-#: Fragments smaller than this are joined as they arrive (``_add_fragment``).
-_JOIN_BELOW_SIZE: Final = 4096
 #: Pongs queued, not yet drained, before the last one is replaced (``_answer_ping``);
 #: a burst of pings below it is answered ping for ping (Autobahn 2.10, 2.11).
 _MAX_PONGS_QUEUED: Final = 32
@@ -198,9 +197,9 @@ class WebSocketConnection:
         self.close_reason = ""
         self.should_close_transport = False
         # The message being assembled: big fragments as they came, small ones joined
-        # into ``_tail`` (``_add_fragment``).
-        self._fragments: list[bytes | bytearray] = []
-        self._tail: bytearray | None = None
+        # (pieces.py: empty or 1-byte continuation frames must not cost an object each;
+        # max_message_size counts bytes, not frames).
+        self._fragments: list[bytes | bytearray | memoryview] = []
         self._utf8: codecs.IncrementalDecoder | None = None  # set while a text message is open
         #: Where in ``_output`` the last pong not yet drained is, and how many are
         #: queued (``_answer_ping``).
@@ -437,31 +436,16 @@ class WebSocketConnection:
                 self._utf8.decode(payload, fin)  # (checked as it comes; decoded at the end)
             except UnicodeDecodeError as exc:
                 raise RemoteProtocolError("text message is not valid UTF-8", 1007) from exc
-        self._add_fragment(payload)
+        queue_piece(self._fragments, payload)
         if not fin:
             return
         message = b"".join(self._fragments)
         self._fragments = []
-        self._tail = None
         if self._utf8 is not None:
             self._events.append(TextMessage(message.decode("utf-8")))
             self._utf8 = None
         else:
             self._events.append(BytesMessage(message))
-
-    def _add_fragment(self, payload: bytes | bytearray) -> None:
-        """Keep a fragment; small ones are joined as they come, so a message costs about
-        its size however the peer cuts it (max_message_size counts bytes, not frames:
-        empty or 1-byte continuation frames would each cost an object)."""
-        if len(payload) >= _JOIN_BELOW_SIZE:
-            self._fragments.append(payload)
-            self._tail = None
-        elif payload:
-            tail = self._tail
-            if tail is None:
-                tail = self._tail = bytearray()
-                self._fragments.append(tail)
-            tail += payload
 
     def _handle_close(self, payload: bytes) -> None:
         """The peer's close: echo it if we have not closed yet (RFC 6455 5.5.1)."""
@@ -486,7 +470,6 @@ class WebSocketConnection:
         self.close_reason = reason
         self.should_close_transport = True
         self._fragments = []
-        self._tail = None
         self._utf8 = None
         self._events.append(ConnectionClosed(code, reason))
 

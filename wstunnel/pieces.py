@@ -1,13 +1,15 @@
-"""What waits for a local socket or reader, without a per-record overhead.
+"""Pieces that wait to be joined or written, without a per-piece overhead.
 
-Why: a received DATA payload waits (for a slow local socket, in the socket pump;
-for a channel's reader, in its queue) as the object the multiplexer gave it: a
-bytes or memoryview of its own, about 50 to 200 bytes beyond its payload. A
-peer that sends 2-byte records to a destination that does not read would then
-make one window's worth of waiting data cost 25 to 100 times its size, past
-``max_buffered_size`` (docs/SECURITY.md, "Memory per session"). Joining small
-payloads as they queue keeps what waits within a few bytes of its size; bulk
-payloads (16 KiB and more) are queued as they are, with no copy.
+Why: a received piece waits as the object it came in: a bytes or memoryview of
+its own, about 50 to 200 bytes beyond its payload. A DATA payload waiting for a
+slow local socket (net/pump.py) or a channel's reader (net/channel_stream.py),
+a WebSocket fragment waiting for the rest of its message (ws/connection.py):
+a peer that sends them 2 bytes (or none) at a time would make what waits cost
+25 to 100 times its size, past the limits that count bytes
+(``max_buffered_size``, ``max_message_size``; docs/SECURITY.md, "Memory per
+session"). Joining small pieces as they queue keeps what waits within a few
+bytes of its size; big ones (16 KiB and more) are queued as they are, with
+no copy.
 """
 
 from __future__ import annotations

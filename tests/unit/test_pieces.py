@@ -1,4 +1,4 @@
-"""Payloads waiting for a local socket or reader (net/pieces.py): small ones are
+"""Pieces waiting for a local socket, a reader or the rest of a message (pieces.py): small ones are
 joined so that what waits costs about its size, in the order it came."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections import deque
 from hypothesis import given
 from hypothesis import strategies as st
 
-from wstunnel.net.pieces import SMALL, queue_piece
+from wstunnel.pieces import SMALL, queue_piece
 
 _SIZES = st.lists(st.one_of(st.integers(1, 8), st.integers(1, 2 * SMALL),
                             st.integers(16384, 70000)), max_size=60)
