@@ -4,23 +4,22 @@ Theory of operation: the listeners (bound by ``run_agent``, run.py) live for
 the whole run; the session comes and goes. ``maintain_session`` connects,
 serves the session until it ends, then reconnects with exponential backoff
 and jitter; at the relay's GOAWAY it connects again at once, and the old
-session drains beside the new one (its open channels finish there). The
-agent is the ``ChannelOpener`` of every forward kind (kinds.py): a local
-connection opens a channel on the session (its first bytes travel right
-behind the OPEN) and is handed to the session's socket pump (net/pump.py; no
-task per connection from then on), at once in the accepting task when a
-session is up (``carry_now``), else from a task that waits up to
-``connect_wait_timeout`` for one (``carry``), and is spliced until both sides
-finish where there is no pump.
-When the session drops, its channels break and their local sockets are
-closed, never left hanging.
+session drains beside the new one (its open channels finish there;
+session_slot.py). The agent is the ``ChannelOpener`` of every forward kind
+(kinds.py): a local connection opens a channel on the session (its first
+bytes travel right behind the OPEN) and is handed to the session's socket
+pump (net/pump.py; no task per connection from then on), at once in the
+accepting task when a session is up (``carry_now``), else from a task that
+waits up to ``connect_wait_timeout`` for one (``carry``), and is spliced
+until both sides finish where there is no pump. When the session drops, its
+channels break and their local sockets are closed, never left hanging.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from functools import partial
 from typing import Final
 
@@ -43,6 +42,7 @@ from .rate_limits import ForwardLimits
 from .reconnect import Reconnect
 from .resume import AgentResumer
 from .reverse import ReverseForwards
+from .session_slot import SessionSlot
 from .transports import Opened, TransportChooser
 from .transports import Request as TransportRequest
 
@@ -66,11 +66,8 @@ class Agent:
         self.relay: RelayURL = config.relay_url
         self.limits = session_limits(config)
         self.dial = proxy_dialer(config, proxy_environment())
-        self.session: TunnelTransport | None = None
-        #: Sessions whose relay sent GOAWAY: they run until their channels are done.
-        self._draining: set[TunnelTransport] = set()
+        self.sessions = SessionSlot()  # (the current one, and those draining: session_slot.py)
         self.stopping = False
-        self._session_up = trio.Event()
         self._channels = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -215,35 +212,12 @@ class Agent:
         ``draining``, return None at the relay's GOAWAY instead: the session goes on
         there until its channels are done, and the next one may start at once (a
         relay behind a balancer is stopping; another takes new connections)."""
-        self.session = transport
-        self._session_up.set()
         self.stats.session_started(transport)
         log.info("session up to %s", self.relay.url)
-        if draining is None:
-            return await self._run_session(transport)
-        ended: list[str] = []
-        done = trio.Event()
-
-        async def run() -> None:
-            try:
-                ended.append(await self._run_session(transport))
-            finally:
-                done.set()
-
-        draining.start_soon(run)
-        async with trio.open_nursery() as first:
-            first.start_soon(_cancel_after, done.wait, first.cancel_scope)
-            first.start_soon(_cancel_after, transport.wait_goaway, first.cancel_scope)
-        if ended:
-            return ended[0]
-        self._forget_session(transport)  # (new connections wait for the next one)
-        self._draining.add(transport)
-        return None
-
-    def _forget_session(self, transport: TunnelTransport) -> None:
-        if self.session is transport:
-            self.session = None
-            self._session_up = trio.Event()
+        if draining is not None:
+            return await self.sessions.serve(transport, self._run_session, draining)
+        self.sessions.fill(transport)
+        return await self._run_session(transport)
 
     async def _run_session(self, transport: TunnelTransport) -> str:
         try:
@@ -257,25 +231,8 @@ class Agent:
             return reason
         finally:
             self.stats.session_ended(transport)
-            self._forget_session(transport)
-            self._draining.discard(transport)
+            self.sessions.vacate(transport)
             await trio.aclose_forcefully(transport.stream)
-
-    async def wait_session(self, timeout: float) -> TunnelTransport | None:
-        """The current session, waiting up to ``timeout`` for one to come up."""
-        with trio.move_on_after(timeout):
-            while True:
-                session = self.session
-                if session is not None and session.resuming:  # (its path is broken)
-                    await session.wait_carrier()
-                    continue
-                if session is not None and session.is_open and not session.goaway_received:
-                    return session
-                if session is not None:  # draining after GOAWAY: wait for its end
-                    await session.wait_ended()
-                await self._session_up.wait()
-                await trio.sleep(0)
-        return None
 
     # -- local connections ---------------------------------------------------
 
@@ -295,10 +252,9 @@ class Agent:
         False (nothing changed): no usable session, no pump, or the open failed;
         ``carry`` then deals with it (waits for a session, splices, logs).
         """
-        session = self.session
-        if (session is None or not session.pumping or not session.is_open
-                or session.goaway_received or session.resuming):
-            return False  # (resuming: ``carry`` waits up to connect_wait_timeout for it)
+        session = self.sessions.usable_now()
+        if session is None:
+            return False  # (e.g. resuming: ``carry`` waits up to connect_wait_timeout)
         try:
             channel = session.open_channel(host, port, kind=kind, forward=forward)
         except (SessionClosed, ChannelRefused):
@@ -342,7 +298,7 @@ class Agent:
         """Carry ``stream``; True when the session's socket pump took it over (and will
         close it), False when it is finished here (``carry`` closes it)."""
         target = _target_text(host, port, kind)
-        session = await self.wait_session(self.config.connect_wait_timeout)
+        session = await self.sessions.wait(self.config.connect_wait_timeout)
         if session is None:
             log.warning("no session to the relay within %g s; reset the connection for %s",
                         self.config.connect_wait_timeout, target)
@@ -360,7 +316,7 @@ class Agent:
         ``kind`` to host:port on it, for a kind that answers its client first
         (kinds.py); None: no session, or it could not open one (logged)."""
         target = _target_text(host, port, kind)
-        session = await self.wait_session(self.config.connect_wait_timeout)
+        session = await self.sessions.wait(self.config.connect_wait_timeout)
         if session is None:
             log.warning("no session to the relay within %g s; cannot open %s",
                         self.config.connect_wait_timeout, target)
@@ -377,7 +333,7 @@ class Agent:
         self._connection_opened()
         handed_over = False
         try:
-            session = self.session
+            session = self.sessions.current
             if session is not None and session.channels.get(channel.channel_id) is not channel:
                 session = None  # (its session ended: the channel is broken, splice ends it)
             handed_over = await self._carry_opened(session, channel, stream)
@@ -413,18 +369,13 @@ class Agent:
         """GOAWAY, let open channels finish up to ``timeout``, close the session."""
         self.stopping = True
         self.reverse.release_all()
-        session = self.session
+        session = self.sessions.current
         if session is not None:
             session.go_away("the agent is shutting down")
         with trio.move_on_after(timeout):
             await self._idle.wait()
-        for session in [*self._draining, *([self.session] if self.session else [])]:
+        for session in self.sessions.all():
             await session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
-
-
-async def _cancel_after(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
-    await wait()
-    scope.cancel()
 
 
 def _target_text(host: str, port: int, kind: int) -> str:
