@@ -251,10 +251,12 @@ async def test_the_shipped_nginx_config_carries_the_http_transports(
 
 
 def _readme_nginx_upstream(ports: list[int]) -> str:
-    """README's nginx upstream for several relays, as written there, ports filled in."""
+    """README's nginx map and upstream for several relays, as written there, ports
+    filled in."""
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index("upstream wstunnel_relays {"):]
-    block = block[:block.index("}") + 1]
+    block = readme[readme.index("map $http_authorization $wstunnel_agent {"):]
+    upstream = block.index("upstream wstunnel_relays {")
+    block = block[:block.index("}", upstream) + 1]
     return substitute(block, {"127.0.0.1:8081": f"{LOOPBACK}:{ports[0]}",
                               "127.0.0.1:8082": f"{LOOPBACK}:{ports[1]}"}) + "\n"
 
@@ -277,6 +279,27 @@ async def test_the_readme_nginx_upstream_keeps_an_agent_on_one_relay(
             with nginx(pki, 0, upstream=upstream) as front:
                 config = agent_config(0, [target], relay=f"wss://{LOOPBACK}:{front.port}/tunnel",
                                       transport=transport, token_env="A1_TOKEN")
+                agent = await start_agent(nursery, config)
+                await _churn(agent.ports[0], 200)
+                nursery.cancel_scope.cancel()
+    assert not [line for line in logs.lines if "stickiness" in line]
+
+
+@pytest.mark.parametrize("transport", ["polling", "streaming"])
+async def test_the_readme_nginx_upstream_keeps_an_agent_without_a_token_on_one_relay(
+        transport: str, pki: Pki, trust_test_ca: None, logs: LogWatch) -> None:
+    """README's nginx block with relays that take agents without a token (``no_auth``):
+    no Authorization header, so the hash needs another key; an HTTP session's requests
+    still all reach one relay, 200 churning channels pass and nobody is told about
+    stickiness."""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relays = [await start_relay(nursery, relay_config()) for _ in range(2)]
+            upstream = _readme_nginx_upstream([relay.ports[0] for relay in relays])
+            with nginx(pki, 0, upstream=upstream) as front:
+                config = agent_config(0, [target], relay=f"wss://{LOOPBACK}:{front.port}/tunnel",
+                                      transport=transport)
                 agent = await start_agent(nursery, config)
                 await _churn(agent.ports[0], 200)
                 nursery.cancel_scope.cancel()

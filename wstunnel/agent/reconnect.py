@@ -1,7 +1,8 @@
 """Which relay the agent's next session goes to, and when.
 
-Theory of operation: ``Agent.maintain_session`` (agent.py) asks ``Reconnect``
-for a relay before each connect and reports how the attempt went. Each relay
+Theory of operation: ``Agent.maintain_session`` (agent.py) and ``--stdio``
+(stdio.py) ask ``Reconnect`` for a relay before each connect and report how the
+attempt went. Each relay
 has a backoff of its own (exponential with jitter, from
 ``reconnect_min_interval`` to ``reconnect_max_interval``); the first relay, in
 the configured order, whose backoff is over is tried, so the first listed is
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import trio
 
@@ -45,14 +46,24 @@ class Reconnect:
     async def choose(self) -> RelayURL:
         """The first relay, in the configured order, whose backoff is over (waiting for
         the earliest when none is)."""
-        ready_at = self._ready_at
         while True:
-            relays = self._config().relay_urls
-            now = trio.current_time()
-            for relay in relays:
-                if ready_at.get(relay, 0.0) <= now:
-                    return relay
-            await trio.sleep(min(ready_at.get(relay, now) for relay in relays) - now)
+            relay, ready_at = self.next_relay()
+            if ready_at <= trio.current_time():
+                return relay
+            await trio.sleep_until(ready_at)  # (then again: a reload may change the list)
+
+    def next_relay(self, skip: Collection[RelayURL] = ()) -> tuple[RelayURL, float]:
+        """(the relay ``choose`` returns, when it may be tried): the first, in the
+        configured order, whose backoff is over, else the one ready soonest. ``skip``:
+        relays not to try at all (``--stdio`` leaves out those that refused it); at
+        least one must be left.
+        """
+        now = trio.current_time()
+        relays = [relay for relay in self._config().relay_urls if relay not in skip]
+        ready = [(max(now, self._ready_at.get(relay, now)), index, relay)
+                 for index, relay in enumerate(relays)]
+        ready_at, _, relay = min(ready)  # (the earliest; among those ready, the first)
+        return relay, ready_at
 
     def connect_failed(self, relay: RelayURL, refused: bool) -> tuple[int, float]:
         """A connect to ``relay`` failed (``refused``: on purpose); returns (failures

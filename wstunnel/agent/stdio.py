@@ -7,9 +7,21 @@ ssh writes its side of the connection to our stdin and reads the other side
 from our stdout, so stdout carries channel bytes and nothing else (logs go to
 stderr) and the process lives exactly as long as the channel.
 
-* Connect first, without the agent's endless reconnecting: the relay must be
-  reached within ``connect_wait_timeout`` (retrying with the usual backoff);
-  a refused token is final at once. Either failure is a ``StdioFailed``.
+* Connect first, without the agent's endless reconnecting: a relay must be
+  reached within ``connect_wait_timeout``. With several relays the choice is
+  the daemon agent's (reconnect.py): the first, in the configured order, whose
+  jittered backoff is over, so a relay that is down or answers 503 sends us on
+  to the next at once. A refused token is final once every relay refused it.
+  Either failure is a ``StdioFailed``. Each attempt gets an ``Agent`` of its
+  own that knows only the relay chosen: a resume goes back to the relay that
+  holds the session, and the daemon's move back to the preferred relay (which
+  ends an idle session: ours has no counted connection) never applies.
+* Until the destination is known to be reached, the channel may be opened
+  again on the next relay: when the relay goes away first (GOAWAY before our
+  OPEN, or an OPEN refused for it) or the session is lost before anything was
+  sent. Bytes read from stdin meanwhile are held (``_HeldInput``, at most one
+  window) and sent again; once the relay confirms the channel or anything
+  reaches stdout, nothing is retried (the destination may have acted on them).
 * Then open the channel and splice it with stdin/stdout (net/splice.py: reads
   from stdin are sized by the channel's send credit and writes to stdout wait
   for the reader, so a huge transfer buffers no more than one window each way).
@@ -26,6 +38,7 @@ shares, so it is restored when the streams close, on every path out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -34,9 +47,9 @@ from typing import Final
 
 import trio
 
-from .. import ws
+from .. import mux, ws
 from ..addresses import HostPort
-from ..config import AgentConfig
+from ..config import AgentConfig, RelayURL
 from ..errors import ChannelRefused, ChannelReset, SessionClosed, TunnelError
 from ..net.channel_stream import ChannelStream
 from ..net.splice import splice
@@ -114,6 +127,61 @@ def _close_stdout() -> None:
         os.close(null)
 
 
+class _HeldInput(trio.abc.HalfCloseableStream):
+    """The stdio stream, keeping what is read from it until ``commit``, so that a
+    channel opened again (on the next relay) gets those bytes too (``rewind``). Writing
+    to it commits: once stdout has bytes, the channel cannot start over. Splice reads
+    only as much as the channel's credit allows, so at most one window is held."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
+        self._stream = stream
+        self._held = bytearray()
+        self._given = 0  # (how much of _held this attempt has read)
+        self._eof = False  # (stdin ended while held)
+        self.committed = False
+        self.anything_read = False
+
+    def commit(self) -> None:
+        """The channel reached its destination: nothing will be sent again."""
+        self.committed = True
+        del self._held[:self._given]  # (what this attempt has not read yet is still due)
+        self._given = 0
+
+    def rewind(self) -> None:
+        """The next attempt reads everything held again, from the start."""
+        self._given = 0
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._given < len(self._held):
+            end = len(self._held) if max_bytes is None else self._given + max_bytes
+            held = bytes(self._held[self._given:end])
+            self._given += len(held)
+            return held
+        if self._eof:
+            return b""
+        data = await self._stream.receive_some(max_bytes)
+        self.anything_read = True
+        if not self.committed:
+            self._held += data
+            self._given += len(data)
+            self._eof = not data
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.commit()
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        self.commit()
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 async def run_stdio(config: AgentConfig, target: HostPort,
                     stream: trio.abc.HalfCloseableStream | None = None) -> None:
     """Carry ``stream`` (default: stdin/stdout) as one channel to ``target``; return
@@ -125,23 +193,55 @@ async def run_stdio(config: AgentConfig, target: HostPort,
     """
     stream = stream if stream is not None else StdioStream.from_stdio()
     try:
-        agent = Agent(config)
-        transport = await _connect(agent, config.connect_wait_timeout)
-        async with trio.open_nursery() as nursery:
-            session_scope = trio.CancelScope(shield=True)
-            nursery.start_soon(_serve_until_closed, agent, transport, session_scope)
+        relays = Reconnect(lambda: config)
+        deadline = trio.current_time() + config.connect_wait_timeout
+        held = _HeldInput(stream)
+        while True:
+            agent, transport = await _connect(config, relays, deadline)
+            started = trio.current_time()
             try:
-                await _carry(transport, target, stream, agent.relay.url)
-            finally:
-                try:
-                    with trio.CancelScope(shield=True):
-                        await transport.close(ws.CloseCode.GOING_AWAY, "stdio channel done",
-                                              timeout=CLOSE_TIMEOUT)
-                finally:  # (whatever close did: the shielded session must not hold on)
-                    session_scope.cancel()
-                    nursery.cancel_scope.cancel()
+                return await _run_session(agent, transport, target, held)
+            except _Retry as retry:
+                # (a relay that takes sessions and goes away at once backs off)
+                delay = relays.session_ended(agent.relay, trio.current_time() - started)
+                if trio.current_time() >= deadline:
+                    raise StdioFailed(retry.message) from retry.__cause__
+                log.info("%s; opening the channel again (%s backs off %.1f s)",
+                         retry.message, agent.relay.url, delay)
+                held.rewind()
     finally:
         await trio.aclose_forcefully(stream)
+
+
+class _Retry(Exception):  # noqa: N818 (a control-flow signal, not an error people see)
+    """The channel did not reach its destination and nothing reached stdout: it may be
+    opened again on the relay that answers next (``message``: what to say if not)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+async def _run_session(agent: Agent, transport: TunnelTransport, target: HostPort,
+                       held: _HeldInput) -> None:
+    retry: _Retry | None = None
+    async with trio.open_nursery() as nursery:
+        session_scope = trio.CancelScope(shield=True)
+        nursery.start_soon(_serve_until_closed, agent, transport, session_scope)
+        try:
+            await _carry(transport, target, held, agent.relay.url)
+        except _Retry as exc:  # (raised out of the nursery, it would come in a group)
+            retry = exc
+        finally:
+            try:
+                with trio.CancelScope(shield=True):
+                    await transport.close(ws.CloseCode.GOING_AWAY, "stdio channel done",
+                                          timeout=CLOSE_TIMEOUT)
+            finally:  # (whatever close did: the shielded session must not hold on)
+                session_scope.cancel()
+                nursery.cancel_scope.cancel()
+    if retry is not None:
+        raise retry
 
 
 async def _serve_until_closed(agent: Agent, transport: TunnelTransport,
@@ -153,44 +253,106 @@ async def _serve_until_closed(agent: Agent, transport: TunnelTransport,
         await agent.serve(transport)
 
 
-async def _connect(agent: Agent, timeout: float) -> TunnelTransport:
-    """The first session, retrying until ``timeout`` with the agent's jittered backoff
-    (many ProxyCommands started together must not retry in step); a refusal is final
-    at once."""
-    deadline = trio.current_time() + timeout
-    backoff = Reconnect(lambda: agent.config)
+async def _connect(config: AgentConfig, relays: Reconnect,
+                   deadline: float) -> tuple[Agent, TunnelTransport]:
+    """A session on the relay ``relays`` chooses, retrying until ``deadline`` on the
+    agent's jittered backoff (many ProxyCommands started together must not retry in
+    step). A refusal is final once every relay has refused us."""
+    failures: dict[RelayURL, str] = {}
+    refused: set[RelayURL] = set()
+    attempts = 0
     while True:
+        _, ready_at = relays.next_relay(skip=refused)
+        await trio.sleep_until(min(ready_at, deadline))
+        relay, _ = relays.next_relay(skip=refused)  # (at the deadline: the one ready soonest)
+        agent = Agent(_only(config, relay))
+        attempts += 1
         try:
-            return await agent.connect_once()
+            transport = await agent.connect_once()
         except (OSError, TunnelError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             reason, retry = agent.connect_failure(exc)
+            count, delay = relays.connect_failed(relay, refused=not retry)
+            failures[relay] = reason
             if not retry:  # (reached, and turned away: no timeout or attempts to blame)
-                raise StdioFailed(f"relay {agent.relay.url} refused us: {reason}") from exc
-            attempt, delay = backoff.connect_failed(agent.relay, refused=False)
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
-                raise StdioFailed(f"cannot reach relay {agent.relay.url}: {reason} (gave up "
-                                  f"after {attempt} attempt{'s' * (attempt != 1)}; "
-                                  f"connect_wait_timeout is {timeout:g} s)") from exc
-            log.info("cannot reach relay %s (attempt %d): %s; retrying in %.1f s",
-                     agent.relay.url, attempt, reason, delay)
-            await trio.sleep(min(delay, remaining))
+                refused.add(relay)
+                if refused >= set(config.relay_urls):
+                    raise StdioFailed(f"relay {relay.url} refused us: {reason}") from exc
+            elif trio.current_time() >= deadline:
+                raise StdioFailed(_unreachable(relay, failures, attempts, config)) from exc
+            log.info("cannot reach relay %s (attempt %d): %s; %s backs off %.1f s",
+                     relay.url, count, reason, relay.url, delay)
+            continue
+        relays.connected(relay)
+        return agent, transport
 
 
-async def _carry(transport: TunnelTransport, target: HostPort,
-                 stream: trio.abc.HalfCloseableStream, relay: str) -> None:
+def _only(config: AgentConfig, relay: RelayURL) -> AgentConfig:
+    """``config`` with ``relay`` as its only relay."""
+    if len(config.relay_urls) == 1:
+        return config
+    texts = (config.relay,) if isinstance(config.relay, str) else config.relay
+    return dataclasses.replace(config, relay=dict(zip(config.relay_urls, texts,
+                                                      strict=True))[relay])
+
+
+def _unreachable(relay: RelayURL, failures: dict[RelayURL, str], attempts: int,
+                 config: AgentConfig) -> str:
+    """One line: the relay tried last and why, then the others'."""
+    others = "".join(f"; nor relay {other.url}: {why}" for other, why in failures.items()
+                     if other != relay)
+    return (f"cannot reach relay {relay.url}: {failures[relay]}{others} (gave up after "
+            f"{attempts} attempt{'s' * (attempts != 1)}; connect_wait_timeout is "
+            f"{config.connect_wait_timeout:g} s)")
+
+
+async def _carry(transport: TunnelTransport, target: HostPort, held: _HeldInput,
+                 relay: str) -> None:
     try:
         channel = transport.open_channel(target.host, target.port, forward="--stdio")
     except (SessionClosed, ChannelRefused) as exc:
-        raise StdioFailed(f"cannot open a channel to {target}: {exc}") from exc
+        message = f"cannot open a channel to {target}: {exc}"
+        if isinstance(exc, SessionClosed):  # (GOAWAY or lost first: no OPEN went out)
+            raise _Retry(message) from exc
+        raise StdioFailed(message) from exc
     try:
-        clean = await splice(stream, channel)
+        clean = await _splice(held, channel)
     except BaseException:  # cancelled: reset before the session closes, not "lost" with it
         channel.abort("the agent was stopped")
         raise
+    if not clean and _may_open_again(channel, held):
+        raise _Retry(_failure(target, channel, relay)) from channel.error
     if not clean:
         raise StdioFailed(_failure(target, channel, relay))
     await _wait_sent(transport, channel, target, relay)
+
+
+async def _splice(held: _HeldInput, channel: ChannelStream) -> bool:
+    """``splice``; what stdin gave stops being held once the relay confirms the channel."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_commit_when_opened, channel, held)
+        clean = await splice(held, channel)
+        nursery.cancel_scope.cancel()
+    return clean
+
+
+async def _commit_when_opened(channel: ChannelStream, held: _HeldInput) -> None:
+    try:
+        await channel.wait_opened()
+    except trio.BrokenResourceError:  # (refused, reset or lost: splice ends and says which)
+        return
+    held.commit()
+
+
+def _may_open_again(channel: ChannelStream, held: _HeldInput) -> bool:
+    """The destination cannot have had a byte from us, and stdout has none yet: the
+    relay refused the OPEN because it is going away, or the session was lost before
+    stdin gave anything."""
+    error = channel.error
+    if held.committed:
+        return False
+    if isinstance(error, ChannelRefused):
+        return error.reason == mux.OpenFailure.GOING_AWAY
+    return isinstance(error, SessionClosed) and not held.anything_read
 
 
 async def _wait_sent(transport: TunnelTransport, channel: ChannelStream, target: HostPort,
@@ -211,6 +373,9 @@ def _failure(target: HostPort, channel: ChannelStream, relay: str) -> str:
     """One line: how the channel ended badly, and what to check. (The only line: the
     session's own warnings about losing its channels are hidden, cli/main.py.)"""
     error = channel.error
+    if isinstance(error, ChannelRefused) and error.reason == mux.OpenFailure.GOING_AWAY:
+        return (f"relay {relay} went away before it connected to {target}: {error} "
+                f"\N{EM DASH} connect again (a relay behind a load balancer is stopping)")
     if isinstance(error, ChannelRefused):
         return (f"the relay could not connect to {target}: {error} (check that {target} "
                 f"is up and that the relay's allow rules permit it)")
