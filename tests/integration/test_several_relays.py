@@ -240,7 +240,7 @@ async def test_a_new_connection_during_a_relay_drain_goes_to_another_relay_at_on
     carried within a second, by a new session through haproxy to the other relay,
     while the open one still echoes on the draining relay. (A connection made in the
     instant between the relay's GOAWAY and the agent reading it crosses the GOAWAY
-    and is reset: PROTOCOL.md section 7.)"""
+    and is opened again on the new session: test_goaway_race.py.)"""
     with trio.fail_after(TIMEOUT):
         async with _holder_stopped(pki, tmp_path) as (port, stream, _holder):
             await logs.wait_for("the relay is going away; its open channels finish on it")

@@ -12,7 +12,10 @@ pump (net/pump.py; no task per connection from then on), at once in the
 accepting task when a session is up (``carry_now``), else from a task that
 waits up to ``connect_wait_timeout`` for one (``carry``), and is spliced
 until both sides finish where there is no pump. When the session drops, its
-channels break and their local sockets are closed, never left hanging.
+channels break and their local sockets are closed, never left hanging. A
+channel its relay refused because it was going away (the OPEN crossed the
+GOAWAY) is opened again on the next session, its socket moved over from the
+pump (``_reopener``) or spliced again, with the bytes it had sent (reopen.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .connect import check_tls_files, failure_reason, refusal_message, refused_o
 from .proxy import proxy_dialer, proxy_environment
 from .rate_limits import ForwardLimits
 from .reconnect import Reconnect
+from .reopen import reopen
 from .resume import AgentResumer
 from .reverse import ReverseForwards
 from .session_slot import SessionSlot
@@ -71,6 +75,9 @@ class Agent:
         self._channels = 0
         self._idle = trio.Event()
         self._idle.set()
+        #: Where a pumped connection refused with GOING_AWAY is opened again (``_reopener``);
+        #: None outside ``maintain_session`` (``--stdio`` retries on its own: stdio.py).
+        self._reopening: trio.Nursery | None = None
         self.reverse = ReverseForwards(config.forwards, self._tracked)
         self._fresh: Opened | None = None
         self.stats.reverse_forwards = self.reverse.status
@@ -105,6 +112,7 @@ class Agent:
         if self.dial is not None:
             log.info("reaching the relay through the proxy %s", self.dial)
         async with trio.open_nursery() as draining:  # (sessions whose relay goes away)
+            self._reopening = draining  # (and connections they refused: _reopener)
             while not self.stopping:
                 self.relay = await reconnect.choose()
                 try:
@@ -262,7 +270,8 @@ class Agent:
         self._connection_opened()  # (the accept loop has set TCP_NODELAY)
         finished = partial(self._channel_finished, channel.destination, channel)
         self.stats.channel_carried(channel, sock)  # (the access log's source address)
-        session.attach_socket(sock, channel, finished, read_now=True)
+        session.attach_socket(sock, channel, finished, read_now=True,
+                              reopen=self._reopener(channel))
         return True
 
     async def carry(self, host: str, port: int, stream: trio.abc.HalfCloseableStream, *,
@@ -344,15 +353,52 @@ class Agent:
 
     async def _carry_opened(self, session: TunnelTransport | None, channel: ChannelStream,
                             stream: trio.abc.HalfCloseableStream) -> bool:
-        target = channel.destination
-        finished = partial(self._channel_finished, target, channel)
-        self.stats.channel_carried(channel, getattr(stream, "socket", None))  # (access log)
-        if session is not None and session.attach(stream, channel, finished):
-            return True
-        clean = await splice(stream, channel)
+        while True:
+            target = channel.destination
+            finished = partial(self._channel_finished, target, channel)
+            self.stats.channel_carried(channel, getattr(stream, "socket", None))  # (access log)
+            if session is not None and session.attach(stream, channel, finished,
+                                                      reopen=self._reopener(channel)):
+                return True
+            clean = await splice(stream, channel)
+            again = await self._reopen(channel) if channel.retry is not None else None
+            if again is None:
+                break
+            session, channel = again
         self._channel_finished(target, channel, closed=False)
         await close_spliced(stream, channel, clean)
         return False
+
+    # -- a channel refused with GOING_AWAY: opened again on the next session ----------
+
+    def _reopener(self, channel: ChannelStream) -> Callable[[socket.socket], None] | None:
+        """For the socket pump (``attach``): where ``channel``'s socket goes if the relay
+        refuses it with GOING_AWAY (``_carry_again``, in a task of its own)."""
+        nursery = self._reopening
+        if nursery is None:
+            return None
+        return lambda sock: nursery.start_soon(self._carry_again, sock, channel)
+
+    async def _carry_again(self, sock: socket.socket, refused: ChannelStream) -> None:
+        """Carry a pumped connection whose channel ``refused`` was refused with
+        GOING_AWAY on the next session; reset it if none comes in time (as ``carry``)."""
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        handed_over = False
+        try:
+            again = await self._reopen(refused)
+            if again is not None:
+                handed_over = await self._carry_opened(*again, stream)
+        finally:
+            if not handed_over:
+                await abort_stream(stream)
+                self._connection_closed()
+
+    async def _reopen(self, refused: ChannelStream
+                      ) -> tuple[TunnelTransport, ChannelStream] | None:
+        """``refused`` crossed its relay's GOAWAY: open it again on the next session,
+        with what it had taken (reopen.py); None, logged: reset the connection."""
+        return await reopen(refused, self.sessions, self.config.connect_wait_timeout,
+                            lambda: self.stopping)
 
     def _channel_finished(
         self, target: str, channel: ChannelStream, *, closed: bool = True

@@ -67,10 +67,8 @@ async def _serve_client(users: Users | None, sock: socket.socket,
         if request.udp_associate:
             return await serve_association(stream, handshake, request, opener, label,
                                            udp_idle_timeout)
-        channel = await opener.open_channel(request.host, request.port, forward=label)
-        if channel is None:  # (no session, or the open was refused at once: logged)
-            handshake.reply_refused(None)
-        if channel is None or not await _opened(channel, request, handshake):
+        channel = await _open(opener, request, handshake, label)
+        if channel is None:
             return await _close_after_reply(stream, handshake)
         await stream.send_all(handshake.data_to_send())
     except _ENDED as exc:
@@ -153,9 +151,30 @@ async def _read_request(stream: trio.SocketStream,
     return None
 
 
+async def _open(opener: ChannelOpener, request: ProxyRequest, handshake: ProxyHandshake,
+                label: str) -> ChannelStream | None:
+    """The channel to the request's destination, connected; None: the refusal is
+    queued for the client. A channel refused because its relay was going away
+    (the relay never acted on it) is opened again on the next session, each time
+    waiting for one as a new connection would: the client hears nothing of it."""
+    while True:
+        channel = await opener.open_channel(request.host, request.port, forward=label)
+        if channel is None:  # (no session, or the open was refused at once: logged)
+            handshake.reply_refused(None)
+            return None
+        if await _opened(channel, request, handshake):
+            return channel
+        if channel.retry is None:
+            return None
+        log.info("%s request for %s: its relay went away before connecting it; opened "
+                 "again on the new session", request.protocol.value, channel.destination)
+
+
 async def _opened(channel: ChannelStream, request: ProxyRequest,
                   handshake: ProxyHandshake) -> bool:
-    """Send the early bytes, wait for the relay's answer, queue the reply; True: connected."""
+    """Send the early bytes, wait for the relay's answer, queue the reply; True:
+    connected. False with ``channel.retry`` set: refused as its relay went away,
+    nothing queued (``_open`` tries again)."""
     reason: int | None = OpenFailure.TIMEOUT
     with trio.move_on_after(OPEN_TIMEOUT):
         try:
@@ -163,6 +182,8 @@ async def _opened(channel: ChannelStream, request: ProxyRequest,
                 await channel.send_all(request.early)
             await channel.wait_opened()
         except trio.BrokenResourceError as exc:
+            if channel.retry is not None:
+                return False
             refused = exc.__cause__
             reason = refused.reason if isinstance(refused, ChannelRefused) else None
             log.warning("%s request for %s: the relay did not connect: %s",

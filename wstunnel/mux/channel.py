@@ -183,7 +183,7 @@ class Channel:
     """
 
     __slots__ = ("channel_id", "send_state", "receive_state", "credit", "window",
-                 "pieces", "queued_size", "pinned", "wake_below")
+                 "pieces", "queued_size", "pinned", "wake_below", "early", "early_size")
 
     def __init__(self, channel_id: int, *, opener: bool, send_window: int,
                  receive_window: int) -> None:
@@ -198,11 +198,23 @@ class Channel:
         self.pinned = 0
         #: The session's per-channel resume mark (0: none): see Session.send_capacity.
         self.wake_below = 0
+        #: Our channels only, until the peer answers the OPEN: the DATA chunks sent so
+        #: far, kept so that an OPEN refused with GOING_AWAY can be made again on
+        #: another session with the same bytes (:meth:`keep`); None once not needed.
+        self.early: list[bytes | memoryview] | None = [] if opener else None
+        self.early_size = 0
 
     @property
     def held_size(self) -> int:
         """Memory the queue holds, as the session's outbound budget counts it."""
-        return self.queued_size + self.pinned + PIECE_OVERHEAD_SIZE * len(self.pieces)
+        return (self.queued_size + self.pinned + PIECE_OVERHEAD_SIZE * len(self.pieces)
+                + self.early_held)
+
+    @property
+    def early_held(self) -> int:
+        """Memory the kept early chunks hold, as the outbound budget counts it."""
+        early = self.early
+        return self.early_size + PIECE_OVERHEAD_SIZE * len(early) if early else 0
 
     @property
     def finished(self) -> bool:
@@ -284,10 +296,46 @@ class Channel:
         return out
 
     def discard_queue(self) -> None:
-        """Drop queued outbound data (the channel was reset)."""
+        """Drop queued outbound data (the channel was reset), and the early chunks kept."""
         self.pieces.clear()
         self.queued_size = 0
         self.pinned = 0
+        self.drop_early()
+
+    def keep(self, payload: bytes | memoryview) -> int:
+        """A DATA chunk went out before the peer answered our OPEN: keep it (no copy).
+
+        Call it once the chunk's credit is consumed. Returns the change in
+        :attr:`held_size`. What is kept stays within the window the channel
+        opened with: past it, the peer must have returned credit (WINDOW) for
+        bytes it read, so it acted on the OPEN and a GOING_AWAY refusal would no
+        longer mean "never acted on": the chunks are dropped, and a negative
+        change returned.
+        """
+        early = self.early
+        assert early is not None
+        size = len(payload)
+        if self.credit.credit + self.early_size + size > self.credit.limit:
+            return -self.drop_early()
+        early.append(payload)
+        self.early_size += size
+        return size + PIECE_OVERHEAD_SIZE
+
+    def drop_early(self) -> int:
+        """Stop keeping early chunks (the peer answered the OPEN); returns the
+        :attr:`held_size` that frees."""
+        held = self.early_held
+        self.early = None
+        self.early_size = 0
+        return held
+
+    def unsent_since_open(self) -> bytes | None:
+        """Everything queued on this channel since the OPEN (sent and kept, or still
+        queued), in order; None if the early chunks were not kept, or the peer
+        returned credit for some (it read them: see :meth:`keep`)."""
+        if self.early is None or self.credit.credit + self.early_size > self.credit.limit:
+            return None
+        return b"".join([*self.early, *self.pieces])
 
 
 class ChannelTable:

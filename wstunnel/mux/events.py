@@ -63,14 +63,24 @@ class ChannelOpened(Slotted):
 
 
 class ChannelOpenFailed(Slotted):
-    """The peer refused a channel we opened; ``reason`` is an OpenFailure value."""
+    """The peer refused a channel we opened; ``reason`` is an OpenFailure value.
 
-    __slots__ = ("channel_id", "reason", "text")
+    With GOING_AWAY the peer never acted on the OPEN, so it may be made again on
+    another session: ``retry_data`` is then every byte given to ``send_data`` on
+    the channel (sent before the refusal or still queued), to send again there,
+    and ``retry_eof`` says whether ``send_eof`` was called. For any other reason
+    ``retry_data`` is None: the refusal is final.
+    """
 
-    def __init__(self, channel_id: int, reason: int, text: str) -> None:
+    __slots__ = ("channel_id", "reason", "text", "retry_data", "retry_eof")
+
+    def __init__(self, channel_id: int, reason: int, text: str, *,
+                 retry_data: bytes | None = None, retry_eof: bool = False) -> None:
         self.channel_id: Final = channel_id
         self.reason: Final = reason
         self.text: Final = text
+        self.retry_data: Final = retry_data
+        self.retry_eof: Final = retry_eof
 
 
 class DataReceived(Slotted):

@@ -180,7 +180,9 @@ class Outbox:
 
     The outbound budget (send_budget.py): :attr:`held_size` is what all
     queues hold (``Channel.held_size`` summed); the session adds what it
-    queues, each cut here subtracts what it frees. While channels wait for
+    queues, each cut here subtracts what it frees (not a chunk cut before the
+    peer answered our OPEN: it is kept, and counted, until then; Channel.keep).
+    While channels wait for
     room (:attr:`watching` is not 0), each cut calls ``on_room(channel)`` so
     that the budget can wake them; otherwise a cut costs one subtraction and
     one test more. Both counters live here because every cut reads them.
@@ -272,6 +274,8 @@ class Outbox:
         if budget > credit.credit:
             budget = credit.credit
         payload, size, freed = _cut(ch, budget, merge=False)
+        if ch.early is not None:  # (sent before the peer's answer to our OPEN: kept)
+            freed -= ch.keep(payload)
         queued = ch.queued_size
         self.held_size -= freed
         if self.watching:
@@ -304,6 +308,8 @@ class Outbox:
             if ch.pinned:
                 self.held_size -= ch.pinned
                 ch.pinned = 0
+            if ch.early is not None:
+                self.held_size += ch.keep(head)
             if self.watching:
                 self._on_room(ch)
             drr.members.remove(channel_id)
@@ -314,6 +320,8 @@ class Outbox:
                 self._on_drained(ch)
             return _pack_data_header(_DATA, channel_id), head
         payload, _, freed = _cut(ch, limit, merge=True)
+        if ch.early is not None:
+            freed -= ch.keep(payload)
         self.held_size -= freed
         if self.watching:
             self._on_room(ch)

@@ -109,11 +109,20 @@ class SendBudget:
         outbox = self.outbox
         if ch.wake_below:
             outbox.watching -= 1
-        if ch.queued_size:
+        if ch.queued_size or ch.early:
             outbox.held_size -= ch.held_size
             ch.discard_queue()
             if self.waiters and outbox.held_size < self.wake_below:
                 self._wake_waiters()
+
+    def release_early(self, ch: Channel) -> None:
+        """The peer answered ``ch``'s OPEN: the DATA kept since is freed (Channel.keep)."""
+        if ch.early is None:
+            return
+        outbox = self.outbox
+        outbox.held_size -= ch.drop_early()
+        if self.waiters and outbox.held_size < self.wake_below:
+            self._wake_waiters()
 
     def clear(self) -> None:
         """Forget the waiters (the session failed; Outbox.clear resets the counters)."""

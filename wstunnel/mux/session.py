@@ -464,13 +464,26 @@ class Session:
             self._forget(ch)
         elif isinstance(record, wire.OpenOk):
             ch.receive(Input.OPEN_OK)
+            self._budget.release_early(ch)
             self._events.append(ChannelOpened(ch.channel_id))
             self._top_up(ch)
         elif isinstance(record, wire.OpenFailed):
             ch.receive(Input.OPEN_FAILED)
-            self._events.append(ChannelOpenFailed(ch.channel_id, record.reason, record.text))
+            self._events.append(self._open_failed(ch, record))
             self._forget(ch)
         # Data never gets here: a DATA record too short for the fast path fails to decode
+
+    def _open_failed(self, ch: Channel, record: wire.OpenFailed) -> ChannelOpenFailed:
+        """The event for a refused OPEN of ours. GOING_AWAY means the peer never acted
+        on it (PROTOCOL.md section 7): the bytes given to send_data since, and
+        whether send_eof was called, go with it, to be sent again on another session
+        (not if a local reset is pending: the opener's side is already gone)."""
+        retry = None
+        if (record.reason == OpenFailure.GOING_AWAY
+                and ch.channel_id not in self._resets_after_data):
+            retry = ch.unsent_since_open()
+        return ChannelOpenFailed(ch.channel_id, record.reason, record.text, retry_data=retry,
+                                 retry_eof=retry is not None and ch.send_state is not _SEND_OPEN)
 
     def _receive_open(self, record: wire.Open) -> None:
         channel_id = record.channel_id
@@ -560,7 +573,7 @@ class Session:
             self._resets_after_data.pop(ch.channel_id, None)
         self.window_growth -= ch.window.size - self.open_window
         self._drr.discard(ch.channel_id)
-        if ch.wake_below or ch.queued_size:
+        if ch.wake_below or ch.queued_size or ch.early:
             self._budget.release(ch)
         self._events.append(ChannelClosed(ch.channel_id))
 

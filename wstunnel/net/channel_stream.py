@@ -33,7 +33,8 @@ from ..errors import ChannelReset
 from ..mux import ChannelKind, ResetCode
 from ..pieces import queue_piece
 
-__all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE", "until_ended"]
+__all__ = ["ChannelStream", "ChannelHost", "ChannelSink", "DEFAULT_RECEIVE_SIZE", "OpenRetry",
+           "until_ended"]
 
 DEFAULT_RECEIVE_SIZE = 256 * 1024
 
@@ -96,7 +97,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     __slots__ = ("_host", "channel_id", "host", "port", "kind", "forward", "bytes_sent",
                  "bytes_received", "_inbound", "_eof_received", "_eof_sent", "_closed",
                  "_mux_alive", "_error", "_readable", "_writable", "_on_break", "_sending",
-                 "_receiving", "_sink", "_confirmed", "_open_waiter")
+                 "_receiving", "_sink", "_confirmed", "_open_waiter", "_retry")
 
     def __init__(self, session: ChannelHost, channel_id: int, host: str, port: int,
                  kind: int = ChannelKind.TCP, forward: str | None = None) -> None:
@@ -124,6 +125,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         self._sink: ChannelSink | None = None
         self._confirmed = False  # the peer's OPEN_OK arrived
         self._open_waiter: trio.Event | None = None  # only while someone waits for it
+        self._retry: OpenRetry | None = None  # refused with GOING_AWAY: ``retry``
 
     @property
     def destination(self) -> str:
@@ -261,6 +263,19 @@ class ChannelStream(trio.abc.HalfCloseableStream):
     @property
     def error(self) -> BaseException | None:
         return self._error
+
+    @property
+    def retry(self) -> OpenRetry | None:
+        """Set when the peer refused our OPEN with GOING_AWAY (its session was going
+        away and it never acted on the OPEN): what to send on a channel opened
+        again on another session, so that the local side never notices."""
+        return self._retry
+
+    def _refused_for_retry(self, error: BaseException, retry: OpenRetry) -> None:
+        """Like ``_break``, for a refusal that may be retried: ``retry`` is set first,
+        so whoever the break wakes sees it."""
+        self._retry = retry
+        self._break(error)
 
     @property
     def reading_before_reset(self) -> bool:
@@ -438,6 +453,23 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             log.info("%s: channel %d to %s reset: %s", self._host.name, self.channel_id,
                      self.destination, text)
             self._mux_alive = False
+
+
+class OpenRetry:
+    """The bytes a channel refused with GOING_AWAY had taken, to send on the channel
+    that replaces it. The mux hands them back (``ChannelOpenFailed.retry_data``: at
+    most one window); a splice that read bytes it could no longer give adds them
+    (``keep``). An EOF needs no keeping: a local socket at its end reports it again
+    on the next read from it."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytearray(data)
+
+    def keep(self, data: bytes | memoryview) -> None:
+        """Bytes read from the local side after the refusal, before the reader knew."""
+        self.data += data
 
 
 async def until_ended(channel: ChannelStream) -> None:

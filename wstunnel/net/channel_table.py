@@ -18,7 +18,7 @@ import trio
 
 from .. import mux
 from ..errors import ChannelRefused, ChannelReset, SessionClosed
-from .channel_stream import ChannelStream
+from .channel_stream import ChannelStream, OpenRetry
 
 if TYPE_CHECKING:
     from .observer import SessionObserver
@@ -111,7 +111,11 @@ def end_channel(session: str, observer: SessionObserver | None, channel: Channel
         text = event.text or failure_name(event.reason)
         if observer is not None:
             observer.open_failed(event.reason)
-        channel._break(ChannelRefused(text, int(event.reason)))
+        refused = ChannelRefused(text, int(event.reason))
+        if event.retry_data is not None:  # (GOING_AWAY: the peer never acted on the OPEN)
+            channel._refused_for_retry(refused, OpenRetry(event.retry_data))
+        else:
+            channel._break(refused)
     else:
         text = f"reset by the peer ({reset_name(event.code)}" + (
             f": {event.text})" if event.text else ")")

@@ -89,17 +89,21 @@ class SocketPump:
         self._dirty: list[_PumpedSocket] = []
 
     def attach(self, sock: socket.socket, channel: ChannelStream,
-               on_finished: Callable[[], None], *, read_now: bool = False) -> None:
+               on_finished: Callable[[], None], *, read_now: bool = False,
+               reopen: Callable[[socket.socket], None] | None = None) -> None:
         """Carry ``channel`` over ``sock`` (non-blocking; now owned by the pump).
 
         ``on_finished`` is called once the socket is closed (possibly at once,
         if the channel is already broken). ``read_now``: read what the socket
         already holds now rather than on the pump's next turn (the caller
-        wakes the session's writer).
+        wakes the session's writer). ``reopen``: if the peer refuses the channel
+        with GOING_AWAY (``channel.retry``), the socket is handed to it, open and
+        unread past what the channel took, instead of being reset; then
+        ``on_finished`` is not called.
         """
         if sock.getblocking():
             sock.setblocking(False)
-        pumped = _PumpedSocket(self, sock, channel, on_finished)
+        pumped = _PumpedSocket(self, sock, channel, on_finished, reopen)
         self._sockets[pumped.fd] = pumped
         pumped.watch(_IN)
         channel._attach(pumped)
@@ -152,16 +156,18 @@ def _guarded(method: Callable[..., None], pumped: _PumpedSocket, *args: int) -> 
 class _PumpedSocket:
     """One channel's local socket; a ``ChannelSink`` for its ChannelStream."""
 
-    __slots__ = ("_pump", "_sock", "fd", "_channel", "_on_finished", "_mask", "_reading",
-                 "_writing", "_fin_pending", "_pending", "_done", "_abort_when_sent")
+    __slots__ = ("_pump", "_sock", "fd", "_channel", "_on_finished", "_reopen", "_mask",
+                 "_reading", "_writing", "_fin_pending", "_pending", "_done", "_abort_when_sent")
 
     def __init__(self, pump: SocketPump, sock: socket.socket, channel: ChannelStream,
-                 on_finished: Callable[[], None]) -> None:
+                 on_finished: Callable[[], None],
+                 reopen: Callable[[socket.socket], None] | None = None) -> None:
         self._pump = pump
         self._sock = sock
         self.fd = sock.fileno()
         self._channel = channel
         self._on_finished = on_finished
+        self._reopen = reopen  # (the owner's, for a refusal with GOING_AWAY: attach)
         self._mask = 0  # epoll events watched; 0 = not registered
         self._reading = True  # local -> channel, until the local EOF
         self._writing = True  # channel -> local, until its FIN is passed on
@@ -198,6 +204,9 @@ class _PumpedSocket:
         waits for the DATA that came before it (already in ``_pending``, written by
         the next flush) to leave first; a refusal or a lost session does not."""
         if self._done:
+            return
+        if self._reopen is not None and self._channel.retry is not None:
+            self._hand_back(self._reopen)
             return
         if not isinstance(self._channel.error, ChannelReset):
             self.finish(abort=True)
@@ -264,6 +273,17 @@ class _PumpedSocket:
         else:
             epoll.modify(self.fd, mask)
         self._mask = mask
+
+    def _hand_back(self, reopen: Callable[[socket.socket], None]) -> None:
+        """The channel was refused with GOING_AWAY before anything came back on it:
+        the socket leaves the pump as it is (every byte read from it is in
+        ``channel.retry``) for its owner to carry on another session."""
+        self._done = True
+        pump = self._pump
+        del pump._sockets[self.fd]
+        if self._mask and not pump._epoll.closed:
+            pump._epoll.unregister(self.fd)
+        reopen(self._sock)
 
     def finish(self, *, abort: bool = False) -> None:
         """Close the socket (with RST if ``abort``); tell the owner. Idempotent."""

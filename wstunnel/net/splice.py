@@ -87,10 +87,17 @@ async def _outbound(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -
     while True:
         capacity = await channel.send_capacity()
         data = await tcp.receive_some(min(capacity, READ_SIZE))
-        if not data:
-            await channel.send_eof()
-            return
-        await channel.send_all(data)
+        given = channel.bytes_sent
+        try:
+            if not data:
+                await channel.send_eof()
+                return
+            await channel.send_all(data)
+        except BaseException:  # (re-raised: only saves what the refusal would lose)
+            retry = channel.retry
+            if retry is not None:  # refused with GOING_AWAY while we read: not lost
+                retry.keep(memoryview(data)[channel.bytes_sent - given:])
+            raise
 
 
 async def _inbound(tcp: trio.abc.HalfCloseableStream, channel: ChannelStream) -> None:

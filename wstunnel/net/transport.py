@@ -342,6 +342,7 @@ class TunnelTransport:
     def attach(
         self, stream: trio.abc.Stream, channel: ChannelStream,
         on_finished: Callable[[], None] = lambda: None, *, read_now: bool = False,
+        reopen: Callable[[socket.socket], None] | None = None,
     ) -> bool:
         """Hand a local TCP connection to the session's socket pump, which carries
         ``channel`` over it from now on with no task of its own (net/pump.py).
@@ -353,22 +354,25 @@ class TunnelTransport:
         ``on_finished`` is called once the pump has closed it. ``read_now``: bytes
         the socket already holds are queued at once (the agent's first bytes then
         leave in the same write as the OPEN) instead of on the pump's next turn.
+        ``reopen``: takes the socket back if the peer refuses the channel with
+        GOING_AWAY (SocketPump.attach).
         """
         if not isinstance(stream, trio.SocketStream) or self._socket_pump() is None:
             return False
         sock = socket.socket(fileno=stream.socket.detach())
-        return self.attach_socket(sock, channel, on_finished, read_now=read_now)
+        return self.attach_socket(sock, channel, on_finished, read_now=read_now, reopen=reopen)
 
     def attach_socket(
         self, sock: socket.socket, channel: ChannelStream,
         on_finished: Callable[[], None] = lambda: None, *, read_now: bool = False,
+        reopen: Callable[[socket.socket], None] | None = None,
     ) -> bool:
         """``attach`` for a connected standard-library socket (the relay's task-free
         dial); on False the caller still owns ``sock``."""
         socket_pump = self._socket_pump()
         if socket_pump is None:
             return False
-        socket_pump.attach(sock, channel, on_finished, read_now=read_now)
+        socket_pump.attach(sock, channel, on_finished, read_now=read_now, reopen=reopen)
         if read_now:
             self.wake_writer()  # (for what it read: the pump's own reads wake after each turn)
         return True

@@ -201,8 +201,11 @@ class DatagramFlow:
         """After ``run``: if the peer refused ``channel``, say so once (``what`` names
         the flow for ``logger``), then drop this flow's datagrams for
         ``REFUSED_HOLD_INTERVAL`` (counted as ``refused``) rather than ask again for
-        each (docs/PROTOCOL.md 4.2); True. Else False at once."""
-        if not isinstance(channel.error, ChannelRefused):
+        each (docs/PROTOCOL.md 4.2); True. Else False at once, also for a refusal
+        because the peer's session was going away (``channel.retry``): the next
+        datagram opens a flow on the next session at once; the few sent on the
+        refused channel are lost, as UDP may lose any."""
+        if not isinstance(channel.error, ChannelRefused) or channel.retry is not None:
             return False
         self.refused_until = trio.current_time() + REFUSED_HOLD_INTERVAL
         self._stats.drop("refused", 1)

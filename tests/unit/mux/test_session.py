@@ -46,6 +46,7 @@ from wstunnel.mux.wire import (
     Fin,
     GoAway,
     Open,
+    OpenFailed,
     OpenOk,
     RecordType,
     Reset,
@@ -636,8 +637,90 @@ def test_open_after_our_goaway_is_refused_not_fatal() -> None:
     assert relay.events_received() == [PeerOpenRefused(channel_id, OpenFailure.GOING_AWAY)]
     events = agent.events_received()
     assert GoAwayReceived(0, "", 0) in events
-    assert ChannelOpenFailed(channel_id, OpenFailure.GOING_AWAY, "GOING_AWAY") in events
+    assert ChannelOpenFailed(channel_id, OpenFailure.GOING_AWAY, "GOING_AWAY",
+                             retry_data=b"x", retry_eof=False) in events
     assert relay.failure is None and agent.failure is None
+
+
+def test_data_and_fin_sent_before_a_going_away_refusal_are_handed_back() -> None:
+    """An OPEN refused with GOING_AWAY was never acted on: every byte the opener gave
+    the channel (the chunks already sent right behind the OPEN, and what is still
+    queued for want of credit) comes back in order with the refusal, and whether
+    it sent EOF, so the same connection can be opened on another session."""
+    agent, relay = connected_pair()
+    relay.go_away()
+    sent = bytes(range(256)) * (DEFAULT_INITIAL_WINDOW // 256)  # (one whole window)
+    channel_id = agent.open_channel("h", 1, early_data=sent[:1000])
+    agent.send_data(channel_id, sent[1000:])
+    agent.send_eof(channel_id)
+    while agent.next_record() is not None:  # (on the wire, past the GOAWAY...)
+        pass
+    assert agent.held_size >= len(sent)  # ...and kept, counted in the outbound budget
+    agent.receive_record(encode_record(GoAway(0, 0, "")))
+    agent.receive_record(encode_record(wire_open_failed(channel_id, OpenFailure.GOING_AWAY)))
+    [refused] = events_of(agent, ChannelOpenFailed)
+    assert (refused.retry_data, refused.retry_eof) == (sent, True)
+    assert agent.held_size == 0
+
+
+def test_data_still_queued_at_a_going_away_refusal_is_handed_back_too() -> None:
+    """Bytes the opener queued beyond the credit (not sent yet) follow the sent ones."""
+    agent, relay = connected_pair()
+    relay.go_away()
+    channel_id = agent.open_channel("h", 1, early_data=b"first ")
+    transfer(agent, relay)  # (OPEN and the first bytes out; the refusal not read yet)
+    agent.send_data(channel_id, b"then more")
+    transfer(relay, agent)
+    [refused] = events_of(agent, ChannelOpenFailed)
+    assert (refused.retry_data, refused.retry_eof) == (b"first then more", False)
+
+
+def test_data_kept_for_a_retry_is_freed_when_the_open_is_accepted() -> None:
+    """Once the peer accepts the OPEN the early bytes are no longer kept: the outbound
+    budget is back to what is queued (nothing)."""
+    agent, relay = connected_pair()
+    channel_id = agent.open_channel("h", 1, early_data=bytes(50_000))
+    agent.send_eof(channel_id)
+    pump(agent, relay)
+    assert agent.held_size >= 50_000
+    relay.accept_channel(channel_id)
+    pump(agent, relay)
+    assert agent.held_size == 0
+    assert ChannelOpened(channel_id) in agent.events_received()
+
+
+def test_other_refusals_hand_nothing_back() -> None:
+    """Any reason but GOING_AWAY is final (the peer may have acted on the OPEN)."""
+    agent, relay = connected_pair()
+    channel_id = agent.open_channel("h", 1, early_data=b"data")
+    pump(agent, relay)
+    relay.refuse_channel(channel_id, OpenFailure.REFUSED, "connection refused")
+    pump(agent, relay)
+    [refused] = events_of(agent, ChannelOpenFailed)
+    assert (refused.retry_data, refused.retry_eof) == (None, False)
+    assert agent.held_size == 0
+
+
+def test_no_more_than_the_window_is_kept_for_a_retry() -> None:
+    """The peer returned credit before answering: it read the early bytes, so the
+    keeping stops there (what is kept stays within one window) and a later
+    GOING_AWAY hands nothing back."""
+    agent, relay = connected_pair()
+    window = DEFAULT_INITIAL_WINDOW
+    channel_id = agent.open_channel("h", 1, early_data=bytes(window))
+    pump(agent, relay)
+    relay.acknowledge(channel_id, window)  # (WINDOW before OPEN_OK: allowed)
+    pump(agent, relay)
+    agent.send_data(channel_id, b"more")
+    pump(agent, relay)
+    assert agent.held_size == 0
+    agent.receive_record(encode_record(wire_open_failed(channel_id, OpenFailure.GOING_AWAY)))
+    [refused] = events_of(agent, ChannelOpenFailed)
+    assert refused.retry_data is None
+
+
+def wire_open_failed(channel_id: int, reason: OpenFailure) -> OpenFailed:
+    return OpenFailed(channel_id, reason, reason.name)
 
 
 # -- going away, failure --------------------------------------------------------------
