@@ -53,7 +53,7 @@ async def run_agent(
     agent = Agent(config, stats)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as connections:
-            forwards = ForwardSet(agent, connections)
+            forwards = ForwardSet(agent.carrier, connections)
             async with trio.open_nursery() as accepting:
                 bound_all = await _bind_forwards(accepting, forwards, config)
                 if agent.reverse.forwards:

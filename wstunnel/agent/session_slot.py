@@ -44,7 +44,7 @@ class SessionSlot:
 
     def usable_now(self) -> TunnelTransport | None:
         """The current session if a channel can open on it without waiting, and its
-        socket pump can take the connection (agent.py ``carry_now``)."""
+        socket pump can take the connection (carrying.py ``carry_now``)."""
         session = self.current
         if (session is None or not session.pumping or not session.is_open
                 or session.goaway_received or session.resuming):
