@@ -5,7 +5,7 @@ path would (tests/integration/test_resume.py, benchmarks/resume.py).
 a NAT forgets the mapping or a proxy restarts); for ``down`` seconds after, and
 while ``down`` is set, new connections are reset as soon as they arrive. ``cut_after`` cuts when the
 bytes forwarded reach a mark, so a test cuts mid-transfer by progress, not
-by sleeping.
+by sleeping. ``downstream_rate`` makes the path a slow link, relay to agent.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import Final
 
 import trio
 
 __all__ = ["PathCutter"]
+
+#: What a paced (``downstream_rate``) path passes on at a time.
+SLICE_SIZE: Final = 4096
 
 
 class PathCutter:
@@ -31,6 +35,9 @@ class PathCutter:
         #: Answer WebSocket upgrades 426, as a proxy that drops the Upgrade header does
         #: (the relay then answers a plain request: "Upgrade Required"); pass the rest.
         self.strip_upgrades = False
+        #: Bytes per second from the relay to the agent (0: as fast as loopback goes),
+        #: passed on in small slices, as a slow link delivers them.
+        self.downstream_rate = 0.0
         self.cuts = 0
         self.forwarded = 0
         self.connections = 0
@@ -89,17 +96,20 @@ class PathCutter:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pipe, client, relay, nursery.cancel_scope)
-                nursery.start_soon(self._pipe, relay, client, nursery.cancel_scope)
+                nursery.start_soon(self._pipe, relay, client, nursery.cancel_scope, True)
         finally:
             self._live -= {client, relay}
             _reset(client)
             _reset(relay)
 
     async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream,
-                    scope: trio.CancelScope) -> None:
+                    scope: trio.CancelScope, downstream: bool = False) -> None:
         try:
             while data := await source.receive_some(65536):
-                await sink.send_all(data)
+                if downstream and self.downstream_rate:
+                    await self._pace(sink, data)
+                else:
+                    await sink.send_all(data)
                 self.forwarded += len(data)
                 while self._marks and self.forwarded >= self._marks[0][0]:
                     _, then = self._marks.pop(0)
@@ -108,6 +118,12 @@ class PathCutter:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         scope.cancel()
+
+    async def _pace(self, sink: trio.SocketStream, data: bytes) -> None:
+        for start in range(0, len(data), SLICE_SIZE):
+            piece = data[start:start + SLICE_SIZE]
+            await trio.sleep(len(piece) / self.downstream_rate)
+            await sink.send_all(piece)
 
 
 def _reset(stream: trio.SocketStream) -> None:

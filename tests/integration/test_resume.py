@@ -16,6 +16,7 @@ import trio
 
 from benchmarks._cutter import PathCutter
 from wstunnel.addresses import HostPort
+from wstunnel.agent import transports
 from wstunnel.agent.connect import open_websocket
 from wstunnel.agent.http_polling import RETRY_BUDGET
 from wstunnel.config import parse_relay_url
@@ -257,6 +258,31 @@ async def test_sessions_over_the_http_transports_resume_too(transport: str,
             assert cutter.cuts == 3
             assert any("session resumed" in line for line in logs.lines)
             assert not any("all reset" in line for line in logs.lines)
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_streaming_resume_over_a_slow_link_waits_for_its_replay(
+        logs: LogWatch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a slow downstream, a resumed streaming session's replay (what was in flight
+    at the cut) comes down before the answer to the agent's probe, and takes longer
+    than the probe's timeout (here 0.2 s; the replay ~1 s). The probe waits while bytes
+    come: the first attempt resumes. (It used to call that "a proxy buffers the
+    bodies" at every attempt, until the grace was over and every channel reset.)"""
+    monkeypatch.setattr(transports, "STREAM_PROBE_TIMEOUT", 0.2)
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            digest = await serve_target(nursery, digest_handler(MiB // 2, b"down"))
+            relay = await start_relay(nursery, relay_config(resume_grace=4.0))
+            cutter = PathCutter(relay.ports[0])
+            await nursery.start(cutter.serve)
+            agent = await start_agent(nursery, agent_config(cutter.port, [digest],
+                                                            transport="streaming"))
+            cutter.downstream_rate = 300_000  # (bytes/s: 256 KiB in flight take ~1 s)
+            cutter.cut_after(256 * 1024)
+            await upload_and_download(agent.ports[0], 64 * 1024, MiB // 2)
+            assert cutter.cuts == 1
+            assert not any("attempt 1 failed" in line for line in logs.lines)
+            assert any("session resumed" in line for line in logs.lines)
             nursery.cancel_scope.cancel()
 
 

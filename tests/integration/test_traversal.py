@@ -263,6 +263,38 @@ async def test_haproxy_moves_the_session_to_the_other_relay(
     assert moved_after < 1.0 + 2.0  # the backoff ceiling plus a margin for TLS and checks
 
 
+async def test_haproxy_passes_http_streaming_keystrokes_at_once(
+    pki: Pki, trust_test_ca: None
+) -> None:
+    """Over HTTP streaming through the shipped haproxy config, an interactive channel's
+    small writes go on at once: 10 echoes in well under a second. (Without
+    ``option http-no-delay`` haproxy held each small request-body chunk ~200 ms: 2 s.)"""
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            target = await serve_target(nursery, echo_handler)
+            relays = [await start_relay(nursery, relay_config()) for _ in range(2)]
+            with haproxy(pki, [relay.ports[0] for relay in relays]) as front:
+                agent = await start_agent(nursery, agent_config(
+                    0, [target], relay=f"wss://{LOOPBACK}:{front}/tunnel",
+                    transport="streaming"))
+                async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                    await _echo_on(stream, b"warm up")
+                    with trio.fail_after(1.0):
+                        for index in range(10):
+                            await _echo_on(stream, b"keystroke %d" % index)
+                nursery.cancel_scope.cancel()
+
+
+async def _echo_on(stream: trio.SocketStream, payload: bytes) -> None:
+    await stream.send_all(payload)
+    echoed = b""
+    while len(echoed) < len(payload):
+        data = await stream.receive_some()
+        assert data, "the tunnel closed the connection"
+        echoed += data
+    assert echoed == payload
+
+
 def _allow(port: int) -> dict[str, object]:
     from wstunnel.security.allow_rule import AllowRule
 

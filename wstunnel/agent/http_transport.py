@@ -6,7 +6,8 @@ session and gets its id (``open_http_session``, here). Then, for **streaming**
 chunked body is the upstream stay open for the whole session;
 ``StreamingStream`` glues them into the one ``trio.abc.Stream`` that
 ``TunnelTransport`` runs over. A PING frame sent up right away must come back as
-a PONG within ``probe_timeout``: a proxy that buffers either body fails here,
+a PONG, with no gap of ``probe_timeout`` in what comes down before it (a
+resume's replay comes first): a proxy that buffers either body fails here,
 not later. For **polling**, the session is handed to ``PollingStream``
 (http_polling.py: ordinary numbered requests, retried across a short outage).
 Both send their requests along an ``HttpRoute`` on ``HttpClient`` connections
@@ -142,8 +143,8 @@ async def _open_streaming(route: HttpRoute, session_id: str, probe_timeout: floa
         up = HttpClient(await route.connect())
         stream = StreamingStream(route, session_id, down, up)
         await stream.send_parts([encode_frame(FrameType.PING, PROBE_PAYLOAD)])
-        with trio.move_on_after(probe_timeout):
-            return stream, await _probe(route, stream)
+        with trio.CancelScope(deadline=trio.current_time() + probe_timeout) as waiting:
+            return stream, await _probe(route, stream, waiting, probe_timeout)
         raise HttpBlocked(
             f"{route.relay.url}: HTTP streaming: no answer through the open requests within "
             f"{probe_timeout:g} s: a proxy on the path buffers request or response bodies",
@@ -153,8 +154,15 @@ async def _open_streaming(route: HttpRoute, session_id: str, probe_timeout: floa
         raise
 
 
-async def _probe(route: HttpRoute, stream: StreamingStream) -> bytes:
-    """Read the downstream until the probe's PONG; every byte read, for the protocol."""
+async def _probe(route: HttpRoute, stream: StreamingStream, waiting: trio.CancelScope,
+                 probe_timeout: float) -> bytes:
+    """Read the downstream until the probe's PONG; every byte read, for the protocol.
+
+    ``waiting`` gives up ``probe_timeout`` after the last bytes came down, not after
+    the PING went up: a resumed session's replay goes down before the PONG, and on a
+    slow link it takes longer than the probe (every attempt then failed, until the
+    grace was over). A proxy that buffers a body still sends nothing, or stops
+    short of the PONG."""
     answer = await stream.down.response()
     if answer.status_code == 401:
         raise HttpBlocked(f"{route.relay.url}: HTTP streaming: {UNKNOWN_SESSION}",
@@ -169,6 +177,7 @@ async def _probe(route: HttpRoute, stream: StreamingStream) -> bytes:
         if not data:
             raise HttpBlocked(f"{route.relay.url}: HTTP streaming: the response ended at once",
                               "the streaming response ended at once")
+        waiting.deadline = trio.current_time() + probe_timeout
         seen += data
         scratch.receive_data(data)
         if ws.PongReceived(PROBE_PAYLOAD) in scratch.events_received():

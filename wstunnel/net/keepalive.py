@@ -185,6 +185,13 @@ class SessionKeepalive:
             return _WAIT
         self._next_ping = at + self.interval
         if waiting_since is None and at - last_received < self.interval:
+            # Next look when the peer will have been quiet for an interval, not an
+            # interval from now: a peer silent since just after this check (a path gone
+            # dead mid-transfer) was pinged only at the check after next, and dropped
+            # up to 2 * interval + timeout after its last bytes. (Two slacks later than
+            # that instant: a peer pinging every interval too, but with its own slack,
+            # has pinged by then, and we need not.)
+            self._next_ping = last_received + self.interval + 2 * self.slack
             return _ACK
         if waiting_since is None:
             self._waiting_since = now

@@ -98,6 +98,36 @@ async def test_the_relay_pings_only_a_peer_that_has_gone_quiet(
     assert dropped_after <= INTERVAL + TIMEOUT + 0.01
 
 
+async def test_a_peer_silent_since_just_after_a_check_is_dropped_within_interval_and_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A peer whose last bytes came just after the relay's keepalive check (a path gone
+    dead in the middle of a transfer, no reset) is pinged once it has been quiet for
+    ping_interval and dropped within ping_interval + ping_timeout of its last bytes
+    (and the slack), not pinged at the check after next (it took up to twice the
+    interval: 50 s instead of 30 s with the defaults)."""
+    agent_end, relay_end = trio.testing.memory_stream_pair()
+    relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY), name="relay",
+                            ping_interval=INTERVAL, ping_timeout=TIMEOUT)
+    peer = Peer(agent_end)
+    ended_at: list[float] = []
+    ended = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async def run_relay() -> None:
+            await relay.run()
+            ended_at.append(trio.current_time())
+            ended.set()
+
+        nursery.start_soon(run_relay)
+        await peer.run_for(0.5)  # (the relay's first check is due at INTERVAL)
+        peer.connection.ping(b"last words")
+        await agent_end.send_all(peer.connection.data_to_send())
+        silent_at = trio.current_time()  # the peer reads and answers no more
+        with trio.fail_after(2 * INTERVAL + TIMEOUT + 1.0):
+            await ended.wait()
+    assert ended_at[0] - silent_at <= INTERVAL + TIMEOUT + INTERVAL / 20 + 0.01
+
+
 class Calls:
     """Checks that record when the timer called them, each rescheduled ``repeat`` times."""
 
