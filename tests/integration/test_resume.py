@@ -265,9 +265,10 @@ async def test_a_streaming_resume_over_a_slow_link_waits_for_its_replay(
         logs: LogWatch, monkeypatch: pytest.MonkeyPatch) -> None:
     """Over a slow downstream, a resumed streaming session's replay (what was in flight
     at the cut) comes down before the answer to the agent's probe, and takes longer
-    than the probe's timeout (here 0.2 s; the replay ~1 s). The probe waits while bytes
-    come: the first attempt resumes. (It used to call that "a proxy buffers the
-    bodies" at every attempt, until the grace was over and every channel reset.)"""
+    than the probe's timeout (here 0.2 s; the replay ~1 s), and than the handshake's
+    (0.6 s). The probe waits while bytes come: the first attempt resumes. (It used to
+    call that "a proxy buffers the bodies", and then "timed out", at every attempt,
+    until the grace was over and every channel reset.)"""
     monkeypatch.setattr(transports, "STREAM_PROBE_TIMEOUT", 0.2)
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
@@ -276,7 +277,8 @@ async def test_a_streaming_resume_over_a_slow_link_waits_for_its_replay(
             cutter = PathCutter(relay.ports[0])
             await nursery.start(cutter.serve)
             agent = await start_agent(nursery, agent_config(cutter.port, [digest],
-                                                            transport="streaming"))
+                                                            transport="streaming",
+                                                            handshake_timeout=0.6))
             cutter.downstream_rate = 300_000  # (bytes/s: 256 KiB in flight take ~1 s)
             cutter.cut_after(256 * 1024)
             await upload_and_download(agent.ports[0], 64 * 1024, MiB // 2)

@@ -66,10 +66,13 @@ class HttpBlocked(HandshakeError):
 
 
 async def open_http_session(route: HttpRoute, mode: str, *, probe_timeout: float,
-                            answer: dict[str, str] | None = None
+                            answer: dict[str, str] | None = None,
+                            limit: trio.CancelScope | None = None
                             ) -> tuple[trio.abc.Stream, bytes]:
     """Open a session over ``mode``; (the stream, bytes already read for the protocol).
     ``answer``, when given, receives the opening response's headers (lower case).
+    ``limit``: the caller's handshake deadline, which the streaming probe moves on
+    while bytes come down (a resume's replay may take longer than a handshake).
 
     Raises:
         HttpBlocked: the transport does not pass (the caller tries the next one).
@@ -77,7 +80,7 @@ async def open_http_session(route: HttpRoute, mode: str, *, probe_timeout: float
     """
     session_id = await _open(route, mode, answer)
     if mode == STREAMING:
-        return await _open_streaming(route, session_id, probe_timeout)
+        return await _open_streaming(route, session_id, probe_timeout, limit)
     return PollingStream(route, session_id), b""
 
 
@@ -131,7 +134,8 @@ def _header(answer: h11.Response, name: str) -> str | None:
 
 # -- streaming ----------------------------------------------------------------------------
 
-async def _open_streaming(route: HttpRoute, session_id: str, probe_timeout: float
+async def _open_streaming(route: HttpRoute, session_id: str, probe_timeout: float,
+                          limit: trio.CancelScope | None = None
                           ) -> tuple[StreamingStream, bytes]:
     """GET (downstream) and chunked POST (upstream); a PING up must come back down."""
     joined = [(SESSION_HEADER, session_id)]
@@ -144,7 +148,7 @@ async def _open_streaming(route: HttpRoute, session_id: str, probe_timeout: floa
         stream = StreamingStream(route, session_id, down, up)
         await stream.send_parts([encode_frame(FrameType.PING, PROBE_PAYLOAD)])
         with trio.CancelScope(deadline=trio.current_time() + probe_timeout) as waiting:
-            return stream, await _probe(route, stream, waiting, probe_timeout)
+            return stream, await _probe(route, stream, (waiting, limit), probe_timeout)
         raise HttpBlocked(
             f"{route.relay.url}: HTTP streaming: no answer through the open requests within "
             f"{probe_timeout:g} s: a proxy on the path buffers request or response bodies",
@@ -154,15 +158,17 @@ async def _open_streaming(route: HttpRoute, session_id: str, probe_timeout: floa
         raise
 
 
-async def _probe(route: HttpRoute, stream: StreamingStream, waiting: trio.CancelScope,
+async def _probe(route: HttpRoute, stream: StreamingStream,
+                 waiting: tuple[trio.CancelScope, trio.CancelScope | None],
                  probe_timeout: float) -> bytes:
     """Read the downstream until the probe's PONG; every byte read, for the protocol.
 
-    ``waiting`` gives up ``probe_timeout`` after the last bytes came down, not after
-    the PING went up: a resumed session's replay goes down before the PONG, and on a
-    slow link it takes longer than the probe (every attempt then failed, until the
-    grace was over). A proxy that buffers a body still sends nothing, or stops
-    short of the PONG."""
+    ``waiting`` (the probe's scope, and the handshake's if any) gives up
+    ``probe_timeout`` after the last bytes came down, not after the PING went up:
+    a resumed session's replay goes down before the PONG, and on a slow link it
+    takes longer than the probe, or the handshake (every attempt then failed,
+    until the grace was over). A proxy that buffers a body still sends nothing,
+    or stops short of the PONG."""
     answer = await stream.down.response()
     if answer.status_code == 401:
         raise HttpBlocked(f"{route.relay.url}: HTTP streaming: {UNKNOWN_SESSION}",
@@ -177,7 +183,10 @@ async def _probe(route: HttpRoute, stream: StreamingStream, waiting: trio.Cancel
         if not data:
             raise HttpBlocked(f"{route.relay.url}: HTTP streaming: the response ended at once",
                               "the streaming response ended at once")
-        waiting.deadline = trio.current_time() + probe_timeout
+        probe, limit = waiting
+        probe.deadline = trio.current_time() + probe_timeout
+        if limit is not None and limit.deadline < probe.deadline:
+            limit.deadline = probe.deadline
         seen += data
         scratch.receive_data(data)
         if ws.PongReceived(PROBE_PAYLOAD) in scratch.events_received():

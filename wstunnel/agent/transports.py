@@ -4,9 +4,9 @@ Theory of operation: ``transport: auto`` tries a WebSocket first; when the
 path turns the upgrade into something else (a proxy strips Upgrade and the
 relay answers 426, a web server answers 200, a proxy refuses CONNECT to the
 relay's port, the upgrade is held unanswered), the same session is opened
-over HTTP streaming, whose probe (a PING that must come back within
-``STREAM_PROBE_TIMEOUT``) fails where a proxy buffers bodies; then over HTTP
-polling, which passes wherever ordinary requests do. What worked is
+over HTTP streaming, whose probe (a PING that must come back with no gap of
+``STREAM_PROBE_TIMEOUT`` in what comes down first) fails where a proxy
+buffers bodies; then over HTTP polling, which passes wherever ordinary requests do. What worked is
 remembered per relay URL and tried first at the next reconnect. Failures
 that another transport cannot cure (a refused login, a relay that is down, a
 bad certificate) end the attempt at once. One warning says which transport
@@ -135,26 +135,38 @@ class TransportChooser:
 
 
 async def _attempt(request: Request, name: str) -> Opened:
+    """One transport's handshake, within ``handshake_timeout``: for HTTP streaming, up
+    to the probe, which then extends it while bytes come down (a resume's replay).
+
+    Raises:
+        trio.TooSlowError: past the timeout.
+    """
     config = request.config
-    with trio.fail_after(config.handshake_timeout):
+    with trio.CancelScope(deadline=trio.current_time() + config.handshake_timeout) as limit:
         if name == WEBSOCKET:
-            headers = request.headers
-            if config.user_agent is not None:
-                headers = [("User-Agent", config.user_agent), *headers]
-            answer: dict[str, str] = {}
-            stream, trailing = await open_websocket(
-                request.relay, dial=request.dial, headers=headers,
-                ssl_context=request.ssl_context, server_hostname=config.server_name,
-                host_header=config.host_header, pin=config.relay_fingerprint,
-                answer=answer)
-            return Opened(stream, trailing, WEBSOCKET, answer)
+            return await _websocket(request)
         from .http_transport import open_http_session
 
-        answer = {}
+        answer: dict[str, str] = {}
         stream, trailing = await open_http_session(http_route(request), name,
                                                    probe_timeout=STREAM_PROBE_TIMEOUT,
-                                                   answer=answer)
+                                                   answer=answer, limit=limit)
         return Opened(stream, trailing, name, answer)
+    raise trio.TooSlowError
+
+
+async def _websocket(request: Request) -> Opened:
+    config = request.config
+    headers = request.headers
+    if config.user_agent is not None:
+        headers = [("User-Agent", config.user_agent), *headers]
+    answer: dict[str, str] = {}
+    stream, trailing = await open_websocket(
+        request.relay, dial=request.dial, headers=headers,
+        ssl_context=request.ssl_context, server_hostname=config.server_name,
+        host_header=config.host_header, pin=config.relay_fingerprint,
+        answer=answer)
+    return Opened(stream, trailing, WEBSOCKET, answer)
 
 
 def http_route(request: Request) -> HttpRoute:
