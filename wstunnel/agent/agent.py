@@ -111,7 +111,8 @@ class Agent:
                     return
                 self.stats.reconnects += 1
                 # (a session that did not last backs off: no loop of GOAWAYs at once)
-                delay = reconnect.session_ended(self.relay, trio.current_time() - started)
+                delay = reconnect.session_ended(self.relay, trio.current_time() - started,
+                                                goaway=reason is None)
                 if reason is None:  # (GOAWAY: it drains on its own beside the next one)
                     log.info("session to %s: the relay is going away; its open channels "
                              "finish on it, new connections go to a new session in %.1f s",

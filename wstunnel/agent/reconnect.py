@@ -79,12 +79,20 @@ class Reconnect:
         """A session is up on ``relay``: it may be tried at once after it ends."""
         self._ready_at.pop(relay, None)
 
-    def session_ended(self, relay: RelayURL, lasted: float) -> float:
-        """A session on ``relay`` ended after ``lasted`` seconds; returns the seconds
-        until ``relay`` is tried again."""
+    def session_ended(self, relay: RelayURL, lasted: float, *, goaway: bool = False) -> float:
+        """A session on ``relay`` ended after ``lasted`` seconds (``goaway``: its relay
+        is going away, and the session drains); returns the seconds until ``relay``
+        is tried again."""
+        config = self._config()
+        if goaway and lasted >= config.reconnect_min_interval:
+            # A relay behind a balancer is stopping (a rolling restart): the next
+            # session goes elsewhere at once, and this is no failure. (Restarts a few
+            # seconds apart used to grow the wait past connect_wait_timeout.)
+            self._ready_at.pop(relay, None)
+            return 0.0
         # A session that did not last (a relay or a middlebox that ends each one at
         # once) counts as a failure: the backoff keeps growing, not one retry a second.
-        if lasted >= self._config().reconnect_max_interval:
+        if lasted >= config.reconnect_max_interval:
             self._failures.pop(relay, None)
         count = self._failures[relay] = self._failures.get(relay, 0) + 1
         delay = self.backoff(count)
