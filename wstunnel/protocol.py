@@ -388,7 +388,7 @@ class TunnelProtocol:
     def only_control_frames(self) -> bool:
         """True when the WebSocket is open, has frames of its own queued (a pong, an
         ACK) and no record waits: output a transport may write at once, outside its
-        writer's order (net/transport.py ``_answer_in_place``)."""
+        writer's order (net/carrier_io.py ``_answer_in_place``)."""
         carrier = self._carrier
         return (carrier.has_output and carrier.state is _WS_OPEN
                 and not self._records_may_go())
@@ -425,7 +425,11 @@ class TunnelProtocol:
         return self._carrier.failure or self.session.failure
 
     def ping(self, payload: bytes = b"") -> None:
-        self._carrier.ping(payload)
+        """Ping while open. Once the close handshake has begun (a shutdown waiting for
+        an unreachable peer's close), the keepalive's ping is dropped, as send_ack's
+        ACK is: the peer's close or the close timeout ends the carrier anyway."""
+        if self._carrier.state is _WS_OPEN:
+            self._carrier.ping(payload)
 
     def close(self, code: int = ws.CloseCode.NORMAL, reason: str = "") -> None:
         """Start the WebSocket close handshake (idempotent)."""

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..errors import AuthenticationError, HandshakeError
-from ..net.transport import NewCarrier, TunnelTransport
+from ..net.resumption import NewCarrier, Resumable
 from ..replay import RESUME_HEADER, RESUMED_HEADER, Ticket
 from .transports import Opened
 
@@ -58,7 +58,7 @@ class AgentResumer:
     def grace(self) -> float:
         return self.ticket.grace
 
-    async def new_carrier(self, transport: TunnelTransport, lost: str) -> NewCarrier | str:
+    async def new_carrier(self, transport: Resumable, lost: str) -> NewCarrier | str:
         replay = transport.protocol.replay
         assert replay is not None, "only a resumable session has a resumer"
         deadline = trio.current_time() + self.grace
@@ -66,21 +66,24 @@ class AgentResumer:
         while True:
             attempt += 1
             header = [(RESUME_HEADER, self.ticket.request(replay.received))]
+            # (the grace is our scope's deadline: an attempt's own TooSlowError, an
+            # HTTP transport's handshake_timeout, is one failed attempt, not the end)
             try:
-                with trio.fail_at(deadline):  # (by any transport that passes now)
+                with trio.move_on_at(deadline) as grace:  # (by any transport that passes)
                     opened = await self._reconnect(header, None)
-            except trio.TooSlowError:
-                return (f"{lost}; not reconnected within the relay's resume grace "
-                        f"({self.grace:g} s, {attempt} attempts)")
             except AuthenticationError as exc:
                 return f"{lost}; the relay refused the resume: {exc}"
-            except (OSError, HandshakeError, trio.BrokenResourceError) as exc:
+            except (OSError, HandshakeError, trio.BrokenResourceError,
+                    trio.TooSlowError) as exc:
                 wait = min(delay, max(0.0, deadline - trio.current_time()))
                 log.info("resuming the session: attempt %d failed (%s); again in %.1f s",
-                         attempt, exc, wait)
+                         attempt, str(exc) or "no answer within handshake_timeout", wait)
                 await trio.sleep(wait * random.uniform(0.8, 1.0))
                 delay = min(MAX_RETRY, delay * 2)
                 continue
+            if grace.cancelled_caught:
+                return (f"{lost}; not reconnected within the relay's resume grace "
+                        f"({self.grace:g} s, {attempt} attempts)")
             answer = opened.headers.get(RESUMED_HEADER.lower(), "")
             if answer.isascii() and answer.isdigit():  # (not "²", a digit to str)
                 return NewCarrier(opened.stream, opened.trailing, int(answer),

@@ -26,7 +26,8 @@ from .events import (
 from .flow import DEFAULT_MAX_AUTO_WINDOW, DEFAULT_OPEN_WINDOW, WindowPlan, plan_windows
 from .pacing import Pacer, TokenBucket
 from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW
-from .session import DEFAULT_MAX_CHANNELS, Role, Session
+from .session import Session
+from .session_state import DEFAULT_MAX_CHANNELS, Role
 from .wire import (
     DEFAULT_INITIAL_WINDOW,
     DEFAULT_MAX_CHUNK_SIZE,

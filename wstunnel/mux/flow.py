@@ -39,15 +39,16 @@ pool.  Two regimes:
   peer that opens channels and does not read costs the pool nothing beyond
   what it was granted; an idle channel holds its grant until it ends.
 
-Windows auto-tune (:meth:`ReceiveWindow.acknowledge`, with the room the
-session's ``acknowledge`` gives it): a busy channel whose window is what
+Windows auto-tune (:meth:`ReceiveWindow.acknowledge`, with the room
+:class:`WindowBudget`'s rule gives it): a busy channel whose window is what
 limits it doubles it, up to ``max_window`` (alone) or ``initial_window`` (in
 company), while the pool has room.  Once another channel is live, windows
 grown beyond ``initial_window`` shrink back to it (consumed credit is kept
 back).  Why: all channels share one TCP connection, and what a big window lets
 into flight queues in kernel buffers ahead of the other channels' bytes, where
 the scheduler cannot reorder it (measured: 64-byte round trips under a bulk
-upload doubled).
+upload doubled).  :class:`WindowBudget` keeps the session's account: what its
+live windows together have grown beyond ``open_window``, top-ups included.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ from ..errors import FlowControlError, LocalProtocolError
 from ..slotted import Slotted
 from .wire import MAX_WINDOW, MIN_WINDOW, ErrorCode
 
-__all__ = ["SendCredit", "ReceiveWindow", "WindowPlan", "plan_windows", "DEFAULT_OPEN_WINDOW",
-           "DEFAULT_MAX_AUTO_WINDOW"]
+__all__ = ["SendCredit", "ReceiveWindow", "WindowPlan", "plan_windows", "WindowBudget",
+           "DEFAULT_OPEN_WINDOW", "DEFAULT_MAX_AUTO_WINDOW"]
 
 #: The window every channel gets at OPEN when ``max_buffered_size`` cannot
 #: cover ``initial_window`` for every channel: the smallest SETTINGS value a
@@ -248,3 +249,45 @@ def plan_windows(max_channels: int, initial_window: int,
     limit = max(1, min(max_channels, max_buffered_size * 3 // 4 // open_window))
     return WindowPlan(open_window, limit, max_buffered_size - limit * open_window,
                       max_buffered_size)
+
+
+class WindowBudget:
+    """What a session's live receive windows have grown beyond ``open_window``,
+    against the plan's pool (module docstring): top-ups, auto-tuning, and the
+    shrinking back once a channel has company.
+
+    When a WINDOW is due, a window may change by ``min(ceiling - size, pool -
+    growth)`` (:meth:`ReceiveWindow.acknowledge`'s ``room``; negative: it shrinks
+    back), the ceiling being ``max_window`` for a channel alone and
+    ``initial_window`` in company, and ``growth`` follows its size.
+    ``Session.acknowledge`` applies that rule inline: once per WINDOW, a call
+    would cost more than the rule.  So ``growth`` never exceeds ``pool``.
+    """
+
+    __slots__ = ("open_window", "initial_window", "pool", "growth")
+
+    def __init__(self, plan: WindowPlan, initial_window: int) -> None:
+        self.open_window: Final = plan.open_window
+        self.initial_window: Final = initial_window
+        self.pool: Final = plan.pool
+        #: Bytes all live windows together have grown beyond open_window.
+        self.growth = 0
+
+    def top_up(self, window: ReceiveWindow) -> int:
+        """A channel just opened at ``open_window``: enlarge it to ``initial_window``
+        while the pool has the difference. Returns the WINDOW increment to send (0:
+        none)."""
+        extra = self.initial_window - self.open_window
+        if extra and self.growth + extra <= self.pool:
+            self.growth += extra
+            window.enlarge(extra)
+            return extra
+        return 0
+
+    def release(self, window: ReceiveWindow) -> None:
+        """The window's channel is gone: its growth goes back to the pool."""
+        self.growth -= window.size - self.open_window
+
+    def clear(self) -> None:
+        """Every channel is gone at once (the session failed)."""
+        self.growth = 0

@@ -3,8 +3,8 @@
 Why a module of its own: the mux reports every episode at its outbound budget
 (``mux.OutboundBudgetExhausted``), and the replay log every episode at its limit
 (``ReplayLimitReached``: the peer has not acknowledged max_queued_size); a peer on
-a slow link may fill either often, and each time is no news, so the transport
-(net/transport.py) logs the first and then a count a minute, and keeps that state
+a slow link may fill either often, and each time is no news, so the session
+(net/peer_events.py) logs the first and then a count a minute, and keeps that state
 out of its own.
 """
 

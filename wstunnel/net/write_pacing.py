@@ -1,6 +1,6 @@
 """How much the session's writer sends per write, and when a rate limit lets it.
 
-Why a module of its own: the writer loop (net/transport.py) is the hot path and
+Why a module of its own: the writer loop (net/carrier_io.py) is the hot path and
 stays short; the sizing rule is a pure function with its own tests
 (tests/integration/net/test_write_pacing.py), and the paced wait is the one
 place the writer sleeps for the rate limits (docs/PROTOCOL.md section 10.1).

@@ -41,8 +41,8 @@ from ..framing import (
     chunked,
 )
 from ..net.byte_pipe import write_parts
+from ..net.resumption import NewCarrier
 from ..net.tls_stream import TLSSocketStream
-from ..net.transport import NewCarrier
 from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Seat, Visitor, http_transport, server_handshake
 from .http_sessions import (

@@ -29,9 +29,10 @@ from ..config import RelayConfig
 from ..net.channel_stream import ChannelStream
 from ..net.ending import set_abortive
 from ..net.keepalive import KeepaliveTimer
+from ..net.resumption import NewCarrier
 from ..net.sockopts import tune_plain_socket, tune_socket
 from ..net.splice import splice_to_end
-from ..net.transport import NewCarrier, TunnelTransport
+from ..net.transport import TunnelTransport
 from ..protocol import TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, RESUMED_HEADER, parse_resume
 from ..service.metrics import TunnelStats

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..net.transport import NewCarrier, TunnelTransport
+from ..net.resumption import NewCarrier, Resumable
+from ..net.transport import TunnelTransport
 from ..replay import Ticket
 
 __all__ = ["Admission", "Held", "HeldSessions", "RelayResumer"]
@@ -120,7 +121,7 @@ class RelayResumer:
     def grace(self) -> float:
         return self.held.ticket.grace
 
-    async def new_carrier(self, transport: TunnelTransport, lost: str) -> NewCarrier | str:
+    async def new_carrier(self, transport: Resumable, lost: str) -> NewCarrier | str:
         held = self.held
         with trio.move_on_after(self.grace):
             while held.pending is None:

@@ -9,8 +9,9 @@ import trio.testing
 
 from wstunnel import mux, ws
 from wstunnel.mux import wire
+from wstunnel.net.carrier_io import MAX_CONTROL_BACKLOG
 from wstunnel.net.channel_stream import ChannelStream
-from wstunnel.net.transport import MAX_CONTROL_BACKLOG, TunnelTransport
+from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
 
 OPENS = 20_000

@@ -171,3 +171,28 @@ async def test_checks_due_within_their_slack_share_one_wake_up(
         nursery.cancel_scope.cancel()
     assert record.calls == [("broken", 0.3), ("a", 1.0), ("b", 1.0), ("exact", 1.2),
                             ("c", 1.2), ("b", 2.1), ("b", 3.1)]
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["websocket", "http-transport"])
+async def test_no_ping_once_the_close_handshake_has_begun(
+    framed: bool, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Shutting down while the peer is unreachable (a dead link, a stopped peer): our
+    close waits for the peer's, the keepalive comes due meanwhile and must not ping a
+    closing connection (it raised LocalProtocolError, logged at ERROR with a
+    traceback: "keepalive check failed", on every such shutdown; chaos hunt). The
+    close still ends within its timeout."""
+    relay_end, _silent_peer = trio.testing.memory_stream_pair()
+    relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY, framed=framed),
+                            name="relay",
+                            ping_interval=1.0, ping_timeout=5.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay.run)
+        await trio.sleep(0.5)
+        start = trio.current_time()
+        with trio.fail_after(3.0):
+            await relay.close(timeout=2.0)
+        closed_after = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+    assert closed_after == pytest.approx(2.0, abs=0.01)

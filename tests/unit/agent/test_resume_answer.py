@@ -11,7 +11,8 @@ import trio.testing
 from wstunnel import mux
 from wstunnel.agent.resume import AgentResumer
 from wstunnel.agent.transports import Opened
-from wstunnel.net.transport import NewCarrier, TunnelTransport
+from wstunnel.net.resumption import NewCarrier
+from wstunnel.net.transport import TunnelTransport
 from wstunnel.protocol import TunnelProtocol
 from wstunnel.replay import RESUMED_HEADER, Ticket
 
@@ -35,3 +36,46 @@ async def test_only_a_decimal_count_resumes(answer: str, resumed: bool) -> None:
         carrier = await resumer.new_carrier(transport, "lost")
     assert isinstance(carrier, NewCarrier) == resumed
     assert len(fresh) == (0 if resumed else 1)
+
+
+async def test_a_handshake_timeout_is_one_failed_attempt_not_the_end_of_grace(
+        autojump_clock: trio.abc.Clock) -> None:
+    """An HTTP transport's connect raises TooSlowError when the relay does not answer
+    within handshake_timeout (a relay stopped for a moment, a slow proxy): the agent
+    tries again until the relay's grace is over, as it does for WebSocket, instead of
+    resetting every channel after one attempt (chaos hunt: polling, relay SIGSTOPped)."""
+    protocol = TunnelProtocol(mux.Role.AGENT)
+    protocol.enable_resume()
+    stream, _ = trio.testing.memory_stream_pair()
+    transport = TunnelTransport(stream, protocol, name="test")
+    attempts: list[float] = []
+
+    async def reconnect(headers: Any, how: Any) -> Opened:
+        attempts.append(trio.current_time())
+        if len(attempts) < 3:
+            await trio.sleep(3.0)  # handshake_timeout
+            raise trio.TooSlowError
+        return Opened(stream, b"", "polling", {RESUMED_HEADER.lower(): "4"})
+
+    resumer = AgentResumer(Ticket("id", "secret", 10.0), reconnect, lambda _: None)
+    carrier = await resumer.new_carrier(transport, "lost")
+    assert isinstance(carrier, NewCarrier), carrier
+    assert len(attempts) == 3
+
+
+async def test_the_grace_still_ends_the_attempts(autojump_clock: trio.abc.Clock) -> None:
+    """A relay that never answers: the attempts stop once its grace is over."""
+    protocol = TunnelProtocol(mux.Role.AGENT)
+    protocol.enable_resume()
+    stream, _ = trio.testing.memory_stream_pair()
+    transport = TunnelTransport(stream, protocol, name="test")
+
+    async def reconnect(headers: Any, how: Any) -> Opened:
+        await trio.sleep(3.0)
+        raise trio.TooSlowError
+
+    resumer = AgentResumer(Ticket("id", "secret", 10.0), reconnect, lambda _: None)
+    start = trio.current_time()
+    outcome = await resumer.new_carrier(transport, "lost")
+    assert isinstance(outcome, str) and "resume grace (10 s" in outcome
+    assert 10.0 <= trio.current_time() - start < 10.5

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from wstunnel.errors import FlowControlError, LocalProtocolError
-from wstunnel.mux.flow import DEFAULT_OPEN_WINDOW, ReceiveWindow, SendCredit, plan_windows
+from wstunnel.mux.flow import (
+    DEFAULT_OPEN_WINDOW,
+    ReceiveWindow,
+    SendCredit,
+    WindowBudget,
+    plan_windows,
+)
 from wstunnel.mux.wire import MAX_WINDOW
 
 KIB = 1024
@@ -174,3 +180,31 @@ def test_a_small_initial_window_past_the_budget_caps_the_channels() -> None:
     plan = plan_windows(1000, DEFAULT_OPEN_WINDOW, MIB)
     assert (plan.open_window, plan.max_channels) == (DEFAULT_OPEN_WINDOW, 64)
     assert (plan.pool, plan.max_buffered_size) == (MIB // 8, MIB)
+
+
+def test_window_budget_tops_up_channels_while_the_pool_has_it() -> None:
+    """Past max_buffered_size, channels open small and get the rest of initial_window
+    from the pool, one after another, until it is spent; a channel that ends gives
+    its growth back."""
+    plan = plan_windows(10240, 256 * KIB, MIB)
+    budget = WindowBudget(plan, 256 * KIB)
+    extra = 256 * KIB - plan.open_window
+    windows = [ReceiveWindow(plan.open_window) for _ in range(plan.pool // extra + 1)]
+    assert [budget.top_up(w) for w in windows] == [extra] * (plan.pool // extra) + [0]
+    assert budget.growth == plan.pool // extra * extra <= plan.pool
+    assert windows[0].size == 256 * KIB and windows[-1].size == plan.open_window
+    budget.release(windows[0])
+    assert budget.growth == (plan.pool // extra - 1) * extra
+    assert budget.top_up(windows[-1]) == extra
+    budget.clear()
+    assert budget.growth == 0
+
+
+def test_window_budget_tops_up_nothing_when_windows_open_full() -> None:
+    """Within max_buffered_size every window opens at initial_window: no WINDOW to
+    add, and the pool stays whole for auto-tuning."""
+    plan = plan_windows(4, 64 * KIB, None)
+    budget = WindowBudget(plan, 64 * KIB)
+    window = ReceiveWindow(plan.open_window)
+    assert budget.top_up(window) == 0
+    assert window.size == 64 * KIB and budget.growth == 0

@@ -1,4 +1,5 @@
-"""The mux Session: records in, events and records out (wstunnel.mux.session)."""
+"""The mux Session: records in, events and records out (wstunnel.mux.session, and the
+layers it is built on: wstunnel.mux.control, wstunnel.mux.session_state)."""
 
 from __future__ import annotations
 
@@ -883,6 +884,17 @@ def test_grown_windows_shrink_back_once_another_channel_is_live() -> None:
     assert relay.window_growth == 0
     assert agent.send_capacity(bulk) == DEFAULT_INITIAL_WINDOW
     assert agent.failure is None and relay.failure is None
+
+
+def test_a_failed_session_holds_no_window_growth() -> None:
+    """Failure ends every channel at once: their grown windows go back to the pool."""
+    agent, relay = connected_pair()
+    bulk = open_accepted(agent, relay)
+    _stream(agent, relay, bulk, 40 * DEFAULT_INITIAL_WINDOW)
+    assert relay.window_growth > 0
+    relay.receive_record(b"\xff")  # an unknown record type
+    assert relay.failure is not None and relay.channel_ids() == []
+    assert relay.window_growth == 0
 
 
 # -- solo chunks -----------------------------------------------------------------
