@@ -65,6 +65,7 @@ class _HeldPath:
         self._holding = False
         self._released = trio.Event()
         self._held = b""
+        self._cut_after_goaway = False
         self.goaway_held = trio.Event()
         self.refusal_held = trio.Event()
         self.fin_sent = trio.Event()
@@ -87,6 +88,27 @@ class _HeldPath:
 
     def release(self) -> None:
         self._released.set()
+
+    def release_goaway_then_cut(self) -> None:
+        """Let only what the relay sent up to its GOAWAY through, then end the
+        connection: a relay that closed right after its GOAWAY (one with no channel
+        to drain does), before it read the agent's OPEN."""
+        self._cut_after_goaway = True
+        self._released.set()
+
+    def _goaway_end(self) -> int:
+        """Where the frame that carries the GOAWAY ends in what was held (the relay's
+        frames are unmasked; holding began between two of them)."""
+        held, at = self._held, 0
+        while True:
+            length, head = held[at + 1] & 0x7F, 2
+            if length >= 126:
+                head = 4 if length == 126 else 10
+                length = int.from_bytes(held[at + 2:at + head], "big")
+            end = at + head + length
+            if _GOAWAY_TEXT in held[at:end]:
+                return end
+            at = end
 
     async def _handle(self, agent: trio.SocketStream) -> None:
         self.connections += 1
@@ -124,6 +146,10 @@ class _HeldPath:
         async for data in receive:
             if self._holding:
                 await self._released.wait()
+                if self._cut_after_goaway:
+                    await agent.send_all(self._held[:self._goaway_end()])
+                    agent.socket.shutdown(socket.SHUT_WR)  # (the relay's end, as the agent sees it)
+                    return
             await agent.send_all(data)
 
     def _watch_up(self, data: bytes | bytearray) -> None:
@@ -223,6 +249,32 @@ async def test_a_connection_that_crosses_the_goaway_completes_on_the_next_relay(
                     assert await receive_all(client) == payload
             nursery.cancel_scope.cancel()
     assert f"session up to {relays[1]}" in logs.lines  # (the new session: the other relay)
+    assert any("opened again on the new session" in line for line in logs.lines)
+
+
+async def test_a_connection_that_crosses_a_goaway_and_then_a_close_completes_too(
+    logs: LogWatch
+) -> None:
+    """A relay that closes right after its GOAWAY never answers an OPEN that crossed
+    it. The GOAWAY's last channel id says it never acted on it, so the agent opens
+    the connection again on the next relay as soon as it reads the GOAWAY, rather
+    than reset it when the session ends."""
+    payload = random.Random(7).randbytes(SMALL)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            first, path, relays = await _start_relays(nursery, (LOOPBACK,))
+            agent = await start_agent(nursery, agent_config(0, [echo, echo],
+                                                            relay=tuple(relays)))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as holder:
+                await _goaway_held(first, path, holder)
+                async with await trio.open_tcp_stream(LOOPBACK, agent.ports[1]) as client:
+                    nursery.start_soon(_send_then_eof, client, payload)
+                    await path.fin_sent.wait()  # (OPEN, data and EOF went out)
+                    path.release_goaway_then_cut()
+                    assert await receive_all(client) == payload
+            nursery.cancel_scope.cancel()
+    assert f"session up to {relays[1]}" in logs.lines
     assert any("opened again on the new session" in line for line in logs.lines)
 
 

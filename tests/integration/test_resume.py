@@ -414,3 +414,33 @@ async def test_an_http_resume_that_starts_a_new_session_counts_against_the_limit
             assert answer.startswith(b"HTTP/1.1 429 "), answer
             await first.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_session_whose_relay_went_away_is_not_resumed(logs: LogWatch) -> None:
+    """With two relays: the first goes away (GOAWAY; its connection drains there) and
+    the agent's next session goes to the second. Then the first session's path
+    breaks. The relay that holds it takes no new connection (it is stopping; behind a
+    balancer another relay would not know the session), so it is not resumed: its
+    connection is reset at once, not after the resume grace. (It used to be resumed
+    towards the agent's current relay, which offered a new session instead, left
+    open.)"""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            first = await start_relay(nursery, relay_config(drain_timeout=60.0))
+            second = await start_relay(nursery, relay_config())
+            cutter = PathCutter(first.ports[0])
+            await nursery.start(cutter.serve)
+            relays = (f"ws://{LOOPBACK}:{cutter.port}/tunnel",
+                      f"ws://{LOOPBACK}:{second.ports[0]}/tunnel")
+            agent = await start_agent(nursery, agent_config(0, [echo], relay=relays))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as held:
+                assert await echo_exact(held, b"on the first") == b"on the first"
+                first.stop.set()
+                await logs.wait_for(f"session up to {relays[1]}")
+                cutter.cut()
+                with pytest.raises(trio.BrokenResourceError):
+                    await held.receive_some()  # (a reset, never a clean end)
+            nursery.cancel_scope.cancel()
+    assert not any("to resume" in line for line in logs.lines)
+    assert cutter.connections == 1

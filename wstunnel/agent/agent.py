@@ -13,6 +13,7 @@ outlive sessions, are carried by the agent's ``Carrier`` (carrying.py), the
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Final
 
 import trio
@@ -62,7 +63,8 @@ class Agent:
         self.carrier = Carrier(lambda: self.config, self.sessions, self.stats,
                                lambda: self.stopping)
         self.reverse = ReverseForwards(config.forwards, self.carrier.tracked)
-        self._fresh: Opened | None = None
+        #: A new session a relay gave instead of a resume, for the next ``_connect``.
+        self._fresh: tuple[RelayURL, Opened] | None = None
         self.stats.reverse_forwards = self.reverse.status
         for forward in config.forwards:  # (each forward's series exists from the start)
             self.stats.forward_channels[forward.label] += 0
@@ -150,15 +152,17 @@ class Agent:
         return failure_reason(exc), True
 
     async def _connect(self) -> TunnelTransport:
-        fresh, self._fresh = self._fresh, None  # (the relay gave it instead of a resume)
-        opened = fresh or await self._open([(RESUME_HEADER, "new")])
+        relay, opened = self.relay, await self._fresh_from(self.relay)
+        if opened is None:
+            opened = await self._open([(RESUME_HEADER, "new")])
         protocol = TunnelProtocol(mux.Role.AGENT, limits=self.limits, framed=opened.framed)
         self.forward_limits.pace(protocol, self.config.forwards, trio.current_time())
         resumer = None
         ticket = parse_ticket(opened.headers.get(RESUMABLE_HEADER.lower(), ""))
         if ticket is not None:  # (the relay keeps the session when the connection breaks)
             protocol.enable_resume()  # (before the first record in: every one is counted)
-            resumer = AgentResumer(ticket, self._open, self._take_fresh)
+            resumer = AgentResumer(ticket, partial(self._open, relay=relay),
+                                   partial(self._take_fresh, relay))
         if opened.trailing:
             protocol.receive_data(opened.trailing)
         config = self.config
@@ -173,14 +177,17 @@ class Agent:
             resumer=resumer,
         )
 
-    async def _open(self, extra: list[tuple[str, str]], only: str | None = None) -> Opened:
-        """A connection to the relay: by the configured transport (WebSocket, or the
-        HTTP transports where it cannot pass: transports.py), or by ``only``."""
+    async def _open(self, extra: list[tuple[str, str]], only: str | None = None, *,
+                    relay: RelayURL | None = None) -> Opened:
+        """A connection to ``relay`` (by default the one chosen now; a session's resume
+        goes to its own): by the configured transport (WebSocket, or the HTTP
+        transports where it cannot pass: transports.py), or by ``only``."""
         config = self.config
+        relay = relay or self.relay
         self._refresh_token()
         headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
         context = None
-        if self.relay.secure:
+        if relay.secure:
             from ..security import tls
 
             settings = config.client_tls
@@ -188,15 +195,32 @@ class Agent:
             if settings.mode is tls.VerifyMode.INSECURE:
                 log.warning("insecure_skip_verify: NOT checking the relay's certificate; "
                             "anyone on the path can read and change this session")
-        request = TransportRequest(config, self.relay, self.dial,
+        request = TransportRequest(config, relay, self.dial,
                                    [*config.headers, *headers, *extra], context)
         return await self.transports.open(request, only=only)
 
-    def _take_fresh(self, opened: Opened) -> None:
-        """The relay answered a resume with a new session: the next ``_connect`` uses it
-        (a draining session's resume may leave one here; a dead one fails that connect,
-        which is retried)."""
-        self._fresh = opened
+    async def _take_fresh(self, relay: RelayURL, opened: Opened) -> bool:
+        """A relay answered a resume with a new session: the next ``_connect`` to it uses
+        it (a dead one fails that connect, which is retried). Not wanted (False: the
+        caller closes it) while another session is up: a draining session's resume."""
+        current = self.sessions.current
+        if current is not None and not current.resuming:
+            return False
+        earlier, self._fresh = self._fresh, (relay, opened)
+        if earlier is not None:  # (not used: the newer one goes)
+            await trio.aclose_forcefully(earlier[1].stream)
+        return True
+
+    async def _fresh_from(self, relay: RelayURL) -> Opened | None:
+        """The new session a resume got from ``relay``, if any; one from another relay is
+        closed (the next session goes where ``reconnect.py`` chose)."""
+        fresh, self._fresh = self._fresh, None
+        if fresh is None:
+            return None
+        if fresh[0] == relay:
+            return fresh[1]
+        await trio.aclose_forcefully(fresh[1].stream)
+        return None
 
     async def _serve(self, transport: TunnelTransport,
                      draining: trio.Nursery | None = None) -> str | None:

@@ -47,9 +47,10 @@ class AgentResumer:
     """One resumable session's way back to the relay."""
 
     def __init__(self, ticket: Ticket, reconnect: Reconnect,
-                 fresh: Callable[[Opened], None]) -> None:
-        """``reconnect`` opens a connection; ``fresh`` takes a new session the relay
-        gave instead of the old one (the agent's next session)."""
+                 fresh: Callable[[Opened], Awaitable[bool]]) -> None:
+        """``reconnect`` opens a connection (to the relay that holds the session);
+        ``fresh`` takes a new session the relay gave instead of the old one (the
+        agent's next session), or declines it (False: it is closed here)."""
         self.ticket = ticket
         self._reconnect = reconnect
         self._fresh = fresh
@@ -88,6 +89,7 @@ class AgentResumer:
             if answer.isascii() and answer.isdigit():  # (not "²", a digit to str)
                 return NewCarrier(opened.stream, opened.trailing, int(answer),
                                   framed=opened.framed)
-            self._fresh(opened)
+            if not await self._fresh(opened):
+                await trio.aclose_forcefully(opened.stream)
             why = answer.partition(";")[2].strip() or "it did not say why"
             return f"{lost}; the relay could not resume the session: {why}"

@@ -26,16 +26,22 @@ class SessionSlot:
         self.current: TunnelTransport | None = None
         self._draining: set[TunnelTransport] = set()
         self._filled = trio.Event()
+        self._left = trio.Event()  # (set when the current session leaves the slot)
 
     def fill(self, transport: TunnelTransport) -> None:
         self.current = transport
+        self._left = trio.Event()
         self._filled.set()
+
+    def _leave(self) -> None:
+        self.current = None
+        self._filled = trio.Event()
+        self._left.set()
 
     def vacate(self, transport: TunnelTransport) -> None:
         """``transport`` ended, or went away: no new channel goes to it."""
         if self.current is transport:
-            self.current = None
-            self._filled = trio.Event()
+            self._leave()
         self._draining.discard(transport)
 
     def all(self) -> list[TunnelTransport]:
@@ -62,7 +68,7 @@ class SessionSlot:
                 if session is not None and session.is_open and not session.goaway_received:
                     return session
                 if session is not None:  # GOAWAY read, not yet vacated: wait for that
-                    await session.wait_ended()
+                    await self._left.wait()
                 await self._filled.wait()
                 await trio.sleep(0)
         return None
@@ -89,8 +95,7 @@ class SessionSlot:
         if ended:
             return ended[0]
         if self.current is transport:
-            self.current = None
-            self._filled = trio.Event()
+            self._leave()
             self._draining.add(transport)
         return None
 

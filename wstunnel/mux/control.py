@@ -100,6 +100,7 @@ class SessionControl(SessionState):
         if isinstance(record, wire.GoAway):
             self._goaway_received = True
             self._events.append(GoAwayReceived(record.code, record.text, record.last_channel_id))
+            self._refuse_crossed(record.last_channel_id)
             return
         if isinstance(record, wire.Open):
             self._receive_open(record)
@@ -124,6 +125,21 @@ class SessionControl(SessionState):
         elif isinstance(record, wire.OpenFailed):
             ch.receive(Input.OPEN_FAILED)
             self._events.append(self._open_failed(ch, record))
+            self._forget(ch)
+
+    def _refuse_crossed(self, last_channel_id: int) -> None:
+        """Our OPENs above the GOAWAY's last channel id crossed it: the peer never acts
+        on them (PROTOCOL.md section 7). Each is refused here and now with GOING_AWAY,
+        as the peer's answer would be, so that it may be made again on another
+        session even if the peer closes before its answer comes (an idle relay that
+        stops closes at once). The peer's own OPEN_FAILED, if it comes, is then a
+        record for a gone channel (section 8)."""
+        crossed = [ch for channel_id, ch in self._channels.items()
+                   if channel_id > last_channel_id and ch.early is not None]
+        for ch in crossed:  # (``early``: ours, not answered yet)
+            ch.receive(Input.OPEN_FAILED)
+            self._events.append(self._open_failed(ch, wire.OpenFailed(
+                ch.channel_id, OpenFailure.GOING_AWAY, "it crossed the peer's GOAWAY")))
             self._forget(ch)
 
     def _open_failed(self, ch: Channel, record: wire.OpenFailed) -> ChannelOpenFailed:

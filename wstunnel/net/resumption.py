@@ -162,7 +162,10 @@ class Resumable(CarrierIO):
                                   and self._resumable())
 
     def _resumable(self) -> bool:
-        """A lost carrier would be replaced (not a session that is over)."""
+        """A lost carrier would be replaced: not for a session that is over, nor one
+        going away (GOAWAY), which drains on a relay that takes no new connection
+        (and behind a balancer, another relay would not know it)."""
         protocol = self.protocol
-        return (self.resumer is not None and not self._closing
-                and protocol.replay is not None and protocol.session.failure is None)
+        session = protocol.session
+        return (self.resumer is not None and not self._closing and protocol.replay is not None
+                and session.failure is None and not session.going_away)

@@ -31,11 +31,38 @@ async def test_only_a_decimal_count_resumes(answer: str, resumed: bool) -> None:
     async def reconnect(headers: Any, how: Any) -> Opened:
         return Opened(stream, b"", "websocket", {RESUMED_HEADER.lower(): answer})
 
-    resumer = AgentResumer(Ticket("id", "secret", 5.0), reconnect, fresh.append)
+    async def take(opened: Opened) -> bool:
+        fresh.append(opened)
+        return True
+
+    resumer = AgentResumer(Ticket("id", "secret", 5.0), reconnect, take)
     with trio.fail_after(5):
         carrier = await resumer.new_carrier(transport, "lost")
     assert isinstance(carrier, NewCarrier) == resumed
     assert len(fresh) == (0 if resumed else 1)
+
+
+async def test_a_new_session_the_agent_declines_is_closed() -> None:
+    """The relay gave a new session instead of the resume, and the agent does not want
+    it (another session is up: the lost one was draining): its connection is closed
+    at once, not left open (and unread) for the relay to time out."""
+    protocol = TunnelProtocol(mux.Role.AGENT)
+    protocol.enable_resume()
+    stream, _ = trio.testing.memory_stream_pair()
+    transport = TunnelTransport(stream, protocol, name="test")
+    offered, relay_side = trio.testing.memory_stream_pair()
+
+    async def reconnect(headers: Any, how: Any) -> Opened:
+        return Opened(offered, b"", "websocket", {RESUMED_HEADER.lower(): "no; unknown"})
+
+    async def decline(opened: Opened) -> bool:
+        return False
+
+    resumer = AgentResumer(Ticket("id", "secret", 5.0), reconnect, decline)
+    with trio.fail_after(5):
+        outcome = await resumer.new_carrier(transport, "lost")
+        assert isinstance(outcome, str)
+        assert await relay_side.receive_some() == b""  # (closed)
 
 
 async def test_a_handshake_timeout_is_one_failed_attempt_not_the_end_of_grace(
@@ -57,7 +84,7 @@ async def test_a_handshake_timeout_is_one_failed_attempt_not_the_end_of_grace(
             raise trio.TooSlowError
         return Opened(stream, b"", "polling", {RESUMED_HEADER.lower(): "4"})
 
-    resumer = AgentResumer(Ticket("id", "secret", 10.0), reconnect, lambda _: None)
+    resumer = AgentResumer(Ticket("id", "secret", 10.0), reconnect, _never_fresh)
     carrier = await resumer.new_carrier(transport, "lost")
     assert isinstance(carrier, NewCarrier), carrier
     assert len(attempts) == 3
@@ -74,8 +101,12 @@ async def test_the_grace_still_ends_the_attempts(autojump_clock: trio.abc.Clock)
         await trio.sleep(3.0)
         raise trio.TooSlowError
 
-    resumer = AgentResumer(Ticket("id", "secret", 10.0), reconnect, lambda _: None)
+    resumer = AgentResumer(Ticket("id", "secret", 10.0), reconnect, _never_fresh)
     start = trio.current_time()
     outcome = await resumer.new_carrier(transport, "lost")
     assert isinstance(outcome, str) and "resume grace (10 s" in outcome
     assert 10.0 <= trio.current_time() - start < 10.5
+
+
+async def _never_fresh(opened: Opened) -> bool:
+    raise AssertionError("the relay resumed: no new session")

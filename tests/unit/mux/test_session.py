@@ -638,9 +638,34 @@ def test_open_after_our_goaway_is_refused_not_fatal() -> None:
     assert relay.events_received() == [PeerOpenRefused(channel_id, OpenFailure.GOING_AWAY)]
     events = agent.events_received()
     assert GoAwayReceived(0, "", 0) in events
-    assert ChannelOpenFailed(channel_id, OpenFailure.GOING_AWAY, "GOING_AWAY",
+    assert ChannelOpenFailed(channel_id, OpenFailure.GOING_AWAY, "it crossed the peer's GOAWAY",
                              retry_data=b"x", retry_eof=False) in events
     assert relay.failure is None and agent.failure is None
+
+
+def test_a_goaway_refuses_our_opens_above_its_last_id_at_once() -> None:
+    """GOAWAY(last id) promises the peer never acts on our OPENs above that id: they
+    are refused with GOING_AWAY (bytes handed back) as the GOAWAY is read, without
+    waiting for the peer's OPEN_FAILED, which a peer that closes at once never sends.
+    OPENs it had received are left to finish; its late OPEN_FAILED is dropped."""
+    agent, relay = connected_pair()
+    received = agent.open_channel("h", 1, early_data=b"seen")
+    pump(agent, relay)
+    crossed = agent.open_channel("h", 2, early_data=b"crossed")
+    while agent.next_record() is not None:  # (on the wire, not read by the peer yet)
+        pass
+    agent.receive_record(encode_record(GoAway(received, 0, "stopping")))
+    events = agent.events_received()
+    assert events[0] == GoAwayReceived(0, "stopping", received)
+    assert events[1:] == [
+        ChannelOpenFailed(crossed, OpenFailure.GOING_AWAY, "it crossed the peer's GOAWAY",
+                          retry_data=b"crossed", retry_eof=False),
+        ChannelClosed(crossed)]
+    agent.receive_record(encode_record(wire_open_failed(crossed, OpenFailure.GOING_AWAY)))
+    assert agent.events_received() == [] and agent.failure is None
+    relay.accept_channel(received)
+    pump(agent, relay)
+    assert ChannelOpened(received) in agent.events_received()
 
 
 def test_data_and_fin_sent_before_a_going_away_refusal_are_handed_back() -> None:
