@@ -20,6 +20,7 @@ from dataclasses import replace
 import pytest
 import trio
 
+from benchmarks._cutter import PathCutter
 from wstunnel.config import Forward
 from wstunnel.config.textforms import REVERSE, UDP, parse_forward
 from wstunnel.net import udp_flow
@@ -29,7 +30,14 @@ from wstunnel.security.allow_rule import AllowRule
 from wstunnel.security.listen_policy import ListenRule
 
 from .log_watch import LogWatch
-from .tunnel_helpers import agent_config, relay_config, start_agent, start_relay
+from .tunnel_helpers import (
+    agent_config,
+    pattern_block,
+    relay_config,
+    serve_target,
+    start_agent,
+    start_relay,
+)
 from .udp_helpers import (
     LOOPBACK,
     ZONE,
@@ -160,6 +168,62 @@ async def test_an_idle_flow_ends_with_fin_and_the_next_datagram_opens_a_new_one(
                 assert not any("reset" in line for line in logs.lines if "channel" in line)
                 assert await exchange(sock, (LOOPBACK, port), b"two") == b"two"
                 assert udp_stats.flows_opened == opened + 2 * 2  # agent + relay, twice
+        nursery.cancel_scope.cancel()
+
+
+async def _endless_source(stream: trio.SocketStream) -> None:
+    """A download that lasts until its client goes away."""
+    block = pattern_block(b"bulk")
+    async with stream:
+        try:
+            while True:
+                await stream.send_all(block)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+async def _drain(port: int) -> None:
+    async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
+        while await stream.receive_some(65536):
+            pass
+
+
+async def test_a_light_flow_beside_downloads_at_the_budget_loses_nothing(
+        logs: LogWatch) -> None:
+    """32 downloads through an 8 MB/s path keep the relay's outbound budget
+    (``max_queued_size``, 4 MiB here) full for as long as they run: the agent's
+    credit takes every room the writer makes. A flow beside them still gets each
+    of 20 datagrams answered, one after another: with nothing queued it takes the
+    budget's lane (mux/send_budget.py), not the room left once the downloads end
+    (it used to wait for the budget to be half empty, which they never let it
+    be: DNS beside many downloads timed out)."""
+    async with trio.open_nursery() as nursery:
+        echo = await nursery.start(serve_udp_echo)
+        source = await serve_target(nursery, _endless_source)
+        relay = await start_relay(nursery, relay_config(
+            allow=(AllowRule.parse(LOOPBACK), AllowRule.parse(f"udp:{LOOPBACK}:{echo}")),
+            max_queued_size=4 * 1024 * 1024))
+        path = PathCutter(relay.ports[0])
+        path.downstream_rate = 8_000_000
+        await nursery.start(path.serve)
+        agent = await start_agent(nursery, agent_config(path.port, [source], forwards=(
+            udp_forward(echo), Forward(LOOPBACK, 0, LOOPBACK, source))))
+        udp_port, bulk_port = agent.ports
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with sock, trio.fail_after(20):
+            await sock.connect((LOOPBACK, udp_port))
+            await exchange(sock, (LOOPBACK, udp_port), b"warm")  # (the flow is open)
+            for _ in range(32):
+                nursery.start_soon(_drain, bulk_port)
+            await logs.wait_for("outbound budget full")
+            for number in range(20):  # (each reply a new chance to find no room)
+                payload = b"datagram %d" % number
+                await sock.send(payload)
+                reply = b""
+                with trio.move_on_after(2):
+                    while (reply := await sock.recv(100)) != payload:
+                        assert reply == b"warm", reply  # (a late echo of the warm-up)
+                assert reply == payload, f"datagram {number} got no answer within 2 s"
         nursery.cancel_scope.cancel()
 
 

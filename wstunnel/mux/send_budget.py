@@ -12,6 +12,12 @@ once per chunk) and hands the channels it tells to wait to :class:`SendBudget`,
 which remembers them; a cut that makes room emits WindowUpdated for them (the
 I/O layer then reads from its sources again).
 
+The last sixteenth of the budget (``reserve``) is a lane for channels with
+nothing queued, one LANE_CHUNK at a time: busy channels stop short of it. A
+session at its budget because many channels are busy (each woken by credit
+takes the room a cut frees before a waiter sees it) would otherwise hold a
+keystroke or a datagram until the busy ones stop.
+
 Room for the budget's waiters means below half the budget: each wake-up then
 has half the budget to fill, and a read-wake-read cycle per chunk on a session
 at its budget is avoided; the queue never runs dry meanwhile.  A channel held
@@ -34,7 +40,8 @@ from .events import Event, OutboundBudgetExhausted, WindowUpdated
 from .flow import DEFAULT_MAX_AUTO_WINDOW
 from .scheduler import Outbox
 
-__all__ = ["SendBudget", "DEFAULT_MAX_SEND_WINDOW", "DEFAULT_MAX_QUEUED_SIZE"]
+__all__ = ["SendBudget", "DEFAULT_MAX_SEND_WINDOW", "DEFAULT_MAX_QUEUED_SIZE", "LANE_CHUNK",
+           "reserve"]
 
 #: The most one channel queues, whatever window the peer grants: a peer of
 #: ours grows a window to DEFAULT_MAX_AUTO_WINDOW at most, so it is never cut.
@@ -43,7 +50,17 @@ DEFAULT_MAX_SEND_WINDOW: Final = DEFAULT_MAX_AUTO_WINDOW
 #: the largest window a peer of ours grants one channel, so a bulk channel
 #: never waits for it; 64 channels' worth at the default window.
 DEFAULT_MAX_QUEUED_SIZE: Final = 16 * 1024 * 1024
+#: A channel with nothing queued (a keystroke, a datagram, a request) may take
+#: this much at a time from the last sixteenth of the budget, which channels with
+#: a queue of their own do not use (``reserve``): so a session at its budget,
+#: filled by many busy channels, still passes interactive bytes at once.
+LANE_CHUNK: Final = 16 * 1024
 _SEND_OPEN: Final = SendState.OPEN
+
+
+def reserve(max_queued_size: int) -> int:
+    """The part of the budget kept for channels with nothing queued (LANE_CHUNK)."""
+    return max_queued_size // 16
 
 
 class SendBudget:

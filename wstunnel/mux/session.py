@@ -37,7 +37,7 @@ from .control import SessionControl
 from .events import DataReceived, Event, WindowUpdated
 from .flow import DEFAULT_MAX_AUTO_WINDOW, DEFAULT_OPEN_WINDOW, WindowPlan, plan_windows
 from .scheduler import Parts
-from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW
+from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW, LANE_CHUNK
 from .session_state import DEFAULT_MAX_CHANNELS, Role
 from .wire import DATA_HEADER_SIZE, ErrorCode, decode_record
 
@@ -227,13 +227,17 @@ class Session(SessionControl):
         credit = ch.credit.credit
         cap = self.max_send_window
         own = (credit if credit < cap else cap) - ch.queued_size
-        left = self.max_queued_size - self._outbox.held_size - PIECE_OVERHEAD_SIZE
+        left = self._busy_limit - self._outbox.held_size - PIECE_OVERHEAD_SIZE
         if own <= left or own <= 0:
             if own <= 0 and credit > cap and not ch.wake_below:
                 self._budget.hold_at_cap(ch)
             return own
         if left > 0:
             return left
+        if not ch.queued_size:  # (nothing of its own waits: the lane, send_budget.py)
+            lane = self.max_queued_size - self._outbox.held_size - PIECE_OVERHEAD_SIZE
+            if lane > 0:
+                return min(own, lane, LANE_CHUNK)
         self._budget.wait(channel_id)
         return 0
 

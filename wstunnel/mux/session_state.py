@@ -31,7 +31,7 @@ from .channel import Channel, ChannelTable, Input
 from .events import ChannelClosed, Event
 from .flow import DEFAULT_MAX_AUTO_WINDOW, WindowBudget, plan_windows
 from .scheduler import Outbox
-from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW, SendBudget
+from .send_budget import DEFAULT_MAX_QUEUED_SIZE, DEFAULT_MAX_SEND_WINDOW, SendBudget, reserve
 from .wire import (
     DATA_HEADER_SIZE,
     DEFAULT_INITIAL_WINDOW,
@@ -144,6 +144,8 @@ class SessionState:
         self._events: list[Event] = []
         chunk_size = wire.MIN_CHUNK_SIZE  # what the peer surely accepts until its SETTINGS
         self._fixed_quantum = quantum is not None
+        #: What busy channels may fill: the budget less the lane (send_budget.py reserve)
+        self._busy_limit = self.max_queued_size - reserve(self.max_queued_size)
         self._budget = budget = SendBudget(self._channels, self._emit,
                                            max_send_window=self.max_send_window,
                                            max_queued_size=self.max_queued_size)

@@ -24,6 +24,7 @@ from wstunnel.mux import (
     WindowUpdated,
 )
 from wstunnel.mux.channel import PIECE_OVERHEAD_SIZE
+from wstunnel.mux.send_budget import LANE_CHUNK, reserve
 from wstunnel.mux.wire import Reset, encode_record
 
 KIB = 1024
@@ -98,20 +99,47 @@ def test_a_channel_held_back_by_the_cap_wakes_when_half_its_queue_is_sent() -> N
 
 
 def test_the_budget_spans_channels_and_reports_each_episode_once() -> None:
-    """What all channels queue together stops at max_queued_size; the first channel
-    turned away emits OutboundBudgetExhausted, the others do not."""
+    """What all channels queue together stops at max_queued_size: a busy channel
+    stops short of the last sixteenth (the lane), which channels with nothing queued
+    take one LANE_CHUNK at a time; the first channel turned away emits
+    OutboundBudgetExhausted, the others do not."""
     budget = 1 * MIB
     agent, relay = reader_and_sender(max_send_window=4 * MIB, max_queued_size=budget)
     first, second, third = open_channels(agent, relay, 3)
-    assert fill(relay, first) == budget - PIECE_OVERHEAD_SIZE
-    assert relay.held_size == budget
-    assert relay.send_capacity(second) == 0
-    assert relay.send_capacity(third) == 0
-    assert relay.send_capacity(second) == 0
-    assert events_of(relay, OutboundBudgetExhausted) == [OutboundBudgetExhausted(budget, budget)]
+    assert fill(relay, first) == budget - reserve(budget) - PIECE_OVERHEAD_SIZE
+    assert relay.held_size == budget - reserve(budget)
+    assert relay.send_capacity(first) == 0  # (busy: not the lane)
+    for channel in (second, third):  # (nothing queued: one chunk of the lane each)
+        assert fill(relay, channel) == LANE_CHUNK
+        assert relay.send_capacity(channel) == 0
+    assert relay.held_size <= budget
+    assert events_of(relay, OutboundBudgetExhausted) == [
+        OutboundBudgetExhausted(budget - reserve(budget), budget)]
     assert relay.budget_exhaustions == 1
-    with pytest.raises(LocalProtocolError):
-        relay.send_data(third, b"x")
+    with pytest.raises(LocalProtocolError):  # (past the whole budget)
+        relay.send_data(third, bytes(reserve(budget)))
+
+
+def test_a_channel_with_nothing_queued_passes_while_busy_ones_hold_the_budget() -> None:
+    """Many busy channels keep the session at its budget: each time the writer frees
+    room, one of them (woken by credit, not by the budget) takes it, so the budget
+    never falls to half, where those told to wait are woken. A channel with
+    nothing queued (a keystroke, a datagram) still gets room at once, every time,
+    and the session never holds more than max_queued_size."""
+    budget = 1 * MIB
+    agent, relay = reader_and_sender(max_send_window=4 * MIB, max_queued_size=budget)
+    *busy, quiet = open_channels(agent, relay, 5)
+    for channel in busy:
+        fill(relay, channel)
+    for turn in range(20):
+        records_until(relay, lambda: relay.held_size < budget - reserve(budget) - 64 * KIB)
+        for channel in busy:  # (they refill what the writer took)
+            fill(relay, channel)
+        assert relay.send_capacity(quiet) > 0, turn
+        relay.send_data(quiet, b"keystroke")
+        assert relay.held_size <= budget
+        sent = [relay.next_record(16 * KIB) for _ in range(len(busy) + 1)]  # (one turn each)
+        assert any(record is not None and record.endswith(b"keystroke") for record in sent)
 
 
 def test_waiting_channels_resume_once_half_the_budget_is_sent() -> None:
@@ -122,6 +150,8 @@ def test_waiting_channels_resume_once_half_the_budget_is_sent() -> None:
     first, second, third = open_channels(agent, relay, 3)
     while (capacity := relay.send_capacity(first)) > 0:  # as reads come: 16 KiB pieces
         relay.send_data(first, bytes(min(capacity, 16 * KIB)))
+    fill(relay, third)  # (their lane chunks: with those queued, they wait too)
+    fill(relay, second)
     relay.send_capacity(third)
     relay.send_capacity(second)
     relay.events_received()
@@ -132,6 +162,7 @@ def test_waiting_channels_resume_once_half_the_budget_is_sent() -> None:
     assert [e.channel_id for e in woken] == [first, third, second]
     assert all(e.send_capacity > 0 for e in woken)
     assert fill(relay, second) > 0
+    fill(relay, third)  # (the lane again: its chunk went meanwhile)
     assert relay.send_capacity(third) == 0
     assert relay.budget_exhaustions == 2
 
@@ -142,11 +173,12 @@ def test_a_reset_gives_its_queue_back_to_the_budget() -> None:
     agent, relay = reader_and_sender(max_queued_size=budget)
     first, second = open_channels(agent, relay, 2)
     fill(relay, first)
+    fill(relay, second)  # (a lane chunk; then it waits)
     assert relay.send_capacity(second) == 0
     relay.events_received()
     relay.reset_channel(first)
-    assert relay.held_size == 0
-    assert WindowUpdated(second, 4 * MIB) in relay.events_received()  # (max_send_window)
+    assert relay.held_size == LANE_CHUNK + PIECE_OVERHEAD_SIZE  # (second's)
+    assert WindowUpdated(second, 4 * MIB - LANE_CHUNK) in relay.events_received()  # (its cap)
 
 
 def test_what_the_peer_resets_or_the_session_loses_is_freed() -> None:
