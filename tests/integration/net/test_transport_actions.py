@@ -96,6 +96,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
         self.closed = trio.Event()
+        self.refused = trio.Event()
 
     def channel_opened(self, channel: ChannelStream) -> None:
         self.calls.append(("opened", channel.channel_id))
@@ -115,6 +116,7 @@ class _Recorder:
 
     def peer_open_refused(self, session: object, reason: int) -> None:
         self.calls.append(("peer open refused", reason))
+        self.refused.set()
 
 
 async def test_the_observer_hears_a_refused_channel_open_and_close() -> None:
@@ -147,8 +149,10 @@ async def test_the_observer_hears_an_open_the_multiplexer_refused_by_itself() ->
     metrics log it from there), and the opener hears GOING_AWAY."""
     agent_end, relay_end = trio.testing.memory_stream_pair()
     recorder = _Recorder()
-    agent = TunnelTransport(agent_end, TunnelProtocol(mux.Role.AGENT), name="agent",
-                            ping_interval=0)
+    # (the agent reads nothing until the relay has refused its OPEN: read first, the
+    # GOAWAY would refuse it on the agent's side, and the agent could close first)
+    agent = TunnelTransport(_ReadsAfter(agent_end, recorder.refused),
+                            TunnelProtocol(mux.Role.AGENT), name="agent", ping_interval=0)
     relay = TunnelTransport(relay_end, TunnelProtocol(mux.Role.RELAY), name="relay",
                             on_open=_never_called, ping_interval=0, observer=recorder)
     with trio.fail_after(5):
@@ -161,6 +165,27 @@ async def test_the_observer_hears_an_open_the_multiplexer_refused_by_itself() ->
                 await channel.receive_some()
             nursery.cancel_scope.cancel()
     assert recorder.calls == [("peer open refused", mux.OpenFailure.GOING_AWAY)]
+
+
+class _ReadsAfter(trio.abc.Stream):
+    """``stream``, whose reads wait for ``event`` first."""
+
+    def __init__(self, stream: trio.abc.Stream, event: trio.Event) -> None:
+        self._stream = stream
+        self._event = event
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        await self._event.wait()
+        return await self._stream.receive_some(max_bytes)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 async def _never_called(transport: TunnelTransport, channel: ChannelStream) -> None:
