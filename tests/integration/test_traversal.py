@@ -50,13 +50,7 @@ def password_file(tmp_path: Path) -> Path:
 
 async def echo_once(port: int, payload: bytes = b"ping through the path") -> None:
     async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        await stream.send_all(payload)
-        echoed = b""
-        while len(echoed) < len(payload):
-            data = await stream.receive_some()
-            assert data, "the tunnel closed the connection"
-            echoed += data
-        assert echoed == payload
+        await _echo_on(stream, payload)
 
 
 # ------------------------------------------------------ agent -> CONNECT proxy

@@ -22,10 +22,7 @@ from wstunnel.replay import RESUMED_HEADER, Ticket
 async def test_only_a_decimal_count_resumes(answer: str, resumed: bool) -> None:
     """A count is ASCII digits; anything else (even a character Python calls a digit,
     as latin-1's superscript two) is a refusal, never a crash of the agent."""
-    protocol = TunnelProtocol(mux.Role.AGENT)
-    protocol.enable_resume()
-    stream, _ = trio.testing.memory_stream_pair()
-    transport = TunnelTransport(stream, protocol, name="test")
+    stream, transport = _resumable()
     fresh: list[Opened] = []
 
     async def reconnect(headers: Any, how: Any) -> Opened:
@@ -46,10 +43,7 @@ async def test_a_new_session_the_agent_declines_is_closed() -> None:
     """The relay gave a new session instead of the resume, and the agent does not want
     it (another session is up: the lost one was draining): its connection is closed
     at once, not left open (and unread) for the relay to time out."""
-    protocol = TunnelProtocol(mux.Role.AGENT)
-    protocol.enable_resume()
-    stream, _ = trio.testing.memory_stream_pair()
-    transport = TunnelTransport(stream, protocol, name="test")
+    stream, transport = _resumable()
     offered, relay_side = trio.testing.memory_stream_pair()
 
     async def reconnect(headers: Any, how: Any) -> Opened:
@@ -71,10 +65,7 @@ async def test_a_handshake_timeout_is_one_failed_attempt_not_the_end_of_grace(
     within handshake_timeout (a relay stopped for a moment, a slow proxy): the agent
     tries again until the relay's grace is over, as it does for WebSocket, instead of
     resetting every channel after one attempt (chaos hunt: polling, relay SIGSTOPped)."""
-    protocol = TunnelProtocol(mux.Role.AGENT)
-    protocol.enable_resume()
-    stream, _ = trio.testing.memory_stream_pair()
-    transport = TunnelTransport(stream, protocol, name="test")
+    stream, transport = _resumable()
     attempts: list[float] = []
 
     async def reconnect(headers: Any, how: Any) -> Opened:
@@ -92,10 +83,7 @@ async def test_a_handshake_timeout_is_one_failed_attempt_not_the_end_of_grace(
 
 async def test_the_grace_still_ends_the_attempts(autojump_clock: trio.abc.Clock) -> None:
     """A relay that never answers: the attempts stop once its grace is over."""
-    protocol = TunnelProtocol(mux.Role.AGENT)
-    protocol.enable_resume()
-    stream, _ = trio.testing.memory_stream_pair()
-    transport = TunnelTransport(stream, protocol, name="test")
+    stream, transport = _resumable()
 
     async def reconnect(headers: Any, how: Any) -> Opened:
         await trio.sleep(3.0)
@@ -110,3 +98,11 @@ async def test_the_grace_still_ends_the_attempts(autojump_clock: trio.abc.Clock)
 
 async def _never_fresh(opened: Opened) -> bool:
     raise AssertionError("the relay resumed: no new session")
+
+
+def _resumable() -> tuple[trio.abc.Stream, TunnelTransport]:
+    """A resumable agent session's transport, and the stream under it."""
+    protocol = TunnelProtocol(mux.Role.AGENT)
+    protocol.enable_resume()
+    stream, _ = trio.testing.memory_stream_pair()
+    return stream, TunnelTransport(stream, protocol, name="test")
