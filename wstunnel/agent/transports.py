@@ -99,6 +99,12 @@ class TransportChooser:
         remembered = self._worked.get(request.relay.url)
         order = ORDER if remembered is None else (
             remembered, *(name for name in ORDER if name != remembered))
+        return await self._first_that_passes(request, order, remembered)
+
+    async def _first_that_passes(self, request: Request, order: tuple[str, ...],
+                                 remembered: str | None) -> Opened:
+        """Each transport of ``order`` in turn, until one passes; the others' reasons
+        are logged with the one chosen (``_chosen``)."""
         reasons: list[str] = []
         first: BaseException | None = None
         for index, name in enumerate(order):
