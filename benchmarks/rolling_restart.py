@@ -79,6 +79,7 @@ from typing import Final
 import _procs
 import trio
 from _children import agent_argv, relay_argv
+from _haproxy_admin import admin_command
 from _procs import BenchError, exit_on_sigterm
 from scale_out import haproxy_config
 
@@ -245,14 +246,7 @@ async def _healthy(port: int) -> bool:
 async def _admin(path: Path, command: str) -> str:
     """One command on haproxy's admin socket; its answer ("" if none answers yet)."""
     try:
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        with sock:
-            await sock.connect(str(path))
-            await sock.send(command.encode() + b"\n")
-            answer = b""
-            while data := await sock.recv(4096):
-                answer += data
-        return answer.decode(errors="replace")
+        return await admin_command(path, command)
     except OSError:
         return ""
 

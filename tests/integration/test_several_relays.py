@@ -10,7 +10,6 @@ README, "Running several relays", is what these tests hold to.
 from __future__ import annotations
 
 import signal
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import trio
 
 from benchmarks._cutter import PathCutter
+from benchmarks._haproxy_admin import admin_command
 
 from .log_watch import LogWatch
 from .process_helpers import Program, relay_process
@@ -134,8 +134,8 @@ async def test_a_resume_reaches_the_relay_holding_the_session(
                         assert await stream.receive_some() == b"before"
                         holder = first if _sessions(first) else second
                         name = "relay1" if holder is first else "relay2"
-                        await _haproxy_command(admin, f"set server relays/{name} state drain")
-                        await _haproxy_command(admin, f"shutdown sessions server relays/{name}")
+                        await admin_command(admin, f"set server relays/{name} state drain")
+                        await admin_command(admin, f"shutdown sessions server relays/{name}")
                         with trio.fail_after(15):
                             await holder.wait_for(rb"resumes its session")
                         await stream.send_all(b"after")
@@ -270,7 +270,7 @@ async def test_a_haproxy_reload_keeps_the_sessions_on_their_relays(
                 front.reload()
                 await _wait_for_newest_haproxy(front)
                 await _churn(agent.ports[0], 200)
-                tables = [await _haproxy_command(front.admin, f"show table {name}")
+                tables = [await admin_command(front.admin, f"show table {name}")
                           for name in ("relays", "resume_ids")]
                 nursery.cancel_scope.cancel()
     assert not [line for line in logs.lines if "does not know this session" in line]
@@ -280,7 +280,7 @@ async def test_a_haproxy_reload_keeps_the_sessions_on_their_relays(
 async def _wait_until_haproxy_can_hand_over(front: ReloadableHaproxy) -> None:
     """A haproxy hands its tables over only once it has finished taking them over
     itself (from its predecessor, or after waiting 5 s for one): polled."""
-    while "resync_timeout=<PAST>" not in await _haproxy_command(front.admin, "show peers"):
+    while "resync_timeout=<PAST>" not in await admin_command(front.admin, "show peers"):
         await trio.sleep(0.2)
 
 
@@ -288,20 +288,10 @@ async def _wait_for_newest_haproxy(front: ReloadableHaproxy) -> None:
     """The newest process answers the admin socket, with the tables handed over (or
     given up on: then the test's assertions say what is missing)."""
     newest = f"Pid: {front.processes[-1].pid}\n"
-    while newest not in await _haproxy_command(front.admin, "show info"):
+    while newest not in await admin_command(front.admin, "show info"):
         await trio.sleep(0.05)
     with trio.move_on_after(3):
-        while "used:0" in await _haproxy_command(front.admin, "show table relays"):
+        while "used:0" in await admin_command(front.admin, "show table relays"):
             await trio.sleep(0.05)
 
 
-async def _haproxy_command(path: Path, command: str) -> str:
-    """One command on haproxy's admin socket; its answer."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        await sock.connect(str(path))
-        await sock.send(command.encode() + b"\n")
-        answer = b""
-        while data := await sock.recv(4096):
-            answer += data
-    return answer.decode()
