@@ -53,7 +53,7 @@ from .http_sessions import (
     HttpSessions,
 )
 from .resume import Admission, Held, HeldSessions
-from .upgrade import HttpReader, HttpRequest, send_refusal
+from .upgrade import HttpReader, HttpRequest, client_gave_up, send_refusal
 
 __all__ = ["HttpFront"]
 
@@ -186,11 +186,12 @@ class HttpFront:
         """Answer with a new session's id, then run the session in this task (or, for a
         resume, carry a held session's records until it moves on: resume.py). Its body
         (none, normally) must come within handshake_timeout: a new session's place among
-        its agent's is taken already."""
+        its agent's is taken already. Nothing, when the client gave up meanwhile
+        (``client_gave_up``)."""
         drained = False
         with trio.move_on_after(self.host.config.handshake_timeout):
             drained = await _drain_body(reader)
-        if not drained:
+        if not drained or client_gave_up(reader.stream, accepted.peer):
             return
         admission = await self.host.admit_resume(request, accepted)
         if admission.refused is not None:  # not this agent's: a bad login's answer

@@ -54,7 +54,7 @@ from .guard import Gatekeeper, Identity, SessionGuard
 from .http_front import HttpFront
 from .resume import Admission, Held, HeldSessions, RelayResumer
 from .reverse import LISTEN_KINDS, ReverseListeners
-from .upgrade import HttpRequest, read_request, send_refusal
+from .upgrade import HttpRequest, client_gave_up, read_request, send_refusal
 
 __all__ = ["Relay", "CLOSE_IDLE"]
 
@@ -168,9 +168,11 @@ class Relay:
     async def _start_or_resume(
         self, stream: trio.abc.Stream, handshake: ws.ServerHandshake,
         request: ws.RequestReceived, accepted: Accepted,
-    ) -> tuple[TunnelProtocol, Identity, str, Held | None] | trio.Event | Answer:
+    ) -> tuple[TunnelProtocol, Identity, str, Held | None] | trio.Event | Answer | None:
         """A new session (resumable if the agent asks and ``resume_grace`` allows), or
-        the next carrier of a held one (resume.py)."""
+        the next carrier of a held one (resume.py); None when the client gave up."""
+        if client_gave_up(stream, accepted.peer):
+            return None
         admission = await self.admit_resume(request, accepted)
         if admission.refused is not None:  # not this agent's: exactly a bad login's answer
             return self.refuse_session(handshake, accepted, admission.refused)

@@ -10,6 +10,8 @@ head; when the head carries the marker, that connection reads the rest.
 
 from __future__ import annotations
 
+import logging
+import select
 from dataclasses import dataclass
 from typing import Final
 
@@ -22,7 +24,9 @@ from ..net.plain_stream import PlainSocketStream
 from ..net.tls_stream import TLSSocketStream
 from ..ws._http import decode_headers
 
-__all__ = ["read_request", "HttpRequest", "HttpReader", "send_refusal"]
+__all__ = ["client_gave_up", "read_request", "HttpRequest", "HttpReader", "send_refusal"]
+
+log = logging.getLogger("wstunnel.relay")
 
 READ_SIZE = 65536
 BODY_READ_SIZE = 256 * 1024  # an HTTP transport's bodies: bulk, read in big pieces
@@ -33,6 +37,9 @@ REFUSAL_LINGER_TIMEOUT: Final = 2.0
 REFUSAL_LINGER_SIZE: Final = 1024 * 1024
 _MARKER = TRANSPORT_HEADER.lower().encode()
 _BODY_HEADERS: Final = (b"content-length", b"transfer-encoding")
+#: What poll reports for a peer that ended its side (FIN: POLLRDHUP, Linux) or reset.
+_GONE: Final = (getattr(select, "POLLRDHUP", 0) | getattr(select, "POLLHUP", 0)
+                 | getattr(select, "POLLERR", 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,27 @@ async def send_refusal(stream: trio.abc.Stream, response: bytes) -> None:
                 left -= len(data)
         except trio.BrokenResourceError:  # (the client went away: nothing left to lose)
             return
+
+
+def client_gave_up(stream: trio.abc.Stream, peer: str) -> bool:
+    """Whether the client (``peer`` in the log) has already ended its side of the
+    connection (or reset it), once its request is read: one poll, no wait; logged.
+
+    A client waiting for its answer does not half-close; one that ended its side
+    gave up (its handshake timeout ran out while the relay was stopped, and the
+    kernel kept its request in the backlog): acting on the request would resume a
+    session over a dead connection, or open one nobody uses. The FIN is a TCP
+    state, seen under TLS too (whatever records, close_notify included, came
+    before it). Linux only (POLLRDHUP); elsewhere only a reset is seen.
+    """
+    if not isinstance(stream, PlainSocketStream) or not hasattr(select, "poll"):
+        return False  # (TLSSocketStream is a PlainSocketStream)
+    poller = select.poll()
+    poller.register(stream.socket, _GONE)
+    if not poller.poll(0):
+        return False
+    log.info("%s: the client gave up before the answer; ignored", peer)
+    return True
 
 
 async def read_request(
