@@ -22,6 +22,7 @@ from .real_peers import LOOPBACK, Pki, haproxy, nginx, squid, tinyproxy
 from .tunnel_helpers import (
     agent_config,
     digest_handler,
+    echo_exact,
     echo_handler,
     relay_config,
     serve_target,
@@ -50,7 +51,7 @@ def password_file(tmp_path: Path) -> Path:
 
 async def echo_once(port: int, payload: bytes = b"ping through the path") -> None:
     async with await trio.open_tcp_stream(LOOPBACK, port) as stream:
-        await _echo_on(stream, payload)
+        assert await echo_exact(stream, payload) == payload
 
 
 # ------------------------------------------------------ agent -> CONNECT proxy
@@ -272,21 +273,12 @@ async def test_haproxy_passes_http_streaming_keystrokes_at_once(
                     0, [target], relay=f"wss://{LOOPBACK}:{front}/tunnel",
                     transport="streaming"))
                 async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                    await _echo_on(stream, b"warm up")
+                    assert await echo_exact(stream, b"warm up") == b"warm up"
                     with trio.fail_after(1.0):
                         for index in range(10):
-                            await _echo_on(stream, b"keystroke %d" % index)
+                            keystroke = b"keystroke %d" % index
+                            assert await echo_exact(stream, keystroke) == keystroke
                 nursery.cancel_scope.cancel()
-
-
-async def _echo_on(stream: trio.SocketStream, payload: bytes) -> None:
-    await stream.send_all(payload)
-    echoed = b""
-    while len(echoed) < len(payload):
-        data = await stream.receive_some()
-        assert data, "the tunnel closed the connection"
-        echoed += data
-    assert echoed == payload
 
 
 def _allow(port: int) -> dict[str, object]:
