@@ -5,7 +5,8 @@ path would (tests/integration/test_resume.py, benchmarks/resume.py).
 a NAT forgets the mapping or a proxy restarts); for ``down`` seconds after, and
 while ``down`` is set, new connections are reset as soon as they arrive. ``cut_after`` cuts when the
 bytes forwarded reach a mark, so a test cuts mid-transfer by progress, not
-by sleeping. ``downstream_rate`` makes the path a slow link, relay to agent.
+by sleeping. ``downstream_rate`` makes the path a slow link, relay to agent;
+``stall_upstream`` a path that silently stops passing what the agent sends.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class PathCutter:
         #: passed on in small slices, as a slow link delivers them.
         self.downstream_rate = 0.0
         self.cuts = 0
+        #: Cleared by ``stall_upstream``: what the agent sends is held here, not passed
+        #: on (a path gone silent one way, with nothing reset).
+        self._upstream = trio.Event()
+        self._upstream.set()
         self.forwarded = 0
         self.connections = 0
         self._live: set[trio.SocketStream] = set()
@@ -65,8 +70,13 @@ class PathCutter:
         for stream in list(self._live):
             _reset(stream)
         self._live.clear()
+        self._upstream.set()
         self.cut_done.set()
         self.cut_done = trio.Event()
+
+    def stall_upstream(self) -> None:
+        """From now on, pass nothing from the agent to the relay (until ``cut``)."""
+        self._upstream = trio.Event()
 
     async def _handle(self, client: trio.SocketStream) -> None:
         if self.down or trio.current_time() < self.down_until:
@@ -109,6 +119,8 @@ class PathCutter:
                 if downstream and self.downstream_rate:
                     await self._pace(sink, data)
                 else:
+                    if not self._upstream.is_set():
+                        await self._upstream.wait()
                     await sink.send_all(data)
                 self.forwarded += len(data)
                 while self._marks and self.forwarded >= self._marks[0][0]:

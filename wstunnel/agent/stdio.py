@@ -26,7 +26,8 @@ stderr) and the process lives exactly as long as the channel.
   from stdin are sized by the channel's send credit and writes to stdout wait
   for the reader, so a huge transfer buffers no more than one window each way).
   EOF on stdin is a FIN; the channel's FIN closes stdout.
-* Both directions ended cleanly: return (exit 0). Refused, reset or the
+* Both directions ended cleanly and the relay answered our close (which it
+  sends only once it has read our FIN): return (exit 0). Refused, reset or the
   session lost: ``StdioFailed`` with one line saying what happened and what to
   check (exit 1).
 
@@ -61,8 +62,9 @@ __all__ = ["StdioFailed", "StdioStream", "run_stdio"]
 
 log = logging.getLogger("wstunnel.agent")
 
-#: How long the session may take to close politely once the channel is done.
+#: How long the session may take to close politely after a failure.
 CLOSE_TIMEOUT: Final = 2.0
+_DONE: Final = "stdio channel done"
 
 
 class StdioFailed(TunnelError):
@@ -230,13 +232,13 @@ async def _run_session(agent: Agent, transport: TunnelTransport, target: HostPor
         nursery.start_soon(_serve_until_closed, agent, transport, session_scope)
         try:
             await _carry(transport, target, held, agent.relay.url)
+            await _close_confirmed(transport, target, agent.relay.url, agent.config.ping_timeout)
         except _Retry as exc:  # (raised out of the nursery, it would come in a group)
             retry = exc
         finally:
             try:
                 with trio.CancelScope(shield=True):
-                    await transport.close(ws.CloseCode.GOING_AWAY, "stdio channel done",
-                                          timeout=CLOSE_TIMEOUT)
+                    await transport.close(ws.CloseCode.GOING_AWAY, _DONE, timeout=CLOSE_TIMEOUT)
             finally:  # (whatever close did: the shielded session must not hold on)
                 session_scope.cancel()
                 nursery.cancel_scope.cancel()
@@ -367,6 +369,24 @@ async def _wait_sent(transport: TunnelTransport, channel: ChannelStream, target:
         raise StdioFailed(f"lost the session to relay {relay} before it had the last bytes "
                           f"for {target}: {reason} \N{EM DASH} check the relay's log and the "
                           f"network to it, then connect again")
+
+
+async def _close_confirmed(transport: TunnelTransport, target: HostPort, relay: str,
+                           timeout: float) -> None:
+    """Our FIN is written, but only the relay's answer to our close proves that it read
+    the FIN and all before it: a path that breaks after the FIN went out, or while a
+    resume replays it, must not end in exit 0 (the relay's grace then resets the
+    destination). A peer silent for ``timeout`` (``ping_timeout``) counts as gone."""
+    await transport.wait_carrier()  # (a resume in progress replays the FIN first)
+    await transport.close(ws.CloseCode.GOING_AWAY, _DONE, timeout=timeout)
+    if transport.close_confirmed:
+        return
+    why = transport.end_reason
+    why = f"the session ended: {why}" if why and why != _DONE else (
+        f"no answer to our close within {timeout:g} s")
+    raise StdioFailed(f"relay {relay} did not confirm that it had the last bytes for {target} "
+                      f"({why}), so {target} may not have them all \N{EM DASH} check the "
+                      f"network to the relay, then send again")
 
 
 def _failure(target: HostPort, channel: ChannelStream, relay: str) -> str:

@@ -320,6 +320,13 @@ class TunnelTransport(Resumable):
                 await self._done.wait()
         self._end(reason or "closed by us")
 
+    @property
+    def close_confirmed(self) -> bool:
+        """The peer's close came, saying normal or going away: it had read all that
+        went before ours (a close we sent that no answer followed proves nothing)."""
+        protocol = self.protocol
+        return protocol.failure is None and protocol.close_code in _CLEAN_CLOSE_CODES
+
     # -- the peer's OPENs (its other control records: PeerEvents) ---------------------
 
     def _incoming(self, event: mux.ChannelOpenRequested) -> None:

@@ -64,14 +64,17 @@ async def run_agent(argv: list[str], stdin: bytes = b"",
                                       capture_stderr=True, check=False, cwd=ROOT, env=env)
 
 
-async def test_echo_is_byte_exact_and_stdout_carries_only_channel_bytes() -> None:
+@pytest.mark.parametrize("transport", ["websocket", "streaming", "polling"])
+async def test_echo_is_byte_exact_and_stdout_carries_only_channel_bytes(transport: str) -> None:
     """What goes into stdin comes back on stdout byte for byte, with nothing else there
-    even at --log-level debug (logs go to stderr); exit 0 when both ways ended."""
+    even at --log-level debug (logs go to stderr); exit 0 when both ways ended and the
+    relay answered the close, on every transport."""
     payload = pattern_block(b"stdio", 3 << 20)
     async with relay() as (nursery, relay_port):
         echo = await serve_target(nursery, echo_handler)
         result = await run_agent(stdio_argv(relay_port, f"{LOOPBACK}:{echo}",
-                                            "--log-level", "debug"), payload)
+                                            "--log-level", "debug", "--transport", transport),
+                                 payload)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == payload
     assert b"session up" in result.stderr

@@ -82,3 +82,58 @@ async def test_the_last_bytes_written_while_the_path_is_down_arrive_before_exit(
                 assert bytes(received) == b" <RESET>"
                 assert "StdioFailed" in failed[0] and "lost the session" in failed[0]
             nursery.cancel_scope.cancel()
+
+
+async def test_a_fin_the_relay_never_read_fails_the_agent_instead_of_exit_0(
+        logs: LogWatch) -> None:
+    """The path stops passing what the agent sends just as stdin ends: the FIN and the
+    close go out but never reach the relay, so no answer to the close comes. The
+    agent exits 1 within ping_timeout; the relay's grace then resets the target."""
+    received = bytearray()
+    target_done = trio.Event()
+
+    async def target(stream: trio.SocketStream) -> None:
+        try:
+            await stream.send_all(b"hello")
+            await stream.send_eof()
+            async for data in stream:
+                received.extend(data)
+            received.extend(b" <EOF>")
+        except trio.BrokenResourceError:
+            received.extend(b" <RESET>")
+        finally:
+            target_done.set()
+            await trio.aclose_forcefully(stream)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            relay = await start_relay(nursery, relay_config(resume_grace=0.5))
+            cutter = PathCutter(relay.ports[0])
+            await nursery.start(cutter.serve)
+            port = await serve_target(nursery, target)
+            config = AgentConfig(relay=f"ws://{LOOPBACK}:{cutter.port}/tunnel", proxy="none",
+                                 ping_timeout=0.5)
+            stdio, ssh = trio.testing.memory_stream_pair()
+            failed: list[str] = []
+
+            async def agent() -> None:
+                try:
+                    await run_stdio(config, HostPort(LOOPBACK, port), stdio)  # (exit 0)
+                except Exception as exc:  # (exit 1)
+                    failed.append(repr(exc))
+
+            async with trio.open_nursery() as agent_nursery:
+                agent_nursery.start_soon(agent)
+                got = b""
+                while data := await ssh.receive_some():
+                    got += data
+                assert got == b"hello"
+                cutter.stall_upstream()
+                await ssh.send_all(b"bye")
+                await ssh.send_eof()
+            assert len(failed) == 1, failed
+            assert "did not confirm that it had the last bytes" in failed[0]
+            cutter.cut()  # (the relay sees the path break: its grace runs out)
+            await target_done.wait()
+            assert bytes(received) == b" <RESET>"
+            nursery.cancel_scope.cancel()
