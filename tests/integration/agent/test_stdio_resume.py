@@ -10,6 +10,8 @@ path is a forwarder the test cuts (benchmarks/_cutter.py).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 import trio
 import trio.testing
@@ -23,16 +25,11 @@ from ..log_watch import LogWatch
 from ..tunnel_helpers import LOOPBACK, relay_config, serve_target, start_relay
 
 
-@pytest.mark.parametrize("down", [0.5, 3.0], ids=["resumed", "past-grace"])
-async def test_the_last_bytes_written_while_the_path_is_down_arrive_before_exit(
-        logs: LogWatch, down: float) -> None:
-    """Resumed: the target gets them, then EOF, and the agent exits 0. The path down
-    past the relay's grace (1 s): the target is reset and the agent fails (exit 1)."""
-    received = bytearray()
-    target_done = trio.Event()
-
+def answer_then_read(received: bytearray, done: trio.Event
+                     ) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A target that answers "hello" at once and half-closes, then reads the client's
+    last words into ``received``, ending with " <EOF>" or " <RESET>"."""
     async def target(stream: trio.SocketStream) -> None:
-        """Answers at once and half-closes, then reads the client's last words."""
         try:
             await stream.send_all(b"hello")
             await stream.send_eof()
@@ -42,30 +39,50 @@ async def test_the_last_bytes_written_while_the_path_is_down_arrive_before_exit(
         except trio.BrokenResourceError:
             received.extend(b" <RESET>")
         finally:
-            target_done.set()
+            done.set()
             await trio.aclose_forcefully(stream)
+    return target
+
+
+async def start_path(nursery: trio.Nursery, grace: float,
+                     target: Callable[[trio.SocketStream], Awaitable[None]]
+                     ) -> tuple[PathCutter, int]:
+    """A relay with ``grace``, a cuttable path to it, and ``target``'s port."""
+    relay = await start_relay(nursery, relay_config(resume_grace=grace))
+    cutter = PathCutter(relay.ports[0])
+    await nursery.start(cutter.serve)
+    return cutter, await serve_target(nursery, target)
+
+
+async def run_agent(config: AgentConfig, port: int, stdio: trio.abc.HalfCloseableStream,
+                    failed: list[str], exited: trio.Event) -> None:
+    """``run_stdio`` to the target at ``port``: returning is exit 0; what it raises (exit
+    1: a StdioFailed, in run_stdio's group) goes into ``failed``."""
+    try:
+        await run_stdio(config, HostPort(LOOPBACK, port), stdio)
+    except Exception as exc:
+        failed.append(repr(exc))
+    exited.set()
+
+
+@pytest.mark.parametrize("down", [0.5, 3.0], ids=["resumed", "past-grace"])
+async def test_the_last_bytes_written_while_the_path_is_down_arrive_before_exit(
+        logs: LogWatch, down: float) -> None:
+    """Resumed: the target gets them, then EOF, and the agent exits 0. The path down
+    past the relay's grace (1 s): the target is reset and the agent fails (exit 1)."""
+    received = bytearray()
+    target_done = trio.Event()
+    target = answer_then_read(received, target_done)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            relay = await start_relay(nursery, relay_config(resume_grace=1.0))
-            cutter = PathCutter(relay.ports[0])
-            await nursery.start(cutter.serve)
-            port = await serve_target(nursery, target)
+            cutter, port = await start_path(nursery, 1.0, target)
             config = AgentConfig(relay=f"ws://{LOOPBACK}:{cutter.port}/tunnel", proxy="none",
                                  reconnect_min_interval=0.05, reconnect_max_interval=0.2)
             stdio, ssh = trio.testing.memory_stream_pair()
             exited = trio.Event()
-
             failed: list[str] = []
-
-            async def agent() -> None:
-                try:
-                    await run_stdio(config, HostPort(LOOPBACK, port), stdio)  # (exit 0)
-                except Exception as exc:  # (exit 1: a StdioFailed, in run_stdio's group)
-                    failed.append(repr(exc))
-                exited.set()
-
-            nursery.start_soon(agent)
+            nursery.start_soon(run_agent, config, port, stdio, failed, exited)
             got = b""
             while data := await ssh.receive_some():
                 got += data
@@ -91,39 +108,18 @@ async def test_a_fin_the_relay_never_read_fails_the_agent_instead_of_exit_0(
     agent exits 1 within ping_timeout; the relay's grace then resets the target."""
     received = bytearray()
     target_done = trio.Event()
-
-    async def target(stream: trio.SocketStream) -> None:
-        try:
-            await stream.send_all(b"hello")
-            await stream.send_eof()
-            async for data in stream:
-                received.extend(data)
-            received.extend(b" <EOF>")
-        except trio.BrokenResourceError:
-            received.extend(b" <RESET>")
-        finally:
-            target_done.set()
-            await trio.aclose_forcefully(stream)
+    target = answer_then_read(received, target_done)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            relay = await start_relay(nursery, relay_config(resume_grace=0.5))
-            cutter = PathCutter(relay.ports[0])
-            await nursery.start(cutter.serve)
-            port = await serve_target(nursery, target)
+            cutter, port = await start_path(nursery, 0.5, target)
             config = AgentConfig(relay=f"ws://{LOOPBACK}:{cutter.port}/tunnel", proxy="none",
                                  ping_timeout=0.5)
             stdio, ssh = trio.testing.memory_stream_pair()
+            exited = trio.Event()
             failed: list[str] = []
-
-            async def agent() -> None:
-                try:
-                    await run_stdio(config, HostPort(LOOPBACK, port), stdio)  # (exit 0)
-                except Exception as exc:  # (exit 1)
-                    failed.append(repr(exc))
-
             async with trio.open_nursery() as agent_nursery:
-                agent_nursery.start_soon(agent)
+                agent_nursery.start_soon(run_agent, config, port, stdio, failed, exited)
                 got = b""
                 while data := await ssh.receive_some():
                     got += data
