@@ -96,6 +96,9 @@ class RelayConfig:
     max_pending_opens: int = DEFAULT_MAX_PENDING_OPENS
     max_buffered_size: int = DEFAULT_MAX_BUFFERED_SIZE
     max_sessions_per_agent: int = DEFAULT_MAX_SESSIONS_PER_AGENT
+    #: Connections still in their handshake (TLS, upgrade, login); past it the oldest
+    #: is closed. None: a quarter of the open-files limit, at most 1024 (relay/handshakes.py).
+    max_pending_handshakes: int | None = None
     rate_limit: RateLimit | None = None  # (anonymous agents, with ``no_auth``)
     idle_timeout: float = 0.0
     #: How long a session whose connection broke waits for its agent to resume it

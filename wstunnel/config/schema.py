@@ -122,6 +122,7 @@ _RELAY_FIELDS: Final[dict[str, Parser]] = {
     "max_pending_opens": values.size(1, 65536, "a count"),
     "max_buffered_size": values.size(16 * KiB, 64 * 1024 * MiB),
     "max_sessions_per_agent": values.size(1, 65536, "a count"),
+    "max_pending_handshakes": values.optional(values.size(1, 65536, "a count")),
     "rate_limit": sections.rate_limit,
     "idle_timeout": values.duration(0.0),
     "resume_grace": values.duration(0.0),

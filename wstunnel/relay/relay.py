@@ -36,6 +36,7 @@ from ..net.transport import TunnelTransport
 from ..protocol import TunnelProtocol
 from ..replay import RESUMABLE_HEADER, RESUME_HEADER, RESUMED_HEADER, parse_resume
 from ..service.metrics import TunnelStats
+from ..service.open_files import pending_handshakes_limit
 from . import rate_limits
 from .dial import Connecting, Connector, DialError, TcpConnector
 from .dial_udp import UdpConnector, carry_flow
@@ -51,6 +52,7 @@ from .door import (
     server_handshake,
 )
 from .guard import Gatekeeper, Identity, SessionGuard
+from .handshakes import Pending, PendingHandshakes
 from .http_front import HttpFront
 from .resume import Admission, Held, HeldSessions, RelayResumer
 from .reverse import LISTEN_KINDS, ReverseListeners
@@ -90,6 +92,9 @@ class Relay:
         #: Every session's keepalive checks, from one task (``run_relay`` runs it; a
         #: session finds it not running and runs a timer of its own).
         self.keepalive = KeepaliveTimer()
+        #: Connections not yet let in by a login: the oldest is closed past the limit.
+        self.handshakes = PendingHandshakes(
+            pending_handshakes_limit(config.max_pending_handshakes), self.stats)
 
     async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """One TCP connection: TLS, the upgrade and login, then the session, then close.
@@ -104,14 +109,17 @@ class Relay:
         try:
             tune_socket(tcp, notsent_lowat=True)
             accepted = None
-            with trio.move_on_after(self.config.handshake_timeout):
-                stream, cert_name = await self.gate.secure(tcp)
-                accepted = await self._handshake(stream, Visitor(peer, peer_host, cert_name),
-                                                 seat)
-                if accepted is None:
+            with self.handshakes.enter(peer) as pending:  # (until a login lets it in)
+                with trio.move_on_after(self.config.handshake_timeout):
+                    stream, cert_name = await self.gate.secure(tcp)
+                    accepted = await self._handshake(
+                        stream, Visitor(peer, peer_host, cert_name), seat, pending)
+                    if accepted is None:
+                        return
+                if isinstance(accepted, Answer):  # (its linger is not the handshake's time)
+                    await send_refusal(stream, accepted.response)
                     return
-            if isinstance(accepted, Answer):  # (its linger is not the handshake's time)
-                await send_refusal(stream, accepted.response)
+            if pending.evicted:  # closed to make room for a newer one (logged there)
                 return
             if accepted is None:
                 log.info("%s: no complete upgrade request within %g s; dropped",
@@ -139,13 +147,14 @@ class Relay:
             await trio.aclose_forcefully(stream)
 
     async def _handshake(
-        self, stream: trio.abc.Stream, visitor: Visitor, seat: Seat
+        self, stream: trio.abc.Stream, visitor: Visitor, seat: Seat, pending: Pending
     ) -> (tuple[TunnelProtocol, Identity, str, Held | None]
           | tuple[HttpRequest, Accepted, Visitor] | trio.Event | Answer | None):
         """The protocol, the agent, the client's name for logs and, for a resumable
         session, its entry in ``held``; or an HTTP-transport request let in, for
         ``self.http``; or, for a resume, the event that ends this connection's part;
-        the answer to send when refused; None when the client went away.
+        the answer to send when refused; None when the client went away (or was
+        closed to make room, ``pending``: until its login lets it in, it may be).
 
         The decisions are the door's (door.py); this reads, waits and writes.
         """
@@ -160,6 +169,8 @@ class Relay:
             seat)
         if isinstance(outcome, Answer):
             return outcome
+        if not pending.admit():
+            return None
         if http is not None:
             return http, outcome, visitor
         assert isinstance(request, ws.RequestReceived)  # (a failed one got an Answer)

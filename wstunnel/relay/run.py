@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..net.local_addresses import local_addresses
 from ..security.policy import Listener, this_host
 from ..service.metrics import TunnelStats
+from ..service.open_files import pending_handshakes_limit
 from ..service.reload import ReloadRequest
 from . import rate_limits
 from .relay import Relay
@@ -129,6 +130,7 @@ async def _apply_reloads(relay: Relay, reloads: trio.MemoryReceiveChannel[Reload
             request.finish(str(exc))
             continue
         relay.config = new
+        relay.handshakes.limit = pending_handshakes_limit(new.max_pending_handshakes)
         rate_limits.reconfigure(relay.stats.agent_buckets, relay.config)
         this_host.set_addresses(local_addresses())  # (interfaces may have changed)
         if new.no_auth and not new.allow:  # (with agents, their own allow lists apply)

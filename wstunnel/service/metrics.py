@@ -82,6 +82,9 @@ class TunnelStats:
         self.open_failures: Counter[str] = Counter()
         self.ended_budget_exhaustions = 0  # of sessions that ended
         self.auth_failures = 0
+        #: Connections the relay closed in their handshake to make room for a new one
+        #: (max_pending_handshakes; relay/handshakes.py).
+        self.handshakes_evicted = 0
         self.reconnects = 0
         self.reloads: Counter[str] = Counter({"ok": 0, "failed": 0})
         # For the dashboard (dashboard.py): sampled, bounded.

@@ -44,6 +44,9 @@ METRICS: Final = {
     "wstunnel_channel_open_failures_total": ("counter", "Channel opens refused, by reason."),
     "wstunnel_auth_failures_total": ("counter", "Handshakes refused for bad or missing "
                                      "credentials (HTTP 401/403)."),
+    "wstunnel_handshakes_evicted_total": ("counter", "Connections the relay closed before "
+                                          "their handshake finished, the oldest, to make "
+                                          "room for a new one (max_pending_handshakes)."),
     "wstunnel_reconnects_total": ("counter", "Times the agent re-established a lost session."),
     "wstunnel_buffered_bytes": ("gauge", "Bytes held in memory: inbound = received and not "
                                 "yet written locally, outbound = accepted and not yet sent."),
@@ -92,6 +95,7 @@ def samples(stats: TunnelStats) -> Iterator[tuple[str, dict[str, str], float]]:
     for reason in sorted({*_REASONS, *failures}):
         yield "wstunnel_channel_open_failures_total", {"reason": reason}, failures[reason]
     yield "wstunnel_auth_failures_total", {}, stats.auth_failures
+    yield "wstunnel_handshakes_evicted_total", {}, stats.handshakes_evicted
     yield "wstunnel_reconnects_total", {}, stats.reconnects
     sessions = [transport.protocol.session for transport in stats.sessions]
     yield ("wstunnel_buffered_bytes", {"direction": "inbound"},
