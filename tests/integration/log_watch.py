@@ -30,3 +30,10 @@ class LogWatch(logging.Handler):
         if not any(text in line for line in self.lines):
             await event.wait()
         return next(line for line in self.lines if text in line)
+
+    async def wait_for_count(self, text: str, count: int) -> None:
+        """Until ``count`` lines contain ``text``."""
+        while sum(text in line for line in self.lines) < count:
+            event = trio.Event()
+            self._waiters.append((text, event))
+            await event.wait()

@@ -7,6 +7,7 @@ restarts. Cuts happen by progress (bytes forwarded), not by time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -34,6 +35,8 @@ from .tunnel_helpers import (
     digest_handler,
     echo_exact,
     echo_handler,
+    http_status,
+    pattern_block,
     receive_until_reset,
     relay_config,
     serve_target,
@@ -416,31 +419,75 @@ async def test_an_http_resume_that_starts_a_new_session_counts_against_the_limit
             nursery.cancel_scope.cancel()
 
 
-async def test_a_session_whose_relay_went_away_is_not_resumed(logs: LogWatch) -> None:
-    """With two relays: the first goes away (GOAWAY; its connection drains there) and
-    the agent's next session goes to the second. Then the first session's path
-    breaks. The relay that holds it takes no new connection (it is stopping; behind a
-    balancer another relay would not know the session), so it is not resumed: its
-    connection is reset at once, not after the resume grace. (It used to be resumed
-    towards the agent's current relay, which offered a new session instead, left
-    open.)"""
-    with trio.fail_after(20):
+async def test_a_draining_relay_takes_the_resume_of_its_session(logs: LogWatch) -> None:
+    """A relay that drains (shutdown) still takes resumes of its own sessions: a download
+    running on it when the agent's path breaks is resumed there and arrives whole,
+    while the agent's next session is on the other relay. Once the download is done
+    the relay's last session ends and it stops listening, long before drain_timeout.
+    (Its listener used to close as the drain began: the resume found nobody, and the
+    download was reset.)"""
+    size = 32 * MiB  # (well past what windows and socket buffers hold: cut mid-transfer)
+    with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            echo = await serve_target(nursery, echo_handler)
+            digest = await serve_target(nursery, digest_handler(size, b"down"))
             first = await start_relay(nursery, relay_config(drain_timeout=60.0))
             second = await start_relay(nursery, relay_config())
             cutter = PathCutter(first.ports[0])
             await nursery.start(cutter.serve)
             relays = (f"ws://{LOOPBACK}:{cutter.port}/tunnel",
                       f"ws://{LOOPBACK}:{second.ports[0]}/tunnel")
-            agent = await start_agent(nursery, agent_config(0, [echo], relay=relays))
-            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as held:
-                assert await echo_exact(held, b"on the first") == b"on the first"
+            agent = await start_agent(nursery, agent_config(0, [digest], relay=relays))
+            async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                await stream.send_eof()  # (nothing up: the download starts)
+                got = bytearray(await stream.receive_some())
                 first.stop.set()
                 await logs.wait_for(f"session up to {relays[1]}")
                 cutter.cut()
-                with pytest.raises(trio.BrokenResourceError):
-                    await held.receive_some()  # (a reset, never a clean end)
+                async for data in stream:
+                    got += data
+            await first.finished.wait()
             nursery.cancel_scope.cancel()
-    assert not any("to resume" in line for line in logs.lines)
-    assert cutter.connections == 1
+    assert bytes(got) == _pattern(size) + hashlib.sha256(b"").digest()
+    assert cutter.connections == 2 and cutter.cuts == 1
+    assert any("resumes its session" in line for line in logs.lines)
+    assert not any("all reset" in line for line in logs.lines)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(LOOPBACK, first.ports[0])
+
+
+async def test_a_draining_relay_answers_a_new_session_503_saying_what_to_do(
+        logs: LogWatch) -> None:
+    """While a relay drains (a session still has a channel open), a new agent's session
+    gets 503 and the agent's log says that the relay is shutting down and what the
+    agent does about it; GET /health says "draining" with a 404 (for balancers).
+    When the last channel ends the relay stops listening. (The listener used to close
+    as the drain began: "connection refused", nothing more.)"""
+    health = b"GET /health HTTP/1.1\r\nHost: relay\r\n\r\n"
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            echo = await serve_target(nursery, echo_handler)
+            relay = await start_relay(nursery, relay_config(drain_timeout=60.0))
+            assert await http_status(relay.ports[0], health) == 200
+            holder = await start_agent(nursery, agent_config(relay.ports[0], [echo]))
+            async with await trio.open_tcp_stream(LOOPBACK, holder.ports[0]) as held:
+                assert await echo_exact(held, b"held") == b"held"
+                relay.stop.set()
+                await logs.wait_for("relay stopping: draining 1 sessions")
+                assert await http_status(relay.ports[0], health) == 404
+                await start_agent(nursery, agent_config(relay.ports[0], [echo]))
+                line = await logs.wait_for("503 Service Unavailable")
+                assert await echo_exact(held, b"still held") == b"still held"
+            await relay.finished.wait()
+            nursery.cancel_scope.cancel()
+    assert line.startswith(f"cannot reach relay ws://{LOOPBACK}:{relay.ports[0]}/tunnel")
+    assert ("this relay is shutting down (its sessions finish there) and takes no new "
+            "session: the agent tries its next relay if it has one (list several under "
+            "relay:), and this one again with backoff until it is back; retrying in ") in line
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(LOOPBACK, relay.ports[0])
+
+
+def _pattern(size: int) -> bytes:
+    """What ``digest_handler(size, b"down")`` sends before its digest."""
+    block = pattern_block(b"down")
+    return (block * (size // len(block) + 1))[:size]

@@ -1,14 +1,16 @@
-"""Several relay processes behind real haproxy: the documented way past one core.
+"""Several relay processes behind real haproxy (and nginx): the documented way past one core.
 
 configs/haproxy-relay.cfg as shipped (only addresses, certificate and, for the
-drain test, an admin socket filled in) in front of two ``wstunnel relay``
-processes started from the CLI; agents run in-process. Which relay holds a
+drain tests, an admin socket filled in) in front of two ``wstunnel relay``
+processes started from the CLI; agents run in-process. One test puts README's
+nginx upstream block with configs/nginx-relay.conf there instead. Which relay holds a
 session is read from the relays' own logs ("session up", "resumes its session").
 README, "Running several relays", is what these tests hold to.
 """
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,12 +24,13 @@ from benchmarks._haproxy_admin import admin_command
 
 from .log_watch import LogWatch
 from .process_helpers import Program, relay_process
-from .real_peers import LOOPBACK, Pki, ReloadableHaproxy, haproxy, reloadable_haproxy
-from .test_http_fallback import _churn
+from .real_peers import LOOPBACK, Pki, ReloadableHaproxy, haproxy, nginx, reloadable_haproxy
+from .test_http_fallback import _churn, _readme_nginx_upstream
 from .tunnel_helpers import (
     agent_config,
     digest_handler,
     echo_handler,
+    pattern_block,
     relay_config,
     serve_target,
     start_agent,
@@ -247,6 +250,130 @@ async def test_a_new_connection_during_a_relay_drain_goes_to_another_relay_at_on
             with trio.fail_after(DRAIN / 2):
                 assert await _echo_once(port, b"a new connection")
             assert await _echo_on(stream, b"the old one still")
+
+
+async def test_a_draining_relay_behind_haproxy_takes_resumes_while_new_agents_go_elsewhere(
+    pki: Pki, trust_test_ca: None, tmp_path: Path, logs: LogWatch
+) -> None:
+    """SIGTERM to the relay holding a session that downloads: it answers /health 404,
+    which haproxy (the shipped `http-check disable-on-404`) takes as NOLB: no new
+    session goes there, what the tables stick to it still does. The agent's path is
+    cut (in front of haproxy) mid-download: its resume reaches the draining relay by
+    the stick table and the download arrives whole; an agent started meanwhile gets
+    its session on the other relay at its first try; the drained relay exits 0. (The
+    relay used to close its listener as the drain began: haproxy sent the resume to
+    the other relay, which did not know the session, and the download was reset.)"""
+    admin, config = tmp_path / "haproxy.sock", tmp_path / "relay.yaml"
+    config.write_text("drain_timeout: 30\n")
+    size = 32 * MiB  # (well past what windows and socket buffers hold: cut mid-transfer)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            digest = await serve_target(nursery, digest_handler(size, b"down"))
+            async with relay_process("-c", str(config)) as (first, first_port), \
+                    relay_process("-c", str(config)) as (second, second_port):
+                with haproxy(pki, [first_port, second_port],
+                             {"\nglobal\n": f"\nglobal\n    stats socket {admin} level admin\n"}
+                             ) as front:
+                    cutter = PathCutter(front)
+                    await nursery.start(cutter.serve)
+                    agent = await start_agent(nursery, agent_config(
+                        0, [digest], relay=f"wss://{LOOPBACK}:{cutter.port}/tunnel",
+                        reconnect_min_interval=0.2, reconnect_max_interval=1.0))
+                    async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                        await stream.send_eof()  # (nothing up: the download starts)
+                        got = bytearray(await stream.receive_some())
+                        holder, other = await _holder(first, second)
+                        holder.process.send_signal(signal.SIGTERM)
+                        await _wait_for_status(admin, "relay1" if holder is first else "relay2",
+                                               "NOLB")
+                        cutter.cut()
+                        newcomer = f"wss://{LOOPBACK}:{front}/tunnel"
+                        await start_agent(nursery, agent_config(0, [digest], relay=newcomer))
+                        await other.wait_for(_times(SESSION_UP, 2))  # (the agent's next, its)
+                        async for data in stream:
+                            got += data
+                    assert await holder.process.wait() == 0
+                nursery.cancel_scope.cancel()
+    assert bytes(got) == _pattern(size) + hashlib.sha256(b"").digest()
+    assert b"resumes its session" in holder.log and _sessions(holder) == 1
+    assert not [line for line in logs.lines if f"cannot reach relay {newcomer}" in line]
+    assert not [line for line in logs.lines if "all reset" in line]
+
+
+async def test_a_draining_relay_behind_the_readme_nginx_upstream_takes_resumes(
+    pki: Pki, trust_test_ca: None, tmp_path: Path, logs: LogWatch
+) -> None:
+    """README's nginx block for several relays (hash per agent) with
+    configs/nginx-relay.conf: the relay holding a download gets SIGTERM; the agent's
+    next session, hashed to that relay, gets its 503 and nginx passes it on to the
+    other (proxy_next_upstream http_503). The path is cut mid-download: the old
+    session's resume reaches the draining relay by the hash (max_fails=0: the 503
+    did not mark it down) and the download arrives whole; the new session's resume,
+    503 there too, reaches the other relay."""
+    config = tmp_path / "relay.yaml"
+    config.write_text("drain_timeout: 30\n")
+    size = 32 * MiB
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            digest = await serve_target(nursery, digest_handler(size, b"down"))
+            async with relay_process("-c", str(config)) as (first, first_port), \
+                    relay_process("-c", str(config)) as (second, second_port):
+                upstream = _readme_nginx_upstream([first_port, second_port])
+                with nginx(pki, 0, upstream=upstream) as front:
+                    cutter = PathCutter(front.port)
+                    await nursery.start(cutter.serve)
+                    agent = await start_agent(nursery, agent_config(
+                        0, [digest], relay=f"wss://{LOOPBACK}:{cutter.port}/tunnel",
+                        reconnect_min_interval=0.2, reconnect_max_interval=1.0))
+                    async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+                        await stream.send_eof()  # (nothing up: the download starts)
+                        got = bytearray(await stream.receive_some())
+                        holder, other = await _holder(first, second)
+                        holder.process.send_signal(signal.SIGTERM)
+                        await logs.wait_for_count("session up to", 2)  # (its next one)
+                        await other.wait_for(SESSION_UP)  # (there, not on the holder)
+                        cutter.cut()
+                        async for data in stream:
+                            got += data
+                        await other.wait_for(rb"resumes its session")
+                    assert await holder.process.wait() == 0
+                nursery.cancel_scope.cancel()
+    assert bytes(got) == _pattern(size) + hashlib.sha256(b"").digest()
+    assert b"resumes its session" in holder.log and _sessions(holder) == 1
+
+
+async def _holder(first: Program, second: Program) -> tuple[Program, Program]:
+    """The relay that logged the agent's session up, and the other: once one has (a
+    relay's log is read by a task of its own, so it may lag the session)."""
+    found: list[Program] = []
+    async with trio.open_nursery() as nursery:
+        for relay in (first, second):
+            nursery.start_soon(_found, relay, found, nursery.cancel_scope)
+    return (found[0], second if found[0] is first else first)
+
+
+async def _found(relay: Program, found: list[Program], scope: trio.CancelScope) -> None:
+    await relay.wait_for(SESSION_UP)
+    found.append(relay)
+    scope.cancel()
+
+
+async def _wait_for_status(admin: Path, server: str, status: str) -> None:
+    """Until haproxy's `show stat` gives ``server`` (backend relays) ``status``: polled
+    (an external program's state, with nothing to wait on); it checks every 0.5 s."""
+    with trio.fail_after(5):
+        while True:
+            for line in (await admin_command(admin, "show stat")).splitlines():
+                fields = line.split(",")
+                if fields[:2] == ["relays", server] and fields[17] == status:
+                    return
+            await trio.sleep(0.05)
+
+
+def _pattern(size: int) -> bytes:
+    """What ``digest_handler(size, b"down")`` sends before its digest."""
+    block = pattern_block(b"down")
+    return (block * (size // len(block) + 1))[:size]
 
 
 async def test_a_haproxy_reload_keeps_the_sessions_on_their_relays(

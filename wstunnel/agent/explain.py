@@ -29,6 +29,11 @@ _WEB_SERVER: Final = ("this is a web server, not a wstunnel relay: check the rel
 _RELAY_404: Final = b"the tunnel is at "
 _WRONG_PATH: Final = ("a wstunnel relay answered, but its tunnel is at another path: check the "
                       "URL's path (the relay's --path, and any prefix a front end adds)")
+#: What a draining relay's 503 begins with (relay/door.py ``DRAINING``).
+_RELAY_DRAINING: Final = b"the relay is shutting down"
+_DRAINING: Final = ("this relay is shutting down (its sessions finish there) and takes no new "
+                    "session: the agent tries its next relay if it has one (list several "
+                    "under relay:), and this one again with backoff until it is back")
 _BODY_EXCERPT: Final = 100
 
 #: Statuses that mean "an upgrade was turned into something else on the way".
@@ -83,6 +88,8 @@ def explain_rejection(url: str, event: ws.HandshakeRejected) -> str:
     hint = _OTHER.get(event.status, "the upgrade was refused")
     if event.status == 404 and _RELAY_404 in event.body:
         hint = _WRONG_PATH
+    elif event.status == 503 and event.body.startswith(_RELAY_DRAINING):
+        hint, said = _DRAINING, ""
     return f"{url}: {got} \N{EM DASH} {hint}{said}"
 
 

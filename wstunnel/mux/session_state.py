@@ -177,12 +177,6 @@ class SessionState:
     # -- what the session reports ------------------------------------------------
 
     @property
-    def going_away(self) -> bool:
-        """GOAWAY went one way or the other: no new channel, and the session ends once
-        its channels are done."""
-        return self._goaway_sent or self._goaway_received
-
-    @property
     def buffered_size(self) -> int:
         """Received bytes the application has not acknowledged (live channels)."""
         return sum(ch.window.unacknowledged for ch in self._channels.values())

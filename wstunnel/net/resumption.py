@@ -162,10 +162,9 @@ class Resumable(CarrierIO):
                                   and self._resumable())
 
     def _resumable(self) -> bool:
-        """A lost carrier would be replaced: not for a session that is over, nor one
-        going away (GOAWAY), which drains on a relay that takes no new connection
-        (and behind a balancer, another relay would not know it)."""
+        """A lost carrier would be replaced: not for a session that is over. One going
+        away (GOAWAY) is: a draining relay still takes resumes of its own sessions,
+        and its channels finish there (docs/PROTOCOL.md §12)."""
         protocol = self.protocol
-        session = protocol.session
         return (self.resumer is not None and not self._closing and protocol.replay is not None
-                and session.failure is None and not session.going_away)
+                and protocol.session.failure is None)

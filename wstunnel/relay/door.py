@@ -75,6 +75,8 @@ if TYPE_CHECKING:
     from ..security.policy import Policy
 
 __all__ = [
+    "DRAINING",
+    "DRAINING_HEALTH",
     "Accepted",
     "Answer",
     "Door",
@@ -92,6 +94,13 @@ __all__ = [
 MAX_HEADER_SIZE: Final = 16384  # request line and headers of an upgrade (431 beyond)
 MAX_HEADERS: Final = 100
 BUSY_LOG_INTERVAL: Final = 10.0  # at most one "scrypt checks are saturated" line per this
+#: The 503 to a new session while the relay drains (agent/explain.py knows its start) ...
+DRAINING: Final = ("the relay is shutting down and takes no new session (it lets its sessions "
+                   "finish): connect to another relay, or try again once this one is back")
+#: ... and its GET /health meanwhile: 404, which a balancer takes as "no new sessions, but
+#: still the ones stuck to it" (haproxy: http-check disable-on-404), its resumes taken.
+DRAINING_HEALTH: Final = ("draining: shutting down; only resumes of the sessions this relay "
+                          "holds are taken")
 _AUTH_HEADERS: Final = (("WWW-Authenticate", 'Bearer realm="wstunnel"'),)
 
 
@@ -281,7 +290,8 @@ class Door:
         peer = visitor.peer if source == visitor.peer_host else f"{source} via {visitor.peer}"
         joining = (http_transport(request) is not None and request.header(
             SESSION_HEADER) is not None) or resuming(request)
-        outcome: Outcome | None = self._route(handshake, request, peer, stopping and not joining)
+        outcome: Outcome | None = self._route(handshake, request, peer, stopping=stopping,
+                                              joining=joining)
         if outcome is None:
             login = _Login(source, peer, now, joining, seat or Seat())
             outcome = self._log_in(handshake, request, visitor.cert_name, login)
@@ -338,16 +348,19 @@ class Door:
         return client, (LogLine(logging.DEBUG, f"{visitor.peer}: X-Forwarded-For "
                                 f"{forwarded_for!r} ignored (peer not in trusted_proxies)"),)
 
-    def _route(self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str,
-               stopping: bool) -> Answer | None:
-        """The HTTP answer for anything that is not a good upgrade, else None."""
+    def _route(self, handshake: ws.ServerHandshake, request: ws.RequestReceived, peer: str, *,
+               stopping: bool, joining: bool) -> Answer | None:
+        """The HTTP answer for anything that is not a good upgrade, else None. While the
+        relay drains (``stopping``) it takes only requests for sessions it holds
+        (``joining``: a resume, an HTTP transport's next request)."""
         path = _origin_path(request.target)
-        if path == "/health" and not request.is_upgrade:
-            return _answer(handshake, 200, "ok")
+        if path == "/health" and not request.is_upgrade:  # (404 draining: haproxy's NOLB)
+            return _answer(handshake, 404, DRAINING_HEALTH) if stopping else _answer(
+                handshake, 200, "ok")
         if path != self.config.path:
             return _answer(handshake, 404, f"nothing here; the tunnel is at {self.config.path}")
-        if stopping:
-            return _answer(handshake, 503, "the relay is shutting down")
+        if stopping and not joining:
+            return _answer(handshake, 503, DRAINING)
         transport = request.header(TRANSPORT_HEADER.lower())
         if not request.is_upgrade and transport is not None:
             if http_transport(request) is None:
@@ -438,7 +451,7 @@ class Door:
         instead (the relay no longer knows it): a new session must pass both (the
         limit takes ``accepted.seat``)."""
         if stopping:
-            return _answer(handshake, 503, "the relay is shutting down")
+            return _answer(handshake, 503, DRAINING)
         if self.config.no_auth:
             return None
         return self._take_seat(handshake, accepted.seat, accepted.identity.name, accepted.peer)

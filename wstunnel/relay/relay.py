@@ -63,6 +63,7 @@ __all__ = ["Relay", "CLOSE_IDLE"]
 log = logging.getLogger("wstunnel.relay")
 
 CLOSE_IDLE: Final = 4000  # private-use close code: the session had no channel for idle_timeout
+_GOING_AWAY: Final = "the relay is shutting down"  # (GOAWAY's text while it drains)
 
 #: What is left to do for an OPEN, to run in a task of its own.
 Rest = Callable[[], Awaitable[None]]
@@ -312,6 +313,8 @@ class Relay:
         if held is not None:
             held.transport = transport
         self.sessions.add(transport)
+        if self.stopping:  # (let in before the drain began: it drains too)
+            transport.go_away(_GOING_AWAY)
         self.stats.session_started(transport, agent=identity.name, peer=peer)
         log.info("%s: session up for agent %s", peer, identity.name)
         try:
@@ -428,14 +431,20 @@ class Relay:
         transport.refuse(channel, reason, text)
 
     async def drain(self, timeout: float) -> None:
-        """GOAWAY to every session, wait for their channels, then close them."""
+        """GOAWAY to every session, wait for their channels, then close them.
+
+        Meanwhile the door lets in only requests for sessions the relay holds:
+        a session whose path breaks during the drain is resumed, its channels
+        carry on (docs/PROTOCOL.md §12). A session let in just before the drain
+        began gets its GOAWAY as it starts (``_serve_session``) and is waited for too.
+        """
         self.stopping = True
         self.reverse.release_all("the relay is shutting down")
         for transport in list(self.sessions):
-            transport.go_away("the relay is shutting down")
+            transport.go_away(_GOING_AWAY)
         with trio.move_on_after(timeout):
-            for transport in list(self.sessions):
-                await transport.wait_idle()
+            while busy := [transport for transport in self.sessions if transport.channels]:
+                await busy[0].wait_idle()
         async with trio.open_nursery() as nursery:
             for transport in list(self.sessions):
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")

@@ -63,13 +63,13 @@ async def run_relay(
                 accepting.start_soon(_apply_reloads, relay, reloads)
             task_status.started(bound)
             await shutdown.wait()
+            # The listeners stay open while the sessions drain: an agent whose path
+            # breaks meanwhile resumes its session here; anything new gets 503.
+            log.info("relay stopping: draining %d sessions (up to %g s); new sessions get "
+                     "503, resumes of these are still taken", len(relay.sessions),
+                     relay.config.drain_timeout)
+            await relay.drain(relay.config.drain_timeout)
             accepting.cancel_scope.cancel()
-        log.info(
-            "relay stopping: draining %d sessions (up to %g s)",
-            len(relay.sessions),
-            relay.config.drain_timeout,
-        )
-        await relay.drain(relay.config.drain_timeout)
         connections.cancel_scope.cancel()
 
 

@@ -126,10 +126,18 @@ def test_the_relay_parses_at_most_100_header_lines() -> None:
 
 @pytest.mark.parametrize("target", ["/health", "/health?probe=1"])
 def test_health_is_200_ok_for_a_plain_request(target: str) -> None:
-    """GET /health (any query) answers 200 "ok", even while draining, and logs nothing."""
-    for stopping in (False, True):
-        answer = _answer(Door(OPEN), _request(target, upgrade=False), stopping=stopping)
-        assert answer == Answer(200, _text_answer("200 OK", "ok"))
+    """GET /health (any query) answers 200 "ok", and logs nothing."""
+    answer = _answer(Door(OPEN), _request(target, upgrade=False))
+    assert answer == Answer(200, _text_answer("200 OK", "ok"))
+
+
+def test_health_is_404_draining_while_the_relay_drains() -> None:
+    """While the relay drains, GET /health answers 404 saying so: what haproxy's
+    `http-check disable-on-404` takes as "no new sessions, still the sticky ones"."""
+    answer = _answer(Door(OPEN), _request("/health", upgrade=False), stopping=True)
+    assert answer == Answer(404, _text_answer("404 Not Found", door_module.DRAINING_HEALTH))
+    assert answer.response.endswith(b"\r\n\r\ndraining: shutting down; only resumes of the "
+                                    b"sessions this relay holds are taken\n")
 
 
 @pytest.mark.parametrize(("target", "status"), [("/health", "200 OK"),
@@ -162,8 +170,9 @@ def test_a_reloaded_path_applies_to_the_next_request() -> None:
 def test_a_draining_relay_answers_503_on_the_tunnel_path() -> None:
     """While the relay drains, a good upgrade gets 503 and no login is attempted."""
     answer = _answer(Door(LOGINS), _request(headers=_login(TOKEN)), stopping=True)
-    assert answer == Answer(503, _text_answer("503 Service Unavailable",
-                                              "the relay is shutting down"))
+    assert answer == Answer(503, _text_answer("503 Service Unavailable", (
+        "the relay is shutting down and takes no new session (it lets its sessions finish): "
+        "connect to another relay, or try again once this one is back")))
 
 
 def test_a_plain_request_on_the_tunnel_path_is_426_with_the_upgrade_headers() -> None:
