@@ -448,8 +448,8 @@ async def test_a_draining_relay_takes_the_resume_of_its_session(logs: LogWatch) 
             await first.finished.wait()
             nursery.cancel_scope.cancel()
     assert bytes(got) == _pattern(size) + hashlib.sha256(b"").digest()
-    assert cutter.connections == 2 and cutter.cuts == 1
-    assert any("resumes its session" in line for line in logs.lines)
+    assert cutter.cuts == 1  # (the agent's next session may ask the draining relay first: 503)
+    assert sum("resumes its session" in line for line in logs.lines) == 1
     assert not any("all reset" in line for line in logs.lines)
     with pytest.raises(OSError):
         await trio.open_tcp_stream(LOOPBACK, first.ports[0])
