@@ -203,11 +203,15 @@ async def send_checked(stream: trio.SocketStream, end: End, pattern: Pattern,
 # -- the client ends ---------------------------------------------------------------
 
 
-async def run_client(conn: Connection, port: int) -> None:
-    """Carry ``conn`` from the client end through the agent's forward on ``port``."""
+async def run_client(conn: Connection, port: int | str, host: str = "127.0.0.1") -> None:
+    """Carry ``conn`` from the client end through the forward on ``host``:``port``
+    (a ``str`` port: the path of a unix socket)."""
     end = conn.client
     try:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        if isinstance(port, str):
+            stream = await trio.open_unix_socket(port)
+        else:
+            stream = await trio.open_tcp_stream(host, port)
     except OSError as exc:
         end.end(RESET, "connect: " + error_name(exc))
         return

@@ -41,13 +41,14 @@ from ..config import Forward
 from ..config.textforms import REVERSE, UDP
 from ..errors import ChannelRefused, SessionClosed
 from ..net.channel_stream import ChannelStream, until_ended
+from ..net.dialing import open_tcp
 from ..net.ending import set_abortive
 from ..net.sockopts import tune_plain_socket
 from ..net.splice import splice_to_end
 from ..net.transport import TunnelTransport
 from ..net.udp_flow import carry_connected, connect_udp
 
-__all__ = ["RETRY_INTERVAL", "ReverseForwards", "lease_kind"]
+__all__ = ["RETRY_INTERVAL", "ReverseForwards", "dial_target", "lease_kind"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -257,7 +258,7 @@ class ReverseForwards:
         target = forward.target_text
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await _dial(forward)
+                stream = await dial_target(forward)
         except (OSError, trio.TooSlowError) as exc:
             reason, text = _failure(exc)
             log.warning("reverse connection via %s (%s): cannot connect to %s: %s; reset",
@@ -285,10 +286,12 @@ def _reverse(forwards: Sequence[Forward]) -> tuple[Forward, ...]:
     return tuple(forward for forward in forwards if forward.kind == REVERSE)
 
 
-async def _dial(forward: Forward) -> trio.SocketStream:
+async def dial_target(forward: Forward) -> trio.SocketStream:
+    """Connect to ``forward``'s target; a dial the session's end interrupts resets
+    what it had connected (net/dialing.py), so the target never sees a clean empty end."""
     if forward.target_path is not None:
         return await trio.open_unix_socket(forward.target_path)
-    return await trio.open_tcp_stream(forward.target_host, forward.target_port)
+    return await open_tcp(forward.target_host, forward.target_port)
 
 
 def _failure(exc: BaseException) -> tuple[mux.OpenFailure, str]:

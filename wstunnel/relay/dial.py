@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from .. import mux
+from ..net.dialing import race_connect
+from ..net.ending import set_abortive
 
 if TYPE_CHECKING:
     from ..security.policy import Policy
@@ -42,8 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["Connector", "Connecting", "TcpConnector", "DialError", "dial", "dns_failure",
            "forbidden", "literal_address", "refuse_before_dns", "start_connect",
            "finish_connect"]
-
-ATTEMPT_DELAY = 0.25
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: Why an address is refused (one line), or None: ``Policy.refusal`` for one host:port.
@@ -194,6 +194,7 @@ def start_connect(
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:  # e.g. out of file descriptors
         raise _classify([exc]) from exc
+    set_abortive(sock)  # (closed before it is carried, as when a session ends: a reset)
     try:
         sock.setblocking(False)
         code = sock.connect_ex((str(address), port))
@@ -272,48 +273,12 @@ def _interleave(addresses: list[Address]) -> list[Address]:
 
 
 async def _race(addresses: list[Address], port: int) -> trio.SocketStream:
-    winner: list[trio.SocketStream] = []
-    errors: list[OSError] = []
-    async with trio.open_nursery() as nursery:
-        for address in addresses:
-            failed = trio.Event()
-            nursery.start_soon(
-                _attempt, address, port, winner, errors, failed, nursery.cancel_scope
-            )
-            with trio.move_on_after(ATTEMPT_DELAY):
-                await failed.wait()
-            if winner:
-                break
-    if winner:
-        return winner[0]
-    raise _classify(errors)
-
-
-async def _attempt(
-    address: Address,
-    port: int,
-    winner: list[trio.SocketStream],
-    errors: list[OSError],
-    failed: trio.Event,
-    scope: trio.CancelScope,
-) -> None:
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        await sock.connect((str(address), port))
-    except OSError as exc:
-        sock.close()
-        errors.append(exc)
-        failed.set()
-        return
-    except BaseException:
-        sock.close()
-        raise
-    if winner:
-        sock.close()
-        return
-    winner.append(trio.SocketStream(sock))
-    scope.cancel()
+    stream, errors = await race_connect(
+        [(socket.AF_INET6 if address.version == 6 else socket.AF_INET, (str(address), port))
+         for address in addresses])
+    if stream is None:
+        raise _classify(errors)
+    return stream
 
 
 def _classify(errors: list[OSError]) -> DialError:
