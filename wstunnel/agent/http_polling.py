@@ -3,11 +3,15 @@
 ``PollingStream`` is a ``BytePipe`` fed and drained by two loops of ordinary
 requests (its ``run_background``, started by the transport): POSTs carry what
 the session wrote, batched (one in flight), and long-poll GETs fetch what the
-relay has (held by it up to 25 s while there is nothing). Each request is
-numbered (``X-Wstunnel-Seq``), so one whose connection broke is sent again on a
-new connection without losing or repeating bytes: after growing waits, for up
-to ``RETRY_BUDGET``, so that a short outage does not end the session
-(``_Retries``). http_transport.py opens the session and hands it over.
+relay has (held by it up to 25 s while there is nothing), fed to the session
+as they arrive: a relay streams an answer while the link takes it (relay/
+http_front.py), so a record in it must not wait for the answer's end. POSTs
+are sized to the link (``PipeSizer``: bytes handed to one have left the fair
+order). Each request is numbered (``X-Wstunnel-Seq``), so one whose
+connection broke is sent again on a new connection without losing or
+repeating bytes: after growing waits, for up to ``RETRY_BUDGET``, so that a
+short outage does not end the session (``_Retries``). http_transport.py
+opens the session and hands it over.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import trio
 from ..errors import HandshakeError
 from ..framing import CONTENT_TYPE, POLLING, SEQUENCE_HEADER, SESSION_HEADER
 from ..net.byte_pipe import Buffer, BytePipe
+from ..net.pipe_sizing import PipeSizer
 from .http_client import (
     BODY_EXCERPT_SIZE,
+    MAX_ANSWER_SIZE,
     SESSION_GONE,
     UNKNOWN_SESSION,
     HttpClient,
@@ -66,6 +72,11 @@ class PollingStream(BytePipe):
         self._clients: dict[str, HttpClient] = {}
         self._sequence = {"GET": 0, "POST": 0}
         self._answered = False  # a request was answered (a 401 then means the session is gone)
+        self._down_fed = 0  # bytes of the batch being fetched already fed (a retry skips them)
+        #: A POST's size, and what waits for the next one past the fair order: what the
+        #: link carries in a short time, at least 20 round trips' worth (net/pipe_sizing.py).
+        self.sizer = PipeSizer(ceiling=MAX_POST_SIZE)
+        self.outbound_limit = self.sizer.size
 
     async def run_background(self) -> None:
         """The request loops; run by the session's transport (net/transport.py) while it
@@ -99,7 +110,7 @@ class PollingStream(BytePipe):
 
     async def _upstream(self) -> None:
         while True:
-            parts = await self.take(MAX_POST_SIZE)
+            parts = await self.take(self.sizer.size)
             if not parts:
                 return
             if await self._exchange("POST", parts) is None:
@@ -109,22 +120,19 @@ class PollingStream(BytePipe):
     async def _downstream(self) -> None:
         while not self.ended:
             await self.wait_for_room()
-            body = await self._exchange("GET", None)
-            if body is None:
+            if await self._exchange("GET", None) is None:
                 self.feed_eof()
                 return
-            if body and not await self.feed(body):
-                return
 
-    async def _exchange(self, method: str, parts: list[Buffer] | None) -> bytes | None:
+    async def _exchange(self, method: str, parts: list[Buffer] | None) -> int | None:
         """One numbered request, sent again on a new connection if its connection
-        breaks (``_Retries``); its answer's body, or None when the relay says the
-        session ended."""
+        breaks (``_Retries``); its answer's length (a GET's body fed already), or None
+        when the relay says the session ended."""
         sequence = self._sequence[method]
         retries = _Retries(f"{method} {SEQUENCE_HEADER} {sequence}")
         while True:
             try:
-                status, body = await self._request(method, parts, sequence)
+                status, body, length = await self._request(method, parts, sequence)
             except (trio.BrokenResourceError, OSError, trio.TooSlowError) as exc:
                 await self._drop(method)
                 if self.ended:
@@ -144,12 +152,15 @@ class PollingStream(BytePipe):
                 raise trio.BrokenResourceError(f"the relay answered {method} with {status}: "
                                                f"{body[:BODY_EXCERPT_SIZE]!r}")
             self._answered = True
-            if method == "POST" or body:
+            if method == "POST" or length:
                 self._sequence[method] = sequence + 1
-            return body
+                if method == "GET":
+                    self._down_fed = 0  # (the next number: a new batch)
+            return length
 
     async def _request(self, method: str, parts: list[Buffer] | None,
-                       sequence: int) -> tuple[int, bytes]:
+                       sequence: int) -> tuple[int, bytes, int]:
+        """(status, the body unless fed, the body's length)."""
         client = self._clients.get(method)
         if client is None:
             client = self._clients[method] = HttpClient(await self.route.connect())
@@ -161,14 +172,48 @@ class PollingStream(BytePipe):
             size = sum(map(len, parts))
             request = self.route.request("POST", POLLING, [
                 *extra, ("Content-Length", str(size)), ("Content-Type", CONTENT_TYPE)])
+            started = trio.current_time()
             await client.send_body(request, parts)
+            sent = trio.current_time()
         answer = await client.response()
-        body = await client.body()
+        if parts is not None:
+            self._posted(size, sent - started, trio.current_time() - sent)
+        if method == "GET" and answer.status_code == 200:
+            body, length = b"", await self._feed_answer(client)
+        else:
+            body = await client.body()
+            length = len(body)
         if client.reusable:
             client.conn.start_next_cycle()
         else:
             await self._drop(method)
-        return answer.status_code, body
+        return answer.status_code, body, length
+
+    def _posted(self, size: int, writing: float, waiting: float) -> None:
+        """A POST body of ``size`` took ``writing`` s to hand to the link and its answer
+        ``waiting`` s more: size the next ones (``PipeSizer``)."""
+        self.sizer.idle(waiting)
+        self.outbound_limit = self.sizer.wrote(size, writing)
+        self._notify()
+
+    async def _feed_answer(self, client: HttpClient) -> int:
+        """Feed a GET's body to the session as it arrives, past what an earlier try of
+        the same number fed (its retry brings the same batch again); the body's length."""
+        length = 0
+        while True:
+            event = await client.next_event()
+            if isinstance(event, h11.Data):
+                start, length = length, length + len(event.data)
+                if length > MAX_ANSWER_SIZE:
+                    raise trio.BrokenResourceError(f"an answer over {MAX_ANSWER_SIZE} bytes")
+                new = bytes(event.data[max(0, self._down_fed - start):])
+                if new and not await self.feed(new):
+                    raise trio.ClosedResourceError("the session's stream is closed")
+                self._down_fed += len(new)
+            elif isinstance(event, h11.EndOfMessage):
+                return length
+            elif isinstance(event, h11.ConnectionClosed):
+                raise trio.BrokenResourceError("the connection closed inside an answer")
 
     async def _drop(self, method: str) -> None:
         client = self._clients.pop(method, None)

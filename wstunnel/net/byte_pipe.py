@@ -6,9 +6,14 @@ bodies, on connections that come and go. A ``BytePipe`` sits between: the
 session's ``TunnelTransport`` reads and writes it as its ``trio.abc.Stream``;
 the code making the requests (the relay's handlers, the agent's polling loops)
 ``feed``s it what arrived and ``take``s what is to leave. Both directions are
-bounded by ``max_buffered_size``: whoever feeds a full pipe waits (which holds
-the peer's upload back), and ``send_all`` waits while the bytes to leave are
-at the bound, as a socket's would.
+bounded: whoever feeds a full pipe (``max_buffered_size``) waits (which holds
+the peer's upload back), and ``send_all`` waits, as a socket's would, until the
+bytes to leave are back within ``outbound_limit``. Those bytes have left the
+multiplexer's fair order (an interactive record written after them waits for
+them to cross the link), so the relay keeps that bound to what its link
+carries in a few tens of milliseconds (net/pipe_sizing.py); waiting after
+the write, not only before it, is what tells the session's writer how fast
+the link drains (its write size then shrinks as on a slow socket).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ class BytePipe(trio.abc.Stream):
 
     def __init__(self, *, max_buffered_size: int = DEFAULT_BUFFERED_SIZE) -> None:
         self.max_buffered_size = max_buffered_size
+        #: What the bytes to leave may come to before ``send_parts`` returns (or
+        #: ``wait_send_all_might_not_block`` does); the relay adapts it to its link.
+        self.outbound_limit = max_buffered_size
         self._inbound: collections.deque[bytes] = collections.deque()  # as fed: no copies
         self._inbound_size = 0
         self._inbound_eof = False
@@ -88,16 +96,20 @@ class BytePipe(trio.abc.Stream):
         await self.send_parts([bytes(data)])
 
     async def send_parts(self, parts: Sequence[Buffer]) -> None:
-        """Queue ``parts`` for the downstream requests (not joined), once there is room."""
+        """Queue ``parts`` for the downstream requests (not joined) once there is room;
+        return once the bytes to leave are within ``outbound_limit`` again (or the
+        pipe has ended), as a socket's ``send_all`` returns once its buffer took them."""
         await self.wait_send_all_might_not_block()
         self._outbound.extend(parts)
         self._outbound_size += sum(map(len, parts))
         self._notify()
+        while not self.ended and self._outbound_size > self.outbound_limit:
+            await self._wait()
 
     async def wait_send_all_might_not_block(self) -> None:
         while True:
             self._check()
-            if self._outbound_size < self.max_buffered_size:
+            if self._outbound_size < self.outbound_limit:
                 await trio.sleep(0)
                 return
             await self._wait()

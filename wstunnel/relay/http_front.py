@@ -13,10 +13,13 @@ let in (the same login as an upgrade) is one of:
 * **polling**: POST with the id and ``X-Wstunnel-Seq: n``: one batch of
   upstream bytes (a repeat of a number already taken is acknowledged and
   dropped: a retry); GET with the id and ``X-Wstunnel-Seq: n``: the next
-  downstream batch, held up to ``POLL_HOLD_TIMEOUT`` while there is none
-  (n one below the next number asks for the last batch again: its answer was
-  lost). Connections are kept alive between polling requests; each request
-  logs in again (an HMAC: cheap).
+  downstream batch, held up to ``POLL_HOLD_TIMEOUT`` while there is none,
+  in a chunked body that takes more bytes as the link drains (n one below
+  the next number asks for the last batch again: its answer was lost).
+  Both transports hold past the fair order only what the link carries in
+  a short time (``HttpSession.written``, net/pipe_sizing.py). Connections
+  are kept alive between polling requests; each request logs in again (an
+  HMAC: cheap).
 
 Requests for an unknown id, or another agent's, are answered exactly as a bad
 login (the door's 401), so ids cannot be probed.
@@ -256,10 +259,10 @@ async def _stream_down(reader: HttpReader, session: HttpSession) -> None:
         ("Transfer-Encoding", "chunked"), ("X-Accel-Buffering", "no"), *_NO_STORE]))
     try:
         while True:
-            parts = await session.take(MAX_BATCH_SIZE)
+            parts = await session.take(session.outbound_limit)
             if not parts:
                 break
-            await write_parts(stream, chunked(parts) if framed else parts)
+            await _timed_write(session, stream, parts, framed)
         if framed:
             await stream.send_all(b"0\r\n\r\n")
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -321,13 +324,40 @@ async def _poll_down(reader: HttpReader, session: HttpSession, sequence: int) ->
     """The next downstream batch (held while there is none), or the last one again."""
     if not await _drain_body(reader):  # (the GET's end: unread, h11 would not keep alive)
         return False
-    batch = await session.poll_batch(sequence, MAX_BATCH_SIZE, POLL_HOLD_TIMEOUT)
+    batch = await session.poll_batch(sequence, session.outbound_limit, POLL_HOLD_TIMEOUT)
     if batch is None:
         return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
                                           f"{session.down_sequence}")
     if not batch and session.ended:
         return await _status(reader, 410, "the session has ended")
-    return await _reply(reader, batch)
+    if batch is not session.last_batch or reader.conn.their_http_version == b"1.0":
+        return await _reply(reader, batch)  # (a repeat; an HTTP/1.0 client: no chunks)
+    return await _reply_growing(reader, session, batch)
+
+
+async def _reply_growing(reader: HttpReader, session: HttpSession,
+                         batch: list[Buffer]) -> bool:
+    """200 with a chunked body: ``batch``, then more of the session's bytes as the
+    connection takes them (``poll_more``), up to MAX_BATCH_SIZE, ending when there
+    are none. A fixed-length answer has to take all its bytes before it starts:
+    they leave the fair order and an interactive record queued after them waits
+    for the whole answer to cross the link (seconds on a slow one); taken as the
+    link drains, they wait no longer than over a WebSocket, and a bulk download
+    still gets answers as large as before. True: keep alive."""
+    stream = reader.stream
+    try:
+        await reader.send(h11.Response(status_code=200, headers=[
+            ("Transfer-Encoding", "chunked"), *_NO_STORE]))
+        sent, parts = 0, batch[:]
+        while parts:
+            await _timed_write(session, stream, parts, True)
+            sent += sum(map(len, parts))
+            parts = session.poll_more(batch, min(session.outbound_limit, MAX_BATCH_SIZE - sent))
+        await reader.send(h11.EndOfMessage())  # (the chunks went by hand, h11 ends the body)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return False  # (the agent asks again: the retry gets this batch, as it has grown)
+    conn = reader.conn
+    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
 
 async def _reply(reader: HttpReader, body: list[Buffer]) -> bool:
@@ -343,6 +373,15 @@ async def _reply(reader: HttpReader, body: list[Buffer]) -> bool:
 
 
 # -- small pieces -------------------------------------------------------------------------
+
+async def _timed_write(session: HttpSession, stream: trio.abc.Stream, parts: list[Buffer],
+                       framed: bool) -> None:
+    """Write ``parts`` (one chunk when ``framed``); how long the link took to take them
+    adapts what the session holds past the fair order (``HttpSession.written``)."""
+    started = trio.current_time()
+    await write_parts(stream, chunked(parts) if framed else parts)
+    session.written(sum(map(len, parts)), trio.current_time() - started)
+
 
 async def _status(reader: HttpReader, status: int, text: str) -> bool:
     """A short text answer; the connection closes after it."""

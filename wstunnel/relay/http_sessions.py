@@ -34,6 +34,7 @@ from typing import Final
 import trio
 
 from ..net.byte_pipe import Buffer, BytePipe
+from ..net.pipe_sizing import PipeSizer
 
 __all__ = ["HttpSession", "HttpSessions", "SESSION_IDLE_TIMEOUT", "MAX_REQUESTS_IN_PROGRESS",
            "Buffer"]
@@ -63,6 +64,10 @@ class HttpSession(BytePipe):
         self.up_sequence = 0
         self.down_sequence = 0
         self.last_batch: list[Buffer] = []
+        self._batch_frozen = False  # (a retry is answered with it: it grows no more)
+        #: The bound on what waits past the fair order, from how fast answers drain.
+        self.sizer = PipeSizer()
+        self.outbound_limit = self.sizer.size
         self._feeding = trio.Lock()  # (upstream bodies are fed one at a time: poll_feed)
         self._requests: set[trio.CancelScope] = set()  # (those in progress: serving)
         self._requests_deadline = math.inf
@@ -140,14 +145,34 @@ class HttpSession(BytePipe):
                 while not self._outbound and not self.ended and sequence == self.down_sequence:
                     await self._wait()
         if sequence == self.down_sequence - 1:
-            return self.last_batch
+            self._batch_frozen = True
+            return list(self.last_batch)
         if sequence != self.down_sequence:
             return None
         batch = self._take_now(max_size)
         if batch:
             self.last_batch = batch
+            self._batch_frozen = False
             self.down_sequence += 1
         return batch
+
+    def poll_more(self, batch: list[Buffer], max_size: int) -> list[Buffer]:
+        """Polling: more bytes for ``batch`` (the answer being written) as the link
+        takes them, at most ``max_size``; [] once there are none, or once a retry was
+        answered with what the batch held (it is what the agent gets, whichever answer
+        reaches it). Bytes are taken only as the answer's connection drains, so they
+        stay in the fair order until the link is ready for them."""
+        if batch is not self.last_batch or self._batch_frozen or max_size <= 0:
+            return []
+        parts = self._take_now(max_size)
+        batch.extend(parts)
+        return parts
+
+    def written(self, size: int, elapsed: float) -> None:
+        """A response body write of ``size`` bytes took ``elapsed`` s: adapt the bound
+        on what waits past the fair order (net/pipe_sizing.py)."""
+        self.outbound_limit = self.sizer.wrote(size, elapsed)
+        self._notify()
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.in_progress else now - self.last_active
