@@ -62,13 +62,13 @@ class SessionSlot:
         with trio.move_on_after(timeout):
             while True:
                 session = self.current
-                if session is not None and session.resuming:  # (its path is broken)
-                    await session.wait_carrier()
+                if session is not None and session.resuming and not session.goaway_received:
+                    await session.wait_carrier()  # (its path is broken: it resumes)
                     continue
                 if session is not None and session.is_open and not session.goaway_received:
                     return session
-                if session is not None:  # GOAWAY read, not yet vacated: wait for that
-                    await self._left.wait()
+                if session is not None:  # GOAWAY read (it may be resuming, to finish its
+                    await self._left.wait()  # own channels), not yet vacated: wait for that
                 await self._filled.wait()
                 await trio.sleep(0)
         return None
