@@ -265,6 +265,10 @@ class Agent:
             session.go_away("the agent is shutting down")
         with trio.move_on_after(timeout):
             await self.carrier.wait_idle()
+            # A connection done here may still have data queued for the relay: a close
+            # now would drop it, and the relay reset the destination.
+            for session in self.sessions.all():
+                await session.wait_idle()
         for session in self.sessions.all():
             await session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
 

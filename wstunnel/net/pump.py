@@ -28,9 +28,10 @@ Per socket (``_PumpedSocket``), level-triggered:
   application sees a failure, never a clean and possibly truncated end: when
   the socket fails (the local side reset it: its bytes read before the reset
   still go out, then the channel's RESET), when the channel is refused, when
-  the session ends, and when the peer resets the channel -- that one after
-  the DATA that preceded the RESET has been written and has left the kernel's
-  send queue, as a TCP reset after data would arrive.
+  the session ends before the channel did (a finished one still writes its
+  last bytes: ``close_after_last_bytes``), and when the peer resets the channel -- that one
+  after the DATA that preceded the RESET has been written and has left the
+  kernel's send queue, as a TCP reset after data would arrive.
 
 Everything runs in the trio thread: the pump's task and, for DATA, FIN and
 WINDOW, the transport's reader task, between two of its checkpoints.
@@ -72,6 +73,9 @@ AVAILABLE: Final = hasattr(select, "epoll")
 READ_SIZE: Final = 1024 * 1024
 #: Ready sockets served per wake-up; the rest stay ready (level-triggered).
 MAX_EVENTS: Final = 256
+#: After its session ended, how long a finished channel's socket may take nothing of
+#: the bytes it still holds before it is reset (``close_after_last_bytes``).
+LAST_BYTES_TIMEOUT = 5.0
 
 _IN: Final = getattr(select, "EPOLLIN", 1)
 _OUT: Final = getattr(select, "EPOLLOUT", 4)
@@ -135,6 +139,50 @@ class SocketPump:
             # not when the next record happens to arrive.
             host.dispatch_local_events()
             host.wake_writer()
+
+    def close_after_last_bytes(self) -> None:
+        """The session ended: ``close``, but the sockets of channels it had finished
+        (both FINs passed) first write what they hold, then FIN. Their peer counts them
+        done, and a relay that drains closes the session then, however much of the
+        data still waits here for a slow reader: nothing failed, so it is delivered.
+        A socket still reading for the gone session is reset at once. The rest is
+        written in a system task of its own, so that neither the session's end nor the
+        agent's next session waits for a slow reader; it resets them if none takes a
+        byte for ``LAST_BYTES_TIMEOUT``, and when the process ends."""
+        for pumped in list(self._sockets.values()):
+            if pumped._reading:
+                pumped.finish(abort=True)
+        if self._sockets:
+            trio.lowlevel.spawn_system_task(self._write_last_bytes,
+                                            name="write finished channels' last bytes")
+        else:
+            self.close()
+
+    async def _write_last_bytes(self) -> None:
+        try:
+            while self._sockets:
+                with trio.move_on_after(LAST_BYTES_TIMEOUT) as waiting:
+                    await trio.lowlevel.wait_readable(self._epoll.fileno())
+                if waiting.cancelled_caught:
+                    self._give_up(LAST_BYTES_TIMEOUT)
+                    break
+                self._serve_ready()
+        except Exception:  # (a system task's error would end the process)
+            log.exception("writing finished channels' last bytes failed; resetting them")
+        finally:
+            self.close()
+
+    def _serve_ready(self) -> None:
+        for fd, events in self._epoll.poll(0, MAX_EVENTS):
+            ready = self._sockets.get(fd)
+            if ready is not None:
+                _guarded(ready.ready, ready, events)
+
+    def _give_up(self, idle_timeout: float) -> None:
+        for pumped in self._sockets.values():
+            log.warning("channel %d to %s: %s took none of its last bytes for %g s after "
+                        "the session ended; resetting the connection", pumped.channel_id,
+                        pumped._channel.destination, pumped._who(), idle_timeout)
 
     def close(self) -> None:
         """Reset every socket still here (the session is over), then close the epoll."""

@@ -130,8 +130,8 @@ class TunnelTransport(Resumable):
                                           clean=self._ended_cleanly())
             self._detached.set()
             socket_pump, self._pump = self._pump, None
-            if socket_pump is not None:
-                socket_pump.close()
+            if socket_pump is not None:  # (finished channels' last bytes still go)
+                socket_pump.close_after_last_bytes()
             self._done.set()
         return self._end_reason or "session ended"
 
