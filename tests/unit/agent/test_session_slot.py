@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import trio
@@ -25,9 +26,8 @@ class _Session:
         await self.carrier.wait()
 
 
-async def _wait_for_next(slot: SessionSlot, old: _Session) -> None:
-    """What ``slot.wait`` returns when ``old`` leaves the slot and a new session fills it."""
-    new = _Session()
+async def _wait_through(slot: SessionSlot, change: Callable[[], None]) -> object:
+    """What ``slot.wait`` returns when ``change`` happens while it waits."""
     got: list[object] = []
 
     async def waiter() -> None:
@@ -37,9 +37,9 @@ async def _wait_for_next(slot: SessionSlot, old: _Session) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(waiter)
             await trio.testing.wait_all_tasks_blocked()
-            slot.vacate(cast(TunnelTransport, old))
-            slot.fill(cast(TunnelTransport, new))
-    assert got == [new]
+            assert got == []  # (still waiting)
+            change()
+    return got[0]
 
 
 async def test_a_wait_does_not_follow_a_going_away_session_into_its_resume() -> None:
@@ -47,9 +47,14 @@ async def test_a_wait_does_not_follow_a_going_away_session_into_its_resume() -> 
     channels finish on it) but takes no new channel, and its resume may last the
     whole grace. A connection waiting for a session gets the next one at once."""
     slot = SessionSlot()
-    old = _Session(goaway_received=True, resuming=True)
+    old, new = _Session(goaway_received=True, resuming=True), _Session()
     slot.fill(cast(TunnelTransport, old))
-    await _wait_for_next(slot, old)
+
+    def next_session() -> None:
+        slot.vacate(cast(TunnelTransport, old))
+        slot.fill(cast(TunnelTransport, new))
+
+    assert await _wait_through(slot, next_session) is new
 
 
 async def test_a_wait_follows_a_resume_of_the_current_session() -> None:
@@ -58,16 +63,9 @@ async def test_a_wait_follows_a_resume_of_the_current_session() -> None:
     slot = SessionSlot()
     current = _Session(resuming=True)
     slot.fill(cast(TunnelTransport, current))
-    got: list[object] = []
 
-    async def waiter() -> None:
-        got.append(await slot.wait(timeout=30))
+    def resumed() -> None:
+        current.resuming = False
+        current.carrier.set()
 
-    with trio.fail_after(2):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await trio.testing.wait_all_tasks_blocked()
-            assert got == []  # (still resuming)
-            current.resuming = False
-            current.carrier.set()
-    assert got == [current]
+    assert await _wait_through(slot, resumed) is current
