@@ -43,6 +43,7 @@ __all__ = [
     "TRANSPORT_HEADER",
     "SESSION_HEADER",
     "SEQUENCE_HEADER",
+    "PIPELINE_HEADER",
     "CONTENT_TYPE",
     "POLL_HOLD_TIMEOUT",
 ]
@@ -58,6 +59,9 @@ TRANSPORT_HEADER: Final = "X-Wstunnel-Transport"
 SESSION_HEADER: Final = "X-Wstunnel-Session"
 #: Polling: the number of this upstream body or of the downstream batch asked for.
 SEQUENCE_HEADER: Final = "X-Wstunnel-Seq"
+#: Polling: on the opening answer, how many upstream POSTs the relay takes in flight
+#: at once (it holds body N + 1, unread, until body N is taken); absent: one.
+PIPELINE_HEADER: Final = "X-Wstunnel-Pipeline"
 CONTENT_TYPE: Final = "application/octet-stream"
 #: Polling: how long the relay holds a GET that finds nothing to send.
 POLL_HOLD_TIMEOUT: Final = 25.0

@@ -2,20 +2,25 @@
 
 ``PollingStream`` is a ``BytePipe`` fed and drained by two loops of ordinary
 requests (its ``run_background``, started by the transport): POSTs carry what
-the session wrote, batched (one in flight), and long-poll GETs fetch what the
+the session wrote, batched, and long-poll GETs fetch what the
 relay has (held by it up to 25 s while there is nothing), fed to the session
 as they arrive: a relay streams an answer while the link takes it (relay/
 http_front.py), so a record in it must not wait for the answer's end. POSTs
 are sized to the link (``PipeSizer``: bytes handed to one have left the fair
-order). Each request is numbered (``X-Wstunnel-Seq``), so one whose
-connection broke is sent again on a new connection without losing or
-repeating bytes: after growing waits, for up to ``RETRY_BUDGET``, so that a
-short outage does not end the session (``_Retries``). http_transport.py
-opens the session and hands it over.
+order). One POST is in flight, or two when the relay says it takes them
+(``X-Wstunnel-Pipeline``): the next starts once a body is written, so it does
+not wait for the previous one's answer, and the link does not idle for that
+round trip: bodies then need to last one or two round trips, not 20 (what an
+interactive record queued behind them waits for). Each request is numbered
+(``X-Wstunnel-Seq``), so one whose connection broke is sent again on a new
+connection without losing or repeating bytes: after growing waits, for up to
+``RETRY_BUDGET``, so that a short outage does not end the session
+(``_Retries``). http_transport.py opens the session and hands it over.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -26,7 +31,7 @@ import trio
 from ..errors import HandshakeError
 from ..framing import CONTENT_TYPE, POLLING, SEQUENCE_HEADER, SESSION_HEADER
 from ..net.byte_pipe import Buffer, BytePipe
-from ..net.pipe_sizing import PipeSizer
+from ..net.pipe_sizing import IDLE_FACTOR, PIPELINED_IDLE_FACTOR, PipeSizer
 from .http_client import (
     BODY_EXCERPT_SIZE,
     MAX_ANSWER_SIZE,
@@ -37,11 +42,14 @@ from .http_client import (
     close_all,
 )
 
-__all__ = ["PollingStream", "RETRY_DELAYS", "RETRY_BUDGET"]
+__all__ = ["PollingStream", "RETRY_DELAYS", "RETRY_BUDGET", "MAX_POSTS_IN_FLIGHT"]
 
 log = logging.getLogger("wstunnel.agent")
 
 MAX_POST_SIZE: Final = 1_000_000  # (under nginx's default client_max_body_size, 1 MiB)
+#: The most POSTs in flight, when the relay announces it takes that many: two hide
+#: the round trip to each answer; more would only hold more bytes past the fair order.
+MAX_POSTS_IN_FLIGHT: Final = 2
 #: Polling: the waits before each retry of a request whose connection broke (the
 #: last one repeats), and how long after the first break retries go on. A blip (a
 #: NAT or proxy restarting, a Wi-Fi hand-over) shorter than that passes without the
@@ -64,18 +72,22 @@ class PollingStream(BytePipe):
 
     transport_name = POLLING
 
-    def __init__(self, route: HttpRoute, session_id: str) -> None:
+    def __init__(self, route: HttpRoute, session_id: str, *, posts_in_flight: int = 1) -> None:
+        """``posts_in_flight``: what the relay's opening answer announced (one if none)."""
         super().__init__()
         self.tls = route.relay.secure
         self.route = route
         self.session_id = session_id
-        self._clients: dict[str, HttpClient] = {}
+        self._clients: dict[str, HttpClient] = {}  # (by slot: GET, POST0, POST1)
+        self.posts_in_flight = max(1, min(posts_in_flight, MAX_POSTS_IN_FLIGHT))
         self._sequence = {"GET": 0, "POST": 0}
         self._answered = False  # a request was answered (a 401 then means the session is gone)
         self._down_fed = 0  # bytes of the batch being fetched already fed (a retry skips them)
         #: A POST's size, and what waits for the next one past the fair order: what the
-        #: link carries in a short time, at least 20 round trips' worth (net/pipe_sizing.py).
-        self.sizer = PipeSizer(ceiling=MAX_POST_SIZE)
+        #: link carries in a short time, at least 20 round trips' worth, or 2 with two
+        #: POSTs in flight (net/pipe_sizing.py).
+        idle_factor = PIPELINED_IDLE_FACTOR if self.posts_in_flight > 1 else IDLE_FACTOR
+        self.sizer = PipeSizer(ceiling=MAX_POST_SIZE, idle_factor=idle_factor)
         self.outbound_limit = self.sizer.size
 
     async def run_background(self) -> None:
@@ -109,32 +121,60 @@ class PollingStream(BytePipe):
         await close_all(clients)
 
     async def _upstream(self) -> None:
-        while True:
-            parts = await self.take(self.sizer.size)
-            if not parts:
-                return
-            if await self._exchange("POST", parts) is None:
-                self.break_("the relay has ended the session")
-                return
+        """POSTs in order, each once the one before it is written (its body handed to
+        the link) and while fewer than ``posts_in_flight`` await their answers."""
+        answered: collections.deque[trio.Event] = collections.deque()
+        async with trio.open_nursery() as nursery:
+            while True:
+                while len(answered) >= self.posts_in_flight:
+                    await answered[0].wait()
+                    answered.popleft()
+                parts = await self.take(self.sizer.size)
+                if not parts or self.ended:
+                    return
+                sequence = self._sequence["POST"]
+                self._sequence["POST"] = sequence + 1
+                written, done = trio.Event(), trio.Event()
+                answered.append(done)
+                nursery.start_soon(self._post, nursery.cancel_scope, parts, sequence,
+                                   written, done)
+                await written.wait()
+
+    async def _post(self, scope: trio.CancelScope, parts: list[Buffer], sequence: int,
+                    written: trio.Event, done: trio.Event) -> None:
+        """POST ``sequence``; a failure breaks the pipe and stops the other POST."""
+        try:
+            await self._guarded(lambda: self._post_once(parts, sequence, written))
+        finally:
+            written.set()
+            done.set()
+            if self.ended:
+                scope.cancel()
+
+    async def _post_once(self, parts: list[Buffer], sequence: int, written: trio.Event) -> None:
+        if await self._exchange("POST", parts, sequence, written) is None:
+            self.break_("the relay has ended the session")
 
     async def _downstream(self) -> None:
         while not self.ended:
             await self.wait_for_room()
-            if await self._exchange("GET", None) is None:
+            if await self._exchange("GET", None, self._sequence["GET"]) is None:
                 self.feed_eof()
                 return
 
-    async def _exchange(self, method: str, parts: list[Buffer] | None) -> int | None:
+    async def _exchange(self, method: str, parts: list[Buffer] | None, sequence: int,
+                        written: trio.Event | None = None) -> int | None:
         """One numbered request, sent again on a new connection if its connection
         breaks (``_Retries``); its answer's length (a GET's body fed already), or None
-        when the relay says the session ended."""
-        sequence = self._sequence[method]
+        when the relay says the session ended. ``written`` is set once a POST's body
+        has been handed to the link."""
         retries = _Retries(f"{method} {SEQUENCE_HEADER} {sequence}")
+        slot = method if parts is None else f"POST{sequence % self.posts_in_flight}"
         while True:
             try:
-                status, body, length = await self._request(method, parts, sequence)
+                status, body, length = await self._request(slot, parts, sequence, written)
             except (trio.BrokenResourceError, OSError, trio.TooSlowError) as exc:
-                await self._drop(method)
+                await self._drop(slot)
                 if self.ended:
                     raise trio.BrokenResourceError(f"{retries.what} failed: {exc}") from exc
                 await retries.wait(exc)
@@ -152,18 +192,18 @@ class PollingStream(BytePipe):
                 raise trio.BrokenResourceError(f"the relay answered {method} with {status}: "
                                                f"{body[:BODY_EXCERPT_SIZE]!r}")
             self._answered = True
-            if method == "POST" or length:
+            if method == "GET" and length:
                 self._sequence[method] = sequence + 1
-                if method == "GET":
-                    self._down_fed = 0  # (the next number: a new batch)
+                self._down_fed = 0  # (the next number: a new batch)
             return length
 
-    async def _request(self, method: str, parts: list[Buffer] | None,
-                       sequence: int) -> tuple[int, bytes, int]:
-        """(status, the body unless fed, the body's length)."""
-        client = self._clients.get(method)
+    async def _request(self, slot: str, parts: list[Buffer] | None, sequence: int,
+                       written: trio.Event | None) -> tuple[int, bytes, int]:
+        """(status, the body unless fed, the body's length), on ``slot``'s connection."""
+        method = "GET" if parts is None else "POST"
+        client = self._clients.get(slot)
         if client is None:
-            client = self._clients[method] = HttpClient(await self.route.connect())
+            client = self._clients[slot] = HttpClient(await self.route.connect())
         extra = [(SESSION_HEADER, self.session_id), (SEQUENCE_HEADER, str(sequence))]
         if parts is None:
             request = self.route.request("GET", POLLING, [*extra, ("Cache-Control", "no-cache")])
@@ -175,6 +215,8 @@ class PollingStream(BytePipe):
             started = trio.current_time()
             await client.send_body(request, parts)
             sent = trio.current_time()
+            if written is not None:
+                written.set()
         answer = await client.response()
         if parts is not None:
             self._posted(size, sent - started, trio.current_time() - sent)
@@ -186,7 +228,7 @@ class PollingStream(BytePipe):
         if client.reusable:
             client.conn.start_next_cycle()
         else:
-            await self._drop(method)
+            await self._drop(slot)
         return answer.status_code, body, length
 
     def _posted(self, size: int, writing: float, waiting: float) -> None:
@@ -215,8 +257,8 @@ class PollingStream(BytePipe):
             elif isinstance(event, h11.ConnectionClosed):
                 raise trio.BrokenResourceError("the connection closed inside an answer")
 
-    async def _drop(self, method: str) -> None:
-        client = self._clients.pop(method, None)
+    async def _drop(self, slot: str) -> None:
+        client = self._clients.pop(slot, None)
         if client is not None:
             await client.aclose()
 

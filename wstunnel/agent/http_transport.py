@@ -29,6 +29,7 @@ from .. import ws
 from ..errors import AuthenticationError, HandshakeError
 from ..framing import (
     CONTENT_TYPE,
+    PIPELINE_HEADER,
     SESSION_HEADER,
     STREAMING,
     FramedConnection,
@@ -78,10 +79,18 @@ async def open_http_session(route: HttpRoute, mode: str, *, probe_timeout: float
         HttpBlocked: the transport does not pass (the caller tries the next one).
         HandshakeError: the relay refused (AuthenticationError: the login).
     """
-    session_id = await _open(route, mode, answer)
+    headers = answer if answer is not None else {}
+    session_id = await _open(route, mode, headers)
     if mode == STREAMING:
         return await _open_streaming(route, session_id, probe_timeout, limit)
-    return PollingStream(route, session_id), b""
+    return PollingStream(route, session_id,
+                         posts_in_flight=_count(headers.get(PIPELINE_HEADER.lower()))), b""
+
+
+def _count(value: str | None) -> int:
+    """An announced number of POSTs in flight; one when absent or not a number."""
+    value = (value or "").strip()
+    return int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 1
 
 
 async def _open(route: HttpRoute, mode: str, answer_headers: dict[str, str] | None) -> str:

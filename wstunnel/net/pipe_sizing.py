@@ -22,15 +22,20 @@ before it starts), the link idles for a round trip between two of them, so
 small bodies would cost throughput on a long path. ``idle`` reports those
 waits, and the target time becomes at least ``IDLE_FACTOR`` of them: the
 bound then never costs more than about a tenth of the link's time, and a long
-path keeps bodies as large as before.
+path keeps bodies as large as before. With two bodies in flight (a relay that
+takes the next while one is arriving: docs/PROTOCOL.md §11.2), the next body
+is on the link while the previous one's answer comes back: the link idles
+only if a body takes less than that round trip to write, so
+``PIPELINED_IDLE_FACTOR`` round trips are enough, and the bodies (what an
+interactive record waits behind) are about a tenth as large.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["IDLE_FACTOR", "MAX_PIPE_SIZE", "MIN_PIPE_SIZE", "PIPE_TIME_TARGET",
-           "START_PIPE_SIZE", "PipeSizer"]
+__all__ = ["IDLE_FACTOR", "MAX_PIPE_SIZE", "MIN_PIPE_SIZE", "PIPELINED_IDLE_FACTOR",
+           "PIPE_TIME_TARGET", "START_PIPE_SIZE", "PipeSizer"]
 
 #: The bound's floor: small enough to wait 16 ms behind on a 4 MB/s link, large
 #: enough that a body write is not a system call per record.
@@ -45,6 +50,10 @@ PIPE_TIME_TARGET: Final = 0.025
 #: the bound settles between half and all of the target's worth, so the link
 #: idles at most 1 / (1 + IDLE_FACTOR / 2) of the time, under 10 %.
 IDLE_FACTOR: Final = 20
+#: The same with two bodies in flight: the bound settles between one and two round
+#: trips' worth, so each body takes at least the round trip that the one before it
+#: waits for its answer, and the link does not idle.
+PIPELINED_IDLE_FACTOR: Final = 2
 #: How many recent idle waits count (the least of them: a path's round trip,
 #: not a moment the relay was slow to answer).
 _IDLE_SAMPLES: Final = 8
@@ -63,19 +72,22 @@ class PipeSizer:
     """
 
     def __init__(self, *, floor: int = MIN_PIPE_SIZE, ceiling: int = MAX_PIPE_SIZE,
-                 start: int = START_PIPE_SIZE, target: float = PIPE_TIME_TARGET) -> None:
-        if not 0 < floor <= start <= ceiling or target <= 0:
-            raise ValueError("need 0 < floor <= start <= ceiling and target > 0")
+                 start: int = START_PIPE_SIZE, target: float = PIPE_TIME_TARGET,
+                 idle_factor: float = IDLE_FACTOR) -> None:
+        if not 0 < floor <= start <= ceiling or target <= 0 or idle_factor < 0:
+            raise ValueError("need 0 < floor <= start <= ceiling, target > 0 and "
+                             "idle_factor >= 0")
         self.floor = floor
         self.ceiling = ceiling
         self.target = target
+        self.idle_factor = idle_factor
         self.size = start
         self._idle: list[float] = []
 
     @property
     def time_target(self) -> float:
         """The time the bound's worth of bytes should take to cross the link."""
-        return max(self.target, IDLE_FACTOR * min(self._idle, default=0.0))
+        return max(self.target, self.idle_factor * min(self._idle, default=0.0))
 
     def idle(self, elapsed: float) -> None:
         """The link waited ``elapsed`` s between the end of one body and the next (the

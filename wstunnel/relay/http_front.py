@@ -12,14 +12,15 @@ let in (the same login as an upgrade) is one of:
   lost in the middle of either ends the session;
 * **polling**: POST with the id and ``X-Wstunnel-Seq: n``: one batch of
   upstream bytes (a repeat of a number already taken is acknowledged and
-  dropped: a retry); GET with the id and ``X-Wstunnel-Seq: n``: the next
-  downstream batch, held up to ``POLL_HOLD_TIMEOUT`` while there is none,
-  in a chunked body that takes more bytes as the link drains (n one below
-  the next number asks for the last batch again: its answer was lost).
-  Both transports hold past the fair order only what the link carries in
-  a short time (``HttpSession.written``, net/pipe_sizing.py). Connections
-  are kept alive between polling requests; each request logs in again (an
-  HMAC: cheap).
+  dropped: a retry; the one after the next waits, unread, for the next: two in
+  flight, announced by ``X-Wstunnel-Pipeline``); GET with the id and
+  ``X-Wstunnel-Seq: n``: the next downstream batch, held up to
+  ``POLL_HOLD_TIMEOUT`` while there is none, in a chunked body that takes more
+  bytes as the link drains (n one below the next number asks for the last
+  batch again: its answer was lost). Both transports hold past the fair order
+  only what the link carries in a short time (``HttpSession.written``,
+  net/pipe_sizing.py). Connections are kept alive between polling requests;
+  each request logs in again (an HMAC: cheap).
 
 Requests for an unknown id, or another agent's, are answered exactly as a bad
 login (the door's 401), so ids cannot be probed.
@@ -37,7 +38,9 @@ from .. import ws
 from ..config import RelayConfig
 from ..framing import (
     CONTENT_TYPE,
+    PIPELINE_HEADER,
     POLL_HOLD_TIMEOUT,
+    POLLING,
     SEQUENCE_HEADER,
     SESSION_HEADER,
     STREAMING,
@@ -50,6 +53,7 @@ from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Seat, Visitor, http_transport, server_handshake
 from .http_sessions import (
     MAX_REQUESTS_IN_PROGRESS,
+    POSTS_IN_FLIGHT,
     SESSION_IDLE_TIMEOUT,
     Buffer,
     HttpSession,
@@ -63,8 +67,8 @@ __all__ = ["HttpFront"]
 log = logging.getLogger("wstunnel.relay")
 
 #: The largest polling POST body: the agent sends at most 1,000,000 bytes (under
-#: nginx's default client_max_body_size); each stalled POST holds this much
-#: (MAX_REQUESTS_IN_PROGRESS of them per session).
+#: nginx's default client_max_body_size). A body is fed as it arrives: a stalled POST
+#: holds one read of it (MAX_REQUESTS_IN_PROGRESS of them per session).
 MAX_POST_SIZE: Final = 1024 * 1024
 #: The largest body read and dropped where none is expected (an opening POST, a GET).
 MAX_UNUSED_BODY_SIZE: Final = 64 * 1024
@@ -225,9 +229,10 @@ class HttpFront:
         protocol = None
         if admission.resumes is None:
             protocol = self.host.start_framed_session(resumable=admission.held is not None)
+        pipeline = [(PIPELINE_HEADER, str(POSTS_IN_FLIGHT))] if session.mode == POLLING else []
         await reader.send(h11.Response(status_code=200, headers=[
             (SESSION_HEADER, session.id), ("Content-Length", "0"), ("Connection", "close"),
-            *admission.headers, *_NO_STORE]), h11.EndOfMessage())
+            *pipeline, *admission.headers, *_NO_STORE]), h11.EndOfMessage())
         await trio.aclose_forcefully(reader.stream)
         log.info("%s: %s session for agent %s %s", accepted.peer, session.mode,
                  accepted.identity.name, "opened" if protocol is not None else "resumed")
@@ -303,21 +308,45 @@ async def _stream_up(reader: HttpReader, session: HttpSession) -> bool:
 
 async def _poll_up(reader: HttpReader, request: ws.RequestReceived, session: HttpSession,
                    sequence: int) -> bool:
-    """One upstream batch: taken once, in order; a retry of one taken is acknowledged."""
+    """One upstream batch: fed as it arrives, once, in order (``poll_feed_part``); a
+    retry of one taken is acknowledged. The one after the next (the agent has two in
+    flight) waits, its body unread, until the next is whole."""
     length = request.header("content-length")
     if length is None or not length.strip().isdigit() or int(length) > MAX_POST_SIZE:
         return await _status(reader, 413, f"a polling body needs a Content-Length up to "
                                           f"{MAX_POST_SIZE}")
-    body = await _read_body(reader)
-    if body is None:
-        return False
-    fed = await session.poll_feed(sequence, body)
-    if fed is None:
-        return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
-                                          f"{session.up_sequence}")
-    if not fed:
-        return await _status(reader, 410, "the session has ended")
+    if not await session.poll_turn(sequence) or session.ended:
+        return await _unfed(reader, session, None)
+    offset = 0
+    while not isinstance(event := await _body_event(reader), h11.EndOfMessage):
+        if event is None:
+            return False  # (no answer: the agent sends the body again, what is fed is skipped)
+        data = bytes(event.data)
+        fed = await session.poll_feed_part(sequence, offset, data)
+        if not fed:
+            return await _unfed(reader, session, fed)
+        offset += len(data)
+    await session.poll_fed(sequence)
     return await _reply(reader, [])
+
+
+async def _unfed(reader: HttpReader, session: HttpSession, fed: bool | None) -> bool:
+    """The answer to a body not taken: 410 once the session has ended, else 409 (a
+    number past what may be in flight)."""
+    if session.ended or fed is False:
+        return await _status(reader, 410, "the session has ended")
+    return await _status(reader, 409, f"expected {SEQUENCE_HEADER} {session.up_sequence} "
+                                      f"(or the one after it)")
+
+
+async def _body_event(reader: HttpReader) -> h11.Data | h11.EndOfMessage | None:
+    """The next piece of a request's body; None when the connection is done (closed,
+    garbled)."""
+    try:
+        event = await reader.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    return event if isinstance(event, h11.Data | h11.EndOfMessage) else None
 
 
 async def _poll_down(reader: HttpReader, session: HttpSession, sequence: int) -> bool:

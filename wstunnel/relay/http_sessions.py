@@ -37,15 +37,20 @@ from ..net.byte_pipe import Buffer, BytePipe
 from ..net.pipe_sizing import PipeSizer
 
 __all__ = ["HttpSession", "HttpSessions", "SESSION_IDLE_TIMEOUT", "MAX_REQUESTS_IN_PROGRESS",
-           "Buffer"]
+           "POSTS_IN_FLIGHT", "Buffer"]
 
 #: A session with no request in progress for this long is over (polling: the agent
 #: has a GET held nearly all the time; streaming: both requests stay open).
 SESSION_IDLE_TIMEOUT: Final = 60.0
 #: The most requests one session serves at once (a 429 beyond): a polling POST holds
-#: its whole body (up to 1 MiB, MAX_POST_SIZE) until it is fed, and nothing else bounds how many an
-#: agent sends. An agent has a GET and a POST out, plus retries of broken ones.
+#: a read of its body (up to 256 KiB, BODY_READ_SIZE) while it waits for room to feed
+#: it, and nothing else bounds how many an agent sends. An agent has a GET and two
+#: POSTs out, plus retries of broken ones.
 MAX_REQUESTS_IN_PROGRESS: Final = 16
+#: Polling: how many upstream POSTs an agent may have in flight (announced on the
+#: opening answer): body N + 1 may arrive while N is still arriving on its own
+#: connection; it waits unread (its bytes stay in the socket) until N is taken.
+POSTS_IN_FLIGHT: Final = 2
 
 
 class HttpSession(BytePipe):
@@ -60,8 +65,10 @@ class HttpSession(BytePipe):
         self.last_active = trio.current_time()
         self.in_progress = 0  # requests being served now
         self.streaming_down = False  # streaming: its GET is being answered (one at a time)
-        #: polling: the next upstream body's number, the next batch's, the last batch
+        #: polling: the next upstream body's number and how much of it is fed, the next
+        #: batch's number, the last batch
         self.up_sequence = 0
+        self.up_fed = 0
         self.down_sequence = 0
         self.last_batch: list[Buffer] = []
         self._batch_frozen = False  # (a retry is answered with it: it grows no more)
@@ -108,24 +115,56 @@ class HttpSession(BytePipe):
             scope.deadline = min(scope.deadline, self._requests_deadline)
 
     async def poll_feed(self, sequence: int, body: bytes) -> bool | None:
-        """Polling: upstream body ``sequence``, fed if it is the next number, dropped
-        if it was taken already (a retry whose answer was lost); None for a number
-        past the next, False once the session has ended.
+        """Polling: the whole upstream body ``sequence`` at once (``poll_feed_part``,
+        then ``poll_fed``)."""
+        fed = await self.poll_feed_part(sequence, 0, body)
+        if fed:
+            await self.poll_fed(sequence)
+        return fed
 
-        Bodies are fed one at a time, in order. A retry may come while the request it
-        repeats still waits for room here (its connection broke, which a handler
-        waiting to feed does not notice): it waits for that one, and is then dropped,
-        rather than feeding the same bytes twice.
+    async def poll_feed_part(self, sequence: int, offset: int, data: bytes) -> bool | None:
+        """Polling: bytes ``offset`` onwards of upstream body ``sequence`` as they arrive:
+        fed if it is the next number, past what is fed of it already; dropped if the
+        body was taken already (a retry whose answer was lost); None for a number past
+        the next, False once the session has ended.
+
+        Fed as they arrive, an interactive record does not wait for the rest of its
+        body to cross the link. A retry carries the same body as the try it repeats
+        (docs/PROTOCOL.md §11.2): what that try fed before its connection broke is
+        skipped. The two may be served at once (a handler waiting for room does not
+        notice its connection broke): each part is checked and fed under one lock, so
+        no byte is fed twice, and both answer once the body is whole.
         """
         async with self._feeding:
-            if sequence > self.up_sequence:
-                return None
             if sequence < self.up_sequence:
                 return True
-            if not await self.feed(body):
+            if sequence > self.up_sequence or offset > self.up_fed:
+                return None  # (past the next; a gap: not the body that was started)
+            new = data[self.up_fed - offset:]
+            if new and not await self.feed(new):
                 return False
-            self.up_sequence += 1
+            self.up_fed = max(self.up_fed, offset + len(data))
             return True
+
+    async def poll_fed(self, sequence: int) -> None:
+        """Polling: upstream body ``sequence`` has arrived whole (and every part of it was
+        fed): the next number is next, and a POST held for it (``poll_turn``) goes on."""
+        async with self._feeding:
+            if sequence == self.up_sequence:
+                self.up_sequence += 1
+                self.up_fed = 0
+                self._notify()
+
+    async def poll_turn(self, sequence: int) -> bool:
+        """Polling: wait until upstream body ``sequence`` is the next to feed (or was
+        fed already: a retry), or the session has ended; False, at once, for a number
+        further ahead than ``POSTS_IN_FLIGHT`` allows. Waiting before the body is read
+        leaves it in the socket: a held POST costs no memory here."""
+        if sequence >= self.up_sequence + POSTS_IN_FLIGHT:
+            return False
+        while sequence > self.up_sequence and not self.ended:
+            await self._wait()
+        return True
 
     async def poll_batch(self, sequence: int, max_size: int,
                          hold: float) -> list[Buffer] | None:

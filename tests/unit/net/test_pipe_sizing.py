@@ -11,6 +11,7 @@ from wstunnel.net.pipe_sizing import (
     MAX_PIPE_SIZE,
     MIN_PIPE_SIZE,
     PIPE_TIME_TARGET,
+    PIPELINED_IDLE_FACTOR,
     START_PIPE_SIZE,
     PipeSizer,
 )
@@ -65,6 +66,22 @@ def test_round_trips_between_bodies_keep_bodies_long_enough() -> None:
     for _ in range(8):
         short.idle(0.0005)  # (the same link, a LAN's round trip: short bodies)
     assert _settle(short, 10 * MB) <= 10 * MB * PIPE_TIME_TARGET
+
+
+@pytest.mark.parametrize(("rate", "round_trip"), [(4 * MB, 0.010), (10 * MB, 0.050)])
+def test_two_bodies_in_flight_need_only_a_round_trip_each(rate: float, round_trip: float) -> None:
+    """Polling POSTs, two in flight: a body must take at least the round trip the one
+    before it waits for its answer (else the link idles), and no more than about two:
+    what an interactive record waits behind. One in flight needs 20 round trips."""
+    pipelined = PipeSizer(ceiling=1_000_000, idle_factor=PIPELINED_IDLE_FACTOR)
+    alone = PipeSizer(ceiling=1_000_000)
+    for sizer in (pipelined, alone):
+        for _ in range(8):
+            sizer.idle(round_trip)
+    size = _settle(pipelined, rate)
+    assert size / rate >= round_trip  # (the link does not idle)
+    assert size / rate <= max(PIPE_TIME_TARGET, 2 * round_trip)
+    assert size < _settle(alone, rate)
 
 
 def test_the_least_recent_round_trip_counts() -> None:
