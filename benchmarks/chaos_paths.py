@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import math
 import os
-import random
 import shlex
 import signal
 import socket
@@ -64,10 +62,8 @@ import trio
 from _checked import Connection, Targets
 from _procs import BenchError
 
-MIB: Final = 1 << 20
-PING_INTERVAL: Final = 1.0
-PING_TIMEOUT: Final = 2.0
-FREEZE_SECONDS: Final = PING_INTERVAL + PING_TIMEOUT + 1.5
+#: A stopped relay outlasts both ends' pings (faults.PINGS, in both configs).
+FREEZE_SECONDS: Final = faults.FREEZE_SECONDS
 SHAPES: Final = ("L-tcp", "L-unix-in", "L-unix-out", "L-v6", "R-tcp", "R-unix", "R-v6")
 PATHS: Final = ("socat", "haproxy", "squid", "tinyproxy")
 UNIX_EOF: Final = "unix-EOF"
@@ -165,6 +161,12 @@ class Layout:
         if self.client_unix:
             return str(self.tmp / ("relay.sock" if self.reverse else "agent.sock"))
         return (self.host, self.forward_port)
+
+    @property
+    def client_port_host(self) -> tuple[int | str, str]:
+        """client_address as _checked.run_client takes it (a unix socket: a ``str`` port)."""
+        where = self.client_address
+        return (where, self.host) if isinstance(where, str) else (where[1], where[0])
 
     @property
     def target_path(self) -> str:
@@ -311,23 +313,21 @@ class Tunnel:
 
     async def start_relay(self) -> None:
         host = _url_host(self.layout.host)
-        config = self._write("relay.yaml", [
+        config = faults.write_config(self.tmp, "relay.yaml", [
             f'listen: "{host}:{self.relay_port}"',
             f'allow: ["127.0.0.1", "::1", "unix:{self.tmp}/*"]', "no_auth: true",
             f'listen_allow: ["127.0.0.1:{self.layout.forward_port}", '
             f'"[::1]:{self.layout.forward_port}", "unix:{self.tmp}/*"]',
-            "trusted_proxies: [127.0.0.1]",
-            "drain_timeout: 1.0", f"resume_grace: {self.resume_grace:g}", *self._pings()])
+            "trusted_proxies: [127.0.0.1]", *faults.relay_settings(self.resume_grace)])
         self.relay = _procs.spawn(self.stack, [*self.command, "relay", "-c", str(config)],
                                   self.tmp / "relay.log")
         self.starts["relay"] += 1
         await _wait_listening((self.layout.host, self.relay_port), self.relay, "relay")
 
     async def start_agent(self) -> None:
-        config = self._write("agent.yaml", [
+        config = faults.write_config(self.tmp, "agent.yaml", [
             *self.path.agent_yaml(), *self.layout.forward_yaml(self.target_port),
-            "reconnect_min_interval: 0.1", "reconnect_max_interval: 1.0",
-            "connect_wait_timeout: 10.0", "drain_timeout: 1.0", *self._pings()])
+            *faults.AGENT_SETTINGS])
         self.agent = _procs.spawn(self.stack, [*self.command, "agent", "-c", str(config)],
                                   self.tmp / "agent.log")
         self.starts["agent"] += 1
@@ -363,14 +363,6 @@ class Tunnel:
         return {name: (proc.pid, _procs.vm_rss_kib(proc.pid), _procs.open_fds(proc.pid))
                 for name, proc in procs.items() if proc is not None and proc.poll() is None}
 
-    def _pings(self) -> list[str]:
-        return [f"ping_interval: {PING_INTERVAL}", f"ping_timeout: {PING_TIMEOUT}"]
-
-    def _write(self, name: str, lines: list[str]) -> Path:
-        path = self.tmp / name
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
 
 # -- faults --------------------------------------------------------------------------
 
@@ -380,11 +372,7 @@ Fault = Callable[[Tunnel, list[Connection]], Awaitable[None]]
 
 async def _restart_path(tunnel: Tunnel, sig: int) -> None:
     await tunnel.path.stop(sig)
-    try:
-        await trio.sleep(random.uniform(0.0, 2.0))
-    finally:
-        with trio.CancelScope(shield=True):
-            await tunnel.path.start()
+    await faults.restart_after(tunnel.path.start)
 
 
 async def _path_kill(tunnel: Tunnel, conns: list[Connection]) -> None:
@@ -421,11 +409,8 @@ async def _kill_restart(tunnel: Tunnel, conns: list[Connection], which: str) -> 
     if isinstance(tunnel.targets, KillAwareTargets) and tunnel.layout.reverse == (
             which == "agent"):
         tunnel.targets.window_end = time.monotonic() + 1.0
-    try:
-        await trio.sleep(random.uniform(0.0, 1.0))
-    finally:
-        with trio.CancelScope(shield=True):
-            await (tunnel.start_agent() if which == "agent" else tunnel.start_relay())
+    await faults.restart_after(tunnel.start_agent if which == "agent" else tunnel.start_relay,
+                               1.0)
 
 
 async def _agent_kill(tunnel: Tunnel, conns: list[Connection]) -> None:
@@ -442,57 +427,16 @@ FAULTS: Final[dict[str, Fault]] = {
 }
 
 
-async def inject(tunnel: Tunnel, conns: list[Connection], kinds: list[str],
-                 marks: list[int], done: Counter[str]) -> None:
-    for mark in sorted(marks):
-        while sum(conn.client.ending is not None for conn in conns) < mark:
-            await trio.sleep(0.05)
-        await trio.sleep(random.uniform(0.0, 0.3))
-        kind = random.choice(kinds)
-        done[kind] += 1
-        await FAULTS[kind](tunnel, conns)
-
-
 # -- rounds --------------------------------------------------------------------------
-
-
-def _size(most: int) -> int:
-    return max(1, int(math.exp(random.uniform(0.0, math.log(most)))))
-
-
-async def _client(conn: Connection, address: tuple[str, int] | str,
-                  limiter: trio.CapacityLimiter, timeout: float) -> None:
-    async with limiter:
-        with trio.move_on_after(timeout):
-            if isinstance(address, str):
-                await _checked.run_client(conn, address)
-            else:
-                await _checked.run_client(conn, address[1], address[0])
-        conn.client.end(_checked.TIMEOUT)
 
 
 async def run_round(tunnel: Tunnel, args: argparse.Namespace,
                     seeds: itertools.count[int]) -> faults.Round:
     targets = tunnel.targets
-    conns = [Connection(next(seeds), upload=i % 2 == 1, size=_size(args.max_size))
-             for i in range(args.connections)]
-    targets.connections.update((conn.seed, conn) for conn in conns)
+    conns = faults.new_connections(seeds, args.connections, args.max_size)
     before = targets.headerless.copy()
-    done: Counter[str] = Counter()
-    started = trio.current_time()
-    marks = [random.randrange(max(1, len(conns) * 4 // 5)) for _ in range(args.faults)]
-    limiter = trio.CapacityLimiter(args.concurrency)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(inject, tunnel, conns, args.kinds, marks, done)
-        async with trio.open_nursery() as clients:
-            for conn in conns:
-                clients.start_soon(_client, conn, tunnel.layout.client_address, limiter,
-                                   args.connection_timeout)
-        await faults._wait_for_targets(conns)
-        nursery.cancel_scope.cancel()
-    seconds = trio.current_time() - started
-    for conn in conns:
-        del targets.connections[conn.seed]
+    done, seconds = await faults.run_connections(tunnel, targets, conns, args, FAULTS,
+                                                 *tunnel.layout.client_port_host)
     _unix_eofs(tunnel.layout, conns)
     await settle(tunnel)
     headerless = targets.headerless - before
@@ -517,17 +461,7 @@ def _unix_eofs(layout: Layout, conns: list[Connection]) -> None:
 
 async def settle(tunnel: Tunnel) -> None:
     await tunnel.mend()
-    seeds = itertools.count(-1, -1)
-    with trio.fail_after(60):
-        while True:
-            probe = Connection(next(seeds), upload=False, size=1000)
-            tunnel.targets.connections[probe.seed] = probe
-            with trio.move_on_after(5):
-                await _client(probe, tunnel.layout.client_address, trio.CapacityLimiter(1), 5)
-            del tunnel.targets.connections[probe.seed]
-            if probe.client.ending == _checked.INTACT:
-                return
-            await trio.sleep(0.2)
+    await faults.wait_intact(tunnel.targets, *tunnel.layout.client_port_host, timeout=60)
 
 
 async def serve_targets(nursery: trio.Nursery, layout: Layout, targets: Targets) -> int:
@@ -574,11 +508,7 @@ async def run(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) 
         print(faults.report_total(rounds, start), flush=True)
         print(f"  starts: {dict(tunnel.starts)}, {args.path} {path.starts}", flush=True)
         nursery.cancel_scope.cancel()
-    failed = sum(result.failures for result in rounds)
-    if failed:
-        print(f"FAILED: {failed} ends were clean-EOF-short, corrupt or timed out; "
-              f"logs in {tmp}", flush=True)
-    return 1 if failed else 0
+    return faults.verdict(rounds, tmp)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -588,44 +518,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--connections", type=int, default=100, help="per round (100)")
     parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--max-size", type=int, default=4 * MIB, help="bytes (4 MiB)")
+    parser.add_argument("--max-size", type=int, default=4 * faults.MIB, help="bytes (4 MiB)")
     parser.add_argument("--faults", type=int, default=4, help="per round, at most (4)")
     parser.add_argument("--kinds", default="path-kill,relay-stop",
                         help=f"comma-separated, of {','.join(FAULTS)}")
-    parser.add_argument("--connection-timeout", type=float, default=120.0)
-    parser.add_argument("--resume-grace", type=float, default=60.0)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--keep-logs", action="store_true")
-    parser.add_argument("--wstunnel", default=f"{shlex.quote(sys.executable)} -m wstunnel")
-    args = parser.parse_args(argv)
-    args.kinds = [kind for kind in args.kinds.split(",") if kind]
-    if unknown := set(args.kinds) - set(FAULTS):
-        parser.error(f"unknown fault kinds {sorted(unknown)}")
-    return args
+    return faults.parse_run_args(parser, argv, FAULTS)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    random.seed(seed)
+    seed = faults.seed_random(args)
     print(f"chaos_paths.py --seed {seed} --shape {args.shape} --path {args.path}: "
           f"{args.rounds} x {args.connections} connections, {args.concurrency} at once, "
           f"up to {args.faults} faults a round ({', '.join(args.kinds)}), "
           f"resume_grace {args.resume_grace:g}", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="wstunnel-chaos-"))
     os.chmod(tmp, 0o755)
-    try:
-        with contextlib.ExitStack() as stack:
-            status = trio.run(run, args, stack, tmp)
-    except (BenchError, OSError) as exc:
-        print(f"chaos_paths.py: {exc}; logs in {tmp}", file=sys.stderr)
-        return 1
-    if not args.keep_logs and status == 0:
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        print(f"logs in {tmp}")
-    return status
+    return faults.run_logged("chaos_paths.py", run, args, tmp)
 
 
 if __name__ == "__main__":

@@ -48,17 +48,18 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import _checked
 import _procs
@@ -75,6 +76,23 @@ FREEZE_SECONDS: Final = PING_INTERVAL + PING_TIMEOUT + 1.5
 #: After its clients, a round waits this long for the destination ends to finish.
 TARGET_GRACE: Final = 15.0
 READY_TIMEOUT: Final = 30.0
+PINGS: Final = (f"ping_interval: {PING_INTERVAL}", f"ping_timeout: {PING_TIMEOUT}")
+#: The agent's config beside its relay and forwards (chaos_paths.py uses it too).
+AGENT_SETTINGS: Final = ("reconnect_min_interval: 0.1", "reconnect_max_interval: 1.0",
+                         "connect_wait_timeout: 10.0", "drain_timeout: 1.0", *PINGS)
+#: The tunnel a fault strikes: faults.py's, or chaos_paths.py's.
+TunnelT = TypeVar("TunnelT")
+
+
+def relay_settings(resume_grace: float) -> list[str]:
+    """The relay's config beside its listen and allow lines."""
+    return ["drain_timeout: 1.0", f"resume_grace: {resume_grace:g}", *PINGS]
+
+
+def write_config(tmp: Path, name: str, lines: list[str]) -> Path:
+    path = tmp / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 @dataclass
@@ -99,20 +117,18 @@ class Tunnel:
     async def start(self) -> None:
         await self.start_relay()
         await self.start_link()
-        config = self._write("agent.yaml", [
+        config = write_config(self.tmp, "agent.yaml", [
             f"relay: ws://127.0.0.1:{self.link_port}/tunnel", "forwards:",
             f"  - listen: 127.0.0.1:{self.agent_port}",
-            f"    target: 127.0.0.1:{self.target_port}",
-            "reconnect_min_interval: 0.1", "reconnect_max_interval: 1.0",
-            "connect_wait_timeout: 10.0", "drain_timeout: 1.0", *self._pings()])
+            f"    target: 127.0.0.1:{self.target_port}", *AGENT_SETTINGS])
         self.agent = _procs.spawn(self.stack, [*self.command, "agent", "-c", str(config),
                                                "--no-proxy"], self.tmp / "agent.log")
         await _wait_listening(self.agent_port, self.agent, "wstunnel agent")
 
     async def start_relay(self) -> None:
-        config = self._write("relay.yaml", [
+        config = write_config(self.tmp, "relay.yaml", [
             f"listen: 127.0.0.1:{self.relay_port}", "allow: [127.0.0.1]", "no_auth: true",
-            "drain_timeout: 1.0", f"resume_grace: {self.resume_grace:g}", *self._pings()])
+            *relay_settings(self.resume_grace)])
         self.relay = _procs.spawn(self.stack, [*self.command, "relay", "-c", str(config)],
                                   self.tmp / "relay.log")
         await _wait_listening(self.relay_port, self.relay, "wstunnel relay")
@@ -154,14 +170,6 @@ class Tunnel:
         return {name: (proc.pid, _procs.vm_rss_kib(proc.pid), _procs.open_fds(proc.pid))
                 for name, proc in procs.items() if proc is not None}
 
-    def _pings(self) -> list[str]:
-        return [f"ping_interval: {PING_INTERVAL}", f"ping_timeout: {PING_TIMEOUT}"]
-
-    def _write(self, name: str, lines: list[str]) -> Path:
-        path = self.tmp / name
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
 
 async def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
     await trio.to_thread.run_sync(_procs.wait_listening, port, proc, what)
@@ -188,8 +196,14 @@ async def _link_cut(tunnel: Tunnel, conns: list[Connection]) -> None:
 async def _kill_then_restart(tunnel: Tunnel, which: str,
                              start: Callable[[], Awaitable[None]]) -> None:
     await tunnel.kill(which)
+    await restart_after(start)
+
+
+async def restart_after(start: Callable[[], Awaitable[None]], most: float = 2.0) -> None:
+    """``start`` after 0 to ``most`` s; at once when cancelled (the round is over, and
+    settle needs it running)."""
     try:
-        await trio.sleep(random.uniform(0.0, 2.0))
+        await trio.sleep(random.uniform(0.0, most))
     finally:
         with trio.CancelScope(shield=True):
             await start()
@@ -230,18 +244,20 @@ FAULTS: Final[dict[str, Fault]] = {
 }
 
 
-async def inject(tunnel: Tunnel, conns: list[Connection], kinds: list[str],
-                 marks: list[int], done: Counter[str]) -> None:
-    """A fault of one of ``kinds`` once each of ``marks`` connections have ended (plus
-    up to 0.3 s): random moments spread over the round whatever its speed. Stops
-    when cancelled."""
+async def inject(tunnel: TunnelT, conns: list[Connection], kinds: list[str],
+                 marks: list[int], done: Counter[str],
+                 table: Mapping[str, Callable[[TunnelT, list[Connection]], Awaitable[None]]],
+                 ) -> None:
+    """A fault of ``table`` of one of ``kinds`` once each of ``marks`` connections have
+    ended (plus up to 0.3 s): random moments spread over the round whatever its speed.
+    Stops when cancelled."""
     for mark in sorted(marks):
         while sum(conn.client.ending is not None for conn in conns) < mark:
             await trio.sleep(0.05)
         await trio.sleep(random.uniform(0.0, 0.3))
         kind = random.choice(kinds)
         done[kind] += 1
-        await FAULTS[kind](tunnel, conns)
+        await table[kind](tunnel, conns)
 
 
 # -- rounds --------------------------------------------------------------------------
@@ -275,16 +291,21 @@ class Round:
         return ends + sum(self.headerless[ending] for ending in _checked.FAILURES)
 
 
-def _size() -> int:
-    """Log-uniform from 1 B to MAX_SIZE."""
-    return max(1, int(math.exp(random.uniform(0.0, math.log(MAX_SIZE)))))
+def _size(most: int = MAX_SIZE) -> int:
+    """Log-uniform from 1 B to ``most``."""
+    return max(1, int(math.exp(random.uniform(0.0, math.log(most)))))
 
 
-async def _client(conn: Connection, port: int, limiter: trio.CapacityLimiter,
+def new_connections(seeds: Iterator[int], count: int, most: int = MAX_SIZE) -> list[Connection]:
+    """Every other one an upload; sizes log-uniform up to ``most``."""
+    return [Connection(next(seeds), upload=i % 2 == 1, size=_size(most)) for i in range(count)]
+
+
+async def _client(conn: Connection, port: int | str, host: str, limiter: trio.CapacityLimiter,
                   timeout: float) -> None:
     async with limiter:
         with trio.move_on_after(timeout):
-            await _checked.run_client(conn, port)
+            await _checked.run_client(conn, port, host)
         conn.client.end(_checked.TIMEOUT)
 
 
@@ -302,40 +323,56 @@ async def _wait_for_targets(conns: list[Connection]) -> None:
 async def run_round(tunnel: Tunnel, targets: Targets, args: argparse.Namespace,
                     seeds: Iterator[int]) -> Round:
     """``args.connections`` checked connections while faults are injected."""
-    conns = [Connection(next(seeds), upload=i % 2 == 1, size=_size())
-             for i in range(args.connections)]
-    targets.connections.update((conn.seed, conn) for conn in conns)
+    conns = new_connections(seeds, args.connections)
     headerless_before = targets.headerless.copy()
-    faults: Counter[str] = Counter()
-    started = trio.current_time()
-    marks = [random.randrange(len(conns) * 4 // 5) for _ in range(args.faults)]
-    limiter = trio.CapacityLimiter(args.concurrency)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(inject, tunnel, conns, args.kinds, marks, faults)
-        async with trio.open_nursery() as clients:
-            for conn in conns:
-                clients.start_soon(_client, conn, tunnel.agent_port, limiter,
-                                   args.connection_timeout)
-        await _wait_for_targets(conns)
-        nursery.cancel_scope.cancel()
-    seconds = trio.current_time() - started
-    for conn in conns:
-        del targets.connections[conn.seed]
+    faults, seconds = await run_connections(tunnel, targets, conns, args, FAULTS,
+                                            tunnel.agent_port)
     await settle(tunnel, targets)
     headerless = targets.headerless - headerless_before
     return Round(conns, faults, seconds, tunnel.figures(), tunnel.relay_starts, headerless)
 
 
+async def run_connections(
+        tunnel: TunnelT, targets: Targets, conns: list[Connection], args: argparse.Namespace,
+        table: Mapping[str, Callable[[TunnelT, list[Connection]], Awaitable[None]]],
+        port: int | str, host: str = "127.0.0.1") -> tuple[Counter[str], float]:
+    """``conns`` from clients of the forward on ``host``:``port`` (a ``str``: a unix
+    socket), ``args.concurrency`` at a time, while up to ``args.faults`` faults of
+    ``table`` (``args.kinds``) strike ``tunnel``: the faults done, and the seconds."""
+    targets.connections.update((conn.seed, conn) for conn in conns)
+    faults: Counter[str] = Counter()
+    started = trio.current_time()
+    marks = [random.randrange(max(1, len(conns) * 4 // 5)) for _ in range(args.faults)]
+    limiter = trio.CapacityLimiter(args.concurrency)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inject, tunnel, conns, args.kinds, marks, faults, table)
+        async with trio.open_nursery() as clients:
+            for conn in conns:
+                clients.start_soon(_client, conn, port, host, limiter, args.connection_timeout)
+        await _wait_for_targets(conns)
+        nursery.cancel_scope.cancel()
+    seconds = trio.current_time() - started
+    for conn in conns:
+        del targets.connections[conn.seed]
+    return faults, seconds
+
+
 async def settle(tunnel: Tunnel, targets: Targets) -> None:
     """Mend the tunnel and wait until a small download through it is intact again."""
     await tunnel.mend()
+    await wait_intact(targets, tunnel.agent_port)
+
+
+async def wait_intact(targets: Targets, port: int | str, host: str = "127.0.0.1",
+                      timeout: float = READY_TIMEOUT) -> None:
+    """Until a small download through the forward on ``host``:``port`` is intact."""
     seeds = itertools.count(-1, -1)
-    with trio.fail_after(READY_TIMEOUT):
+    with trio.fail_after(timeout):
         while True:
             probe = Connection(next(seeds), upload=False, size=1000)
             targets.connections[probe.seed] = probe
             with trio.move_on_after(5):
-                await _checked.run_client(probe, tunnel.agent_port)
+                await _checked.run_client(probe, port, host)
             del targets.connections[probe.seed]
             if probe.client.ending == _checked.INTACT:
                 return
@@ -421,6 +458,11 @@ async def run(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path) 
             print(report_round(len(rounds), rounds[-1]), flush=True)
         print(report_total(rounds, start), flush=True)
         nursery.cancel_scope.cancel()
+    return verdict(rounds, tmp)
+
+
+def verdict(rounds: list[Round], tmp: Path) -> int:
+    """The exit status: 1 if any end saw the tunnel lie (or never ended)."""
     failed = sum(result.failures for result in rounds)
     if failed:
         print(f"FAILED: {failed} ends were clean-EOF-short, corrupt or timed out; "
@@ -438,6 +480,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"fault kinds, comma-separated ({','.join(FAULTS)})")
     parser.add_argument("--minutes", type=float, default=0.0,
                         help="run rounds for this long (default: one round)")
+    return parse_run_args(parser, argv, FAULTS)
+
+
+def parse_run_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+                   table: Mapping[str, object]) -> argparse.Namespace:
+    """The arguments every fault benchmark takes (faults.py, chaos_paths.py) added to
+    ``parser``'s own; ``--kinds`` made a list of ``table``'s keys; then checked."""
     parser.add_argument("--connection-timeout", type=float, default=120.0,
                         help="a connection that has not ended by then is a timeout (120 s)")
     parser.add_argument("--resume-grace", type=float, default=60.0,
@@ -450,34 +499,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how to run wstunnel")
     args = parser.parse_args(argv)
     args.kinds = [kind for kind in args.kinds.split(",") if kind]
-    unknown = set(args.kinds) - set(FAULTS)
+    unknown = set(args.kinds) - set(table)
     if unknown or args.connections < 1 or args.concurrency < 1 or args.faults < 0:
         parser.error(f"unknown fault kinds {sorted(unknown)}" if unknown else
                      "--connections and --concurrency must be >= 1, --faults >= 0")
     return args
 
 
+def seed_random(args: argparse.Namespace) -> int:
+    """``--seed``, or a random one, printed by the caller so that a run can be repeated."""
+    seed: int = args.seed if args.seed is not None else random.randrange(1 << 32)
+    random.seed(seed)
+    return seed
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
-    random.seed(seed)
+    seed = seed_random(args)
     print(f"faults.py --seed {seed}: {args.connections} connections per round, "
           f"{args.concurrency} at once, up to {args.faults} faults per round "
           f"({', '.join(args.kinds)})", flush=True)
     if (reason := _procs.ensure_socat()) is not None:
         print(f"faults.py needs socat for the agent-relay link: {reason}", file=sys.stderr)
         return 2
-    tmp = Path(tempfile.mkdtemp(prefix="wstunnel-faults-"))
+    return run_logged("faults.py", run, args, Path(tempfile.mkdtemp(prefix="wstunnel-faults-")))
+
+
+def run_logged(name: str, run: Callable[[argparse.Namespace, contextlib.ExitStack, Path],
+                                         Awaitable[int]],
+               args: argparse.Namespace, tmp: Path) -> int:
+    """``trio.run(run, ...)`` with its processes' logs in ``tmp``, every process stopped
+    on the way out; the logs removed after a clean run unless ``--keep-logs``."""
     try:
         with contextlib.ExitStack() as stack:
             status = trio.run(run, args, stack, tmp)
     except (BenchError, OSError) as exc:
-        print(f"faults.py: {exc}; logs in {tmp}", file=sys.stderr)
+        print(f"{name}: {exc}; logs in {tmp}", file=sys.stderr)
         return 1
     if not args.keep_logs and status == 0:
-        for path in tmp.iterdir():
-            path.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"logs in {tmp}")
     return status
 
 

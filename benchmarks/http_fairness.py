@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import shlex
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -78,21 +76,8 @@ def serve_targets() -> int:
                 with lock:
                     total[0] += n
 
-    def listen(port: int, handler: object) -> None:
-        server = socket.create_server(("0.0.0.0", port), backlog=64)
-        while True:
-            conn, _ = server.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
-
-    for port, handler in ((ECHO_PORT, echo), (SOURCE_PORT, source), (SINK_PORT, sink)):
-        threading.Thread(target=listen, args=(port, handler), daemon=True).start()
-    print("ready", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "query":
-            with lock:
-                print(total[0], flush=True)
-    return 0
+    return slowlink.serve_and_answer({ECHO_PORT: echo, SOURCE_PORT: source, SINK_PORT: sink},
+                                     lock, lambda: str(total[0]))
 
 
 @contextlib.contextmanager
@@ -112,25 +97,6 @@ def tunnel(tmp: Path, command: list[str], transport: str) -> Iterator[None]:
             tmp / "agent.log")
         slowlink.wait_listening(agent_ns, "127.0.0.1", SINK_FWD)
         yield
-
-
-def echo_samples(seconds: float) -> list[float]:
-    payload = bytes(range(64))
-    samples: list[float] = []
-    with socket.create_connection(("127.0.0.1", ECHO_FWD), timeout=IO_TIMEOUT) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            sock.sendall(payload)
-            got = 0
-            while got < 64:
-                data = sock.recv(64 - got)
-                if not data:
-                    raise slowlink.BenchError("the echo closed the connection")
-                got += len(data)
-            samples.append(time.perf_counter() - start)
-    return samples
 
 
 @contextlib.contextmanager
@@ -153,20 +119,8 @@ def bulk(count: int, download: bool, moved: list[int]) -> Iterator[None]:
                 else:
                     sock.sendall(BLOCK)
 
-    threads = [threading.Thread(target=one) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    try:
+    with slowlink.running([threading.Thread(target=one) for _ in range(count)], stop):
         yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(IO_TIMEOUT + 5)
-
-
-def ms(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def workload(sink: slowlink.Sink, downloads: int, seconds: float) -> dict[str, float]:
@@ -178,10 +132,11 @@ def workload(sink: slowlink.Sink, downloads: int, seconds: float) -> dict[str, f
             time.sleep(WARMUP)  # (every buffer on the path fills first)
             before = moved[0] if download else _sunk(sink)
             started = time.perf_counter()
-            samples = echo_samples(seconds)
+            samples = slowlink.round_trips("127.0.0.1", ECHO_FWD, seconds)
             after = moved[0] if download else _sunk(sink)
             rate = (after - before) / (time.perf_counter() - started)
-        out[f"{name} echo p50 ms"], out[f"{name} echo p99 ms"] = ms(samples, .5), ms(samples, .99)
+        out[f"{name} echo p50 ms"] = slowlink.pct(samples, .5)
+        out[f"{name} echo p99 ms"] = slowlink.pct(samples, .99)
         out[f"{name} echoes"] = len(samples)
         out[f"{name} MB/s"] = rate / 1e6
         time.sleep(1.0)  # (what is still queued drains)
@@ -201,30 +156,15 @@ def run_all(args: argparse.Namespace, builds: dict[str, list[str]]) -> dict[str,
     with slowlink.slow_link(args.delay_ms), contextlib.ExitStack() as stack, \
             tempfile.TemporaryDirectory(prefix="http-fairness-") as tmpname:
         tmp = Path(tmpname)
-        if args.delay_ms:
-            slowlink.spawn(stack, slowlink.in_ns(slowlink.NS_MID, [
-                sys.executable, slowlink.__file__, "delay", "--delay-ms", str(args.delay_ms)]),
-                tmp / "delay.log")
-        proc = slowlink.spawn(stack, slowlink.in_ns(slowlink.NS_RELAY, [
-            sys.executable, __file__, "targets"]), tmp / "targets.log",
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
-            raise slowlink.BenchError("the targets process did not start")
-        sink = slowlink.Sink(proc)
+        slowlink.start_delay(stack, tmp, args.delay_ms)
+        sink = slowlink.Sink(slowlink.start_targets(stack, tmp, __file__))
         for _ in range(args.repeat):
             for transport in args.transport:
                 for name, command in builds.items():
                     label = f"{name} {transport}"
                     print(f"  {label} ...", file=sys.stderr, flush=True)
-                    with tunnel(tmp, command, transport):
-                        home = os.open("/proc/self/ns/net", os.O_RDONLY)
-                        try:
-                            slowlink.enter_netns(slowlink.NS_AGENT)
-                            figures = workload(sink, args.downloads, args.seconds)
-                        finally:
-                            ctypes.CDLL(None).setns(home, slowlink.CLONE_NEWNET)
-                            os.close(home)
+                    with tunnel(tmp, command, transport), slowlink.in_netns(slowlink.NS_AGENT):
+                        figures = workload(sink, args.downloads, args.seconds)
                     results.setdefault(label, {}).setdefault("runs", []).append(figures)
     return {label: {key: statistics.median(run[key] for run in entry["runs"])
                     for key in entry["runs"][0]} for label, entry in results.items()}

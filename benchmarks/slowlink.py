@@ -49,7 +49,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Final
 
@@ -100,21 +100,30 @@ def serve_targets() -> int:
                 with lock:
                     totals[name] = totals.get(name, 0) + n
 
-    def listen(port: int, handler: object) -> None:
-        server = socket.create_server(("0.0.0.0", port), backlog=64)
-        while True:
-            conn, _ = server.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
+    return serve_and_answer({ECHO_PORT: echo, SINK_PORT: sink}, lock,
+                            lambda: json.dumps(totals))
 
-    for port, handler in ((ECHO_PORT, echo), (SINK_PORT, sink)):
-        threading.Thread(target=listen, args=(port, handler), daemon=True).start()
+
+def serve_and_answer(handlers: dict[int, Callable[[socket.socket], None]],
+                     lock: threading.Lock, answer: Callable[[], str]) -> int:
+    """Serve each port (on 0.0.0.0, a thread per connection) with its handler; print
+    ``ready``, then ``answer()`` (under ``lock``) to each ``query`` line on stdin."""
+    for port, handler in handlers.items():
+        threading.Thread(target=_accept, args=(port, handler), daemon=True).start()
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "query":
             with lock:
-                print(json.dumps(totals), flush=True)
+                print(answer(), flush=True)
     return 0
+
+
+def _accept(port: int, handler: Callable[[socket.socket], None]) -> None:
+    server = socket.create_server(("0.0.0.0", port), backlog=64)
+    while True:
+        conn, _ = server.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=handler, args=(conn,), daemon=True).start()
 
 
 # -- namespaces and processes ------------------------------------------------------
@@ -234,8 +243,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
-def start_targets(stack: contextlib.ExitStack, tmp: Path) -> subprocess.Popen[bytes]:
-    proc = spawn(stack, in_ns(NS_RELAY, [sys.executable, __file__, "targets"]),
+def start_delay(stack: contextlib.ExitStack, tmp: Path, delay_ms: float) -> None:
+    """The frame mover of slow_link(delay_ms) in the middle namespace (none without delay)."""
+    if delay_ms:
+        spawn(stack, in_ns(NS_MID, [sys.executable, __file__, "delay",
+                                    "--delay-ms", str(delay_ms)]), tmp / "delay.log")
+
+
+def start_targets(stack: contextlib.ExitStack, tmp: Path,
+                  script: str = __file__) -> subprocess.Popen[bytes]:
+    """``script targets`` in the relay namespace (this file's, or another benchmark's)."""
+    proc = spawn(stack, in_ns(NS_RELAY, [sys.executable, script, "targets"]),
                  tmp / "targets.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != b"ready":
@@ -313,6 +331,31 @@ def enter_netns(ns: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def in_netns(ns: str) -> Iterator[None]:
+    """This thread (and the threads it starts) in ``ns`` until the block ends."""
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        enter_netns(ns)
+        yield
+    finally:
+        ctypes.CDLL(None).setns(home, CLONE_NEWNET)
+        os.close(home)
+
+
+@contextlib.contextmanager
+def running(threads: list[threading.Thread], stop: threading.Event) -> Iterator[None]:
+    """``threads`` started, then told to ``stop`` and joined when the block ends."""
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(IO_TIMEOUT + 5)
+
+
 # -- workloads (run inside the agent namespace) -----------------------------------
 
 
@@ -346,15 +389,8 @@ def uploads(host: str, port: int, tags: list[str]) -> Iterator[None]:
         except OSError as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=upload, args=(tag,)) for tag in tags]
-    for thread in threads:
-        thread.start()
-    try:
+    with running([threading.Thread(target=upload, args=(tag,)) for tag in tags], stop):
         yield
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(IO_TIMEOUT + 5)
     if errors:
         raise BenchError(f"upload failed: {errors[0]!r}")
 
@@ -471,25 +507,18 @@ def main(argv: list[str] | None = None) -> int:
     with slow_link(args.delay_ms), contextlib.ExitStack() as stack, \
             tempfile.TemporaryDirectory(prefix="slowlink-") as tmpname:
         tmp = Path(tmpname)
-        if args.delay_ms:
-            spawn(stack, in_ns(NS_MID, [sys.executable, __file__, "delay",
-                                        "--delay-ms", str(args.delay_ms)]), tmp / "delay.log")
+        start_delay(stack, tmp, args.delay_ms)
         sink = Sink(start_targets(stack, tmp))
         start_wstunnel(stack, tmp, shlex.split(args.wstunnel), extra)
         routes = {"direct": (ADDR_RELAY, (ECHO_PORT, SINK_PORT)),
                   "wstunnel ws://": ("127.0.0.1", FORWARDS["wstunnel ws://"])}
         if not args.no_ssh and start_ssh(stack, tmp):
             routes["ssh -L"] = ("127.0.0.1", FORWARDS["ssh -L"])
-        home = os.open("/proc/self/ns/net", os.O_RDONLY)
-        try:
-            enter_netns(NS_AGENT)
+        with in_netns(NS_AGENT):
             for name, (host, ports) in routes.items():
                 wait_port(host, ports[0])
                 print(f"  {name} ...", file=sys.stderr, flush=True)
                 results[name] = measure(name.split()[0], host, ports, sink, args.seconds)
-        finally:
-            ctypes.CDLL(None).setns(home, CLONE_NEWNET)
-            os.close(home)
     delay = f"{args.delay_ms:g} ms delay each way" if args.delay_ms else "no added delay"
     print(f"link: veth, {TBF} on both ends, {delay}; {args.seconds:g} s per timed part")
     print(table(results))

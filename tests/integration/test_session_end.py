@@ -10,7 +10,8 @@ a clean end of stream, never a reset: nothing failed.
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -22,6 +23,7 @@ from wstunnel.net import pump
 from .log_watch import LogWatch
 from .tunnel_helpers import (
     LOOPBACK,
+    Running,
     agent_config,
     echo_exact,
     echo_handler,
@@ -59,6 +61,22 @@ async def _slow_client(port: int) -> trio.SocketStream:
     return trio.SocketStream(sock)
 
 
+@asynccontextmanager
+async def _draining_mid_download(
+        nursery: trio.Nursery) -> AsyncIterator[tuple[Running, trio.SocketStream, bytearray]]:
+    """A download to a _slow_client (its FIN sent, its first byte read) and the relay
+    told to drain (``stop``): yields the relay, the client, and the byte read."""
+    target = await serve_target(nursery, _send_then_close)
+    relay = await start_relay(nursery, relay_config(drain_timeout=10.0))
+    agent = await start_agent(nursery, agent_config(
+        relay.ports[0], [target], initial_window=4 * MiB))
+    async with await _slow_client(agent.ports[0]) as client:
+        await client.send_eof()  # (nothing up: both FINs pass once the relay sent all)
+        got = bytearray(await client.receive_some(1))  # (the download runs)
+        relay.stop.set()
+        yield relay, client, got
+
+
 async def test_a_draining_relay_leaves_the_last_bytes_of_a_finished_channel_delivered(
         carrier: str, logs: LogWatch) -> None:
     """The relay drains once a download's both FINs have passed, while most of it still
@@ -66,15 +84,7 @@ async def test_a_draining_relay_leaves_the_last_bytes_of_a_finished_channel_deli
     byte and a clean end of stream, not ECONNRESET."""
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            target = await serve_target(nursery, _send_then_close)
-            relay = await start_relay(nursery, relay_config(drain_timeout=10.0))
-            agent = await start_agent(nursery, agent_config(
-                relay.ports[0], [target], initial_window=4 * MiB))
-            client = await _slow_client(agent.ports[0])
-            async with client:
-                await client.send_eof()  # (nothing up: both FINs pass once the relay sent all)
-                got = bytearray(await client.receive_some(1))  # (the download runs)
-                relay.stop.set()
+            async with _draining_mid_download(nursery) as (relay, client, got):
                 await relay.finished.wait()  # drained: it closed the session, then stopped
                 await trio.testing.wait_all_tasks_blocked()  # (the agent's side of the close)
                 while data := await client.receive_some(256 * 1024):
@@ -92,14 +102,7 @@ async def test_a_client_that_takes_nothing_is_reset_once_the_session_has_ended(
     monkeypatch.setattr(pump, "LAST_BYTES_TIMEOUT", 0.2)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            target = await serve_target(nursery, _send_then_close)
-            relay = await start_relay(nursery, relay_config(drain_timeout=10.0))
-            agent = await start_agent(nursery, agent_config(
-                relay.ports[0], [target], initial_window=4 * MiB))
-            async with await _slow_client(agent.ports[0]) as client:
-                await client.send_eof()
-                got = await client.receive_some(1)
-                relay.stop.set()
+            async with _draining_mid_download(nursery) as (_, client, got):
                 await logs.wait_for("took none of its last bytes for 0.2 s")
                 got += await receive_until_reset(client)
             nursery.cancel_scope.cancel()

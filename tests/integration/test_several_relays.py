@@ -14,6 +14,7 @@ import hashlib
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -274,27 +275,20 @@ async def test_a_draining_relay_behind_haproxy_takes_resumes_while_new_agents_go
                 with haproxy(pki, [first_port, second_port],
                              {"\nglobal\n": f"\nglobal\n    stats socket {admin} level admin\n"}
                              ) as front:
-                    cutter = PathCutter(front)
-                    await nursery.start(cutter.serve)
-                    agent = await start_agent(nursery, agent_config(
-                        0, [digest], relay=f"wss://{LOOPBACK}:{cutter.port}/tunnel",
-                        reconnect_min_interval=0.2, reconnect_max_interval=1.0))
-                    async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                        await stream.send_eof()  # (nothing up: the download starts)
-                        got = bytearray(await stream.receive_some())
-                        holder, other = await _holder(first, second)
-                        holder.process.send_signal(signal.SIGTERM)
+                    async with _drained_mid_download(nursery, front, digest,
+                                                     first, second) as download:
+                        holder, other = download.holder, download.other
                         await _wait_for_status(admin, "relay1" if holder is first else "relay2",
                                                "NOLB")
-                        cutter.cut()
+                        download.cutter.cut()
                         newcomer = f"wss://{LOOPBACK}:{front}/tunnel"
                         await start_agent(nursery, agent_config(0, [digest], relay=newcomer))
                         await other.wait_for(_times(SESSION_UP, 2))  # (the agent's next, its)
-                        async for data in stream:
-                            got += data
+                        async for data in download.stream:
+                            download.got += data
                     assert await holder.process.wait() == 0
                 nursery.cancel_scope.cancel()
-    assert bytes(got) == _pattern(size) + hashlib.sha256(b"").digest()
+    assert bytes(download.got) == _pattern(size) + hashlib.sha256(b"").digest()
     assert b"resumes its session" in holder.log and _sessions(holder) == 1
     assert not [line for line in logs.lines if f"cannot reach relay {newcomer}" in line]
     assert not [line for line in logs.lines if "all reset" in line]
@@ -320,26 +314,47 @@ async def test_a_draining_relay_behind_the_readme_nginx_upstream_takes_resumes(
                     relay_process("-c", str(config)) as (second, second_port):
                 upstream = _readme_nginx_upstream([first_port, second_port])
                 with nginx(pki, 0, upstream=upstream) as front:
-                    cutter = PathCutter(front.port)
-                    await nursery.start(cutter.serve)
-                    agent = await start_agent(nursery, agent_config(
-                        0, [digest], relay=f"wss://{LOOPBACK}:{cutter.port}/tunnel",
-                        reconnect_min_interval=0.2, reconnect_max_interval=1.0))
-                    async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
-                        await stream.send_eof()  # (nothing up: the download starts)
-                        got = bytearray(await stream.receive_some())
-                        holder, other = await _holder(first, second)
-                        holder.process.send_signal(signal.SIGTERM)
+                    async with _drained_mid_download(nursery, front.port, digest,
+                                                     first, second) as download:
+                        holder, other = download.holder, download.other
                         await logs.wait_for_count("session up to", 2)  # (its next one)
                         await other.wait_for(SESSION_UP)  # (there, not on the holder)
-                        cutter.cut()
-                        async for data in stream:
-                            got += data
+                        download.cutter.cut()
+                        async for data in download.stream:
+                            download.got += data
                         await other.wait_for(rb"resumes its session")
                     assert await holder.process.wait() == 0
                 nursery.cancel_scope.cancel()
-    assert bytes(got) == _pattern(size) + hashlib.sha256(b"").digest()
+    assert bytes(download.got) == _pattern(size) + hashlib.sha256(b"").digest()
     assert b"resumes its session" in holder.log and _sessions(holder) == 1
+
+
+@dataclass
+class _Download:
+    stream: trio.SocketStream
+    got: bytearray
+    cutter: PathCutter
+    #: The relay that held the session and was told to drain, and the other one.
+    holder: Program
+    other: Program
+
+
+@asynccontextmanager
+async def _drained_mid_download(nursery: trio.Nursery, front: int, digest: int,
+                                first: Program, second: Program) -> AsyncIterator[_Download]:
+    """A download through a PathCutter in front of ``front`` (the cut is the test's),
+    and SIGTERM to the relay holding its session once the first bytes have arrived."""
+    cutter = PathCutter(front)
+    await nursery.start(cutter.serve)
+    agent = await start_agent(nursery, agent_config(
+        0, [digest], relay=f"wss://{LOOPBACK}:{cutter.port}/tunnel",
+        reconnect_min_interval=0.2, reconnect_max_interval=1.0))
+    async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as stream:
+        await stream.send_eof()  # (nothing up: the download starts)
+        got = bytearray(await stream.receive_some())
+        holder, other = await _holder(first, second)
+        holder.process.send_signal(signal.SIGTERM)
+        yield _Download(stream, got, cutter, holder, other)
 
 
 async def _holder(first: Program, second: Program) -> tuple[Program, Program]:

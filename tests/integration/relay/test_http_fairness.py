@@ -13,9 +13,13 @@ what the agent may have been given, no byte lost or repeated.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import trio
 import trio.testing
 
+from wstunnel.net.byte_pipe import Buffer
 from wstunnel.net.pipe_sizing import MIN_PIPE_SIZE
 from wstunnel.relay.http_front import MAX_BATCH_SIZE
 from wstunnel.relay.http_sessions import HttpSession
@@ -26,7 +30,7 @@ KEY = b"keystroke"
 SLOW_LINK = (256 * 1024, 0.5)  # (a 256 KiB body write that took 0.5 s: 512 KB/s)
 
 
-def _joined(parts: list[bytes | bytearray | memoryview]) -> bytes:
+def _joined(parts: list[Buffer]) -> bytes:
     return b"".join(bytes(part) for part in parts)
 
 
@@ -36,54 +40,55 @@ async def _bulk(session: HttpSession) -> None:
         await session.send_parts([b"B" * CHUNK])
 
 
-async def test_a_record_has_a_bounded_number_of_bytes_ahead_on_a_slow_link() -> None:
+@asynccontextmanager
+async def _bulk_on_a_slow_link() -> AsyncIterator[tuple[HttpSession, trio.Nursery]]:
+    """A polling session whose link was measured slow, its pipe filled by _bulk."""
     session = HttpSession("id", "agent", "polling")
     session.written(*SLOW_LINK)
-    assert session.outbound_limit == MIN_PIPE_SIZE
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_bulk, session)
         await trio.testing.wait_all_tasks_blocked()
+        yield session, nursery
+        nursery.cancel_scope.cancel()
+
+
+async def _first_answer(session: HttpSession) -> list[Buffer]:
+    batch = await session.poll_batch(0, session.outbound_limit, HOLD)
+    assert batch is not None
+    return batch
+
+
+async def test_a_record_has_a_bounded_number_of_bytes_ahead_on_a_slow_link() -> None:
+    async with _bulk_on_a_slow_link() as (session, nursery):
+        assert session.outbound_limit == MIN_PIPE_SIZE
         ahead = session._outbound_size  # (what a record written now waits behind)
         nursery.start_soon(session.send_parts, [KEY])
         await trio.testing.wait_all_tasks_blocked()
-        batch = await session.poll_batch(0, session.outbound_limit, HOLD)
-        assert batch is not None
+        batch = await _first_answer(session)
         body = bytearray(_joined(batch))
         for _ in range(MAX_BATCH_SIZE // CHUNK):  # (the answer grows as the link drains)
             if KEY in body:
                 break
             await trio.testing.wait_all_tasks_blocked()
             body += _joined(session.poll_more(batch, session.outbound_limit))
-        nursery.cancel_scope.cancel()
     assert ahead <= MIN_PIPE_SIZE + CHUNK
     assert body.index(KEY) <= MIN_PIPE_SIZE + CHUNK  # (one answer, not after 4 MiB)
 
 
 async def test_a_bulk_download_still_gets_answers_as_large_as_before() -> None:
-    session = HttpSession("id", "agent", "polling")
-    session.written(*SLOW_LINK)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_bulk, session)
-        await trio.testing.wait_all_tasks_blocked()
-        batch = await session.poll_batch(0, session.outbound_limit, HOLD)
-        assert batch is not None
+    async with _bulk_on_a_slow_link() as (session, _):
+        batch = await _first_answer(session)
         size = sum(map(len, batch))
         for _ in range(MAX_BATCH_SIZE // MIN_PIPE_SIZE + 1):  # (each write drained, more)
             await trio.testing.wait_all_tasks_blocked()
             size += sum(map(len, session.poll_more(
                 batch, min(session.outbound_limit, MAX_BATCH_SIZE - size))))
-        nursery.cancel_scope.cancel()
     assert size == MAX_BATCH_SIZE  # (and not past it: old agents read at most that)
 
 
 async def test_a_retry_of_a_growing_answer_gets_what_it_held_and_it_stops_growing() -> None:
-    session = HttpSession("id", "agent", "polling")
-    session.written(*SLOW_LINK)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_bulk, session)
-        await trio.testing.wait_all_tasks_blocked()
-        batch = await session.poll_batch(0, session.outbound_limit, HOLD)
-        assert batch is not None
+    async with _bulk_on_a_slow_link() as (session, _):
+        batch = await _first_answer(session)
         await trio.testing.wait_all_tasks_blocked()
         session.poll_more(batch, session.outbound_limit)
         given = _joined(batch)  # (what the first answer may have written)
@@ -93,5 +98,4 @@ async def test_a_retry_of_a_growing_answer_gets_what_it_held_and_it_stops_growin
         assert session.poll_more(batch, session.outbound_limit) == []  # (frozen)
         following = await session.poll_batch(1, session.outbound_limit, HOLD)
         assert following  # (the bytes not given go under the next number)
-        nursery.cancel_scope.cancel()
     assert _joined(batch) == given
