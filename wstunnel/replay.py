@@ -45,9 +45,10 @@ from typing import Final
 from .errors import RemoteProtocolError
 from .mux import ErrorCode
 
-__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "CONTROL_ROOM", "RESUMABLE_HEADER", "RESUMED_HEADER",
-           "RESUME_HEADER", "ReplayLimitReached", "ReplayLog", "Ticket", "ack_record",
-           "parse_ack", "parse_resume", "parse_ticket"]
+__all__ = ["ACK", "ACK_BYTES", "ACK_RECORDS", "CONTROL_ROOM", "INSTANCE_HEADER", "Instance",
+           "RESUMABLE_HEADER", "RESUMED_HEADER", "RESUME_HEADER", "ReplayLimitReached",
+           "ReplayLog", "Ticket", "ack_record", "parse_ack", "parse_instance", "parse_resume",
+           "parse_ticket"]
 
 #: The ACK record's type byte (mux/wire.py's types end at 0x09).
 ACK: Final = 0x0A
@@ -72,6 +73,10 @@ Record = tuple[bytes, "bytes | memoryview"]
 RESUME_HEADER: Final = "X-Wstunnel-Resume"
 RESUMABLE_HEADER: Final = "X-Wstunnel-Resumable"
 RESUMED_HEADER: Final = "X-Wstunnel-Resumed"
+#: The daemon agent's ``IDENTITY GENERATION``: which agent (host and configuration) and
+#: which process of it, so that the relay ends at once the held sessions of a process
+#: that restarted (their secrets died with it) instead of keeping them resume_grace.
+INSTANCE_HEADER: Final = "X-Wstunnel-Instance"
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +103,29 @@ def parse_ticket(value: str) -> Ticket | None:
         return Ticket(parts[0], parts[1], float(parts[2])) if len(parts) == 3 else None
     except ValueError:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One process of one agent: ``identity`` is the same across its restarts (an
+    opaque token) and ``generation`` grows from one to the next (its start time)."""
+
+    identity: str
+    generation: int
+
+    def __str__(self) -> str:
+        return f"{self.identity} {self.generation}"
+
+
+def parse_instance(value: str | None) -> Instance | None:
+    """The instance header's value; None when absent or malformed (then ignored)."""
+    parts = (value or "").split()
+    if len(parts) != 2 or len(parts[0]) > 64:
+        return None
+    generation = parts[1]
+    if not (generation.isascii() and generation.isdigit() and len(generation) <= 20):
+        return None
+    return Instance(parts[0], int(generation))
 
 
 def parse_resume(value: str) -> tuple[str, str, int] | None:

@@ -7,7 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wstunnel.errors import RemoteProtocolError
-from wstunnel.replay import ACK_BYTES, ACK_RECORDS, ReplayLog, ack_record, parse_ack
+from wstunnel.replay import (
+    ACK_BYTES,
+    ACK_RECORDS,
+    Instance,
+    ReplayLog,
+    ack_record,
+    parse_ack,
+    parse_instance,
+)
 
 
 def record(n: int) -> tuple[bytes, bytes]:
@@ -70,3 +78,17 @@ def test_ack_records_have_one_shape() -> None:
     assert parse_ack(ack_record(2**40)) == 2**40
     with pytest.raises(RemoteProtocolError):
         parse_ack(ack_record(1)[:-1])
+
+
+@pytest.mark.parametrize("value", [None, "", "id", "id 12 extra", "id -5", "id 1.5",
+                                   "id ١٢", "x" * 65 + " 1", "id " + "9" * 21])
+def test_a_malformed_instance_header_is_ignored(value: str | None) -> None:
+    """An instance header that is absent or malformed names no instance (the session
+    is then kept its whole grace, as an old agent's)."""
+    assert parse_instance(value) is None
+
+
+def test_an_instance_header_round_trips() -> None:
+    """What the agent sends is what the relay reads, spaces around it ignored."""
+    instance = Instance("k3Jx-_a", 1_765_000_000_123_456_789)
+    assert parse_instance(f" {instance} ") == instance

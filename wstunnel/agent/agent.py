@@ -23,7 +23,7 @@ from ..config import AgentConfig, RelayURL
 from ..errors import ConfigError, HandshakeError
 from ..net.transport import TunnelTransport
 from ..protocol import SessionLimits, TunnelProtocol
-from ..replay import RESUMABLE_HEADER, RESUME_HEADER, parse_ticket
+from ..replay import INSTANCE_HEADER, RESUMABLE_HEADER, RESUME_HEADER, Instance, parse_ticket
 from ..security.auth import load_token
 from ..service.metrics import TunnelStats
 from .carrying import Carrier
@@ -65,6 +65,9 @@ class Agent:
         self.reverse = ReverseForwards(config.forwards, self.carrier.tracked)
         #: A new session a relay gave instead of a resume, for the next ``_connect``.
         self._fresh: tuple[RelayURL, Opened] | None = None
+        #: Which process of which agent this is, sent on every connect (the daemon's:
+        #: run.py; none for --stdio): agent/resume.py ``this_instance``.
+        self.instance: Instance | None = None
         self.stats.reverse_forwards = self.reverse.status
         for forward in config.forwards:  # (each forward's series exists from the start)
             self.stats.forward_channels[forward.label] += 0
@@ -186,6 +189,8 @@ class Agent:
         relay = relay or self.relay
         self._refresh_token()
         headers = [("Authorization", f"Bearer {self.token}")] if self.token else []
+        if self.instance is not None:
+            headers.append((INSTANCE_HEADER, str(self.instance)))
         context = None
         if relay.secure:
             from ..security import tls

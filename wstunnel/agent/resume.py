@@ -16,22 +16,36 @@ replay what the other missed, replay.py) or ``no; why`` with a fresh session:
 the old one then ends (its channels are reset, as net/ending.py says a lost
 session's are) and the fresh connection becomes the agent's next session at
 once. A refused login ends it too, with the reason in one line.
+
+A daemon agent also says which process of which agent it is
+(``X-Wstunnel-Instance``, ``this_instance``): the identity is a digest of what
+tells two daemons apart and stays across a restart (the host, the user, the
+config file, the forwards), the generation the process's start time. The
+relay then ends at once the held sessions of the process this one replaced,
+instead of keeping their channels for a resume that cannot come.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
+import os
 import random
+import socket
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import trio
 
+from ..config import AgentConfig
 from ..errors import AuthenticationError, HandshakeError
 from ..net.resumption import NewCarrier, Resumable
-from ..replay import RESUME_HEADER, RESUMED_HEADER, Ticket
+from ..replay import RESUME_HEADER, RESUMED_HEADER, Instance, Ticket
 from .transports import Opened
 
-__all__ = ["AgentResumer"]
+__all__ = ["AgentResumer", "this_instance"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -93,3 +107,25 @@ class AgentResumer:
                 await trio.aclose_forcefully(opened.stream)
             why = answer.partition(";")[2].strip() or "it did not say why"
             return f"{lost}; the relay could not resume the session: {why}"
+
+
+def this_instance(config: AgentConfig) -> Instance:
+    """This process of the daemon agent ``config`` configures: the same identity
+    after a restart on the same host with the same configuration, another for a
+    daemon elsewhere, of another user, config file or forwards (a digest: the
+    relay learns none of them); the generation is the start time (nanoseconds)."""
+    source = Path(config.source)
+    parts = [socket.gethostname(), _machine_id(), str(os.getuid()),
+             str(source.resolve()) if source.is_file() else config.source,
+             *sorted(str(forward) for forward in config.forwards)]
+    digest = hashlib.sha256("\0".join(parts).encode("utf-8", "surrogateescape")).digest()
+    identity = base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+    return Instance(identity, time.time_ns())
+
+
+def _machine_id() -> str:
+    """/etc/machine-id where there is one: two hosts may share a host name."""
+    try:
+        return Path("/etc/machine-id").read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return ""

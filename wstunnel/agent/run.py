@@ -21,6 +21,7 @@ from ..service.metrics import TunnelStats
 from .agent import Agent, session_limits
 from .connect import check_tls_files
 from .proxy import proxy_dialer, proxy_environment
+from .resume import this_instance
 
 if TYPE_CHECKING:  # (the listeners load where used: --stdio needs none)
     from ..service.reload import ReloadRequest
@@ -51,6 +52,7 @@ async def run_agent(
     from .forwards import ForwardSet
 
     agent = Agent(config, stats)
+    agent.instance = this_instance(config)  # (its restart ends its held sessions: resume.py)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as connections:
             forwards = ForwardSet(agent.carrier, connections)

@@ -34,7 +34,14 @@ from ..net.sockopts import tune_plain_socket, tune_socket
 from ..net.splice import splice_to_end
 from ..net.transport import TunnelTransport
 from ..protocol import TunnelProtocol
-from ..replay import RESUMABLE_HEADER, RESUME_HEADER, RESUMED_HEADER, parse_resume
+from ..replay import (
+    INSTANCE_HEADER,
+    RESUMABLE_HEADER,
+    RESUME_HEADER,
+    RESUMED_HEADER,
+    parse_instance,
+    parse_resume,
+)
 from ..service.metrics import TunnelStats
 from ..service.open_files import pending_handshakes_limit
 from . import rate_limits
@@ -232,7 +239,8 @@ class Relay:
             admission.headers.append((RESUMED_HEADER, "no; the relay does not know that "
                                       "session (it restarted, or resume_grace ran out)"))
         if value is not None and self.config.resume_grace > 0:
-            admission.held = self.held.new(identity.name, self.config.resume_grace)
+            instance = parse_instance(request.header(INSTANCE_HEADER.lower()))
+            admission.held = self.held.new(identity.name, self.config.resume_grace, instance)
             admission.headers.append((RESUMABLE_HEADER, str(admission.held.ticket)))
         return admission
 
