@@ -44,6 +44,7 @@ __all__ = [
     "SESSION_HEADER",
     "SEQUENCE_HEADER",
     "PIPELINE_HEADER",
+    "DOWN_PIPELINE_HEADER",
     "CONTENT_TYPE",
     "POLL_HOLD_TIMEOUT",
 ]
@@ -62,6 +63,9 @@ SEQUENCE_HEADER: Final = "X-Wstunnel-Seq"
 #: Polling: on the opening answer, how many upstream POSTs the relay takes in flight
 #: at once (it holds body N + 1, unread, until body N is taken); absent: one.
 PIPELINE_HEADER: Final = "X-Wstunnel-Pipeline"
+#: Polling: on the opening answer, how many downstream GETs the relay takes in flight
+#: at once (it holds GET N + 1 until GET N's answer has ended); absent: one.
+DOWN_PIPELINE_HEADER: Final = "X-Wstunnel-Pipeline-Down"
 CONTENT_TYPE: Final = "application/octet-stream"
 #: Polling: how long the relay holds a GET that finds nothing to send.
 POLL_HOLD_TIMEOUT: Final = 25.0

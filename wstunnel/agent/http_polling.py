@@ -5,7 +5,11 @@ requests (its ``run_background``, started by the transport): POSTs carry what
 the session wrote, batched, and long-poll GETs fetch what the
 relay has (held by it up to 25 s while there is nothing), fed to the session
 as they arrive: a relay streams an answer while the link takes it (relay/
-http_front.py), so a record in it must not wait for the answer's end. POSTs
+http_front.py), so a record in it must not wait for the answer's end. Two
+GETs are out when the relay says it takes them (``X-Wstunnel-Pipeline-Down``):
+the next waits at the relay while an answer comes down and takes the bytes
+after it at once; answers are fed in order, a later one left unread until the
+one before it is whole (``_down_turn_of``). POSTs
 are sized to the link (``PipeSizer``: bytes handed to one have left the fair
 order). One POST is in flight, or two when the relay says it takes them
 (``X-Wstunnel-Pipeline``): the next starts once a body is written, so it does
@@ -42,7 +46,8 @@ from .http_client import (
     close_all,
 )
 
-__all__ = ["PollingStream", "RETRY_DELAYS", "RETRY_BUDGET", "MAX_POSTS_IN_FLIGHT"]
+__all__ = ["PollingStream", "RETRY_DELAYS", "RETRY_BUDGET", "MAX_POSTS_IN_FLIGHT",
+           "MAX_GETS_IN_FLIGHT"]
 
 log = logging.getLogger("wstunnel.agent")
 
@@ -50,6 +55,10 @@ MAX_POST_SIZE: Final = 1_000_000  # (under nginx's default client_max_body_size,
 #: The most POSTs in flight, when the relay announces it takes that many: two hide
 #: the round trip to each answer; more would only hold more bytes past the fair order.
 MAX_POSTS_IN_FLIGHT: Final = 2
+#: The most GETs in flight, when the relay announces it takes that many: two keep one
+#: waiting at the relay while the other's answer comes down, so the bytes after that
+#: answer go at once instead of after the next request's round trip.
+MAX_GETS_IN_FLIGHT: Final = 2
 #: Polling: the waits before each retry of a request whose connection broke (the
 #: last one repeats), and how long after the first break retries go on. A blip (a
 #: NAT or proxy restarting, a Wi-Fi hand-over) shorter than that passes without the
@@ -72,17 +81,22 @@ class PollingStream(BytePipe):
 
     transport_name = POLLING
 
-    def __init__(self, route: HttpRoute, session_id: str, *, posts_in_flight: int = 1) -> None:
-        """``posts_in_flight``: what the relay's opening answer announced (one if none)."""
+    def __init__(self, route: HttpRoute, session_id: str, *, posts_in_flight: int = 1,
+                 gets_in_flight: int = 1) -> None:
+        """``posts_in_flight``, ``gets_in_flight``: what the relay's opening answer
+        announced (one if none)."""
         super().__init__()
         self.tls = route.relay.secure
         self.route = route
         self.session_id = session_id
-        self._clients: dict[str, HttpClient] = {}  # (by slot: GET, POST0, POST1)
+        self._clients: dict[str, HttpClient] = {}  # (by slot: GET0, GET1, POST0, POST1)
         self.posts_in_flight = max(1, min(posts_in_flight, MAX_POSTS_IN_FLIGHT))
-        self._sequence = {"GET": 0, "POST": 0}
+        self.gets_in_flight = max(1, min(gets_in_flight, MAX_GETS_IN_FLIGHT))
+        self._sequence = {"POST": 0}
         self._answered = False  # a request was answered (a 401 then means the session is gone)
-        self._down_fed = 0  # bytes of the batch being fetched already fed (a retry skips them)
+        self._down_turn = 0  # the batch to feed next (a later GET's answer waits for it)
+        self._down_fed = 0  # bytes of that batch already fed (a retry skips them)
+        self._down_turned = trio.Event()  # (set, and replaced, as the turn moves on)
         #: A POST's size, and what waits for the next one past the fair order: what the
         #: link carries in a short time, at least 20 round trips' worth, or 2 with two
         #: POSTs in flight (net/pipe_sizing.py).
@@ -156,11 +170,43 @@ class PollingStream(BytePipe):
             self.break_("the relay has ended the session")
 
     async def _downstream(self) -> None:
+        """``gets_in_flight`` GET loops, each asking for every so many batches: while
+        one answer comes down, the next GET waits at the relay for the bytes after it."""
+        async with trio.open_nursery() as nursery:
+            for first in range(self.gets_in_flight):
+                nursery.start_soon(self._get_loop, nursery.cancel_scope, first)
+
+    async def _get_loop(self, scope: trio.CancelScope, first: int) -> None:
+        """One GET loop; its failure breaks the pipe (``_guarded``: no exception leaves
+        it, so none reaches the transport) and, as its end does, stops the other."""
+        try:
+            await self._guarded(lambda: self._gets(first))
+        finally:
+            scope.cancel()
+
+    async def _gets(self, sequence: int) -> None:
+        """GETs for batch ``sequence`` (asked again while answered empty), then for the
+        one ``gets_in_flight`` further, once this one is fed; the end of the session
+        (410) ends the pipe."""
         while not self.ended:
             await self.wait_for_room()
-            if await self._exchange("GET", None, self._sequence["GET"]) is None:
+            length = await self._exchange("GET", None, sequence)
+            if length is None:
                 self.feed_eof()
                 return
+            if length:
+                sequence += self.gets_in_flight
+
+    async def _down_turn_of(self, sequence: int) -> None:
+        """Wait until batch ``sequence`` is the next to feed: answers are fed in order."""
+        while self._down_turn < sequence:
+            await self._down_turned.wait()
+
+    def _down_done(self, sequence: int) -> None:
+        """Batch ``sequence`` is fed whole: the next one's answer may be read."""
+        self._down_turn, self._down_fed = sequence + 1, 0
+        self._down_turned.set()
+        self._down_turned = trio.Event()
 
     async def _exchange(self, method: str, parts: list[Buffer] | None, sequence: int,
                         written: trio.Event | None = None) -> int | None:
@@ -169,7 +215,8 @@ class PollingStream(BytePipe):
         when the relay says the session ended. ``written`` is set once a POST's body
         has been handed to the link."""
         retries = _Retries(f"{method} {SEQUENCE_HEADER} {sequence}")
-        slot = method if parts is None else f"POST{sequence % self.posts_in_flight}"
+        slot = (f"GET{sequence % self.gets_in_flight}" if parts is None
+                else f"POST{sequence % self.posts_in_flight}")
         while True:
             try:
                 status, body, length = await self._request(slot, parts, sequence, written)
@@ -193,8 +240,7 @@ class PollingStream(BytePipe):
                                                f"{body[:BODY_EXCERPT_SIZE]!r}")
             self._answered = True
             if method == "GET" and length:
-                self._sequence[method] = sequence + 1
-                self._down_fed = 0  # (the next number: a new batch)
+                self._down_done(sequence)
             return length
 
     async def _request(self, slot: str, parts: list[Buffer] | None, sequence: int,
@@ -220,6 +266,8 @@ class PollingStream(BytePipe):
         answer = await client.response()
         if parts is not None:
             self._posted(size, sent - started, trio.current_time() - sent)
+        elif answer.status_code == 410 or (answer.status_code == 200 and not _empty(answer)):
+            await self._down_turn_of(sequence)  # (its bytes, or the end, after earlier ones')
         if method == "GET" and answer.status_code == 200:
             body, length = b"", await self._feed_answer(client)
         else:
@@ -261,6 +309,12 @@ class PollingStream(BytePipe):
         client = self._clients.pop(slot, None)
         if client is not None:
             await client.aclose()
+
+
+def _empty(answer: h11.Response) -> bool:
+    """An answer with no body (a hold that ran out: nothing to feed, nothing to order)."""
+    return any(name == b"content-length" and value.strip() == b"0"
+               for name, value in answer.headers)
 
 
 class _Retries:

@@ -29,6 +29,7 @@ from .. import ws
 from ..errors import AuthenticationError, HandshakeError
 from ..framing import (
     CONTENT_TYPE,
+    DOWN_PIPELINE_HEADER,
     PIPELINE_HEADER,
     SESSION_HEADER,
     STREAMING,
@@ -84,11 +85,12 @@ async def open_http_session(route: HttpRoute, mode: str, *, probe_timeout: float
     if mode == STREAMING:
         return await _open_streaming(route, session_id, probe_timeout, limit)
     return PollingStream(route, session_id,
-                         posts_in_flight=_count(headers.get(PIPELINE_HEADER.lower()))), b""
+                         posts_in_flight=_count(headers.get(PIPELINE_HEADER.lower())),
+                         gets_in_flight=_count(headers.get(DOWN_PIPELINE_HEADER.lower()))), b""
 
 
 def _count(value: str | None) -> int:
-    """An announced number of POSTs in flight; one when absent or not a number."""
+    """An announced number of POSTs (or GETs) in flight; one when absent or not a number."""
     value = (value or "").strip()
     return int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 1
 

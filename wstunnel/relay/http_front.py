@@ -16,8 +16,9 @@ let in (the same login as an upgrade) is one of:
   flight, announced by ``X-Wstunnel-Pipeline``); GET with the id and
   ``X-Wstunnel-Seq: n``: the next downstream batch, held up to
   ``POLL_HOLD_TIMEOUT`` while there is none, in a chunked body that takes more
-  bytes as the link drains (n one below the next number asks for the last
-  batch again: its answer was lost). Both transports hold past the fair order
+  bytes as the link drains (n below the next number asks for that batch
+  again: its answer was lost; n + 1 is held until n's answer has ended: two
+  in flight, announced by ``X-Wstunnel-Pipeline-Down``). Both transports hold past the fair order
   only what the link carries in a short time (``HttpSession.written``,
   net/pipe_sizing.py). Connections are kept alive between polling requests;
   each request logs in again (an HMAC: cheap).
@@ -38,6 +39,7 @@ from .. import ws
 from ..config import RelayConfig
 from ..framing import (
     CONTENT_TYPE,
+    DOWN_PIPELINE_HEADER,
     PIPELINE_HEADER,
     POLL_HOLD_TIMEOUT,
     POLLING,
@@ -52,6 +54,7 @@ from ..net.tls_stream import TLSSocketStream
 from ..protocol import TunnelProtocol
 from .door import Accepted, Answer, Identity, Seat, Visitor, http_transport, server_handshake
 from .http_sessions import (
+    GETS_IN_FLIGHT,
     MAX_REQUESTS_IN_PROGRESS,
     POSTS_IN_FLIGHT,
     SESSION_IDLE_TIMEOUT,
@@ -229,7 +232,8 @@ class HttpFront:
         protocol = None
         if admission.resumes is None:
             protocol = self.host.start_framed_session(resumable=admission.held is not None)
-        pipeline = [(PIPELINE_HEADER, str(POSTS_IN_FLIGHT))] if session.mode == POLLING else []
+        pipeline = [(PIPELINE_HEADER, str(POSTS_IN_FLIGHT)),
+                    (DOWN_PIPELINE_HEADER, str(GETS_IN_FLIGHT))] if session.mode == POLLING else []
         await reader.send(h11.Response(status_code=200, headers=[
             (SESSION_HEADER, session.id), ("Content-Length", "0"), ("Connection", "close"),
             *pipeline, *admission.headers, *_NO_STORE]), h11.EndOfMessage())
@@ -357,11 +361,16 @@ async def _poll_down(reader: HttpReader, session: HttpSession, sequence: int) ->
     if batch is None:
         return await _status(reader, 409, f"expected {SEQUENCE_HEADER} "
                                           f"{session.down_sequence}")
-    if not batch and session.ended:
+    if not batch and session.poll_over(sequence):
         return await _status(reader, 410, "the session has ended")
-    if batch is not session.last_batch or reader.conn.their_http_version == b"1.0":
-        return await _reply(reader, batch)  # (a repeat; an HTTP/1.0 client: no chunks)
-    return await _reply_growing(reader, session, batch)
+    if batch is not session.last_batch:
+        return await _reply(reader, batch)  # (a repeat)
+    try:
+        if reader.conn.their_http_version == b"1.0":
+            return await _reply(reader, batch)  # (an HTTP/1.0 client: no chunks)
+        return await _reply_growing(reader, session, batch)
+    finally:
+        session.poll_done(batch)  # (whole or broken: a GET held for the next may go on)
 
 
 async def _reply_growing(reader: HttpReader, session: HttpSession,

@@ -37,20 +37,25 @@ from ..net.byte_pipe import Buffer, BytePipe
 from ..net.pipe_sizing import PipeSizer
 
 __all__ = ["HttpSession", "HttpSessions", "SESSION_IDLE_TIMEOUT", "MAX_REQUESTS_IN_PROGRESS",
-           "POSTS_IN_FLIGHT", "Buffer"]
+           "POSTS_IN_FLIGHT", "GETS_IN_FLIGHT", "Buffer"]
 
 #: A session with no request in progress for this long is over (polling: the agent
 #: has a GET held nearly all the time; streaming: both requests stay open).
 SESSION_IDLE_TIMEOUT: Final = 60.0
 #: The most requests one session serves at once (a 429 beyond): a polling POST holds
 #: a read of its body (up to 256 KiB, BODY_READ_SIZE) while it waits for room to feed
-#: it, and nothing else bounds how many an agent sends. An agent has a GET and two
+#: it, and nothing else bounds how many an agent sends. An agent has two GETs and two
 #: POSTs out, plus retries of broken ones.
 MAX_REQUESTS_IN_PROGRESS: Final = 16
 #: Polling: how many upstream POSTs an agent may have in flight (announced on the
 #: opening answer): body N + 1 may arrive while N is still arriving on its own
 #: connection; it waits unread (its bytes stay in the socket) until N is taken.
 POSTS_IN_FLIGHT: Final = 2
+#: Polling: how many downstream GETs an agent may have in flight (announced on the
+#: opening answer): GET N + 1 is held until N's answer has ended, then takes the next
+#: bytes at once, without waiting for the agent's next round trip. The last this many
+#: batches are kept for a retry (either may be asked again).
+GETS_IN_FLIGHT: Final = 2
 
 
 class HttpSession(BytePipe):
@@ -71,7 +76,11 @@ class HttpSession(BytePipe):
         self.up_fed = 0
         self.down_sequence = 0
         self.last_batch: list[Buffer] = []
-        self._batch_frozen = False  # (a retry is answered with it: it grows no more)
+        #: the last GETS_IN_FLIGHT batches, by number (a retry is answered with its own)
+        self._batches: dict[int, list[Buffer]] = {}
+        #: the batch whose answer may still grow (None once it has ended, or a retry
+        #: was answered with it); the next batch waits until it is None
+        self._growing: list[Buffer] | None = None
         #: The bound on what waits past the fair order, from how fast answers drain.
         self.sizer = PipeSizer()
         self.outbound_limit = self.sizer.size
@@ -178,22 +187,44 @@ class HttpSession(BytePipe):
         The number is checked and the batch taken in one step, with no checkpoint
         between: a held request never takes bytes under a number already answered
         (they would be lost: the agent never asks for that number again).
+
+        With GETS_IN_FLIGHT, N + 1 may come while N is held or its answer still
+        grows: it waits its turn, then takes the next bytes (``_may_take``), so the
+        link carries them without waiting for the agent's next request.
         """
-        if sequence == self.down_sequence:
+        if self.down_sequence <= sequence < self.down_sequence + GETS_IN_FLIGHT:
             with trio.move_on_after(hold):
-                while not self._outbound and not self.ended and sequence == self.down_sequence:
+                while sequence >= self.down_sequence and not self._may_take(sequence):
                     await self._wait()
-        if sequence == self.down_sequence - 1:
-            self._batch_frozen = True
-            return list(self.last_batch)
-        if sequence != self.down_sequence:
-            return None
+        if sequence in self._batches:
+            return self._repeat(sequence)
+        if sequence != self.down_sequence or self._growing is not None:
+            return [] if self.down_sequence <= sequence < self.down_sequence + GETS_IN_FLIGHT \
+                else None  # (held out its time behind an answer still growing: empty)
         batch = self._take_now(max_size)
         if batch:
-            self.last_batch = batch
-            self._batch_frozen = False
+            self.last_batch = self._growing = self._batches[sequence] = batch
+            self._batches.pop(sequence - GETS_IN_FLIGHT, None)
             self.down_sequence += 1
         return batch
+
+    def _may_take(self, sequence: int) -> bool:
+        """Request ``sequence`` is the next, the answer before it has ended, and there
+        are bytes to take (or the session has ended: its last bytes, or a 410)."""
+        return (sequence == self.down_sequence and self._growing is None
+                and (bool(self._outbound) or self.ended))
+
+    def poll_over(self, sequence: int) -> bool:
+        """Polling: request ``sequence``, answered empty, is to be told the session has
+        ended: it is the next and every byte before it went (N + 1 held out its time
+        behind N's answer is not: N may still carry the last bytes)."""
+        return self.ended and self._may_take(sequence) and not self._outbound
+
+    def _repeat(self, sequence: int) -> list[Buffer]:
+        """A batch asked for again: what it holds now, and it grows no more."""
+        batch = self._batches[sequence]
+        self.poll_done(batch)
+        return list(batch)
 
     def poll_more(self, batch: list[Buffer], max_size: int) -> list[Buffer]:
         """Polling: more bytes for ``batch`` (the answer being written) as the link
@@ -201,11 +232,18 @@ class HttpSession(BytePipe):
         answered with what the batch held (it is what the agent gets, whichever answer
         reaches it). Bytes are taken only as the answer's connection drains, so they
         stay in the fair order until the link is ready for them."""
-        if batch is not self.last_batch or self._batch_frozen or max_size <= 0:
+        if batch is not self._growing or max_size <= 0:
             return []
         parts = self._take_now(max_size)
         batch.extend(parts)
         return parts
+
+    def poll_done(self, batch: list[Buffer]) -> None:
+        """Polling: ``batch``'s answer has ended (whole or broken): it grows no more, and
+        the request for the next number, held meanwhile, may take bytes."""
+        if batch is self._growing:
+            self._growing = None
+            self._notify()
 
     def written(self, size: int, elapsed: float) -> None:
         """A response body write of ``size`` bytes took ``elapsed`` s: adapt the bound

@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from wstunnel.framing import (
+    DOWN_PIPELINE_HEADER,
     PIPELINE_HEADER,
     SEQUENCE_HEADER,
     SESSION_HEADER,
@@ -133,6 +134,7 @@ async def test_post_n_plus_1_waits_for_n_and_both_are_answered_in_order() -> Non
             client = _Client(await _relay(nursery))
             head = await client.open()
             assert f"{PIPELINE_HEADER.lower()}: 2" in head.lower(), head
+            assert f"{DOWN_PIPELINE_HEADER.lower()}: 2" in head.lower(), head
             async with await client.connect() as second:
                 await client.post(second, 1, one)  # (the one after the next, first)
                 async with await client.connect() as broken:

@@ -1,0 +1,148 @@
+"""The agent has a second polling GET in flight only when the relay announces it
+(agent/http_polling.py ``_downstream``, agent/http_transport.py; docs/PROTOCOL.md §11.2).
+
+With two in flight, GET N + 1 waits at the relay while N's answer comes down, so
+the bytes after N go at once. A relay that does not announce it (an older one)
+answers a number past the next with 409, which would end the session. What the
+session relies on: answers are fed in order, each byte once, also when N + 1's
+answer comes first and N's breaks half way and is asked again. The relay here is
+a script that answers each GET when the test releases it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import pytest
+import trio
+import trio.testing
+
+from wstunnel.agent.http_client import HttpRoute
+from wstunnel.agent.http_polling import PollingStream
+from wstunnel.agent.http_transport import open_http_session
+from wstunnel.config.textforms import RelayURL
+from wstunnel.framing import DOWN_PIPELINE_HEADER, POLLING
+
+LOOPBACK = "127.0.0.1"
+
+
+class _ScriptedRelay:
+    """Opens a session (announcing ``pipeline`` GETs when given), holds every POST,
+    and answers GET n once released, with its next scripted answer: (body, bytes
+    sent before the connection is cut, or None: all); ``gets`` logs the numbers."""
+
+    def __init__(self, pipeline: str | None) -> None:
+        self.pipeline = pipeline
+        self.gets: list[int] = []
+        self.answers: dict[int, list[tuple[bytes, int | None]]] = {}
+        self.changed = trio.Event()
+        self._released: dict[int, trio.Event] = {}
+
+    def release(self, sequence: int) -> None:
+        self._released.setdefault(sequence, trio.Event()).set()
+
+    async def gets_after(self, count: int) -> list[int]:
+        while len(self.gets) < count:
+            await self.changed.wait()
+        return self.gets
+
+    async def handler(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    got = await stream.receive_some()
+                    if not got:
+                        return
+                    data += got
+                head, _, data = data.partition(b"\r\n\r\n")
+                fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+                if b"X-Wstunnel-Session" not in fields:  # the opening
+                    extra = b"" if self.pipeline is None else (
+                        f"{DOWN_PIPELINE_HEADER}: {self.pipeline}\r\n".encode())
+                    await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Wstunnel-Session: id\r\n"
+                                          + extra + b"Content-Length: 0\r\n"
+                                          b"Connection: close\r\n\r\n")
+                    return
+                if not head.startswith(b"GET "):
+                    await trio.sleep_forever()
+                if not await self._answer(stream, int(fields[b"X-Wstunnel-Seq"])):
+                    return
+
+    async def _answer(self, stream: trio.SocketStream, sequence: int) -> bool:
+        """GET ``sequence``'s answer, once released; False: its connection was cut."""
+        self.gets.append(sequence)
+        self.changed.set()
+        self.changed = trio.Event()
+        await self._released.setdefault(sequence, trio.Event()).wait()
+        script = self.answers.get(sequence)
+        if not script:
+            await trio.sleep_forever()
+        body, cut = script.pop(0)
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        if cut is None:
+            await stream.send_all(answer)
+            return True
+        await stream.send_all(answer[:len(answer) - len(body) + cut])
+        await stream.aclose()
+        return False
+
+
+def _route(port: int) -> HttpRoute:
+    async def connect() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(LOOPBACK, port)
+    return HttpRoute(RelayURL(False, LOOPBACK, port, "/tunnel"), connect, "/tunnel",
+                     (("Host", f"{LOOPBACK}:{port}"),))
+
+
+async def _opened(nursery: trio.Nursery, relay: _ScriptedRelay) -> PollingStream:
+    listeners = await nursery.start(partial(trio.serve_tcp, relay.handler, 0, host=LOOPBACK))
+    route = _route(int(listeners[0].socket.getsockname()[1]))
+    stream, _ = await open_http_session(route, POLLING, probe_timeout=3.0)
+    assert isinstance(stream, PollingStream)
+    nursery.start_soon(stream.run_background)
+    return stream
+
+
+@pytest.mark.parametrize(("announced", "in_flight"), [(None, 1), ("2", 2), ("9", 2),
+                                                      ("two", 1)])
+async def test_a_second_get_goes_only_when_the_relay_takes_it(announced: str | None,
+                                                              in_flight: int) -> None:
+    """A relay announcing two GETs (or more: the agent keeps to two) has GETs 0 and 1
+    held at once; one announcing nothing (or garbage) only GET 0."""
+    relay = _ScriptedRelay(announced)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await _opened(nursery, relay)
+            assert sorted(await relay.gets_after(in_flight)) == list(range(in_flight))
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(relay.gets) == list(range(in_flight))  # (each on its connection)
+            nursery.cancel_scope.cancel()
+
+
+async def test_answers_are_fed_in_order_when_n_breaks_after_n_plus_1_came() -> None:
+    """GET 1's answer comes first: it waits, unread. GET 0's answer breaks half way; 0
+    is asked again and its retry answered in full: the session gets 0's bytes, once,
+    then 1's; GET 2 goes once 0 is fed, GET 3 once 1 is."""
+    relay = _ScriptedRelay("2")
+    relay.answers = {0: [(b"AAAAAA", 3), (b"AAAAAA", None)], 1: [(b"BBBB", None)]}
+    received = bytearray()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            stream = await _opened(nursery, relay)
+
+            async def receive() -> None:
+                while data := await stream.receive_some():
+                    received.extend(data)
+
+            nursery.start_soon(receive)
+            await relay.gets_after(2)
+            relay.release(1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == b""  # (1's bytes wait for 0's)
+            relay.release(0)
+            assert sorted(await relay.gets_after(5)) == [0, 0, 1, 2, 3]
+            await trio.testing.wait_all_tasks_blocked()
+            assert received == b"AAAAAABBBB"
+            nursery.cancel_scope.cancel()
