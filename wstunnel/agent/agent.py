@@ -216,6 +216,13 @@ class Agent:
             await trio.aclose_forcefully(earlier[1].stream)
         return True
 
+    async def discard_fresh(self) -> None:
+        """Close the new session a resume got that no ``_connect`` took (the agent stops:
+        it would be left to the garbage collector, its relay holding it meanwhile)."""
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None:
+            await trio.aclose_forcefully(fresh[1].stream)
+
     async def _fresh_from(self, relay: RelayURL) -> Opened | None:
         """The new session a resume got from ``relay``, if any; one from another relay is
         closed (the next session goes where ``reconnect.py`` chose)."""

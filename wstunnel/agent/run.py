@@ -49,10 +49,19 @@ async def run_agent(
     ``reloads`` is applied without touching the session or the connections
     already open (see forwards.py).
     """
-    from .forwards import ForwardSet
-
     agent = Agent(config, stats)
     agent.instance = this_instance(config)  # (its restart ends its held sessions: resume.py)
+    try:
+        await _run(agent, config, shutdown, reloads, task_status)
+    finally:
+        await agent.discard_fresh()
+
+
+async def _run(agent: Agent, config: AgentConfig, shutdown: trio.Event,
+               reloads: trio.MemoryReceiveChannel[ReloadRequest] | None,
+               task_status: Any) -> None:
+    from .forwards import ForwardSet
+
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as connections:
             forwards = ForwardSet(agent.carrier, connections)

@@ -242,6 +242,7 @@ async def _run_session(agent: Agent, transport: TunnelTransport, target: HostPor
             finally:  # (whatever close did: the shielded session must not hold on)
                 session_scope.cancel()
                 nursery.cancel_scope.cancel()
+                await agent.discard_fresh()
     if retry is not None:
         raise retry
 
