@@ -12,19 +12,14 @@ a script that answers each GET when the test releases it.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
-from wstunnel.agent.http_client import HttpRoute
-from wstunnel.agent.http_polling import PollingStream
-from wstunnel.agent.http_transport import open_http_session
-from wstunnel.config.textforms import RelayURL
-from wstunnel.framing import DOWN_PIPELINE_HEADER, POLLING
+from wstunnel.framing import DOWN_PIPELINE_HEADER
 
-LOOPBACK = "127.0.0.1"
+from .scripted_polling import open_polling
 
 
 class _ScriptedRelay:
@@ -89,22 +84,6 @@ class _ScriptedRelay:
         return False
 
 
-def _route(port: int) -> HttpRoute:
-    async def connect() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(LOOPBACK, port)
-    return HttpRoute(RelayURL(False, LOOPBACK, port, "/tunnel"), connect, "/tunnel",
-                     (("Host", f"{LOOPBACK}:{port}"),))
-
-
-async def _opened(nursery: trio.Nursery, relay: _ScriptedRelay) -> PollingStream:
-    listeners = await nursery.start(partial(trio.serve_tcp, relay.handler, 0, host=LOOPBACK))
-    route = _route(int(listeners[0].socket.getsockname()[1]))
-    stream, _ = await open_http_session(route, POLLING, probe_timeout=3.0)
-    assert isinstance(stream, PollingStream)
-    nursery.start_soon(stream.run_background)
-    return stream
-
-
 @pytest.mark.parametrize(("announced", "in_flight"), [(None, 1), ("2", 2), ("9", 2),
                                                       ("two", 1)])
 async def test_a_second_get_goes_only_when_the_relay_takes_it(announced: str | None,
@@ -114,7 +93,7 @@ async def test_a_second_get_goes_only_when_the_relay_takes_it(announced: str | N
     relay = _ScriptedRelay(announced)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await _opened(nursery, relay)
+            await open_polling(nursery, relay.handler)
             assert sorted(await relay.gets_after(in_flight)) == list(range(in_flight))
             await trio.testing.wait_all_tasks_blocked()
             assert sorted(relay.gets) == list(range(in_flight))  # (each on its connection)
@@ -130,7 +109,7 @@ async def test_answers_are_fed_in_order_when_n_breaks_after_n_plus_1_came() -> N
     received = bytearray()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            stream = await _opened(nursery, relay)
+            stream = await open_polling(nursery, relay.handler)
 
             async def receive() -> None:
                 while data := await stream.receive_some():

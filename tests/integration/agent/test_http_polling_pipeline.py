@@ -12,19 +12,14 @@ test releases it, so what the agent sends, and when, is all that is tested.
 from __future__ import annotations
 
 import contextlib
-from functools import partial
 
 import pytest
 import trio
 import trio.testing
 
-from wstunnel.agent.http_client import HttpRoute
-from wstunnel.agent.http_polling import PollingStream
-from wstunnel.agent.http_transport import open_http_session
-from wstunnel.config.textforms import RelayURL
-from wstunnel.framing import PIPELINE_HEADER, POLLING
+from wstunnel.framing import PIPELINE_HEADER
 
-LOOPBACK = "127.0.0.1"
+from .scripted_polling import open_polling
 
 
 class _ScriptedRelay:
@@ -81,22 +76,6 @@ class _ScriptedRelay:
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
 
-def _route(port: int) -> HttpRoute:
-    async def connect() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(LOOPBACK, port)
-    return HttpRoute(RelayURL(False, LOOPBACK, port, "/tunnel"), connect, "/tunnel",
-                     (("Host", f"{LOOPBACK}:{port}"),))
-
-
-async def _opened(nursery: trio.Nursery, relay: _ScriptedRelay) -> PollingStream:
-    listeners = await nursery.start(partial(trio.serve_tcp, relay.handler, 0, host=LOOPBACK))
-    route = _route(int(listeners[0].socket.getsockname()[1]))
-    stream, _ = await open_http_session(route, POLLING, probe_timeout=3.0)
-    assert isinstance(stream, PollingStream)
-    nursery.start_soon(stream.run_background)
-    return stream
-
-
 async def _posts_after(relay: _ScriptedRelay, count: int) -> list[tuple[int, bytes]]:
     while len(relay.posts) < count:
         await relay.arrived.wait()
@@ -113,7 +92,7 @@ async def test_a_second_post_goes_only_when_the_relay_takes_it(announced: str | 
     relay = _ScriptedRelay(announced)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            stream = await _opened(nursery, relay)
+            stream = await open_polling(nursery, relay.handler)
             await stream.send_all(b"first")
             assert await _posts_after(relay, 1) == [(0, b"first")]
             await stream.send_all(b"second")
@@ -141,7 +120,7 @@ async def test_a_broken_first_post_is_sent_again_while_the_second_waits() -> Non
     relay.break_once.add(0)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            stream = await _opened(nursery, relay)
+            stream = await open_polling(nursery, relay.handler)
             await stream.send_all(b"first")
             await _posts_after(relay, 1)
             await stream.send_all(b"second")
