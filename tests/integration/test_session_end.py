@@ -9,9 +9,11 @@ a clean end of stream, never a reset: nothing failed.
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 import trio
@@ -21,6 +23,7 @@ from benchmarks._cutter import PathCutter
 from wstunnel.net import pump
 
 from .log_watch import LogWatch
+from .process_helpers import relay_process
 from .tunnel_helpers import (
     LOOPBACK,
     Running,
@@ -192,5 +195,49 @@ async def test_an_agent_that_stops_leaves_the_last_bytes_of_an_upload_delivered(
                 agent.stop.set()
                 assert await client.receive_some() == b""
             await delivered.wait()
+            nursery.cancel_scope.cancel()
+    assert received == [pattern_block(b"last", UPLOAD_SIZE)]
+
+
+async def test_a_relay_process_that_stops_writes_an_uploads_last_bytes_before_it_exits(
+        tmp_path: Path) -> None:
+    """A relay that drains closes the session once an upload's both FINs have passed,
+    while it still holds most of it for a destination that reads slowly: its process
+    writes them (within drain_timeout) before it exits, whose end would reset the
+    destination, which then reads every byte and a clean end of stream."""
+    config = tmp_path / "relay.yaml"
+    config.write_text("initial_window: 12MiB\ndrain_timeout: 20\n")
+    received: list[bytes] = []
+    started, session_down, delivered = trio.Event(), trio.Event(), trio.Event()
+
+    async def read_slowly_after_session(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_eof()  # (nothing back: both FINs pass once the agent sent all)
+            got = bytearray(await stream.receive_some(1))  # (the upload runs)
+            started.set()
+            await session_down.wait()
+            try:
+                while data := await stream.receive_some(64 * 1024):
+                    got += data
+                    await trio.sleep(0.005)  # (slower than a process takes to exit)
+                received.append(bytes(got))
+            except trio.BrokenResourceError:
+                received.append(b"reset after %d bytes" % len(got))
+            delivered.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            target = await _slow_target(nursery, read_slowly_after_session)
+            async with relay_process("-c", str(config)) as (relay, port):
+                agent = await start_agent(nursery, agent_config(port, [target]))
+                async with await trio.open_tcp_stream(LOOPBACK, agent.ports[0]) as client:
+                    await client.send_all(pattern_block(b"last", UPLOAD_SIZE))
+                    await client.send_eof()
+                    await started.wait()
+                    relay.process.send_signal(signal.SIGTERM)
+                    await relay.wait_for(rb"session down")
+                    session_down.set()
+                    await delivered.wait()
+                assert await relay.process.wait() == 0
             nursery.cancel_scope.cancel()
     assert received == [pattern_block(b"last", UPLOAD_SIZE)]

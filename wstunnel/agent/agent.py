@@ -21,6 +21,7 @@ import trio
 from .. import mux, ws
 from ..config import AgentConfig, RelayURL
 from ..errors import ConfigError, HandshakeError
+from ..net import pump
 from ..net.transport import TunnelTransport
 from ..protocol import SessionLimits, TunnelProtocol
 from ..replay import INSTANCE_HEADER, RESUMABLE_HEADER, RESUME_HEADER, Instance, parse_ticket
@@ -65,6 +66,8 @@ class Agent:
         self.reverse = ReverseForwards(config.forwards, self.carrier.tracked)
         #: A new session a relay gave instead of a resume, for the next ``_connect``.
         self._fresh: tuple[RelayURL, Opened] | None = None
+        #: Sessions' finished channels still writing their last bytes (drain waits).
+        self.last_bytes = pump.LastBytes()
         #: Which process of which agent this is, sent on every connect (the daemon's:
         #: run.py; none for --stdio): agent/resume.py ``this_instance``.
         self.instance: Instance | None = None
@@ -169,7 +172,7 @@ class Agent:
         if opened.trailing:
             protocol.receive_data(opened.trailing)
         config = self.config
-        return TunnelTransport(
+        transport = TunnelTransport(
             opened.stream,
             protocol,
             name=self.relay.url,
@@ -179,6 +182,8 @@ class Agent:
             open_now=self.reverse.open_now,
             resumer=resumer,
         )
+        transport.last_bytes = self.last_bytes
+        return transport
 
     async def _open(self, extra: list[tuple[str, str]], only: str | None = None, *,
                     relay: RelayURL | None = None) -> Opened:
@@ -275,7 +280,8 @@ class Agent:
         session = self.sessions.current
         if session is not None:
             session.go_away("the agent is shutting down")
-        with trio.move_on_after(timeout):
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
             await self.carrier.wait_idle()
             # A connection done here may still have data queued for the relay: a close
             # now would drop it, and the relay reset the destination.
@@ -283,6 +289,8 @@ class Agent:
                 await session.wait_idle()
         for session in self.sessions.all():
             await session.close(ws.CloseCode.GOING_AWAY, "agent shutting down")
+        with trio.move_on_at(deadline):  # (a slow local reader's last bytes of a download)
+            await self.last_bytes.wait()
 
 
 def session_limits(config: AgentConfig) -> SessionLimits:

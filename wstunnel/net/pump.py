@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from ..protocol import TunnelProtocol
     from .channel_stream import ChannelHost, ChannelStream
 
-__all__ = ["SocketPump", "AVAILABLE", "READ_SIZE"]
+__all__ = ["SocketPump", "AVAILABLE", "LastBytes", "READ_SIZE"]
 
 log = logging.getLogger("wstunnel.session")
 
@@ -140,7 +140,7 @@ class SocketPump:
             host.dispatch_local_events()
             host.wake_writer()
 
-    def close_after_last_bytes(self) -> None:
+    def close_after_last_bytes(self, owner: LastBytes | None = None) -> None:
         """The session ended: ``close``, but the sockets of channels it had finished
         (both FINs passed) first write what they hold, then FIN. Their peer counts them
         done, and a relay that drains closes the session then, however much of the
@@ -148,17 +148,20 @@ class SocketPump:
         A socket still reading for the gone session is reset at once. The rest is
         written in a system task of its own, so that neither the session's end nor the
         agent's next session waits for a slow reader; it resets them if none takes a
-        byte for ``LAST_BYTES_TIMEOUT``, and when the process ends."""
+        byte for ``LAST_BYTES_TIMEOUT``, and when the process ends (``owner`` waits for
+        it before: ``LastBytes``)."""
         for pumped in list(self._sockets.values()):
             if pumped._reading:
                 pumped.finish(abort=True)
         if self._sockets:
-            trio.lowlevel.spawn_system_task(self._write_last_bytes,
+            if owner is not None:
+                owner.add(self)
+            trio.lowlevel.spawn_system_task(self._write_last_bytes, owner,
                                             name="write finished channels' last bytes")
         else:
             self.close()
 
-    async def _write_last_bytes(self) -> None:
+    async def _write_last_bytes(self, owner: LastBytes | None) -> None:
         try:
             while self._sockets:
                 with trio.move_on_after(LAST_BYTES_TIMEOUT) as waiting:
@@ -171,6 +174,8 @@ class SocketPump:
             log.exception("writing finished channels' last bytes failed; resetting them")
         finally:
             self.close()
+            if owner is not None:
+                owner.discard(self)
 
     def _serve_ready(self) -> None:
         for fd, events in self._epoll.poll(0, MAX_EVENTS):
@@ -189,6 +194,31 @@ class SocketPump:
         for pumped in list(self._sockets.values()):
             pumped.finish(abort=True)
         self._epoll.close()
+
+
+class LastBytes:
+    """One relay's or agent's pumps still writing finished channels' last bytes after
+    their sessions ended (``close_after_last_bytes``): it waits for them (``wait``),
+    within its drain time, before it exits, since the end of the process resets them."""
+
+    def __init__(self) -> None:
+        self._pumps: set[SocketPump] = set()
+        self._none = trio.Event()
+
+    def add(self, pump: SocketPump) -> None:
+        self._pumps.add(pump)
+
+    def discard(self, pump: SocketPump) -> None:
+        self._pumps.discard(pump)
+        if not self._pumps:
+            self._none.set()
+
+    async def wait(self) -> None:
+        """Until none is left."""
+        while self._pumps:
+            if self._none.is_set():
+                self._none = trio.Event()
+            await self._none.wait()
 
 
 def _guarded(method: Callable[..., None], pumped: _PumpedSocket, *args: int) -> None:

@@ -103,6 +103,9 @@ class TunnelTransport(Resumable):
         #: What this session's UDP flows may hold back in their own queues together.
         self.datagram_budget = DatagramBudget(protocol.limits.max_queued_size)
         self._done = trio.Event()
+        #: Who waits, before its process exits, for finished channels' last bytes still
+        #: being written after this session ended (the relay's or agent's drain).
+        self.last_bytes: pump.LastBytes | None = None
         self._pump_failed = False  # (the pump itself: made on first use, _socket_pump)
         self._session_nursery: trio.Nursery | None = None
         self._on_open = on_open
@@ -131,7 +134,7 @@ class TunnelTransport(Resumable):
             self._detached.set()
             socket_pump, self._pump = self._pump, None
             if socket_pump is not None:  # (finished channels' last bytes still go)
-                socket_pump.close_after_last_bytes()
+                socket_pump.close_after_last_bytes(self.last_bytes)
             self._done.set()
         return self._end_reason or "session ended"
 

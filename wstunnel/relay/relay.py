@@ -26,6 +26,7 @@ import trio
 from .. import mux, ws
 from ..addresses import join_host_port
 from ..config import RelayConfig
+from ..net import pump
 from ..net.channel_stream import ChannelStream
 from ..net.ending import set_abortive
 from ..net.keepalive import KeepaliveTimer
@@ -100,6 +101,8 @@ class Relay:
         #: Every session's keepalive checks, from one task (``run_relay`` runs it; a
         #: session finds it not running and runs a timer of its own).
         self.keepalive = KeepaliveTimer()
+        #: Sessions' finished channels still writing their last bytes (drain waits).
+        self.last_bytes = pump.LastBytes()
         #: Connections not yet let in by a login: the oldest is closed past the limit.
         self.handshakes = PendingHandshakes(
             pending_handshakes_limit(config.max_pending_handshakes), self.stats)
@@ -318,6 +321,7 @@ class Relay:
             resumer=RelayResumer(held, self.held) if held is not None else None,
             keepalive=self.keepalive,
         )
+        transport.last_bytes = self.last_bytes
         if held is not None:
             held.transport = transport
         self.sessions.add(transport)
@@ -450,12 +454,15 @@ class Relay:
         self.reverse.release_all("the relay is shutting down")
         for transport in list(self.sessions):
             transport.go_away(_GOING_AWAY)
-        with trio.move_on_after(timeout):
+        deadline = trio.current_time() + timeout
+        with trio.move_on_at(deadline):
             while busy := [transport for transport in self.sessions if transport.channels]:
                 await busy[0].wait_idle()
         async with trio.open_nursery() as nursery:
             for transport in list(self.sessions):
                 nursery.start_soon(transport.close, ws.CloseCode.GOING_AWAY, "relay shutting down")
+        with trio.move_on_at(deadline):  # (a slow destination's last bytes of an upload)
+            await self.last_bytes.wait()
 
 
 def _kind_name(kind: int) -> str:
