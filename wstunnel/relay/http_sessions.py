@@ -84,7 +84,7 @@ class HttpSession(BytePipe):
         #: The bound on what waits past the fair order, from how fast answers drain.
         self.sizer = PipeSizer()
         self.outbound_limit = self.sizer.size
-        self._feeding = trio.Lock()  # (upstream bodies are fed one at a time: poll_feed)
+        self._feeding = trio.Lock()  # (bodies fed in order, each byte once: poll_feed_part)
         self._requests: set[trio.CancelScope] = set()  # (those in progress: serving)
         self._requests_deadline = math.inf
 
@@ -122,14 +122,6 @@ class HttpSession(BytePipe):
         self._requests_deadline = trio.current_time() + grace
         for scope in self._requests:
             scope.deadline = min(scope.deadline, self._requests_deadline)
-
-    async def poll_feed(self, sequence: int, body: bytes) -> bool | None:
-        """Polling: the whole upstream body ``sequence`` at once (``poll_feed_part``,
-        then ``poll_fed``)."""
-        fed = await self.poll_feed_part(sequence, 0, body)
-        if fed:
-            await self.poll_fed(sequence)
-        return fed
 
     async def poll_feed_part(self, sequence: int, offset: int, data: bytes) -> bool | None:
         """Polling: bytes ``offset`` onwards of upstream body ``sequence`` as they arrive:

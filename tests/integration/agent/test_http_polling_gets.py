@@ -19,7 +19,7 @@ import trio.testing
 
 from wstunnel.framing import DOWN_PIPELINE_HEADER
 
-from .scripted_polling import open_polling
+from .scripted_polling import answer_opening, open_polling, read_request
 
 
 class _ScriptedRelay:
@@ -44,21 +44,11 @@ class _ScriptedRelay:
 
     async def handler(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    got = await stream.receive_some()
-                    if not got:
-                        return
-                    data += got
-                head, _, data = data.partition(b"\r\n\r\n")
-                fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+            data = bytearray()
+            while (request := await read_request(stream, data)) is not None:
+                head, fields, _ = request
                 if b"X-Wstunnel-Session" not in fields:  # the opening
-                    extra = b"" if self.pipeline is None else (
-                        f"{DOWN_PIPELINE_HEADER}: {self.pipeline}\r\n".encode())
-                    await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Wstunnel-Session: id\r\n"
-                                          + extra + b"Content-Length: 0\r\n"
-                                          b"Connection: close\r\n\r\n")
+                    await answer_opening(stream, DOWN_PIPELINE_HEADER, self.pipeline)
                     return
                 if not head.startswith(b"GET "):
                     await trio.sleep_forever()

@@ -19,7 +19,7 @@ import trio.testing
 
 from wstunnel.framing import PIPELINE_HEADER
 
-from .scripted_polling import open_polling
+from .scripted_polling import answer_opening, open_polling, read_request
 
 
 class _ScriptedRelay:
@@ -38,28 +38,14 @@ class _ScriptedRelay:
 
     async def handler(self, stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-            while True:
-                while b"\r\n\r\n" not in data:
-                    got = await stream.receive_some()
-                    if not got:
-                        return
-                    data += got
-                head, _, data = data.partition(b"\r\n\r\n")
-                fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
-                length = int(fields.get(b"Content-Length", b"0"))
-                while len(data) < length:
-                    data += await stream.receive_some()
-                body, data = data[:length], data[length:]
-                await self._answer(stream, head, fields, body)
+            data = bytearray()
+            while (request := await read_request(stream, data)) is not None:
+                await self._answer(stream, *request)
 
     async def _answer(self, stream: trio.SocketStream, head: bytes,
                       fields: dict[bytes, bytes], body: bytes) -> None:
         if b"X-Wstunnel-Session" not in fields:  # the opening
-            extra = b"" if self.pipeline is None else (
-                f"{PIPELINE_HEADER}: {self.pipeline}\r\n".encode())
-            await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Wstunnel-Session: id\r\n" + extra
-                                  + b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+            await answer_opening(stream, PIPELINE_HEADER, self.pipeline)
             await stream.aclose()
             return
         if head.startswith(b"GET "):

@@ -23,21 +23,22 @@ def _joined(batch: list[bytes | bytearray | memoryview] | None) -> bytes:
     return b"".join(bytes(part) for part in batch)
 
 
+async def _ask(session: HttpSession, sequence: int, answers: list[bytes]) -> None:
+    """GET ``sequence``: its answer goes into ``answers``."""
+    answers.append(_joined(await session.poll_batch(sequence, 1 << 20, HOLD)))
+
 async def test_get_n_plus_1_takes_nothing_until_n_has_ended() -> None:
     """GET 1 waits while GET 0's answer grows (bytes that come meanwhile go into 0's
     answer), and takes the next bytes once 0's answer has ended."""
     session = HttpSession("id", "agent", "polling")
     answers: list[bytes] = []
 
-    async def get_one() -> None:
-        answers.append(_joined(await session.poll_batch(1, 1 << 20, HOLD)))
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await session.send_all(b"first")
             batch = await session.poll_batch(0, 1 << 20, HOLD)
             assert batch is not None and _joined(batch) == b"first"
-            nursery.start_soon(get_one)
+            nursery.start_soon(_ask, session, 1, answers)
             await session.send_all(b" more")
             await trio.testing.wait_all_tasks_blocked()
             assert answers == []  # (0's answer may still take them)
@@ -77,15 +78,12 @@ async def test_a_retry_of_n_ends_its_growing_answer_and_lets_n_plus_1_go() -> No
     session = HttpSession("id", "agent", "polling")
     answers: list[bytes] = []
 
-    async def get_one() -> None:
-        answers.append(_joined(await session.poll_batch(1, 1 << 20, HOLD)))
-
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await session.send_all(b"first")
             zero = await session.poll_batch(0, 1 << 20, HOLD)
             assert zero is not None
-            nursery.start_soon(get_one)
+            nursery.start_soon(_ask, session, 1, answers)
             await session.send_all(b"second")
             await trio.testing.wait_all_tasks_blocked()
             assert answers == []  # (0's answer may still take them)

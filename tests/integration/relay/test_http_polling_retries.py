@@ -62,22 +62,29 @@ async def test_a_retried_get_answered_meanwhile_gets_the_last_batch_again() -> N
         assert await session.poll_batch(5, 1 << 20, HOLD) is None
 
 
+async def _feed_whole(session: HttpSession, sequence: int, body: bytes) -> bool | None:
+    """A polling POST's whole body, as relay/http_front.py ``_poll_up`` feeds it."""
+    fed = await session.poll_feed_part(sequence, 0, body)
+    if fed:
+        await session.poll_fed(sequence)
+    return fed
+
 async def test_a_post_and_its_retry_waiting_for_room_are_fed_once_in_order() -> None:
     """POST n waits for room (the session reads slower than the agent sends) and its
     retry comes: the body is fed once, and body n + 1 after it."""
     session = _polling()
     session.max_buffered_size = 4
-    assert await session.poll_feed(0, b"full") is True
+    assert await _feed_whole(session, 0, b"full") is True
     received = bytearray()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(session.poll_feed, 1, b"body")  # (the original)
+            nursery.start_soon(_feed_whole, session, 1, b"body")  # (the original)
             await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(session.poll_feed, 1, b"body")  # (its retry)
+            nursery.start_soon(_feed_whole, session, 1, b"body")  # (its retry)
             await trio.testing.wait_all_tasks_blocked()
             while len(received) < 8:
                 received += await session.receive_some()
-        assert await session.poll_feed(2, b"more") is True
+        assert await _feed_whole(session, 2, b"more") is True
         received += await session.receive_some()
         assert bytes(received) == b"fullbodymore"
-        assert await session.poll_feed(4, b"gap") is None
+        assert await _feed_whole(session, 4, b"gap") is None
